@@ -1,0 +1,521 @@
+"""`python -m engine.bench`: the baseline diffusers FluxPipeline and the engine, side by side in one run.
+
+Per resolution and config: ms per transformer step (median over the timed runs, CUDA events on a
+GPU), TFLOP/s from the flop counter, end-to-end seconds split into encode / denoise / decode,
+speed-up vs the baseline of the same run, peak VRAM (torch allocated / reserved, NVML used) and
+fidelity vs the baseline (image PSNR, final-latent relative error). Writes the table as JSON with
+the card, driver, versions, commit and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import PRESETS, parse_resolution, resolve_config, validate_resolution, validate_steps
+from .errors import EngineError
+from .measure import PeakMemory, environment_info, median, psnr, quantiles, relative_error, track_peak_memory
+
+DEFAULT_PROMPT = "a photograph of an astronaut riding a horse on the moon, earth rising behind"
+BASELINE_LABEL = "diffusers"
+JSON_VERSION = 1
+
+# ----------------------------------------------------------------------------- phase timing
+
+
+class _Interval:
+    """Start/stop marks on a device: CUDA events (read after one final sync) or perf_counter."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.start_event = torch.cuda.Event(enable_timing=True)
+            self.end_event = torch.cuda.Event(enable_timing=True)
+
+    def start(self) -> None:
+        if self.cuda:
+            self.start_event.record()
+        else:
+            import time
+
+            self.t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            self.end_event.record()
+        else:
+            import time
+
+            self.t1 = time.perf_counter()
+
+    def ms(self) -> float:
+        if self.cuda:
+            return self.start_event.elapsed_time(self.end_event)
+        return (self.t1 - self.t0) * 1e3
+
+
+@dataclass
+class CallTimes:
+    encode_ms: list[float] = field(default_factory=list)
+    step_ms: list[float] = field(default_factory=list)
+    decode_ms: list[float] = field(default_factory=list)
+    total_ms: float = float("nan")
+
+
+@contextmanager
+def record_phases(pipe, device: torch.device):
+    """Times one pipeline call's phases without changing what it computes.
+
+    The text encoding (`encode_prompt`) and the VAE decode are wrapped on the instance for the
+    duration of the block; each transformer forward (one denoise step) is bracketed by module hooks.
+    Events are only read after the call's final synchronisation, so timing adds no sync points.
+    """
+    encode, steps, decode = [], [], []
+    original_encode = pipe.encode_prompt
+    original_decode = pipe.vae.decode
+
+    def timed(original, intervals):
+        def wrapper(*args, **kwargs):
+            interval = _Interval(device)
+            intervals.append(interval)
+            interval.start()
+            out = original(*args, **kwargs)
+            interval.stop()
+            return out
+
+        return wrapper
+
+    def pre_hook(module, args, kwargs):
+        interval = _Interval(device)
+        steps.append(interval)
+        interval.start()
+
+    def post_hook(module, args, kwargs, output):
+        steps[-1].stop()
+
+    handles = [
+        pipe.transformer.register_forward_pre_hook(pre_hook, with_kwargs=True),
+        pipe.transformer.register_forward_hook(post_hook, with_kwargs=True),
+    ]
+    pipe.encode_prompt = timed(original_encode, encode)
+    pipe.vae.decode = timed(original_decode, decode)
+    times = CallTimes()
+    total = _Interval(device)
+    total.start()
+    try:
+        yield times
+    finally:
+        total.stop()
+        for handle in handles:
+            handle.remove()
+        del pipe.encode_prompt
+        del pipe.vae.decode
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.encode_ms = [i.ms() for i in encode]
+        times.step_ms = [i.ms() for i in steps]
+        times.decode_ms = [i.ms() for i in decode]
+        times.total_ms = total.ms()
+
+
+# ----------------------------------------------------------------------------- flops
+
+
+def transformer_step_flops(transformer_config: dict, height: int, width: int, text_tokens: int, batch: int = 1) -> int:
+    """FLOPs of one transformer forward, from torch's flop counter on the meta device (no memory, no GPU)."""
+    from diffusers import FluxTransformer2DModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .models import dtype_as_default
+
+    config = {k: v for k, v in dict(transformer_config).items() if not k.startswith("_")}
+    image_tokens = (height // 16) * (width // 16)
+    with torch.device("meta"), dtype_as_default(torch.bfloat16):
+        model = FluxTransformer2DModel.from_config(config)
+        inputs = {
+            "hidden_states": torch.empty(batch, image_tokens, config["in_channels"]),
+            "encoder_hidden_states": torch.empty(batch, text_tokens, config["joint_attention_dim"]),
+            "pooled_projections": torch.empty(batch, config["pooled_projection_dim"]),
+            "timestep": torch.empty(batch),
+            "guidance": torch.empty(batch) if config.get("guidance_embeds") else None,
+            "img_ids": torch.zeros(image_tokens, 3),
+            "txt_ids": torch.zeros(text_tokens, 3),
+        }
+    with FlopCounterMode(display=False) as counter:
+        model(**inputs, return_dict=False)
+    return counter.get_total_flops()
+
+
+# ----------------------------------------------------------------------------- one configuration
+
+
+@dataclass
+class Row:
+    config: str
+    height: int
+    width: int
+    steps: int
+    batch: int
+    runs: int
+    ms_per_step: float
+    ms_per_step_p20: float
+    ms_per_step_p80: float
+    tflop_per_step: float
+    tflops: float
+    encode_s: float
+    denoise_s: float
+    decode_s: float
+    total_s: float
+    peak_allocated_gib: float | None
+    peak_reserved_gib: float | None
+    nvml_used_gib: float | None
+    speedup: float | None = None
+    psnr_db: float | None = None
+    latent_rel_err: float | None = None
+
+
+@dataclass
+class Output:
+    images: torch.Tensor
+    latents: torch.Tensor
+
+
+def run_config(
+    pipe, label: str, height: int, width: int, args, device: torch.device, flops: int, progress
+) -> tuple[Row, Output]:
+    """Warm up, then time `args.runs` calls; returns the row and the last call's images and latents."""
+    captured = {}
+
+    def keep_latents(pipeline, step, timestep, tensors):
+        captured["latents"] = tensors["latents"]
+        return tensors
+
+    def call():
+        generator = torch.Generator(device="cpu").manual_seed(args.seed)
+        return pipe(
+            prompt=[args.prompt] * args.batch,
+            height=height,
+            width=width,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            generator=generator,
+            max_sequence_length=args.max_sequence_length,
+            output_type="pt",
+            callback_on_step_end=keep_latents,
+        ).images
+
+    pipe.set_progress_bar_config(disable=True)
+    for _ in range(args.warmup):
+        call()
+        progress.update(1)
+    calls: list[CallTimes] = []
+    peaks: list[PeakMemory] = []
+    for _ in range(args.runs):
+        with track_peak_memory(device) as peak, record_phases(pipe, device) as times:
+            images = call()
+        calls.append(times)
+        peaks.append(peak)
+        progress.update(1)
+    step_ms = [ms for c in calls for ms in c.step_ms]
+    step_q = quantiles(step_ms)
+    tflop = flops / 1e12
+
+    def peak_of(name: str) -> float | None:
+        values = [getattr(p, name) for p in peaks if getattr(p, name) is not None]
+        return max(values) if values else None
+
+    row = Row(
+        config=label,
+        height=height,
+        width=width,
+        steps=args.steps,
+        batch=args.batch,
+        runs=args.runs,
+        ms_per_step=step_q["median"],
+        ms_per_step_p20=step_q["p20"],
+        ms_per_step_p80=step_q["p80"],
+        tflop_per_step=tflop,
+        tflops=tflop / (step_q["median"] / 1e3) if step_q["median"] > 0 else float("nan"),
+        encode_s=median([sum(c.encode_ms) for c in calls]) / 1e3,
+        denoise_s=median([sum(c.step_ms) for c in calls]) / 1e3,
+        decode_s=median([sum(c.decode_ms) for c in calls]) / 1e3,
+        total_s=median([c.total_ms for c in calls]) / 1e3,
+        peak_allocated_gib=peak_of("allocated_gib"),
+        peak_reserved_gib=peak_of("reserved_gib"),
+        nvml_used_gib=peak_of("nvml_used_gib"),
+    )
+    return row, Output(images=images.float().cpu(), latents=captured["latents"].float().cpu())
+
+
+def compare(row: Row, output: Output, baseline_row: Row, baseline: Output) -> None:
+    row.speedup = baseline_row.ms_per_step / row.ms_per_step
+    row.psnr_db = psnr(output.images, baseline.images)
+    row.latent_rel_err = relative_error(output.latents, baseline.latents)
+
+
+# ----------------------------------------------------------------------------- table and JSON
+
+
+def _fmt(value, spec: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    return format(value, spec)
+
+
+TABLE_COLUMNS = (
+    ("res", lambda r: f"{r['width']}x{r['height']}"),
+    ("config", lambda r: r["config"]),
+    ("ms/step", lambda r: _fmt(r["ms_per_step"], ".1f")),
+    ("TFLOP/s", lambda r: _fmt(r["tflops"], ".1f")),
+    ("speed-up", lambda r: _fmt(r["speedup"], ".2f") + ("x" if r["speedup"] is not None else "")),
+    ("encode s", lambda r: _fmt(r["encode_s"], ".3f")),
+    ("denoise s", lambda r: _fmt(r["denoise_s"], ".3f")),
+    ("decode s", lambda r: _fmt(r["decode_s"], ".3f")),
+    ("total s", lambda r: _fmt(r["total_s"], ".3f")),
+    ("alloc GiB", lambda r: _fmt(r["peak_allocated_gib"], ".2f")),
+    ("resv GiB", lambda r: _fmt(r["peak_reserved_gib"], ".2f")),
+    ("NVML GiB", lambda r: _fmt(r["nvml_used_gib"], ".2f")),
+    ("PSNR dB", lambda r: _fmt(r["psnr_db"], ".1f")),
+    ("latent err", lambda r: _fmt(r["latent_rel_err"], ".2e")),
+)
+
+
+def format_table(rows: list[dict]) -> str:
+    header = [name for name, _ in TABLE_COLUMNS]
+    body = [[cell(r) for _, cell in TABLE_COLUMNS] for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
+    lines = [" | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines.append("-+-".join("-" * w for w in widths))
+    lines += [" | ".join(c.rjust(w) for c, w in zip(b, widths, strict=True)) for b in body]
+    return "\n".join(lines)
+
+
+def _json_safe(value):
+    if isinstance(value, float) and (math.isinf(value) or math.isnan(value)):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write atomically: a crash mid-write never leaves a half file where a result was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_json_safe(payload), f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def default_out_path(env: dict) -> Path:
+    card = (env.get("gpu") or "cpu").lower().replace("nvidia ", "").replace(" ", "-")
+    card = "".join(c for c in card if c.isalnum() or c in "-_.")
+    stamp = env["date"][:19].replace(":", "").replace("-", "")
+    return Path("benchmarks/results") / f"bench-{card}-{stamp}.json"
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m engine.bench",
+        description="Baseline diffusers FluxPipeline vs flux-engine, side by side in one run.",
+    )
+    parser.add_argument(
+        "--res",
+        nargs="+",
+        default=["1024"],
+        help="image sizes: 1024 (square) or WIDTHxHEIGHT such as 1360x768; several allowed (default 1024)",
+    )
+    parser.add_argument("--steps", type=int, default=4, help="denoising steps per image (default 4)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="synthetic:flux-dev | synthetic:flux-schnell | synthetic:tiny | a local diffusers folder | a BFL "
+        ".safetensors (with --config-folder). Default: synthetic:flux-dev on CUDA, synthetic:tiny without",
+    )
+    parser.add_argument("--config-folder", default=None, help="diffusers-format folder for a single-file model")
+    parser.add_argument("--preset", default="baseline", help=f"engine preset: {', '.join(PRESETS)}")
+    parser.add_argument("--runs", type=int, default=3, help="timed calls per config and size (default 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (default 1)")
+    parser.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the noise (default 0)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the variant's)")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
+    parser.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default: the variant's)")
+    parser.add_argument(
+        "--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default: bf16 on CUDA, fp32 on CPU"
+    )
+    parser.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when present)")
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench-<card>-<date>.json)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the diffusers baseline (no ratio, no PSNR)")
+    parser.add_argument("--allow-any-size", action="store_true", help="accept sizes outside the model's range")
+    return parser
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class Plan:
+    device: torch.device
+    model: str
+    sizes: list[tuple[int, int]]
+    spec: object
+    note: str | None
+
+
+def _positive(name: str, value: int, minimum: int = 1) -> None:
+    if value < minimum:
+        raise EngineError(f"--{name} {value} must be at least {minimum}")
+
+
+def make_plan(args) -> Plan:
+    """Validate every argument before anything heavy is built."""
+    from .models import SYNTHETIC_PREFIX, check_device_fits_variant, is_variant_name, variant_spec
+
+    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EngineError(f"--device {args.device} asks for CUDA, but no CUDA GPU is visible; use --device cpu")
+    note = None
+    model = args.model
+    if model is None:
+        model = SYNTHETIC_PREFIX + ("flux-dev" if device.type == "cuda" else "tiny")
+        if device.type != "cuda":
+            note = "no CUDA GPU: benchmarking the tiny synthetic model on the CPU (timings say nothing about a GPU)"
+    spec = variant_spec(model) if is_variant_name(model) else None
+    validate_steps(args.steps)
+    _positive("runs", args.runs)
+    _positive("warmup", args.warmup, 0)
+    _positive("batch", args.batch)
+    resolve_config(args.preset)
+    sizes = [parse_resolution(r) for r in args.res]
+    for height, width in sizes:
+        if spec is not None:
+            validate_resolution(height, width, spec.min_size, spec.max_size, args.allow_any_size)
+        else:
+            validate_resolution(height, width, allow_any_size=args.allow_any_size)
+    if spec is not None:
+        check_device_fits_variant(spec, device)
+        model = SYNTHETIC_PREFIX + spec.name
+    return Plan(device=device, model=model, sizes=sizes, spec=spec, note=note)
+
+
+def load_components(plan: Plan, args, dtype: torch.dtype) -> dict:
+    from .models import is_variant_name, load_local_components, synthetic_components
+
+    if is_variant_name(plan.model):
+        return synthetic_components(plan.model, device=plan.device, dtype=dtype, seed=args.seed)
+    return load_local_components(plan.model, device=plan.device, dtype=dtype, config_folder=args.config_folder)
+
+
+def run(args) -> dict:
+    from diffusers import FluxPipeline
+    from tqdm.auto import tqdm
+
+    from .pipeline import FluxEngine
+
+    plan = make_plan(args)
+    if plan.note:
+        print(plan.note)
+    if args.dtype is None:
+        args.dtype = "bf16" if plan.device.type == "cuda" else "fp32"
+    dtype = DTYPES[args.dtype]
+    components = load_components(plan, args, dtype)
+    tokenizer_2 = components["tokenizer_2"]
+    if args.max_sequence_length is None:
+        args.max_sequence_length = min(512, tokenizer_2.model_max_length)
+    if args.guidance is None:
+        args.guidance = plan.spec.default_guidance if plan.spec is not None else 3.5
+    engine_config = resolve_config(args.preset)
+    env = environment_info(plan.device)
+    transformer_config = dict(components["transformer"].config)
+    flops = {
+        size: transformer_step_flops(transformer_config, *size, args.max_sequence_length, args.batch)
+        for size in plan.sizes
+    }
+    configs = ([] if args.no_baseline else [BASELINE_LABEL]) + [engine_config.label]
+    total_calls = len(configs) * len(plan.sizes) * (args.runs + args.warmup)
+    rows: dict[tuple, Row] = {}
+    outputs: dict[tuple, Output] = {}
+    with tqdm(total=total_calls, desc="bench", unit="call", file=sys.stderr) as progress:
+        if not args.no_baseline:
+            baseline_pipe = FluxPipeline(**components)
+            for size in plan.sizes:
+                progress.set_postfix_str(f"{BASELINE_LABEL} {size[1]}x{size[0]}")
+                key = (BASELINE_LABEL, size)
+                rows[key], outputs[key] = run_config(
+                    baseline_pipe, BASELINE_LABEL, *size, args, plan.device, flops[size], progress
+                )
+            del baseline_pipe
+        engine = FluxEngine(**components)
+        engine.model_name = plan.model
+        engine = FluxEngine.from_pipe(engine, engine_config)
+        for size in plan.sizes:
+            progress.set_postfix_str(f"{engine_config.label} {size[1]}x{size[0]}")
+            key = (engine_config.label, size)
+            rows[key], outputs[key] = run_config(
+                engine, engine_config.label, *size, args, plan.device, flops[size], progress
+            )
+            if not args.no_baseline:
+                compare(rows[key], outputs[key], rows[(BASELINE_LABEL, size)], outputs[(BASELINE_LABEL, size)])
+    ordered = [asdict(rows[(label, size)]) for size in plan.sizes for label in configs]
+    return {
+        "version": JSON_VERSION,
+        "kind": "engine.bench",
+        "env": env,
+        "model": plan.model,
+        "dtype": args.dtype,
+        "preset": args.preset,
+        "engine_config": engine_config.label,
+        "prompt": args.prompt,
+        "guidance": args.guidance,
+        "max_sequence_length": args.max_sequence_length,
+        "seed": args.seed,
+        "timing": "cuda events" if plan.device.type == "cuda" else "perf_counter (CPU)",
+        "rows": ordered,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = run(args)
+    except EngineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    env = result["env"]
+    print(
+        f"\n{result['model']} {result['dtype']} on {env['gpu'] or 'CPU'} | torch {env['torch']} | "
+        f"diffusers {env['diffusers']} | commit {env['commit']} | {env['date']}"
+    )
+    print(format_table(result["rows"]))
+    out = Path(args.out) if args.out else default_out_path(env)
+    write_json(out, result)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

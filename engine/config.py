@@ -1,0 +1,232 @@
+"""EngineConfig: what the engine does to a FluxPipeline, as frozen, validated dataclasses, and presets.
+
+Each part is one independent optimisation with one switch, "off" by default, so `EngineConfig()`
+is plain diffusers behaviour. Later steps (kernels, quantisation, offload, compile, VAE, cache)
+widen the allowed values of their part as they land; a value is only accepted once it works.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from .errors import ConfigError, ResolutionError
+
+IMAGE_MULTIPLE = 16  # VAE factor 8 x 2x2 latent patches
+
+
+def _check_choice(part: str, name: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{part}.{name}={value!r} is not one of {', '.join(repr(a) for a in allowed)}")
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Attention backend of the transformer. 'sdpa': PyTorch's scaled_dot_product_attention (diffusers' own)."""
+
+    backend: str = "sdpa"
+
+    BACKENDS = ("sdpa",)
+
+    def __post_init__(self):
+        _check_choice("attention", "backend", self.backend, self.BACKENDS)
+
+    @property
+    def label(self) -> str:
+        return "" if self.backend == "sdpa" else f"attn={self.backend}"
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Weight quantisation per component: transformer, text_encoder_2 (T5), text_encoder (CLIP)."""
+
+    transformer: str = "none"
+    text_encoder_2: str = "none"
+    text_encoder: str = "none"
+
+    MODES = ("none",)
+
+    def __post_init__(self):
+        for name in ("transformer", "text_encoder_2", "text_encoder"):
+            _check_choice("quant", name, getattr(self, name), self.MODES)
+
+    @property
+    def label(self) -> str:
+        parts = [f"{n}={m}" for n, m in vars(self).items() if m != "none"]
+        return ",".join(parts)
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """Where weights live between uses. 'none': everything stays on the GPU."""
+
+    policy: str = "none"
+
+    POLICIES = ("none",)
+
+    def __post_init__(self):
+        _check_choice("offload", "policy", self.policy, self.POLICIES)
+
+    @property
+    def label(self) -> str:
+        return "" if self.policy == "none" else f"offload={self.policy}"
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """torch.compile of the transformer. 'none': eager."""
+
+    mode: str = "none"
+
+    MODES = ("none",)
+
+    def __post_init__(self):
+        _check_choice("compile", "mode", self.mode, self.MODES)
+
+    @property
+    def label(self) -> str:
+        return "" if self.mode == "none" else f"compile={self.mode}"
+
+
+@dataclass(frozen=True)
+class VaeConfig:
+    """VAE decode strategy. 'off': diffusers' untiled decode."""
+
+    tiling: str = "off"
+
+    TILINGS = ("off",)
+
+    def __post_init__(self):
+        _check_choice("vae", "tiling", self.tiling, self.TILINGS)
+
+    @property
+    def label(self) -> str:
+        return "" if self.tiling == "off" else f"vae={self.tiling}"
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Persistent compile cache. `directory` None: no cache."""
+
+    directory: str | None = None
+
+    def __post_init__(self):
+        if self.directory is not None and not str(self.directory).strip():
+            raise ConfigError("cache.directory is an empty string; pass a folder path or None for no cache")
+
+    @property
+    def label(self) -> str:
+        return ""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine applies to a pipeline. The default is plain diffusers behaviour."""
+
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
+    vae: VaeConfig = field(default_factory=VaeConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    name: str = ""
+
+    def __post_init__(self):
+        expected = {
+            "attention": AttentionConfig,
+            "quant": QuantConfig,
+            "offload": OffloadConfig,
+            "compile": CompileConfig,
+            "vae": VaeConfig,
+            "cache": CacheConfig,
+        }
+        for part, cls in expected.items():
+            value = getattr(self, part)
+            if not isinstance(value, cls):
+                raise ConfigError(f"EngineConfig.{part} must be a {cls.__name__}, got {type(value).__name__}")
+
+    @property
+    def label(self) -> str:
+        """A short name for tables: the preset name, or the parts that differ from the default."""
+        if self.name:
+            return self.name
+        parts = [getattr(self, p).label for p in ("attention", "quant", "offload", "compile", "vae")]
+        return "+".join(p for p in parts if p) or "baseline"
+
+    @property
+    def is_baseline(self) -> bool:
+        return replace(self, name="") == EngineConfig()
+
+    def with_name(self, name: str) -> EngineConfig:
+        return replace(self, name=name)
+
+    @classmethod
+    def preset(cls, name: str) -> EngineConfig:
+        return preset(name)
+
+
+PRESETS: dict[str, EngineConfig] = {
+    "baseline": EngineConfig(name="baseline"),
+}
+
+
+def preset(name: str) -> EngineConfig:
+    """The EngineConfig of a named preset."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def resolve_config(config: EngineConfig | str | None) -> EngineConfig:
+    if config is None:
+        return PRESETS["baseline"]
+    if isinstance(config, str):
+        return preset(config)
+    if isinstance(config, EngineConfig):
+        return config
+    raise ConfigError(f"config must be an EngineConfig or a preset name, got {type(config).__name__}")
+
+
+# ----------------------------------------------------------------------------- resolutions
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    """'1024' -> (1024, 1024); '1360x768' -> (height 768, width 1360): WIDTHxHEIGHT, as screens are named."""
+    raw = text.strip().lower()
+    try:
+        if "x" in raw:
+            width_text, height_text = raw.split("x", 1)
+            width, height = int(width_text), int(height_text)
+        else:
+            width = height = int(raw)
+    except ValueError as err:
+        raise ResolutionError(
+            f"resolution {text!r} is not a size; write one number for a square (1024) or WIDTHxHEIGHT (1360x768)"
+        ) from err
+    return height, width
+
+
+def _nearest_multiples(value: int, multiple: int = IMAGE_MULTIPLE) -> tuple[int, int]:
+    below = max(multiple, value // multiple * multiple)
+    return below, below + multiple
+
+
+def validate_resolution(
+    height: int, width: int, min_size: int = 256, max_size: int = 2048, allow_any_size: bool = False
+) -> None:
+    """Raise ResolutionError unless height and width are multiples of 16 within [min_size, max_size]."""
+    for name, value in (("height", height), ("width", width)):
+        if value < IMAGE_MULTIPLE:
+            raise ResolutionError(f"{name} {value} is too small; the smallest image is {IMAGE_MULTIPLE} pixels")
+        if value % IMAGE_MULTIPLE:
+            below, above = _nearest_multiples(value)
+            raise ResolutionError(f"{name} {value} is not a multiple of {IMAGE_MULTIPLE}; use {below} or {above}")
+        if not allow_any_size and not min_size <= value <= max_size:
+            raise ResolutionError(
+                f"{name} {value} is outside {min_size}..{max_size}, the sizes this model was made for; "
+                f"pick a size in range or opt in with --allow-any-size"
+            )
+
+
+def validate_steps(steps: int) -> None:
+    if steps < 1:
+        raise ConfigError(f"steps {steps} must be at least 1 (FLUX.1-dev uses 28-50, schnell 4)")

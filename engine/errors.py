@@ -1,0 +1,27 @@
+"""The project's exception types. Each message names the bad value, what is allowed, and the fix."""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base class of every error flux-engine raises on purpose."""
+
+
+class ConfigError(EngineError, ValueError):
+    """An EngineConfig, preset or command-line value is not valid."""
+
+
+class ResolutionError(EngineError, ValueError):
+    """A height or width the model cannot take."""
+
+
+class VariantError(EngineError, ValueError):
+    """An unknown model variant name."""
+
+
+class CheckpointError(EngineError, OSError):
+    """A local checkpoint is missing, unreadable, truncated or holds the wrong tensors."""
+
+
+class InputError(EngineError, ValueError):
+    """A pipeline call argument that diffusers would only reject deep inside the model."""

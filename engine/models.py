@@ -1,0 +1,641 @@
+"""FLUX.1 model variants: architectures, synthetic random-init builders, synthetic tokenizers, local loading.
+
+No code path here reaches a model hub. Synthetic models are built directly on the target device in
+the target dtype (the modules' own initialisers run there; no fp32 copy ever exists), deterministic
+by seed. Real checkpoints load from a local diffusers-format folder or from a BFL single-file
+transformer `.safetensors` plus a diffusers-format folder for everything else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError, VariantError
+
+SYNTHETIC_PREFIX = "synthetic:"
+
+# ----------------------------------------------------------------------------- variants
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One FLUX.1 variant: the configs of every component and its usage limits."""
+
+    name: str
+    transformer: dict
+    t5: dict
+    clip: dict
+    vae: dict
+    scheduler: dict
+    clip_vocab_size: int
+    t5_vocab_size: int  # the tokenizer's length; the model's embedding may be padded past it
+    t5_max_length: int
+    clip_max_length: int = 77
+    default_steps: int = 28
+    default_guidance: float = 3.5
+    min_size: int = 256
+    max_size: int = 2048
+    needs_cuda: bool = True
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _flux_transformer(guidance_embeds: bool) -> dict:
+    return {
+        "patch_size": 1,
+        "in_channels": 64,
+        "num_layers": 19,
+        "num_single_layers": 38,
+        "attention_head_dim": 128,
+        "num_attention_heads": 24,
+        "joint_attention_dim": 4096,
+        "pooled_projection_dim": 768,
+        "guidance_embeds": guidance_embeds,
+        "axes_dims_rope": (16, 56, 56),
+    }
+
+
+# google/t5-v1_1-xxl, as FLUX.1 ships it (text_encoder_2)
+_T5_XXL = {
+    "vocab_size": 32128,
+    "d_model": 4096,
+    "d_kv": 64,
+    "d_ff": 10240,
+    "num_layers": 24,
+    "num_heads": 64,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "dropout_rate": 0.1,
+    "layer_norm_epsilon": 1e-6,
+    "feed_forward_proj": "gated-gelu",
+    "is_encoder_decoder": True,
+    "tie_word_embeddings": False,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+}
+
+# openai/clip-vit-large-patch14 text tower, as FLUX.1 ships it (text_encoder)
+_CLIP_L = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "projection_dim": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    # eos_token_id 2 makes CLIP pool at argmax(input_ids), as the real FLUX checkpoint does.
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "pad_token_id": 1,
+}
+
+_FLUX_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "latent_channels": 16,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "force_upcast": True,
+    "mid_block_add_attention": True,
+}
+
+_DEV_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+
+VARIANTS: dict[str, ModelSpec] = {
+    "flux-dev": ModelSpec(
+        name="flux-dev",
+        transformer=_flux_transformer(guidance_embeds=True),
+        t5=_T5_XXL,
+        clip=_CLIP_L,
+        vae=_FLUX_VAE,
+        scheduler=_DEV_SCHEDULER,
+        clip_vocab_size=49408,
+        t5_vocab_size=32100,
+        t5_max_length=512,
+        default_steps=28,
+        default_guidance=3.5,
+        notes="FLUX.1 [dev]: guidance-distilled, 28-50 steps",
+    ),
+    "flux-schnell": ModelSpec(
+        name="flux-schnell",
+        transformer=_flux_transformer(guidance_embeds=False),
+        t5=_T5_XXL,
+        clip=_CLIP_L,
+        vae=_FLUX_VAE,
+        scheduler={**_DEV_SCHEDULER, "shift": 1.0, "use_dynamic_shifting": False},
+        clip_vocab_size=49408,
+        t5_vocab_size=32100,
+        t5_max_length=256,
+        default_steps=4,
+        default_guidance=0.0,
+        notes="FLUX.1 [schnell]: timestep-distilled, 4 steps",
+    ),
+    # Same classes, tiny sizes: the whole pipeline runs on a CPU in seconds. Keeps the real latent
+    # layout (16 channels, VAE factor 8, 2x2 patches) so the size rules match the real models.
+    "tiny": ModelSpec(
+        name="tiny",
+        transformer={
+            "patch_size": 1,
+            "in_channels": 64,
+            "num_layers": 2,
+            "num_single_layers": 2,
+            "attention_head_dim": 16,
+            "num_attention_heads": 2,
+            "joint_attention_dim": 32,
+            "pooled_projection_dim": 32,
+            "guidance_embeds": True,
+            "axes_dims_rope": (4, 6, 6),
+        },
+        t5={
+            **_T5_XXL,
+            "vocab_size": 1024,
+            "d_model": 32,
+            "d_kv": 8,
+            "d_ff": 64,
+            "num_layers": 2,
+            "num_heads": 4,
+        },
+        clip={
+            **_CLIP_L,
+            "vocab_size": 1000,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "projection_dim": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+        },
+        vae={
+            **_FLUX_VAE,
+            "block_out_channels": [8, 8, 16, 16],
+            "layers_per_block": 1,
+            "norm_num_groups": 4,
+            "sample_size": 128,
+        },
+        scheduler=_DEV_SCHEDULER,
+        clip_vocab_size=1000,
+        t5_vocab_size=1000,
+        t5_max_length=64,
+        default_steps=4,
+        default_guidance=3.5,
+        min_size=32,
+        max_size=2048,
+        needs_cuda=False,
+        notes="tiny random model for CPUs and tests",
+    ),
+}
+
+
+def variant_spec(name: str) -> ModelSpec:
+    """The spec of a variant, by name with or without the `synthetic:` prefix."""
+    key = name.removeprefix(SYNTHETIC_PREFIX)
+    if key not in VARIANTS:
+        raise VariantError(
+            f"unknown model variant {name!r}; valid variants: {', '.join(VARIANTS)} "
+            f"(as `{SYNTHETIC_PREFIX}<variant>` for a synthetic model, or a local path)"
+        )
+    return VARIANTS[key]
+
+
+def is_variant_name(model: str) -> bool:
+    return model.startswith(SYNTHETIC_PREFIX) or model in VARIANTS
+
+
+# ----------------------------------------------------------------------------- synthetic tokenizers
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable character table (the byte-level BPE alphabet)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars), strict=True))
+
+
+def synthetic_clip_tokenizer(vocab_size: int, max_length: int = 77):
+    """A byte-level BPE tokenizer of CLIP's shape: `vocab_size` tokens, bos/eos the last two ids.
+
+    The merges are made up (prefixes grown one character at a time), so any text tokenizes and
+    the sequence lengths behave like CLIP's; the ids mean nothing.
+    """
+    from transformers import CLIPTokenizer
+
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    target = vocab_size - len(specials)
+    base = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for symbol in base + [b + "</w>" for b in base]:
+        vocab.setdefault(symbol, len(vocab))
+    merges: list[tuple[str, str]] = []
+    alphabet = string.ascii_lowercase + string.digits
+    prefixes = list(alphabet)
+    index = 0
+    while len(vocab) < target and index < len(prefixes):
+        prefix = prefixes[index]
+        index += 1
+        for char in alphabet:
+            for end in (char, char + "</w>"):
+                if len(vocab) >= target:
+                    break
+                token = prefix + end
+                if token in vocab:
+                    continue
+                vocab[token] = len(vocab)
+                merges.append((prefix, end))
+                if not end.endswith("</w>"):
+                    prefixes.append(token)
+    if len(vocab) > target:
+        raise ValueError(f"CLIP vocab_size {vocab_size} is below the {len(vocab) + 2} byte-level base tokens")
+    for token in specials:
+        vocab[token] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def synthetic_t5_tokenizer(vocab_size: int, max_length: int):
+    """A Unigram tokenizer of T5's shape: pad 0, eos 1, unk 2, 100 sentinel ids at the top.
+
+    `vocab_size` counts the sentinels, as `len(T5TokenizerFast)` does (32100 for T5-XXL).
+    """
+    from transformers import T5Tokenizer
+
+    extra_ids = 100
+    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    target = vocab_size - extra_ids
+    seen = {p for p, _ in pieces}
+    alphabet = string.ascii_lowercase + string.digits + string.punctuation
+    frontier = [""]
+    while len(pieces) < target and frontier:
+        next_frontier = []
+        for stem in frontier:
+            for char in alphabet:
+                for piece in ("\u2581" + stem + char, stem + char):
+                    if len(pieces) >= target:
+                        break
+                    if piece in seen:
+                        continue
+                    seen.add(piece)
+                    pieces.append((piece, -float(len(piece))))
+                next_frontier.append(stem + char)
+        frontier = next_frontier
+    return T5Tokenizer(vocab=pieces, extra_ids=extra_ids, model_max_length=max_length)
+
+
+# ----------------------------------------------------------------------------- synthetic builders
+
+
+@contextlib.contextmanager
+def dtype_as_default(dtype: torch.dtype):
+    """Within the block, new floating tensors and parameters default to `dtype`."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _build_transformer(spec: ModelSpec):
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(**spec.transformer)
+
+
+def _build_t5(spec: ModelSpec, dtype: torch.dtype):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(**spec.t5)
+    return T5EncoderModel._from_config(config, dtype=dtype)
+
+
+def _build_clip(spec: ModelSpec, dtype: torch.dtype):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(**spec.clip)
+    return CLIPTextModel._from_config(config, dtype=dtype)
+
+
+def _build_vae(spec: ModelSpec):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**spec.vae)
+
+
+def build_scheduler(spec: ModelSpec):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(**spec.scheduler)
+
+
+def check_device_fits_variant(spec: ModelSpec, device: torch.device) -> None:
+    if spec.needs_cuda and device.type != "cuda":
+        raise VariantError(
+            f"the {spec.name} model needs a CUDA GPU (its transformer alone is ~22 GiB in bf16); "
+            f"on {device.type} use `synthetic:tiny`"
+        )
+
+
+def synthetic_components(
+    variant: str,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+) -> dict:
+    """Every FluxPipeline component of `variant`, random-init on `device` in `dtype`.
+
+    Deterministic by seed on a given device (the global RNG is forked, so callers' streams are
+    untouched). Modules are constructed under `torch.device(device)` with `dtype` as the default,
+    so each parameter is born where and how it will live: a 12B transformer builds on an H100
+    without a 48 GB fp32 detour.
+    """
+    spec = variant_spec(variant)
+    device = torch.device(device)
+    check_device_fits_variant(spec, device)
+    rng_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices), torch.device(device), dtype_as_default(dtype):
+        torch.manual_seed(seed)
+        transformer = _build_transformer(spec)
+        text_encoder_2 = _build_t5(spec, dtype)
+        text_encoder = _build_clip(spec, dtype)
+        vae = _build_vae(spec)
+    components = {
+        "transformer": transformer.eval().requires_grad_(False),
+        "text_encoder": text_encoder.eval().requires_grad_(False),
+        "text_encoder_2": text_encoder_2.eval().requires_grad_(False),
+        "vae": vae.eval().requires_grad_(False),
+        "tokenizer": synthetic_clip_tokenizer(spec.clip_vocab_size, spec.clip_max_length),
+        "tokenizer_2": synthetic_t5_tokenizer(spec.t5_vocab_size, spec.t5_max_length),
+        "scheduler": build_scheduler(spec),
+    }
+    return components
+
+
+def synthetic_pipeline(
+    variant: str,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    pipeline_class=None,
+):
+    """A plain `diffusers.FluxPipeline` (or `pipeline_class`) of synthetic components."""
+    if pipeline_class is None:
+        from diffusers import FluxPipeline as pipeline_class
+    return pipeline_class(**synthetic_components(variant, device=device, dtype=dtype, seed=seed))
+
+
+# ----------------------------------------------------------------------------- BFL single-file format
+
+# diffusers name -> BFL name, for tensors that map one to one (per block, `{i}` is the block index).
+_BFL_TOP = {
+    "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+    "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+    "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+    "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+    "context_embedder": "txt_in",
+    "x_embedder": "img_in",
+    "proj_out": "final_layer.linear",
+}
+_BFL_DOUBLE = {
+    "norm1.linear": "img_mod.lin",
+    "norm1_context.linear": "txt_mod.lin",
+    "ff.net.0.proj": "img_mlp.0",
+    "ff.net.2": "img_mlp.2",
+    "ff_context.net.0.proj": "txt_mlp.0",
+    "ff_context.net.2": "txt_mlp.2",
+    "attn.to_out.0": "img_attn.proj",
+    "attn.to_add_out": "txt_attn.proj",
+}
+_BFL_DOUBLE_NORMS = {
+    "attn.norm_q": "img_attn.norm.query_norm",
+    "attn.norm_k": "img_attn.norm.key_norm",
+    "attn.norm_added_q": "txt_attn.norm.query_norm",
+    "attn.norm_added_k": "txt_attn.norm.key_norm",
+}
+_BFL_SINGLE = {"norm.linear": "modulation.lin", "proj_out": "linear2"}
+_BFL_SINGLE_NORMS = {"attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm"}
+
+
+def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
+    # BFL's final adaLN splits into (shift, scale); diffusers' into (scale, shift).
+    first, second = tensor.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+def diffusers_to_bfl(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """A diffusers FluxTransformer2DModel state dict in the BFL (black-forest-labs/flux) layout."""
+    out: dict[str, torch.Tensor] = {}
+    for src, dst in _BFL_TOP.items():
+        for kind in ("weight", "bias"):
+            if f"{src}.{kind}" in state:
+                out[f"{dst}.{kind}"] = state[f"{src}.{kind}"]
+    for kind in ("weight", "bias"):
+        out[f"final_layer.adaLN_modulation.1.{kind}"] = _swap_halves(state[f"norm_out.linear.{kind}"])
+    for i in range(config["num_layers"]):
+        pre, bfl = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        for src, dst in _BFL_DOUBLE.items():
+            for kind in ("weight", "bias"):
+                out[f"{bfl}{dst}.{kind}"] = state[f"{pre}{src}.{kind}"]
+        for src, dst in _BFL_DOUBLE_NORMS.items():
+            out[f"{bfl}{dst}.scale"] = state[f"{pre}{src}.weight"]
+        for kind in ("weight", "bias"):
+            out[f"{bfl}img_attn.qkv.{kind}"] = torch.cat([state[f"{pre}attn.to_{p}.{kind}"] for p in "qkv"])
+            out[f"{bfl}txt_attn.qkv.{kind}"] = torch.cat([state[f"{pre}attn.add_{p}_proj.{kind}"] for p in "qkv"])
+    for i in range(config["num_single_layers"]):
+        pre, bfl = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        for src, dst in _BFL_SINGLE.items():
+            for kind in ("weight", "bias"):
+                out[f"{bfl}{dst}.{kind}"] = state[f"{pre}{src}.{kind}"]
+        for src, dst in _BFL_SINGLE_NORMS.items():
+            out[f"{bfl}{dst}.scale"] = state[f"{pre}{src}.weight"]
+        for kind in ("weight", "bias"):
+            parts = [state[f"{pre}attn.to_{p}.{kind}"] for p in "qkv"] + [state[f"{pre}proj_mlp.{kind}"]]
+            out[f"{bfl}linear1.{kind}"] = torch.cat(parts)
+    return out
+
+
+def bfl_to_diffusers(checkpoint: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """The inverse of `diffusers_to_bfl`, sized from `config` (diffusers' own converter assumes 3072 wide)."""
+    state = {k.removeprefix("model.diffusion_model."): v for k, v in checkpoint.items()}
+    inner = config["num_attention_heads"] * config["attention_head_dim"]
+    out: dict[str, torch.Tensor] = {}
+
+    def take(key: str) -> torch.Tensor:
+        if key not in state:
+            raise KeyError(key)
+        return state.pop(key)
+
+    for dst, src in _BFL_TOP.items():
+        if dst.startswith("time_text_embed.guidance") and not config.get("guidance_embeds", False):
+            continue
+        for kind in ("weight", "bias"):
+            out[f"{dst}.{kind}"] = take(f"{src}.{kind}")
+    for kind in ("weight", "bias"):
+        out[f"norm_out.linear.{kind}"] = _swap_halves(take(f"final_layer.adaLN_modulation.1.{kind}"))
+    for i in range(config["num_layers"]):
+        pre, bfl = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        for dst, src in _BFL_DOUBLE.items():
+            for kind in ("weight", "bias"):
+                out[f"{pre}{dst}.{kind}"] = take(f"{bfl}{src}.{kind}")
+        for dst, src in _BFL_DOUBLE_NORMS.items():
+            out[f"{pre}{dst}.weight"] = take(f"{bfl}{src}.scale")
+        for kind in ("weight", "bias"):
+            for p, t in zip("qkv", torch.split(take(f"{bfl}img_attn.qkv.{kind}"), inner), strict=True):
+                out[f"{pre}attn.to_{p}.{kind}"] = t
+            for p, t in zip("qkv", torch.split(take(f"{bfl}txt_attn.qkv.{kind}"), inner), strict=True):
+                out[f"{pre}attn.add_{p}_proj.{kind}"] = t
+    for i in range(config["num_single_layers"]):
+        pre, bfl = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        for dst, src in _BFL_SINGLE.items():
+            for kind in ("weight", "bias"):
+                out[f"{pre}{dst}.{kind}"] = take(f"{bfl}{src}.{kind}")
+        for dst, src in _BFL_SINGLE_NORMS.items():
+            out[f"{pre}{dst}.weight"] = take(f"{bfl}{src}.scale")
+        for kind in ("weight", "bias"):
+            linear1 = take(f"{bfl}linear1.{kind}")
+            q, k, v, mlp = torch.split(linear1, [inner, inner, inner, linear1.shape[0] - 3 * inner])
+            out[f"{pre}attn.to_q.{kind}"], out[f"{pre}attn.to_k.{kind}"], out[f"{pre}attn.to_v.{kind}"] = q, k, v
+            out[f"{pre}proj_mlp.{kind}"] = mlp
+    if state:
+        unexpected = sorted(state)
+        raise CheckpointError(
+            f"the checkpoint has {len(unexpected)} tensors a FLUX transformer of this config does not use, "
+            f"e.g. {unexpected[:3]}; is it a FLUX.1 transformer with {config['num_layers']} double and "
+            f"{config['num_single_layers']} single blocks?"
+        )
+    return out
+
+
+def save_bfl_single_file(transformer, path: str | Path) -> Path:
+    """Write a diffusers FluxTransformer2DModel as one BFL-layout `.safetensors` file."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    state = {k: v.detach().contiguous().cpu() for k, v in transformer.state_dict().items()}
+    save_file(diffusers_to_bfl(state, dict(transformer.config)), str(path))
+    return path
+
+
+# ----------------------------------------------------------------------------- local loading
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {str(path)!r} does not exist; pass the path of a local .safetensors")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        raise CheckpointError(
+            f"{str(path)!r} is not a readable safetensors file ({err}); it may be truncated or corrupt: "
+            "copy or re-save it"
+        ) from err
+
+
+def _check_diffusers_folder(folder: Path) -> None:
+    if not folder.exists():
+        raise CheckpointError(f"model folder {str(folder)!r} does not exist; pass a local diffusers-format folder")
+    if not (folder / "model_index.json").is_file():
+        raise CheckpointError(
+            f"{str(folder)!r} is not a diffusers-format FLUX folder (no model_index.json); save one with "
+            "`pipe.save_pretrained(folder)` or pass a BFL single-file transformer with its config folder"
+        )
+
+
+def load_transformer_single_file(path: str | Path, config_folder: str | Path, device, dtype: torch.dtype):
+    """A FluxTransformer2DModel from a BFL single-file `.safetensors`; config from `config_folder/transformer`."""
+    from diffusers import FluxTransformer2DModel
+
+    config_path = Path(config_folder) / "transformer" / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(
+            f"no transformer config at {str(config_path)!r}; the config folder must be a diffusers-format "
+            "FLUX folder (it provides the architecture and the other components)"
+        )
+    config = json.loads(config_path.read_text())
+    checkpoint = _read_safetensors(Path(path))
+    try:
+        state = bfl_to_diffusers(checkpoint, config)
+    except KeyError as err:
+        raise CheckpointError(
+            f"{str(path)!r} lacks the tensor {err.args[0]!r} of a BFL FLUX transformer with "
+            f"{config['num_layers']} double and {config['num_single_layers']} single blocks; is it the "
+            "transformer of the same variant as the config folder?"
+        ) from err
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel.from_config(config)
+    try:
+        transformer.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{str(path)!r} does not fit the transformer config: {err}") from err
+    return transformer.to(device).eval().requires_grad_(False)
+
+
+def load_local_components(
+    path: str | Path,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    config_folder: str | Path | None = None,
+) -> dict:
+    """FluxPipeline components from local files only.
+
+    `path` is a diffusers-format folder, or a BFL single-file transformer `.safetensors`, in which
+    case `config_folder` (a diffusers-format folder) provides the architecture and the other parts.
+    """
+    from diffusers import FluxPipeline
+
+    path = Path(path)
+    single_file = path.suffix == ".safetensors"
+    if single_file and config_folder is None:
+        raise CheckpointError(
+            f"{str(path)!r} is a single-file transformer; also pass the diffusers-format folder that holds "
+            "its config and the other components (config_folder=... / --config-folder)"
+        )
+    folder = Path(config_folder) if single_file else path
+    if single_file and not path.is_file():
+        raise CheckpointError(f"checkpoint file {str(path)!r} does not exist; pass the path of a local .safetensors")
+    _check_diffusers_folder(folder)
+    overrides = {}
+    if single_file:
+        overrides["transformer"] = load_transformer_single_file(path, folder, device, dtype)
+    try:
+        pipe = FluxPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True, **overrides)
+    except Exception as err:  # noqa: BLE001 - diffusers raises many types for one cause: a bad folder
+        raise CheckpointError(
+            f"could not load the FLUX pipeline from {str(folder)!r}: {type(err).__name__}: {err}. "
+            "Check that every component folder is complete (a truncated or missing weight file is the usual cause)"
+        ) from err
+    pipe.to(device)
+    return dict(pipe.components)

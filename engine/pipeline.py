@@ -1,0 +1,161 @@
+"""FluxEngine, a drop-in `diffusers.FluxPipeline`, and `optimize(pipe, config)`.
+
+`optimize` applies an EngineConfig to a FluxPipeline in place, in the order attention ->
+quantisation -> offload -> compile (each step sees the modules the previous one left). FluxEngine
+is a FluxPipeline subclass with the same call and outputs, a `from_pretrained` that takes local
+paths or synthetic variant names, and clear errors where diffusers would fail deep inside.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from pathlib import Path
+
+import torch
+from diffusers import FluxPipeline
+
+from .config import EngineConfig, resolve_config
+from .errors import ConfigError, InputError
+from .models import SYNTHETIC_PREFIX, is_variant_name, load_local_components, synthetic_components, variant_spec
+
+logger = logging.getLogger(__name__)
+
+_ENGINE_CONFIG_ATTR = "_flux_engine_config"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs (what FLUX ships in); fp32 on CPUs, whose bf16 convolutions are slow."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def engine_config_of(pipe) -> EngineConfig | None:
+    """The EngineConfig that `optimize` applied to `pipe`, or None for an untouched pipeline."""
+    return getattr(pipe, _ENGINE_CONFIG_ATTR, None)
+
+
+def optimize(pipe: FluxPipeline, config: EngineConfig | str | None = None) -> FluxPipeline:
+    """Apply `config` (an EngineConfig or a preset name) to `pipe` in place and return it.
+
+    A pipeline is optimised once: the steps rewrite modules (processors, weights, hooks), so
+    applying a second config on top of the first would stack them. Build or load a fresh pipeline
+    to try another config.
+    """
+    config = resolve_config(config)
+    if not isinstance(pipe, FluxPipeline):
+        raise ConfigError(f"optimize() takes a diffusers FluxPipeline, got {type(pipe).__name__}")
+    previous = engine_config_of(pipe)
+    if previous is not None and not previous.is_baseline and previous != config:
+        raise ConfigError(
+            f"this pipeline is already optimised with {previous.label!r}; "
+            f"load a fresh pipeline to apply {config.label!r}"
+        )
+    # Every part of EngineConfig accepts only its 'off' value until its step lands, so the
+    # baseline needs nothing done here.
+    setattr(pipe, _ENGINE_CONFIG_ATTR, config)
+    return pipe
+
+
+class FluxEngine(FluxPipeline):
+    """A faster `diffusers.FluxPipeline`: same call, same outputs within the config's stated tolerance."""
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_variant: str | Path,
+        config: EngineConfig | str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        seed: int = 0,
+        config_folder: str | Path | None = None,
+        torch_dtype: torch.dtype | None = None,
+    ) -> FluxEngine:
+        """Load a local model, or build a synthetic one, and optimise it with `config`.
+
+        path_or_variant: a diffusers-format folder; a BFL single-file transformer `.safetensors`
+            (with `config_folder`, a diffusers-format folder for the rest); or a variant name such as
+            `synthetic:flux-dev`, `synthetic:flux-schnell`, `synthetic:tiny` (random weights, by `seed`).
+        dtype: the weights' dtype (bf16 on CUDA, fp32 on CPU by default); `torch_dtype` is accepted as in diffusers.
+        Nothing is ever fetched from a model hub.
+        """
+        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+            raise ConfigError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; pass one of them")
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or torch_dtype or default_dtype(device)
+        source = str(path_or_variant)
+        if is_variant_name(source):
+            components = synthetic_components(source, device=device, dtype=dtype, seed=seed)
+            model_name = SYNTHETIC_PREFIX + variant_spec(source).name
+        else:
+            components = load_local_components(source, device=device, dtype=dtype, config_folder=config_folder)
+            model_name = source
+        engine = cls(**components)
+        engine.model_name = model_name
+        return optimize(engine, config)
+
+    @classmethod
+    def from_pipe(cls, pipe: FluxPipeline, config: EngineConfig | str | None = None) -> FluxEngine:
+        """A FluxEngine over the same components as `pipe` (shared, not copied), optimised with `config`."""
+        engine = cls(**pipe.components)
+        engine.model_name = getattr(pipe, "model_name", "pipeline")
+        return optimize(engine, config)
+
+    @property
+    def engine_config(self) -> EngineConfig:
+        return engine_config_of(self) or resolve_config(None)
+
+    def __call__(self, *args, **kwargs):
+        bound = _CALL_SIGNATURE.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        self._check_call(bound.arguments)
+        return super().__call__(*args, **kwargs)
+
+    def _check_call(self, call: dict) -> None:
+        """Reject, with a clear message, inputs that diffusers only notices deep inside the model."""
+        steps = call["num_inference_steps"]
+        if call["sigmas"] is None and (not isinstance(steps, int) or steps < 1):
+            raise InputError(f"num_inference_steps={steps!r} must be an integer >= 1 (FLUX.1-dev: 28-50, schnell: 4)")
+        smallest = self.vae_scale_factor * 2
+        for name in ("height", "width"):
+            value = call[name]
+            if value is not None and value < smallest:
+                raise InputError(f"{name}={value} is below the smallest image of {smallest} pixels")
+        self._check_embeds(call)
+        self._check_latents(call)
+
+    def _check_embeds(self, call: dict) -> None:
+        config = self.transformer.config
+        for name, width in (
+            ("prompt_embeds", config.joint_attention_dim),
+            ("pooled_prompt_embeds", config.pooled_projection_dim),
+        ):
+            value = call[name]
+            if value is not None and value.shape[-1] != width:
+                raise InputError(
+                    f"{name} has last dimension {value.shape[-1]}, this transformer takes {width}; "
+                    "encode the prompt with this pipeline's text encoders"
+                )
+
+    def _check_latents(self, call: dict) -> None:
+        latents = call["latents"]
+        if latents is None:
+            return
+        height = call["height"] or self.default_sample_size * self.vae_scale_factor
+        width = call["width"] or self.default_sample_size * self.vae_scale_factor
+        patches = (height // (self.vae_scale_factor * 2)) * (width // (self.vae_scale_factor * 2))
+        channels = self.transformer.config.in_channels
+        if latents.ndim != 3 or latents.shape[1:] != (patches, channels):
+            raise InputError(
+                f"latents have shape {tuple(latents.shape)}; for {height}x{width} this pipeline takes packed latents "
+                f"of shape (batch, {patches}, {channels}); make them with pipe.prepare_latents(...) or leave "
+                "latents=None"
+            )
+
+
+_CALL_SIGNATURE = inspect.signature(FluxPipeline.__call__)
+FluxEngine.__call__.__signature__ = _CALL_SIGNATURE
+FluxEngine.__call__.__doc__ = FluxPipeline.__call__.__doc__

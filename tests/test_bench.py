@@ -1,0 +1,130 @@
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine import bench
+from engine.models import VARIANTS
+
+REPO = Path(__file__).resolve().parent.parent
+
+ROW_FIELDS = {
+    "config",
+    "height",
+    "width",
+    "steps",
+    "batch",
+    "runs",
+    "ms_per_step",
+    "ms_per_step_p20",
+    "ms_per_step_p80",
+    "tflop_per_step",
+    "tflops",
+    "encode_s",
+    "denoise_s",
+    "decode_s",
+    "total_s",
+    "peak_allocated_gib",
+    "peak_reserved_gib",
+    "nvml_used_gib",
+    "speedup",
+    "psnr_db",
+    "latent_rel_err",
+}
+ENV_FIELDS = {"gpu", "driver", "torch", "triton", "diffusers", "transformers", "cuda", "commit", "date"}
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "result.json"
+    cmd = [sys.executable, "-m", "engine.bench", "--res", "64", "96x64", "--steps", "2", "--runs", "2"]
+    cmd += ["--warmup", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    return proc, out
+
+
+def test_bench_runs_end_to_end_and_writes_every_field(bench_run):
+    proc, out = bench_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "tiny synthetic model on the CPU" in proc.stdout
+    result = json.loads(out.read_text())
+    assert ENV_FIELDS <= result["env"].keys()
+    assert result["model"] == "synthetic:tiny"
+    assert [(r["config"], r["width"], r["height"]) for r in result["rows"]] == [
+        ("diffusers", 64, 64),
+        ("baseline", 64, 64),
+        ("diffusers", 96, 64),
+        ("baseline", 96, 64),
+    ]
+    for row in result["rows"]:
+        assert ROW_FIELDS <= row.keys()
+        assert row["ms_per_step"] > 0 and row["tflop_per_step"] > 0
+        assert row["encode_s"] > 0 and row["denoise_s"] > 0 and row["decode_s"] > 0
+        assert row["total_s"] >= row["denoise_s"]
+    engine_rows = [r for r in result["rows"] if r["config"] == "baseline"]
+    for row in engine_rows:
+        # the baseline preset changes nothing: identical images and latents
+        assert row["psnr_db"] == "inf" and row["latent_rel_err"] == 0.0
+        assert row["speedup"] > 0
+
+
+def test_bench_prints_the_table(bench_run):
+    proc, out = bench_run
+    assert "ms/step" in proc.stdout and "PSNR dB" in proc.stdout
+    assert f"wrote {out}" in proc.stdout
+
+
+def test_flop_counter_matches_the_published_step_cost():
+    # ARCHITECTURE.md: 74.4 TFLOP per flux-dev step at 1024^2 with 512 text tokens
+    flops = bench.transformer_step_flops(VARIANTS["flux-dev"].transformer, 1024, 1024, 512)
+    assert flops / 1e12 == pytest.approx(74.4, abs=0.05)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--res", "1000"], "height 1000 is not a multiple of 16; use 992 or 1008"),
+        (["--res", "1024x770"], "height 770 is not a multiple of 16; use 768 or 784"),
+        (["--model", "synthetic:flux-dev", "--res", "4096"], r"outside 256..2048.*--allow-any-size"),
+        (["--model", "synthetic:flux-dev", "--res", "1024", "--device", "cpu"], "needs a CUDA GPU"),
+        (["--steps", "0"], "steps 0 must be at least 1"),
+        (["--model", "synthetic:flux-pro"], "unknown model variant 'synthetic:flux-pro'"),
+        (["--preset", "fastest"], "unknown preset 'fastest'"),
+        (["--runs", "0"], "--runs 0 must be at least 1"),
+        (["--model", "/no/such/model"], "does not exist"),
+        (["--res", "big"], "WIDTHxHEIGHT"),
+    ],
+)
+def test_bench_rejects_bad_input_with_a_clear_message(argv, message, capsys):
+    code = bench.main([*argv, "--device", "cpu"] if "--device" not in argv else argv)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    assert __import__("re").search(message, err), err
+
+
+def test_bench_rejects_a_corrupt_checkpoint(tmp_path, capsys):
+    bad = tmp_path / "flux.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model_index.json").write_text("{}")
+    (folder / "transformer").mkdir()
+    (folder / "transformer" / "config.json").write_text(json.dumps(VARIANTS["tiny"].transformer))
+    code = bench.main(["--model", str(bad), "--config-folder", str(folder), "--res", "256", "--device", "cpu"])
+    assert code == 2
+    assert "not a readable safetensors file" in capsys.readouterr().err
+
+
+def test_json_is_written_atomically(tmp_path):
+    path = tmp_path / "r.json"
+    bench.write_json(path, {"x": math.inf, "y": math.nan, "z": [1.5]})
+    assert json.loads(path.read_text()) == {"x": "inf", "y": None, "z": [1.5]}
+    with pytest.raises(TypeError):
+        bench.write_json(path, {"bad": object()})
+    # the failed write left the previous file whole and no temporary behind
+    assert json.loads(path.read_text())["z"] == [1.5]
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]

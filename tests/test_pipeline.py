@@ -1,0 +1,158 @@
+import inspect
+import logging
+
+import pytest
+import torch
+from conftest import TINY_SIZE, tiny_call_kwargs
+from diffusers import FluxPipeline
+
+from engine import EngineConfig, FluxEngine, optimize
+from engine.errors import ConfigError, InputError
+from engine.pipeline import engine_config_of
+
+
+@pytest.fixture(scope="module")
+def baseline_images(tiny_components):
+    return FluxPipeline(**tiny_components)(**tiny_call_kwargs()).images
+
+
+def test_baseline_preset_returns_exactly_diffusers_images(tiny_components, baseline_images):
+    engine = FluxEngine.from_pipe(FluxPipeline(**tiny_components), "baseline")
+    images = engine(**tiny_call_kwargs()).images
+    assert images.shape == (1, 3, TINY_SIZE, TINY_SIZE)
+    assert torch.equal(images, baseline_images)
+
+
+def test_optimize_in_place_keeps_diffusers_outputs(tiny_components, baseline_images):
+    pipe = FluxPipeline(**tiny_components)
+    assert optimize(pipe, EngineConfig()) is pipe
+    assert engine_config_of(pipe).is_baseline
+    assert torch.equal(pipe(**tiny_call_kwargs()).images, baseline_images)
+
+
+def test_from_pretrained_synthetic_variant_matches_components_of_the_same_seed(baseline_images):
+    engine = FluxEngine.from_pretrained("synthetic:tiny", device="cpu", dtype=torch.float32, seed=0)
+    assert isinstance(engine, FluxPipeline)
+    assert engine.engine_config.is_baseline
+    assert engine.model_name == "synthetic:tiny"
+    assert torch.equal(engine(**tiny_call_kwargs()).images, baseline_images)
+
+
+def test_from_pretrained_accepts_diffusers_torch_dtype_spelling():
+    engine = FluxEngine.from_pretrained("synthetic:tiny", device="cpu", torch_dtype=torch.bfloat16)
+    assert engine.transformer.dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match="disagree"):
+        FluxEngine.from_pretrained("synthetic:tiny", device="cpu", dtype=torch.float32, torch_dtype=torch.float16)
+
+
+def test_from_pretrained_loads_a_local_folder(tmp_path, tiny_components, baseline_images):
+    FluxPipeline(**tiny_components).save_pretrained(tmp_path / "model")
+    engine = FluxEngine.from_pretrained(tmp_path / "model", device="cpu", dtype=torch.float32)
+    # The loaded weights are bitwise equal (test_models), but live in other (mmap-backed) memory, and
+    # the CPU BLAS picks kernels by alignment: measured output differences up to 9e-7 in fp32.
+    torch.testing.assert_close(engine(**tiny_call_kwargs()).images, baseline_images, rtol=0, atol=1e-5)
+
+
+def test_call_signature_is_flux_pipelines():
+    ours = inspect.signature(FluxEngine.__call__)
+    theirs = inspect.signature(FluxPipeline.__call__)
+    assert list(ours.parameters) == list(theirs.parameters)
+    for name in (
+        "prompt",
+        "prompt_2",
+        "height",
+        "width",
+        "num_inference_steps",
+        "guidance_scale",
+        "generator",
+        "latents",
+        "prompt_embeds",
+        "pooled_prompt_embeds",
+        "output_type",
+        "return_dict",
+        "max_sequence_length",
+        "callback_on_step_end",
+        "joint_attention_kwargs",
+    ):
+        assert ours.parameters[name].default == theirs.parameters[name].default, name
+
+
+def test_positional_prompt_and_pil_output(tiny_components):
+    engine = FluxEngine.from_pipe(FluxPipeline(**tiny_components))
+    out = engine("a fox", height=TINY_SIZE, width=96, num_inference_steps=1, max_sequence_length=16)
+    assert out.images[0].size == (96, TINY_SIZE)
+    images, *_ = engine("a fox", height=TINY_SIZE, width=TINY_SIZE, num_inference_steps=1, return_dict=False)
+    assert len(images) == 1
+
+
+def test_prompt_embeds_and_latents_are_used_as_given(tiny_components, baseline_images):
+    engine = FluxEngine.from_pipe(FluxPipeline(**tiny_components))
+    prompt_embeds, pooled, _ = engine.encode_prompt("a red fox in the snow", None, max_sequence_length=32)
+    kwargs = tiny_call_kwargs(prompt=None, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled)
+    assert torch.equal(engine(**kwargs).images, baseline_images)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_components):
+    return FluxEngine.from_pipe(FluxPipeline(**tiny_components))
+
+
+@pytest.mark.parametrize("steps", [0, -3])
+def test_zero_steps_is_a_clear_error(engine, steps):
+    with pytest.raises(InputError, match=f"num_inference_steps={steps} must be an integer >= 1"):
+        engine(**tiny_call_kwargs(num_inference_steps=steps))
+
+
+def test_too_small_image_is_a_clear_error(engine):
+    with pytest.raises(InputError, match="height=8 is below the smallest image of 16 pixels"):
+        engine(**tiny_call_kwargs(height=8))
+
+
+def test_latents_of_the_wrong_shape_are_a_clear_error(engine):
+    latents = torch.randn(1, 4, 4, 64)
+    with pytest.raises(InputError, match=r"latents have shape \(1, 4, 4, 64\).*\(batch, 16, 64\)"):
+        engine(**tiny_call_kwargs(latents=latents))
+
+
+def test_prompt_embeds_of_another_model_are_a_clear_error(engine):
+    with pytest.raises(InputError, match="prompt_embeds has last dimension 4096, this transformer takes 32"):
+        engine(
+            **tiny_call_kwargs(
+                prompt=None, prompt_embeds=torch.randn(1, 32, 4096), pooled_prompt_embeds=torch.randn(1, 32)
+            )
+        )
+
+
+def test_long_prompt_warns_and_truncates_as_diffusers_does(engine):
+    records = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Collect()
+    diffusers_logger = logging.getLogger("diffusers")
+    diffusers_logger.addHandler(handler)
+    try:
+        long_prompt = " ".join(["lighthouse"] * 120)
+        engine(**tiny_call_kwargs(prompt=long_prompt, num_inference_steps=1))
+    finally:
+        diffusers_logger.removeHandler(handler)
+    assert any("truncated" in message for message in records)
+
+
+def test_optimizing_twice_with_different_configs_is_refused(tiny_components):
+    from engine.config import CacheConfig
+
+    pipe = FluxPipeline(**tiny_components)
+    optimize(pipe, "baseline")
+    optimize(pipe, "baseline")  # the same config again is a no-op
+    cached = EngineConfig(cache=CacheConfig(directory="/tmp/flux-cache"))
+    optimize(pipe, cached)  # a baseline pipeline may still take a config
+    with pytest.raises(ConfigError, match="already optimised"):
+        optimize(pipe, "baseline")
+
+
+def test_optimize_takes_only_flux_pipelines():
+    with pytest.raises(ConfigError, match="takes a diffusers FluxPipeline, got str"):
+        optimize("not a pipeline", "baseline")
