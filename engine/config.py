@@ -21,18 +21,33 @@ def _check_choice(part: str, name: str, value, allowed: tuple) -> None:
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    """Attention backend of the transformer. 'sdpa': PyTorch's scaled_dot_product_attention (diffusers' own)."""
+    """The transformer's attention blocks.
+
+    backend: the attention core. 'sdpa': PyTorch's scaled_dot_product_attention; 'triton': our flash
+        attention kernel; 'auto': the faster of the two on this GPU, measured when the config is applied.
+    fused_norms: QK-RMSNorm + RoPE and LayerNorm + adaLN modulation (+ gated residual) as our Triton kernels.
+    Anything but ('sdpa', False) also fuses the QKV projections (weights shared, not copied).
+    """
 
     backend: str = "sdpa"
+    fused_norms: bool = False
 
-    BACKENDS = ("sdpa",)
+    BACKENDS = ("sdpa", "triton", "auto")
 
     def __post_init__(self):
         _check_choice("attention", "backend", self.backend, self.BACKENDS)
+        if not isinstance(self.fused_norms, bool):
+            raise ConfigError(f"attention.fused_norms={self.fused_norms!r} must be True or False")
+
+    @property
+    def is_default(self) -> bool:
+        return self.backend == "sdpa" and not self.fused_norms
 
     @property
     def label(self) -> str:
-        return "" if self.backend == "sdpa" else f"attn={self.backend}"
+        if self.is_default:
+            return ""
+        return f"attn={self.backend}" + ("+fused-norms" if self.fused_norms else "")
 
 
 @dataclass(frozen=True)
@@ -166,6 +181,12 @@ class EngineConfig:
 
 PRESETS: dict[str, EngineConfig] = {
     "baseline": EngineConfig(name="baseline"),
+    # our Triton kernels, eager: fused QKV, QK-norm+RoPE, adaLN modulate; attention core picked by measurement
+    "kernels": EngineConfig(attention=AttentionConfig(backend="auto", fused_norms=True), name="kernels"),
+    # the same with our flash attention forced (for ablations: attention kernel vs SDPA)
+    "kernels-triton-attn": EngineConfig(
+        attention=AttentionConfig(backend="triton", fused_norms=True), name="kernels-triton-attn"
+    ),
 }
 
 

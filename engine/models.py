@@ -164,12 +164,13 @@ VARIANTS: dict[str, ModelSpec] = {
             "in_channels": 64,
             "num_layers": 2,
             "num_single_layers": 2,
-            "attention_head_dim": 16,
+            # head_dim 64: the smallest our attention kernels take, so the tiny model runs them too
+            "attention_head_dim": 64,
             "num_attention_heads": 2,
             "joint_attention_dim": 32,
             "pooled_projection_dim": 32,
             "guidance_embeds": True,
-            "axes_dims_rope": (4, 6, 6),
+            "axes_dims_rope": (8, 28, 28),
         },
         t5={
             **_T5_XXL,

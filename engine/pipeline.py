@@ -54,8 +54,12 @@ def optimize(pipe: FluxPipeline, config: EngineConfig | str | None = None) -> Fl
             f"this pipeline is already optimised with {previous.label!r}; "
             f"load a fresh pipeline to apply {config.label!r}"
         )
-    # Every part of EngineConfig accepts only its 'off' value until its step lands, so the
-    # baseline needs nothing done here.
+    if previous == config:
+        return pipe
+    # The steps in order; each part of EngineConfig that is still 'off' leaves the pipeline as it is.
+    from .attention import apply_attention
+
+    pipe.attention_ops = apply_attention(pipe, config.attention)
     setattr(pipe, _ENGINE_CONFIG_ATTR, config)
     return pipe
 

@@ -1,0 +1,176 @@
+"""Micro-benchmark: kernels.attention.flash_attention against every PyTorch SDPA backend that runs, PyTorch's
+default pick, and torch.compile of attention_ref, at FLUX's attention shapes (B=1, H=24, D=128, bf16;
+L = 1536 / 4608 / 16896 = 512 text + 1024 / 4096 / 16384 image tokens).
+
+    python benchmarks/bench_attention.py --out benchmarks/results/attention_<gpu>_<date>.json
+
+Times are triton.testing.do_bench (L2 flushed between runs) as median, p20, p80; TFLOP/s = 4 B H L^2 D / t.
+Each implementation's max abs error against an fp32 reference of the first heads is recorded beside it.
+Needs CUDA: exits 2 without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine.measure import environment_info, quantiles  # noqa: E402
+from kernels.attention import allow_warp_specialization, attention_ref, flash_attention  # noqa: E402
+
+DEFAULT_LENGTHS = (1536, 4608, 16896)
+CHECKED_HEADS = 2  # heads compared against the fp32 reference (bounded memory at L = 16896)
+
+
+def time_ms(fn) -> dict:
+    import triton.testing
+
+    times = triton.testing.do_bench(fn, return_mode="all")
+    return quantiles(list(times))
+
+
+def reference_head_error(out: torch.Tensor, q, k, v) -> float:
+    heads = slice(0, CHECKED_HEADS)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        reference = attention_ref(q[:, heads], k[:, heads], v[:, heads], upcast=True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    return (out[:, heads].float() - reference).abs().max().item()
+
+
+def implementations(q, k, v, qkv_views):
+    """name -> (callable, note). Each callable returns [B, H, L, D]."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    def with_backend(backend):
+        def run():
+            with sdpa_kernel([backend]):
+                return sdpa(q, k, v)
+
+        return run
+
+    compiled_ref = torch.compile(attention_ref, fullgraph=True)
+    return {
+        "flux_kernels.flash_attention": (
+            lambda: flash_attention(q, k, v),
+            "autotuned, warp-specialized configs allowed",
+        ),
+        "flux_kernels.flash_attention[no-ws]": (
+            lambda: flash_attention(q, k, v),
+            "autotuned without warp specialization",
+        ),
+        "flux_kernels.flash_attention[qkv-views]": (
+            lambda: flash_attention(*qkv_views),
+            "inputs are views of one [B, L, 3, H, D] projection output",
+        ),
+        "sdpa[FLASH_ATTENTION]": (with_backend(SDPBackend.FLASH_ATTENTION), ""),
+        "sdpa[EFFICIENT_ATTENTION]": (with_backend(SDPBackend.EFFICIENT_ATTENTION), ""),
+        "sdpa[CUDNN_ATTENTION]": (with_backend(SDPBackend.CUDNN_ATTENTION), ""),
+        "sdpa[default]": (lambda: sdpa(q, k, v), "PyTorch's own backend choice"),
+        "torch.compile(attention_ref)": (lambda: compiled_ref(q, k, v, None, False), "bf16, fullgraph, inductor"),
+    }
+
+
+def best_config() -> str | None:
+    from kernels.attention import _flash_attention_fwd_kernel
+
+    config = getattr(_flash_attention_fwd_kernel, "best_config", None)
+    return str(config) if config is not None else None
+
+
+def bench_length(tokens: int, batch: int, heads: int, head_dim: int) -> list[dict]:
+    generator = torch.Generator(device="cuda").manual_seed(tokens)
+    qkv = torch.randn(batch, tokens, 3, heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=generator)
+    qkv_views = tuple(qkv[:, :, i].transpose(1, 2) for i in range(3))
+    q, k, v = (x.contiguous() for x in qkv_views)  # [B, H, L, D] contiguous, what SDPA callers usually pass
+    flops = 4 * batch * heads * tokens * tokens * head_dim
+    rows = []
+    for name, (fn, note) in implementations(q, k, v, qkv_views).items():
+        row = {"impl": name, "tokens": tokens, "batch": batch, "heads": heads, "head_dim": head_dim, "note": note}
+        allow_warp_specialization(name != "flux_kernels.flash_attention[no-ws]")  # re-tunes only on a change
+        try:
+            out = fn()  # first call: autotuning / compilation, outside the timing
+            torch.cuda.synchronize()
+            row["max_abs_err_vs_fp32"] = reference_head_error(out, q, k, v)
+            del out
+            timing = time_ms(fn)
+            row.update(status="ok", ms=timing, tflops=flops / (timing["median"] * 1e-3) / 1e12)
+            if name.startswith("flux_kernels"):
+                row["config"] = best_config()
+        except Exception as error:  # noqa: BLE001 - a backend that cannot run these shapes is a result too
+            row.update(status=f"error: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+        finally:
+            torch.cuda.empty_cache()
+        rows.append(row)
+        print(f"  {name:42s} {format_row(row)}", flush=True)
+    allow_warp_specialization(True)
+    return rows
+
+
+def format_row(row: dict) -> str:
+    if row["status"] != "ok":
+        return row["status"]
+    ms = row["ms"]
+    return (
+        f"{ms['median']:8.3f} ms [{ms['p20']:.3f}, {ms['p80']:.3f}]  {row['tflops']:6.1f} TFLOP/s  "
+        f"err {row['max_abs_err_vs_fp32']:.2e}"
+    )
+
+
+def print_summary(rows: list[dict]) -> None:
+    print("\nTFLOP/s (median)   best per length marked *")
+    lengths = sorted({row["tokens"] for row in rows})
+    names = list(dict.fromkeys(row["impl"] for row in rows))
+    print(f"{'impl':42s}" + "".join(f"{length:>12d}" for length in lengths))
+    best = {}
+    for length in lengths:
+        ok = [row for row in rows if row["tokens"] == length and row["status"] == "ok"]
+        best[length] = max(ok, key=lambda row: row["tflops"])["impl"] if ok else None
+    for name in names:
+        cells = []
+        for length in lengths:
+            row = next(row for row in rows if row["impl"] == name and row["tokens"] == length)
+            if row["status"] != "ok":
+                cells.append(f"{'failed':>12s}")
+            else:
+                mark = "*" if best[length] == name else " "
+                cells.append(f"{row['tflops']:11.1f}{mark}")
+        print(f"{name:42s}" + "".join(cells))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    parser.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS))
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=24)
+    parser.add_argument("--head-dim", type=int, default=128)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_attention: needs CUDA (no GPU visible to PyTorch); nothing measured", file=sys.stderr)
+        return 2
+
+    env = environment_info("cuda")
+    print(f"{env['gpu']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}")
+    rows = []
+    for tokens in args.lengths:
+        print(f"L = {tokens}", flush=True)
+        rows += bench_length(tokens, args.batch, args.heads, args.head_dim)
+    print_summary(rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"env": env, "rows": rows}, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""The FLUX transformer blocks on our kernels: fused QKV, QK-RMSNorm + RoPE, attention, adaLN modulate.
+
+`apply_attention(pipe, config)` rewires every double- and single-stream block of the transformer in
+place (weights are shared, never copied):
+
+- QKV projections fused into one GEMM per stream (and, in single-stream blocks, with the MLP input
+  projection too: BFL's `linear1`); the original Linear modules become views of the fused weight, so
+  memory does not grow and diffusers' own processors still work on them;
+- q/k RMSNorm + rotary embedding + [text, image] concat + head-major layout in one pass
+  (`kernels.norm.qk_norm_rope`) when `fused_norms` is on, else the same math in PyTorch;
+- the attention core: our Triton flash attention, PyTorch SDPA, or "auto" (the faster of the two,
+  measured on this GPU when the config is applied);
+- LayerNorm + shift/scale modulation and the gated residual before norm2
+  (`kernels.norm.layernorm_modulate`, `gated_residual_layernorm_modulate`) when `fused_norms` is on.
+
+The blocks become instances of subclasses of diffusers' own block classes (`__class__` swap), so
+module names, state dict keys and hooks stay as they were.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+from torch import nn
+
+from .config import AttentionConfig
+from .errors import ConfigError, InputError
+
+logger = logging.getLogger(__name__)
+
+# shape used by backend="auto" to pick the attention core: FLUX at 1024^2 (4096 image + 512 text tokens)
+AUTO_PROBE_TOKENS = 4608
+
+
+# ----------------------------------------------------------------------------- the ops, by switch
+
+
+@dataclass(frozen=True)
+class BlockOps:
+    """The functions the fused blocks call, chosen once per pipeline from the AttentionConfig."""
+
+    core: str  # "triton" or "sdpa"
+    fused_norms: bool
+    qk_norm_rope_fn: Callable
+    layernorm_modulate_fn: Callable
+    gated_residual_layernorm_modulate_fn: Callable
+    flash_attention_fn: Callable | None = None
+
+    @classmethod
+    def build(cls, core: str, fused_norms: bool) -> BlockOps:
+        from kernels import norm
+
+        flash = None
+        if core == "triton":
+            from kernels.attention import flash_attention as flash
+        if fused_norms:
+            fns = (norm.qk_norm_rope, norm.layernorm_modulate, norm.gated_residual_layernorm_modulate)
+        else:  # the same math as diffusers, in PyTorch, in the activations' dtype
+            fns = (
+                functools.partial(norm.qk_norm_rope_ref, upcast=False),
+                functools.partial(norm.layernorm_modulate_ref, upcast=False),
+                functools.partial(norm.gated_residual_layernorm_modulate_ref, upcast=False),
+            )
+        return cls(core, fused_norms, *fns, flash_attention_fn=flash)
+
+    def qk_norm_rope(self, qkv, q_weight, k_weight, rotary, heads, eps, txt_qkv=None, txt_q=None, txt_k=None):
+        cos, sin = rotary
+        return self.qk_norm_rope_fn(qkv, q_weight, k_weight, cos, sin, heads, eps, txt_qkv, txt_q, txt_k)
+
+    def attention(self, query, key, value) -> torch.Tensor:
+        """q, k, v: [B, H, L, D] -> [B, L, H*D]."""
+        batch, heads, tokens, head_dim = query.shape
+        if self.flash_attention_fn is not None:
+            out = self.flash_attention_fn(query, key, value)  # [B, H, L, D] over [B, L, H, D] memory
+        else:
+            out = F.scaled_dot_product_attention(query, key, value)
+        return out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+
+    def layernorm_modulate(self, x, shift, scale, eps):
+        return self.layernorm_modulate_fn(x, shift, scale, eps)
+
+    def gated_residual_layernorm_modulate(self, x, y, gate, shift, scale, eps):
+        return self.gated_residual_layernorm_modulate_fn(x, y, gate, shift, scale, eps)
+
+
+# ----------------------------------------------------------------------------- fused projections
+
+
+def fuse_linears(linears: list[nn.Linear]) -> nn.Linear:
+    """One Linear computing all of `linears` (outputs concatenated); the originals become views of it."""
+    in_features = linears[0].in_features
+    if any(lin.in_features != in_features or lin.bias is None for lin in linears):
+        raise ConfigError("fuse_linears needs Linear layers with the same input width and biases")
+    weight = torch.cat([lin.weight.detach() for lin in linears])
+    bias = torch.cat([lin.bias.detach() for lin in linears])
+    with torch.device("meta"):
+        fused = nn.Linear(in_features, weight.shape[0], bias=True)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    fused.bias = nn.Parameter(bias, requires_grad=False)
+    offset = 0
+    for lin in linears:
+        rows = lin.out_features
+        lin.weight = nn.Parameter(weight[offset : offset + rows], requires_grad=False)
+        lin.bias = nn.Parameter(bias[offset : offset + rows], requires_grad=False)
+        offset += rows
+    return fused
+
+
+# ----------------------------------------------------------------------------- the blocks
+
+
+def _reject_attention_kwargs(joint_attention_kwargs) -> None:
+    if joint_attention_kwargs:
+        raise InputError(
+            f"joint_attention_kwargs {sorted(joint_attention_kwargs)} (IP-Adapter and the like) are not supported by "
+            "the engine's fused attention blocks; use the 'baseline' preset for them"
+        )
+
+
+class EngineDoubleBlock(FluxTransformerBlock):
+    """FluxTransformerBlock with fused QKV, the QK-norm+RoPE kernel and fused adaLN modulation."""
+
+    flux_ops: BlockOps
+    qkv: nn.Linear
+    txt_qkv: nn.Linear
+
+    def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
+        _reject_attention_kwargs(joint_attention_kwargs)
+        ops, attn = self.flux_ops, self.attn
+        eps = self.norm2.eps
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1.linear(self.norm1.silu(temb)).chunk(
+            6, dim=1
+        )
+        c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context.linear(
+            self.norm1_context.silu(temb)
+        ).chunk(6, dim=1)
+        norm_hidden = ops.layernorm_modulate(hidden_states, shift_msa, scale_msa, eps)
+        norm_context = ops.layernorm_modulate(encoder_hidden_states, c_shift_msa, c_scale_msa, eps)
+
+        query, key, value = ops.qk_norm_rope(
+            self.qkv(norm_hidden),  # [B, L_img, 3*H*D]
+            attn.norm_q.weight,
+            attn.norm_k.weight,
+            image_rotary_emb,
+            attn.heads,
+            attn.norm_q.eps,
+            txt_qkv=self.txt_qkv(norm_context),  # [B, L_txt, 3*H*D]
+            txt_q=attn.norm_added_q.weight,
+            txt_k=attn.norm_added_k.weight,
+        )
+        joint = ops.attention(query, key, value)  # [B, L_txt + L_img, H*D]
+        text_tokens = encoder_hidden_states.shape[1]
+        context_attn, hidden_attn = joint[:, :text_tokens], joint[:, text_tokens:]
+        hidden_attn = attn.to_out[0](hidden_attn)
+        context_attn = attn.to_add_out(context_attn)
+
+        hidden_states, norm_hidden = ops.gated_residual_layernorm_modulate(
+            hidden_states, hidden_attn, gate_msa, shift_mlp, scale_mlp, eps
+        )
+        hidden_states = hidden_states + gate_mlp.unsqueeze(1) * self.ff(norm_hidden)
+        encoder_hidden_states, norm_context = ops.gated_residual_layernorm_modulate(
+            encoder_hidden_states, context_attn, c_gate_msa, c_shift_mlp, c_scale_mlp, eps
+        )
+        encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * self.ff_context(norm_context)
+        if encoder_hidden_states.dtype == torch.float16:
+            encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
+        return encoder_hidden_states, hidden_states
+
+
+class EngineSingleBlock(FluxSingleTransformerBlock):
+    """FluxSingleTransformerBlock with QKV and the MLP input fused into one GEMM (BFL's linear1)."""
+
+    flux_ops: BlockOps
+    linear1: nn.Linear
+
+    def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
+        _reject_attention_kwargs(joint_attention_kwargs)
+        ops, attn = self.flux_ops, self.attn
+        text_tokens = encoder_hidden_states.shape[1]
+        residual = torch.cat([encoder_hidden_states, hidden_states], dim=1)  # [B, L, C]
+        shift, scale, gate = self.norm.linear(self.norm.silu(temb)).chunk(3, dim=1)
+        normed = ops.layernorm_modulate(residual, shift, scale, self.norm.norm.eps)
+        projected = self.linear1(normed)  # [B, L, 3*H*D + mlp]
+        qkv_width = 3 * attn.heads * attn.head_dim
+        mlp = self.act_mlp(projected[..., qkv_width:])
+        query, key, value = ops.qk_norm_rope(
+            projected[..., :qkv_width], attn.norm_q.weight, attn.norm_k.weight, image_rotary_emb, attn.heads,
+            attn.norm_q.eps,
+        )  # fmt: skip
+        attn_out = ops.attention(query, key, value)
+        hidden_states = residual + gate.unsqueeze(1) * self.proj_out(torch.cat([attn_out, mlp], dim=2))
+        if hidden_states.dtype == torch.float16:
+            hidden_states = hidden_states.clip(-65504, 65504)
+        return hidden_states[:, :text_tokens], hidden_states[:, text_tokens:]
+
+
+def _convert_double(block: FluxTransformerBlock, ops: BlockOps) -> None:
+    attn = block.attn
+    block.qkv = fuse_linears([attn.to_q, attn.to_k, attn.to_v])
+    block.txt_qkv = fuse_linears([attn.add_q_proj, attn.add_k_proj, attn.add_v_proj])
+    block.__class__ = EngineDoubleBlock
+    block.flux_ops = ops
+
+
+def _convert_single(block: FluxSingleTransformerBlock, ops: BlockOps) -> None:
+    attn = block.attn
+    block.linear1 = fuse_linears([attn.to_q, attn.to_k, attn.to_v, block.proj_mlp])
+    block.__class__ = EngineSingleBlock
+    block.flux_ops = ops
+
+
+# ----------------------------------------------------------------------------- choosing the core
+
+
+def _time_ms(fn, device: torch.device, reps: int = 10) -> float:
+    fn()
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def pick_attention_core(heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[str, dict]:
+    """'triton' or 'sdpa', whichever runs FLUX's 1024^2 attention faster here; with the timings (ms)."""
+    from kernels import triton_runnable
+
+    if device.type != "cuda" or not triton_runnable(device) or head_dim not in (64, 128):
+        return "sdpa", {}
+    from kernels.attention import flash_attention
+
+    shape = (1, heads, AUTO_PROBE_TOKENS, head_dim)
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
+    timings = {
+        "triton": _time_ms(lambda: flash_attention(q, k, v), device),
+        "sdpa": _time_ms(lambda: F.scaled_dot_product_attention(q, k, v), device),
+    }
+    return min(timings, key=timings.get), timings
+
+
+def resolve_ops(config: AttentionConfig, transformer) -> BlockOps:
+    from kernels import triton_runnable
+
+    device, dtype = transformer.device, transformer.dtype
+    needs_triton = config.fused_norms or config.backend == "triton"
+    if needs_triton and not triton_runnable(device):
+        raise ConfigError(
+            f"attention backend={config.backend!r} fused_norms={config.fused_norms} runs Triton kernels, which need "
+            f"a CUDA GPU (or TRITON_INTERPRET=1 on a CPU, for tests); the model is on {device.type}. Use the "
+            "'baseline' preset here"
+        )
+    core = config.backend
+    if core == "auto":
+        first = transformer.transformer_blocks[0].attn
+        core, timings = pick_attention_core(first.heads, first.head_dim, dtype, device)
+        logger.info("attention backend auto -> %s (%s)", core, timings)
+    return BlockOps.build(core, config.fused_norms)
+
+
+def apply_attention(pipe, config: AttentionConfig) -> BlockOps | None:
+    """Rewire `pipe.transformer`'s blocks for `config`; None (nothing done) for diffusers' own path."""
+    if config.backend == "sdpa" and not config.fused_norms:
+        return None
+    transformer = pipe.transformer
+    ops = resolve_ops(config, transformer)
+    for block in transformer.transformer_blocks:
+        _convert_double(block, ops)
+    for block in transformer.single_transformer_blocks:
+        _convert_single(block, ops)
+    return ops

@@ -1,0 +1,111 @@
+"""Triton kernels of flux-engine, one op per module, each with a plain PyTorch reference beside it.
+
+    kernels.attention  flash_attention (+ attention_ref)
+    kernels.norm       qk_norm_rope, layernorm_modulate, gated_residual_layernorm_modulate (+ *_ref)
+
+Importing a submodule registers its ops as `torch.ops.flux_kernels.*` custom ops; this package itself
+imports none of them, so `import kernels` stays cheap. Nothing here imports `engine`.
+
+Triton decides between compiled and interpreted kernels when a kernel is decorated: to run the kernels on
+CPU tensors, set TRITON_INTERPRET=1 before the first import of a kernel module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+# Test hook: when True, every output a launcher allocates starts filled with NaN (or the dtype's max for
+# integer outputs), so an element the kernel forgets to write fails the comparison instead of passing on
+# whatever the allocator left there. Costs one extra write per output; leave off outside tests.
+POISON_OUTPUTS = False
+
+
+def triton_interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter (TRITON_INTERPRET=1), i.e. on CPU tensors."""
+    import triton
+
+    return bool(triton.knobs.runtime.interpret)
+
+
+def triton_runnable(device: torch.device | str) -> bool:
+    """Whether this package's Triton kernels can run on tensors of `device`.
+
+    CUDA devices: when PyTorch sees a GPU. CPU: only under the Triton interpreter (TRITON_INTERPRET=1,
+    set before the kernel modules were imported).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available()
+    if device.type == "cpu":
+        return triton_interpreting()
+    return False
+
+
+def check_runnable(device: torch.device, op: str) -> None:
+    """Raise a RuntimeError that says how to run `op` when Triton cannot run on `device`."""
+    if triton_runnable(device):
+        if device.type == "cpu":
+            _patch_interpreter()
+        return
+    if device.type == "cpu":
+        raise RuntimeError(
+            f"{op}: got CPU tensors, but Triton kernels need a CUDA GPU or the Triton interpreter; move the "
+            "tensors to a GPU, or set TRITON_INTERPRET=1 before importing kernels (slow, for tests), or use "
+            f"the PyTorch reference {op}_ref instead"
+        )
+    raise RuntimeError(f"{op}: Triton kernels cannot run on device {device}; use a CUDA device")
+
+
+def _patch_interpreter() -> None:
+    """Work around two bugs of the Triton 3.6 interpreter (CPU runs only; compiled kernels never come here).
+
+    1. Scalars are 1-element arrays, turned into Python ints (for `range`) with `int(array)`, which NumPy
+       >= 2.4 refuses for ndim > 0: every `tl.range(lo, hi)` with run-time bounds fails. Use `.item()`.
+    2. `tl.dot` multiplies bf16 operands as their raw uint16 storage: garbage. Widen bf16 to fp32 first
+       (exact), which is what the tensor cores compute with fp32 accumulation.
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    if getattr(interpreter, "_flux_patched", False):
+        return
+    original_patch_tensor = interpreter._patch_lang_tensor
+    original_dot = interpreter.InterpreterBuilder.create_dot
+
+    def patch_lang_tensor(tensor, scope):
+        original_patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    def widen_bf16(handle):
+        if handle.dtype.scalar != tl.bfloat16:
+            return handle
+        widened = (handle.data.astype(np.uint32) << 16).view(np.float32)
+        return interpreter.TensorHandle(widened, tl.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original_dot(self, widen_bf16(a), widen_bf16(b), d, input_precision, max_num_imprecise_acc)
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+    interpreter.InterpreterBuilder.create_dot = create_dot
+    interpreter._flux_patched = True
+
+
+def device_guard(tensor: torch.Tensor):
+    """Make `tensor`'s GPU the current one for a launch (Triton launches on the current device)."""
+    if tensor.device.type == "cuda":
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()
+
+
+def new_output(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.empty, poisoned with NaN when POISON_OUTPUTS is on (see above)."""
+    out = torch.empty(*shape, dtype=dtype, device=device)
+    if POISON_OUTPUTS:
+        out.fill_(float("nan") if out.is_floating_point() else torch.iinfo(dtype).max)
+    return out
+
+
+__all__ = ["POISON_OUTPUTS", "check_runnable", "device_guard", "new_output", "triton_interpreting", "triton_runnable"]

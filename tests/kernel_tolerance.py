@@ -1,0 +1,65 @@
+"""The house tolerance rule for kernels, in one place.
+
+A kernel's error against an fp32 reference must be within `factor` (2x) of the error that the same-dtype
+PyTorch implementation makes against that reference, plus a small atol (flash-attention's
+tests/ops/triton/test_layer_norm.py). Errors are max-abs over the whole output, so a single wrong or
+unwritten element fails; outputs must also be finite (the launchers' NaN poisoning shows unwritten ones).
+
+The atol is 1e-5 plus one final rounding of the output dtype at the reference's largest magnitude
+(eps/2 * max|ref|): a kernel can be no better than correctly rounded, while PyTorch's several roundings
+can, on a small output, happen to land closer than half an ulp on the few largest elements.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+DEFAULT_ATOL = 1e-5
+
+
+@contextlib.contextmanager
+def full_fp32_matmul():
+    """fp32 references must not run on TF32 tensor cores (a global switch other code may have flipped)."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
+def max_abs_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    return (actual.float() - reference.float()).abs().max().item()
+
+
+def assert_within_pytorch_error(
+    actual: torch.Tensor,
+    reference_fp32: torch.Tensor,
+    reference_same_dtype: torch.Tensor,
+    *,
+    factor: float = 2.0,
+    atol: float = DEFAULT_ATOL,
+    name: str = "output",
+) -> tuple[float, float]:
+    """Assert max|actual - ref32| <= factor * max|ref_same_dtype - ref32| + atol; returns both errors."""
+    assert actual.shape == reference_fp32.shape == reference_same_dtype.shape, (
+        f"{name}: shapes differ: kernel {tuple(actual.shape)}, fp32 ref {tuple(reference_fp32.shape)}, "
+        f"same-dtype ref {tuple(reference_same_dtype.shape)}"
+    )
+    finite = torch.isfinite(actual)
+    assert finite.all(), f"{name}: {(~finite).sum().item()} non-finite elements (unwritten output?)"
+    kernel_error = max_abs_error(actual, reference_fp32)
+    torch_error = max_abs_error(reference_same_dtype, reference_fp32)
+    if actual.dtype != torch.float32:
+        atol += 0.5 * torch.finfo(actual.dtype).eps * reference_fp32.abs().max().item()
+    assert kernel_error <= factor * torch_error + atol, (
+        f"{name}: kernel max abs error {kernel_error:.3g} > {factor} x PyTorch {reference_same_dtype.dtype} error "
+        f"{torch_error:.3g} + atol {atol:.3g}"
+    )
+    return kernel_error, torch_error
