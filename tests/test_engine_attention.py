@@ -23,9 +23,9 @@ def _images(pipe, **overrides):
     return pipe(**tiny_call_kwargs(**overrides)).images.float().cpu()
 
 
-@pytest.fixture(scope="module")
-def fp32_baseline():
-    components = _components(torch.float32, "cpu")
+@pytest.fixture
+def fp32_baseline(device):
+    components = _components(torch.float32, device)
     return _images(FluxPipeline(**components))
 
 
@@ -41,10 +41,10 @@ def test_fuse_linears_shares_memory_and_computes_the_same():
     torch.testing.assert_close(linears[2](x), expected[:, 8:], rtol=0, atol=1e-6)
 
 
-def test_fused_blocks_in_pytorch_match_diffusers_fp32(fp32_baseline):
+def test_fused_blocks_in_pytorch_match_diffusers_fp32(fp32_baseline, device):
     """backend sdpa + fused_norms off is the baseline (nothing changes); triton off, fused projections on:
     the rewired blocks in plain PyTorch reproduce diffusers to fp32 rounding."""
-    components = _components(torch.float32, "cpu")
+    components = _components(torch.float32, device)
     config = EngineConfig(attention=AttentionConfig(backend="sdpa", fused_norms=False))
     assert FluxEngine.from_pipe(FluxPipeline(**components), config).attention_ops is None
 
@@ -62,8 +62,8 @@ def test_fused_blocks_in_pytorch_match_diffusers_fp32(fp32_baseline):
     torch.testing.assert_close(_images(pipe), fp32_baseline, rtol=0, atol=1e-5)
 
 
-def test_kernels_preset_matches_baseline_fp32(fp32_baseline):
-    engine = FluxEngine.from_pipe(FluxPipeline(**_components(torch.float32, "cpu")), "kernels")
+def test_kernels_preset_matches_baseline_fp32(fp32_baseline, device):
+    engine = FluxEngine.from_pipe(FluxPipeline(**_components(torch.float32, device)), "kernels")
     images = _images(engine)
     # fp32 everywhere: the kernels differ from PyTorch only in summation order
     assert psnr(images, fp32_baseline) > 60.0
@@ -86,21 +86,23 @@ def test_kernel_presets_match_baseline_bf16(preset, device):
     assert relative_error(latents, baseline_latents) < 0.05
 
 
-def test_fused_blocks_reject_ip_adapter_kwargs():
-    engine = FluxEngine.from_pipe(FluxPipeline(**_components(torch.float32, "cpu")), "kernels")
+def test_fused_blocks_reject_ip_adapter_kwargs(device):
+    engine = FluxEngine.from_pipe(FluxPipeline(**_components(torch.float32, device)), "kernels")
     with pytest.raises(InputError, match="joint_attention_kwargs.*not supported.*baseline"):
         engine(**tiny_call_kwargs(joint_attention_kwargs={"ip_hidden_states": torch.zeros(1)}))
 
 
-def test_fused_block_compiles_fullgraph_without_graph_breaks():
+def test_fused_block_compiles_fullgraph_without_graph_breaks(device):
     torch._dynamo.reset()
-    components = _components(torch.bfloat16, "cpu")
+    components = _components(torch.bfloat16, device)
     engine = FluxEngine.from_pipe(FluxPipeline(**components), "kernels-triton-attn")
     transformer = engine.transformer
     double, single = transformer.transformer_blocks[0], transformer.single_transformer_blocks[0]
-    hidden, context = torch.randn(1, 16, 128, dtype=torch.bfloat16), torch.randn(1, 8, 128, dtype=torch.bfloat16)
-    temb = torch.randn(1, 128, dtype=torch.bfloat16)
-    ids = torch.cat([torch.zeros(8, 3), torch.rand(16, 3) * 4])
+    def rand(*shape):
+        return torch.randn(*shape, dtype=torch.bfloat16, device=device)
+
+    hidden, context, temb = rand(1, 16, 128), rand(1, 8, 128), rand(1, 128)
+    ids = torch.cat([torch.zeros(8, 3), torch.rand(16, 3) * 4]).to(device)
     rotary = transformer.pos_embed(ids)
     expected = (double(hidden, context, temb, rotary), single(hidden, context, temb, rotary))
     from torch._dynamo.utils import counters

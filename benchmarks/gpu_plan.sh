@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One GPU session's plan in one command: tests, kernel micro-benchmarks, engine benches.
+# Usage on the GPU machine (repo root): bash benchmarks/gpu_plan.sh STAGE [STAGE ...]
+# Stages: tests kernels bench-baseline bench-kernels. Each stage has its own time limit, so one
+# failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON results to $OUT/.
+set -u
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+LOG="$OUT/plan.log"
+if [ -d .wheelhouse ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .wheelhouse/*.whl
+fi
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+DAY=$(date -u +%F)
+CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | sed 's/NVIDIA //; s/ /-/g' | tr 'A-Z' 'a-z')
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee -a "$LOG"
+SUMMARY=()
+
+stage() {  # stage NAME SECONDS COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  echo "===== $name (limit ${limit}s): $*" | tee -a "$LOG"
+  local t0=$SECONDS
+  timeout "$limit" "$@" >>"$LOG" 2>&1
+  local rc=$?
+  SUMMARY+=("$name rc=$rc $((SECONDS - t0))s")
+  echo "===== $name rc=$rc in $((SECONDS - t0))s" | tee -a "$LOG"
+}
+
+for s in "$@"; do
+  case $s in
+    tests) stage tests 200 python3 -m pytest -q -x -m gpu tests ;;
+    tests-engine) stage tests-engine 150 python3 -m pytest -q -x tests/test_engine_attention.py ;;
+    kernels)
+      stage bench-attention 170 python3 benchmarks/bench_attention.py --out "$OUT/attention-$CARD-$DAY.json"
+      stage bench-norm 100 python3 benchmarks/bench_norm.py --out "$OUT/norm-$CARD-$DAY.json" ;;
+    bench-baseline)
+      stage bench-baseline 120 python3 -m engine.bench --res 1024 --steps 4 \
+        --out "$OUT/bench-baseline-$CARD-$DAY.json" ;;
+    bench-kernels)
+      stage bench-kernels 200 python3 -m engine.bench --res 1024 2048 --steps 4 --preset kernels \
+        --out "$OUT/bench-kernels-$CARD-$DAY.json" ;;
+    bench-kernels-triton)
+      stage bench-kernels-triton 200 python3 -m engine.bench --res 1024 2048 --steps 4 --preset kernels-triton-attn \
+        --out "$OUT/bench-kernels-triton-$CARD-$DAY.json" ;;
+    *) echo "unknown stage $s" | tee -a "$LOG" ;;
+  esac
+done
+
+echo "===== summary"
+printf '%s\n' "${SUMMARY[@]}"
+grep -hE "^(res|-|[0-9]+x[0-9]+ )|^ *L=|TFLOP/s|GB/s|best" "$LOG" | tail -60
