@@ -21,8 +21,11 @@ stage() {  # stage NAME SECONDS COMMAND...
   shift 2
   echo "===== $name (limit ${limit}s): $*" | tee -a "$LOG"
   local t0=$SECONDS
-  timeout "$limit" "$@" >>"$LOG" 2>&1
+  timeout "$limit" "$@" >"$OUT/.stage.log" 2>&1
   local rc=$?
+  cat "$OUT/.stage.log" >>"$LOG"
+  grep -v -E "it/s\]|s/it\]|%\|" "$OUT/.stage.log" | tail -n 25
+  rm -f "$OUT/.stage.log"
   SUMMARY+=("$name rc=$rc $((SECONDS - t0))s")
   echo "===== $name rc=$rc in $((SECONDS - t0))s" | tee -a "$LOG"
 }
@@ -49,4 +52,3 @@ done
 
 echo "===== summary"
 printf '%s\n' "${SUMMARY[@]}"
-grep -hE "^(res|-|[0-9]+x[0-9]+ )|^ *L=|TFLOP/s|GB/s|best" "$LOG" | tail -60
