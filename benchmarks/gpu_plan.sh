@@ -11,7 +11,8 @@ if [ -d .wheelhouse ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .wheelhouse/*.whl
 fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-DAY=$(date -u +%F)
+export FLUX_ENGINE_COMMIT=${FLUX_ENGINE_COMMIT:-unknown}
+DAY=$(date -u +%Y%m%d-%H%M)
 CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | sed 's/NVIDIA //; s/ /-/g' | tr 'A-Z' 'a-z')
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee -a "$LOG"
 SUMMARY=()

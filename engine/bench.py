@@ -183,6 +183,17 @@ class Row:
     latent_rel_err: float | None = None
 
 
+def release_cached_memory(device: torch.device) -> None:
+    """Hand the allocator's cached blocks back, so that reserved and NVML peaks belong to this phase alone
+    (otherwise a config measured after a larger one inherits its cache)."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
 @dataclass
 class Output:
     images: torch.Tensor
@@ -214,6 +225,7 @@ def run_config(
         ).images
 
     pipe.set_progress_bar_config(disable=True)
+    release_cached_memory(device)
     for _ in range(args.warmup):
         call()
         progress.update(1)
@@ -494,6 +506,7 @@ def run(args) -> dict:
         "max_sequence_length": args.max_sequence_length,
         "seed": args.seed,
         "timing": "cuda events" if plan.device.type == "cuda" else "perf_counter (CPU)",
+        "attention_core": engine.attention_ops.core if engine.attention_ops is not None else "diffusers",
         "rows": ordered,
     }
 

@@ -55,13 +55,24 @@ def optimize(pipe: FluxPipeline, config: EngineConfig | str | None = None) -> Fl
             f"load a fresh pipeline to apply {config.label!r}"
         )
     if previous == config:
+        pipe.attention_ops = getattr(pipe, "attention_ops", None)
         return pipe
     # The steps in order; each part of EngineConfig that is still 'off' leaves the pipeline as it is.
     from .attention import apply_attention
 
     pipe.attention_ops = apply_attention(pipe, config.attention)
     setattr(pipe, _ENGINE_CONFIG_ATTR, config)
+    _release_replaced_weights(pipe)
     return pipe
+
+
+def _release_replaced_weights(pipe) -> None:
+    """Steps that rebuild weights (fused projections, quantisation) leave the old storage in the CUDA
+    allocator's cache; give it back so the optimised pipeline holds no more device memory than it uses."""
+    device = pipe.transformer.device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
 
 
 class FluxEngine(FluxPipeline):

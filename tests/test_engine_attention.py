@@ -58,8 +58,9 @@ def test_fused_blocks_in_pytorch_match_diffusers_fp32(fp32_baseline, device):
         _convert_single(block, ops)
     assert isinstance(pipe.transformer.transformer_blocks[0], EngineDoubleBlock)
     assert isinstance(pipe.transformer.single_transformer_blocks[0], EngineSingleBlock)
-    # measured: max |diff| ~1e-7 (fused GEMMs sum in another order)
-    torch.testing.assert_close(_images(pipe), fp32_baseline, rtol=0, atol=1e-5)
+    # The fused GEMMs sum in another order: measured max |diff| 1e-7 on CPU, 2.3e-5 on an H100 (cuBLAS
+    # picks other fp32 algorithms for the wider fused matrices); images are in [0, 1].
+    torch.testing.assert_close(_images(pipe), fp32_baseline, rtol=0, atol=1e-4)
 
 
 def test_kernels_preset_matches_baseline_fp32(fp32_baseline, device):
