@@ -47,6 +47,13 @@ for s in "$@"; do
     bench-kernels-triton)
       stage bench-kernels-triton 200 python3 -m engine.bench --res 1024 2048 --steps 4 --preset kernels-triton-attn \
         --out "$OUT/bench-kernels-triton-$CARD-$DAY.json" ;;
+    bench-compile)
+      stage bench-compile 270 python3 -m engine.bench --res 1024 2048 1360x768 512 --steps 4 --preset compile \
+        --out "$OUT/bench-compile-$CARD-$DAY.json" ;;
+    bench-kernels-compile)
+      stage bench-kernels-compile 270 python3 -m engine.bench --res 1024 2048 1360x768 512 --steps 4 \
+        --preset kernels-compile --out "$OUT/bench-kernels-compile-$CARD-$DAY.json" ;;
+    tests-compile) stage tests-compile 150 python3 -m pytest -q -x tests/test_compile.py -k kernels_inside ;;
     *) echo "unknown stage $s" | tee -a "$LOG" ;;
   esac
 done

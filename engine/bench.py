@@ -178,9 +178,32 @@ class Row:
     peak_allocated_gib: float | None
     peak_reserved_gib: float | None
     nvml_used_gib: float | None
+    first_call_s: float | None = None  # the first warm-up call: includes compiling, autotuning
+    graphs_compiled: int = 0  # graphs torch.compile made during this row's calls (0: no recompile)
+    compile_cold_s: float | None = None  # first call minus a timed call, on an empty compile cache
+    compile_warm_s: float | None = None  # the same after torch._dynamo.reset(), from the on-disk cache
     speedup: float | None = None
     psnr_db: float | None = None
     latent_rel_err: float | None = None
+
+
+def compiled_graph_count() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_warm_compile(pipe, row: Row, args, device: torch.device, progress) -> None:
+    """Drop every compiled graph (torch._dynamo.reset) and time one call: the warm start from the cache."""
+    torch._dynamo.reset()
+    warm_args = argparse.Namespace(**{**vars(args), "warmup": 1, "runs": 1})
+    warm, _ = run_config(pipe, row.config, row.height, row.width, warm_args, device, 0, progress)
+    row.compile_warm_s = max(0.0, warm.first_call_s - row.total_s)
 
 
 def release_cached_memory(device: torch.device) -> None:
@@ -226,8 +249,15 @@ def run_config(
 
     pipe.set_progress_bar_config(disable=True)
     release_cached_memory(device)
+    graphs_before = compiled_graph_count()
+    first_call_s = None
     for _ in range(args.warmup):
+        first = _Interval(device)
+        first.start()
         call()
+        first.stop()
+        synchronize(device)
+        first_call_s = first.ms() / 1e3 if first_call_s is None else first_call_s
         progress.update(1)
     calls: list[CallTimes] = []
     peaks: list[PeakMemory] = []
@@ -264,6 +294,8 @@ def run_config(
         peak_allocated_gib=peak_of("allocated_gib"),
         peak_reserved_gib=peak_of("reserved_gib"),
         nvml_used_gib=peak_of("nvml_used_gib"),
+        first_call_s=first_call_s,
+        graphs_compiled=compiled_graph_count() - graphs_before,
     )
     return row, Output(images=images.float().cpu(), latents=captured["latents"].float().cpu())
 
@@ -300,6 +332,10 @@ TABLE_COLUMNS = (
     ("alloc GiB", lambda r: _fmt(r["peak_allocated_gib"], ".2f")),
     ("resv GiB", lambda r: _fmt(r["peak_reserved_gib"], ".2f")),
     ("NVML GiB", lambda r: _fmt(r["nvml_used_gib"], ".2f")),
+    (
+        "compile s cold/warm",
+        lambda r: _fmt(r.get("compile_cold_s"), ".1f") + "/" + _fmt(r.get("compile_warm_s"), ".1f"),
+    ),
     ("PSNR dB", lambda r: _fmt(r["psnr_db"], ".1f")),
     ("latent err", lambda r: _fmt(r["latent_rel_err"], ".2e")),
 )
@@ -383,6 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench-<card>-<date>.json)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the diffusers baseline (no ratio, no PSNR)")
     parser.add_argument("--allow-any-size", action="store_true", help="accept sizes outside the model's range")
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="compile cache for compiled presets (default: a fresh one, to time a cold start)",
+    )
     return parser
 
 
@@ -442,6 +483,22 @@ def load_components(plan: Plan, args, dtype: torch.dtype) -> dict:
     return load_local_components(plan.model, device=plan.device, dtype=dtype, config_folder=args.config_folder)
 
 
+def with_compile_cache(config, args):
+    """The bench measures a cold compile: unless --cache-dir names one, compile into a fresh, empty cache
+    (inductor, Triton and the engine's artefacts), which the warm measurement then reuses."""
+    from dataclasses import replace
+
+    from .compile import point_compiler_caches
+    from .config import CacheConfig
+
+    directory = Path(args.cache_dir) if args.cache_dir else Path(tempfile.mkdtemp(prefix="flux-engine-cache-"))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory / "inductor")
+    os.environ["TRITON_CACHE_DIR"] = str(directory / "triton")
+    point_compiler_caches(directory)
+    print(f"compile cache: {directory}" + ("" if args.cache_dir else " (fresh: the first compile is cold)"))
+    return replace(config, cache=CacheConfig(directory=str(directory)))
+
+
 def run(args) -> dict:
     from diffusers import FluxPipeline
     from tqdm.auto import tqdm
@@ -469,6 +526,9 @@ def run(args) -> dict:
     }
     configs = ([] if args.no_baseline else [BASELINE_LABEL]) + [engine_config.label]
     total_calls = len(configs) * len(plan.sizes) * (args.runs + args.warmup)
+    if engine_config.compile.mode != "none":
+        total_calls += 2  # the warm-compile probe
+        engine_config = with_compile_cache(engine_config, args)
     rows: dict[tuple, Row] = {}
     outputs: dict[tuple, Output] = {}
     with tqdm(total=total_calls, desc="bench", unit="call", file=sys.stderr) as progress:
@@ -492,6 +552,11 @@ def run(args) -> dict:
             )
             if not args.no_baseline:
                 compare(rows[key], outputs[key], rows[(BASELINE_LABEL, size)], outputs[(BASELINE_LABEL, size)])
+        if engine.compile_state is not None:
+            first = rows[(engine_config.label, plan.sizes[0])]
+            first.compile_cold_s = max(0.0, first.first_call_s - first.total_s)
+            progress.set_postfix_str("warm compile")
+            measure_warm_compile(engine, first, args, plan.device, progress)
     ordered = [asdict(rows[(label, size)]) for size in plan.sizes for label in configs]
     return {
         "version": JSON_VERSION,

@@ -88,18 +88,39 @@ class OffloadConfig:
 
 @dataclass(frozen=True)
 class CompileConfig:
-    """torch.compile of the transformer. 'none': eager."""
+    """torch.compile of the transformer.
+
+    mode: 'none' (eager) or 'regional' (each repeated block and the small modules around them,
+        fullgraph=True; blocks of one class share one graph).
+    dynamic: symbolic sizes, so every resolution shares the graphs (no recompile on a new size).
+    cuda_graphs: inductor's CUDA graphs inside the compiled regions (pays at small sizes / few steps).
+    backend: 'inductor' for speed; 'aot_eager' / 'eager' to debug graph capture (and for fast CPU tests).
+    """
 
     mode: str = "none"
+    dynamic: bool = True
+    cuda_graphs: bool = False
+    backend: str = "inductor"
 
-    MODES = ("none",)
+    MODES = ("none", "regional")
+    BACKENDS = ("inductor", "aot_eager", "eager")
 
     def __post_init__(self):
         _check_choice("compile", "mode", self.mode, self.MODES)
+        _check_choice("compile", "backend", self.backend, self.BACKENDS)
+        for name in ("dynamic", "cuda_graphs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"compile.{name}={getattr(self, name)!r} must be True or False")
+        if self.cuda_graphs and self.backend != "inductor":
+            raise ConfigError("compile.cuda_graphs needs backend='inductor'")
 
     @property
     def label(self) -> str:
-        return "" if self.mode == "none" else f"compile={self.mode}"
+        if self.mode == "none":
+            return ""
+        extras = [x for x, on in (("static", not self.dynamic), ("cudagraphs", self.cuda_graphs)) if on]
+        backend = [] if self.backend == "inductor" else [self.backend]
+        return f"compile={self.mode}" + "".join(f"+{x}" for x in extras + backend)
 
 
 @dataclass(frozen=True)
@@ -120,13 +141,20 @@ class VaeConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """Persistent compile cache. `directory` None: no cache."""
+    """Persistent compile cache (used when compile is on).
+
+    directory: where compiled graphs and kernels are kept; None: $FLUX_ENGINE_CACHE_DIR, else
+        ~/.cache/flux-engine. enabled=False compiles from scratch and keeps nothing.
+    """
 
     directory: str | None = None
+    enabled: bool = True
 
     def __post_init__(self):
         if self.directory is not None and not str(self.directory).strip():
-            raise ConfigError("cache.directory is an empty string; pass a folder path or None for no cache")
+            raise ConfigError("cache.directory is an empty string; pass a folder path or None for the default")
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"cache.enabled={self.enabled!r} must be True or False")
 
     @property
     def label(self) -> str:
@@ -183,6 +211,14 @@ PRESETS: dict[str, EngineConfig] = {
     "baseline": EngineConfig(name="baseline"),
     # our Triton kernels, eager: fused QKV, QK-norm+RoPE, adaLN modulate; attention core picked by measurement
     "kernels": EngineConfig(attention=AttentionConfig(backend="auto", fused_norms=True), name="kernels"),
+    # regional torch.compile of the diffusers blocks, dynamic sizes, persistent cache
+    "compile": EngineConfig(compile=CompileConfig(mode="regional"), name="compile"),
+    # our kernels inside the compiled regions
+    "kernels-compile": EngineConfig(
+        attention=AttentionConfig(backend="auto", fused_norms=True),
+        compile=CompileConfig(mode="regional"),
+        name="kernels-compile",
+    ),
     # the same with our flash attention forced (for ablations: attention kernel vs SDPA)
     "kernels-triton-attn": EngineConfig(
         attention=AttentionConfig(backend="triton", fused_norms=True), name="kernels-triton-attn"

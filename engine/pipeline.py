@@ -56,11 +56,14 @@ def optimize(pipe: FluxPipeline, config: EngineConfig | str | None = None) -> Fl
         )
     if previous == config:
         pipe.attention_ops = getattr(pipe, "attention_ops", None)
+        pipe.compile_state = getattr(pipe, "compile_state", None)
         return pipe
     # The steps in order; each part of EngineConfig that is still 'off' leaves the pipeline as it is.
     from .attention import apply_attention
+    from .compile import apply_compile
 
     pipe.attention_ops = apply_attention(pipe, config.attention)
+    pipe.compile_state = apply_compile(pipe, config)
     setattr(pipe, _ENGINE_CONFIG_ATTR, config)
     _release_replaced_weights(pipe)
     return pipe
