@@ -99,6 +99,7 @@ def test_fused_block_compiles_fullgraph_without_graph_breaks(device):
     engine = FluxEngine.from_pipe(FluxPipeline(**components), "kernels-triton-attn")
     transformer = engine.transformer
     double, single = transformer.transformer_blocks[0], transformer.single_transformer_blocks[0]
+
     def rand(*shape):
         return torch.randn(*shape, dtype=torch.bfloat16, device=device)
 
