@@ -219,6 +219,12 @@ PRESETS: dict[str, EngineConfig] = {
         compile=CompileConfig(mode="regional"),
         name="kernels-compile",
     ),
+    # the same with inductor's CUDA graphs in the regions: for small sizes and few steps, where launches dominate
+    "kernels-compile-cudagraphs": EngineConfig(
+        attention=AttentionConfig(backend="auto", fused_norms=True),
+        compile=CompileConfig(mode="regional", cuda_graphs=True),
+        name="kernels-compile-cudagraphs",
+    ),
     # the same with our flash attention forced (for ablations: attention kernel vs SDPA)
     "kernels-triton-attn": EngineConfig(
         attention=AttentionConfig(backend="triton", fused_norms=True), name="kernels-triton-attn"

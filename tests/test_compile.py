@@ -26,10 +26,11 @@ REPO = Path(__file__).resolve().parent.parent
 TINY_SEQUENCE = [(64, 64), (48, 80), (32, 32), (80, 48), (128, 128)]
 
 # Graphs per compile: the double-stream block, the single-stream block, time_text_embed and
-# norm_out, plus one variant each for the first double block (its inputs are views made by
-# x_embedder/context_embedder; dynamo guards on view bases) and the first single block (its inputs
-# are fresh tensors; later ones get slices of the joint sequence). Six, whatever the resolution.
-DESIGNED_GRAPHS = 6
+# norm_out, plus one variant of the single block for the first one (its inputs are fresh tensors;
+# later ones get slices of the joint sequence, and dynamo guards on strides and view bases). Five,
+# whatever the resolution. (The double block's first-block variant is removed by making the
+# embedders' outputs fresh tensors: engine/compile.py `_fresh_block_inputs`.)
+DESIGNED_GRAPHS = 5
 
 
 def _engine(config: EngineConfig, dtype=torch.float32, device="cpu") -> FluxEngine:
