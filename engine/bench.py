@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .config import PRESETS, parse_resolution, resolve_config, validate_resolution, validate_steps
+from .cli import add_model_arguments, choose_model, default_guidance
+from .config import resolve_config, validate_steps
 from .errors import EngineError
 from .measure import PeakMemory, environment_info, median, psnr, quantiles, relative_error, track_peak_memory
 
@@ -397,28 +398,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="image sizes: 1024 (square) or WIDTHxHEIGHT such as 1360x768; several allowed (default 1024)",
     )
     parser.add_argument("--steps", type=int, default=4, help="denoising steps per image (default 4)")
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="synthetic:flux-dev | synthetic:flux-schnell | synthetic:tiny | a local diffusers folder | a BFL "
-        ".safetensors (with --config-folder). Default: synthetic:flux-dev on CUDA, synthetic:tiny without",
-    )
-    parser.add_argument("--config-folder", default=None, help="diffusers-format folder for a single-file model")
-    parser.add_argument("--preset", default="baseline", help=f"engine preset: {', '.join(PRESETS)}")
+    add_model_arguments(parser)
     parser.add_argument("--runs", type=int, default=3, help="timed calls per config and size (default 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (default 1)")
     parser.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the noise (default 0)")
-    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the variant's)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default: the variant's)")
     parser.add_argument(
         "--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default: bf16 on CUDA, fp32 on CPU"
     )
-    parser.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when present)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench-<card>-<date>.json)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the diffusers baseline (no ratio, no PSNR)")
-    parser.add_argument("--allow-any-size", action="store_true", help="accept sizes outside the model's range")
     parser.add_argument(
         "--cache-dir",
         default=None,
@@ -446,33 +436,15 @@ def _positive(name: str, value: int, minimum: int = 1) -> None:
 
 def make_plan(args) -> Plan:
     """Validate every argument before anything heavy is built."""
-    from .models import SYNTHETIC_PREFIX, check_device_fits_variant, is_variant_name, variant_spec
-
-    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EngineError(f"--device {args.device} asks for CUDA, but no CUDA GPU is visible; use --device cpu")
-    note = None
-    model = args.model
-    if model is None:
-        model = SYNTHETIC_PREFIX + ("flux-dev" if device.type == "cuda" else "tiny")
-        if device.type != "cuda":
-            note = "no CUDA GPU: benchmarking the tiny synthetic model on the CPU (timings say nothing about a GPU)"
-    spec = variant_spec(model) if is_variant_name(model) else None
     validate_steps(args.steps)
     _positive("runs", args.runs)
     _positive("warmup", args.warmup, 0)
     _positive("batch", args.batch)
-    resolve_config(args.preset)
-    sizes = [parse_resolution(r) for r in args.res]
-    for height, width in sizes:
-        if spec is not None:
-            validate_resolution(height, width, spec.min_size, spec.max_size, args.allow_any_size)
-        else:
-            validate_resolution(height, width, allow_any_size=args.allow_any_size)
-    if spec is not None:
-        check_device_fits_variant(spec, device)
-        model = SYNTHETIC_PREFIX + spec.name
-    return Plan(device=device, model=model, sizes=sizes, spec=spec, note=note)
+    choice = choose_model(args, args.res)
+    note = None
+    if choice.defaulted_to_tiny:
+        note = "no CUDA GPU: benchmarking the tiny synthetic model on the CPU (timings say nothing about a GPU)"
+    return Plan(device=choice.device, model=choice.model, sizes=choice.sizes, spec=choice.spec, note=note)
 
 
 def load_components(plan: Plan, args, dtype: torch.dtype) -> dict:
@@ -516,7 +488,7 @@ def run(args) -> dict:
     if args.max_sequence_length is None:
         args.max_sequence_length = min(512, tokenizer_2.model_max_length)
     if args.guidance is None:
-        args.guidance = plan.spec.default_guidance if plan.spec is not None else 3.5
+        args.guidance = default_guidance(plan.spec)
     engine_config = resolve_config(args.preset)
     env = environment_info(plan.device)
     transformer_config = dict(components["transformer"].config)

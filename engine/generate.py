@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from .config import PRESETS, parse_resolution, resolve_config, validate_resolution, validate_steps
+from .cli import add_model_arguments, choose_model, default_guidance
+from .config import resolve_config, validate_steps
 from .errors import EngineError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -19,34 +20,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("prompt")
     parser.add_argument("--res", default="1024", help="1024 (square) or WIDTHxHEIGHT such as 1360x768")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the variant's)")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed (and weight seed for synthetic models)")
-    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the variant's)")
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="a local diffusers folder, a BFL .safetensors (with --config-folder), or synthetic:<variant>. "
-        "Default: synthetic:flux-dev on CUDA, synthetic:tiny without (random weights: the image is noise-like)",
-    )
-    parser.add_argument("--config-folder", default=None, help="diffusers-format folder for a single-file model")
-    parser.add_argument("--preset", default="baseline", help=f"engine preset: {', '.join(PRESETS)}")
-    parser.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when present)")
-    parser.add_argument("--allow-any-size", action="store_true", help="accept sizes outside the model's range")
+    add_model_arguments(parser)
     parser.add_argument("-o", "--output", default="out.png", help="image path: .png, .jpg or .webp (default out.png)")
     return parser
 
 
 def run(args) -> Path:
-    from .models import SYNTHETIC_PREFIX, is_variant_name, variant_spec
-    from .pipeline import FluxEngine, default_device
+    from .pipeline import FluxEngine
 
-    device = torch.device(args.device) if args.device else default_device()
-    model = args.model or SYNTHETIC_PREFIX + ("flux-dev" if device.type == "cuda" else "tiny")
-    spec = variant_spec(model) if is_variant_name(model) else None
-    height, width = parse_resolution(args.res)
-    if spec is not None:
-        validate_resolution(height, width, spec.min_size, spec.max_size, args.allow_any_size)
-    else:
-        validate_resolution(height, width, allow_any_size=args.allow_any_size)
+    choice = choose_model(args, [args.res])
+    spec, device, model = choice.spec, choice.device, choice.model
+    ((height, width),) = choice.sizes
     steps = args.steps if args.steps is not None else (spec.default_steps if spec else 28)
     validate_steps(steps)
     output = Path(args.output)
@@ -56,7 +40,7 @@ def run(args) -> Path:
     pipe = FluxEngine.from_pretrained(
         model, config=config, device=device, seed=args.seed, config_folder=args.config_folder
     )
-    guidance = args.guidance if args.guidance is not None else (spec.default_guidance if spec else 3.5)
+    guidance = args.guidance if args.guidance is not None else default_guidance(spec)
     max_sequence_length = min(512, pipe.tokenizer_2.model_max_length)
     image = pipe(
         args.prompt,

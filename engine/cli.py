@@ -1,0 +1,61 @@
+"""What `engine.bench` and `engine.generate` share: the model/device/preset arguments and their checks."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+
+from .config import PRESETS, parse_resolution, resolve_config, validate_resolution
+from .errors import EngineError
+from .models import SYNTHETIC_PREFIX, ModelSpec, check_device_fits_variant, is_variant_name, variant_spec
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="synthetic:flux-dev | synthetic:flux-schnell | synthetic:tiny (random weights) | a local diffusers "
+        "folder | a BFL .safetensors (with --config-folder). Default: synthetic:flux-dev on CUDA, synthetic:tiny "
+        "without",
+    )
+    parser.add_argument("--config-folder", default=None, help="diffusers-format folder for a single-file model")
+    parser.add_argument("--preset", default="baseline", help=f"engine preset: {', '.join(PRESETS)}")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the noise, and of the weights of a synthetic model"
+    )
+    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the variant's)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when present)")
+    parser.add_argument("--allow-any-size", action="store_true", help="accept sizes outside the model's range")
+
+
+@dataclass
+class ModelChoice:
+    device: torch.device
+    model: str  # "synthetic:<variant>" or a local path
+    spec: ModelSpec | None  # None for a local model
+    sizes: list[tuple[int, int]]  # (height, width)
+    defaulted_to_tiny: bool
+
+
+def choose_model(args, resolutions: list[str]) -> ModelChoice:
+    """Check device, model, preset and sizes before anything heavy is built."""
+    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EngineError(f"--device {args.device} asks for CUDA, but no CUDA GPU is visible; use --device cpu")
+    model = args.model or SYNTHETIC_PREFIX + ("flux-dev" if device.type == "cuda" else "tiny")
+    spec = variant_spec(model) if is_variant_name(model) else None
+    resolve_config(args.preset)
+    sizes = [parse_resolution(r) for r in resolutions]
+    limits = (spec.min_size, spec.max_size) if spec is not None else (256, 2048)
+    for height, width in sizes:
+        validate_resolution(height, width, *limits, allow_any_size=args.allow_any_size)
+    if spec is not None:
+        check_device_fits_variant(spec, device)
+        model = SYNTHETIC_PREFIX + spec.name
+    return ModelChoice(device, model, spec, sizes, defaulted_to_tiny=args.model is None and device.type != "cuda")
+
+
+def default_guidance(spec: ModelSpec | None) -> float:
+    return spec.default_guidance if spec is not None else 3.5
