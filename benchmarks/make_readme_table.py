@@ -71,6 +71,13 @@ def engine_table(files: list[dict]) -> list[str]:
     return lines
 
 
+def _timing(data: dict) -> str:
+    rows = data.get("rows", [])
+    if any("gpu_ms" in r for r in rows):
+        return "device time from a CUDA graph, launch overhead excluded"
+    return "eager do_bench time"
+
+
 def attention_table(data: dict) -> list[str]:
     rows = [r for r in data["rows"] if r.get("status", "ok") == "ok" and r.get("tflops")]
     lengths = sorted({r["tokens"] for r in rows})
@@ -78,7 +85,7 @@ def attention_table(data: dict) -> list[str]:
     value = {(r["impl"], r["tokens"]): r["tflops"] for r in rows}
     env = data["env"]
     lines = [
-        f"Attention forward, B=1 H=24 D=128 bf16, TFLOP/s (median), {_card(env)}, {_stamp(env)}, "
+        f"Attention forward, B=1 H=24 D=128 bf16, TFLOP/s (median; {_timing(data)}), {_card(env)}, {_stamp(env)}, "
         f"commit {env.get('commit', '-')} (`{data['_file']}`):",
         "",
         "| implementation | " + " | ".join(f"L={n}" for n in lengths) + " |",
@@ -94,7 +101,8 @@ def norm_table(data: dict) -> list[str]:
     env = data["env"]
     rows = [r for r in data["rows"] if r.get("status", "ok") == "ok" and r.get("gbps")]
     lines = [
-        f"Memory-bound kernels, GB/s (median) and % of the measured copy ceiling, {_card(env)}, {_stamp(env)}, "
+        f"Memory-bound kernels, GB/s (median; {_timing(data)}) and % of the measured copy ceiling, {_card(env)}, "
+        f"{_stamp(env)}, "
         f"commit {env.get('commit', '-')} (`{data['_file']}`):",
         "",
         "| op | shape | implementation | GB/s | % of copy |",

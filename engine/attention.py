@@ -251,8 +251,7 @@ def resolve_ops(config: AttentionConfig, transformer) -> BlockOps:
     from kernels import triton_runnable
 
     device, dtype = transformer.device, transformer.dtype
-    needs_triton = config.fused_norms or config.backend == "triton"
-    if needs_triton and not triton_runnable(device):
+    if config.needs_triton and not triton_runnable(device):
         raise ConfigError(
             f"attention backend={config.backend!r} fused_norms={config.fused_norms} runs Triton kernels, which need "
             f"a CUDA GPU (or TRITON_INTERPRET=1 on a CPU, for tests); the model is on {device.type}. Use the "

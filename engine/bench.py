@@ -398,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="image sizes: 1024 (square) or WIDTHxHEIGHT such as 1360x768; several allowed (default 1024)",
     )
     parser.add_argument("--steps", type=int, default=4, help="denoising steps per image (default 4)")
-    add_model_arguments(parser)
+    add_model_arguments(parser, several_presets=True)
     parser.add_argument("--runs", type=int, default=3, help="timed calls per config and size (default 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (default 1)")
     parser.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
@@ -409,6 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench-<card>-<date>.json)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the diffusers baseline (no ratio, no PSNR)")
+    parser.add_argument("--gate", default=None, help="baseline result JSON: exit non-zero on a regression against it")
+    parser.add_argument("--max-slowdown", default="5%", help="allowed ms/step growth for --gate (default 5%%)")
+    parser.add_argument("--max-vram-growth", default="3%", help="allowed peak-memory growth for --gate (default 3%%)")
+    parser.add_argument("--save-baseline", default=None, help="also write the result here, as a gate baseline")
     parser.add_argument(
         "--cache-dir",
         default=None,
@@ -440,7 +444,9 @@ def make_plan(args) -> Plan:
     _positive("runs", args.runs)
     _positive("warmup", args.warmup, 0)
     _positive("batch", args.batch)
+    presets = parse_presets(args.preset)
     choice = choose_model(args, args.res)
+    check_presets_runnable(presets, choice.device)
     note = None
     if choice.defaulted_to_tiny:
         note = "no CUDA GPU: benchmarking the tiny synthetic model on the CPU (timings say nothing about a GPU)"
@@ -471,6 +477,37 @@ def with_compile_cache(config, args):
     return replace(config, cache=CacheConfig(directory=str(directory)))
 
 
+def parse_presets(text: str) -> list[str]:
+    """'kernels' / 'baseline,kernels,compile' / 'ladder' (every preset, in the order PRESETS lists them)."""
+    from .config import PRESETS
+
+    names = list(PRESETS) if text.strip() == "ladder" else [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise EngineError("--preset is empty; name a preset, several separated by commas, or 'ladder'")
+    for name in names:
+        resolve_config(name)
+    if len(set(names)) != len(names):
+        raise EngineError(f"--preset {text!r} names a preset twice")
+    return names
+
+
+def check_presets_runnable(presets: list[str], device: torch.device) -> None:
+    from kernels import triton_runnable
+
+    triton_presets = [name for name in presets if resolve_config(name).attention.needs_triton]
+    if triton_presets and not triton_runnable(device):
+        raise EngineError(
+            f"preset(s) {', '.join(triton_presets)} run our Triton kernels, which need a CUDA GPU; on "
+            f"{device.type} use baseline or compile"
+        )
+
+
+def _free(device: torch.device, *objects) -> None:
+    del objects
+    torch._dynamo.reset()
+    release_cached_memory(device)
+
+
 def run(args) -> dict:
     from diffusers import FluxPipeline
     from tqdm.auto import tqdm
@@ -478,31 +515,30 @@ def run(args) -> dict:
     from .pipeline import FluxEngine
 
     plan = make_plan(args)
+    presets = parse_presets(args.preset)
     if plan.note:
         print(plan.note)
     if args.dtype is None:
         args.dtype = "bf16" if plan.device.type == "cuda" else "fp32"
     dtype = DTYPES[args.dtype]
     components = load_components(plan, args, dtype)
-    tokenizer_2 = components["tokenizer_2"]
     if args.max_sequence_length is None:
-        args.max_sequence_length = min(512, tokenizer_2.model_max_length)
+        args.max_sequence_length = min(512, components["tokenizer_2"].model_max_length)
     if args.guidance is None:
         args.guidance = default_guidance(plan.spec)
-    engine_config = resolve_config(args.preset)
     env = environment_info(plan.device)
     transformer_config = dict(components["transformer"].config)
     flops = {
         size: transformer_step_flops(transformer_config, *size, args.max_sequence_length, args.batch)
         for size in plan.sizes
     }
-    configs = ([] if args.no_baseline else [BASELINE_LABEL]) + [engine_config.label]
+    engine_configs = [resolve_config(name) for name in presets]
+    configs = ([] if args.no_baseline else [BASELINE_LABEL]) + [c.label for c in engine_configs]
     total_calls = len(configs) * len(plan.sizes) * (args.runs + args.warmup)
-    if engine_config.compile.mode != "none":
-        total_calls += 2  # the warm-compile probe
-        engine_config = with_compile_cache(engine_config, args)
+    total_calls += 2 * sum(c.compile.mode != "none" for c in engine_configs)  # warm-compile probes
     rows: dict[tuple, Row] = {}
     outputs: dict[tuple, Output] = {}
+    attention_cores: dict[str, str] = {}
     with tqdm(total=total_calls, desc="bench", unit="call", file=sys.stderr) as progress:
         if not args.no_baseline:
             baseline_pipe = FluxPipeline(**components)
@@ -513,22 +549,29 @@ def run(args) -> dict:
                     baseline_pipe, BASELINE_LABEL, *size, args, plan.device, flops[size], progress
                 )
             del baseline_pipe
-        engine = FluxEngine(**components)
-        engine.model_name = plan.model
-        engine = FluxEngine.from_pipe(engine, engine_config)
-        for size in plan.sizes:
-            progress.set_postfix_str(f"{engine_config.label} {size[1]}x{size[0]}")
-            key = (engine_config.label, size)
-            rows[key], outputs[key] = run_config(
-                engine, engine_config.label, *size, args, plan.device, flops[size], progress
-            )
-            if not args.no_baseline:
-                compare(rows[key], outputs[key], rows[(BASELINE_LABEL, size)], outputs[(BASELINE_LABEL, size)])
-        if engine.compile_state is not None:
-            first = rows[(engine_config.label, plan.sizes[0])]
-            first.compile_cold_s = max(0.0, first.first_call_s - first.total_s)
-            progress.set_postfix_str("warm compile")
-            measure_warm_compile(engine, first, args, plan.device, progress)
+        for index, engine_config in enumerate(engine_configs):
+            if index > 0:  # optimisations rewrite weights in place: each preset starts from fresh ones
+                _free(plan.device, components)
+                components = load_components(plan, args, dtype)
+            if engine_config.compile.mode != "none":
+                engine_config = with_compile_cache(engine_config, args)
+            engine = FluxEngine(**components)
+            engine.model_name = plan.model
+            engine = FluxEngine.from_pipe(engine, engine_config)
+            label = engine_config.label
+            attention_cores[label] = engine.attention_ops.core if engine.attention_ops is not None else "diffusers"
+            for size in plan.sizes:
+                progress.set_postfix_str(f"{label} {size[1]}x{size[0]}")
+                key = (label, size)
+                rows[key], outputs[key] = run_config(engine, label, *size, args, plan.device, flops[size], progress)
+                if not args.no_baseline:
+                    compare(rows[key], outputs[key], rows[(BASELINE_LABEL, size)], outputs[(BASELINE_LABEL, size)])
+            if engine.compile_state is not None:
+                first = rows[(label, plan.sizes[0])]
+                first.compile_cold_s = max(0.0, first.first_call_s - first.total_s)
+                progress.set_postfix_str(f"{label} warm compile")
+                measure_warm_compile(engine, first, args, plan.device, progress)
+            del engine
     ordered = [asdict(rows[(label, size)]) for size in plan.sizes for label in configs]
     return {
         "version": JSON_VERSION,
@@ -536,22 +579,78 @@ def run(args) -> dict:
         "env": env,
         "model": plan.model,
         "dtype": args.dtype,
-        "preset": args.preset,
-        "engine_config": engine_config.label,
+        "preset": ",".join(presets),
+        "presets": presets,
+        "engine_config": ",".join(c.label for c in engine_configs),
         "prompt": args.prompt,
         "guidance": args.guidance,
         "max_sequence_length": args.max_sequence_length,
         "seed": args.seed,
         "timing": "cuda events" if plan.device.type == "cuda" else "perf_counter (CPU)",
-        "attention_core": engine.attention_ops.core if engine.attention_ops is not None else "diffusers",
+        "attention_core": attention_cores,
         "rows": ordered,
     }
 
 
+def write_csv(path: Path, rows: list[dict]) -> None:
+    import csv
+
+    fields = list(rows[0]) if rows else []
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(_json_safe(rows))
+    os.replace(tmp, path)
+
+
+def write_plot(path: Path, result: dict) -> None:
+    """ms/step and peak allocated GiB against megapixels, one line per config."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    fig, (latency, memory) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for config in configs:
+        mine = sorted((r for r in rows if r["config"] == config), key=lambda r: r["height"] * r["width"])
+        pixels = [r["height"] * r["width"] / 1e6 for r in mine]
+        latency.plot(pixels, [r["ms_per_step"] for r in mine], marker="o", label=config)
+        if any(r["peak_allocated_gib"] is not None for r in mine):
+            memory.plot(pixels, [r["peak_allocated_gib"] for r in mine], marker="o", label=config)
+    env = result["env"]
+    card = env.get("gpu") or "CPU"
+    latency.set(xlabel="megapixels", ylabel="ms per transformer step", title=f"latency, {card}")
+    memory.set(xlabel="megapixels", ylabel="peak allocated GiB", title=f"peak VRAM, {card}")
+    for axis in (latency, memory):
+        axis.grid(alpha=0.3)
+        if axis.lines:
+            axis.legend(fontsize=8)
+    if not memory.lines:
+        memory.text(0.5, 0.5, "no GPU memory to show (CPU run)", ha="center", va="center", transform=memory.transAxes)
+    fig.suptitle(
+        f"{result['model']} {result['dtype']}, {rows[0]['steps']} steps | commit {env['commit']} | {env['date']}"
+    )
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .gate import EXIT_BAD_RESULT, GateInputError, compare_results, load_result, parse_fraction
+
     args = build_parser().parse_args(argv)
     try:
+        thresholds = (parse_fraction(args.max_slowdown), parse_fraction(args.max_vram_growth))
+        gate_baseline = load_result(args.gate) if args.gate else None
         result = run(args)
+    except GateInputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_RESULT
     except EngineError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -563,7 +662,16 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(result["rows"]))
     out = Path(args.out) if args.out else default_out_path(env)
     write_json(out, result)
-    print(f"wrote {out}")
+    write_csv(out.with_suffix(".csv"), result["rows"])
+    write_plot(out.with_suffix(".png"), result)
+    print(f"wrote {out} (+ .csv, .png)")
+    if args.save_baseline:
+        write_json(Path(args.save_baseline), result)
+        print(f"saved the gate baseline {args.save_baseline}")
+    if gate_baseline is not None:
+        report = compare_results(result, gate_baseline, *thresholds)
+        print(report.format())
+        return report.code
     return 0
 
 

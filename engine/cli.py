@@ -12,7 +12,7 @@ from .errors import EngineError
 from .models import SYNTHETIC_PREFIX, ModelSpec, check_device_fits_variant, is_variant_name, variant_spec
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, several_presets: bool = False) -> None:
     parser.add_argument(
         "--model",
         default=None,
@@ -21,7 +21,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "without",
     )
     parser.add_argument("--config-folder", default=None, help="diffusers-format folder for a single-file model")
-    parser.add_argument("--preset", default="baseline", help=f"engine preset: {', '.join(PRESETS)}")
+    presets = ", ".join(PRESETS)
+    if several_presets:
+        help_text = f"engine presets, comma-separated, or 'ladder' for all of them in order: {presets}"
+    else:
+        help_text = f"engine preset: {presets}"
+    parser.add_argument("--preset", default="baseline", help=help_text)
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the noise, and of the weights of a synthetic model"
     )
@@ -46,7 +51,8 @@ def choose_model(args, resolutions: list[str]) -> ModelChoice:
         raise EngineError(f"--device {args.device} asks for CUDA, but no CUDA GPU is visible; use --device cpu")
     model = args.model or SYNTHETIC_PREFIX + ("flux-dev" if device.type == "cuda" else "tiny")
     spec = variant_spec(model) if is_variant_name(model) else None
-    resolve_config(args.preset)
+    if "," not in args.preset and args.preset != "ladder":
+        resolve_config(args.preset)
     sizes = [parse_resolution(r) for r in resolutions]
     limits = (spec.min_size, spec.max_size) if spec is not None else (256, 2048)
     for height, width in sizes:

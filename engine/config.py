@@ -44,6 +44,11 @@ class AttentionConfig:
         return self.backend == "sdpa" and not self.fused_norms
 
     @property
+    def needs_triton(self) -> bool:
+        """Runs our Triton kernels ('auto' alone can fall back to SDPA)."""
+        return self.fused_norms or self.backend == "triton"
+
+    @property
     def label(self) -> str:
         if self.is_default:
             return ""

@@ -243,3 +243,32 @@ def sqnr_db(value: torch.Tensor, reference: torch.Tensor) -> float:
     """Signal-to-quantisation-noise ratio, 20*log10(|ref| / |ref - value|), in dB."""
     err = relative_error(value, reference)
     return math.inf if err == 0.0 else -20.0 * math.log10(err)
+
+
+# ----------------------------------------------------------------------------- kernel micro-benchmarks
+
+
+def do_bench_ms(fn) -> dict:
+    """Eager time of one call (triton.testing.do_bench, L2 flushed between calls): median, p20, p80 in ms."""
+    import triton.testing
+
+    return quantiles(list(triton.testing.do_bench(fn, return_mode="all")))
+
+
+def cudagraph_ms(fn) -> dict:
+    """Device time of one call, launch overhead removed (triton.testing.do_bench_cudagraph); call `fn` once
+    before, since autotuning cannot run inside a graph capture."""
+    import triton.testing
+
+    return quantiles(list(triton.testing.do_bench_cudagraph(fn, return_mode="all")))
+
+
+def host_us_per_call(fn, calls: int = 200) -> float:
+    """CPU time of one call: back-to-back calls without a sync (the launch queue holds them), per call."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6

@@ -3,15 +3,22 @@
 qk_norm_rope: fuses the fused-QKV split, the per-head RMSNorm of q and k (fp32 variance, weight [D]), the
     rotary embedding of q and k (diffusers' apply_rotary_emb, use_real, interleaved pairs), the text+image
     concatenation of the double-stream blocks, and the [B, L, H, D] -> [B, H, L, D] transpose that the
-    attention kernel wants; v is only copied. Keeps fp32 through norm and rotary and rounds once.
+    attention kernel wants; v is only copied. Keeps fp32 through norm and rotary and rounds once. One program
+    per token: its H heads of q, k, v are H * D contiguous elements, read as one [T, H, D] tile (16-byte
+    vectors); the rotary partner comes from tl.split/tl.join of the same registers, not a second load.
 layernorm_modulate: LayerNorm (no affine, fp32 statistics) * (1 + scale) + shift (adaLN modulation).
 gated_residual_layernorm_modulate: residual = x + gate * y, then layernorm_modulate(residual); reads x and
-    y once and writes both results.
-Tuned for: FLUX hidden C = 3072 in one block per row, H = 24 heads of D = 128, bf16, on H100
-(L_txt = 512, L_img = 1024 / 4096 / 16384).
+    y once and writes both results. Both: a row (or two) of C per program, the grid's second axis the batch,
+    so the [C] modulation vectors load once per program.
+Tuned for: FLUX hidden C = 3072 (one masked block of 4096), H = 24 heads of D = 128, bf16, on H100
+(L_txt = 512, L_img = 1024 / 4096 / 16384). Eager calls launch directly (custom ops only under torch.compile).
 Limits: the last dim of every input must be contiguous (stride 1); C <= 16384; head_dim a power of two in
 [16, 256]; bf16, fp16 or fp32 activations.
-Measured: (pending GPU run).
+Measured (H100 80GB HBM3, 2026-11-26, benchmarks/results/norm-h100-80gb-hbm3-20261126-1800.json; GB/s from
+CUDA-graph device time, % of the 3001 GB/s copy ceiling): qk_norm_rope 2615 / 2831 / 2911 (87 / 94 / 97%) at
+L_img = 1024 / 4096 / 16384, torch.compile of the reference 871 / 1292 / 1360; layernorm_modulate 2350 (78%)
+at (1, 4608, 3072) and 2647 (88%) at (1, 16896, 3072), torch.compile 1476 / 1536; gated_residual_layernorm_
+modulate 2607 (87%) / 2813 (94%), torch.compile 2314 / 2544.
 """
 
 from __future__ import annotations
@@ -21,7 +28,14 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import check_runnable, device_guard, new_output, triton_interpreting
+from kernels import (
+    TunedLaunch,
+    check_runnable,
+    device_guard,
+    multiprocessor_count,
+    new_output,
+    triton_interpreting,
+)
 
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_CHANNELS = 16384
@@ -117,27 +131,54 @@ def qk_norm_rope_ref(
 
 
 @triton.jit
-def _rms_norm_rotary(src, weight_ptr, offs_d, swap_d, cos, sin_signed, mask, eps, HEAD_DIM: tl.constexpr):
-    # src: [ROWS, 1] pointers to the first element of one head of q or k; returns fp32 [ROWS, D]
-    x = tl.load(src + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    x_pair = tl.load(src + swap_d[None, :], mask=mask, other=0.0).to(tl.float32)  # the other of each pair
-    weight = tl.load(weight_ptr + offs_d).to(tl.float32)
-    weight_pair = tl.load(weight_ptr + swap_d).to(tl.float32)
-    rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)[:, None]
-    # out[d] = n[d] cos[d] + sign(d) n[d ^ 1] sin[d] with n = x * rstd * weight, sign -1 on even d
-    return (x * weight[None, :] * cos + x_pair * weight_pair[None, :] * sin_signed) * rstd
+def _norm_rotate(
+    x,
+    rstd,
+    weight,
+    cos_even,
+    cos_odd,
+    sin_even,
+    sin_odd,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    # x: [T, H, D] fp32, rstd: [T, H, 1], weight: [T, 1, D]; cos/sin halves: [T, 1, D/2] -> fp32 [T, H, D].
+    # Interleaved pairs (2i, 2i+1) sit in one thread, so split/join move no data: one load per element.
+    normed = x * rstd * weight
+    even, odd = tl.split(tl.reshape(normed, [BLOCK_T, BLOCK_H, HEAD_DIM // 2, 2]))
+    rotated = tl.join(even * cos_even - odd * sin_even, odd * cos_odd + even * sin_odd)
+    return tl.reshape(rotated, [BLOCK_T, BLOCK_H, HEAD_DIM])
+
+
+@triton.jit
+def _pair_halves(table, BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr):
+    # [T, 1, D] -> even and odd columns, each [T, 1, D/2]
+    return tl.split(tl.reshape(table, [BLOCK_T, 1, HEAD_DIM // 2, 2]))
 
 
 _QK_NORM_ROPE_CONFIGS = _configs(
     [
-        triton.Config({"BLOCK_ROWS": rows}, num_warps=warps, num_stages=1)
-        for rows, warps in ((32, 4), (16, 4), (32, 8), (64, 8), (64, 16))
+        triton.Config({"BLOCK_T": tokens}, num_warps=warps, num_stages=1)
+        for tokens, warps in ((1, 4), (1, 8), (2, 8))  # (1, 8) won at every FLUX shape; 16 warps lost
     ],
-    interpreter=triton.Config({"BLOCK_ROWS": 128}, num_warps=4, num_stages=1),
+    interpreter=triton.Config({"BLOCK_T": 16}, num_warps=4, num_stages=1),
 )
 
 
-@triton.autotune(configs=_QK_NORM_ROPE_CONFIGS, key=["H", "HEAD_DIM", "HAS_TXT"])
+def _prune_qk_norm_rope_configs(configs, named_args, **kwargs):
+    # at most 32 fp32 values of one [T, H, D] tile per thread: more spills to local memory
+    args = {**named_args, **kwargs}
+    tile = args["BLOCK_H"] * args["HEAD_DIM"]
+    kept = [c for c in configs if c.kwargs["BLOCK_T"] * tile <= 32 * 32 * c.num_warps]
+    return kept or configs[:1]
+
+
+@triton.autotune(
+    configs=_QK_NORM_ROPE_CONFIGS,
+    key=["L_txt", "L_img", "H", "HEAD_DIM"],
+    prune_configs_by={"early_config_prune": _prune_qk_norm_rope_configs},
+)
 @triton.jit
 def _qk_norm_rope_fwd_kernel(
     IMG,
@@ -162,55 +203,58 @@ def _qk_norm_rope_fwd_kernel(
     H,
     eps,
     HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
     HAS_TXT: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
-    # Rows are (token, head) pairs of one segment, token-major: BLOCK_ROWS consecutive pairs per program,
-    # the text segment's blocks first. A block never straddles the two segments.
-    pid = tl.program_id(0)
+    # BLOCK_T whole tokens per program: all H heads of q, k and v of a token are H * D contiguous elements of
+    # its fused row, read as one [T, H, D] tile (16-byte vectors along D). Positions are in the joint
+    # [text, image] sequence; a block may straddle the two segments.
     batch = tl.program_id(1).to(tl.int64)
-    src = IMG + batch * stride_img_b
-    stride_l = stride_img_l
-    q_weight = Q_W
-    k_weight = K_W
-    first_pair = pid * BLOCK_ROWS
-    segment_pairs = L_img * H
-    token_offset = L_txt  # position of the segment's first token in the joint sequence
-    if HAS_TXT:
-        text_blocks = tl.cdiv(L_txt * H, BLOCK_ROWS)
-        if pid < text_blocks:
-            src = TXT + batch * stride_txt_b
-            stride_l = stride_txt_l
-            q_weight = TXT_Q_W
-            k_weight = TXT_K_W
-            segment_pairs = L_txt * H
-            token_offset = 0
-        else:
-            first_pair = (pid - text_blocks) * BLOCK_ROWS
-    pairs = first_pair + tl.arange(0, BLOCK_ROWS)
-    row_mask = (pairs < segment_pairs)[:, None]
-    pairs = tl.where(pairs < segment_pairs, pairs, 0)  # keep masked rows' addresses in bounds
-    token = pairs // H
-    head = pairs % H
-    offs_d = tl.arange(0, HEAD_DIM)
-    swap_d = offs_d ^ 1
-
-    position = (token_offset + token).to(tl.int64)[:, None]  # [ROWS, 1] in the joint sequence
-    cos = tl.load(COS + position * stride_cos_l + offs_d[None, :], mask=row_mask, other=0.0).to(tl.float32)
-    sin = tl.load(SIN + position * stride_sin_l + offs_d[None, :], mask=row_mask, other=0.0).to(tl.float32)
-    sin_signed = tl.where(offs_d[None, :] % 2 == 0, -sin, sin)
-
-    section = H * HEAD_DIM  # q | k | v sections of a fused row
-    src_rows = (src + token.to(tl.int64) * stride_l + head * HEAD_DIM)[:, None]
     L_total = L_txt + L_img
-    dst_rows = (((batch * H + head) * L_total).to(tl.int64)[:, None] + position) * HEAD_DIM + offs_d[None, :]
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    token_ok = tokens < L_total
+    tokens = tl.where(token_ok, tokens, 0).to(tl.int64)  # masked tokens keep in-bounds addresses
+    heads = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask = token_ok[:, None, None] & (heads < H)[None, :, None]  # [T, H, 1]
 
-    q = _rms_norm_rotary(src_rows, q_weight, offs_d, swap_d, cos, sin_signed, row_mask, eps, HEAD_DIM)
-    tl.store(Q_OUT + dst_rows, q.to(Q_OUT.dtype.element_ty), mask=row_mask)
-    k = _rms_norm_rotary(src_rows + section, k_weight, offs_d, swap_d, cos, sin_signed, row_mask, eps, HEAD_DIM)
-    tl.store(K_OUT + dst_rows, k.to(K_OUT.dtype.element_ty), mask=row_mask)
-    v = tl.load(src_rows + 2 * section + offs_d[None, :], mask=row_mask)
-    tl.store(V_OUT + dst_rows, v, mask=row_mask)
+    row = IMG + batch * stride_img_b + (tokens - L_txt) * stride_img_l  # [T] row starts
+    weight_q = tl.load(Q_W + offs_d).to(tl.float32)[None, None, :]
+    weight_k = tl.load(K_W + offs_d).to(tl.float32)[None, None, :]
+    if HAS_TXT:
+        is_txt = tokens < L_txt
+        row = tl.where(is_txt, TXT + batch * stride_txt_b + tokens * stride_txt_l, row)
+        is_txt = is_txt[:, None, None]
+        weight_q = tl.where(is_txt, tl.load(TXT_Q_W + offs_d).to(tl.float32)[None, None, :], weight_q)
+        weight_k = tl.where(is_txt, tl.load(TXT_K_W + offs_d).to(tl.float32)[None, None, :], weight_k)
+    src = row[:, None, None] + (heads * HEAD_DIM)[None, :, None] + offs_d[None, None, :]  # [T, H, D] of q
+    section = H * HEAD_DIM  # q | k | v sections of a fused row
+
+    table_mask = token_ok[:, None, None]
+    cos = tl.load(COS + tokens[:, None, None] * stride_cos_l + offs_d[None, None, :], mask=table_mask, other=0.0)
+    sin = tl.load(SIN + tokens[:, None, None] * stride_sin_l + offs_d[None, None, :], mask=table_mask, other=0.0)
+    cos_even, cos_odd = _pair_halves(cos.to(tl.float32), BLOCK_T, HEAD_DIM)
+    sin_even, sin_odd = _pair_halves(sin.to(tl.float32), BLOCK_T, HEAD_DIM)
+
+    # outputs [B, H, L_total, D]: each head of a token is one contiguous D-row
+    dst = ((batch * H + heads)[None, :, None] * L_total + tokens[:, None, None]) * HEAD_DIM + offs_d[None, None, :]
+
+    x = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(x * x, axis=2) / HEAD_DIM + eps)[:, :, None]
+    q = _norm_rotate(x, rstd, weight_q, cos_even, cos_odd, sin_even, sin_odd, BLOCK_T, BLOCK_H, HEAD_DIM)
+    tl.store(Q_OUT + dst, q.to(Q_OUT.dtype.element_ty), mask=mask)
+
+    x = tl.load(src + section, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(x * x, axis=2) / HEAD_DIM + eps)[:, :, None]
+    k = _norm_rotate(x, rstd, weight_k, cos_even, cos_odd, sin_even, sin_odd, BLOCK_T, BLOCK_H, HEAD_DIM)
+    tl.store(K_OUT + dst, k.to(K_OUT.dtype.element_ty), mask=mask)
+
+    v = tl.load(src + 2 * section, mask=mask)
+    tl.store(V_OUT + dst, v, mask=mask)
+
+
+_launch_qk_norm_rope = TunedLaunch(_qk_norm_rope_fwd_kernel)
 
 
 def _check_qk_norm_rope_inputs(qkv, q_weight, k_weight, cos, sin, heads, txt_qkv, txt_q_weight, txt_k_weight):
@@ -267,6 +311,56 @@ def _check_qk_norm_rope_inputs(qkv, q_weight, k_weight, cos, sin, heads, txt_qkv
     return head_dim, text_tokens, image_tokens
 
 
+_QK_HEAD_DIMS = frozenset(2**i for i in range(4, 9))  # powers of two in [16, 256]
+
+
+def _qk_norm_rope_fast_check(qkv, q_weight, k_weight, cos, sin, heads, txt_qkv, txt_q_weight, txt_k_weight):
+    """(head_dim, L_txt, L_img) for a valid call in few attribute reads, else None: the caller then runs the
+    full checks, which raise with the message. Accepts nothing that _check_qk_norm_rope_inputs refuses."""
+    shape = qkv.shape
+    if len(shape) != 3 or qkv.dtype not in ACTIVATION_DTYPES or qkv.stride()[2] != 1 or heads < 1:
+        return None
+    batch, image_tokens, width = shape
+    head_dim, rest = divmod(width, 3 * heads)
+    if rest or head_dim not in _QK_HEAD_DIMS or batch < 1 or image_tokens < 1:
+        return None
+    device = qkv.device
+    text_tokens = 0
+    weights = (q_weight, k_weight)
+    if txt_qkv is not None:
+        txt_shape = txt_qkv.shape
+        if (
+            txt_q_weight is None
+            or txt_k_weight is None
+            or len(txt_shape) != 3
+            or txt_shape[0] != batch
+            or txt_shape[2] != width
+            or txt_qkv.dtype != qkv.dtype
+            or txt_qkv.stride()[2] != 1
+            or txt_qkv.device != device
+        ):
+            return None
+        text_tokens = txt_shape[1]
+        weights = (q_weight, k_weight, txt_q_weight, txt_k_weight)
+    elif txt_q_weight is not None or txt_k_weight is not None:
+        return None
+    weight_dtype = q_weight.dtype
+    if not q_weight.is_floating_point():
+        return None
+    for weight in weights:
+        if weight.shape != (head_dim,) or weight.stride()[0] != 1 or weight.dtype != weight_dtype:
+            return None
+        if weight.device != device:
+            return None
+    table_shape = (text_tokens + image_tokens, head_dim)
+    for table in (cos, sin):
+        if table.shape != table_shape or table.stride()[1] != 1 or not table.is_floating_point():
+            return None
+        if table.device != device:
+            return None
+    return head_dim, text_tokens, image_tokens
+
+
 def _batch_token_strides(x: torch.Tensor) -> tuple[int, int]:
     """(batch, token) strides of [B, L, W], those of size-1 dims replaced by values that are never stepped
     along but keep both segments' strides the same integer type in the kernel (a stride of 1 would become
@@ -288,10 +382,10 @@ def qk_norm_rope_fwd(
     txt_k_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Checks, allocates and launches; see qk_norm_rope."""
-    head_dim, text_tokens, image_tokens = _check_qk_norm_rope_inputs(
-        qkv, q_weight, k_weight, cos, sin, heads, txt_qkv, txt_q_weight, txt_k_weight
-    )
-    check_runnable(qkv.device, "qk_norm_rope")
+    args = (qkv, q_weight, k_weight, cos, sin, heads, txt_qkv, txt_q_weight, txt_k_weight)
+    head_dim, text_tokens, image_tokens = _qk_norm_rope_fast_check(*args) or _check_qk_norm_rope_inputs(*args)
+    if not qkv.is_cuda:
+        check_runnable(qkv.device, "qk_norm_rope")
     batch, total = qkv.shape[0], text_tokens + image_tokens
     q, k, v = (new_output(batch, heads, total, head_dim, dtype=qkv.dtype, device=qkv.device) for _ in range(3))
     has_txt = txt_qkv is not None
@@ -299,20 +393,47 @@ def qk_norm_rope_fwd(
     txt_q_weight, txt_k_weight = (txt_q_weight, txt_k_weight) if has_txt else (q_weight, k_weight)
 
     def grid(meta):
-        rows = meta["BLOCK_ROWS"]
-        return (triton.cdiv(text_tokens * heads, rows) + triton.cdiv(image_tokens * heads, rows), batch)
+        return (triton.cdiv(total, meta["BLOCK_T"]), batch)
 
+    key = (text_tokens, image_tokens, heads, head_dim, qkv.dtype, q_weight.dtype, cos.dtype, sin.dtype)
     with device_guard(qkv):
-        _qk_norm_rope_fwd_kernel[grid](
+        _launch_qk_norm_rope(
+            key, grid,
             qkv, txt, q_weight, k_weight, txt_q_weight, txt_k_weight, cos, sin, q, k, v,
             *_batch_token_strides(qkv), *_batch_token_strides(txt), cos.stride(0), sin.stride(0),
             text_tokens, image_tokens, heads, eps,
-            HEAD_DIM=head_dim, HAS_TXT=has_txt,
+            HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(heads), HAS_TXT=has_txt,
         )  # fmt: skip
     return q, k, v
 
 
 @torch.library.custom_op("flux_kernels::qk_norm_rope", mutates_args=())
+def _qk_norm_rope_op(
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    heads: int,
+    eps: float = 1e-6,
+    txt_qkv: torch.Tensor | None = None,
+    txt_q_weight: torch.Tensor | None = None,
+    txt_k_weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return qk_norm_rope_fwd(qkv, q_weight, k_weight, cos, sin, heads, eps, txt_qkv, txt_q_weight, txt_k_weight)
+
+
+@_qk_norm_rope_op.register_fake
+def _qk_norm_rope_fake(
+    qkv, q_weight, k_weight, cos, sin, heads, eps=1e-6, txt_qkv=None, txt_q_weight=None, txt_k_weight=None
+):
+    head_dim, text_tokens, image_tokens = _check_qk_norm_rope_inputs(
+        qkv, q_weight, k_weight, cos, sin, heads, txt_qkv, txt_q_weight, txt_k_weight
+    )
+    shape = (qkv.shape[0], heads, text_tokens + image_tokens, head_dim)
+    return qkv.new_empty(shape), qkv.new_empty(shape), qkv.new_empty(shape)
+
+
 def qk_norm_rope(
     qkv: torch.Tensor,
     q_weight: torch.Tensor,
@@ -329,20 +450,12 @@ def qk_norm_rope(
 
     qkv: [B, L_img, 3*H*D] fused projection output (q|k|v, head-major); txt_qkv: [B, L_txt, 3*H*D] or None
     (placed first); cos/sin: [L_txt + L_img, D] from FluxPosEmbed -> q, k, v: [B, H, L_txt + L_img, D]
-    contiguous, in qkv's dtype.
+    contiguous, in qkv's dtype. The custom op `flux_kernels::qk_norm_rope` under torch.compile, a direct
+    launch eagerly.
     """
+    if torch.compiler.is_compiling():
+        return _qk_norm_rope_op(qkv, q_weight, k_weight, cos, sin, heads, eps, txt_qkv, txt_q_weight, txt_k_weight)
     return qk_norm_rope_fwd(qkv, q_weight, k_weight, cos, sin, heads, eps, txt_qkv, txt_q_weight, txt_k_weight)
-
-
-@qk_norm_rope.register_fake
-def _qk_norm_rope_fake(
-    qkv, q_weight, k_weight, cos, sin, heads, eps=1e-6, txt_qkv=None, txt_q_weight=None, txt_k_weight=None
-):
-    head_dim, text_tokens, image_tokens = _check_qk_norm_rope_inputs(
-        qkv, q_weight, k_weight, cos, sin, heads, txt_qkv, txt_q_weight, txt_k_weight
-    )
-    shape = (qkv.shape[0], heads, text_tokens + image_tokens, head_dim)
-    return qkv.new_empty(shape), qkv.new_empty(shape), qkv.new_empty(shape)
 
 
 # ============================================================================= (b), (c) layernorm + modulate
@@ -377,47 +490,44 @@ def gated_residual_layernorm_modulate_ref(
 
 
 @triton.jit
-def _modulated_layernorm(x, shift, scale, col_mask, C, eps):
+def _modulated_layernorm(x, shift, scale_plus_one, col_mask, C, eps):
     # x: [BLOCK_ROWS, BLOCK_C] fp32 with masked columns = 0; statistics in two passes, as torch does
     mean = tl.sum(x, axis=1) / C
     centered = tl.where(col_mask, x - mean[:, None], 0.0)
     rstd = tl.math.rsqrt(tl.sum(centered * centered, axis=1) / C + eps)
-    return centered * rstd[:, None] * (1.0 + scale) + shift
+    return centered * rstd[:, None] * scale_plus_one + shift
 
 
-@triton.jit
-def _row_block(pid, L, n_rows, BLOCK_ROWS: tl.constexpr):
-    """Rows of this program: (row index clamped into range, validity mask, batch index) of [B, L] rows."""
-    rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    valid = rows < n_rows
-    rows = tl.where(valid, rows, n_rows - 1)  # out-of-range rows reread the last one and are never stored
-    return rows, valid, (rows // L).to(tl.int64)
+def _layernorm_config(rows: int, warps: int, programs_per_sm: int = 0, stages: int = 1) -> triton.Config:
+    return triton.Config({"BLOCK_ROWS": rows, "PROGRAMS_PER_SM": programs_per_sm}, num_warps=warps, num_stages=stages)
 
 
-@triton.jit
-def _row_starts(rows, L, stride_b, stride_l):
-    return (rows // L).to(tl.int64) * stride_b + (rows % L).to(tl.int64) * stride_l
-
-
+# Rows of C = 3072 (BLOCK_C 4096, the last quarter masked). PROGRAMS_PER_SM = 0: one row block per program;
+# > 0: a persistent grid of that many programs per SM per batch element, each loading the [C] modulation
+# vectors once and looping over row blocks (stages 2: the next rows load while this one is normalised).
 _LAYERNORM_CONFIGS = _configs(
     [
-        triton.Config({"BLOCK_ROWS": rows}, num_warps=warps, num_stages=1)
-        for rows, warps in ((1, 8), (1, 4), (1, 16), (2, 8), (2, 16), (4, 16))
+        _layernorm_config(1, 4),  # gated_residual_layernorm_modulate's pick at L = 4608 and 16896
+        _layernorm_config(1, 8),
+        _layernorm_config(2, 8),  # layernorm_modulate's pick at L = 4608 and 16896
+        _layernorm_config(1, 4, programs_per_sm=8, stages=2),  # persistent: within 1-3% of the best
+        _layernorm_config(1, 4, programs_per_sm=16),
     ],
-    # several rows per program: the interpreter's cost is per program
-    interpreter=triton.Config({"BLOCK_ROWS": 8}, num_warps=4, num_stages=1),
+    # several rows per program (the interpreter's cost is per program) on a persistent grid, so CPU tests
+    # run the loop too
+    interpreter=_layernorm_config(16, 4, programs_per_sm=1),
 )
 
 
 def _prune_layernorm_configs(configs, named_args, **kwargs):
-    # at most 32 fp32 values of one row tile per thread: more spills to local memory
+    # at most 32 fp32 values of one row tile per thread (more spills), and not under 4 (idle lanes)
     block_c = {**named_args, **kwargs}["BLOCK_C"]
-    kept = [c for c in configs if c.kwargs["BLOCK_ROWS"] * block_c <= 32 * 32 * c.num_warps]
+    kept = [c for c in configs if 4 * 32 * c.num_warps <= c.kwargs["BLOCK_ROWS"] * block_c <= 32 * 32 * c.num_warps]
     return kept or configs[:1]
 
 
 @triton.autotune(
-    configs=_LAYERNORM_CONFIGS, key=["C"], prune_configs_by={"early_config_prune": _prune_layernorm_configs}
+    configs=_LAYERNORM_CONFIGS, key=["B", "L", "C"], prune_configs_by={"early_config_prune": _prune_layernorm_configs}
 )
 @triton.jit
 def _layernorm_modulate_fwd_kernel(
@@ -429,28 +539,32 @@ def _layernorm_modulate_fwd_kernel(
     stride_x_l,
     stride_shift_b,
     stride_scale_b,
+    B,
     L,
-    n_rows,
     C,
     eps,
     BLOCK_C: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
+    PROGRAMS_PER_SM: tl.constexpr,
 ):
-    rows, valid, batch = _row_block(tl.program_id(0), L, n_rows, BLOCK_ROWS)
+    # grid: (row-block programs, B); every program stays in one batch element, so shift/scale load once
+    batch = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)[None, :]
     col_mask = cols < C
-    x = tl.load(X + _row_starts(rows, L, stride_x_b, stride_x_l)[:, None] + cols, mask=col_mask, other=0.0).to(
-        tl.float32
-    )
-    shift = tl.load(SHIFT + batch[:, None] * stride_shift_b + cols, mask=col_mask, other=0.0).to(tl.float32)
-    scale = tl.load(SCALE + batch[:, None] * stride_scale_b + cols, mask=col_mask, other=0.0).to(tl.float32)
-    out = _modulated_layernorm(x, shift, scale, col_mask, C, eps)
-    out_offsets = rows.to(tl.int64)[:, None] * C + cols  # outputs are contiguous [B, L, C]
-    tl.store(OUT + out_offsets, out.to(OUT.dtype.element_ty), mask=col_mask & valid[:, None])
+    shift = tl.load(SHIFT + batch * stride_shift_b + cols, mask=col_mask, other=0.0).to(tl.float32)
+    scale_plus_one = tl.load(SCALE + batch * stride_scale_b + cols, mask=col_mask, other=0.0).to(tl.float32) + 1.0
+    x_rows = X + batch * stride_x_b
+    out_rows = OUT + batch * L * C  # outputs are contiguous [B, L, C]
+    for block in tl.range(tl.program_id(0), tl.cdiv(L, BLOCK_ROWS), tl.num_programs(0)):
+        rows = (block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)[:, None]
+        mask = (rows < L) & col_mask
+        x = tl.load(x_rows + rows * stride_x_l + cols, mask=mask, other=0.0, eviction_policy="evict_first")
+        out = _modulated_layernorm(x.to(tl.float32), shift, scale_plus_one, col_mask, C, eps)
+        tl.store(out_rows + rows * C + cols, out.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.autotune(
-    configs=_LAYERNORM_CONFIGS, key=["C"], prune_configs_by={"early_config_prune": _prune_layernorm_configs}
+    configs=_LAYERNORM_CONFIGS, key=["B", "L", "C"], prune_configs_by={"early_config_prune": _prune_layernorm_configs}
 )
 @triton.jit
 def _gated_residual_layernorm_modulate_fwd_kernel(
@@ -468,28 +582,42 @@ def _gated_residual_layernorm_modulate_fwd_kernel(
     stride_gate_b,
     stride_shift_b,
     stride_scale_b,
+    B,
     L,
-    n_rows,
     C,
     eps,
     BLOCK_C: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
+    PROGRAMS_PER_SM: tl.constexpr,
 ):
-    rows, valid, batch = _row_block(tl.program_id(0), L, n_rows, BLOCK_ROWS)
+    batch = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)[None, :]
     col_mask = cols < C
-    x = tl.load(X + _row_starts(rows, L, stride_x_b, stride_x_l)[:, None] + cols, mask=col_mask, other=0.0)
-    y = tl.load(Y + _row_starts(rows, L, stride_y_b, stride_y_l)[:, None] + cols, mask=col_mask, other=0.0)
-    x, y = x.to(tl.float32), y.to(tl.float32)
-    gate = tl.load(GATE + batch[:, None] * stride_gate_b + cols, mask=col_mask, other=0.0).to(tl.float32)
-    shift = tl.load(SHIFT + batch[:, None] * stride_shift_b + cols, mask=col_mask, other=0.0).to(tl.float32)
-    scale = tl.load(SCALE + batch[:, None] * stride_scale_b + cols, mask=col_mask, other=0.0).to(tl.float32)
-    residual = x + gate * y  # fp32; normalised before rounding, so both outputs round once
-    out = _modulated_layernorm(residual, shift, scale, col_mask, C, eps)
-    out_offsets = rows.to(tl.int64)[:, None] * C + cols  # outputs are contiguous [B, L, C]
-    store_mask = col_mask & valid[:, None]
-    tl.store(RESIDUAL + out_offsets, residual.to(RESIDUAL.dtype.element_ty), mask=store_mask)
-    tl.store(OUT + out_offsets, out.to(OUT.dtype.element_ty), mask=store_mask)
+    gate = tl.load(GATE + batch * stride_gate_b + cols, mask=col_mask, other=0.0).to(tl.float32)
+    shift = tl.load(SHIFT + batch * stride_shift_b + cols, mask=col_mask, other=0.0).to(tl.float32)
+    scale_plus_one = tl.load(SCALE + batch * stride_scale_b + cols, mask=col_mask, other=0.0).to(tl.float32) + 1.0
+    x_rows = X + batch * stride_x_b
+    y_rows = Y + batch * stride_y_b
+    out_offset = batch * L * C  # outputs are contiguous [B, L, C]
+    for block in tl.range(tl.program_id(0), tl.cdiv(L, BLOCK_ROWS), tl.num_programs(0)):
+        rows = (block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)[:, None]
+        mask = (rows < L) & col_mask
+        x = tl.load(x_rows + rows * stride_x_l + cols, mask=mask, other=0.0, eviction_policy="evict_first")
+        y = tl.load(y_rows + rows * stride_y_l + cols, mask=mask, other=0.0, eviction_policy="evict_first")
+        residual = x.to(tl.float32) + gate * y.to(tl.float32)  # fp32; normalised before rounding: one rounding each
+        out = _modulated_layernorm(residual, shift, scale_plus_one, col_mask, C, eps)
+        out_offsets = out_offset + rows * C + cols
+        tl.store(RESIDUAL + out_offsets, residual.to(RESIDUAL.dtype.element_ty), mask=mask)
+        tl.store(OUT + out_offsets, out.to(OUT.dtype.element_ty), mask=mask)
+
+
+def _row_grid(batch: int, tokens: int, device: torch.device):
+    def grid(meta):
+        blocks = triton.cdiv(tokens, meta["BLOCK_ROWS"])
+        per_sm = meta["PROGRAMS_PER_SM"]
+        return (min(blocks, per_sm * multiprocessor_count(device)) if per_sm else blocks, batch)
+
+    return grid
 
 
 def _check_modulation(op: str, name: str, t: torch.Tensor, x: torch.Tensor) -> None:
@@ -512,77 +640,120 @@ def _check_layernorm_inputs(op: str, x: torch.Tensor, **modulation: torch.Tensor
         _check_modulation(op, name, t, x)
 
 
+def _layernorm_fast_check(x: torch.Tensor, *modulation: torch.Tensor) -> bool:
+    """True for a valid call, in few attribute reads; False sends it through the full checks (and their
+    messages). Accepts nothing that _check_layernorm_inputs refuses."""
+    shape = x.shape
+    if len(shape) != 3 or x.dtype not in ACTIVATION_DTYPES or x.stride()[2] != 1:
+        return False
+    batch, tokens, channels = shape
+    if batch < 1 or tokens < 1 or not 1 <= channels <= MAX_CHANNELS:
+        return False
+    device, rows = x.device, (batch, channels)
+    for t in modulation:
+        if t.shape != rows or t.stride()[1] != 1 or not t.is_floating_point() or t.device != device:
+            return False
+    return True
+
+
+_launch_layernorm_modulate = TunedLaunch(_layernorm_modulate_fwd_kernel)
+_launch_gated_residual_layernorm_modulate = TunedLaunch(_gated_residual_layernorm_modulate_fwd_kernel)
+
+
 def layernorm_modulate_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6):
     """Checks, allocates and launches; see layernorm_modulate."""
-    _check_layernorm_inputs("layernorm_modulate", x, shift=shift, scale=scale)
-    check_runnable(x.device, "layernorm_modulate")
+    if not _layernorm_fast_check(x, shift, scale):
+        _check_layernorm_inputs("layernorm_modulate", x, shift=shift, scale=scale)
+    if not x.is_cuda:
+        check_runnable(x.device, "layernorm_modulate")
     batch, tokens, channels = x.shape
     out = new_output(batch, tokens, channels, dtype=x.dtype, device=x.device)
-    n_rows = batch * tokens
-
-    def grid(meta):
-        return (triton.cdiv(n_rows, meta["BLOCK_ROWS"]),)
-
+    x_strides, key = x.stride(), (batch, tokens, channels, x.dtype, shift.dtype, scale.dtype)
     with device_guard(x):
-        _layernorm_modulate_fwd_kernel[grid](
-            x, shift, scale, out, x.stride(0), x.stride(1), shift.stride(0), scale.stride(0),
-            tokens, n_rows, channels, eps, BLOCK_C=triton.next_power_of_2(channels),
+        _launch_layernorm_modulate(
+            key, _row_grid(batch, tokens, x.device),
+            x, shift, scale, out, x_strides[0], x_strides[1], shift.stride()[0], scale.stride()[0],
+            batch, tokens, channels, eps, BLOCK_C=triton.next_power_of_2(channels),
         )  # fmt: skip
     return out
 
 
 @torch.library.custom_op("flux_kernels::layernorm_modulate", mutates_args=())
-def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """LayerNorm(x, no affine, fp32 statistics) * (1 + scale[:, None]) + shift[:, None], in x's dtype.
-    x: [B, L, C]; shift, scale: [B, C] (views of the adaLN embedding chunks are fine)."""
+def _layernorm_modulate_op(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
     return layernorm_modulate_fwd(x, shift, scale, eps)
 
 
-@layernorm_modulate.register_fake
+@_layernorm_modulate_op.register_fake
 def _layernorm_modulate_fake(x, shift, scale, eps=1e-6):
     _check_layernorm_inputs("layernorm_modulate", x, shift=shift, scale=scale)
     return x.new_empty(x.shape)
 
 
-def gated_residual_layernorm_modulate_fwd(x, y, gate, shift, scale, eps: float = 1e-6):
-    """Checks, allocates and launches; see gated_residual_layernorm_modulate."""
+def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """LayerNorm(x, no affine, fp32 statistics) * (1 + scale[:, None]) + shift[:, None], in x's dtype.
+    x: [B, L, C]; shift, scale: [B, C] (views of the adaLN embedding chunks are fine). The custom op
+    `flux_kernels::layernorm_modulate` under torch.compile, a direct launch eagerly."""
+    if torch.compiler.is_compiling():
+        return _layernorm_modulate_op(x, shift, scale, eps)
+    return layernorm_modulate_fwd(x, shift, scale, eps)
+
+
+def _check_gated_inputs(x, y, gate, shift, scale) -> None:
     op = "gated_residual_layernorm_modulate"
     _check_layernorm_inputs(op, x, gate=gate, shift=shift, scale=scale)
     _check_activation(op, "y", y, 3, "[B, L, C]")
     if y.shape != x.shape or y.dtype != x.dtype:
         raise ValueError(f"{op}: y is {tuple(y.shape)} {y.dtype} but x is {tuple(x.shape)} {x.dtype}; they must match")
     _check_floating(op, "y", y, x.device)
-    check_runnable(x.device, op)
+
+
+def gated_residual_layernorm_modulate_fwd(x, y, gate, shift, scale, eps: float = 1e-6):
+    """Checks, allocates and launches; see gated_residual_layernorm_modulate."""
+    y_ok = y.shape == x.shape and y.dtype == x.dtype and y.stride()[2] == 1 and y.device == x.device
+    if not (y_ok and _layernorm_fast_check(x, gate, shift, scale)):
+        _check_gated_inputs(x, y, gate, shift, scale)
+    if not x.is_cuda:
+        check_runnable(x.device, "gated_residual_layernorm_modulate")
     batch, tokens, channels = x.shape
     residual = new_output(batch, tokens, channels, dtype=x.dtype, device=x.device)
     out = new_output(batch, tokens, channels, dtype=x.dtype, device=x.device)
-    n_rows = batch * tokens
-
-    def grid(meta):
-        return (triton.cdiv(n_rows, meta["BLOCK_ROWS"]),)
-
+    x_strides, y_strides = x.stride(), y.stride()
+    key = (batch, tokens, channels, x.dtype, gate.dtype, shift.dtype, scale.dtype)
     with device_guard(x):
-        _gated_residual_layernorm_modulate_fwd_kernel[grid](
+        _launch_gated_residual_layernorm_modulate(
+            key, _row_grid(batch, tokens, x.device),
             x, y, gate, shift, scale, residual, out,
-            x.stride(0), x.stride(1), y.stride(0), y.stride(1), gate.stride(0), shift.stride(0), scale.stride(0),
-            tokens, n_rows, channels, eps, BLOCK_C=triton.next_power_of_2(channels),
+            x_strides[0], x_strides[1], y_strides[0], y_strides[1],
+            gate.stride()[0], shift.stride()[0], scale.stride()[0],
+            batch, tokens, channels, eps, BLOCK_C=triton.next_power_of_2(channels),
         )  # fmt: skip
     return residual, out
 
 
 @torch.library.custom_op("flux_kernels::gated_residual_layernorm_modulate", mutates_args=())
+def _gated_residual_layernorm_modulate_op(
+    x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return gated_residual_layernorm_modulate_fwd(x, y, gate, shift, scale, eps)
+
+
+@_gated_residual_layernorm_modulate_op.register_fake
+def _gated_residual_layernorm_modulate_fake(x, y, gate, shift, scale, eps=1e-6):
+    _check_gated_inputs(x, y, gate, shift, scale)
+    return x.new_empty(x.shape), x.new_empty(x.shape)
+
+
 def gated_residual_layernorm_modulate(
     x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """residual = x + gate[:, None] * y; normed = layernorm_modulate(residual, shift, scale). One pass.
-    x, y: [B, L, C] (same dtype); gate, shift, scale: [B, C] -> (residual, normed), both [B, L, C] in x's dtype."""
+    x, y: [B, L, C] (same dtype); gate, shift, scale: [B, C] -> (residual, normed), both [B, L, C] in x's dtype.
+    The custom op `flux_kernels::gated_residual_layernorm_modulate` under torch.compile, a direct launch eagerly."""
+    if torch.compiler.is_compiling():
+        return _gated_residual_layernorm_modulate_op(x, y, gate, shift, scale, eps)
     return gated_residual_layernorm_modulate_fwd(x, y, gate, shift, scale, eps)
-
-
-@gated_residual_layernorm_modulate.register_fake
-def _gated_residual_layernorm_modulate_fake(x, y, gate, shift, scale, eps=1e-6):
-    _check_layernorm_inputs("gated_residual_layernorm_modulate", x, gate=gate, shift=shift, scale=scale)
-    return x.new_empty(x.shape), x.new_empty(x.shape)
 
 
 __all__ = [

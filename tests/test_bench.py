@@ -39,16 +39,23 @@ ENV_FIELDS = {"gpu", "driver", "torch", "triton", "diffusers", "transformers", "
 
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "result.json"
+    folder = tmp_path_factory.mktemp("bench")
+    out, saved, gate = folder / "result.json", folder / "saved.json", folder / "gate.json"
+    # A gate baseline no real run can match: every step 1 ns. The run must fail the gate (exit 1) and still
+    # write its results.
+    row = {"config": "baseline", "height": 64, "width": 64, "steps": 2, "batch": 1}
+    gate.write_text(
+        json.dumps({"env": {"gpu": None}, "rows": [{**row, "ms_per_step": 1e-6, "peak_allocated_gib": None}]})
+    )
     cmd = [sys.executable, "-m", "engine.bench", "--res", "64", "96x64", "--steps", "2", "--runs", "2"]
-    cmd += ["--warmup", "1", "--out", str(out)]
+    cmd += ["--warmup", "1", "--out", str(out), "--save-baseline", str(saved), "--gate", str(gate)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    return proc, out
+    return proc, out, saved
 
 
 def test_bench_runs_end_to_end_and_writes_every_field(bench_run):
-    proc, out = bench_run
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc, out, _ = bench_run
+    assert proc.returncode == 1, proc.stderr[-3000:]  # the gate's verdict, see the fixture
     assert "tiny synthetic model on the CPU" in proc.stdout
     result = json.loads(out.read_text())
     assert result["env"].keys() >= ENV_FIELDS
@@ -71,10 +78,48 @@ def test_bench_runs_end_to_end_and_writes_every_field(bench_run):
         assert row["speedup"] > 0
 
 
-def test_bench_prints_the_table(bench_run):
-    proc, out = bench_run
+def test_bench_prints_the_table_and_writes_csv_and_plot(bench_run):
+    proc, out, saved = bench_run
     assert "ms/step" in proc.stdout and "PSNR dB" in proc.stdout
-    assert f"wrote {out}" in proc.stdout
+    assert f"wrote {out} (+ .csv, .png)" in proc.stdout
+    header = out.with_suffix(".csv").read_text().splitlines()[0].split(",")
+    assert {"config", "ms_per_step", "psnr_db", "peak_allocated_gib"} <= set(header)
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(saved.read_text())["rows"] == json.loads(out.read_text())["rows"]
+
+
+def test_bench_gate_reports_the_regression(bench_run):
+    proc, _, _ = bench_run
+    assert "GATE FAILED: 1 regression(s)" in proc.stdout
+    assert "not in the baseline (not gated): diffusers" in proc.stdout
+
+
+def test_bench_gate_with_a_broken_baseline_exits_4(tmp_path, capsys):
+    broken = tmp_path / "b.json"
+    broken.write_text(json.dumps({"env": {"gpu": None}, "rows": [{"config": "x"}]}))
+    assert bench.main(["--gate", str(broken), "--device", "cpu"]) == 4
+    assert "lacks" in capsys.readouterr().err
+
+
+def test_kernel_presets_are_refused_where_triton_cannot_run(monkeypatch, capsys):
+    import torch
+    import triton
+
+    if torch.cuda.is_available():
+        pytest.skip("Triton runs here")
+    # outside the tests the CPU has no Triton interpreter switched on (conftest turns it on for the kernel tests)
+    monkeypatch.setattr(triton.knobs.runtime, "interpret", False)
+    assert bench.main(["--preset", "baseline,kernels", "--device", "cpu"]) == 2
+    assert "kernels run our Triton kernels, which need a CUDA GPU" in capsys.readouterr().err
+
+
+def test_presets_parse_as_a_list_or_the_ladder():
+    from engine.config import PRESETS
+
+    assert bench.parse_presets("baseline, compile") == ["baseline", "compile"]
+    assert bench.parse_presets("ladder") == list(PRESETS)
+    with pytest.raises(bench.EngineError, match="twice"):
+        bench.parse_presets("compile,compile")
 
 
 def test_flop_counter_matches_the_published_step_cost():
@@ -96,6 +141,7 @@ def test_flop_counter_matches_the_published_step_cost():
         (["--runs", "0"], "--runs 0 must be at least 1"),
         (["--model", "/no/such/model"], "does not exist"),
         (["--res", "big"], "WIDTHxHEIGHT"),
+        (["--max-slowdown", "fast"], "is not a number"),
     ],
 )
 def test_bench_rejects_bad_input_with_a_clear_message(argv, message, capsys):

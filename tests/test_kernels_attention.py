@@ -5,12 +5,19 @@ On a machine without CUDA these run in the Triton interpreter (conftest sets TRI
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+import triton
 from kernel_tolerance import assert_within_pytorch_error, full_fp32_matmul
 
 import kernels
-from kernels.attention import attention_ref, flash_attention
+from kernels import attention as attention_module
+from kernels.attention import _config, attention_ref, flash_attention, flash_attention_fwd
 
 DTYPES = [torch.bfloat16, torch.float16]
 
@@ -57,8 +64,11 @@ def attention_refs(q, k, v, softmax_scale=None):
     return torch.cat(fp32, dim=1), torch.cat(same, dim=1)
 
 
-def check_attention(q, k, v, softmax_scale=None):
-    out = flash_attention(q, k, v, softmax_scale)
+def check_attention(q, k, v, softmax_scale=None, config=None):
+    if config is None:
+        out = flash_attention(q, k, v, softmax_scale)
+    else:
+        out = flash_attention_fwd(q, k, v, softmax_scale, config=config)
     batch, heads, q_len, head_dim = q.shape
     assert out.shape == (batch, heads, q_len, head_dim) and out.dtype == q.dtype
     assert out.transpose(1, 2).is_contiguous(), f"output memory must be [B, Lq, H, D]; strides {out.stride()}"
@@ -101,6 +111,27 @@ def test_misaligned_view_is_copied_not_misread(device):
     q = buffer[..., 1:].view(1, 2, 50, 64)
     assert q.data_ptr() % 16 != 0
     check_attention(q, q, q)
+
+
+# Interpreter-sized tiles, both BLOCK_M > BLOCK_N and the reverse, at key lengths with no full block, exactly
+# one, and several plus a masked tail.
+TILES = {"32x16": _config(32, 16, 4, 1), "16x32": _config(16, 32, 4, 1)}
+
+
+@pytest.mark.parametrize("tile", TILES)
+@pytest.mark.parametrize("k_len", [5, 16, 32, 83])
+def test_key_block_counts(tile, k_len, device):
+    check_attention(*make_qkv(1, 2, 37, k_len, 64, torch.bfloat16, device, seed=k_len), config=TILES[tile])
+
+
+@pytest.mark.parametrize("tile", TILES)
+def test_running_max_jumps(tile, device):
+    """Key blocks whose scores grow along the sequence, by small steps and by huge ones (the running max of a row
+    jumps by up to ~140 in log2 units), so the accumulator's rescaling runs with factors from ~1 to underflow."""
+    q, k, v = make_qkv(1, 2, 40, 96, 64, torch.float16, device, seed=7)
+    growth = torch.tensor([0.2, 0.5, 1.0, 3.0, 3.2, 9.0], device=device).repeat_interleave(16)  # [96]
+    k = (k.float() * growth[None, None, :, None]).to(k.dtype)
+    check_attention(q, k, v, softmax_scale=0.4, config=TILES[tile])
 
 
 # ----------------------------------------------------------------------------- bad inputs
@@ -148,6 +179,15 @@ def test_triton_runnable():
 # ----------------------------------------------------------------------------- torch.compile / custom op
 
 
+def test_eager_call_skips_the_custom_op(monkeypatch, device):
+    # the op dispatch costs ~10-20 us a call: eagerly, the public function must launch directly
+    def refuse(*args, **kwargs):
+        raise AssertionError("eager flash_attention went through the custom op")
+
+    monkeypatch.setattr(attention_module, "_flash_attention_op", refuse)
+    check_attention(*make_qkv(1, 1, 8, 8, 64, torch.bfloat16, device))
+
+
 def test_custom_op_registration(device):
     q, k, v = make_qkv(1, 2, 40, 40, 64, torch.bfloat16, device, layout="fused")
     torch.library.opcheck(torch.ops.flux_kernels.flash_attention.default, (q, k, v))
@@ -169,6 +209,46 @@ def test_compiles_fullgraph_without_breaks(device):
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
 
 
+# ----------------------------------------------------------------------------- compiler (no GPU needed)
+
+# Compiles every Hopper config of the attention kernel for sm90: front end, MLIR passes and ptxas, as on an H100.
+SM90_COMPILE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from kernels import attention
+
+kernel = attention._flash_attention_fwd_kernel.fn
+constexprs = {"HEAD_DIM", "BLOCK_M", "BLOCK_N"}
+pointers = {"Q", "K", "V", "Out"}
+signature = {
+    name: "constexpr" if name in constexprs else "*bf16" if name in pointers else "fp32" if name == "softmax_scale"
+    else "i32"
+    for name in kernel.arg_names
+}
+for config in attention._HOPPER_CONFIGS:
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs={"HEAD_DIM": 128, **config.kwargs})
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+"""
+
+
+def test_hopper_configs_compile_for_sm90():
+    """The interpreter runs none of Triton's compiler, so a kernel can pass every CPU test and still fail to
+    compile (a non-constexpr global did once, on the H100). Triton's bundled ptxas compiles for sm90 here."""
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("Triton's bundled ptxas is missing")
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", SM90_COMPILE],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
 # ----------------------------------------------------------------------------- real FLUX shapes (GPU)
 
 
@@ -178,3 +258,13 @@ def test_compiles_fullgraph_without_breaks(device):
 def test_flux_shapes(tokens, layout, device):
     # FLUX: 24 heads of 128; 512 text + 4096 / 16384 image tokens
     check_attention(*make_qkv(1, 24, tokens, tokens, 128, torch.bfloat16, device, layout=layout))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("index", range(len(attention_module._HOPPER_CONFIGS)))
+def test_every_hopper_config(index, device):
+    # the autotuner may pick any of them: each must compile and be right at the FLUX 1024^2 shape
+    if torch.cuda.get_device_capability(device)[0] not in (9, 10):
+        pytest.skip("Hopper/Blackwell configs")
+    config = attention_module._HOPPER_CONFIGS[index]
+    check_attention(*make_qkv(1, 24, 4608, 4608, 128, torch.bfloat16, device), config=config)

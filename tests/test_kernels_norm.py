@@ -14,6 +14,7 @@ from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 from kernel_tolerance import assert_within_pytorch_error
 
 import kernels
+from kernels import norm as norm_module
 from kernels.norm import (
     gated_residual_layernorm_modulate,
     gated_residual_layernorm_modulate_ref,
@@ -263,6 +264,26 @@ def test_custom_ops_registration(device):
     x, y, gate, shift, scale = make_modulation(2, 7, 64, torch.bfloat16, device, strided=True)
     torch.library.opcheck(torch.ops.flux_kernels.layernorm_modulate.default, (x, shift, scale))
     torch.library.opcheck(torch.ops.flux_kernels.gated_residual_layernorm_modulate.default, (x, y, gate, shift, scale))
+
+
+def test_eager_calls_skip_the_custom_ops(monkeypatch, device):
+    # the op dispatch costs ~10-20 us a call: eagerly, the public functions must launch directly
+    def refuse(*args, **kwargs):
+        raise AssertionError("an eager call went through the custom op")
+
+    for name in ("_qk_norm_rope_op", "_layernorm_modulate_op", "_gated_residual_layernorm_modulate_op"):
+        monkeypatch.setattr(norm_module, name, refuse)
+    check_qk_norm_rope(make_qk_norm_rope_inputs(1, 2, 3, 2, 64, torch.bfloat16, device))
+    x, y, gate, shift, scale = make_modulation(1, 3, 64, torch.bfloat16, device)
+    assert_within_pytorch_error(
+        layernorm_modulate(x, shift, scale),
+        layernorm_modulate_ref(x, shift, scale),
+        layernorm_modulate_ref(x, shift, scale, upcast=False),
+    )
+    residual, _ = gated_residual_layernorm_modulate(x, y, gate, shift, scale)
+    residual_fp32, _ = gated_residual_layernorm_modulate_ref(x, y, gate, shift, scale)
+    residual_same, _ = gated_residual_layernorm_modulate_ref(x, y, gate, shift, scale, upcast=False)
+    assert_within_pytorch_error(residual, residual_fp32, residual_same, name="residual")
 
 
 def test_compiles_fullgraph_without_breaks(device):
