@@ -20,7 +20,9 @@ SDPA: that needs the softmax of one tile to overlap the MMA of another inside a 
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import torch
 import triton
@@ -319,6 +321,22 @@ def _check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
         raise ValueError(f"flash_attention: softmax_scale {softmax_scale} must be a finite number > 0 (or None)")
 
 
+FORCED_CONFIG_ENV = "FLUX_KERNELS_ATTENTION_CONFIG"
+
+
+@functools.cache
+def forced_config(text: str) -> triton.Config:
+    """'64,32,4,1' -> the config BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1."""
+    try:
+        block_m, block_n, warps, stages = (int(part) for part in text.split(","))
+    except ValueError as err:
+        raise ValueError(
+            f"{FORCED_CONFIG_ENV}={text!r} is not 'BLOCK_M,BLOCK_N,warps,stages' (e.g. '128,64,4,2'); unset it to "
+            "autotune"
+        ) from err
+    return _config(block_m, block_n, warps, stages)
+
+
 def flash_attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -328,7 +346,11 @@ def flash_attention_fwd(
     config: triton.Config | None = None,
 ) -> torch.Tensor:
     """Checks, allocates and launches. q: [B, H, Lq, D], k, v: [B, H, Lk, D] -> [B, H, Lq, D] view of
-    [B, Lq, H, D] memory. `config` (tests): launch that one config instead of the autotuned choice."""
+    [B, Lq, H, D] memory. `config` (tests): launch that one config instead of the autotuned choice; the
+    environment variable FLUX_KERNELS_ATTENTION_CONFIG="BLOCK_M,BLOCK_N,warps,stages" does the same for a whole
+    process (ablations, and the regression gate's self-test with a deliberately poor tile)."""
+    if config is None and FORCED_CONFIG_ENV in os.environ:
+        config = forced_config(os.environ[FORCED_CONFIG_ENV])
     if not _attention_fast_check(q, k, v, softmax_scale):
         _check_attention_inputs(q, k, v, softmax_scale)
         # misaligned views (rare: an odd offset into a bigger buffer) are copied once rather than refused

@@ -92,6 +92,18 @@ def test_matches_reference(batch, heads, q_len, k_len, head_dim, dtype, device):
     check_attention(*make_qkv(batch, heads, q_len, k_len, head_dim, dtype, device))
 
 
+def test_forced_config_from_the_environment(monkeypatch, device):
+    from kernels.attention import FORCED_CONFIG_ENV
+
+    # a small tile (the gate self-test's "deliberately poor" one on a GPU) still computes the same attention
+    monkeypatch.setenv(FORCED_CONFIG_ENV, "32,32,4,1")
+    check_attention(*make_qkv(1, 2, 77, 77, 64, torch.bfloat16, device))
+    monkeypatch.setenv(FORCED_CONFIG_ENV, "fast")
+    q, k, v = make_qkv(1, 1, 16, 16, 64, torch.bfloat16, device)[:3]
+    with pytest.raises(ValueError, match="is not 'BLOCK_M,BLOCK_N,warps,stages'"):
+        flash_attention_fwd(q, k, v)
+
+
 @pytest.mark.parametrize("layout", ["blhd", "fused"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_strided_inputs_without_copies(layout, head_dim, device):
