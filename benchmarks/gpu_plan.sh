@@ -54,6 +54,16 @@ for s in "$@"; do
       stage bench-kernels-compile 270 python3 -m engine.bench --res 1024 2048 1360x768 512 --steps 4 \
         --preset kernels-compile --out "$OUT/bench-kernels-compile-$CARD-$DAY.json" ;;
     tests-compile) stage tests-compile 150 python3 -m pytest -q -x tests/test_compile.py -k kernels_inside ;;
+    ladder)
+      stage ladder 420 python3 -m engine.bench --res 1024 1360x768 512 832x1216 2048 --steps 4 \
+        --preset kernels,kernels-compile,kernels-compile-cudagraphs --out "$OUT/bench-ladder-$CARD-$DAY.json" ;;
+    gate-selftest)
+      # record a gate baseline, then slow the attention kernel to a poor tile: the gate must fail (rc=1 expected)
+      stage gate-record 150 python3 -m engine.bench --res 2048 --steps 2 --runs 2 --no-baseline \
+        --preset kernels-triton-attn --out "$OUT/gate-baseline-$CARD-$DAY.json"
+      stage gate-slowed 150 env FLUX_KERNELS_ATTENTION_CONFIG=64,32,4,1 python3 -m engine.bench --res 2048 --steps 2 \
+        --runs 2 --no-baseline --preset kernels-triton-attn --out "$OUT/gate-slowed-$CARD-$DAY.json" \
+        --gate "$OUT/gate-baseline-$CARD-$DAY.json" ;;
     *) echo "unknown stage $s" | tee -a "$LOG" ;;
   esac
 done
