@@ -57,21 +57,38 @@ class AttentionConfig:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """Weight quantisation per component: transformer, text_encoder_2 (T5), text_encoder (CLIP)."""
+    """Weight quantisation per component: transformer, text_encoder_2 (T5), text_encoder (CLIP).
+
+    Modes (engine/quantize.py):
+    - 'fp8': W8A8 float8 e4m3, per-channel weights, per-token dynamic activations, on the FP8 tensor cores
+      (sm >= 8.9; older GPUs store fp8 and compute bf16, with a warning).
+    - 'fp8-weight', 'int8-weight': weight-only (optimum-quanto qfloat8 / qint8), bf16 compute.
+    - 'nf4': bitsandbytes 4-bit NormalFloat, blocks of 64, bf16 compute; CUDA only.
+    nf4_double_quant: also quantise nf4's per-block scales (0.52 instead of 0.56 bytes per weight).
+    """
 
     transformer: str = "none"
     text_encoder_2: str = "none"
     text_encoder: str = "none"
+    nf4_double_quant: bool = False
 
-    MODES = ("none",)
+    MODES = ("none", "fp8", "fp8-weight", "int8-weight", "nf4")
+    COMPONENTS = ("transformer", "text_encoder_2", "text_encoder")
 
     def __post_init__(self):
-        for name in ("transformer", "text_encoder_2", "text_encoder"):
+        for name in self.COMPONENTS:
             _check_choice("quant", name, getattr(self, name), self.MODES)
+        if not isinstance(self.nf4_double_quant, bool):
+            raise ConfigError(f"quant.nf4_double_quant={self.nf4_double_quant!r} must be True or False")
+        if self.nf4_double_quant and "nf4" not in (self.transformer, self.text_encoder_2, self.text_encoder):
+            raise ConfigError("quant.nf4_double_quant=True needs a component in mode 'nf4'")
 
     @property
     def label(self) -> str:
-        parts = [f"{n}={m}" for n, m in vars(self).items() if m != "none"]
+        short = {"transformer": "dit", "text_encoder_2": "t5", "text_encoder": "clip"}
+        parts = [f"{short[n]}={getattr(self, n)}" for n in self.COMPONENTS if getattr(self, n) != "none"]
+        if self.nf4_double_quant:
+            parts.append("nf4dq")
         return ",".join(parts)
 
 
@@ -229,6 +246,29 @@ PRESETS: dict[str, EngineConfig] = {
         attention=AttentionConfig(backend="auto", fused_norms=True),
         compile=CompileConfig(mode="regional", cuda_graphs=True),
         name="kernels-compile-cudagraphs",
+    ),
+    # our kernels + fp8 W8A8 transformer (FP8 tensor cores on sm >= 8.9), eager
+    "fp8": EngineConfig(
+        attention=AttentionConfig(backend="auto", fused_norms=True), quant=QuantConfig(transformer="fp8"), name="fp8"
+    ),
+    # the same inside the regional compile: the per-token activation quantisation is compiled with the blocks
+    "fp8-compile": EngineConfig(
+        attention=AttentionConfig(backend="auto", fused_norms=True),
+        quant=QuantConfig(transformer="fp8"),
+        compile=CompileConfig(mode="regional"),
+        name="fp8-compile",
+    ),
+    # small cards: transformer and T5 in NF4 (bitsandbytes, CUDA), a memory tool, not a speed tool
+    "nf4": EngineConfig(
+        attention=AttentionConfig(backend="auto", fused_norms=True),
+        quant=QuantConfig(transformer="nf4", text_encoder_2="nf4"),
+        name="nf4",
+    ),
+    # int8 weight-only (optimum-quanto) transformer and T5: no FP8 hardware needed
+    "int8-weight": EngineConfig(
+        attention=AttentionConfig(backend="auto", fused_norms=True),
+        quant=QuantConfig(transformer="int8-weight", text_encoder_2="int8-weight"),
+        name="int8-weight",
     ),
     # the same with our flash attention forced (for ablations: attention kernel vs SDPA)
     "kernels-triton-attn": EngineConfig(

@@ -61,8 +61,10 @@ def optimize(pipe: FluxPipeline, config: EngineConfig | str | None = None) -> Fl
     # The steps in order; each part of EngineConfig that is still 'off' leaves the pipeline as it is.
     from .attention import apply_attention
     from .compile import apply_compile
+    from .quantize import apply_quantization
 
     pipe.attention_ops = apply_attention(pipe, config.attention)
+    pipe.quant_state = apply_quantization(pipe, config.quant)
     pipe.compile_state = apply_compile(pipe, config)
     setattr(pipe, _ENGINE_CONFIG_ATTR, config)
     _release_replaced_weights(pipe)

@@ -1,0 +1,672 @@
+"""Weight quantisation per pipeline component: fp8 (W8A8), fp8 / int8 weight-only (optimum-quanto), nf4 (bitsandbytes).
+
+`apply_quantization(pipe, QuantConfig)` replaces the Linear layers of the transformer, T5 (text_encoder_2)
+and CLIP (text_encoder) in place, one layer at a time, so that each bf16 weight is freed as soon as its
+quantised copy exists (the peak is the quantised model plus one layer, not bf16 plus quantised).
+
+Modes:
+- "fp8": W8A8 float8 e4m3. Weights per output channel (scale = amax / 448), activations per token,
+  dynamically. On GPUs with FP8 tensor cores (compute capability >= 8.9) the matmul is
+  `torch._scaled_mm` with row-wise scales (fp32 accumulate, bf16 out, bias fused); elsewhere on CUDA
+  the weight is stored in fp8 and dequantised for a bf16 matmul (a warning says so); on the CPU the
+  W8A8 arithmetic is emulated with the same fp8 values (the CPU tests test the arithmetic).
+- "fp8-weight", "int8-weight": weight-only via optimum-quanto (qfloat8 / qint8, per output channel),
+  bf16 compute.
+- "nf4": bitsandbytes Linear4bit, NF4 blocks of 64, bf16 compute, optional double quantisation. CUDA only.
+
+The engine's fused projections (`qkv`, `txt_qkv`, `linear1`, from engine/attention.py) are what run, so
+they are what gets quantised; the original to_q/to_k/to_v/add_*_proj/proj_mlp modules are views of the
+fused bf16 weight and are replaced by `FusedAway` placeholders first, or they would keep it alive.
+
+Random-init weights lack the outliers of trained ones: the SQNR figures here are a floor on what the
+arithmetic does, not a measurement of a real checkpoint's fidelity.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import QuantConfig
+from .errors import CheckpointError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+FP8_DTYPE = torch.float8_e4m3fn
+E4M3_MAX = 448.0  # largest finite float8_e4m3fn; the cast does not saturate (it makes NaN), so we clamp
+# the smallest scale: the smallest normal fp32. A zero row gets q = 0 (no 0/0); rows down to amax ~5e-36 keep full
+# precision (a 1e-12 floor measured: rows of bf16 values ~1e-30 flushed to zero)
+_MIN_SCALE = torch.finfo(torch.float32).tiny
+NF4_BLOCK = 64
+QUANTO_MODES = {"fp8-weight": "qfloat8", "int8-weight": "qint8"}
+COMPONENTS = ("transformer", "text_encoder_2", "text_encoder")
+
+# Linears that stay in the model's dtype, by the first part of their name. Measured with `layer_sqnr`, fp8 W8A8:
+# - CPU, tiny model (same module classes), N(0, 1) probes of 256 tokens, 2026-11-26: block Linears (attention,
+#   MLP, adaLN modulation) 28.6-29.1 dB; x_embedder 29.0, context_embedder 29.4, time_text_embed 28.8-29.6,
+#   norm_out.linear 29.0, proj_out 28.8.
+# - H100, synthetic flux-dev at its real shapes, probe SQNR of the 304 quantised Linears, 2026-11-26
+#   (benchmarks/results/quant-h100-80gb-hbm3-*.json): 28.6-28.7 dB, adaLN modulation included.
+# Random init shows no layer as more sensitive, so the list is the conventional one (torchao, diffusers): the
+# layers that touch the model's inputs and outputs, where trained checkpoints carry outliers, 0.2% of the
+# weights. The adaLN modulation linears (3.2B parameters, 27% of the weights) are quantised: keeping them in
+# bf16 would put fp8 at 14.2 GiB, over the 11.5 GiB target, and they measured no worse than the rest.
+# Re-measure on real weights (bench_quant's real-activation SQNR).
+KEEP = {
+    "transformer": ("x_embedder", "context_embedder", "time_text_embed", "norm_out", "proj_out"),
+    "text_encoder_2": (),
+    "text_encoder": (),
+}
+# transformers' T5 casts its FF input to `wo.weight.dtype` (its _keep_in_fp32_modules hack, transformers issue
+# 20287); quantised `wo` layers are wrapped so that read sees the compute dtype. T5's FF output has large
+# activation outliers (the reason for that hack), so under "fp8" they compute weight-only: fp8 storage,
+# bf16 activations.
+_T5_WO = "wo"
+
+# the modules that engine/attention.py fuses, by fused name
+FUSED_VIEWS = {
+    "qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "txt_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+}
+
+
+# ----------------------------------------------------------------------------- fp8 arithmetic
+
+
+def quantize_fp8_rowwise(
+    x: torch.Tensor, check_finite: bool = False, scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (q e4m3 [..., K], scale fp32 [..., 1]) with x ~= q * scale; scale = amax(|row|) / 448.
+
+    Round to nearest even (the cast), clamped to +-448 first: whether the cast itself saturates or makes NaN
+    past 448 has differed between torch versions and devices. `scale` [..., 1] (static scaling) overrides
+    the amax one; values past 448 * scale then saturate to +-448.
+    A zero row gives q = 0 and a tiny positive scale. check_finite raises on inf/nan (a host sync: used for
+    weights, not per activation); unchecked, a non-finite value makes its row's output NaN.
+    """
+    if check_finite:
+        bad = (~torch.isfinite(x)).sum().item()
+        if bad:
+            raise ValueError(
+                f"tensor of shape {tuple(x.shape)} has {bad} inf/nan values; fp8 cannot represent them "
+                "(fix the weights: a checkpoint saved in fp16 may have overflowed)"
+            )
+    x32 = x.float()
+    if scale is None:
+        amax = x32.abs().amax(dim=-1, keepdim=True)
+        scale = (amax / E4M3_MAX).clamp(min=_MIN_SCALE)
+    q = (x32 / scale).clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
+    return q, scale
+
+
+_compiled_quantizer: list = []  # [fn] once built; [None] if compiling it failed
+
+
+def _quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_fp8_rowwise for the scaled_mm path. Inside a compiled region inductor fuses it into the op
+    before; in eager its six elementwise passes cost more than the fp8 GEMM saves (measured on an H100:
+    Fp8Linear 0.565 ms vs bf16 0.486 ms at 4608x3072x12288, _scaled_mm alone 0.325 ms), so eager calls use
+    one compiled copy of it (built on first use, dynamic shapes), and plain PyTorch if that cannot compile.
+    With it: Fp8Linear 0.375 ms vs bf16 0.481 ms (H100, 2026-11-26, quant-h100-80gb-hbm3-20261126-1812.json)."""
+    if torch.compiler.is_compiling():
+        return quantize_fp8_rowwise(x)
+    if not _compiled_quantizer:
+        _compiled_quantizer.append(torch.compile(quantize_fp8_rowwise, dynamic=True, fullgraph=True))
+    if _compiled_quantizer[0] is not None:
+        try:
+            return _compiled_quantizer[0](x)
+        except Exception as err:  # noqa: BLE001 - a compiler failure must only cost speed
+            logger.warning("compiling the fp8 activation quantiser failed (%s); using eager PyTorch", err)
+            _compiled_quantizer[0] = None
+    return quantize_fp8_rowwise(x)
+
+
+def fp8_compute_for(device: torch.device) -> str:
+    """'scaled_mm' on FP8 tensor cores (sm >= 8.9), 'weight-only' on older CUDA GPUs, 'emulate' on the CPU."""
+    if device.type == "cuda":
+        if torch.cuda.get_device_capability(device) >= (8, 9):
+            return "scaled_mm"
+        warnings.warn(
+            f"{torch.cuda.get_device_name(device)} has no FP8 tensor cores (needs compute capability 8.9+): "
+            "fp8 weights are stored in fp8 and dequantised for bf16 matmuls (half the weight memory, no speed-up)",
+            stacklevel=3,
+        )
+        return "weight-only"
+    return "emulate"
+
+
+def fp8_linear(
+    x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, compute: str
+) -> torch.Tensor:
+    """x [M, K] @ (weight_fp8 [N, K] * weight_scale [N]).T + bias -> [M, N] in x's dtype."""
+    if compute == "weight-only":
+        weight = weight_fp8.to(x.dtype) * weight_scale.to(x.dtype)[:, None]
+        return F.linear(x, weight, bias)
+    if compute == "scaled_mm":
+        x_fp8, x_scale = _quantize_activations(x)  # [M, K], [M, 1]
+        out = torch._scaled_mm(
+            x_fp8,
+            weight_fp8.t(),  # [K, N], column-major as cuBLASLt wants
+            scale_a=x_scale,
+            scale_b=weight_scale.view(1, -1),
+            bias=None if bias is None else bias.to(torch.bfloat16),
+            out_dtype=torch.bfloat16,
+        )
+        return out.to(x.dtype)
+    x_fp8, x_scale = quantize_fp8_rowwise(x)
+    # emulate: products of the same fp8 values accumulated in fp32, then both scales, as the tensor cores do
+    out = (x_fp8.float() @ weight_fp8.float().t()) * x_scale * weight_scale.view(1, -1)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+class Fp8Linear(nn.Module):
+    """A Linear with e4m3 weights (per output channel scales) and dynamic per-token e4m3 activations."""
+
+    COMPUTES = ("scaled_mm", "weight-only", "emulate")
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, compute: str = "emulate", device=None):
+        super().__init__()
+        if compute not in self.COMPUTES:
+            raise ConfigError(f"Fp8Linear compute={compute!r} is not one of {self.COMPUTES}")
+        self.in_features, self.out_features, self.compute = in_features, out_features, compute
+        self.register_buffer("weight_fp8", torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=device))
+        self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, compute: str | None = None, name: str = "") -> Fp8Linear:
+        weight = linear.weight.detach()
+        compute = compute or fp8_compute_for(weight.device)
+        if compute == "scaled_mm" and (linear.in_features % 16 or linear.out_features % 16):
+            compute = "weight-only"  # cuBLASLt fp8 needs K and N multiples of 16
+        try:
+            weight_fp8, weight_scale = quantize_fp8_rowwise(weight, check_finite=True)
+        except ValueError as err:
+            raise CheckpointError(f"layer {name or type(linear).__name__}: {err}") from err
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, compute, device="meta")
+        module.weight_fp8 = weight_fp8
+        module.weight_scale = weight_scale.view(-1)
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+        return module
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.weight_fp8.float() * self.weight_scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        leading = x.shape[:-1]
+        out = fp8_linear(x.reshape(-1, self.in_features), self.weight_fp8, self.weight_scale, self.bias, self.compute)
+        return out.view(*leading, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, compute={self.compute}"
+
+
+class FusedAway(nn.Module):
+    """Stands where a projection was before it was fused and quantised (it held a view of the bf16 weight)."""
+
+    def __init__(self, fused_name: str):
+        super().__init__()
+        self.fused_name = fused_name
+
+    def forward(self, *args, **kwargs):
+        raise ConfigError(
+            f"this projection was fused into `{self.fused_name}` and quantised; it only runs inside the engine's "
+            "fused blocks. Load a fresh pipeline for diffusers' own attention processors"
+        )
+
+
+class KeepsInputDtype(nn.Module):
+    """Wraps a quantised layer for callers that cast their input to `.weight.dtype` (transformers' T5 `wo`):
+    `weight` is an empty tensor of the compute dtype, so the input is left as it is."""
+
+    def __init__(self, inner: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("weight", torch.empty(0, dtype=dtype, device="meta"), persistent=False)
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+# ----------------------------------------------------------------------------- one layer per mode
+
+
+def _quanto_linear(linear: nn.Linear, mode: str) -> nn.Module:
+    from optimum import quanto
+    from optimum.quanto.nn import QLinear
+
+    qmodule = QLinear.from_module(linear, weights=getattr(quanto, QUANTO_MODES[mode]))
+    qmodule.freeze()
+    return qmodule
+
+
+def _nf4_linear(linear: nn.Linear, double_quant: bool) -> nn.Module:
+    import bitsandbytes as bnb
+
+    device = linear.weight.device
+    if device.type != "cuda":
+        raise ConfigError(
+            f"nf4 quantisation runs bitsandbytes' CUDA kernels; the model is on {device.type}. Use a CUDA GPU, "
+            "or 'int8-weight' / 'fp8-weight' here"
+        )
+    module = bnb.nn.Linear4bit(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        compute_dtype=linear.weight.dtype,
+        compress_statistics=double_quant,
+        quant_type="nf4",
+        device="meta",
+    )
+    module.weight = bnb.nn.Params4bit(
+        linear.weight.detach(), requires_grad=False, compress_statistics=double_quant, quant_type="nf4", module=module
+    ).to(device)  # the move quantises (bitsandbytes' design): from the weight already on `device`
+    if linear.bias is not None:
+        module.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+    return module
+
+
+def quantized_linear(
+    linear: nn.Linear, mode: str, name: str = "", double_quant: bool = False, fp8_compute: str | None = None
+) -> nn.Module:
+    """A quantised copy of `linear` (the original is left as it is)."""
+    if mode == "fp8":
+        return Fp8Linear.from_linear(linear, compute=fp8_compute, name=name)
+    if mode in QUANTO_MODES:
+        return _quanto_linear(linear, mode)
+    if mode == "nf4":
+        return _nf4_linear(linear, double_quant)
+    raise ConfigError(f"quantisation mode {mode!r} is not one of {', '.join(QuantConfig.MODES[1:])}")
+
+
+def layer_sqnr(linear: nn.Linear, mode: str, inputs: torch.Tensor, double_quant: bool = False) -> float:
+    """SQNR (dB) of `linear` quantised with `mode` against its own output on `inputs`, computed in fp32."""
+    from .measure import sqnr_db
+
+    with torch.no_grad():
+        reference = F.linear(
+            inputs.float(), linear.weight.float(), None if linear.bias is None else linear.bias.float()
+        )
+        quantized = quantized_linear(linear, mode, double_quant=double_quant)(inputs.to(linear.weight.dtype))
+    return sqnr_db(quantized.float(), reference)
+
+
+def _probe(in_features: int, like: torch.Tensor, tokens: int = 64) -> torch.Tensor:
+    generator = torch.Generator(device=like.device).manual_seed(in_features)
+    return torch.randn(tokens, in_features, generator=generator, device=like.device, dtype=like.dtype)
+
+
+# ----------------------------------------------------------------------------- a component
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def drop_fused_views(model: nn.Module) -> list[str]:
+    """Replace the projections that view a fused Linear's weight (engine/attention.py) by FusedAway."""
+    dropped = []
+    for block_name, block in model.named_modules():
+        for fused_name, views in FUSED_VIEWS.items():
+            fused = getattr(block, fused_name, None)
+            if type(fused) is not nn.Linear or not all(_has_linear(block, view) for view in views):
+                continue
+            for view in views:
+                parent, child = _parent(block, view)
+                setattr(parent, child, FusedAway(f"{block_name}.{fused_name}"))
+                dropped.append(f"{block_name}.{view}")
+    return dropped
+
+
+def _has_linear(module: nn.Module, name: str) -> bool:
+    try:
+        return isinstance(module.get_submodule(name), nn.Linear)
+    except AttributeError:
+        return False
+
+
+def _is_kept(name: str, keep: tuple[str, ...]) -> bool:
+    return name.split(".")[0] in keep
+
+
+def quantizable_linears(model: nn.Module, component: str) -> Iterator[tuple[str, nn.Linear]]:
+    keep = KEEP[component]
+    return ((n, m) for n, m in model.named_modules() if type(m) is nn.Linear and not _is_kept(n, keep))
+
+
+def kept_linears(model: nn.Module, component: str) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and _is_kept(n, KEEP[component])]
+
+
+@dataclass
+class ComponentQuant:
+    """What quantising one component did: its mode, the layers it replaced and kept, probe SQNR per layer."""
+
+    mode: str
+    quantized: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    fused_away: list[str] = field(default_factory=list)
+    sqnr_db: dict[str, float] = field(default_factory=dict)
+
+
+def quantize_model(
+    model: nn.Module, mode: str, component: str = "transformer", double_quant: bool = False, record_sqnr: bool = True
+) -> ComponentQuant:
+    """Replace `model`'s Linears by `mode` layers in place, one at a time (each bf16 weight freed as it goes).
+
+    record_sqnr: per layer, the output SQNR on a N(0, 1) probe of 64 tokens (cheap: one small matmul
+    per layer while the bf16 weight still exists).
+    """
+    result = ComponentQuant(mode=mode, kept=kept_linears(model, component))
+    result.fused_away = drop_fused_views(model)
+    for name in [n for n, _ in quantizable_linears(model, component)]:  # names: a module list would pin them all
+        linear = model.get_submodule(name)
+        is_t5_wo = component == "text_encoder_2" and name.rpartition(".")[2] == _T5_WO
+        compute = "weight-only" if (is_t5_wo and mode == "fp8" and linear.weight.is_cuda) else None
+        with torch.no_grad():
+            qmodule = quantized_linear(linear, mode, name=name, double_quant=double_quant, fp8_compute=compute)
+            if record_sqnr:
+                probe = _probe(linear.in_features, linear.weight)
+                from .measure import sqnr_db
+
+                result.sqnr_db[name] = sqnr_db(qmodule(probe).float(), linear(probe).float())
+        if is_t5_wo and mode in ("fp8", "nf4"):
+            qmodule = KeepsInputDtype(qmodule, linear.weight.dtype)
+        parent, child = _parent(model, name)
+        setattr(parent, child, qmodule)
+        result.quantized.append(name)
+        del linear, qmodule  # the last reference to the bf16 weight: freed here, not at the end
+    model._flux_quant_mode = mode
+    return result
+
+
+@dataclass
+class QuantState:
+    """What apply_quantization did, per component."""
+
+    config: QuantConfig
+    components: dict[str, ComponentQuant] = field(default_factory=dict)
+
+
+def apply_quantization(pipe, config: QuantConfig) -> QuantState | None:
+    """Quantise the pipeline's components per `config`; None when every component is 'none'."""
+    if all(getattr(config, c) == "none" for c in COMPONENTS):
+        return None
+    state = QuantState(config=config)
+    for component in COMPONENTS:
+        mode = getattr(config, component)
+        model = getattr(pipe, component, None)
+        if mode == "none" or model is None:
+            continue
+        previous = getattr(model, "_flux_quant_mode", None)
+        if previous == mode:  # loaded already quantised (load_fp8_transformer)
+            state.components[component] = ComponentQuant(mode=mode, kept=kept_linears(model, component))
+            continue
+        if previous is not None:
+            raise ConfigError(f"{component} is already quantised as {previous!r}; load it again to use {mode!r}")
+        state.components[component] = quantize_model(model, mode, component, config.nf4_double_quant)
+    return state
+
+
+# ----------------------------------------------------------------------------- memory accounting
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def nf4_layer_bytes(out_features: int, in_features: int, double_quant: bool) -> int:
+    """Bytes bitsandbytes holds for one NF4 weight (bias not included), as bitsandbytes 0.50 allocates them:
+    packed 4-bit values, per-64-block fp32 absmax (or, double-quantised, uint8 absmax + fp32 absmax per 256
+    blocks + a 256-entry fp32 code + an fp32 offset), and the 16-entry fp32 NF4 code."""
+    elements = out_features * in_features
+    blocks = math.ceil(elements / NF4_BLOCK)
+    packed = math.ceil(elements / 2)
+    nf4_code = 16 * 4
+    if double_quant:
+        return packed + blocks + math.ceil(blocks / 256) * 4 + 256 * 4 + 4 + nf4_code
+    return packed + blocks * 4 + nf4_code
+
+
+def linear_weight_bytes(linear: nn.Linear, mode: str, double_quant: bool = False) -> int:
+    """Bytes of one Linear (weight and bias) after quantising it with `mode`."""
+    out_features, in_features = linear.out_features, linear.in_features
+    bias = _tensor_bytes(linear.bias) if linear.bias is not None else 0
+    dtype_bytes = linear.weight.element_size()
+    if mode == "none":
+        return out_features * in_features * dtype_bytes + bias
+    if mode == "fp8":
+        return out_features * in_features + out_features * 4 + bias  # e4m3 + fp32 scale per row
+    if mode in QUANTO_MODES:
+        # 1-byte data + a scale per row in the weight's dtype + quanto's scalar input/output scales
+        return out_features * in_features + out_features * dtype_bytes + 2 * dtype_bytes + bias
+    if mode == "nf4":
+        return nf4_layer_bytes(out_features, in_features, double_quant) + bias
+    raise ConfigError(f"quantisation mode {mode!r} is not one of {', '.join(QuantConfig.MODES)}")
+
+
+def weight_bytes(model: nn.Module, mode: str, component: str = "transformer", double_quant: bool = False) -> int:
+    """Exact bytes of `model`'s weights once quantised with `mode` (build it on the meta device: no memory).
+
+    The diffusers (unfused) layout; fusing QKV changes nothing for fp8 and int8/fp8-weight scales per
+    row, and a few hundred bytes per fused layer for nf4's block padding and codes.
+    """
+    targets = dict(quantizable_linears(model, component)) if mode != "none" else {}
+    total, seen = 0, set()
+    for name, module in model.named_modules():
+        if name in targets:
+            total += linear_weight_bytes(module, mode, double_quant)
+            seen.update(id(p) for p in module.parameters())
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += _tensor_bytes(tensor)
+    return total
+
+
+def _leaf_tensors(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The plain tensors behind a tensor subclass (quanto's QBytesTensor, its CUDA packed variants), recursively."""
+    flatten = getattr(tensor, "__tensor_flatten__", None)
+    if flatten is None or type(tensor) in (torch.Tensor, nn.Parameter):
+        yield tensor
+        return
+    for inner in flatten()[0]:
+        yield from _leaf_tensors(getattr(tensor, inner))
+
+
+def _state_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
+    """Every tensor a module holds, quanto's inner tensors and bitsandbytes' quant states included."""
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        yield from _leaf_tensors(tensor)
+        quant_state = getattr(tensor, "quant_state", None)
+        while quant_state is not None:
+            yield from (t for t in (quant_state.absmax, quant_state.code, quant_state.offset) if t is not None)
+            quant_state = quant_state.state2
+
+
+def actual_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the tensors `model` holds now, each storage counted once."""
+    total, seen = 0, set()
+    for tensor in _state_tensors(model):
+        try:
+            key, nbytes = (tensor.device, tensor.untyped_storage().data_ptr()), tensor.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):  # meta tensors, storage-less wrappers
+            key, nbytes = id(tensor), _tensor_bytes(tensor)
+        if key not in seen:
+            seen.add(key)
+            total += nbytes
+    return total
+
+
+def meta_component(variant: str, component: str, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """A pipeline component of `variant` on the meta device (shapes and dtypes, no memory)."""
+    from . import models
+
+    spec = models.variant_spec(variant)
+    with torch.device("meta"), models.dtype_as_default(dtype):
+        if component == "transformer":
+            return models._build_transformer(spec)
+        if component == "text_encoder_2":
+            return models._build_t5(spec, dtype)
+        if component == "text_encoder":
+            return models._build_clip(spec, dtype)
+    raise ConfigError(f"component {component!r} is not one of {', '.join(COMPONENTS)}")
+
+
+# ----------------------------------------------------------------------------- save / load (fp8)
+
+FP8_FORMAT = "flux-engine-fp8/1"
+
+
+def _unfused_names(block_name: str, fused_child: str, module: Fp8Linear, block: nn.Module) -> list[tuple[str, int]]:
+    """(diffusers name, rows) of each projection a fused fp8 Linear computes."""
+    views = FUSED_VIEWS[fused_child]
+    sizes = [block.attn.inner_dim] * len(views)  # q, k, v (image or text stream) are each heads * head_dim
+    if "proj_mlp" in views:
+        sizes[-1] = module.out_features - sum(sizes[:-1])
+    return [(f"{block_name}.{v}" if block_name else v, s) for v, s in zip(views, sizes, strict=True)]
+
+
+def save_fp8_transformer(transformer: nn.Module, path: str | Path) -> Path:
+    """Write an fp8-quantised transformer to one safetensors file (e4m3 weights, fp32 scales, the rest as is).
+
+    Fused projections are saved split back into the diffusers names: their scales are per row, so the
+    split is exact, and the file loads into the plain diffusers layout.
+    """
+    from safetensors.torch import save_file
+
+    if getattr(transformer, "_flux_quant_mode", None) != "fp8":
+        raise ConfigError(
+            "save_fp8_transformer takes a transformer quantised with mode 'fp8' (QuantConfig(transformer='fp8'))"
+        )
+    state, fp8_layers = {}, []
+    modules = dict(transformer.named_modules())
+    for name, tensor in transformer.state_dict().items():
+        module_name, _, leaf = name.rpartition(".")
+        module = modules.get(module_name)
+        if not isinstance(module, Fp8Linear):
+            state[name] = tensor
+            continue
+        block_name, _, child = module_name.rpartition(".")
+        if child in FUSED_VIEWS and block_name and isinstance(getattr(modules[block_name], child, None), Fp8Linear):
+            offset = 0
+            for target, rows in _unfused_names(block_name, child, module, modules[block_name]):
+                state[f"{target}.{leaf}"] = tensor[offset : offset + rows]
+                offset += rows
+        else:
+            state[name] = tensor
+    for name in state:
+        if name.endswith(".weight_fp8"):
+            fp8_layers.append(name.removesuffix(".weight_fp8"))
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    config = {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")}
+    metadata = {"format": FP8_FORMAT, "config": json.dumps(config), "fp8_layers": json.dumps(sorted(fp8_layers))}
+    path = Path(path)
+    save_file(state, str(path), metadata=metadata)
+    return path
+
+
+def load_fp8_transformer(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16):
+    """The FluxTransformer2DModel of a `save_fp8_transformer` file, fp8 layers rebuilt, nothing re-quantised."""
+    from diffusers import FluxTransformer2DModel
+    from safetensors import safe_open
+
+    from .models import _read_safetensors, dtype_as_default
+
+    path = Path(path)
+    state = _read_safetensors(path)
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("format") != FP8_FORMAT:
+        raise CheckpointError(
+            f"{str(path)!r} is not a flux-engine fp8 checkpoint (format {metadata.get('format')!r}, expected "
+            f"{FP8_FORMAT!r}); write one with engine.quantize.save_fp8_transformer"
+        )
+    device = torch.device(device)
+    with torch.device("meta"), dtype_as_default(dtype):
+        transformer = FluxTransformer2DModel.from_config(json.loads(metadata["config"]))
+        compute = fp8_compute_for(device)
+        for name in json.loads(metadata["fp8_layers"]):
+            linear = transformer.get_submodule(name)
+            parent, child = _parent(transformer, name)
+            setattr(parent, child, Fp8Linear(linear.in_features, linear.out_features, linear.bias is not None, compute))
+    state = {k: v if k.endswith((".weight_fp8", ".weight_scale")) else v.to(dtype) for k, v in state.items()}
+    try:
+        transformer.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{str(path)!r} does not match its own transformer config: {err}") from err
+    transformer = transformer.to(device).eval().requires_grad_(False)
+    transformer._flux_quant_mode = "fp8"
+    return transformer
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def sqnr_summary(per_layer: dict[str, float], worst: int = 5) -> dict:
+    if not per_layer:
+        return {"layers": 0}
+    values = sorted(per_layer.items(), key=lambda kv: kv[1])
+    finite = [v for _, v in values]
+    return {
+        "layers": len(values),
+        "min_db": round(finite[0], 2),
+        "median_db": round(statistics.median(finite), 2),
+        "max_db": round(finite[-1], 2),
+        "worst": [(name, round(db, 2)) for name, db in values[:worst]],
+    }
+
+
+def quantization_report(pipe) -> dict:
+    """Per quantised component: mode, layers quantised and kept, weight GiB now, probe SQNR summary."""
+    state: QuantState | None = getattr(pipe, "quant_state", None)
+    if state is None:
+        return {}
+    report = {}
+    for component, result in state.components.items():
+        report[component] = {
+            "mode": result.mode,
+            "quantized_layers": len(result.quantized),
+            "kept_layers": result.kept,
+            "weight_gib": round(actual_weight_bytes(getattr(pipe, component)) / 2**30, 3),
+            "sqnr": sqnr_summary(result.sqnr_db),
+        }
+    return report
+
+
+def measure_layer_sqnr(model: nn.Module, mode: str, run: Callable[[], object], component: str = "transformer",
+                       max_tokens: int = 1024) -> dict[str, float]:  # fmt: skip
+    """Per-layer SQNR of `mode` on the activations `run()` actually feeds each quantisable Linear of `model`
+    (bf16, before quantising): each layer is quantised on the fly in a hook, compared, and dropped."""
+    results: dict[str, float] = {}
+
+    def hook_for(name):
+        def hook(module, args):
+            x = args[0].reshape(-1, module.in_features)[:max_tokens]
+            results[name] = min(results.get(name, math.inf), layer_sqnr(module, mode, x))
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in quantizable_linears(model, component)]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return results

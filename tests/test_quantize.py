@@ -1,0 +1,345 @@
+"""Weight quantisation: the fp8 arithmetic (emulated on the CPU), Fp8Linear, the quanto weight-only paths on the
+tiny pipeline, exact weight-memory accounting on the real flux-dev config (meta device), fused projections,
+fp8 save/load, fullgraph compile of quantised blocks; on a GPU, `_scaled_mm` and NF4.
+
+Thresholds, with what they rest on (measured on this CPU, 2026-11-26, unless said otherwise):
+- e4m3 has 3 mantissa bits: one rounding is at most 2^-4 relative, ~31 dB SQNR on Gaussian data; W8A8
+  (weights and activations rounded) measured 28.5-29.6 dB per layer on the tiny model, so >= 25 dB
+  (the issue's per-layer target) fails on a real defect (a wrong scale axis drops it below 10 dB).
+- fp8-weight (quanto qfloat8) 31.7-32.6 dB, int8-weight 44-48 dB per layer.
+- tiny pipeline images vs fp32: fp8 60.0 dB, fp8-weight 60.4 dB, int8-weight 78.5 dB PSNR; asserted
+  >= 45 / 45 / 60 dB (an unquantised-bias or wrong-row bug measured < 30 dB).
+"""
+
+import gc
+import weakref
+
+import pytest
+import torch
+from conftest import tiny_call_kwargs
+from diffusers import FluxPipeline
+from torch import nn
+from torch._dynamo.utils import counters
+
+from engine import EngineConfig, FluxEngine
+from engine.config import PRESETS, AttentionConfig, CompileConfig, QuantConfig
+from engine.errors import CheckpointError, ConfigError
+from engine.measure import psnr, sqnr_db
+from engine.models import synthetic_components
+from engine.quantize import (
+    E4M3_MAX,
+    FP8_DTYPE,
+    Fp8Linear,
+    FusedAway,
+    actual_weight_bytes,
+    apply_quantization,
+    fp8_linear,
+    layer_sqnr,
+    linear_weight_bytes,
+    load_fp8_transformer,
+    meta_component,
+    nf4_layer_bytes,
+    quantization_report,
+    quantize_fp8_rowwise,
+    save_fp8_transformer,
+    weight_bytes,
+)
+
+GIB = 2**30
+
+
+def _fresh_pipe(dtype=torch.float32, device="cpu") -> FluxPipeline:
+    return FluxPipeline(**synthetic_components("tiny", device=device, dtype=dtype, seed=0))
+
+
+def _all_e4m3_values() -> torch.Tensor:
+    codes = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPE).float()
+    return codes[torch.isfinite(codes)].unique()
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_quant_config_modes_and_errors():
+    config = QuantConfig(transformer="fp8", text_encoder_2="nf4", nf4_double_quant=True)
+    assert config.label == "dit=fp8,t5=nf4,nf4dq"
+    with pytest.raises(ConfigError, match=r"quant.text_encoder='int4' is not one of 'none', 'fp8', 'fp8-weight'"):
+        QuantConfig(text_encoder="int4")
+    with pytest.raises(ConfigError, match="nf4_double_quant=True needs a component in mode 'nf4'"):
+        QuantConfig(transformer="fp8", nf4_double_quant=True)
+    for name in ("fp8", "fp8-compile", "nf4", "int8-weight"):
+        assert PRESETS[name].quant.transformer != "none"
+    assert PRESETS["fp8-compile"].compile.mode == "regional"
+
+
+# ----------------------------------------------------------------------------- fp8 arithmetic
+
+
+def test_fp8_rounding_is_to_the_nearest_e4m3_value():
+    torch.manual_seed(0)
+    x = torch.randn(64, 200) * torch.logspace(-3, 3, 64)[:, None]  # rows of very different magnitudes
+    q, scale = quantize_fp8_rowwise(x)
+    assert q.dtype == FP8_DTYPE and scale.shape == (64, 1)
+    grid = _all_e4m3_values()  # every finite e4m3 value
+    scaled = (x / scale).clamp(-E4M3_MAX, E4M3_MAX)
+    nearest = grid[(scaled[..., None] - grid).abs().argmin(dim=-1)]
+    torch.testing.assert_close(q.float(), nearest, rtol=0, atol=0)
+
+
+def test_fp8_scale_maps_each_rows_amax_to_448_and_saturates():
+    x = torch.tensor([[1e4, 1.0, -3.0, 1e-3], [-7.0, 2.0, 0.5, 0.0], [1e-30, -2e-30, 0.0, 5e-31]])
+    q, scale = quantize_fp8_rowwise(x)
+    torch.testing.assert_close(scale.squeeze(1), x.abs().amax(dim=1) / E4M3_MAX)
+    assert q.float().abs().amax(dim=1).tolist() == [E4M3_MAX] * 3
+    assert torch.isfinite(q.float()).all()
+    # a static scale: everything past 448 * scale saturates to +-448, never NaN
+    static, _ = quantize_fp8_rowwise(torch.tensor([[100.0, -1e6, 449.0, 3e38]]), scale=torch.tensor([[0.5]]))
+    assert static.float().tolist() == [[192.0, -E4M3_MAX, E4M3_MAX, E4M3_MAX]]  # 200: a tie, to even (192)
+    big = torch.full((2, 32), 3e38)
+    assert torch.isfinite(quantize_fp8_rowwise(big)[0].float()).all()
+
+
+def test_fp8_zero_rows_give_zeros_not_nan():
+    x = torch.randn(4, 64)
+    x[1] = 0.0
+    q, scale = quantize_fp8_rowwise(x)
+    assert (q[1].float() == 0).all() and scale[1].item() > 0
+    linear = nn.Linear(64, 32)
+    linear.weight.data[3] = 0.0  # a zero output channel
+    out = Fp8Linear.from_linear(linear, compute="emulate")(x)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[1], linear.bias.detach())  # zero token -> bias exactly
+    torch.testing.assert_close(out[:, 3], linear.bias.detach()[3].expand(4))
+
+
+def test_non_finite_weights_are_rejected_with_the_layer_name():
+    with pytest.raises(ValueError, match="has 2 inf/nan values"):
+        quantize_fp8_rowwise(torch.tensor([[1.0, float("inf")], [float("nan"), 0.0]]), check_finite=True)
+    linear = nn.Linear(16, 16)
+    linear.weight.data[2, 5] = float("inf")
+    with pytest.raises(CheckpointError, match="layer blocks.3.ff: tensor of shape .16, 16. has 1 inf/nan"):
+        Fp8Linear.from_linear(linear, name="blocks.3.ff")
+
+
+def test_non_finite_activation_poisons_its_row_only():
+    # Checking activations would cost a host sync per layer; a non-finite token must still not become a
+    # plausible finite output.
+    layer = Fp8Linear.from_linear(nn.Linear(32, 16), compute="emulate")
+    x = torch.randn(3, 32)
+    x[1, 4] = float("inf")
+    out = layer(x)
+    assert torch.isnan(out[1]).all() and torch.isfinite(out[[0, 2]]).all()
+
+
+def test_emulation_matches_torch_scaled_mm_on_the_same_fp8_values():
+    # torch's own CPU _scaled_mm (row-wise scales) is the hardware op's contract; the emulation must agree
+    torch.manual_seed(1)
+    x, linear = torch.randn(77, 256, dtype=torch.bfloat16), nn.Linear(256, 384, dtype=torch.bfloat16)
+    layer = Fp8Linear.from_linear(linear, compute="emulate")
+    x_fp8, x_scale = quantize_fp8_rowwise(x)
+    expected = torch._scaled_mm(
+        x_fp8, layer.weight_fp8.t(), scale_a=x_scale, scale_b=layer.weight_scale.view(1, -1),
+        bias=layer.bias, out_dtype=torch.bfloat16,
+    )  # fmt: skip
+    got = fp8_linear(x, layer.weight_fp8, layer.weight_scale, layer.bias, "emulate")
+    assert sqnr_db(got.float(), expected.float()) > 45  # both round the fp32 sum to bf16 (~50 dB apart)
+
+
+@pytest.mark.parametrize(("tokens", "in_features", "out_features"), [(1, 3072, 64), (77, 256, 384), (4097, 128, 96)])
+def test_fp8_linear_sqnr_against_bf16_linear(tokens, in_features, out_features):
+    torch.manual_seed(tokens)
+    linear = nn.Linear(in_features, out_features, dtype=torch.bfloat16)
+    x = torch.randn(1, tokens, in_features, dtype=torch.bfloat16)
+    quantized = Fp8Linear.from_linear(linear, compute="emulate")
+    out = quantized(x)
+    assert out.shape == (1, tokens, out_features) and out.dtype == torch.bfloat16
+    assert sqnr_db(out.float(), linear(x).float()) >= 25.0
+    assert layer_sqnr(linear, "fp8", x[0]) >= 25.0
+    # per-channel really is per output channel: a row scaled by 1e3 keeps the others' precision
+    linear.weight.data[0] *= 1000
+    assert sqnr_db(Fp8Linear.from_linear(linear)(x)[..., 1:].float(), linear(x)[..., 1:].float()) >= 25.0
+
+
+# ----------------------------------------------------------------------------- the tiny pipeline
+
+
+@pytest.fixture(scope="module")
+def fp32_reference_images(tiny_components):
+    return FluxPipeline(**tiny_components)(**tiny_call_kwargs()).images
+
+
+@pytest.mark.parametrize(("mode", "min_psnr"), [("fp8", 45.0), ("fp8-weight", 45.0), ("int8-weight", 60.0)])
+def test_quantised_tiny_pipeline_end_to_end(mode, min_psnr, fp32_reference_images):
+    config = EngineConfig(quant=QuantConfig(transformer=mode, text_encoder_2=mode, text_encoder=mode))
+    engine = FluxEngine.from_pipe(_fresh_pipe(), config)
+    images = engine(**tiny_call_kwargs()).images
+    assert psnr(images, fp32_reference_images) >= min_psnr
+    report = quantization_report(engine)
+    assert set(report) == {"transformer", "text_encoder_2", "text_encoder"}
+    assert report["transformer"]["kept_layers"] == [
+        "time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2",
+        "time_text_embed.guidance_embedder.linear_1", "time_text_embed.guidance_embedder.linear_2",
+        "time_text_embed.text_embedder.linear_1", "time_text_embed.text_embedder.linear_2",
+        "context_embedder", "x_embedder", "norm_out.linear", "proj_out",
+    ]  # fmt: skip
+    for component in report.values():
+        assert component["sqnr"]["min_db"] >= 25.0
+
+
+def test_nf4_on_cpu_is_a_clear_error():
+    with pytest.raises(ConfigError, match="nf4 quantisation runs bitsandbytes' CUDA kernels.*'int8-weight'"):
+        apply_quantization(_fresh_pipe(), QuantConfig(transformer="nf4"))
+
+
+def test_fused_projections_are_quantised_and_release_the_bf16_weight():
+    pipe = _fresh_pipe()
+    engine = FluxEngine.from_pipe(pipe, EngineConfig(attention=AttentionConfig(backend="auto")))  # fused, no Triton
+    double, single = engine.transformer.transformer_blocks[0], engine.transformer.single_transformer_blocks[0]
+    fused_weight = weakref.ref(double.qkv.weight)
+    view_weight = weakref.ref(double.attn.to_q.weight)
+    apply_quantization(engine, QuantConfig(transformer="fp8"))
+    gc.collect()
+    assert isinstance(double.qkv, Fp8Linear) and isinstance(double.txt_qkv, Fp8Linear)
+    assert isinstance(single.linear1, Fp8Linear)
+    for module in (double.attn.to_q, double.attn.add_v_proj, single.attn.to_k, single.proj_mlp):
+        assert isinstance(module, FusedAway)
+    assert fused_weight() is None and view_weight() is None
+    # nothing else holds model memory: the fused model's bytes are exactly the fp8 layout's (the same for fp8)
+    unfused = meta_component("tiny", "transformer", torch.float32)
+    assert actual_weight_bytes(engine.transformer) == weight_bytes(unfused, "fp8")
+    with pytest.raises(ConfigError, match="fused into `transformer_blocks.0.qkv`"):
+        double.attn.to_q(torch.zeros(1, 1))
+    # without the fused path the diffusers projections themselves are quantised
+    plain = _fresh_pipe()
+    apply_quantization(plain, QuantConfig(transformer="fp8"))
+    assert isinstance(plain.transformer.transformer_blocks[0].attn.to_q, Fp8Linear)
+
+
+# ----------------------------------------------------------------------------- memory accounting
+
+
+@pytest.mark.parametrize("mode", ["fp8", "fp8-weight", "int8-weight"])
+def test_weight_bytes_equals_the_quantised_models_bytes(mode):
+    pipe = _fresh_pipe(dtype=torch.bfloat16)
+    expected = {c: weight_bytes(meta_component("tiny", c), mode, c) for c in ("transformer", "text_encoder_2")}
+    apply_quantization(pipe, QuantConfig(transformer=mode, text_encoder_2=mode))
+    for component, value in expected.items():
+        assert actual_weight_bytes(getattr(pipe, component)) == value
+
+
+def test_weight_bytes_of_flux_dev_meet_the_targets_exactly():
+    transformer, t5 = meta_component("flux-dev", "transformer"), meta_component("flux-dev", "text_encoder_2")
+    assert all(p.device.type == "meta" for p in transformer.parameters())
+    # independent count: every quantised Linear from its shape, everything else at 2 bytes per element
+    linears = [(n, m) for n, m in transformer.named_modules() if type(m) is nn.Linear]
+    kept = {"x_embedder", "context_embedder", "time_text_embed", "norm_out", "proj_out"}
+    quantized = [m for n, m in linears if n.split(".")[0] not in kept]
+    quantized_params = sum(m.weight.numel() + m.bias.numel() for m in quantized)
+    total_params = sum(p.numel() for p in transformer.parameters())
+    rows = sum(m.out_features for m in quantized)
+    biases = sum(m.bias.numel() for m in quantized)
+    expected_fp8 = (total_params - quantized_params) * 2 + (quantized_params - biases) + 4 * rows + 2 * biases
+    assert weight_bytes(transformer, "fp8") == expected_fp8 == 11_980_728_448
+    assert weight_bytes(transformer, "none") == total_params * 2 == 23_802_816_640
+    assert weight_bytes(transformer, "fp8") / GIB <= 11.5
+    assert weight_bytes(transformer, "nf4") == 6_791_144_448 and weight_bytes(transformer, "nf4") / GIB <= 6.5
+    assert weight_bytes(t5, "nf4") == 2_868_271_616 and weight_bytes(t5, "nf4") / GIB <= 3.0
+    # one NF4 layer by hand: 3072x12288 -> 18.9M packed bytes + 589824 fp32 block scales + the 16-entry code
+    assert nf4_layer_bytes(12288, 3072, double_quant=False) == 3072 * 12288 // 2 + 3072 * 12288 // 64 * 4 + 64
+    assert linear_weight_bytes(nn.Linear(3072, 12288, device="meta", dtype=torch.bfloat16), "fp8") == (
+        3072 * 12288 + 12288 * 4 + 12288 * 2
+    )
+
+
+# ----------------------------------------------------------------------------- save / load
+
+
+def test_fp8_checkpoint_round_trip(tmp_path):
+    engine = FluxEngine.from_pipe(
+        _fresh_pipe(), EngineConfig(attention=AttentionConfig(backend="auto"), quant=QuantConfig(transformer="fp8"))
+    )
+    path = save_fp8_transformer(engine.transformer, tmp_path / "dit-fp8.safetensors")
+    loaded = load_fp8_transformer(path, device="cpu", dtype=torch.float32)
+    # fused qkv saved split into diffusers names: exact, the scales are per row
+    fused = engine.transformer.transformer_blocks[1].qkv
+    rows = loaded.transformer_blocks[1].attn.to_k
+    k_rows = slice(rows.out_features, 2 * rows.out_features)  # [q; k; v]
+    torch.testing.assert_close(rows.weight_fp8.float(), fused.weight_fp8[k_rows].float(), rtol=0, atol=0)
+    torch.testing.assert_close(rows.weight_scale, fused.weight_scale[k_rows], rtol=0, atol=0)
+    assert actual_weight_bytes(loaded) == weight_bytes(meta_component("tiny", "transformer", torch.float32), "fp8")
+    # the loaded model makes the same images, and quantising again is skipped, not stacked
+    pipe = _fresh_pipe()
+    pipe.transformer = loaded
+    again = FluxEngine.from_pipe(pipe, EngineConfig(quant=QuantConfig(transformer="fp8")))
+    assert again.transformer.transformer_blocks[1].attn.to_k is rows
+    expected = engine(**tiny_call_kwargs()).images
+    assert psnr(again(**tiny_call_kwargs()).images, expected) >= 80  # same fp8 values; fp32 sum order differs
+
+
+def test_loading_a_plain_file_as_fp8_is_a_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(CheckpointError, match="not a flux-engine fp8 checkpoint"):
+        load_fp8_transformer(tmp_path / "plain.safetensors")
+
+
+# ----------------------------------------------------------------------------- compile
+
+
+def test_fp8_blocks_compile_fullgraph_without_recompiles():
+    config = EngineConfig(quant=QuantConfig(transformer="fp8"), compile=CompileConfig(mode="regional", backend="eager"))
+    engine = FluxEngine.from_pipe(_fresh_pipe(), config)
+    torch._dynamo.reset()
+    counters.clear()
+    engine(**tiny_call_kwargs(height=64, width=64))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        engine(**tiny_call_kwargs(height=48, width=80))
+    assert not counters["graph_break"]
+    assert counters["stats"]["unique_graphs"] >= 4
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+def test_scaled_mm_path_matches_the_emulation_at_flux_shapes():
+    device = torch.device("cuda")
+    if torch.cuda.get_device_capability(device) < (8, 9):
+        pytest.skip("needs FP8 tensor cores (compute capability 8.9+)")
+    torch.manual_seed(0)
+    linear = nn.Linear(3072, 3072, device=device, dtype=torch.bfloat16)
+    x = torch.randn(4608, 3072, device=device, dtype=torch.bfloat16)
+    layer = Fp8Linear.from_linear(linear)
+    assert layer.compute == "scaled_mm"
+    got = layer(x)
+    emulated = fp8_linear(x, layer.weight_fp8, layer.weight_scale, layer.bias, "emulate")
+    assert sqnr_db(got.float(), emulated.float()) > 45  # same fp8 values, both bf16-rounded
+    assert sqnr_db(got.float(), linear(x).float()) >= 25.0
+
+
+@pytest.mark.gpu
+def test_nf4_linear_sqnr_and_exact_bytes():
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    linear = nn.Linear(3072, 12288, device=device, dtype=torch.bfloat16)
+    x = torch.randn(512, 3072, device=device, dtype=torch.bfloat16)
+    # NF4 has 16 levels: ~20 dB on Gaussian weights (bitsandbytes' NF4 paper); 15 dB leaves room for bf16
+    assert layer_sqnr(linear, "nf4", x) >= 15.0
+    for double_quant in (False, True):
+        pipe = _fresh_pipe(dtype=torch.bfloat16, device=device)
+        expected = weight_bytes(meta_component("tiny", "transformer"), "nf4", double_quant=double_quant)
+        apply_quantization(pipe, QuantConfig(transformer="nf4", nf4_double_quant=double_quant))
+        assert actual_weight_bytes(pipe.transformer) == expected
+
+
+@pytest.mark.gpu
+def test_fp8_and_nf4_tiny_pipelines_on_gpu():
+    device = torch.device("cuda")
+    reference = _fresh_pipe(torch.bfloat16, device)(**tiny_call_kwargs(generator=torch.Generator().manual_seed(0)))
+    for mode in ("fp8", "nf4"):
+        engine = FluxEngine.from_pipe(
+            _fresh_pipe(torch.bfloat16, device), EngineConfig(quant=QuantConfig(transformer=mode))
+        )
+        images = engine(**tiny_call_kwargs(generator=torch.Generator().manual_seed(0))).images
+        assert psnr(images.float(), reference.images.float()) >= 30.0
