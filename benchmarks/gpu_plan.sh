@@ -64,6 +64,13 @@ for s in "$@"; do
       stage gate-slowed 150 env FLUX_KERNELS_ATTENTION_CONFIG=64,32,4,1 python3 -m engine.bench --res 2048 --steps 2 \
         --runs 2 --no-baseline --preset kernels-triton-attn --out "$OUT/gate-slowed-$CARD-$DAY.json" \
         --gate "$OUT/gate-baseline-$CARD-$DAY.json" ;;
+    quant-compile)
+      stage quant-compile 300 python3 benchmarks/bench_quant.py --modes none,fp8 --budget-s 280 \
+        --out "$OUT/quant-compile-$CARD-$DAY.json" ;;
+    tests-all-gpu)
+      stage tests-all-gpu 200 python3 -m pytest -q -m gpu tests
+      stage tests-engine-gpu 200 python3 -m pytest -q tests/test_engine_attention.py tests/test_compile.py \
+        -k "not cache_round_trip and not no_graph_break_and_no_recompile" ;;
     *) echo "unknown stage $s" | tee -a "$LOG" ;;
   esac
 done
