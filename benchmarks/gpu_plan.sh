@@ -53,7 +53,7 @@ for s in "$@"; do
     bench-kernels-compile)
       stage bench-kernels-compile 270 python3 -m engine.bench --res 1024 2048 1360x768 512 --steps 4 \
         --preset kernels-compile --out "$OUT/bench-kernels-compile-$CARD-$DAY.json" ;;
-    tests-compile) stage tests-compile 150 python3 -m pytest -q -x tests/test_compile.py -k kernels_inside ;;
+    tests-compile) stage tests-compile 150 python3 -m pytest -q -x tests/test_compile.py -k "kernels_inside or cuda_graphs" ;;
     ladder)
       stage ladder 420 python3 -m engine.bench --res 1024 1360x768 512 832x1216 2048 --steps 4 \
         --preset kernels,kernels-compile,kernels-compile-cudagraphs --out "$OUT/bench-ladder-$CARD-$DAY.json" ;;

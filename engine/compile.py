@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from .config import CacheConfig, CompileConfig
+from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +49,10 @@ def inductor_options(config: CompileConfig) -> dict:
     tuning and max-autotune are left off: they multiply the cold compile time (the target is <= 30 s)
     for a few percent on GEMMs that go to cuBLAS anyway.
     """
-    options = {"conv_1x1_as_mm": True}
-    if config.cuda_graphs:
-        options["triton.cudagraphs"] = True
-    return options
+    # CUDA graphs are not inductor's here (`triton.cudagraphs` replays each region on its own, and a block
+    # graph called 19 times per step overwrites its own outputs: measured crash on an H100); the whole
+    # transformer forward is captured instead, see TransformerGraphs.
+    return {"conv_1x1_as_mm": True}
 
 
 # ----------------------------------------------------------------------------- the cache
@@ -112,6 +113,7 @@ class CompileState:
     loaded_artifacts: bool = False
     saved_artifacts: bool = False
     compiled_modules: list[str] = field(default_factory=list)
+    cuda_graphs: TransformerGraphs | None = None
 
 
 def load_artifacts(path: Path) -> bool:
@@ -148,11 +150,101 @@ def _compile_module(module: torch.nn.Module, config: CompileConfig) -> None:
     module.compile(**kwargs)
 
 
+# ----------------------------------------------------------------------------- CUDA graphs
+
+
+class TransformerGraphs:
+    """The transformer's whole forward (all 57 blocks, compiled or not) captured as one CUDA graph per input
+    signature (shapes, dtypes, guidance or not) and replayed: one launch per step instead of thousands,
+    which is what pays at small sizes and few steps, where the CPU cannot keep the GPU fed.
+
+    Each signature keeps its own graph and memory pool (graphs sharing a pool must replay in capture order,
+    which arbitrary resolution changes would break); at most `max_graphs` are kept, oldest dropped first.
+    The first call of a signature runs eagerly twice on a side stream (compiles, autotunes) before capture.
+    """
+
+    TENSOR_ARGS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
+    ID_ARGS = ("img_ids", "txt_ids")
+
+    def __init__(self, transformer: torch.nn.Module, max_graphs: int = 4):
+        self.transformer = transformer
+        self.forward = transformer.forward  # the bound forward being replaced (compiled blocks inside)
+        self.max_graphs = max_graphs
+        self.graphs: dict[tuple, tuple] = {}  # signature -> (graph, static inputs, static output)
+        self.captures = 0
+
+    def install(self) -> None:
+        self.transformer.forward = self
+
+    def _signature(self, kwargs: dict) -> tuple:
+        def describe(value):
+            return (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else value
+
+        return tuple((name, describe(kwargs.get(name))) for name in (*self.TENSOR_ARGS, *self.ID_ARGS))
+
+    def __call__(self, *args, **kwargs):
+        unsupported = args or kwargs.get("joint_attention_kwargs") or kwargs.get("controlnet_block_samples")
+        if unsupported or torch.is_grad_enabled() or self.transformer.device.type != "cuda":
+            return self.forward(*args, **kwargs)
+        key = self._signature(kwargs)
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self._capture(kwargs)
+        graph, static_inputs, static_output = entry
+        for name, value in static_inputs.items():
+            value.copy_(kwargs[name], non_blocking=True)
+        graph.replay()
+        sample = static_output.clone()  # the next replay reuses the buffer (true CFG calls twice per step)
+        return (sample,) if not kwargs.get("return_dict", True) else _transformer_output(sample)
+
+    def _capture(self, kwargs: dict) -> tuple:
+        if len(self.graphs) >= self.max_graphs:
+            self.graphs.pop(next(iter(self.graphs)))
+        static_inputs = {
+            name: kwargs[name].clone()
+            for name in (*self.TENSOR_ARGS, *self.ID_ARGS)
+            if isinstance(kwargs.get(name), torch.Tensor)
+        }
+        call_kwargs = {**kwargs, **static_inputs, "return_dict": False}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.forward(**call_kwargs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_output = self.forward(**call_kwargs)[0]
+        self.captures += 1
+        entry = (graph, static_inputs, static_output)
+        self.graphs[self._signature(kwargs)] = entry
+        return entry
+
+
+def _transformer_output(sample: torch.Tensor):
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    return Transformer2DModelOutput(sample=sample)
+
+
+# ----------------------------------------------------------------------------- applying the config
+
+
 def apply_compile(pipe, config) -> CompileState | None:
-    """Compile `pipe.transformer` regionally per `config.compile`; None when compile is off."""
+    """Compile `pipe.transformer` regionally per `config.compile` (and capture it in CUDA graphs when asked);
+    None when both are off."""
     compile_config: CompileConfig = config.compile
-    if compile_config.mode == "none":
+    if compile_config.mode == "none" and not compile_config.cuda_graphs:
         return None
+    if compile_config.cuda_graphs and pipe.transformer.device.type != "cuda":
+        raise ConfigError(
+            f"compile.cuda_graphs needs the transformer on a CUDA GPU, it is on {pipe.transformer.device.type}; "
+            "turn cuda_graphs off"
+        )
+    if compile_config.mode == "none":
+        graphs = TransformerGraphs(pipe.transformer)
+        graphs.install()
+        return CompileState(cache_dir=None, artifact_path=None, cuda_graphs=graphs)
     state = CompileState(cache_dir=None, artifact_path=None)
     if config.cache.enabled and compile_config.backend == "inductor":
         root = cache_root(config.cache)
@@ -176,6 +268,9 @@ def apply_compile(pipe, config) -> CompileState | None:
             state.compiled_modules.append(name)
     if state.artifact_path is not None and not state.loaded_artifacts:
         _save_after_first_call(transformer, state)
+    if compile_config.cuda_graphs:
+        state.cuda_graphs = TransformerGraphs(transformer)
+        state.cuda_graphs.install()
     return state
 
 
