@@ -234,8 +234,13 @@ def pick_attention_core(heads: int, head_dim: int, dtype: torch.dtype, device: t
     """'triton' or 'sdpa', whichever runs FLUX's 1024^2 attention faster here; with the timings (ms)."""
     from kernels import triton_runnable
 
-    if device.type != "cuda" or not triton_runnable(device) or head_dim not in (64, 128):
-        return "sdpa", {}
+    if (
+        device.type != "cuda"
+        or not triton_runnable(device)
+        or head_dim not in (64, 128)
+        or dtype not in (torch.bfloat16, torch.float16)
+    ):
+        return "sdpa", {}  # our kernel does not take this model: nothing to measure
     from kernels.attention import flash_attention
 
     shape = (1, heads, AUTO_PROBE_TOKENS, head_dim)
@@ -256,6 +261,11 @@ def resolve_ops(config: AttentionConfig, transformer) -> BlockOps:
             f"attention backend={config.backend!r} fused_norms={config.fused_norms} runs Triton kernels, which need "
             f"a CUDA GPU (or TRITON_INTERPRET=1 on a CPU, for tests); the model is on {device.type}. Use the "
             "'baseline' preset here"
+        )
+    if config.backend == "triton" and dtype not in (torch.bfloat16, torch.float16):
+        raise ConfigError(
+            f"attention backend='triton' runs in bf16 or fp16, the transformer is {dtype}; load it in bf16, or use "
+            "backend='auto' (it falls back to SDPA)"
         )
     core = config.backend
     if core == "auto":

@@ -117,3 +117,12 @@ def test_fused_block_compiles_fullgraph_without_graph_breaks(device):
     for out, ref in zip(got, expected, strict=True):
         for a, b in zip(out, ref, strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_triton_core_refuses_fp32_models_and_auto_falls_back(device):
+    from engine.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="runs in bf16 or fp16, the transformer is torch.float32"):
+        FluxEngine.from_pipe(FluxPipeline(**_components(torch.float32, device)), "kernels-triton-attn")
+    engine = FluxEngine.from_pipe(FluxPipeline(**_components(torch.float32, device)), "kernels")
+    assert engine.attention_ops.core == "sdpa"
