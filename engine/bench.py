@@ -493,6 +493,21 @@ def parse_presets(text: str) -> list[str]:
     return names
 
 
+def quantization_summary(engine, label: str) -> dict:
+    """Per quantised component: mode, weight GiB and per-layer SQNR (dB) against the unquantised weights."""
+    from .quantize import quantization_report
+
+    report = quantization_report(engine)
+    for component, info in report.items():
+        sqnr = info.get("sqnr") or {}
+        print(
+            f"{label}: {component} {info['mode']}, {info['weight_gib']:.2f} GiB of weights, "
+            f"{info['quantized_layers']} layers quantised; per-layer SQNR min {sqnr.get('min_db', '-')} dB, "
+            f"median {sqnr.get('median_db', '-')} dB"
+        )
+    return report
+
+
 def check_presets_runnable(presets: list[str], device: torch.device) -> None:
     from kernels import triton_runnable
 
@@ -541,6 +556,7 @@ def run(args) -> dict:
     rows: dict[tuple, Row] = {}
     outputs: dict[tuple, Output] = {}
     attention_cores: dict[str, str] = {}
+    quant_reports: dict[str, dict] = {}
     with tqdm(total=total_calls, desc="bench", unit="call", file=sys.stderr) as progress:
         if not args.no_baseline:
             baseline_pipe = FluxPipeline(**components)
@@ -562,6 +578,8 @@ def run(args) -> dict:
             engine = FluxEngine.from_pipe(engine, engine_config)
             label = engine_config.label
             attention_cores[label] = engine.attention_ops.core if engine.attention_ops is not None else "diffusers"
+            if getattr(engine, "quant_state", None) is not None:
+                quant_reports[label] = quantization_summary(engine, label)
             for size in plan.sizes:
                 progress.set_postfix_str(f"{label} {size[1]}x{size[0]}")
                 key = (label, size)
@@ -590,6 +608,7 @@ def run(args) -> dict:
         "seed": args.seed,
         "timing": "cuda events" if plan.device.type == "cuda" else "perf_counter (CPU)",
         "attention_core": attention_cores,
+        "quantization": quant_reports,
         "rows": ordered,
     }
 

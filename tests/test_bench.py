@@ -174,3 +174,19 @@ def test_json_is_written_atomically(tmp_path):
     # the failed write left the previous file whole and no temporary behind
     assert json.loads(path.read_text())["z"] == [1.5]
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_quantised_configs_report_per_layer_sqnr(tiny_components, capsys):
+    from diffusers import FluxPipeline
+
+    from engine import EngineConfig, FluxEngine
+    from engine.config import QuantConfig
+    from engine.models import synthetic_components
+
+    components = synthetic_components("tiny", device="cpu", dtype=tiny_components["vae"].dtype, seed=0)
+    engine = FluxEngine.from_pipe(FluxPipeline(**components), EngineConfig(quant=QuantConfig(transformer="fp8")))
+    report = bench.quantization_summary(engine, "fp8-test")
+    assert report["transformer"]["mode"] == "fp8"
+    assert report["transformer"]["quantized_layers"] > 0
+    assert report["transformer"]["sqnr"]["min_db"] >= 25.0
+    assert "fp8-test: transformer fp8" in capsys.readouterr().out
