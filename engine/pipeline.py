@@ -55,8 +55,8 @@ def optimize(pipe: FluxPipeline, config: EngineConfig | str | None = None) -> Fl
             f"load a fresh pipeline to apply {config.label!r}"
         )
     if previous == config:
-        pipe.attention_ops = getattr(pipe, "attention_ops", None)
-        pipe.compile_state = getattr(pipe, "compile_state", None)
+        for name in ("attention_ops", "quant_state", "compile_state"):
+            setattr(pipe, name, getattr(pipe, name, None))
         return pipe
     # The steps in order; each part of EngineConfig that is still 'off' leaves the pipeline as it is.
     from .attention import apply_attention
@@ -122,6 +122,11 @@ class FluxEngine(FluxPipeline):
         """A FluxEngine over the same components as `pipe` (shared, not copied), optimised with `config`."""
         engine = cls(**pipe.components)
         engine.model_name = getattr(pipe, "model_name", "pipeline")
+        # the components are shared: what was done to them travels with them, so optimize() can refuse to
+        # stack a second config on modules the first one already rewrote
+        for name in (_ENGINE_CONFIG_ATTR, "attention_ops", "quant_state", "compile_state"):
+            if hasattr(pipe, name):
+                setattr(engine, name, getattr(pipe, name))
         return optimize(engine, config)
 
     @property

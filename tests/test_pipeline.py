@@ -156,3 +156,20 @@ def test_optimizing_twice_with_different_configs_is_refused(tiny_components):
 def test_optimize_takes_only_flux_pipelines():
     with pytest.raises(ConfigError, match="takes a diffusers FluxPipeline, got str"):
         optimize("not a pipeline", "baseline")
+
+
+def test_from_pipe_of_an_optimised_pipeline_refuses_a_second_config(tiny_components):
+    from engine.config import CacheConfig
+
+    components = synthetic_components_copy()
+    first = FluxEngine.from_pipe(FluxPipeline(**components), EngineConfig(cache=CacheConfig(directory="/tmp/x")))
+    again = FluxEngine.from_pipe(first, first.engine_config)  # the same config: fine, nothing redone
+    assert again.engine_config == first.engine_config
+    with pytest.raises(ConfigError, match="already optimised"):
+        FluxEngine.from_pipe(first, "baseline")
+
+
+def synthetic_components_copy():
+    from engine.models import synthetic_components
+
+    return synthetic_components("tiny", device="cpu", dtype=torch.float32, seed=0)
