@@ -26,6 +26,12 @@ def _load(path: Path) -> dict:
     return data
 
 
+def _gpu_results(pattern: str) -> list[dict]:
+    """Result files of GPU runs only: a CPU run (the tiny model, e.g. the README's command on a laptop) says
+    nothing about speed and must not change the table."""
+    return [d for d in (_load(p) for p in sorted(RESULTS.glob(pattern))) if d.get("env", {}).get("gpu")]
+
+
 def _num(value, spec: str) -> str:
     if value is None:
         return "-"
@@ -115,12 +121,12 @@ def norm_table(data: dict) -> list[str]:
 
 
 def newest(pattern: str) -> dict | None:
-    files = [_load(p) for p in RESULTS.glob(pattern)]
+    files = _gpu_results(pattern)
     return max(files, key=lambda d: d["env"].get("date", "")) if files else None
 
 
 def render() -> str:
-    benches = [_load(p) for p in sorted(RESULTS.glob("bench-*.json"))]
+    benches = _gpu_results("bench-*.json")
     if not benches:
         return "No GPU results are recorded yet."
     parts = [

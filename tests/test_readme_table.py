@@ -31,3 +31,11 @@ def test_table_keeps_the_newest_run_per_card_and_preset(tmp_path, monkeypatch):
     assert "| 120.0 | 180.0 | 1.50x |" in text
     assert "150.0" not in text
     assert "`bench-new.json`" in text
+
+
+def test_cpu_runs_do_not_enter_the_table(tmp_path, monkeypatch):
+    payload = {"env": {"gpu": None, "date": "2026-03-01T00:00:00"}, "model": "synthetic:tiny", "preset": "baseline"}
+    payload["rows"] = [_row("diffusers", 7000.0), _row("baseline", 7100.0)]
+    (tmp_path / "bench-cpu.json").write_text(json.dumps(payload))
+    monkeypatch.setattr(table, "RESULTS", tmp_path)
+    assert table.render() == "No GPU results are recorded yet."
