@@ -24,7 +24,16 @@ import torch
 from .cli import add_model_arguments, choose_model, default_guidance
 from .config import resolve_config, validate_steps
 from .errors import EngineError
-from .measure import PeakMemory, environment_info, median, psnr, quantiles, relative_error, track_peak_memory
+from .measure import (
+    PeakMemory,
+    environment_info,
+    median,
+    psnr,
+    quantiles,
+    relative_error,
+    synchronize,
+    track_peak_memory,
+)
 
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse on the moon, earth rising behind"
 BASELINE_LABEL = "diffusers"
@@ -192,11 +201,6 @@ def compiled_graph_count() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure_warm_compile(pipe, row: Row, args, device: torch.device, progress) -> None:

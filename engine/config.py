@@ -220,13 +220,6 @@ class EngineConfig:
     def is_baseline(self) -> bool:
         return replace(self, name="") == EngineConfig()
 
-    def with_name(self, name: str) -> EngineConfig:
-        return replace(self, name=name)
-
-    @classmethod
-    def preset(cls, name: str) -> EngineConfig:
-        return preset(name)
-
 
 PRESETS: dict[str, EngineConfig] = {
     "baseline": EngineConfig(name="baseline"),

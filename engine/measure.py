@@ -15,7 +15,7 @@ import platform
 import statistics
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -122,23 +122,6 @@ class Timer:
             self.ms = self._start.elapsed_time(self._end)
         else:
             self.ms = (time.perf_counter() - self._t0) * 1e3
-
-
-@dataclass
-class PhaseTimes:
-    """Wall times of the phases of one pipeline call, in ms; `steps` holds one entry per denoise step."""
-
-    encode_ms: float = 0.0
-    steps: list[float] = field(default_factory=list)
-    decode_ms: float = 0.0
-
-    @property
-    def denoise_ms(self) -> float:
-        return sum(self.steps)
-
-    @property
-    def total_ms(self) -> float:
-        return self.encode_ms + self.denoise_ms + self.decode_ms
 
 
 def median(values: list[float]) -> float:
