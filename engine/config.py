@@ -94,18 +94,46 @@ class QuantConfig:
 
 @dataclass(frozen=True)
 class OffloadConfig:
-    """Where weights live between uses. 'none': everything stays on the GPU."""
+    """Where weights live between uses (engine/offload.py).
+
+    policy:
+    - 'none': everything stays on the GPU.
+    - 'model': the text encoders live in pinned CPU memory and visit the GPU only to encode (prompt
+      embeddings are cached, so a repeated prompt does not move them); transformer and VAE stay on the GPU.
+    - 'block': 'model', and the transformer's blocks (and T5's) live in pinned CPU memory and are streamed
+      to the GPU on a side CUDA stream, `blocks_resident` at a time, the next ones copied while one computes.
+    - 'leaf': the same one Linear at a time: the lowest VRAM, the most copies.
+    blocks_resident: GPU slots of the block ring ('block'); >= 2 so that a copy overlaps a compute.
+    prompt_cache: prompt embeddings kept per pipeline (0: none), for every policy but 'none'.
+    """
 
     policy: str = "none"
+    blocks_resident: int = 2
+    prompt_cache: int = 8
 
-    POLICIES = ("none",)
+    POLICIES = ("none", "model", "block", "leaf")
 
     def __post_init__(self):
         _check_choice("offload", "policy", self.policy, self.POLICIES)
+        if not isinstance(self.blocks_resident, int) or self.blocks_resident < 2:
+            raise ConfigError(
+                f"offload.blocks_resident={self.blocks_resident!r} must be an integer >= 2 "
+                "(one block computes while the next is copied)"
+            )
+        if not isinstance(self.prompt_cache, int) or self.prompt_cache < 0:
+            raise ConfigError(f"offload.prompt_cache={self.prompt_cache!r} must be an integer >= 0")
+
+    @property
+    def streams(self) -> bool:
+        """Transformer weights are streamed from the CPU during each step."""
+        return self.policy in ("block", "leaf")
 
     @property
     def label(self) -> str:
-        return "" if self.policy == "none" else f"offload={self.policy}"
+        if self.policy == "none":
+            return ""
+        resident = f"x{self.blocks_resident}" if self.policy == "block" and self.blocks_resident != 2 else ""
+        return f"offload={self.policy}{resident}"
 
 
 @dataclass(frozen=True)
@@ -146,18 +174,36 @@ class CompileConfig:
 
 @dataclass(frozen=True)
 class VaeConfig:
-    """VAE decode strategy. 'off': diffusers' untiled decode."""
+    """VAE decode/encode strategy (engine/vae.py).
+
+    tiling: 'off': diffusers' untiled decode; 'on': always tiled; 'auto': tiled when the image is larger
+        than one tile (or when the planner asks for it under a memory budget).
+    tile: the side of a tile in image pixels (a multiple of 64); overlap: pixels shared by neighbouring
+        tiles and blended (a multiple of 8, less than half a tile).
+    """
 
     tiling: str = "off"
+    tile: int = 1024
+    overlap: int = 128
 
-    TILINGS = ("off",)
+    TILINGS = ("off", "on", "auto")
 
     def __post_init__(self):
         _check_choice("vae", "tiling", self.tiling, self.TILINGS)
+        if not isinstance(self.tile, int) or self.tile < 128 or self.tile % 64:
+            raise ConfigError(f"vae.tile={self.tile!r} must be a multiple of 64, at least 128 (e.g. 512, 1024)")
+        if not isinstance(self.overlap, int) or self.overlap < 0 or self.overlap % 8 or 2 * self.overlap >= self.tile:
+            raise ConfigError(
+                f"vae.overlap={self.overlap!r} must be a multiple of 8 in 0..{self.tile // 2 - 8} "
+                f"(less than half of vae.tile={self.tile})"
+            )
 
     @property
     def label(self) -> str:
-        return "" if self.tiling == "off" else f"vae={self.tiling}"
+        if self.tiling == "off":
+            return ""
+        size = "" if (self.tile, self.overlap) == (1024, 128) else f"{self.tile}/{self.overlap}"
+        return f"vae={self.tiling}{size}"
 
 
 @dataclass(frozen=True)
@@ -207,6 +253,19 @@ class EngineConfig:
             value = getattr(self, part)
             if not isinstance(value, cls):
                 raise ConfigError(f"EngineConfig.{part} must be a {cls.__name__}, got {type(value).__name__}")
+        if self.offload.streams and self.compile.cuda_graphs:
+            raise ConfigError(
+                f"offload.policy={self.offload.policy!r} streams weights into new GPU memory every step, which a "
+                "captured CUDA graph cannot follow; use compile.cuda_graphs=False or offload.policy 'none'/'model'"
+            )
+
+    @classmethod
+    def for_budget(cls, vram_gib: float, height: int = 1024, width: int = 1024, **kwargs) -> EngineConfig:
+        """The fastest config predicted to fit `vram_gib` GiB of GPU memory (engine/planner.py; kwargs go to
+        `planner.plan`, e.g. variant, batch, fp8_hardware)."""
+        from .planner import plan
+
+        return plan(vram_gib, height, width, **kwargs).config
 
     @property
     def label(self) -> str:
