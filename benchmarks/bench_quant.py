@@ -1,6 +1,7 @@
 """Benchmark: weight quantisation of the synthetic FLUX.1-dev transformer, every mode beside bf16 in one run.
 
     python benchmarks/bench_quant.py --out benchmarks/results/quant-<gpu>-<date>.json
+    python benchmarks/bench_quant.py --load-peak-mode fp8 --out benchmarks/results/quant-load-<gpu>-<date>.json
 
 Per mode (bf16 reference, fp8, fp8-weight, int8-weight, nf4), each on the engine's kernels (the "kernels"
 preset's attention) so only the quantisation differs, at 1024^2:
@@ -282,6 +283,55 @@ def write(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(_json_safe(payload), indent=1))
 
 
+def load_peak(args, device) -> dict:
+    """Device peak while loading a saved synthetic pipeline with the transformer quantised (`--load-peak-mode`):
+    quantised while loading (load_local_components(quant=...)) vs loaded whole and then quantised (the old
+    order). The folder (synthetic `--variant`, bf16) is written to `--load-peak-dir` (default: a temporary folder,
+    removed after), ~32 GB for flux-dev."""
+    import shutil
+    import tempfile
+
+    from diffusers import FluxPipeline
+
+    from engine.models import load_local_components
+    from engine.quantize import actual_weight_bytes, apply_quantization
+
+    quant = QuantConfig(transformer=args.load_peak_mode)
+    folder = Path(args.load_peak_dir or tempfile.mkdtemp(prefix="bench-quant-load-")) / "model"
+    result = {"mode": args.load_peak_mode, "variant": VARIANT, "folder": str(folder)}
+    try:
+        start = time.perf_counter()
+        FluxPipeline(**synthetic_components(VARIANT, device=device, dtype=torch.bfloat16, seed=0)).save_pretrained(
+            folder
+        )
+        free(device)
+        result["save_s"] = round(time.perf_counter() - start, 1)
+        log(f"saved {folder} in {result['save_s']} s")
+        for label in ("quantised while loading", "loaded, then quantised"):
+            start = time.perf_counter()
+            with track_peak_memory(device) as peak:
+                if label.startswith("quantised while"):
+                    components = load_local_components(folder, device, torch.bfloat16, quant=quant)
+                else:
+                    components = load_local_components(folder, device, torch.bfloat16)
+                    apply_quantization(FluxPipeline(**components), quant)
+            row = {"load_s": round(time.perf_counter() - start, 1), "peak": peak.as_dict()}
+            parts = ("transformer", "text_encoder", "text_encoder_2", "vae")
+            row["transformer_gib"] = round(actual_weight_bytes(components["transformer"]) / GIB, 3)
+            row["all_components_gib"] = round(sum(actual_weight_bytes(components[n]) for n in parts) / GIB, 3)
+            result[label] = row
+            allocated = row["peak"]["allocated_gib"]
+            allocated = "-" if allocated is None else round(allocated, 2)
+            log(f"  {label}: peak allocated {allocated} GiB, components {row['all_components_gib']} GiB "
+                f"(transformer {row['transformer_gib']}), {row['load_s']} s")  # fmt: skip
+            del components
+            free(device)
+    finally:
+        if args.load_peak_dir is None:
+            shutil.rmtree(folder.parent, ignore_errors=True)
+    return result
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -294,6 +344,10 @@ def main(argv=None) -> int:
     parser.add_argument("--variant", default="flux-dev")
     parser.add_argument("--device", default="cuda", help="cpu only for a smoke test of the script (--variant tiny)")
     parser.add_argument("--budget-s", type=float, default=230.0, help="skip optional parts past this many seconds")
+    parser.add_argument("--load-peak-mode", default=None, choices=MODES[1:],
+                        help="only measure the device peak of loading a saved pipeline with the transformer in this "
+                             "mode: quantised while loading vs loaded whole, then quantised")  # fmt: skip
+    parser.add_argument("--load-peak-dir", default=None, help="where --load-peak-mode writes the pipeline")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -305,6 +359,11 @@ def main(argv=None) -> int:
     payload = {"env": environment_info(device), "args": {k: v for k, v in vars(args).items() if k != "t0"},
                "rows": []}  # fmt: skip
     payload["args"]["out"] = str(args.out)
+    if args.load_peak_mode:
+        payload["load_peak"] = load_peak(args, device)
+        payload["elapsed_s"] = round(time.perf_counter() - args.t0, 1)
+        write(args.out, payload)
+        return 0
     log("building synthetic flux-dev and encoding the prompt ...")
     components = synthetic_components(VARIANT, device=device, dtype=torch.bfloat16, seed=0)
     pipe = make_pipe({k: v for k, v in components.items() if k != "transformer"}, None)

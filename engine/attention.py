@@ -5,7 +5,8 @@ place (weights are shared, never copied):
 
 - QKV projections fused into one GEMM per stream (and, in single-stream blocks, with the MLP input
   projection too: BFL's `linear1`); the original Linear modules become views of the fused weight, so
-  memory does not grow and diffusers' own processors still work on them;
+  memory does not grow and diffusers' own processors still work on them. Projections that are already
+  quantised (a quantised load or checkpoint) are fused exactly, row by row, in their quantised form;
 - q/k RMSNorm + rotary embedding + [text, image] concat + head-major layout in one pass
   (`kernels.norm.qk_norm_rope`) when `fused_norms` is on, else the same math in PyTorch;
 - the attention core: our Triton flash attention, PyTorch SDPA, or "auto" (the faster of the two,
@@ -200,17 +201,33 @@ class EngineSingleBlock(FluxSingleTransformerBlock):
         return hidden_states[:, :text_tokens], hidden_states[:, text_tokens:]
 
 
-def _convert_double(block: FluxTransformerBlock, ops: BlockOps) -> None:
-    attn = block.attn
-    block.qkv = fuse_linears([attn.to_q, attn.to_k, attn.to_v])
-    block.txt_qkv = fuse_linears([attn.add_q_proj, attn.add_k_proj, attn.add_v_proj])
+def _fuse_projections(block: nn.Module, block_name: str, fused_name: str, names: tuple[str, ...]) -> nn.Module:
+    """The fused Linear of `block`'s projections `names`. Unquantised: `fuse_linears` (the originals become
+    views). Already quantised (quantised while loading, or loaded from a quantised checkpoint): the quantised
+    rows are concatenated exactly (engine.quantize.fuse_quantized_linears) and the originals, which would keep
+    their own copy alive, become FusedAway placeholders, as quantising after fusing leaves them."""
+    from .quantize import FusedAway, fuse_quantized_linears, is_quantized_layer
+
+    parts = [block.get_submodule(name) for name in names]
+    if not any(is_quantized_layer(part) for part in parts):
+        return fuse_linears(parts)
+    full_name = f"{block_name}.{fused_name}" if block_name else fused_name
+    fused = fuse_quantized_linears(parts, full_name)
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(block.get_submodule(parent) if parent else block, child, FusedAway(full_name))
+    return fused
+
+
+def _convert_double(block: FluxTransformerBlock, ops: BlockOps, name: str = "") -> None:
+    block.qkv = _fuse_projections(block, name, "qkv", ("attn.to_q", "attn.to_k", "attn.to_v"))
+    block.txt_qkv = _fuse_projections(block, name, "txt_qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"))
     block.__class__ = EngineDoubleBlock
     block.flux_ops = ops
 
 
-def _convert_single(block: FluxSingleTransformerBlock, ops: BlockOps) -> None:
-    attn = block.attn
-    block.linear1 = fuse_linears([attn.to_q, attn.to_k, attn.to_v, block.proj_mlp])
+def _convert_single(block: FluxSingleTransformerBlock, ops: BlockOps, name: str = "") -> None:
+    block.linear1 = _fuse_projections(block, name, "linear1", ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"))
     block.__class__ = EngineSingleBlock
     block.flux_ops = ops
 
@@ -281,8 +298,8 @@ def apply_attention(pipe, config: AttentionConfig) -> BlockOps | None:
         return None
     transformer = pipe.transformer
     ops = resolve_ops(config, transformer)
-    for block in transformer.transformer_blocks:
-        _convert_double(block, ops)
-    for block in transformer.single_transformer_blocks:
-        _convert_single(block, ops)
+    for index, block in enumerate(transformer.transformer_blocks):
+        _convert_double(block, ops, f"transformer_blocks.{index}")
+    for index, block in enumerate(transformer.single_transformer_blocks):
+        _convert_single(block, ops, f"single_transformer_blocks.{index}")
     return ops

@@ -4,12 +4,19 @@ No code path here reaches a model hub. Synthetic models are built directly on th
 the target dtype (the modules' own initialisers run there; no fp32 copy ever exists), deterministic
 by seed. Real checkpoints load from a local diffusers-format folder or from a BFL single-file
 transformer `.safetensors` plus a diffusers-format folder for everything else.
+
+Components to be quantised (`load_local_components(..., quant=QuantConfig(...))`) are not loaded whole:
+they are built on the meta device and filled one module at a time from their safetensors (`stream_into`),
+each Linear quantised as soon as it is filled, so the device peak is the quantised size plus one layer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
+import logging
+import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +24,8 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError, VariantError
+
+logger = logging.getLogger(__name__)
 
 SYNTHETIC_PREFIX = "synthetic:"
 
@@ -485,56 +494,81 @@ def diffusers_to_bfl(state: dict[str, torch.Tensor], config: dict) -> dict[str, 
     return out
 
 
-def bfl_to_diffusers(checkpoint: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
-    """The inverse of `diffusers_to_bfl`, sized from `config` (diffusers' own converter assumes 3072 wide)."""
-    state = {k.removeprefix("model.diffusion_model."): v for k, v in checkpoint.items()}
+@dataclass(frozen=True)
+class _BflSource:
+    """Where one diffusers tensor lives in a BFL checkpoint: a key, optionally a range of its rows, optionally
+    with its two halves swapped (the final adaLN)."""
+
+    key: str
+    rows: tuple[int, int | None] | None = None
+    swap_halves: bool = False
+
+    def take(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.rows is not None:
+            tensor = tensor[self.rows[0] : self.rows[1]]
+        return _swap_halves(tensor) if self.swap_halves else tensor
+
+
+def _bfl_plan(config: dict) -> dict[str, _BflSource]:
+    """diffusers name -> its source in a BFL checkpoint of `config` (sized from it, not assuming 3072 wide)."""
     inner = config["num_attention_heads"] * config["attention_head_dim"]
-    out: dict[str, torch.Tensor] = {}
-
-    def take(key: str) -> torch.Tensor:
-        if key not in state:
-            raise KeyError(key)
-        return state.pop(key)
-
+    thirds = [(j * inner, (j + 1) * inner) for j in range(3)]
+    plan: dict[str, _BflSource] = {}
     for dst, src in _BFL_TOP.items():
         if dst.startswith("time_text_embed.guidance") and not config.get("guidance_embeds", False):
             continue
         for kind in ("weight", "bias"):
-            out[f"{dst}.{kind}"] = take(f"{src}.{kind}")
+            plan[f"{dst}.{kind}"] = _BflSource(f"{src}.{kind}")
     for kind in ("weight", "bias"):
-        out[f"norm_out.linear.{kind}"] = _swap_halves(take(f"final_layer.adaLN_modulation.1.{kind}"))
+        plan[f"norm_out.linear.{kind}"] = _BflSource(f"final_layer.adaLN_modulation.1.{kind}", swap_halves=True)
     for i in range(config["num_layers"]):
         pre, bfl = f"transformer_blocks.{i}.", f"double_blocks.{i}."
         for dst, src in _BFL_DOUBLE.items():
             for kind in ("weight", "bias"):
-                out[f"{pre}{dst}.{kind}"] = take(f"{bfl}{src}.{kind}")
+                plan[f"{pre}{dst}.{kind}"] = _BflSource(f"{bfl}{src}.{kind}")
         for dst, src in _BFL_DOUBLE_NORMS.items():
-            out[f"{pre}{dst}.weight"] = take(f"{bfl}{src}.scale")
+            plan[f"{pre}{dst}.weight"] = _BflSource(f"{bfl}{src}.scale")
         for kind in ("weight", "bias"):
-            for p, t in zip("qkv", torch.split(take(f"{bfl}img_attn.qkv.{kind}"), inner), strict=True):
-                out[f"{pre}attn.to_{p}.{kind}"] = t
-            for p, t in zip("qkv", torch.split(take(f"{bfl}txt_attn.qkv.{kind}"), inner), strict=True):
-                out[f"{pre}attn.add_{p}_proj.{kind}"] = t
+            for p, rows in zip("qkv", thirds, strict=True):
+                plan[f"{pre}attn.to_{p}.{kind}"] = _BflSource(f"{bfl}img_attn.qkv.{kind}", rows)
+                plan[f"{pre}attn.add_{p}_proj.{kind}"] = _BflSource(f"{bfl}txt_attn.qkv.{kind}", rows)
     for i in range(config["num_single_layers"]):
         pre, bfl = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
         for dst, src in _BFL_SINGLE.items():
             for kind in ("weight", "bias"):
-                out[f"{pre}{dst}.{kind}"] = take(f"{bfl}{src}.{kind}")
+                plan[f"{pre}{dst}.{kind}"] = _BflSource(f"{bfl}{src}.{kind}")
         for dst, src in _BFL_SINGLE_NORMS.items():
-            out[f"{pre}{dst}.weight"] = take(f"{bfl}{src}.scale")
+            plan[f"{pre}{dst}.weight"] = _BflSource(f"{bfl}{src}.scale")
         for kind in ("weight", "bias"):
-            linear1 = take(f"{bfl}linear1.{kind}")
-            q, k, v, mlp = torch.split(linear1, [inner, inner, inner, linear1.shape[0] - 3 * inner])
-            out[f"{pre}attn.to_q.{kind}"], out[f"{pre}attn.to_k.{kind}"], out[f"{pre}attn.to_v.{kind}"] = q, k, v
-            out[f"{pre}proj_mlp.{kind}"] = mlp
-    if state:
-        unexpected = sorted(state)
+            for p, rows in zip("qkv", thirds, strict=True):
+                plan[f"{pre}attn.to_{p}.{kind}"] = _BflSource(f"{bfl}linear1.{kind}", rows)
+            plan[f"{pre}proj_mlp.{kind}"] = _BflSource(f"{bfl}linear1.{kind}", (3 * inner, None))
+    return plan
+
+
+def _check_bfl_keys(keys: set[str], plan: dict[str, _BflSource], config: dict) -> None:
+    """KeyError for the first tensor the plan needs that `keys` lacks; CheckpointError for tensors it does not use."""
+    for source in plan.values():
+        if source.key not in keys:
+            raise KeyError(source.key)
+    unexpected = sorted(keys - {source.key for source in plan.values()})
+    if unexpected:
         raise CheckpointError(
             f"the checkpoint has {len(unexpected)} tensors a FLUX transformer of this config does not use, "
             f"e.g. {unexpected[:3]}; is it a FLUX.1 transformer with {config['num_layers']} double and "
             f"{config['num_single_layers']} single blocks?"
         )
-    return out
+
+
+_BFL_PREFIX = "model.diffusion_model."
+
+
+def bfl_to_diffusers(checkpoint: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """The inverse of `diffusers_to_bfl`, sized from `config` (diffusers' own converter assumes 3072 wide)."""
+    state = {k.removeprefix(_BFL_PREFIX): v for k, v in checkpoint.items()}
+    plan = _bfl_plan(config)
+    _check_bfl_keys(set(state), plan, config)
+    return {name: source.take(state[source.key]) for name, source in plan.items()}
 
 
 def save_bfl_single_file(transformer, path: str | Path) -> Path:
@@ -575,8 +609,266 @@ def _check_diffusers_folder(folder: Path) -> None:
         )
 
 
-def load_transformer_single_file(path: str | Path, config_folder: str | Path, device, dtype: torch.dtype):
-    """A FluxTransformer2DModel from a BFL single-file `.safetensors`; config from `config_folder/transformer`."""
+# ----------------------------------------------------------------------------- streamed loading (quantise as read)
+
+
+def _unreadable(path: Path, err: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"{str(path)!r} is not a readable safetensors file ({err}); it may be truncated or corrupt: copy or re-save it"
+    )
+
+
+class SafetensorsReader:
+    """The tensors of one or more safetensors files, each read from disk only when asked for (one at a time)."""
+
+    def __init__(self, files: list[Path]):
+        from safetensors import SafetensorError, safe_open
+
+        self._stack = contextlib.ExitStack()
+        self._where: dict[str, tuple[Path, object]] = {}
+        for path in files:
+            if not path.is_file():
+                raise CheckpointError(
+                    f"checkpoint file {str(path)!r} does not exist; pass the path of a local .safetensors"
+                )
+            try:
+                handle = self._stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+            except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+                self.close()
+                raise _unreadable(path, err) from err
+            names = handle.keys()  # a safe_open handle is not iterable
+            self._where.update((key, (path, handle)) for key in names)
+
+    def keys(self) -> set[str]:
+        return set(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def get(self, key: str) -> torch.Tensor:
+        from safetensors import SafetensorError
+
+        path, handle = self._where[key]
+        try:
+            return handle.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+            raise _unreadable(path, err) from err
+
+    def metadata(self) -> dict:
+        handles = {id(h): h for _, h in self._where.values()}
+        return next((h.metadata() or {} for h in handles.values()), {})
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class BflReader:
+    """A BFL single-file transformer read in diffusers names, one tensor at a time (fused qkv / linear1 rows are
+    sliced out of the last BFL tensor read, which is kept for its next slices)."""
+
+    def __init__(self, path: Path, config: dict):
+        self._reader = SafetensorsReader([path])
+        keys = self._reader.keys()
+        self._prefix = _BFL_PREFIX if any(k.startswith(_BFL_PREFIX) for k in keys) else ""
+        self._plan = _bfl_plan(config)
+        try:
+            _check_bfl_keys({k.removeprefix(self._prefix) for k in keys}, self._plan, config)
+        except (KeyError, CheckpointError):
+            self.close()
+            raise
+        self._last: tuple[str, torch.Tensor] | None = None
+
+    def keys(self) -> set[str]:
+        return set(self._plan)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._plan
+
+    def get(self, key: str) -> torch.Tensor:
+        source = self._plan[key]
+        if self._last is None or self._last[0] != source.key:
+            self._last = None  # drop the previous tensor before reading the next
+            self._last = (source.key, self._reader.get(self._prefix + source.key))
+        return source.take(self._last[1])
+
+    def close(self) -> None:
+        self._last = None
+        self._reader.close()
+
+    def __enter__(self) -> BflReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def stream_into(
+    model: torch.nn.Module,
+    reader,
+    device: torch.device | str,
+    target_dtype,
+    quantizer=None,
+    source: str = "",
+) -> None:
+    """Fill `model`, built with its parameters on the meta device, from `reader`, one module at a time.
+
+    Each tensor is read, cast to `target_dtype(name, meta_tensor)` and moved to `device` as its module comes up,
+    so at most one module's tensors exist outside the model. The Linears `quantizer` names
+    (`quantizer.layer_names(model)`) are handed, filled, to `quantizer(name, linear)` and replaced by what it
+    returns, before the next module is read: the device never holds more than one of them unquantised.
+    Buffers the checkpoint does not hold (non-persistent ones, built for real by `empty_model`) are moved to
+    `device`. Tied weights are tied afterwards (`tie_weights`); anything still on the meta device then is a
+    tensor the checkpoint lacks (CheckpointError).
+    """
+    device = torch.device(device)
+    targets = quantizer.layer_names(model) if quantizer is not None else set()
+    consumed: set[str] = set()
+    with torch.no_grad():
+        for name in [n for n, _ in model.named_modules()]:  # names: a module list would pin every bf16 layer
+            module = model.get_submodule(name)
+            _fill_module(module, name, reader, device, target_dtype, consumed, source)
+            if name in targets:
+                _check_filled(module, name, source)
+                parent_name, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent_name) if parent_name else model, child, quantizer(name, module))
+            del module
+    tie = getattr(model, "tie_weights", None)
+    if callable(tie):
+        tie()
+    _check_filled(model, "", source)
+    unused = sorted(reader.keys() - consumed)
+    if unused:
+        logger.warning("%s: %d tensors the model does not use were ignored, e.g. %s", source, len(unused), unused[:3])
+    if quantizer is not None:
+        quantizer.finish(model)
+    model.eval().requires_grad_(False)
+
+
+def _check_filled(module: torch.nn.Module, name: str, source: str) -> None:
+    state = module.state_dict(keep_vars=True, prefix=f"{name}." if name else "")
+    missing = [key for key, value in state.items() if isinstance(value, torch.Tensor) and value.is_meta]
+    if missing:
+        raise CheckpointError(
+            f"{source!r} lacks {len(missing)} tensors of its model, e.g. {missing[:3]}; is it the checkpoint of "
+            "this config (and complete)?"
+        )
+
+
+def _fill_module(module, name, reader, device, target_dtype, consumed: set[str], source: str) -> None:
+    for leaf, meta in list(module._parameters.items()) + list(module._buffers.items()):
+        if meta is None:
+            continue
+        key = f"{name}.{leaf}" if name else leaf
+        if not meta.is_meta:  # a non-persistent buffer built for real, or a weight tied to one already read
+            if meta.device != device and leaf in module._buffers:
+                module._buffers[leaf] = meta.to(device)
+            continue
+        if key not in reader:
+            continue  # tied (tie_weights) or missing (reported after)
+        tensor = reader.get(key)
+        if tensor.shape != meta.shape:
+            raise CheckpointError(
+                f"{source!r}: tensor {key!r} has shape {tuple(tensor.shape)}, the model's config needs "
+                f"{tuple(meta.shape)}; is it the checkpoint of this config?"
+            )
+        tensor = tensor.to(device=device, dtype=target_dtype(key, meta))
+        consumed.add(key)
+        if leaf in module._parameters:
+            module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
+        else:
+            module._buffers[leaf] = tensor
+        del tensor
+
+
+def _meta_dtype(key: str, meta: torch.Tensor) -> torch.dtype:
+    return meta.dtype
+
+
+def _component_class(folder: Path, component: str):
+    library, class_name = json.loads((folder / "model_index.json").read_text())[component]
+    return library, getattr(importlib.import_module(library), class_name)
+
+
+def empty_model(folder: Path, component: str, dtype: torch.dtype):
+    """`component` of the diffusers-format `folder`, built from its config with its parameters on the meta device
+    (buffers for real, as the libraries' loaders do), in `dtype`; with the per-tensor dtype rule of its library's
+    loader: the meta tensor's dtype, or fp32 where transformers keeps a module in fp32 (its dtype plan)."""
+    from accelerate import init_empty_weights
+
+    library, cls = _component_class(folder, component)
+    subfolder = folder / component
+    with init_empty_weights(include_buffers=False):
+        if library == "diffusers":
+            with dtype_as_default(dtype):
+                model = cls.from_config(cls.load_config(str(subfolder)))
+        else:
+            model = cls._from_config(cls.config_class.from_pretrained(str(subfolder)), dtype=dtype)
+    plan = model._get_dtype_plan(dtype) if hasattr(model, "_get_dtype_plan") else {}
+    if not plan:
+        return model, _meta_dtype
+    kept = [(re.compile(glob.replace("*", ".*")), kept_dtype) for glob, kept_dtype in plan.items()]
+
+    def target_dtype(key: str, meta: torch.Tensor) -> torch.dtype:
+        if meta.is_floating_point():
+            for pattern, kept_dtype in kept:
+                if pattern.search(key):
+                    return kept_dtype
+        return meta.dtype
+
+    return model, target_dtype
+
+
+def component_weight_files(subfolder: Path) -> list[Path] | None:
+    """The safetensors files a library's loader reads for one component folder (sharded or not); None if it has
+    none (e.g. only .bin weights)."""
+    for index_name in ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json"):
+        index = subfolder / index_name
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return [subfolder / name for name in sorted(set(weight_map.values()))]
+    for name in ("diffusion_pytorch_model.safetensors", "model.safetensors"):
+        if (subfolder / name).is_file():
+            return [subfolder / name]
+    return None
+
+
+def _load_quantizer(component: str, quant):
+    mode = getattr(quant, component)
+    if mode == "none":
+        return None
+    from .quantize import LoadQuantizer
+
+    return LoadQuantizer(component, mode, quant.nf4_double_quant)
+
+
+def load_component_quantized(folder: Path, component: str, device, dtype: torch.dtype, quant):
+    """`component` of a diffusers-format folder, each quantisable Linear quantised (per `quant`) as it is read:
+    the device peak is the quantised component plus one layer. None when the folder has no safetensors for it."""
+    files = component_weight_files(folder / component)
+    if files is None:
+        logger.warning(
+            "%s has no safetensors weights: loading it whole and quantising afterwards (the peak is its full size)",
+            folder / component,
+        )
+        return None
+    model, target_dtype = empty_model(folder, component, dtype)
+    with SafetensorsReader(files) as reader:
+        stream_into(model, reader, device, target_dtype, _load_quantizer(component, quant), str(folder / component))
+    return model
+
+
+def load_transformer_single_file(path: str | Path, config_folder: str | Path, device, dtype: torch.dtype, quant=None):
+    """A FluxTransformer2DModel from a BFL single-file `.safetensors`; config from `config_folder/transformer`.
+
+    quant: a QuantConfig; a transformer mode other than 'none' quantises each Linear as it is read (the device
+    never holds the bf16 transformer).
+    """
     from diffusers import FluxTransformer2DModel
 
     config_path = Path(config_folder) / "transformer" / "config.json"
@@ -586,9 +878,11 @@ def load_transformer_single_file(path: str | Path, config_folder: str | Path, de
             "FLUX folder (it provides the architecture and the other components)"
         )
     config = json.loads(config_path.read_text())
-    checkpoint = _read_safetensors(Path(path))
+    quantizer = _load_quantizer("transformer", quant) if quant is not None else None
     try:
-        state = bfl_to_diffusers(checkpoint, config)
+        if quantizer is not None:
+            return _stream_single_file(Path(path), config, device, dtype, quantizer)
+        state = bfl_to_diffusers(_read_safetensors(Path(path)), config)
     except KeyError as err:
         raise CheckpointError(
             f"{str(path)!r} lacks the tensor {err.args[0]!r} of a BFL FLUX transformer with "
@@ -604,19 +898,41 @@ def load_transformer_single_file(path: str | Path, config_folder: str | Path, de
     return transformer.to(device).eval().requires_grad_(False)
 
 
+def _stream_single_file(path: Path, config: dict, device, dtype: torch.dtype, quantizer):
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel
+
+    with BflReader(path, config) as reader:
+        with init_empty_weights(include_buffers=False), dtype_as_default(dtype):
+            transformer = FluxTransformer2DModel.from_config(config)
+        stream_into(transformer, reader, device, _meta_dtype, quantizer, str(path))
+    return transformer
+
+
 def load_local_components(
     path: str | Path,
     device: torch.device | str,
     dtype: torch.dtype,
     config_folder: str | Path | None = None,
+    quant=None,
 ) -> dict:
     """FluxPipeline components from local files only.
 
     `path` is a diffusers-format folder, or a BFL single-file transformer `.safetensors`, in which
     case `config_folder` (a diffusers-format folder) provides the architecture and the other parts.
+
+    quant: a QuantConfig (engine.config). Each component with a mode other than 'none' is built on the meta
+    device and quantised layer by layer while its safetensors are read (engine.quantize.LoadQuantizer): the
+    device peak is the quantised size plus one layer, and the result is identical to loading in `dtype` and
+    calling apply_quantization with the same QuantConfig (which then leaves it as it is).
+    A folder written by engine.quantize.save_quantized loads its quantised transformer as saved, whatever
+    `quant` says for it ('none' or the saved mode; another mode is refused).
     """
     from diffusers import FluxPipeline
 
+    from .config import QuantConfig
+
+    quant = quant if quant is not None else QuantConfig()
     path = Path(path)
     single_file = path.suffix == ".safetensors"
     if single_file and config_folder is None:
@@ -630,7 +946,18 @@ def load_local_components(
     _check_diffusers_folder(folder)
     overrides = {}
     if single_file:
-        overrides["transformer"] = load_transformer_single_file(path, folder, device, dtype)
+        overrides["transformer"] = load_transformer_single_file(path, folder, device, dtype, quant=quant)
+    else:
+        from .quantize import load_saved_quantized_transformer
+
+        saved = load_saved_quantized_transformer(folder, device, dtype, quant)
+        if saved is not None:
+            overrides["transformer"] = saved
+    for component in QuantConfig.COMPONENTS:
+        if component not in overrides and getattr(quant, component) != "none":
+            loaded = load_component_quantized(folder, component, device, dtype, quant)
+            if loaded is not None:
+                overrides[component] = loaded
     try:
         pipe = FluxPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True, **overrides)
     except Exception as err:  # noqa: BLE001 - diffusers raises many types for one cause: a bad folder

@@ -2,7 +2,8 @@
 
 `apply_quantization(pipe, QuantConfig)` replaces the Linear layers of the transformer, T5 (text_encoder_2)
 and CLIP (text_encoder) in place, one layer at a time, so that each bf16 weight is freed as soon as its
-quantised copy exists (the peak is the quantised model plus one layer, not bf16 plus quantised).
+quantised copy exists (the peak is the bf16 model loaded before it, plus one layer; quantising while loading,
+below, avoids the bf16 model altogether).
 
 Modes:
 - "fp8": W8A8 float8 e4m3. Weights per output channel (scale = amax / 448), activations per token,
@@ -17,6 +18,19 @@ Modes:
 The engine's fused projections (`qkv`, `txt_qkv`, `linear1`, from engine/attention.py) are what run, so
 they are what gets quantised; the original to_q/to_k/to_v/add_*_proj/proj_mlp modules are views of the
 fused bf16 weight and are replaced by `FusedAway` placeholders first, or they would keep it alive.
+The other order works too: a model quantised before it is fused (quantised while loading, or loaded from a
+quantised checkpoint) has its quantised projections concatenated row by row (`fuse_quantized_linears`),
+which is exactly what quantising the fused weight gives (nf4 with double quantisation: up to the second-level
+scales).
+
+Quantise while loading: `engine.models.load_local_components(..., quant=QuantConfig(...))` builds each
+quantised component on the meta device and hands each Linear to `LoadQuantizer` as its tensors are read, so the
+device never holds the bf16 component (peak: quantised size + one layer); the per-layer step (`quantize_layer`)
+is the one apply_quantization uses, so the result is identical, and apply_quantization then leaves it alone.
+
+Quantised checkpoints: `save_quantized(pipe, folder)` writes a diffusers-layout folder whose transformer is
+saved in fp8 (`save_fp8_transformer`'s file plus a marker); `load_local_components` / FluxEngine.from_pretrained
+load it as saved. fp8 only: the quanto and nf4 modes are refused with a pointer to quantising while loading.
 
 Random-init weights lack the outliers of trained ones: the SQNR figures here are a floor on what the
 arithmetic does, not a measurement of a real checkpoint's fidelity.
@@ -24,10 +38,12 @@ arithmetic does, not a measurement of a real checkpoint's fidelity.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import statistics
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -146,6 +162,15 @@ def fp8_compute_for(device: torch.device) -> str:
     return "emulate"
 
 
+def fp8_layer_compute(device: torch.device, in_features: int, out_features: int, compute: str | None = None) -> str:
+    """The compute path of one fp8 layer: `compute`, else the device's (fp8_compute_for); 'scaled_mm' needs K and N
+    multiples of 16 (cuBLASLt), other shapes compute weight-only."""
+    compute = compute or fp8_compute_for(device)
+    if compute == "scaled_mm" and (in_features % 16 or out_features % 16):
+        compute = "weight-only"
+    return compute
+
+
 def fp8_linear(
     x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, compute: str
 ) -> torch.Tensor:
@@ -189,9 +214,7 @@ class Fp8Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, compute: str | None = None, name: str = "") -> Fp8Linear:
         weight = linear.weight.detach()
-        compute = compute or fp8_compute_for(weight.device)
-        if compute == "scaled_mm" and (linear.in_features % 16 or linear.out_features % 16):
-            compute = "weight-only"  # cuBLASLt fp8 needs K and N multiples of 16
+        compute = fp8_layer_compute(weight.device, linear.in_features, linear.out_features, compute)
         try:
             weight_fp8, weight_scale = quantize_fp8_rowwise(weight, check_finite=True)
         except ValueError as err:
@@ -231,12 +254,14 @@ class FusedAway(nn.Module):
 
 class KeepsInputDtype(nn.Module):
     """Wraps a quantised layer for callers that cast their input to `.weight.dtype` (transformers' T5 `wo`):
-    `weight` is an empty tensor of the compute dtype, so the input is left as it is."""
+    `weight` is an empty tensor of the compute dtype, so the input is left as it is. It is a real 0-element
+    tensor on the layer's device (no bytes), not a meta one, so that `.to(device)` of the model still works."""
 
     def __init__(self, inner: nn.Module, dtype: torch.dtype):
         super().__init__()
         self.inner = inner
-        self.register_buffer("weight", torch.empty(0, dtype=dtype, device="meta"), persistent=False)
+        device = next((t.device for t in _state_tensors(inner)), None)
+        self.register_buffer("weight", torch.empty(0, dtype=dtype, device=device), persistent=False)
 
     def forward(self, x):
         return self.inner(x)
@@ -255,14 +280,21 @@ def _quanto_linear(linear: nn.Linear, mode: str) -> nn.Module:
 
 
 def _nf4_linear(linear: nn.Linear, double_quant: bool) -> nn.Module:
-    import bitsandbytes as bnb
-
     device = linear.weight.device
     if device.type != "cuda":
         raise ConfigError(
             f"nf4 quantisation runs bitsandbytes' CUDA kernels; the model is on {device.type}. Use a CUDA GPU, "
             "or 'int8-weight' / 'fp8-weight' here"
         )
+    return _nf4_module(linear, double_quant)
+
+
+def _nf4_module(linear: nn.Linear, double_quant: bool) -> nn.Module:
+    """bitsandbytes' Linear4bit of `linear` on its device (the CPU only for tests of the layout: bitsandbytes
+    quantises there too, the engine does not run nf4 there)."""
+    import bitsandbytes as bnb
+
+    device = linear.weight.device
     module = bnb.nn.Linear4bit(
         linear.in_features,
         linear.out_features,
@@ -333,6 +365,113 @@ def drop_fused_views(model: nn.Module) -> list[str]:
     return dropped
 
 
+def fuse_quantized_linears(parts: list[nn.Module], name: str = "") -> nn.Module:
+    """One quantised Linear computing all of `parts` (outputs concatenated), for engine/attention.py's fused
+    projections when the model was quantised before fusing (quantised while loading, or a quantised checkpoint).
+
+    Every mode scales per output row (fp8, quanto) or per block of 64 within a row (nf4), so the fused layer is
+    exactly what quantising the fused bf16 weight gives: the rows are concatenated, nothing is re-quantised.
+    The one exception is nf4 with double quantisation, whose per-block scales are themselves quantised in
+    groups of 256 across the whole weight: they are dequantised, concatenated and quantised again (the 4-bit
+    codes are unchanged; the scales differ from the bf16 path by that second rounding).
+    """
+    kinds = {_quantized_kind(part) for part in parts}
+    in_features = {part.in_features for part in parts}
+    if len(kinds) != 1 or None in kinds:
+        found = ", ".join(sorted({type(part).__name__ for part in parts}))
+        raise ConfigError(
+            f"cannot fuse the projections of `{name}`: they are {found}; fusing needs all of them quantised the "
+            "same way (or none). Load the model again with one QuantConfig for the transformer"
+        )
+    if len(in_features) != 1 or any(part.bias is None for part in parts):
+        raise ConfigError(f"cannot fuse the projections of `{name}`: they need the same input width and biases")
+    kind = kinds.pop()
+    bias = torch.cat([part.bias.detach() for part in parts])
+    if kind == "fp8":
+        fused = _fuse_fp8(parts)
+    elif kind in QUANTO_MODES:
+        fused = _fuse_quanto(parts)
+    else:
+        fused = _fuse_nf4(parts, name)
+    fused.bias = nn.Parameter(bias, requires_grad=False)
+    return fused
+
+
+def _fuse_fp8(parts: list[Fp8Linear]) -> Fp8Linear:
+    weight_fp8 = torch.cat([part.weight_fp8 for part in parts])  # [sum(N), K]
+    in_features, out_features = parts[0].in_features, weight_fp8.shape[0]
+    compute = fp8_layer_compute(weight_fp8.device, in_features, out_features)  # what from_linear picks for it
+    fused = Fp8Linear(in_features, out_features, bias=True, compute=compute, device="meta")
+    fused.weight_fp8 = weight_fp8
+    fused.weight_scale = torch.cat([part.weight_scale for part in parts])
+    return fused
+
+
+def _plain_qbytes(weight):
+    """quanto's kernel-agnostic WeightQBytesTensor of a weight (its CUDA Marlin fp8 packing undone)."""
+    from optimum.quanto.tensor.weights import WeightQBytesTensor
+
+    return weight if type(weight) is WeightQBytesTensor else weight.weight_qbytes_tensor()
+
+
+def _fuse_quanto(parts: list[nn.Module]) -> nn.Module:
+    from optimum.quanto.nn import QLinear
+    from optimum.quanto.tensor.weights import WeightQBytesTensor
+
+    weights = [_plain_qbytes(part.weight) for part in parts]
+    data = torch.cat([w._data for w in weights])  # [sum(N), K] int8 / float8
+    scale = torch.cat([w._scale for w in weights])  # [sum(N), 1]
+    out_features, in_features = data.shape
+    with torch.device("meta"):
+        shape = nn.Linear(in_features, out_features, bias=True, dtype=weights[0].dtype)
+    fused = QLinear.qcreate(shape, weights=parts[0].weight_qtype, device="meta")  # as QLinear.from_module does
+    fused.input_scale = parts[0].input_scale.clone()
+    fused.output_scale = parts[0].output_scale.clone()
+    weight = WeightQBytesTensor.create(
+        weights[0].qtype, 0, size=data.shape, stride=data.stride(), data=data, scale=scale,
+        activation_qtype=weights[0].activation_qtype,
+    )  # fmt: skip
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    return fused
+
+
+def _fuse_nf4(parts: list[nn.Module], name: str) -> nn.Module:
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnb_f
+
+    states = [part.weight.quant_state for part in parts]
+    blocksize, nested = states[0].blocksize, states[0].nested
+    for part, state in zip(parts, states, strict=True):
+        if (part.out_features * part.in_features) % blocksize or state.nested != nested:
+            raise ConfigError(
+                f"cannot fuse the nf4 projections of `{name}`: a {part.out_features}x{part.in_features} weight is not "
+                f"a whole number of {blocksize}-element blocks (or they differ in double quantisation); use the "
+                "unfused attention (AttentionConfig(backend='sdpa', fused_norms=False)) for this model"
+            )
+    packed = torch.cat([part.weight.data.reshape(-1) for part in parts]).reshape(-1, 1)  # 2 codes per byte
+    if nested:
+        absmax = torch.cat([bnb_f.dequantize_blockwise(s.absmax, s.state2) + s.offset for s in states])
+        offset = absmax.mean()
+        absmax, state2 = bnb_f.quantize_blockwise(absmax - offset, blocksize=256)  # as quantize_4bit does
+    else:
+        absmax, offset, state2 = torch.cat([s.absmax for s in states]), None, None
+    out_features, in_features = sum(part.out_features for part in parts), parts[0].in_features
+    state = bnb_f.QuantState(
+        absmax=absmax, shape=torch.Size((out_features, in_features)), code=states[0].code, blocksize=blocksize,
+        quant_type=states[0].quant_type, dtype=states[0].dtype, offset=offset, state2=state2,
+    )  # fmt: skip
+    fused = bnb.nn.Linear4bit(
+        in_features, out_features, bias=True, compute_dtype=parts[0].compute_dtype, compress_statistics=nested,
+        quant_type=states[0].quant_type, device="meta",
+    )  # fmt: skip
+    fused.weight = bnb.nn.Params4bit(
+        packed, requires_grad=False, quant_state=state, blocksize=blocksize, compress_statistics=nested,
+        quant_type=states[0].quant_type, quant_storage=packed.dtype, module=fused, bnb_quantized=True,
+    )  # fmt: skip
+    fused.quant_state = state
+    return fused
+
+
 def _has_linear(module: nn.Module, name: str) -> bool:
     try:
         return isinstance(module.get_submodule(name), nn.Linear)
@@ -376,23 +515,110 @@ def quantize_model(
     result.fused_away = drop_fused_views(model)
     for name in [n for n, _ in quantizable_linears(model, component)]:  # names: a module list would pin them all
         linear = model.get_submodule(name)
-        is_t5_wo = component == "text_encoder_2" and name.rpartition(".")[2] == _T5_WO
-        compute = "weight-only" if (is_t5_wo and mode == "fp8" and linear.weight.is_cuda) else None
-        with torch.no_grad():
-            qmodule = quantized_linear(linear, mode, name=name, double_quant=double_quant, fp8_compute=compute)
-            if record_sqnr:
-                probe = _probe(linear.in_features, linear.weight)
-                from .measure import sqnr_db
-
-                result.sqnr_db[name] = sqnr_db(qmodule(probe).float(), linear(probe).float())
-        if is_t5_wo and mode in ("fp8", "nf4"):
-            qmodule = KeepsInputDtype(qmodule, linear.weight.dtype)
         parent, child = _parent(model, name)
-        setattr(parent, child, qmodule)
-        result.quantized.append(name)
-        del linear, qmodule  # the last reference to the bf16 weight: freed here, not at the end
-    model._flux_quant_mode = mode
+        setattr(parent, child, quantize_layer(linear, name, mode, component, double_quant, result, record_sqnr))
+        del linear  # the last reference to the bf16 weight: freed here, not at the end
+    mark_quantized(model, result, double_quant)
     return result
+
+
+def quantize_layer(
+    linear: nn.Linear,
+    name: str,
+    mode: str,
+    component: str,
+    double_quant: bool = False,
+    record: ComponentQuant | None = None,
+    record_sqnr: bool = True,
+) -> nn.Module:
+    """The quantised module that replaces the Linear `name` of `component`: the one per-layer step of both
+    `quantize_model` (after loading) and the loader's quantise-while-loading (engine.models), so the two give
+    identical modules. `record` collects the name and, with record_sqnr, the probe SQNR (one 64-token matmul
+    while the bf16 weight still exists)."""
+    is_t5_wo = component == "text_encoder_2" and name.rpartition(".")[2] == _T5_WO
+    compute = "weight-only" if (is_t5_wo and mode == "fp8" and linear.weight.is_cuda) else None
+    with torch.no_grad():
+        qmodule = quantized_linear(linear, mode, name=name, double_quant=double_quant, fp8_compute=compute)
+        if record is not None and record_sqnr:
+            from .measure import sqnr_db
+
+            probe = _probe(linear.in_features, linear.weight)
+            record.sqnr_db[name] = sqnr_db(qmodule(probe).float(), linear(probe).float())
+    if is_t5_wo and mode in ("fp8", "nf4"):
+        qmodule = KeepsInputDtype(qmodule, linear.weight.dtype)
+    if record is not None:
+        record.quantized.append(name)
+    return qmodule
+
+
+def mark_quantized(model: nn.Module, record: ComponentQuant, double_quant: bool = False) -> None:
+    """Tag `model` as quantised (apply_quantization then leaves it alone) and keep what quantising it did."""
+    model._flux_quant_mode = record.mode
+    model._flux_nf4_double_quant = double_quant
+    model._flux_quant_record = record
+
+
+class LoadQuantizer:
+    """Quantises a component's Linears one at a time as engine.models' streamed loader fills them
+    (`load_local_components(..., quant=QuantConfig(...))`), with the same per-layer step and kept list as
+    apply_quantization, so the loaded component is identical to loading it whole and quantising it."""
+
+    def __init__(self, component: str, mode: str, double_quant: bool = False, record_sqnr: bool = True):
+        if component not in COMPONENTS or mode not in QuantConfig.MODES[1:]:
+            raise ConfigError(
+                f"cannot quantise {component!r} as {mode!r} while loading; components: {', '.join(COMPONENTS)}, "
+                f"modes: {', '.join(QuantConfig.MODES[1:])}"
+            )
+        self.component, self.mode, self.double_quant, self.record_sqnr = component, mode, double_quant, record_sqnr
+        self.record = ComponentQuant(mode=mode)
+
+    def layer_names(self, model: nn.Module) -> set[str]:
+        """The Linears to quantise (on the meta-device model, before any weight is read)."""
+        self.record.kept = kept_linears(model, self.component)
+        return {name for name, _ in quantizable_linears(model, self.component)}
+
+    def __call__(self, name: str, linear: nn.Linear) -> nn.Module:
+        return quantize_layer(
+            linear, name, self.mode, self.component, self.double_quant, self.record, self.record_sqnr
+        )  # fmt: skip
+
+    def finish(self, model: nn.Module) -> None:
+        mark_quantized(model, self.record, self.double_quant)
+
+
+def quant_mode_of(model: nn.Module | None) -> str | None:
+    """The mode `model` is quantised in (its tag, else its layers' types), or None for an unquantised model."""
+    if model is None:
+        return None
+    mode = getattr(model, "_flux_quant_mode", None)
+    if mode is not None:
+        return mode
+    for module in model.modules():
+        kind = _quantized_kind(module)
+        if kind is not None:
+            return kind
+    return None
+
+
+def is_quantized_layer(module: nn.Module) -> bool:
+    """A quantised Linear (ours, optimum-quanto's or bitsandbytes' 4-bit), wrapped or not."""
+    return _quantized_kind(module) is not None
+
+
+def _quantized_kind(module: nn.Module) -> str | None:
+    """'fp8', 'fp8-weight', 'int8-weight' or 'nf4' for a quantised Linear of ours or of the libraries; else None.
+    The libraries are looked up only when already imported (a model holding their layers has imported them)."""
+    if isinstance(module, KeepsInputDtype):
+        module = module.inner
+    if isinstance(module, Fp8Linear):
+        return "fp8"
+    quanto_nn = sys.modules.get("optimum.quanto.nn")
+    if quanto_nn is not None and isinstance(module, quanto_nn.QLinear):
+        return "fp8-weight" if "float8" in getattr(module.weight_qtype, "name", "") else "int8-weight"
+    bnb_nn = sys.modules.get("bitsandbytes.nn")
+    if bnb_nn is not None and isinstance(module, bnb_nn.Linear4bit):
+        return "nf4"
+    return None
 
 
 @dataclass
@@ -404,7 +630,11 @@ class QuantState:
 
 
 def apply_quantization(pipe, config: QuantConfig) -> QuantState | None:
-    """Quantise the pipeline's components per `config`; None when every component is 'none'."""
+    """Quantise the pipeline's components per `config`; None when every component is 'none'.
+
+    A component already quantised in the same mode (quantised while loading, or loaded from a quantised
+    checkpoint) is left as it is: optimize() after a quantised load does not quantise twice.
+    """
     if all(getattr(config, c) == "none" for c in COMPONENTS):
         return None
     state = QuantState(config=config)
@@ -413,14 +643,36 @@ def apply_quantization(pipe, config: QuantConfig) -> QuantState | None:
         model = getattr(pipe, component, None)
         if mode == "none" or model is None:
             continue
-        previous = getattr(model, "_flux_quant_mode", None)
-        if previous == mode:  # loaded already quantised (load_fp8_transformer)
-            state.components[component] = ComponentQuant(mode=mode, kept=kept_linears(model, component))
+        previous = quant_mode_of(model)
+        if previous is None:
+            state.components[component] = quantize_model(model, mode, component, config.nf4_double_quant)
             continue
-        if previous is not None:
-            raise ConfigError(f"{component} is already quantised as {previous!r}; load it again to use {mode!r}")
-        state.components[component] = quantize_model(model, mode, component, config.nf4_double_quant)
+        if previous != mode:
+            raise ConfigError(
+                f"{component} is already quantised as {previous!r}; load it again (unquantised, or with "
+                f"QuantConfig({component}={mode!r}) to quantise while loading) to use {mode!r}"
+            )
+        double_quant = getattr(model, "_flux_nf4_double_quant", config.nf4_double_quant)
+        if mode == "nf4" and double_quant != config.nf4_double_quant:
+            raise ConfigError(
+                f"{component} is already quantised as nf4 with nf4_double_quant={double_quant}; the config asks "
+                f"{config.nf4_double_quant}: load it again with the config's QuantConfig"
+            )
+        record = getattr(model, "_flux_quant_record", None)
+        state.components[component] = record or ComponentQuant(
+            mode=mode, kept=kept_linears(model, component), quantized=_quantized_names(model)
+        )
     return state
+
+
+def _quantized_names(model: nn.Module) -> list[str]:
+    names, wrapped = [], set()
+    for name, module in model.named_modules():
+        if id(module) not in wrapped and _quantized_kind(module) is not None:
+            names.append(name)
+            if isinstance(module, KeepsInputDtype):
+                wrapped.add(id(module.inner))
+    return names
 
 
 # ----------------------------------------------------------------------------- memory accounting
@@ -531,6 +783,17 @@ def meta_component(variant: str, component: str, dtype: torch.dtype = torch.bflo
 # ----------------------------------------------------------------------------- save / load (fp8)
 
 FP8_FORMAT = "flux-engine-fp8/1"
+# a folder written by save_quantized: transformer/QUANT_MARKER says how transformer/QUANT_WEIGHTS was saved
+QUANT_MARKER = "flux_engine_quant.json"
+QUANT_WEIGHTS = "flux-engine-fp8.safetensors"
+
+
+def _unsupported_save(mode: str) -> ConfigError:
+    return ConfigError(
+        f"saving a transformer quantised as {mode!r} is not supported yet; use 'fp8' (QuantConfig(transformer="
+        f"'fp8')) to save one, or keep the bf16 checkpoint and load it with quant=QuantConfig(transformer={mode!r}): "
+        "it is then quantised while loading, one layer at a time, without a full-size peak"
+    )
 
 
 def _unfused_names(block_name: str, fused_child: str, module: Fp8Linear, block: nn.Module) -> list[tuple[str, int]]:
@@ -546,13 +809,18 @@ def save_fp8_transformer(transformer: nn.Module, path: str | Path) -> Path:
     """Write an fp8-quantised transformer to one safetensors file (e4m3 weights, fp32 scales, the rest as is).
 
     Fused projections are saved split back into the diffusers names: their scales are per row, so the
-    split is exact, and the file loads into the plain diffusers layout.
+    split is exact, and the file loads into the plain diffusers layout (fused again, exactly, by the
+    fused-attention presets).
     """
     from safetensors.torch import save_file
 
-    if getattr(transformer, "_flux_quant_mode", None) != "fp8":
+    mode = quant_mode_of(transformer)
+    if mode is not None and mode != "fp8":
+        raise _unsupported_save(mode)
+    if mode is None:
         raise ConfigError(
-            "save_fp8_transformer takes a transformer quantised with mode 'fp8' (QuantConfig(transformer='fp8'))"
+            "save_fp8_transformer takes a transformer quantised with mode 'fp8' (QuantConfig(transformer='fp8')); "
+            "this one is not quantised: save it with save_pretrained"
         )
     state, fp8_layers = {}, []
     modules = dict(transformer.named_modules())
@@ -582,37 +850,139 @@ def save_fp8_transformer(transformer: nn.Module, path: str | Path) -> Path:
 
 
 def load_fp8_transformer(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16):
-    """The FluxTransformer2DModel of a `save_fp8_transformer` file, fp8 layers rebuilt, nothing re-quantised."""
-    from diffusers import FluxTransformer2DModel
-    from safetensors import safe_open
+    """The FluxTransformer2DModel of a `save_fp8_transformer` file, fp8 layers rebuilt, nothing re-quantised.
 
-    from .models import _read_safetensors, dtype_as_default
+    Built on the meta device and read one tensor at a time straight to `device` (no host copy of the file).
+    Tensors other than the fp8 weights and their scales are cast to `dtype`.
+    """
+    from diffusers import FluxTransformer2DModel
+
+    from .models import SafetensorsReader, dtype_as_default, stream_into
 
     path = Path(path)
-    state = _read_safetensors(path)
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-    if metadata.get("format") != FP8_FORMAT:
-        raise CheckpointError(
-            f"{str(path)!r} is not a flux-engine fp8 checkpoint (format {metadata.get('format')!r}, expected "
-            f"{FP8_FORMAT!r}); write one with engine.quantize.save_fp8_transformer"
-        )
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {str(path)!r} does not exist; pass the path of a local .safetensors")
     device = torch.device(device)
-    with torch.device("meta"), dtype_as_default(dtype):
-        transformer = FluxTransformer2DModel.from_config(json.loads(metadata["config"]))
-        compute = fp8_compute_for(device)
-        for name in json.loads(metadata["fp8_layers"]):
-            linear = transformer.get_submodule(name)
-            parent, child = _parent(transformer, name)
-            setattr(parent, child, Fp8Linear(linear.in_features, linear.out_features, linear.bias is not None, compute))
-    state = {k: v if k.endswith((".weight_fp8", ".weight_scale")) else v.to(dtype) for k, v in state.items()}
-    try:
-        transformer.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as err:
-        raise CheckpointError(f"{str(path)!r} does not match its own transformer config: {err}") from err
-    transformer = transformer.to(device).eval().requires_grad_(False)
-    transformer._flux_quant_mode = "fp8"
+    with SafetensorsReader([path]) as reader:
+        metadata = reader.metadata()
+        if metadata.get("format") != FP8_FORMAT:
+            raise CheckpointError(
+                f"{str(path)!r} is not a flux-engine fp8 checkpoint (format {metadata.get('format')!r}, expected "
+                f"{FP8_FORMAT!r}); write one with engine.quantize.save_fp8_transformer"
+            )
+        with torch.device("meta"), dtype_as_default(dtype):
+            transformer = FluxTransformer2DModel.from_config(json.loads(metadata["config"]))
+            for name in json.loads(metadata["fp8_layers"]):
+                linear = transformer.get_submodule(name)
+                compute = fp8_layer_compute(device, linear.in_features, linear.out_features)
+                parent, child = _parent(transformer, name)
+                fp8 = Fp8Linear(linear.in_features, linear.out_features, linear.bias is not None, compute, "meta")
+                setattr(parent, child, fp8)
+        stream_into(transformer, reader, device, lambda key, meta: meta.dtype, source=str(path))
+    record = ComponentQuant(mode="fp8", kept=kept_linears(transformer, "transformer"))
+    record.quantized = [n for n, m in transformer.named_modules() if isinstance(m, Fp8Linear)]
+    mark_quantized(transformer, record)
     return transformer
+
+
+# ----------------------------------------------------------------------------- quantised pipeline folders
+
+
+def save_quantized(pipe, folder: str | Path) -> Path:
+    """Write `pipe` as a diffusers-layout folder with its transformer saved quantised, loadable without
+    quantising again by `FluxEngine.from_pretrained(folder, config=...)` / `load_local_components(folder, ...)`.
+
+    The other components are written by diffusers' save_pretrained; the transformer folder holds its config.json,
+    the fp8 weights (QUANT_WEIGHTS, save_fp8_transformer's format: diffusers names, fused projections split) and
+    a marker (QUANT_MARKER) that the loader looks for. Plain diffusers cannot load the transformer of such a
+    folder. Supported: a transformer in 'fp8' with unquantised text encoders (quantise those while loading).
+    """
+    from diffusers import FluxPipeline
+
+    folder = Path(folder)
+    transformer = pipe.transformer
+    mode = quant_mode_of(transformer)
+    if mode is None:
+        raise ConfigError(
+            "save_quantized writes a quantised transformer; this pipeline's is not quantised. Save it with "
+            "pipe.save_pretrained(folder), or optimise it with QuantConfig(transformer='fp8') first"
+        )
+    if mode != "fp8":
+        raise _unsupported_save(mode)
+    for component in ("text_encoder", "text_encoder_2"):
+        encoder_mode = quant_mode_of(getattr(pipe, component, None))
+        if encoder_mode is not None:
+            raise ConfigError(
+                f"save_quantized writes the text encoders unquantised, and {component} is quantised as "
+                f"{encoder_mode!r}; save from a pipeline whose text encoders are not quantised and load with "
+                f"quant=QuantConfig({component}={encoder_mode!r}) (quantised while loading, no full-size peak)"
+            )
+    if folder.exists() and any(folder.iterdir()):
+        raise ConfigError(
+            f"save_quantized writes a new folder; {str(folder)!r} exists and is not empty: pass a new path"
+        )
+    rest = FluxPipeline(**{**pipe.components, "transformer": None})
+    with _diffusers_quiet():  # it logs that the (absent) transformer "cannot be saved": written below
+        rest.save_pretrained(str(folder))
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["transformer"] = ["diffusers", type(transformer).__name__]
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    transformer_dir = folder / "transformer"
+    transformer_dir.mkdir(parents=True, exist_ok=True)
+    transformer.save_config(str(transformer_dir))
+    save_fp8_transformer(transformer, transformer_dir / QUANT_WEIGHTS)
+    marker = {"format": FP8_FORMAT, "mode": mode, "weights": QUANT_WEIGHTS}
+    (transformer_dir / QUANT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    return folder
+
+
+@contextlib.contextmanager
+def _diffusers_quiet():
+    from diffusers.utils import logging as diffusers_logging
+
+    previous = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(previous)
+
+
+def saved_quantization(folder: str | Path) -> dict | None:
+    """The marker of a folder written by save_quantized ({'format', 'mode', 'weights'}), or None for a plain one."""
+    marker = Path(folder) / "transformer" / QUANT_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        info = json.loads(marker.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{str(marker)!r} is not readable JSON ({err}); save the folder again") from err
+    if info.get("format") != FP8_FORMAT:
+        raise CheckpointError(
+            f"{str(marker)!r} names format {info.get('format')!r}; this engine reads {FP8_FORMAT!r}: save the "
+            "folder again with engine.quantize.save_quantized"
+        )
+    return info
+
+
+def load_saved_quantized_transformer(folder: str | Path, device, dtype: torch.dtype, quant: QuantConfig | None = None):
+    """The quantised transformer of a save_quantized folder (None for a plain folder), as saved. `quant` may ask
+    for the saved mode or 'none' for the transformer (it runs quantised either way); another mode is refused."""
+    info = saved_quantization(folder)
+    if info is None:
+        return None
+    wanted = quant.transformer if quant is not None else "none"
+    if wanted not in ("none", info["mode"]):
+        raise ConfigError(
+            f"{str(folder)!r} holds a transformer saved quantised as {info['mode']!r}; the config asks "
+            f"{wanted!r}, which cannot be made from it. Use QuantConfig(transformer={info['mode']!r}), or load "
+            "the bf16 folder"
+        )
+    if quant is not None and wanted == "none":
+        logger.warning("%s holds an %s transformer: it runs quantised although the config asks 'none'", folder,
+                       info["mode"])  # fmt: skip
+    return load_fp8_transformer(Path(folder) / "transformer" / info["weights"], device=device, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------- reports

@@ -1,6 +1,8 @@
 """Weight quantisation: the fp8 arithmetic (emulated on the CPU), Fp8Linear, the quanto weight-only paths on the
-tiny pipeline, exact weight-memory accounting on the real flux-dev config (meta device), fused projections,
-fp8 save/load, fullgraph compile of quantised blocks; on a GPU, `_scaled_mm` and NF4.
+tiny pipeline, exact weight-memory accounting on the real flux-dev config (meta device), fused projections (fused
+then quantised, and quantised then fused: the same bytes), fp8 save/load and quantised pipeline folders with the
+fused kernels, fullgraph compile of quantised blocks; on a GPU, `_scaled_mm` and NF4. Quantising while loading is
+tested in test_models.py.
 
 Thresholds, with what they rest on (measured on this CPU, 2026-11-26, unless said otherwise):
 - e4m3 has 3 mantissa bits: one rounding is at most 2^-4 relative, ~31 dB SQNR on Gaussian data; W8A8
@@ -13,6 +15,7 @@ Thresholds, with what they rest on (measured on this CPU, 2026-11-26, unless sai
 
 import gc
 import weakref
+from dataclasses import replace
 
 import pytest
 import torch
@@ -282,6 +285,164 @@ def test_loading_a_plain_file_as_fp8_is_a_clear_error(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(CheckpointError, match="not a flux-engine fp8 checkpoint"):
         load_fp8_transformer(tmp_path / "plain.safetensors")
+
+
+# ----------------------------------------------------------------------------- quantise first, fuse after
+
+
+def _bytes_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.element_size() == 1:  # fp8 / int8 / packed nf4: compare bytes
+        return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    return torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["fp8", "fp8-weight", "int8-weight"])
+def test_fusing_quantised_projections_equals_quantising_fused_ones(mode):
+    """A quantised load (or checkpoint) is fused by the kernels presets after quantising; the result must be what
+    the bf16 path (fuse, then quantise) makes: same module tree, same bytes, same output."""
+    from engine.attention import apply_attention
+    from engine.quantize import quantize_model
+
+    fused_first, quantised_first = _fresh_pipe(torch.bfloat16), _fresh_pipe(torch.bfloat16)
+    config = EngineConfig(attention=AttentionConfig(backend="auto"), quant=QuantConfig(transformer=mode))
+    apply_attention(fused_first, config.attention)
+    quantize_model(fused_first.transformer, mode, record_sqnr=False)  # apply_quantization's step, without probes
+    quantize_model(quantised_first.transformer, mode, record_sqnr=False)
+    FluxEngine.from_pipe(quantised_first, config)  # fuses the quantised layers; quantising again is skipped
+    expected, got = fused_first.transformer, quantised_first.transformer
+    assert [(n, type(m).__name__) for n, m in got.named_modules()] == [
+        (n, type(m).__name__) for n, m in expected.named_modules()
+    ]
+    assert type(got.single_transformer_blocks[1].linear1).__name__ in ("Fp8Linear", "QLinear")
+    expected_state = expected.state_dict()
+    assert all(_bytes_equal(v, expected_state[k]) for k, v in got.state_dict().items())
+    x = torch.randn(2, 5, got.transformer_blocks[0].qkv.in_features, dtype=torch.bfloat16)
+    for name in ("transformer_blocks.0.qkv", "transformer_blocks.1.txt_qkv", "single_transformer_blocks.0.linear1"):
+        assert torch.equal(got.get_submodule(name)(x), expected.get_submodule(name)(x)), name
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_fusing_nf4_projections_keeps_their_codes(double_quant):
+    # bitsandbytes quantises on the CPU too: the layout (not the engine's nf4 mode, which stays CUDA-only) is
+    # testable here. Per-block scales are per 64 elements within a row, so the fused codes are the same bytes.
+    from engine.attention import fuse_linears
+    from engine.quantize import _nf4_module, fuse_quantized_linears
+
+    torch.manual_seed(0)
+    linears = [nn.Linear(128, rows, dtype=torch.bfloat16) for rows in (128, 128, 256)]
+    fused = fuse_quantized_linears([_nf4_module(linear, double_quant) for linear in linears], "block.qkv")
+    expected = _nf4_module(fuse_linears(linears), double_quant)
+    assert fused.weight.shape == expected.weight.shape and torch.equal(fused.weight.data, expected.weight.data)
+    assert torch.equal(fused.bias, expected.bias)
+    import bitsandbytes.functional as bnb_f
+
+    got_weight = bnb_f.dequantize_4bit(fused.weight.data, fused.weight.quant_state).float()
+    expected_weight = bnb_f.dequantize_4bit(expected.weight.data, expected.weight.quant_state).float()
+    if double_quant:  # the 8-bit second-level scales are quantised again from the parts' (2^-8 relative)
+        assert sqnr_db(got_weight, expected_weight) > 45
+    else:
+        assert torch.equal(fused.weight.quant_state.absmax, expected.weight.quant_state.absmax)
+        assert torch.equal(got_weight, expected_weight)
+
+
+def test_fusing_projections_quantised_differently_is_a_clear_error():
+    from engine.quantize import fuse_quantized_linears, quantized_linear
+
+    linears = [nn.Linear(16, 16) for _ in range(3)]
+    parts = [quantized_linear(linears[0], "fp8"), quantized_linear(linears[1], "int8-weight"), linears[2]]
+    with pytest.raises(ConfigError, match="cannot fuse the projections of `blocks.0.qkv`: they are Fp8Linear, Linear"):
+        fuse_quantized_linears(parts, "blocks.0.qkv")
+
+
+def test_a_quantised_t5_still_moves_between_devices():
+    # KeepsInputDtype's dtype marker was a meta tensor: `.to()` of the quantised T5 (pipe.to(device)) failed
+    pipe = _fresh_pipe()
+    apply_quantization(pipe, QuantConfig(text_encoder_2="fp8"))
+    pipe.to("cpu")
+    wo = pipe.text_encoder_2.encoder.block[0].layer[1].DenseReluDense.wo
+    assert wo.weight.dtype == torch.float32 and wo.weight.numel() == 0 and wo.weight.device.type == "cpu"
+
+
+# ----------------------------------------------------------------------------- quantised pipeline folders
+
+
+def _images(pipe) -> torch.Tensor:
+    return pipe(**tiny_call_kwargs(num_inference_steps=1)).images
+
+
+_FUSED_FP8 = EngineConfig(
+    attention=AttentionConfig(backend="sdpa", fused_norms=True), quant=QuantConfig(transformer="fp8")
+)
+
+
+@pytest.fixture(scope="module")
+def fused_fp8_engine():
+    """The tiny pipeline on our fused kernels (Triton norms, interpreted on the CPU) with an fp8 transformer, and
+    its images: the reference of the quantised-folder round trips."""
+    engine = FluxEngine.from_pipe(_fresh_pipe(), _FUSED_FP8)
+    return engine, _images(engine)
+
+
+@pytest.mark.parametrize("fused_before_save", [True, False])
+def test_quantised_folder_round_trip_with_the_fused_kernels(tmp_path, fused_fp8_engine, fused_before_save):
+    """save_quantized from a fused+fp8 pipeline, or from an unfused fp8 one, then FluxEngine.from_pretrained with
+    the fused-kernels config: the same images, bit for bit, and the fp8 weights are loaded, not quantised again."""
+    from engine.quantize import QUANT_MARKER, QUANT_WEIGHTS, save_quantized
+
+    reference, expected = fused_fp8_engine
+    unfused_fp8 = replace(_FUSED_FP8, attention=AttentionConfig())
+    saved = reference if fused_before_save else FluxEngine.from_pipe(_fresh_pipe(), unfused_fp8)
+    folder = save_quantized(saved, tmp_path / "flux-fp8")
+    assert {p.name for p in (folder / "transformer").iterdir()} == {"config.json", QUANT_WEIGHTS, QUANT_MARKER}
+
+    loaded = FluxEngine.from_pretrained(folder, config=_FUSED_FP8, device="cpu", dtype=torch.float32)
+    assert isinstance(loaded.transformer.transformer_blocks[0].qkv, Fp8Linear)
+    assert isinstance(loaded.transformer.transformer_blocks[0].attn.to_q, FusedAway)
+    assert loaded.quant_state.components["transformer"].mode == "fp8"
+    assert torch.equal(_images(loaded), expected)
+
+
+def _quantized_pipe(**modes) -> FluxPipeline:
+    from engine.quantize import quantize_model
+
+    pipe = _fresh_pipe()
+    for component, mode in modes.items():  # apply_quantization's step, without the SQNR probes
+        quantize_model(getattr(pipe, component), mode, component, record_sqnr=False)
+    return pipe
+
+
+def test_save_quantized_refuses_what_it_cannot_write(tmp_path):
+    from engine.quantize import save_quantized
+
+    with pytest.raises(ConfigError, match="not quantised. Save it with pipe.save_pretrained"):
+        save_quantized(_fresh_pipe(), tmp_path / "a")
+    int8 = _quantized_pipe(transformer="int8-weight")
+    with pytest.raises(ConfigError, match="quantised as 'int8-weight' is not supported yet; use 'fp8'"):
+        save_quantized(int8, tmp_path / "b")
+    with pytest.raises(ConfigError, match="quantised as 'int8-weight' is not supported yet; use 'fp8'"):
+        save_fp8_transformer(int8.transformer, tmp_path / "b.safetensors")
+    with pytest.raises(ConfigError, match="text_encoder_2 is quantised as 'fp8'.*quant=QuantConfig"):
+        save_quantized(_quantized_pipe(transformer="fp8", text_encoder_2="fp8"), tmp_path / "c")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x").write_text("")
+    with pytest.raises(ConfigError, match="exists and is not empty: pass a new path"):
+        save_quantized(_quantized_pipe(transformer="fp8"), tmp_path / "d")
+
+
+def test_a_quantised_folder_refuses_another_mode(tmp_path):
+    from engine.models import load_local_components
+    from engine.quantize import save_quantized
+
+    folder = save_quantized(_quantized_pipe(transformer="fp8"), tmp_path / "flux-fp8")
+    with pytest.raises(ConfigError, match="saved quantised as 'fp8'; the config asks 'int8-weight'"):
+        load_local_components(folder, "cpu", torch.float32, quant=QuantConfig(transformer="int8-weight"))
+    # T5 quantised while loading beside the saved fp8 transformer
+    loaded = load_local_components(folder, "cpu", torch.float32, quant=QuantConfig(text_encoder_2="int8-weight"))
+    assert type(loaded["transformer"].proj_out) is nn.Linear
+    assert isinstance(loaded["transformer"].transformer_blocks[0].attn.to_q, Fp8Linear)
+    assert type(loaded["text_encoder_2"].encoder.block[0].layer[0].SelfAttention.q).__name__ == "QLinear"
 
 
 # ----------------------------------------------------------------------------- compile
