@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session's plan in one command: tests, kernel micro-benchmarks, engine benches.
 # Usage on the GPU machine (repo root): bash benchmarks/gpu_plan.sh STAGE [STAGE ...]
-# Stages: tests kernels bench-baseline bench-kernels. Each stage has its own time limit, so one
+# Stages: see the case below (tests, kernels, bench-*, ladder, gate-selftest, tests-mem, vae, torchao,
+# bench-memory, planner, ladder-full). Each stage has its own time limit, so one
 # failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON results to $OUT/.
 set -u
 OUT=${OUT:-out}
@@ -71,6 +72,21 @@ for s in "$@"; do
       stage tests-all-gpu 200 python3 -m pytest -q -m gpu tests
       stage tests-engine-gpu 200 python3 -m pytest -q tests/test_engine_attention.py tests/test_compile.py \
         -k "not cache_round_trip and not no_graph_break_and_no_recompile" ;;
+    tests-mem) stage tests-mem 240 python3 -m pytest -q -m gpu tests/test_offload.py tests/test_vae.py tests/test_planner.py ;;
+    vae) stage vae 150 python3 benchmarks/bench_vae.py --res 1024,2048 --out "$OUT" ;;
+    torchao) stage torchao 260 python3 benchmarks/bench_torchao.py --out "$OUT" ;;
+    bench-memory)
+      # policies side by side with diffusers and fp8-compile without offload (the reference of the 1.3x target)
+      stage bench-memory 420 python3 -m engine.bench --res 1024 2048 --steps 4 --runs 2 \
+        --preset fp8-compile,fp8-block,lean-bf16,fp8-leaf --cache-dir /tmp/fe-cache \
+        --out "$OUT/bench-memory-$CARD-$DAY.json" ;;
+    planner)
+      stage planner 560 python3 -m engine.bench --vram 6,8,12,16,24,48 --res 1024 2048 --steps 4 --runs 1 \
+        --cache-dir /tmp/fe-cache --out "$OUT/bench-planner-$CARD-$DAY.json" ;;
+    ladder-full)
+      stage ladder-full 580 python3 -m engine.bench --res 1024 2048 --steps 4 --runs 2 --preset ladder \
+        --cache-dir /tmp/fe-cache --out "$OUT/bench-ladder-full-$CARD-$DAY.json" \
+        --save-baseline "$OUT/baseline-ladder-$CARD.json" ;;
     *) echo "unknown stage $s" | tee -a "$LOG" ;;
   esac
 done

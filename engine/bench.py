@@ -16,7 +16,7 @@ import os
 import sys
 import tempfile
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -79,6 +79,18 @@ class CallTimes:
     step_ms: list[float] = field(default_factory=list)
     decode_ms: list[float] = field(default_factory=list)
     total_ms: float = float("nan")
+    peak_gib: dict = field(default_factory=dict)  # phase -> peak allocated GiB inside it
+
+
+def _reset_peak(device: torch.device) -> None:
+    # the allocator's counters are kept on the host at allocation time: reading and resetting them between
+    # phases needs no synchronisation
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _read_peak(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
 @contextmanager
@@ -90,16 +102,28 @@ def record_phases(pipe, device: torch.device):
     Events are only read after the call's final synchronisation, so timing adds no sync points.
     """
     encode, steps, decode = [], [], []
+    peaks: dict[str, float] = {}
+    # an optimised pipeline may have its own encode_prompt / vae.decode on the instance (offload's prompt
+    # cache, the tiled VAE): put back exactly what was there
+    own_encode = vars(pipe).get("encode_prompt")
+    own_decode = vars(pipe.vae).get("decode")
     original_encode = pipe.encode_prompt
     original_decode = pipe.vae.decode
 
-    def timed(original, intervals):
+    def keep_peak(phase: str) -> None:
+        value = _read_peak(device)
+        if value is not None:
+            peaks[phase] = max(peaks.get(phase, 0.0), value)
+
+    def timed(original, intervals, phase):
         def wrapper(*args, **kwargs):
             interval = _Interval(device)
             intervals.append(interval)
+            _reset_peak(device)
             interval.start()
             out = original(*args, **kwargs)
             interval.stop()
+            keep_peak(phase)
             return out
 
         return wrapper
@@ -107,17 +131,19 @@ def record_phases(pipe, device: torch.device):
     def pre_hook(module, args, kwargs):
         interval = _Interval(device)
         steps.append(interval)
+        _reset_peak(device)
         interval.start()
 
     def post_hook(module, args, kwargs, output):
         steps[-1].stop()
+        keep_peak("denoise")
 
     handles = [
         pipe.transformer.register_forward_pre_hook(pre_hook, with_kwargs=True),
         pipe.transformer.register_forward_hook(post_hook, with_kwargs=True),
     ]
-    pipe.encode_prompt = timed(original_encode, encode)
-    pipe.vae.decode = timed(original_decode, decode)
+    pipe.encode_prompt = timed(original_encode, encode, "encode")
+    pipe.vae.decode = timed(original_decode, decode, "decode")
     times = CallTimes()
     total = _Interval(device)
     total.start()
@@ -127,14 +153,22 @@ def record_phases(pipe, device: torch.device):
         total.stop()
         for handle in handles:
             handle.remove()
-        del pipe.encode_prompt
-        del pipe.vae.decode
+        _restore(pipe, "encode_prompt", own_encode)
+        _restore(pipe.vae, "decode", own_decode)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.encode_ms = [i.ms() for i in encode]
         times.step_ms = [i.ms() for i in steps]
         times.decode_ms = [i.ms() for i in decode]
         times.total_ms = total.ms()
+        times.peak_gib = peaks
+
+
+def _restore(owner, name: str, own) -> None:
+    if own is None:
+        delattr(owner, name)
+    else:
+        setattr(owner, name, own)
 
 
 # ----------------------------------------------------------------------------- flops
@@ -195,6 +229,14 @@ class Row:
     speedup: float | None = None
     psnr_db: float | None = None
     latent_rel_err: float | None = None
+    peak_encode_gib: float | None = None  # peak allocated inside each phase
+    peak_denoise_gib: float | None = None
+    peak_decode_gib: float | None = None
+    budget_gib: float | None = None  # --vram: the emulated card size, and the planner's prediction
+    predicted_peak_gib: float | None = None
+    offload: dict | None = None  # streamed bytes per step, the copy time they take at the measured bandwidth
+    engine_config: str | None = None  # --vram: what the plan turned on (the row's config is the plan's name)
+    error: str | None = None  # the call failed (out of memory under --vram): what the engine said
 
 
 def compiled_graph_count() -> int:
@@ -280,6 +322,12 @@ def run_config(
 
     def peak_of(name: str) -> float | None:
         values = [getattr(p, name) for p in peaks if getattr(p, name) is not None]
+        if name == "allocated_gib":  # the phases reset the counter: the call's peak is the largest of theirs
+            values += [v for c in calls for v in c.peak_gib.values()]
+        return max(values) if values else None
+
+    def phase_peak(phase: str) -> float | None:
+        values = [c.peak_gib[phase] for c in calls if phase in c.peak_gib]
         return max(values) if values else None
 
     row = Row(
@@ -303,6 +351,9 @@ def run_config(
         nvml_used_gib=peak_of("nvml_used_gib"),
         first_call_s=first_call_s,
         graphs_compiled=compiled_graph_count() - graphs_before,
+        peak_encode_gib=phase_peak("encode"),
+        peak_denoise_gib=phase_peak("denoise"),
+        peak_decode_gib=phase_peak("decode"),
     )
     return row, Output(images=images.float().cpu(), latents=captured["latents"].float().cpu())
 
@@ -348,9 +399,30 @@ TABLE_COLUMNS = (
 )
 
 
-def format_table(rows: list[dict]) -> str:
-    header = [name for name, _ in TABLE_COLUMNS]
-    body = [[cell(r) for _, cell in TABLE_COLUMNS] for r in rows]
+BUDGET_COLUMNS = (
+    ("budget GiB", lambda r: _fmt(r["budget_gib"], "g")),
+    ("res", lambda r: f"{r['width']}x{r['height']}"),
+    ("plan", lambda r: r["engine_config"] or "-"),
+    ("predicted GiB", lambda r: _fmt(r["predicted_peak_gib"], ".2f")),
+    ("peak alloc GiB", lambda r: _fmt(r["peak_allocated_gib"], ".2f")),
+    ("peak resv GiB", lambda r: _fmt(r["peak_reserved_gib"], ".2f")),
+    ("under budget", lambda r: _under_budget(r)),
+    ("total s", lambda r: _fmt(r["total_s"], ".2f")),
+    ("ms/step", lambda r: _fmt(r["ms_per_step"], ".1f")),
+)
+
+
+def _under_budget(row: dict) -> str:
+    if row.get("error"):
+        return "OOM"
+    if row["peak_reserved_gib"] is None:
+        return "-"
+    return "yes" if row["peak_reserved_gib"] <= row["budget_gib"] else "NO"
+
+
+def format_table(rows: list[dict], columns=TABLE_COLUMNS) -> str:
+    header = [name for name, _ in columns]
+    body = [[cell(r) for _, cell in columns] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
     lines = [" | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
     lines.append("-+-".join("-" * w for w in widths))
@@ -405,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--steps", type=int, default=4, help="denoising steps per image (default 4)")
     add_model_arguments(parser, several_presets=True)
+    parser.set_defaults(preset=None)  # 'baseline', unless --vram is given alone
     parser.add_argument("--runs", type=int, default=3, help="timed calls per config and size (default 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (default 1)")
     parser.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
@@ -419,6 +492,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-slowdown", default="5%", help="allowed ms/step growth for --gate (default 5%%)")
     parser.add_argument("--max-vram-growth", default="3%", help="allowed peak-memory growth for --gate (default 3%%)")
     parser.add_argument("--save-baseline", default=None, help="also write the result here, as a gate baseline")
+    parser.add_argument(
+        "--vram",
+        default=None,
+        help="GiB budgets, comma-separated (e.g. 12 or 6,8,12,16,24,48): per size, the planner's fastest config "
+        "predicted to fit, run on this GPU capped to that budget (torch.cuda.set_per_process_memory_fraction); "
+        "prints each plan and why. With --vram, --preset defaults to none",
+    )
+    parser.add_argument(
+        "--quality",
+        default="fp8",
+        choices=("bf16", "fp8", "any"),
+        help="--vram: the planner's fidelity floor (bf16 weights only; fp8 too (default); nf4 too)",
+    )
     parser.add_argument(
         "--cache-dir",
         default=None,
@@ -444,13 +530,29 @@ def _positive(name: str, value: int, minimum: int = 1) -> None:
         raise EngineError(f"--{name} {value} must be at least {minimum}")
 
 
+def parse_budgets(text: str | None) -> list[float]:
+    if not text:
+        return []
+    try:
+        budgets = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as err:
+        raise EngineError(f"--vram {text!r} is not a list of GiB figures; write e.g. 12 or 6,8,12,24") from err
+    for budget in budgets:
+        if not 0 < budget <= 1024:
+            raise EngineError(f"--vram {budget:g} GiB is outside 0..1024; give the card's memory in GiB, e.g. 12")
+    return budgets
+
+
 def make_plan(args) -> Plan:
     """Validate every argument before anything heavy is built."""
+    if args.preset is None:
+        args.preset = "" if args.vram else "baseline"
+    args.budgets = parse_budgets(args.vram)
     validate_steps(args.steps)
     _positive("runs", args.runs)
     _positive("warmup", args.warmup, 0)
     _positive("batch", args.batch)
-    presets = parse_presets(args.preset)
+    presets = parse_presets(args.preset, allow_none=bool(args.budgets))
     choice = choose_model(args, args.res)
     check_presets_runnable(presets, choice.device)
     note = None
@@ -483,11 +585,13 @@ def with_compile_cache(config, args):
     return replace(config, cache=CacheConfig(directory=str(directory)))
 
 
-def parse_presets(text: str) -> list[str]:
+def parse_presets(text: str, allow_none: bool = False) -> list[str]:
     """'kernels' / 'baseline,kernels,compile' / 'ladder' (every preset, in the order PRESETS lists them)."""
     from .config import PRESETS
 
     names = list(PRESETS) if text.strip() == "ladder" else [n.strip() for n in text.split(",") if n.strip()]
+    if not names and allow_none:
+        return []
     if not names:
         raise EngineError("--preset is empty; name a preset, several separated by commas, or 'ladder'")
     for name in names:
@@ -523,6 +627,100 @@ def check_presets_runnable(presets: list[str], device: torch.device) -> None:
         )
 
 
+@dataclass
+class Job:
+    """One engine config to run at some sizes; a --vram job also carries its budget and the plan's prediction."""
+
+    config: object
+    sizes: list
+    budget_gib: float | None = None
+    predicted_peak_gib: float | None = None
+    explanation: str = ""
+
+
+def budget_jobs(plan: Plan, args) -> list[Job]:
+    """Per --vram budget and size, the planner's choice (printed with the reasons)."""
+    if not args.budgets:
+        return []
+    from kernels import triton_runnable
+
+    from .planner import plan as make_budget_plan
+    from .quantize import fp8_compute_for
+
+    if plan.spec is None:
+        raise EngineError("--vram plans for the synthetic variants' architectures; use --model synthetic:flux-dev")
+    fp8_hardware = plan.device.type == "cuda" and fp8_compute_for(plan.device) == "scaled_mm"
+    jobs = []
+    for budget in args.budgets:
+        for size in plan.sizes:
+            chosen = make_budget_plan(
+                budget, *size, variant=plan.spec.name, batch=args.batch, steps=args.steps, quality=args.quality,
+                fp8_hardware=fp8_hardware, triton=triton_runnable(plan.device),
+            )  # fmt: skip
+            explanation = chosen.explain()
+            print(explanation)
+            jobs.append(Job(chosen.config, [size], budget, chosen.chosen.peak_gib, explanation))
+    return jobs
+
+
+@contextmanager
+def emulated_budget(budget_gib: float | None, device: torch.device):
+    """The GPU capped to `budget_gib` for the block (nothing on a CPU, or without a budget)."""
+    if budget_gib is None or device.type != "cuda":
+        yield
+        return
+    from .planner import emulate_budget
+
+    release_cached_memory(device)
+    emulate_budget(budget_gib, device)
+    try:
+        yield
+    finally:
+        emulate_budget(None, device)
+
+
+def run_job(engine, label: str, size: tuple, args, device: torch.device, flops: int, progress):
+    """run_config, with an out-of-memory failure recorded as a row (the engine has freed what it held)."""
+    from .errors import EngineOutOfMemoryError
+
+    try:
+        return run_config(engine, label, *size, args, device, flops, progress)
+    except EngineOutOfMemoryError as err:
+        return failed_row(label, size, args, flops, str(err)), None
+    except Exception as err:  # one broken config must not lose the rows of the others: recorded, reported
+        import traceback
+
+        traceback.print_exc()
+        return failed_row(label, size, args, flops, f"{type(err).__name__}: {err}"), None
+
+
+def failed_row(label: str, size: tuple, args, flops: int, error: str) -> Row:
+    print(f"\n{label} at {size[1]}x{size[0]} failed: {error}", file=sys.stderr)
+    nan = float("nan")
+    row = Row(label, *size, args.steps, args.batch, 0, nan, nan, nan, flops / 1e12, nan, nan, nan, nan, nan,
+              None, None, None)  # fmt: skip
+    row.error = error
+    return row
+
+
+def offload_figures(engine, row: Row, h2d: dict | None) -> dict | None:
+    """Bytes the streaming policy moved per denoising step, and the copy time that takes at the measured
+    pinned bandwidth: against the step time, how much of the copying the prefetch hides."""
+    state = getattr(engine, "offload_state", None)
+    if state is None:
+        return None
+    summary = state.summary()
+    streamed = state.streamers.get("transformer")
+    if streamed is not None and streamed.units:
+        per_step = sum(unit.nbytes for unit in streamed.units)
+        summary["bytes_per_step"] = per_step
+        if h2d:
+            copy_ms = per_step / (h2d["pinned_GBps"] * 1e9) * 1e3
+            summary["copy_ms_per_step"] = round(copy_ms, 2)
+            summary["copy_share_of_step"] = round(copy_ms / row.ms_per_step, 3) if row.ms_per_step else None
+    return summary
+
+
 def _free(device: torch.device, *objects) -> None:
     del objects
     torch._dynamo.reset()
@@ -536,7 +734,7 @@ def run(args) -> dict:
     from .pipeline import FluxEngine
 
     plan = make_plan(args)
-    presets = parse_presets(args.preset)
+    presets = parse_presets(args.preset, allow_none=bool(args.budgets))
     if plan.note:
         print(plan.note)
     if args.dtype is None:
@@ -554,9 +752,17 @@ def run(args) -> dict:
         for size in plan.sizes
     }
     engine_configs = [resolve_config(name) for name in presets]
-    configs = ([] if args.no_baseline else [BASELINE_LABEL]) + [c.label for c in engine_configs]
-    total_calls = len(configs) * len(plan.sizes) * (args.runs + args.warmup)
-    total_calls += 2 * sum(c.compile.mode != "none" for c in engine_configs)  # warm-compile probes
+    jobs = [Job(config, plan.sizes) for config in engine_configs] + budget_jobs(plan, args)
+    configs = list(dict.fromkeys(([] if args.no_baseline else [BASELINE_LABEL]) + [j.config.label for j in jobs]))
+    total_calls = sum(len(j.sizes) for j in jobs) * (args.runs + args.warmup)
+    total_calls += (0 if args.no_baseline else len(plan.sizes)) * (args.runs + args.warmup)
+    total_calls += 2 * sum(j.config.compile.mode != "none" for j in jobs)  # warm-compile probes
+    h2d = None
+    if plan.device.type == "cuda" and any(j.config.offload.policy != "none" for j in jobs):
+        from .offload import measure_h2d_bandwidth
+
+        h2d = measure_h2d_bandwidth(plan.device)
+        print(f"host->device copy: {h2d['pinned_GBps']} GB/s pinned, {h2d['pageable_GBps']} GB/s pageable")
     rows: dict[tuple, Row] = {}
     outputs: dict[tuple, Output] = {}
     attention_cores: dict[str, str] = {}
@@ -571,32 +777,46 @@ def run(args) -> dict:
                     baseline_pipe, BASELINE_LABEL, *size, args, plan.device, flops[size], progress
                 )
             del baseline_pipe
-        for index, engine_config in enumerate(engine_configs):
+        for index, job in enumerate(jobs):
             if index > 0:  # optimisations rewrite weights in place: each preset starts from fresh ones
                 _free(plan.device, components)
                 components = load_components(plan, args, dtype)
+            engine_config = job.config
             if engine_config.compile.mode != "none":
                 engine_config = with_compile_cache(engine_config, args)
-            engine = FluxEngine(**components)
-            engine.model_name = plan.model
-            engine = FluxEngine.from_pipe(engine, engine_config)
             label = engine_config.label
+            try:
+                engine = FluxEngine(**components)
+                engine.model_name = plan.model
+                engine = FluxEngine.from_pipe(engine, engine_config)
+            except Exception as err:  # e.g. out of memory while quantising: record it, go on with the next config
+                for size in job.sizes:
+                    rows[(label, size)] = failed_row(label, size, args, flops[size], f"{type(err).__name__}: {err}")
+                    outputs[(label, size)] = None
+                engine = None
+                continue
             attention_cores[label] = engine.attention_ops.core if engine.attention_ops is not None else "diffusers"
             if getattr(engine, "quant_state", None) is not None:
                 quant_reports[label] = quantization_summary(engine, label)
-            for size in plan.sizes:
+            for size in job.sizes:
                 progress.set_postfix_str(f"{label} {size[1]}x{size[0]}")
                 key = (label, size)
-                rows[key], outputs[key] = run_config(engine, label, *size, args, plan.device, flops[size], progress)
-                if not args.no_baseline:
-                    compare(rows[key], outputs[key], rows[(BASELINE_LABEL, size)], outputs[(BASELINE_LABEL, size)])
-            if engine.compile_state is not None:
-                first = rows[(label, plan.sizes[0])]
+                with emulated_budget(job.budget_gib, plan.device):
+                    rows[key], outputs[key] = run_job(engine, label, size, args, plan.device, flops[size], progress)
+                row = rows[key]
+                row.budget_gib, row.predicted_peak_gib = job.budget_gib, job.predicted_peak_gib
+                if job.budget_gib is not None:
+                    row.engine_config = replace(job.config, name="").label
+                row.offload = offload_figures(engine, row, h2d)
+                if not args.no_baseline and outputs[key] is not None:
+                    compare(row, outputs[key], rows[(BASELINE_LABEL, size)], outputs[(BASELINE_LABEL, size)])
+            if engine.compile_state is not None and outputs[(label, job.sizes[0])] is not None:
+                first = rows[(label, job.sizes[0])]
                 first.compile_cold_s = max(0.0, first.first_call_s - first.total_s)
                 progress.set_postfix_str(f"{label} warm compile")
                 measure_warm_compile(engine, first, args, plan.device, progress)
             del engine
-    ordered = [asdict(rows[(label, size)]) for size in plan.sizes for label in configs]
+    ordered = [asdict(rows[(label, size)]) for size in plan.sizes for label in configs if (label, size) in rows]
     return {
         "version": JSON_VERSION,
         "kind": "engine.bench",
@@ -613,6 +833,8 @@ def run(args) -> dict:
         "timing": "cuda events" if plan.device.type == "cuda" else "perf_counter (CPU)",
         "attention_core": attention_cores,
         "quantization": quant_reports,
+        "h2d": h2d,
+        "plans": [j.explanation for j in jobs if j.explanation],
         "rows": ordered,
     }
 
@@ -685,6 +907,10 @@ def main(argv: list[str] | None = None) -> int:
         f"diffusers {env['diffusers']} | commit {env['commit']} | {env['date']}"
     )
     print(format_table(result["rows"]))
+    budget_rows = [r for r in result["rows"] if r.get("budget_gib") is not None]
+    if budget_rows:
+        print("\nplans under --vram budgets (peaks measured with the GPU capped to the budget):")
+        print(format_table(budget_rows, BUDGET_COLUMNS))
     out = Path(args.out) if args.out else default_out_path(env)
     write_json(out, result)
     write_csv(out.with_suffix(".csv"), result["rows"])
@@ -693,10 +919,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.save_baseline:
         write_json(Path(args.save_baseline), result)
         print(f"saved the gate baseline {args.save_baseline}")
+    failed = [r for r in result["rows"] if r.get("error")]
     if gate_baseline is not None:
         report = compare_results(result, gate_baseline, *thresholds)
         print(report.format())
         return report.code
+    if failed:
+        print(f"error: {len(failed)} row(s) failed: " + "; ".join(f"{r['config']} {r['width']}x{r['height']}"
+                                                             for r in failed), file=sys.stderr)  # fmt: skip
+        return 2
     return 0
 
 

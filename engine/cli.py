@@ -51,7 +51,7 @@ def choose_model(args, resolutions: list[str]) -> ModelChoice:
         raise EngineError(f"--device {args.device} asks for CUDA, but no CUDA GPU is visible; use --device cpu")
     model = args.model or SYNTHETIC_PREFIX + ("flux-dev" if device.type == "cuda" else "tiny")
     spec = variant_spec(model) if is_variant_name(model) else None
-    if "," not in args.preset and args.preset != "ladder":
+    if args.preset and "," not in args.preset and args.preset != "ladder":
         resolve_config(args.preset)
     sizes = [parse_resolution(r) for r in resolutions]
     limits = (spec.min_size, spec.max_size) if spec is not None else (256, 2048)

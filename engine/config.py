@@ -321,6 +321,32 @@ PRESETS: dict[str, EngineConfig] = {
         quant=QuantConfig(transformer="int8-weight", text_encoder_2="int8-weight"),
         name="int8-weight",
     ),
+    # bf16 on a 24 GiB card: the transformer stays on the GPU, the text encoders visit it (T5 block by block,
+    # embeddings cached), the VAE decodes in tiles
+    "lean-bf16": EngineConfig(
+        attention=AttentionConfig(backend="auto", fused_norms=True),
+        offload=OffloadConfig(policy="model"),
+        compile=CompileConfig(mode="regional"),
+        vae=VaeConfig(tiling="auto", tile=512, overlap=64),
+        name="lean-bf16",
+    ),
+    # small cards: fp8 transformer blocks streamed from pinned host memory behind the compute, tiled VAE
+    "fp8-block": EngineConfig(
+        attention=AttentionConfig(backend="auto", fused_norms=True),
+        quant=QuantConfig(transformer="fp8"),
+        offload=OffloadConfig(policy="block"),
+        compile=CompileConfig(mode="regional"),
+        vae=VaeConfig(tiling="auto"),
+        name="fp8-block",
+    ),
+    # the least VRAM: one fp8 Linear at a time (eager: leaf hooks sit inside the blocks)
+    "fp8-leaf": EngineConfig(
+        attention=AttentionConfig(backend="auto", fused_norms=True),
+        quant=QuantConfig(transformer="fp8"),
+        offload=OffloadConfig(policy="leaf", blocks_resident=4),
+        vae=VaeConfig(tiling="auto", tile=512, overlap=64),
+        name="fp8-leaf",
+    ),
     # the same with our flash attention forced (for ablations: attention kernel vs SDPA)
     "kernels-triton-attn": EngineConfig(
         attention=AttentionConfig(backend="triton", fused_norms=True), name="kernels-triton-attn"

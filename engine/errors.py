@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 
 class EngineError(Exception):
     """Base class of every error flux-engine raises on purpose."""
@@ -25,3 +27,8 @@ class CheckpointError(EngineError, OSError):
 
 class InputError(EngineError, ValueError):
     """A pipeline call argument that diffusers would only reject deep inside the model."""
+
+
+class EngineOutOfMemoryError(EngineError, torch.OutOfMemoryError):
+    """A call ran out of GPU memory; the message names a config predicted to fit. Still a torch
+    OutOfMemoryError, so existing handlers catch it."""

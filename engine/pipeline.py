@@ -1,7 +1,7 @@
 """FluxEngine, a drop-in `diffusers.FluxPipeline`, and `optimize(pipe, config)`.
 
 `optimize` applies an EngineConfig to a FluxPipeline in place, in the order attention ->
-quantisation -> offload -> compile (each step sees the modules the previous one left). FluxEngine
+quantisation -> offload -> VAE -> compile (each step sees the modules the previous one left). FluxEngine
 is a FluxPipeline subclass with the same call and outputs, a `from_pretrained` that takes local
 paths or synthetic variant names, and clear errors where diffusers would fail deep inside.
 """
@@ -16,12 +16,14 @@ import torch
 from diffusers import FluxPipeline
 
 from .config import EngineConfig, resolve_config
-from .errors import ConfigError, InputError
+from .errors import ConfigError, EngineOutOfMemoryError, InputError
 from .models import SYNTHETIC_PREFIX, is_variant_name, load_local_components, synthetic_components, variant_spec
 
 logger = logging.getLogger(__name__)
 
 _ENGINE_CONFIG_ATTR = "_flux_engine_config"
+# what optimize() leaves on a pipeline, one attribute per step
+_STATE_ATTRS = ("attention_ops", "quant_state", "offload_state", "vae_state", "compile_state")
 
 
 def default_device() -> torch.device:
@@ -55,16 +57,20 @@ def optimize(pipe: FluxPipeline, config: EngineConfig | str | None = None) -> Fl
             f"load a fresh pipeline to apply {config.label!r}"
         )
     if previous == config:
-        for name in ("attention_ops", "quant_state", "compile_state"):
+        for name in _STATE_ATTRS:
             setattr(pipe, name, getattr(pipe, name, None))
         return pipe
     # The steps in order; each part of EngineConfig that is still 'off' leaves the pipeline as it is.
     from .attention import apply_attention
     from .compile import apply_compile
+    from .offload import apply_offload
     from .quantize import apply_quantization
+    from .vae import apply_vae
 
     pipe.attention_ops = apply_attention(pipe, config.attention)
     pipe.quant_state = apply_quantization(pipe, config.quant)
+    pipe.offload_state = apply_offload(pipe, config.offload, compiled=config.compile.mode != "none")
+    pipe.vae_state = apply_vae(pipe, config.vae)
     pipe.compile_state = apply_compile(pipe, config)
     setattr(pipe, _ENGINE_CONFIG_ATTR, config)
     _release_replaced_weights(pipe)
@@ -111,7 +117,10 @@ class FluxEngine(FluxPipeline):
             components = synthetic_components(source, device=device, dtype=dtype, seed=seed)
             model_name = SYNTHETIC_PREFIX + variant_spec(source).name
         else:
-            components = load_local_components(source, device=device, dtype=dtype, config_folder=config_folder)
+            # quantised components are quantised layer by layer as they load: the load peak is the quantised size
+            components = load_local_components(
+                source, device=device, dtype=dtype, config_folder=config_folder, quant=resolve_config(config).quant
+            )
             model_name = source
         engine = cls(**components)
         engine.model_name = model_name
@@ -124,7 +133,7 @@ class FluxEngine(FluxPipeline):
         engine.model_name = getattr(pipe, "model_name", "pipeline")
         # the components are shared: what was done to them travels with them, so optimize() can refuse to
         # stack a second config on modules the first one already rewrote
-        for name in (_ENGINE_CONFIG_ATTR, "attention_ops", "quant_state", "compile_state"):
+        for name in (_ENGINE_CONFIG_ATTR, *_STATE_ATTRS):
             if hasattr(pipe, name):
                 setattr(engine, name, getattr(pipe, name))
         return optimize(engine, config)
@@ -137,7 +146,50 @@ class FluxEngine(FluxPipeline):
         bound = _CALL_SIGNATURE.bind(self, *args, **kwargs)
         bound.apply_defaults()
         self._check_call(bound.arguments)
-        return super().__call__(*args, **kwargs)
+        try:
+            return super().__call__(*args, **kwargs)
+        except torch.OutOfMemoryError as err:
+            failure = str(err).splitlines()[0] if str(err) else "CUDA out of memory"
+        # outside the except block: the traceback (and the tensors its frames hold) is already released
+        self._recover_from_oom()
+        raise EngineOutOfMemoryError(self._oom_message(bound.arguments, failure))
+
+    def _recover_from_oom(self) -> None:
+        """Free what the failed call held, so that the next call (smaller, or after another config) works."""
+        import gc
+
+        offload = getattr(self, "offload_state", None)
+        if offload is not None:
+            offload.reset()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
+    def _oom_message(self, call: dict, failure: str) -> str:
+        height = call["height"] or self.default_sample_size * self.vae_scale_factor
+        width = call["width"] or self.default_sample_size * self.vae_scale_factor
+        batch = _batch_of(call)
+        config = self.engine_config
+        lines = [f"out of GPU memory at {width}x{height}, batch {batch}, with config {config.label!r} ({failure})."]
+        device = self.transformer.device
+        budget_gib = _device_budget_gib(device)
+        variant = _variant_of(self.transformer)
+        if budget_gib is not None and variant is not None:
+            from .planner import plan
+
+            try:
+                suggestion = plan(budget_gib, height, width, variant=variant, batch=batch)
+                lines.append(
+                    f"Predicted to fit this GPU's {budget_gib:.1f} GiB: {suggestion.config.label} "
+                    f"(peak {suggestion.chosen.peak_gib:.1f} GiB): "
+                    f"FluxEngine.from_pretrained(..., config=EngineConfig.for_budget({budget_gib:.0f}, {height}, "
+                    f"{width}))."
+                )
+            except ConfigError as err:
+                lines.append(str(err))
+        lines.append("The memory the call held was freed; the pipeline can be called again.")
+        return " ".join(lines)
 
     def _check_call(self, call: dict) -> None:
         """Reject, with a clear message, inputs that diffusers only notices deep inside the model."""
@@ -179,6 +231,32 @@ class FluxEngine(FluxPipeline):
                 f"of shape (batch, {patches}, {channels}); make them with pipe.prepare_latents(...) or leave "
                 "latents=None"
             )
+
+
+def _batch_of(call: dict) -> int:
+    prompt = call["prompt"]
+    prompts = len(prompt) if isinstance(prompt, list) else 1
+    return prompts * (call["num_images_per_prompt"] or 1)
+
+
+def _device_budget_gib(device: torch.device) -> float | None:
+    """The memory this process may use on `device`: the card's, times a set_per_process_memory_fraction."""
+    if device.type != "cuda":
+        return None
+    from .planner import budget_gib
+
+    return budget_gib(device)
+
+
+def _variant_of(transformer) -> str | None:
+    """The variant whose transformer has this config (the planner's memory model is per variant)."""
+    from .models import VARIANTS
+
+    config = dict(transformer.config)
+    for name, spec in VARIANTS.items():
+        if all(config.get(key) == value for key, value in spec.transformer.items()):
+            return name
+    return None
 
 
 _CALL_SIGNATURE = inspect.signature(FluxPipeline.__call__)

@@ -1,0 +1,281 @@
+"""Offload policies on the tiny model: outputs equal to no offload, weights where the policy says, the
+ring bounded, the prompt cache, recovery after a failed call, and the combinations that must be refused.
+
+On the CPU the streamer runs its placement logic with CPU "slots" (no streams): what these tests check is
+where every weight points at every moment, not speed. The GPU tests check the same with CUDA streams and
+measure the peak under an emulated smaller card.
+"""
+
+import pytest
+import torch
+from conftest import tiny_call_kwargs
+from diffusers import FluxPipeline
+
+from engine.config import AttentionConfig, CompileConfig, EngineConfig, OffloadConfig, QuantConfig
+from engine.errors import ConfigError, EngineOutOfMemoryError
+from engine.models import synthetic_components
+from engine.offload import StreamedModuleList, Streamer, apply_offload
+from engine.pipeline import FluxEngine, optimize
+
+POLICIES = ("model", "block", "leaf")
+
+
+def fresh_pipe(cls=FluxPipeline, device="cpu"):
+    return cls(**synthetic_components("tiny", device=device, dtype=torch.float32, seed=0))
+
+
+@pytest.fixture(scope="module")
+def reference_images():
+    return fresh_pipe()(**tiny_call_kwargs()).images
+
+
+def _in(tensor: torch.Tensor, buffer: torch.Tensor) -> bool:
+    start = buffer.data_ptr()
+    return start <= tensor.data_ptr() < start + buffer.numel()
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_policy_output_equals_no_offload(policy, reference_images):
+    pipe = fresh_pipe()
+    state = apply_offload(pipe, OffloadConfig(policy=policy))
+    first = pipe(**tiny_call_kwargs()).images
+    second = pipe(**tiny_call_kwargs()).images
+    assert torch.equal(first, reference_images)
+    assert torch.equal(second, reference_images)
+    assert state.prompt_cache.hits == 1 and state.prompt_cache.misses == 1
+
+
+def test_block_weights_live_in_host_buffer_and_visit_a_bounded_ring():
+    pipe = fresh_pipe()
+    state = apply_offload(pipe, OffloadConfig(policy="block", blocks_resident=2))
+    streamer: Streamer = state.streamers["transformer"]
+    transformer = pipe.transformer
+    blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+    assert isinstance(transformer.transformer_blocks, StreamedModuleList)
+    host = streamer.host.tensor
+    for block in blocks:
+        assert all(_in(p, host) for p in block.parameters()), "between forwards, blocks point at the host buffer"
+    # the embedders and final layers are not streamed
+    assert not _in(transformer.x_embedder.weight, host)
+    seen = []
+
+    def check(block_index):
+        def hook(module, args, kwargs):
+            in_slots = [i for i, buf in enumerate(streamer.buffers) if all(_in(p, buf) for p in module.parameters())]
+            resident = sum(streamer.in_use)
+            seen.append((block_index, in_slots, resident))
+
+        return hook
+
+    for index, block in enumerate(blocks):
+        block.register_forward_pre_hook(check(index), with_kwargs=True)
+    pipe(**tiny_call_kwargs(num_inference_steps=1))
+    assert [b for b, _, _ in seen] == list(range(len(blocks)))
+    for block_index, in_slots, resident in seen:
+        assert len(in_slots) == 1, f"block {block_index} runs from exactly one slot"
+        assert resident <= 2, f"{resident} units held at once with 2 slots"
+    # consecutive blocks alternate slots, so a copy can overlap the compute of the other
+    slots_used = [in_slots[0] for _, in_slots, _ in seen]
+    assert all(a != b for a, b in zip(slots_used, slots_used[1:], strict=False))
+    for block in blocks:
+        assert all(_in(p, host) for p in block.parameters()), "after the forward, back to the host buffer"
+
+
+def test_leaf_streams_linears_and_keeps_the_norm_scales_on_the_device():
+    # our fused kernels read the RMSNorm scales directly, without calling the norm module: a hook on the
+    # norm would never fire, so they must stay resident
+    pipe = fresh_pipe()
+    state = apply_offload(pipe, OffloadConfig(policy="leaf"))
+    host = state.streamers["transformer"].host.tensor
+    block = pipe.transformer.transformer_blocks[0]
+    assert _in(block.attn.to_q.weight, host) and _in(block.ff.net[2].weight, host)
+    assert not _in(block.attn.norm_q.weight, host)
+
+
+def test_leaf_units_follow_shared_storage():
+    # a fused QKV layer and the q/k/v views of its weight are one unit, brought in by whichever runs
+    from engine.offload import _leaf_groups
+
+    pipe = fresh_pipe()
+    optimize(pipe, EngineConfig(attention=AttentionConfig(backend="sdpa", fused_norms=True)))
+    groups = _leaf_groups([pipe.transformer.transformer_blocks])
+    attn = pipe.transformer.transformer_blocks[0].attn
+    with_q = next(g for g in groups if any(m is attn.to_q for m in g))
+    assert any(m is attn.to_k for m in with_q) and any(m is attn.to_v for m in with_q) and len(with_q) == 4
+
+
+def test_t5_slots_exist_only_while_encoding():
+    pipe = fresh_pipe()
+    state = apply_offload(pipe, OffloadConfig(policy="model"))
+    t5 = state.streamers["text_encoder_2"]
+    assert t5.buffers is None
+    pipe.encode_prompt("a fox", None, max_sequence_length=32)
+    assert t5.buffers is None and not t5.active
+    assert t5.stats.copies == len(t5.units)  # each block copied once, no wrap-around prefetch
+
+
+def test_prompt_cache_skips_the_encoders_and_is_bounded():
+    pipe = fresh_pipe()
+    state = apply_offload(pipe, OffloadConfig(policy="model", prompt_cache=1))
+    t5_calls = []
+    pipe.text_encoder_2.register_forward_hook(lambda *a: t5_calls.append(1))
+    pipe(**tiny_call_kwargs(prompt="a fox"))
+    pipe(**tiny_call_kwargs(prompt="a fox"))
+    assert len(t5_calls) == 1
+    pipe(**tiny_call_kwargs(prompt="a cat"))  # evicts "a fox" (size 1)
+    pipe(**tiny_call_kwargs(prompt="a fox"))
+    assert len(t5_calls) == 3
+    assert state.prompt_cache.hits == 1
+
+
+def test_prompt_cache_off_encodes_every_call():
+    pipe = fresh_pipe()
+    apply_offload(pipe, OffloadConfig(policy="model", prompt_cache=0))
+    t5_calls = []
+    pipe.text_encoder_2.register_forward_hook(lambda *a: t5_calls.append(1))
+    for _ in range(2):
+        pipe(**tiny_call_kwargs())
+    assert len(t5_calls) == 2
+
+
+@pytest.mark.slow
+def test_block_offload_with_fused_attention_and_fp8_equals_without(reference_images):
+    # fused QKV weights are shared views: they must move with their block, once
+    config = EngineConfig(attention=AttentionConfig(backend="sdpa", fused_norms=True), quant=QuantConfig("fp8"))
+    plain = optimize(fresh_pipe(), config)(**tiny_call_kwargs()).images
+    streamed_pipe = optimize(fresh_pipe(), EngineConfig(**{**vars(config), "offload": OffloadConfig("block")}))
+    streamed = streamed_pipe(**tiny_call_kwargs()).images
+    assert torch.equal(streamed, plain)
+
+
+@pytest.mark.slow
+def test_block_offload_with_regional_compile_keeps_fullgraph_and_compiles_once(reference_images):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    config = EngineConfig(offload=OffloadConfig("block"), compile=CompileConfig(mode="regional", backend="aot_eager"))
+    pipe = optimize(fresh_pipe(), config)
+    first = pipe(**tiny_call_kwargs()).images
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        second = pipe(**tiny_call_kwargs(height=96, width=64)).images
+        third = pipe(**tiny_call_kwargs()).images
+    assert torch.equal(first, reference_images)
+    assert torch.equal(third, reference_images)
+    assert second.shape[-2:] == (96, 64)
+
+
+def test_quanto_weights_cannot_stream():
+    pipe = fresh_pipe()
+    optimize(pipe, EngineConfig(quant=QuantConfig(transformer="int8-weight")))
+    with pytest.raises(ConfigError, match="fp8-weight/int8-weight.*'fp8' or 'nf4'"):
+        apply_offload(pipe, OffloadConfig(policy="block"))
+
+
+def test_leaf_with_compile_is_refused():
+    with pytest.raises(ConfigError, match="leaf"):
+        optimize(fresh_pipe(), EngineConfig(offload=OffloadConfig("leaf"), compile=CompileConfig(mode="regional")))
+
+
+def test_streaming_with_cuda_graphs_is_refused():
+    with pytest.raises(ConfigError, match="CUDA graph"):
+        EngineConfig(offload=OffloadConfig("block"), compile=CompileConfig(cuda_graphs=True))
+
+
+@pytest.mark.parametrize("value", [1, 0, "2"])
+def test_blocks_resident_is_validated(value):
+    with pytest.raises(ConfigError, match="blocks_resident"):
+        OffloadConfig(policy="block", blocks_resident=value)
+
+
+def test_out_of_memory_mid_call_is_reported_freed_and_the_next_call_works(reference_images):
+    engine = FluxEngine.from_pipe(fresh_pipe(), EngineConfig(offload=OffloadConfig("block")))
+    streamer = engine.offload_state.streamers["transformer"]
+    calls = {"n": 0}
+
+    def fail_once(module, args, kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second block of the first step: the ring holds units mid-forward
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    handle = engine.transformer.transformer_blocks[1].register_forward_pre_hook(fail_once, with_kwargs=True)
+    with pytest.raises(EngineOutOfMemoryError) as caught:
+        engine(**tiny_call_kwargs())
+    message = str(caught.value)
+    assert "64x64" in message and "offload=block" in message and "freed" in message
+    assert not streamer.active and not any(streamer.in_use)
+    host = streamer.host.tensor
+    assert all(_in(p, host) for p in engine.transformer.transformer_blocks[0].parameters())
+    handle.remove()
+    assert torch.equal(engine(**tiny_call_kwargs()).images, reference_images)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", POLICIES)
+def test_gpu_policy_output_matches_and_holds_less(policy):
+    from engine.measure import track_peak_memory
+
+    device = torch.device("cuda")
+    kwargs = tiny_call_kwargs(height=256, width=256, generator=torch.Generator().manual_seed(0))
+    plain = FluxPipeline(**synthetic_components("tiny", device=device, dtype=torch.bfloat16, seed=0))
+    expected = plain(**kwargs).images
+    del plain
+    pipe = FluxPipeline(**synthetic_components("tiny", device=device, dtype=torch.bfloat16, seed=0))
+    apply_offload(pipe, OffloadConfig(policy=policy))
+    for _ in range(2):
+        kwargs["generator"] = torch.Generator().manual_seed(0)
+        with track_peak_memory(device):
+            images = pipe(**kwargs).images
+    assert torch.equal(images, expected)
+
+
+@pytest.mark.gpu
+def test_gpu_nf4_blocks_stream():
+    device = torch.device("cuda")
+    config = EngineConfig(quant=QuantConfig(transformer="nf4"))
+    kwargs = tiny_call_kwargs(height=128, width=128)
+    plain = optimize(FluxPipeline(**synthetic_components("tiny", device=device, dtype=torch.bfloat16)), config)
+    expected = plain(**kwargs).images
+    streamed = optimize(
+        FluxPipeline(**synthetic_components("tiny", device=device, dtype=torch.bfloat16)),
+        EngineConfig(quant=QuantConfig(transformer="nf4"), offload=OffloadConfig("block")),
+    )
+    kwargs["generator"] = torch.Generator().manual_seed(0)
+    assert torch.equal(streamed(**kwargs).images, expected)
+
+
+@pytest.mark.gpu
+def test_gpu_real_out_of_memory_under_an_emulated_budget_recovers():
+    from engine.planner import emulate_budget
+
+    device = torch.device("cuda")
+    engine = FluxEngine.from_pretrained("synthetic:tiny", config="baseline", device=device, dtype=torch.bfloat16)
+    torch.cuda.empty_cache()
+    emulate_budget(torch.cuda.memory_allocated(device) / 2**30 + 0.05, device)
+    try:
+        with pytest.raises(EngineOutOfMemoryError, match="freed"):
+            engine(**tiny_call_kwargs(height=2048, width=2048, num_inference_steps=1))
+        images = engine(**tiny_call_kwargs(height=64, width=64)).images
+        assert images.shape[-1] == 64
+    finally:
+        emulate_budget(None, device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["lean-bf16", "fp8-block", "fp8-leaf"])
+def test_gpu_offload_presets_equal_their_resident_twins(name):
+    """Each offload preset computes what the same config without offload computes, bit for bit."""
+    from dataclasses import replace
+
+    from engine.config import preset
+
+    device = torch.device("cuda")
+    config = preset(name)
+    twin = replace(config, offload=OffloadConfig(), name="")
+    images = []
+    for each in (twin, config):
+        pipe = FluxEngine.from_pipe(
+            FluxPipeline(**synthetic_components("tiny", device=device, dtype=torch.bfloat16, seed=0)), each
+        )
+        images.append(pipe(**tiny_call_kwargs(height=256, width=256)).images)
+        del pipe
+    assert torch.equal(images[0], images[1])

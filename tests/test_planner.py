@@ -1,0 +1,117 @@
+"""The memory planner's arithmetic and choices, on the real flux-dev config built on the meta device."""
+
+import pytest
+
+from engine.config import EngineConfig, OffloadConfig, QuantConfig, VaeConfig
+from engine.errors import ConfigError
+from engine.planner import (
+    GIB,
+    RESERVE_GIB,
+    component_bytes,
+    plan,
+    predict,
+)
+from engine.quantize import meta_component, weight_bytes
+
+BUDGETS = (6, 8, 12, 16, 24, 48)
+SIZES = ((1024, 1024), (2048, 2048))
+
+
+@pytest.mark.parametrize("mode", ["none", "fp8", "nf4"])
+@pytest.mark.parametrize("component", ["transformer", "text_encoder_2"])
+def test_component_bytes_agree_with_quantize_accounting(mode, component):
+    expected = weight_bytes(meta_component("flux-dev", component), mode, component)
+    counted = component_bytes("flux-dev", component, mode)
+    assert counted.total == expected
+    assert 0 < counted.largest_block < counted.blocks < counted.total
+
+
+def test_transformer_block_bytes_are_the_double_block():
+    # a FLUX double block holds ~340M parameters: 648 MiB in bf16, half in fp8 (+ per-row scales)
+    bf16 = component_bytes("flux-dev", "transformer", "none")
+    fp8 = component_bytes("flux-dev", "transformer", "fp8")
+    assert bf16.largest_block == pytest.approx(648.2 * 2**20, rel=1e-3)
+    assert fp8.largest_block == pytest.approx(bf16.largest_block / 2, rel=0.01)
+
+
+def _peak(config, size=(1024, 1024)):
+    return predict(config, "flux-dev", *size).peak_bytes
+
+
+def test_each_policy_holds_less_than_the_one_before():
+    peaks = [_peak(EngineConfig(offload=OffloadConfig(policy))) for policy in ("none", "model", "block", "leaf")]
+    assert peaks == sorted(peaks, reverse=True) and len(set(peaks)) == 4
+    # 'none' holds every weight: transformer 22.17 GiB + T5 9.12 + CLIP 0.23 + VAE 0.16
+    assert peaks[0] / GIB > 31.6
+
+
+def test_quantisation_and_tiling_lower_the_peak_and_size_raises_it():
+    bf16 = EngineConfig(offload=OffloadConfig("block"))
+    fp8 = EngineConfig(offload=OffloadConfig("block"), quant=QuantConfig("fp8"))
+    tiled = EngineConfig(offload=OffloadConfig("block"), vae=VaeConfig("auto", 512, 64))
+    assert _peak(fp8) < _peak(bf16)
+    assert _peak(tiled, (2048, 2048)) < _peak(bf16, (2048, 2048))
+    assert _peak(bf16, (1024, 1024)) < _peak(bf16, (1360, 768 + 512)) < _peak(bf16, (2048, 2048))
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize("size", SIZES)
+def test_every_budget_gets_a_plan_that_fits_and_is_the_fastest_that_does(budget, size):
+    chosen = plan(budget, *size)
+    assert chosen.chosen.peak_bytes <= (budget - RESERVE_GIB) * GIB
+    fitting = [p for p in chosen.considered if p.fits]
+    # the fastest, or within 3% of it with more faithful weights
+    assert chosen.chosen.seconds_per_image <= 1.03 * min(p.seconds_per_image for p in fitting)
+    assert chosen.config.name == f"plan-{budget:g}gib"
+
+
+def test_plans_get_leaner_as_the_budget_shrinks():
+    plans = [plan(b, 2048, 2048).chosen for b in BUDGETS]
+    assert [p.peak_bytes for p in plans] == sorted(p.peak_bytes for p in plans)
+    assert [round(p.seconds_per_image, 1) for p in plans] == sorted(
+        (round(p.seconds_per_image, 1) for p in plans), reverse=True
+    )
+
+
+def test_t5_is_not_quantised_for_a_tenth_of_a_second():
+    assert plan(12, 1024, 1024).config.quant.text_encoder_2 == "none"
+
+
+def test_a_big_card_runs_without_offload_and_a_small_one_streams():
+    assert plan(80, 1024, 1024).config.offload.policy == "none"
+    small = plan(8, 2048, 2048).config
+    assert small.offload.streams
+    assert small.compile.mode == "regional"
+
+
+def test_quality_bf16_never_quantises():
+    for budget in (8, 16):
+        config = plan(budget, 1024, 1024, quality="bf16").config
+        assert config.quant.transformer == "none" and config.quant.text_encoder_2 == "none"
+
+
+def test_no_fp8_hardware_means_no_fp8():
+    config = plan(16, 1024, 1024, fp8_hardware=False).config
+    assert "fp8" not in (config.quant.transformer, config.quant.text_encoder_2)
+
+
+def test_an_impossible_budget_names_the_leanest_need():
+    with pytest.raises(ConfigError, match=r"nothing fits 1 GiB at 2048x2048.*needs \d+\.\d+ GiB"):
+        plan(1, 2048, 2048)
+
+
+@pytest.mark.parametrize("bad", [0, -4])
+def test_budget_must_be_positive(bad):
+    with pytest.raises(ConfigError, match="must be > 0"):
+        plan(bad)
+
+
+def test_quality_is_validated():
+    with pytest.raises(ConfigError, match="quality='best'"):
+        plan(12, quality="best")
+
+
+def test_for_budget_returns_the_plans_config():
+    config = EngineConfig.for_budget(12, 1024, 1024)
+    assert config == plan(12, 1024, 1024).config
+    assert "plan for 12 GiB" in plan(12, 1024, 1024).explain()
