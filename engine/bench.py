@@ -756,7 +756,7 @@ def run(args) -> dict:
     configs = list(dict.fromkeys(([] if args.no_baseline else [BASELINE_LABEL]) + [j.config.label for j in jobs]))
     total_calls = sum(len(j.sizes) for j in jobs) * (args.runs + args.warmup)
     total_calls += (0 if args.no_baseline else len(plan.sizes)) * (args.runs + args.warmup)
-    total_calls += 2 * sum(j.config.compile.mode != "none" for j in jobs)  # warm-compile probes
+    total_calls += 2 * sum(j.config.compile.mode != "none" and j.budget_gib is None for j in jobs)  # warm probes
     h2d = None
     if plan.device.type == "cuda" and any(j.config.offload.policy != "none" for j in jobs):
         from .offload import measure_h2d_bandwidth
@@ -810,7 +810,9 @@ def run(args) -> dict:
                 row.offload = offload_figures(engine, row, h2d)
                 if not args.no_baseline and outputs[key] is not None:
                     compare(row, outputs[key], rows[(BASELINE_LABEL, size)], outputs[(BASELINE_LABEL, size)])
-            if engine.compile_state is not None and outputs[(label, job.sizes[0])] is not None:
+            # the warm-compile probe once per compiled preset (a --vram plan reuses the graphs of the presets)
+            warm_probe = job.budget_gib is None and engine.compile_state is not None
+            if warm_probe and outputs[(label, job.sizes[0])] is not None:
                 first = rows[(label, job.sizes[0])]
                 first.compile_cold_s = max(0.0, first.first_call_s - first.total_s)
                 progress.set_postfix_str(f"{label} warm compile")
