@@ -179,13 +179,7 @@ class FluxEngine(FluxPipeline):
             from .planner import plan
 
             try:
-                suggestion = plan(budget_gib, height, width, variant=variant, batch=batch)
-                lines.append(
-                    f"Predicted to fit this GPU's {budget_gib:.1f} GiB: {suggestion.config.label} "
-                    f"(peak {suggestion.chosen.peak_gib:.1f} GiB): "
-                    f"FluxEngine.from_pretrained(..., config=EngineConfig.for_budget({budget_gib:.0f}, {height}, "
-                    f"{width}))."
-                )
+                lines.append(_leaner_plan_advice(plan, config, budget_gib, height, width, variant, batch))
             except ConfigError as err:
                 lines.append(str(err))
         lines.append("The memory the call held was freed; the pipeline can be called again.")
@@ -231,6 +225,24 @@ class FluxEngine(FluxPipeline):
                 f"of shape (batch, {patches}, {channels}); make them with pipe.prepare_latents(...) or leave "
                 "latents=None"
             )
+
+
+def _leaner_plan_advice(plan, config: EngineConfig, budget_gib: float, height, width, variant, batch) -> str:
+    """The planner's choice for this budget; if that is the config that just failed (the allocator's
+    fragmentation ate the margin), the choice for a smaller budget, so the advice always changes something."""
+    from dataclasses import replace
+
+    failed = replace(config, name="")
+    planned_for = budget_gib
+    suggestion = plan(planned_for, height, width, variant=variant, batch=batch)
+    while replace(suggestion.config, name="") == failed and planned_for > 2:
+        planned_for -= 1
+        suggestion = plan(planned_for, height, width, variant=variant, batch=batch)
+    label = replace(suggestion.config, name="").label
+    return (
+        f"Predicted to fit this GPU's {budget_gib:.1f} GiB: {label} (peak {suggestion.chosen.peak_gib:.1f} GiB): "
+        f"FluxEngine.from_pretrained(..., config=EngineConfig.for_budget({planned_for:g}, {height}, {width}))."
+    )
 
 
 def _batch_of(call: dict) -> int:
