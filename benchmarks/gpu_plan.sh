@@ -83,6 +83,13 @@ for s in "$@"; do
     planner)
       stage planner 560 python3 -m engine.bench --vram 6,8,12,16,24,48 --res 1024 2048 --steps 4 --runs 1 \
         --cache-dir /tmp/fe-cache --out "$OUT/bench-planner-$CARD-$DAY.json" ;;
+    ladder-a|ladder-b)
+      # the full ladder (`--preset ladder`) takes ~11 min on an H100, past the device's 10-min command limit:
+      # two halves, each beside its own diffusers baseline
+      if [ "$s" = ladder-a ]; then P=baseline,kernels,compile,kernels-compile,kernels-compile-cudagraphs,fp8,fp8-compile
+      else P=nf4,int8-weight,kernels-triton-attn,lean-bf16,fp8-block,fp8-leaf; fi
+      stage "$s" 560 python3 -m engine.bench --res 1024 2048 --steps 4 --runs 2 --preset "$P" \
+        --cache-dir /tmp/fe-cache --out "$OUT/bench-$s-$CARD-$DAY.json" --save-baseline "$OUT/gate-$s-$CARD.json" ;;
     ladder-full)
       stage ladder-full 580 python3 -m engine.bench --res 1024 2048 --steps 4 --runs 2 --preset ladder \
         --cache-dir /tmp/fe-cache --out "$OUT/bench-ladder-full-$CARD-$DAY.json" \

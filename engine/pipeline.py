@@ -70,6 +70,10 @@ def optimize(pipe: FluxPipeline, config: EngineConfig | str | None = None) -> Fl
     pipe.attention_ops = apply_attention(pipe, config.attention)
     pipe.quant_state = apply_quantization(pipe, config.quant)
     pipe.offload_state = apply_offload(pipe, config.offload, compiled=config.compile.mode != "none")
+    if pipe.quant_state is not None and pipe.transformer.device.type == "cuda":
+        from .offload import compact_resident
+
+        compact_resident(pipe, pipe.offload_state, pipe.transformer.device)
     pipe.vae_state = apply_vae(pipe, config.vae)
     pipe.compile_state = apply_compile(pipe, config)
     setattr(pipe, _ENGINE_CONFIG_ATTR, config)

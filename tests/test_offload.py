@@ -279,3 +279,23 @@ def test_gpu_offload_presets_equal_their_resident_twins(name):
         images.append(pipe(**tiny_call_kwargs(height=256, width=256)).images)
         del pipe
     assert torch.equal(images[0], images[1])
+
+
+def test_compact_relays_a_component_into_one_buffer_keeping_shared_views(reference_images):
+    from engine.offload import compact
+
+    pipe = fresh_pipe()
+    optimize(pipe, EngineConfig(attention=AttentionConfig(backend="sdpa", fused_norms=True)))
+    before = pipe(**tiny_call_kwargs()).images
+    attn = pipe.transformer.transformer_blocks[0].attn
+    assert compact(pipe.transformer, torch.device("cpu"))
+    pointers = sorted(p.data_ptr() for p in pipe.transformer.parameters())
+    span = pointers[-1] - pointers[0]
+    total = sum(p.numel() * p.element_size() for p in pipe.transformer.parameters())
+    assert span < total * 1.1, "every parameter now lives in one buffer"
+    # to_q is still a view of the fused QKV weight (the same first row), not a copy beside it
+    block = pipe.transformer.transformer_blocks[0]
+    fused = [m for m in block.modules() if m is not attn.to_q and getattr(m, "weight", None) is not None
+             and m.weight.data_ptr() == attn.to_q.weight.data_ptr()]  # fmt: skip
+    assert fused and fused[0].weight.shape[0] > attn.to_q.weight.shape[0]
+    assert torch.equal(pipe(**tiny_call_kwargs()).images, before)
