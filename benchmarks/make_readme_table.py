@@ -3,8 +3,8 @@
     python benchmarks/make_readme_table.py           # rewrite README.md between the markers
     python benchmarks/make_readme_table.py --check   # exit 1 if README.md is out of date
 
-The engine table keeps the newest run per (card, preset); the kernel tables come from the newest
-attention and norm micro-benchmark files. Every row names its card, date and commit.
+The engine table keeps the newest measurement per (card, preset, size); the planner, VAE, torchao and
+kernel tables come from the newest file of each kind. Every row names its card, date and commit.
 """
 
 from __future__ import annotations
@@ -49,31 +49,104 @@ def _stamp(env: dict) -> str:
 
 
 def engine_table(files: list[dict]) -> list[str]:
-    newest: dict[tuple, dict] = {}
+    """The newest measurement of each (card, config, size), beside the diffusers baseline of its own run."""
+    newest: dict[tuple, tuple[dict, dict]] = {}
     for data in sorted(files, key=lambda d: d["env"].get("date", "")):
-        newest[(_card(data["env"]), data.get("preset"))] = data
+        for row in data["rows"]:
+            if row["config"] != "diffusers" and row.get("budget_gib") is None:
+                newest[(_card(data["env"]), row["config"], row["height"], row["width"])] = (data, row)
     lines = [
         "| card | date | commit | model | size | preset | ms/step | diffusers ms/step | speed-up | TFLOP/s "
         "| peak alloc GiB | compile s cold / warm | PSNR dB vs diffusers | file |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for data in newest.values():
+    # presets in the order the runs listed them (the ladder's order), newest run first
+    listed = list(dict.fromkeys(p for d in sorted(files, key=lambda d: d["env"].get("date", ""), reverse=True)
+                                for p in d.get("presets") or []))  # fmt: skip
+    rank = {name: i for i, name in enumerate(listed)}
+    order = sorted(newest, key=lambda k: (k[0], k[2] * k[3], rank.get(k[1], len(rank)), k[1]))
+    for key in order:
+        data, row = newest[key]
         env = data["env"]
         baseline = {(r["height"], r["width"]): r for r in data["rows"] if r["config"] == "diffusers"}
-        for row in data["rows"]:
-            if row["config"] == "diffusers":
-                continue
-            base = baseline.get((row["height"], row["width"]), {})
-            compile_s = "-"
-            if row.get("compile_cold_s") is not None:
-                compile_s = f"{_num(row['compile_cold_s'], '.1f')} / {_num(row.get('compile_warm_s'), '.1f')}"
-            lines.append(
-                f"| {_card(env)} | {_stamp(env)} | {env.get('commit', '-')} | {data.get('model', '-')} "
-                f"| {row['width']}x{row['height']} | {row['config']} | {_num(row['ms_per_step'], '.1f')} "
-                f"| {_num(base.get('ms_per_step'), '.1f')} | {_num(row.get('speedup'), '.2f')}x "
-                f"| {_num(row.get('tflops'), '.0f')} | {_num(row.get('peak_allocated_gib'), '.2f')} | {compile_s} "
-                f"| {_num(row.get('psnr_db'), '.1f')} | `{data['_file']}` |"
-            )
+        base = baseline.get((row["height"], row["width"]), {})
+        compile_s = "-"
+        if row.get("compile_cold_s") is not None:
+            compile_s = f"{_num(row['compile_cold_s'], '.1f')} / {_num(row.get('compile_warm_s'), '.1f')}"
+        lines.append(
+            f"| {_card(env)} | {_stamp(env)} | {env.get('commit', '-')} | {data.get('model', '-')} "
+            f"| {row['width']}x{row['height']} | {row['config']} | {_num(row['ms_per_step'], '.1f')} "
+            f"| {_num(base.get('ms_per_step'), '.1f')} | {_num(row.get('speedup'), '.2f')}x "
+            f"| {_num(row.get('tflops'), '.0f')} | {_num(row.get('peak_allocated_gib'), '.2f')} | {compile_s} "
+            f"| {_num(row.get('psnr_db'), '.1f')} | `{data['_file']}` |"
+        )
+    return lines
+
+
+def budget_table(data: dict) -> list[str]:
+    """The planner's configs under `--vram` budgets, run with the GPU capped to each budget."""
+    env = data["env"]
+    baseline = {(r["height"], r["width"]): r for r in data["rows"] if r["config"] == "diffusers"}
+    lines = [
+        f"Memory planner (`python -m engine.bench --vram 6,8,12,16,24,48 --res 1024 2048`), {_card(env)} capped to "
+        f"each budget, {_stamp(env)}, commit {env.get('commit', '-')} (`{data['_file']}`):",
+        "",
+        "| budget GiB | size | plan | predicted GiB | peak alloc GiB | peak reserved GiB | under budget | ms/step "
+        "| diffusers ms/step (uncapped) | s/image |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in sorted((r for r in data["rows"] if r.get("budget_gib") is not None),
+                      key=lambda r: (r["height"] * r["width"], r["budget_gib"])):  # fmt: skip
+        base = baseline.get((row["height"], row["width"]), {})
+        if row.get("error"):
+            verdict = "out of memory"
+        else:
+            verdict = "yes" if row["peak_reserved_gib"] <= row["budget_gib"] else "NO"
+        lines.append(
+            f"| {row['budget_gib']:g} | {row['width']}x{row['height']} | {row.get('engine_config') or '-'} "
+            f"| {_num(row.get('predicted_peak_gib'), '.2f')} | {_num(row.get('peak_allocated_gib'), '.2f')} "
+            f"| {_num(row.get('peak_reserved_gib'), '.2f')} | {verdict} | {_num(row.get('ms_per_step'), '.1f')} "
+            f"| {_num(base.get('ms_per_step'), '.1f')} | {_num(row.get('total_s'), '.2f')} |"
+        )
+    return lines
+
+
+def vae_table(data: dict) -> list[str]:
+    env = data["env"]
+    lines = [
+        f"VAE decode, flux-dev VAE bf16, {_card(env)}, {_stamp(env)}, commit {env.get('commit', '-')} "
+        f"(`{data['_file']}`, `python benchmarks/bench_vae.py`):",
+        "",
+        "| size | decode | ms | x untiled | extra GiB | predicted GiB | PSNR dB vs untiled | tiles |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in data["rows"]:
+        lines.append(
+            f"| {row['width']}x{row['height']} | {row['config']} | {_num((row.get('ms') or {}).get('median'), '.1f')} "
+            f"| {_num(row.get('x_untiled'), '.2f')} | {_num(row.get('peak_extra_gib'), '.2f')} "
+            f"| {_num(row.get('predicted_gib'), '.2f')} | {_num(row.get('psnr_db'), '.1f')} | {row.get('tiles', '-')} |"
+        )
+    return lines
+
+
+def torchao_table(data: dict) -> list[str]:
+    env = data["env"]
+    lines = [
+        f"fp8 W8A8 on the transformer: ours (`torch._scaled_mm` row-wise) vs torchao "
+        f"`Float8DynamicActivationFloat8WeightConfig(PerRow)`, one forward at 1024^2, {_card(env)}, {_stamp(env)}, "
+        f"commit {env.get('commit', '-')} (`{data['_file']}`):",
+        "",
+        "| variant | weights GiB | eager ms | compiled ms | compile s | SQNR dB vs bf16 (compiled) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in data["rows"]:
+        eager, compiled = row.get("eager") or {}, row.get("compiled") or {}
+        lines.append(
+            f"| {row['variant']} | {_num(row.get('weight_gib'), '.2f')} "
+            f"| {_num((eager.get('ms') or {}).get('median'), '.1f')} "
+            f"| {_num((compiled.get('ms') or {}).get('median'), '.1f')} | {_num(compiled.get('compile_s'), '.1f')} "
+            f"| {_num(compiled.get('sqnr_db'), '.1f')} |"
+        )
     return lines
 
 
@@ -130,12 +203,21 @@ def render() -> str:
     if not benches:
         return "No GPU results are recorded yet."
     parts = [
-        "Generated by `python benchmarks/make_readme_table.py` from `benchmarks/results/` (newest run per card "
-        "and preset). Synthetic FLUX.1-dev weights, bf16, 4 steps, batch 1; ms/step is one transformer forward; "
-        "the diffusers column is the baseline measured in the same run.",
+        "Generated by `python benchmarks/make_readme_table.py` from `benchmarks/results/` (the newest measurement "
+        "per card, preset and size). Synthetic FLUX.1-dev weights, bf16, 4 steps, batch 1; ms/step is one "
+        "transformer forward; the diffusers column is the baseline measured in the same run.",
         "",
         *engine_table(benches),
     ]
+    budgets = [d for d in benches if any(r.get("budget_gib") is not None for r in d["rows"])]
+    if budgets:
+        parts += ["", *budget_table(max(budgets, key=lambda d: d["env"].get("date", "")))]
+    vae = newest("vae-*.json")
+    if vae:
+        parts += ["", *vae_table(vae)]
+    torchao = newest("torchao-*.json")
+    if torchao:
+        parts += ["", *torchao_table(torchao)]
     attention = newest("attention-*.json")
     if attention:
         parts += ["", *attention_table(attention)]

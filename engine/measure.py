@@ -27,7 +27,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def git_commit() -> str:
-    """Short commit of the working tree, with '+dirty' when it has uncommitted changes."""
+    """Short commit of the working tree, with '+dirty' when it has uncommitted changes.
+
+    $FLUX_ENGINE_COMMIT, when set, wins: a copy of the tree on another machine (the GPU runner) may carry a
+    stale .git, which reported an older commit for every run of 2026-11-26 evening."""
+    if os.environ.get("FLUX_ENGINE_COMMIT"):
+        return os.environ["FLUX_ENGINE_COMMIT"]
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short=10", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
@@ -42,7 +47,7 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     if not commit:
-        return os.environ.get("FLUX_ENGINE_COMMIT", "unknown")
+        return "unknown"
     return commit + ("+dirty" if dirty else "")
 
 

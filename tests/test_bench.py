@@ -190,3 +190,12 @@ def test_quantised_configs_report_per_layer_sqnr(tiny_components, capsys):
     assert report["transformer"]["quantized_layers"] > 0
     assert report["transformer"]["sqnr"]["min_db"] >= 25.0
     assert "fp8-test: transformer fp8" in capsys.readouterr().out
+
+
+def test_commit_override_wins_over_git(monkeypatch):
+    from engine.measure import git_commit
+
+    monkeypatch.setenv("FLUX_ENGINE_COMMIT", "abc1234")
+    assert git_commit() == "abc1234"
+    monkeypatch.delenv("FLUX_ENGINE_COMMIT")
+    assert git_commit() != "abc1234"
