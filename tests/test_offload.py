@@ -299,3 +299,42 @@ def test_compact_relays_a_component_into_one_buffer_keeping_shared_views(referen
              and m.weight.data_ptr() == attn.to_q.weight.data_ptr()]  # fmt: skip
     assert fused and fused[0].weight.shape[0] > attn.to_q.weight.shape[0]
     assert torch.equal(pipe(**tiny_call_kwargs()).images, before)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", ["block", "leaf"])
+def test_gpu_streaming_holds_less_than_resident_under_an_emulated_card(policy):
+    """Under a cap just above what the streamed config needs, it runs and its reserved peak stays under the
+    cap; the resident config needs more than the streamed one (so the cap is a real constraint)."""
+    from engine.planner import emulate_budget
+
+    device = torch.device("cuda")
+    kwargs = tiny_call_kwargs(height=512, width=512, num_inference_steps=1)
+    peaks = {}
+    for each in ("none", policy):
+        pipe = FluxEngine.from_pipe(
+            FluxPipeline(**synthetic_components("tiny", device=device, dtype=torch.bfloat16, seed=0)),
+            EngineConfig(offload=OffloadConfig(policy=each)),
+        )
+        pipe(**kwargs)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        pipe(**tiny_call_kwargs(height=512, width=512, num_inference_steps=1))
+        peaks[each] = torch.cuda.max_memory_allocated()
+        del pipe
+        torch.cuda.empty_cache()
+    assert peaks[policy] < peaks["none"]
+    budget_gib = (torch.cuda.memory_allocated() + 2 * peaks[policy]) / 2**30 + 0.25
+    pipe = FluxEngine.from_pipe(
+        FluxPipeline(**synthetic_components("tiny", device=device, dtype=torch.bfloat16, seed=0)),
+        EngineConfig(offload=OffloadConfig(policy=policy)),
+    )
+    torch.cuda.empty_cache()
+    emulate_budget(budget_gib, device)
+    try:
+        torch.cuda.reset_peak_memory_stats()
+        pipe(**tiny_call_kwargs(height=512, width=512, num_inference_steps=1))
+        assert torch.cuda.max_memory_reserved() / 2**30 <= budget_gib
+    finally:
+        emulate_budget(None, device)
