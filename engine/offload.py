@@ -96,15 +96,10 @@ def module_tensors(module: nn.Module) -> list[tuple[object, str, str, torch.Tens
             if buffer is not None:
                 found.append((sub, name, "buffer", buffer))
     for _, name, _, tensor in found:
-        if hasattr(type(tensor), "__tensor_flatten__") and not isinstance(tensor, nn.Parameter):
-            raise ConfigError(
-                f"offload cannot stream {name!r} of {type(module).__name__}: it is a {type(tensor).__name__} "
-                "(optimum-quanto's fp8-weight/int8-weight); stream 'fp8' or 'nf4' weights, or use offload 'model'"
-            )
         data = tensor.data if isinstance(tensor, nn.Parameter) else tensor
-        if hasattr(type(data), "__tensor_flatten__"):
+        if hasattr(type(data), "__tensor_flatten__"):  # a tensor subclass: its bytes are not one storage
             raise ConfigError(
-                f"offload cannot stream {name!r}: its data is a {type(data).__name__} tensor subclass "
+                f"offload cannot stream {name!r} of {type(module).__name__}: it is a {type(data).__name__} "
                 "(optimum-quanto's fp8-weight/int8-weight); stream 'fp8' or 'nf4' weights, or use offload 'model'"
             )
     return found

@@ -182,7 +182,7 @@ def predict(
 ) -> Prediction:
     """Peak device bytes and seconds per image of `config` (see the module docstring)."""
     from . import models
-    from .vae import decode_peak_bytes
+    from .vae import _tiling_in_force, decode_peak_bytes
 
     spec = models.variant_spec(variant)
     quant, offload = config.quant, config.offload
@@ -223,7 +223,7 @@ def predict(
         copy_ms = dit.blocks / (h2d_gbps * 1e9) * 1e3 * (LEAF_EXTRA if offload.policy == "leaf" else 1.0)
     step_ms = max(compute_ms, copy_ms) + 0.02 * min(compute_ms, copy_ms)  # the overlap is not perfect
     encode_s = 0.0 if offload.policy == "none" else (t5.total + clip.total) / (h2d_gbps * 1e9)
-    tiled = config.vae.tiling == "on" or (config.vae.tiling == "auto" and max(height, width) > config.vae.tile)
+    tiled = _tiling_in_force(config.vae, height, width)
     decode_s = DECODE_S_PER_MPIXEL * batch * height * width / 1e6 * (TILED_DECODE_SCALE if tiled else 1.0)
     seconds = steps * step_ms / 1e3 + encode_s + decode_s
     return Prediction(config, peak, seconds, parts)

@@ -485,6 +485,17 @@ def _tiling_in_force(tiling: VaeConfig | None, height: int, width: int) -> bool:
     return tiling.tiling == "on" or height > tiling.tile or width > tiling.tile
 
 
+def _tile_latent_shape(tiling: VaeConfig | None, latent_h: int, latent_w: int, scale: int) -> tuple | None:
+    """The latent size of one tile when `tiling` splits this image into more than one tile, else None."""
+    if not _tiling_in_force(tiling, latent_h * scale, latent_w * scale):
+        return None
+    rows = tile_spans(latent_h, tiling.tile // scale, tiling.overlap // scale)
+    cols = tile_spans(latent_w, tiling.tile // scale, tiling.overlap // scale)
+    if len(rows) == 1 and len(cols) == 1:
+        return None
+    return rows[0][1] - rows[0][0], cols[0][1] - cols[0][0]
+
+
 def _coefficients(conv_workspace_copies: float | None, attention_score_copies: float | None) -> tuple:
     ws = CONV_WORKSPACE_COPIES if conv_workspace_copies is None else conv_workspace_copies
     score = ATTENTION_SCORE_COPIES if attention_score_copies is None else attention_score_copies
@@ -533,16 +544,14 @@ def decode_peak_bytes(
     _check_size(height, width, scale)
     ws, score = _coefficients(conv_workspace_copies, attention_score_copies)
     latent_h, latent_w = height // scale, width // scale
-    if _tiling_in_force(tiling, height, width):
-        rows = tile_spans(latent_h, tiling.tile // scale, tiling.overlap // scale)
-        cols = tile_spans(latent_w, tiling.tile // scale, tiling.overlap // scale)
-        if len(rows) > 1 or len(cols) > 1:
-            tile_h, tile_w = rows[0][1] - rows[0][0], cols[0][1] - cols[0][0]
-            out_c = vae_config["out_channels"]
-            tile_pixels = tile_h * tile_w * scale * scale
-            decoder = _decoder_peak(vae_config, tile_h, tile_w, ws, score).elements * batch * dtype_bytes
-            blend = batch * out_c * tile_pixels * (dtype_bytes + BLEND_FP32_BYTES) + tile_pixels * 4
-            return int(batch * out_c * height * width * dtype_bytes + max(decoder, blend))
+    tile = _tile_latent_shape(tiling, latent_h, latent_w, scale)
+    if tile is not None:
+        tile_h, tile_w = tile
+        out_c = vae_config["out_channels"]
+        tile_pixels = tile_h * tile_w * scale * scale
+        decoder = _decoder_peak(vae_config, tile_h, tile_w, ws, score).elements * batch * dtype_bytes
+        blend = batch * out_c * tile_pixels * (dtype_bytes + BLEND_FP32_BYTES) + tile_pixels * 4
+        return int(batch * out_c * height * width * dtype_bytes + max(decoder, blend))
     return int(_decoder_peak(vae_config, latent_h, latent_w, ws, score).elements * batch * dtype_bytes)
 
 
@@ -565,17 +574,15 @@ def encode_peak_bytes(
     scale = vae_scale_factor(vae_config)
     _check_size(height, width, scale)
     ws, score = _coefficients(conv_workspace_copies, attention_score_copies)
-    if _tiling_in_force(tiling, height, width):
-        rows = tile_spans(height // scale, tiling.tile // scale, tiling.overlap // scale)
-        cols = tile_spans(width // scale, tiling.tile // scale, tiling.overlap // scale)
-        if len(rows) > 1 or len(cols) > 1:
-            tile_h, tile_w = (rows[0][1] - rows[0][0]) * scale, (cols[0][1] - cols[0][0]) * scale
-            moments_c = 2 * vae_config["latent_channels"]
-            tile_latents = tile_h * tile_w // (scale * scale)
-            encoder = _encoder_peak(vae_config, tile_h, tile_w, ws, score).elements * batch * dtype_bytes
-            blend = batch * moments_c * tile_latents * (dtype_bytes + BLEND_FP32_BYTES) + tile_latents * 4
-            moments = batch * moments_c * (height // scale) * (width // scale) * dtype_bytes
-            return int(moments + max(encoder, blend))
+    tile = _tile_latent_shape(tiling, height // scale, width // scale, scale)
+    if tile is not None:
+        tile_h, tile_w = tile[0] * scale, tile[1] * scale
+        moments_c = 2 * vae_config["latent_channels"]
+        tile_latents = tile[0] * tile[1]
+        encoder = _encoder_peak(vae_config, tile_h, tile_w, ws, score).elements * batch * dtype_bytes
+        blend = batch * moments_c * tile_latents * (dtype_bytes + BLEND_FP32_BYTES) + tile_latents * 4
+        moments = batch * moments_c * (height // scale) * (width // scale) * dtype_bytes
+        return int(moments + max(encoder, blend))
     return int(_encoder_peak(vae_config, height, width, ws, score).elements * batch * dtype_bytes)
 
 
