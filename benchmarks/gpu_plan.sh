@@ -94,6 +94,20 @@ for s in "$@"; do
       stage ladder-full 580 python3 -m engine.bench --res 1024 2048 --steps 4 --runs 2 --preset ladder \
         --cache-dir /tmp/fe-cache --out "$OUT/bench-ladder-full-$CARD-$DAY.json" \
         --save-baseline "$OUT/baseline-ladder-$CARD.json" ;;
+    tests-fp8) stage tests-fp8 200 python3 -m pytest -q -m gpu tests/test_kernels_norm.py tests/test_quantize.py ;;
+    micro-fp8)
+      # the fp8 micro-benchmarks (norm into an fp8 input, fp8 linear with / without fast accumulation), compared
+      # with the saved H100 baseline where it has them
+      stage micro-fp8 150 python3 -m pytest -q benchmarks/test_micro_kernels.py -k "norm_into_fp8 or linear" \
+        --benchmark-json "$OUT/micro-fp8-$CARD-$DAY.json" ;;
+    load-peak)
+      stage load-peak 300 python3 benchmarks/bench_quant.py --load-peak-mode fp8 --load-peak-dir /tmp/load-peak \
+        --out "$OUT/quant-load-$CARD-$DAY.json" ;;
+    fp8-ab)
+      # the fp8 activation-quantisation fusion and fast accumulation, each against the others and bf16 compiled
+      stage fp8-ab 560 python3 -m engine.bench --res 1024 2048 --steps 4 --runs 2 \
+        --preset kernels-compile,fp8-compile-unfused-quant,fp8-compile,fp8-compile-fastacc --cache-dir /tmp/fe-cache \
+        --out "$OUT/bench-fp8-ab-$CARD-$DAY.json" ;;
     *) echo "unknown stage $s" | tee -a "$LOG" ;;
   esac
 done

@@ -6,8 +6,11 @@ At FLUX shapes, bf16, each beside what it replaces:
 - kernels.norm: qk_norm_rope, layernorm_modulate, gated_residual_layernorm_modulate vs their eager PyTorch
   references, 4608 / 16896 tokens, hidden 3072 (cases, byte counts and references from bench_norm.py);
   GB/s = the bytes a fused kernel must move / time.
+- layernorm_modulate into an fp8 projection, 4608 / 16896 tokens: the kernel with e4m3 outputs vs the bf16 kernel
+  then the activation quantiser (eager, and both in one torch.compile graph).
 - linear at the MLP shape of bench_quant.py (4608x3072 @ 3072x12288): bf16 nn.Linear vs engine.quantize's
-  Fp8Linear on `torch._scaled_mm` (activation quantisation included), and `_scaled_mm` alone.
+  Fp8Linear on `torch._scaled_mm` (activation quantisation included), and `_scaled_mm` alone; each fp8 one also
+  with fast accumulation.
 
 Each round times `calls` back-to-back calls and one torch.cuda.synchronize after the last (`calls` picked so a
 round lasts ~5 ms), so the per-call figure is device time with the launches queued ahead, not launch + sync
@@ -196,11 +199,48 @@ def test_norm(benchmark, impl: str, op: str, tokens: int):
     run_benchmark(benchmark, make_call, device, shape, sets=sets, bytes_moved=case["bytes"])
 
 
+# ----------------------------------------------------------------------------- norm into an fp8 linear
+
+
+@pytest.mark.benchmark(group="layernorm_modulate -> fp8 input")
+@pytest.mark.parametrize("tokens", TOKENS, ids=lambda t: f"L{t}")
+@pytest.mark.parametrize("impl", ["fused_fp8_kernel", "kernel_then_quantize", "kernel_then_quantize_compiled"])
+def test_norm_into_fp8(benchmark, impl: str, tokens: int):
+    """The fp8 projection's input from a LayerNorm+modulate: our kernel writing e4m3 + per-token scales (what the
+    fused blocks run), against our bf16 kernel followed by the activation quantiser (what Fp8Linear does
+    eagerly: a compiled quantiser), and against both inside one torch.compile graph (what the compiled blocks
+    without the fusion run: the custom op, then one inductor kernel). GB/s over the fused kernel's bytes."""
+    from engine.quantize import _quantize_activations, quantize_fp8_rowwise
+    from kernels.norm import layernorm_modulate, layernorm_modulate_fp8
+
+    device = torch.device("cuda")
+    case = norm_case("layernorm_modulate", tokens)
+    if impl == "fused_fp8_kernel":
+        fn = layernorm_modulate_fp8
+    elif impl == "kernel_then_quantize":
+
+        def fn(x, shift, scale):
+            return _quantize_activations(layernorm_modulate(x, shift, scale))
+
+    else:
+        fn = torch.compile(lambda x, shift, scale: quantize_fp8_rowwise(layernorm_modulate(x, shift, scale)))
+
+    def make_call(seed: int):
+        return functools.partial(fn, **case["make_inputs"](seed))
+
+    fused_bytes = case["bytes"] // 2 * 3 // 2 + tokens * 4  # read bf16, write e4m3 and an fp32 scale per token
+    shape = {"label": f"L={tokens}", "tokens": tokens, "shape": case["shape"], "bytes": fused_bytes}
+    sets = max(2, min(8, math.ceil(ROTATION_BYTES / fused_bytes)))
+    run_benchmark(benchmark, make_call, device, shape, sets=sets, bytes_moved=fused_bytes)
+
+
 # ----------------------------------------------------------------------------- fp8 linear
 
 
 @pytest.mark.benchmark(group="linear")
-@pytest.mark.parametrize("impl", ["bf16", "fp8", "fp8_scaled_mm_only"])
+@pytest.mark.parametrize(
+    "impl", ["bf16", "fp8", "fp8_scaled_mm_only", "fp8_fast_accum", "fp8_scaled_mm_only_fast_accum"]
+)
 def test_linear(benchmark, impl: str):
     from engine.quantize import Fp8Linear, fp8_compute_for, quantize_fp8_rowwise
 
@@ -213,14 +253,16 @@ def test_linear(benchmark, impl: str):
     x = torch.randn(tokens, in_features, device=device, dtype=torch.bfloat16, generator=generator)  # [M, K]
     if impl == "bf16":
         call = functools.partial(linear, x)
-    elif impl == "fp8":
-        call = functools.partial(Fp8Linear.from_linear(linear, compute="scaled_mm"), x)
+    elif impl in ("fp8", "fp8_fast_accum"):
+        layer = Fp8Linear.from_linear(linear, compute="scaled_mm")
+        layer.fast_accum = impl == "fp8_fast_accum"
+        call = functools.partial(layer, x)
     else:  # the GEMM alone, activations quantised beforehand
         fp8 = Fp8Linear.from_linear(linear, compute="scaled_mm")
         x_fp8, x_scale = quantize_fp8_rowwise(x)  # [M, K] e4m3, [M, 1]
         call = functools.partial(
             torch._scaled_mm, x_fp8, fp8.weight_fp8.t(), scale_a=x_scale, scale_b=fp8.weight_scale.view(1, -1),
-            bias=fp8.bias, out_dtype=torch.bfloat16,
+            bias=fp8.bias, out_dtype=torch.bfloat16, use_fast_accum=impl.endswith("fast_accum"),
         )  # fmt: skip
     del linear  # the fp8 calls do not hold its bf16 weight: it must not count in their peak
     flops = 2 * tokens * in_features * out_features

@@ -12,7 +12,9 @@ place (weights are shared, never copied):
 - the attention core: our Triton flash attention, PyTorch SDPA, or "auto" (the faster of the two,
   measured on this GPU when the config is applied);
 - LayerNorm + shift/scale modulation and the gated residual before norm2
-  (`kernels.norm.layernorm_modulate`, `gated_residual_layernorm_modulate`) when `fused_norms` is on.
+  (`kernels.norm.layernorm_modulate`, `gated_residual_layernorm_modulate`) when `fused_norms` is on; when the
+  projection after one of them is an fp8 layer (engine.quantize.Fp8Linear), the kernel writes its output as
+  e4m3 values with per-token scales (the `*_fp8` variants) and the layer skips its own activation quantisation.
 
 The blocks become instances of subclasses of diffusers' own block classes (`__class__` swap), so
 module names, state dict keys and hooks stay as they were.
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.activations import GELU
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 from torch import nn
 
@@ -52,6 +55,9 @@ class BlockOps:
     layernorm_modulate_fn: Callable
     gated_residual_layernorm_modulate_fn: Callable
     flash_attention_fn: Callable | None = None
+    # the norm kernels with e4m3 outputs for an fp8 projection after them (fused_norms only)
+    layernorm_modulate_fp8_fn: Callable | None = None
+    gated_residual_layernorm_modulate_fp8_fn: Callable | None = None
 
     @classmethod
     def build(cls, core: str, fused_norms: bool) -> BlockOps:
@@ -62,13 +68,15 @@ class BlockOps:
             from kernels.attention import flash_attention as flash
         if fused_norms:
             fns = (norm.qk_norm_rope, norm.layernorm_modulate, norm.gated_residual_layernorm_modulate)
+            fp8_fns = (norm.layernorm_modulate_fp8, norm.gated_residual_layernorm_modulate_fp8)
         else:  # the same math as diffusers, in PyTorch, in the activations' dtype
             fns = (
                 functools.partial(norm.qk_norm_rope_ref, upcast=False),
                 functools.partial(norm.layernorm_modulate_ref, upcast=False),
                 functools.partial(norm.gated_residual_layernorm_modulate_ref, upcast=False),
             )
-        return cls(core, fused_norms, *fns, flash_attention_fn=flash)
+            fp8_fns = (None, None)
+        return cls(core, fused_norms, *fns, flash, *fp8_fns)
 
     def qk_norm_rope(self, qkv, q_weight, k_weight, rotary, heads, eps, txt_qkv=None, txt_q=None, txt_k=None):
         cos, sin = rotary
@@ -88,6 +96,41 @@ class BlockOps:
 
     def gated_residual_layernorm_modulate(self, x, y, gate, shift, scale, eps):
         return self.gated_residual_layernorm_modulate_fn(x, y, gate, shift, scale, eps)
+
+    def _fp8_into(self, linear: nn.Module, fn: Callable | None) -> bool:
+        # an Fp8Linear that wants pre-quantised activations (engine.quantize.Fp8Linear.takes_fp8_input), after a
+        # norm kernel that can make them
+        return fn is not None and getattr(linear, "takes_fp8_input", False)
+
+    def modulated_linear(self, linear: nn.Module, x, shift, scale, eps):
+        """linear(layernorm_modulate(x, shift, scale)); an fp8 `linear` takes the norm kernel's e4m3 output and
+        per-token scales, so the activations are not written in bf16 and read back to be quantised."""
+        if self._fp8_into(linear, self.layernorm_modulate_fp8_fn):
+            return linear(*self.layernorm_modulate_fp8_fn(x, shift, scale, eps))
+        return linear(self.layernorm_modulate(x, shift, scale, eps))
+
+    def gated_residual_modulated_linear(self, linear: nn.Module, x, y, gate, shift, scale, eps):
+        """(residual, linear(normed)) of gated_residual_layernorm_modulate, fp8 as in modulated_linear."""
+        if self._fp8_into(linear, self.gated_residual_layernorm_modulate_fp8_fn):
+            residual, normed_fp8, normed_scale = self.gated_residual_layernorm_modulate_fp8_fn(
+                x, y, gate, shift, scale, eps
+            )
+            return residual, linear(normed_fp8, normed_scale)
+        residual, normed = self.gated_residual_layernorm_modulate(x, y, gate, shift, scale, eps)
+        return residual, linear(normed)
+
+    def modulated_feed_forward(self, ff: nn.Module, x, y, gate, shift, scale, eps):
+        """(residual, ff(normed)) for a diffusers FeedForward `ff` after gated_residual_layernorm_modulate: its
+        first projection (net[0].proj) is the Linear that takes the norm's output, fp8 or not."""
+        first = ff.net[0]
+        if not isinstance(first, GELU):  # not FLUX's FeedForward: run it whole
+            residual, normed = self.gated_residual_layernorm_modulate(x, y, gate, shift, scale, eps)
+            return residual, ff(normed)
+        residual, hidden = self.gated_residual_modulated_linear(first.proj, x, y, gate, shift, scale, eps)
+        hidden = first.gelu(hidden)
+        for module in ff.net[1:]:
+            hidden = module(hidden)
+        return residual, hidden
 
 
 # ----------------------------------------------------------------------------- fused projections
@@ -141,17 +184,14 @@ class EngineDoubleBlock(FluxTransformerBlock):
         c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context.linear(
             self.norm1_context.silu(temb)
         ).chunk(6, dim=1)
-        norm_hidden = ops.layernorm_modulate(hidden_states, shift_msa, scale_msa, eps)
-        norm_context = ops.layernorm_modulate(encoder_hidden_states, c_shift_msa, c_scale_msa, eps)
-
         query, key, value = ops.qk_norm_rope(
-            self.qkv(norm_hidden),  # [B, L_img, 3*H*D]
+            ops.modulated_linear(self.qkv, hidden_states, shift_msa, scale_msa, eps),  # [B, L_img, 3*H*D]
             attn.norm_q.weight,
             attn.norm_k.weight,
             image_rotary_emb,
             attn.heads,
             attn.norm_q.eps,
-            txt_qkv=self.txt_qkv(norm_context),  # [B, L_txt, 3*H*D]
+            txt_qkv=ops.modulated_linear(self.txt_qkv, encoder_hidden_states, c_shift_msa, c_scale_msa, eps),
             txt_q=attn.norm_added_q.weight,
             txt_k=attn.norm_added_k.weight,
         )
@@ -161,14 +201,14 @@ class EngineDoubleBlock(FluxTransformerBlock):
         hidden_attn = attn.to_out[0](hidden_attn)
         context_attn = attn.to_add_out(context_attn)
 
-        hidden_states, norm_hidden = ops.gated_residual_layernorm_modulate(
-            hidden_states, hidden_attn, gate_msa, shift_mlp, scale_mlp, eps
+        hidden_states, ff_out = ops.modulated_feed_forward(
+            self.ff, hidden_states, hidden_attn, gate_msa, shift_mlp, scale_mlp, eps
         )
-        hidden_states = hidden_states + gate_mlp.unsqueeze(1) * self.ff(norm_hidden)
-        encoder_hidden_states, norm_context = ops.gated_residual_layernorm_modulate(
-            encoder_hidden_states, context_attn, c_gate_msa, c_shift_mlp, c_scale_mlp, eps
+        hidden_states = hidden_states + gate_mlp.unsqueeze(1) * ff_out
+        encoder_hidden_states, ff_context_out = ops.modulated_feed_forward(
+            self.ff_context, encoder_hidden_states, context_attn, c_gate_msa, c_shift_mlp, c_scale_mlp, eps
         )
-        encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * self.ff_context(norm_context)
+        encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * ff_context_out
         if encoder_hidden_states.dtype == torch.float16:
             encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
         return encoder_hidden_states, hidden_states
@@ -186,8 +226,7 @@ class EngineSingleBlock(FluxSingleTransformerBlock):
         text_tokens = encoder_hidden_states.shape[1]
         residual = torch.cat([encoder_hidden_states, hidden_states], dim=1)  # [B, L, C]
         shift, scale, gate = self.norm.linear(self.norm.silu(temb)).chunk(3, dim=1)
-        normed = ops.layernorm_modulate(residual, shift, scale, self.norm.norm.eps)
-        projected = self.linear1(normed)  # [B, L, 3*H*D + mlp]
+        projected = ops.modulated_linear(self.linear1, residual, shift, scale, self.norm.norm.eps)  # [B, L, 3HD + mlp]
         qkv_width = 3 * attn.heads * attn.head_dim
         mlp = self.act_mlp(projected[..., qkv_width:])
         query, key, value = ops.qk_norm_rope(

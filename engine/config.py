@@ -65,12 +65,20 @@ class QuantConfig:
     - 'fp8-weight', 'int8-weight': weight-only (optimum-quanto qfloat8 / qint8), bf16 compute.
     - 'nf4': bitsandbytes 4-bit NormalFloat, blocks of 64, bf16 compute; CUDA only.
     nf4_double_quant: also quantise nf4's per-block scales (0.52 instead of 0.56 bytes per weight).
+    fp8_fused_input: with attention.fused_norms, the LayerNorm+modulate kernels before the fp8 projections
+        (qkv, txt_qkv, linear1, the MLP inputs) output e4m3 values and per-token scales themselves, instead of
+        bf16 that the fp8 layer quantises again (one pass over the activations fewer). Off: for A/B runs.
+    fp8_fast_accum: the fp8 GEMMs use the FP8 tensor cores' fast accumulation (`_scaled_mm(use_fast_accum=
+        True)`, torchao's default): faster, with partial sums kept at lower precision; see the README's
+        fidelity columns for what it costs.
     """
 
     transformer: str = "none"
     text_encoder_2: str = "none"
     text_encoder: str = "none"
     nf4_double_quant: bool = False
+    fp8_fused_input: bool = True
+    fp8_fast_accum: bool = False
 
     MODES = ("none", "fp8", "fp8-weight", "int8-weight", "nf4")
     COMPONENTS = ("transformer", "text_encoder_2", "text_encoder")
@@ -82,6 +90,11 @@ class QuantConfig:
             raise ConfigError(f"quant.nf4_double_quant={self.nf4_double_quant!r} must be True or False")
         if self.nf4_double_quant and "nf4" not in (self.transformer, self.text_encoder_2, self.text_encoder):
             raise ConfigError("quant.nf4_double_quant=True needs a component in mode 'nf4'")
+        for name in ("fp8_fused_input", "fp8_fast_accum"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"quant.{name}={getattr(self, name)!r} must be True or False")
+        if self.fp8_fast_accum and "fp8" not in (self.transformer, self.text_encoder_2, self.text_encoder):
+            raise ConfigError("quant.fp8_fast_accum=True needs a component in mode 'fp8'")
 
     @property
     def label(self) -> str:
@@ -89,6 +102,10 @@ class QuantConfig:
         parts = [f"{short[n]}={getattr(self, n)}" for n in self.COMPONENTS if getattr(self, n) != "none"]
         if self.nf4_double_quant:
             parts.append("nf4dq")
+        if self.fp8_fast_accum:
+            parts.append("fastacc")
+        if not self.fp8_fused_input and "fp8" in (self.transformer, self.text_encoder_2, self.text_encoder):
+            parts.append("unfused-quant")
         return ",".join(parts)
 
 
@@ -308,6 +325,21 @@ PRESETS: dict[str, EngineConfig] = {
         quant=QuantConfig(transformer="fp8"),
         compile=CompileConfig(mode="regional"),
         name="fp8-compile",
+    ),
+    # fp8-compile with the FP8 tensor cores' fast accumulation (torchao's default): faster GEMMs, partial sums at
+    # lower precision (its PSNR is in the README's ladder)
+    "fp8-compile-fastacc": EngineConfig(
+        attention=AttentionConfig(backend="auto", fused_norms=True),
+        quant=QuantConfig(transformer="fp8", fp8_fast_accum=True),
+        compile=CompileConfig(mode="regional"),
+        name="fp8-compile-fastacc",
+    ),
+    # ablation of fp8-compile: the norm kernels write bf16 and each fp8 layer quantises its input itself
+    "fp8-compile-unfused-quant": EngineConfig(
+        attention=AttentionConfig(backend="auto", fused_norms=True),
+        quant=QuantConfig(transformer="fp8", fp8_fused_input=False),
+        compile=CompileConfig(mode="regional"),
+        name="fp8-compile-unfused-quant",
     ),
     # small cards: transformer and T5 in NF4 (bitsandbytes, CUDA), a memory tool, not a speed tool
     "nf4": EngineConfig(

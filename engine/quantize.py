@@ -53,16 +53,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.fp8 import E4M3_MAX as E4M3_MAX  # re-exported: the tests and users read it here
+from kernels.fp8 import FP8_DTYPE, quantize_fp8_rowwise
+
 from .config import QuantConfig
 from .errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
 
-FP8_DTYPE = torch.float8_e4m3fn
-E4M3_MAX = 448.0  # largest finite float8_e4m3fn; the cast does not saturate (it makes NaN), so we clamp
-# the smallest scale: the smallest normal fp32. A zero row gets q = 0 (no 0/0); rows down to amax ~5e-36 keep full
-# precision (a 1e-12 floor measured: rows of bf16 values ~1e-30 flushed to zero)
-_MIN_SCALE = torch.finfo(torch.float32).tiny
 NF4_BLOCK = 64
 QUANTO_MODES = {"fp8-weight": "qfloat8", "int8-weight": "qint8"}
 COMPONENTS = ("transformer", "text_encoder_2", "text_encoder")
@@ -98,32 +96,6 @@ FUSED_VIEWS = {
 
 
 # ----------------------------------------------------------------------------- fp8 arithmetic
-
-
-def quantize_fp8_rowwise(
-    x: torch.Tensor, check_finite: bool = False, scale: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., K] -> (q e4m3 [..., K], scale fp32 [..., 1]) with x ~= q * scale; scale = amax(|row|) / 448.
-
-    Round to nearest even (the cast), clamped to +-448 first: whether the cast itself saturates or makes NaN
-    past 448 has differed between torch versions and devices. `scale` [..., 1] (static scaling) overrides
-    the amax one; values past 448 * scale then saturate to +-448.
-    A zero row gives q = 0 and a tiny positive scale. check_finite raises on inf/nan (a host sync: used for
-    weights, not per activation); unchecked, a non-finite value makes its row's output NaN.
-    """
-    if check_finite:
-        bad = (~torch.isfinite(x)).sum().item()
-        if bad:
-            raise ValueError(
-                f"tensor of shape {tuple(x.shape)} has {bad} inf/nan values; fp8 cannot represent them "
-                "(fix the weights: a checkpoint saved in fp16 may have overflowed)"
-            )
-    x32 = x.float()
-    if scale is None:
-        amax = x32.abs().amax(dim=-1, keepdim=True)
-        scale = (amax / E4M3_MAX).clamp(min=_MIN_SCALE)
-    q = (x32 / scale).clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
-    return q, scale
 
 
 _compiled_quantizer: list = []  # [fn] once built; [None] if compiling it failed
@@ -172,14 +144,35 @@ def fp8_layer_compute(device: torch.device, in_features: int, out_features: int,
 
 
 def fp8_linear(
-    x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, compute: str
+    x: torch.Tensor,
+    weight_fp8: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    compute: str,
+    fast_accum: bool = False,
 ) -> torch.Tensor:
     """x [M, K] @ (weight_fp8 [N, K] * weight_scale [N]).T + bias -> [M, N] in x's dtype."""
     if compute == "weight-only":
         weight = weight_fp8.to(x.dtype) * weight_scale.to(x.dtype)[:, None]
         return F.linear(x, weight, bias)
+    x_fp8, x_scale = _quantize_activations(x) if compute == "scaled_mm" else quantize_fp8_rowwise(x)
+    return fp8_linear_quantized(x_fp8, x_scale, weight_fp8, weight_scale, bias, compute, x.dtype, fast_accum)
+
+
+def fp8_linear_quantized(
+    x_fp8: torch.Tensor,
+    x_scale: torch.Tensor,
+    weight_fp8: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    compute: str,
+    out_dtype: torch.dtype,
+    fast_accum: bool = False,
+) -> torch.Tensor:
+    """(x_fp8 [M, K] e4m3 * x_scale [M, 1]) @ (weight_fp8 [N, K] * weight_scale [N]).T + bias -> [M, N] in
+    out_dtype, from activations already quantised per token (by quantize_fp8_rowwise, or by a norm kernel's fp8
+    output). compute 'scaled_mm' (fast_accum: the tensor cores' fast accumulation, use_fast_accum) or 'emulate'."""
     if compute == "scaled_mm":
-        x_fp8, x_scale = _quantize_activations(x)  # [M, K], [M, 1]
         out = torch._scaled_mm(
             x_fp8,
             weight_fp8.t(),  # [K, N], column-major as cuBLASLt wants
@@ -187,20 +180,31 @@ def fp8_linear(
             scale_b=weight_scale.view(1, -1),
             bias=None if bias is None else bias.to(torch.bfloat16),
             out_dtype=torch.bfloat16,
+            use_fast_accum=fast_accum,
         )
-        return out.to(x.dtype)
-    x_fp8, x_scale = quantize_fp8_rowwise(x)
+        return out.to(out_dtype)
+    if compute != "emulate":
+        raise ValueError(f"fp8_linear_quantized: compute={compute!r} takes no pre-quantised input; use fp8_linear")
     # emulate: products of the same fp8 values accumulated in fp32, then both scales, as the tensor cores do
+    # (fast_accum has no CPU counterpart: the emulation always accumulates in fp32)
     out = (x_fp8.float() @ weight_fp8.float().t()) * x_scale * weight_scale.view(1, -1)
     if bias is not None:
         out = out + bias.float()
-    return out.to(x.dtype)
+    return out.to(out_dtype)
 
 
 class Fp8Linear(nn.Module):
-    """A Linear with e4m3 weights (per output channel scales) and dynamic per-token e4m3 activations."""
+    """A Linear with e4m3 weights (per output channel scales) and dynamic per-token e4m3 activations.
+
+    forward(x) quantises x itself; forward(x_fp8, x_scale) takes activations already quantised per token (the
+    norm kernels' fp8 outputs: `takes_fp8_input` says whether this layer wants them). Run-time options, set by
+    apply_quantization from the QuantConfig (not saved with the weights): `fast_accum` (the FP8 tensor cores'
+    fast accumulation) and `fused_input` (accept pre-quantised activations).
+    """
 
     COMPUTES = ("scaled_mm", "weight-only", "emulate")
+    fast_accum = False
+    fused_input = True
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, compute: str = "emulate", device=None):
         super().__init__()
@@ -229,13 +233,32 @@ class Fp8Linear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return self.weight_fp8.float() * self.weight_scale[:, None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def takes_fp8_input(self) -> bool:
+        """Whether the block should hand this layer activations quantised by the norm kernel before it."""
+        return self.fused_input and self.compute in ("scaled_mm", "emulate")
+
+    def forward(self, x: torch.Tensor, x_scale: torch.Tensor | None = None) -> torch.Tensor:
         leading = x.shape[:-1]
-        out = fp8_linear(x.reshape(-1, self.in_features), self.weight_fp8, self.weight_scale, self.bias, self.compute)
+        x = x.reshape(-1, self.in_features)
+        if x_scale is None:
+            out = fp8_linear(x, self.weight_fp8, self.weight_scale, self.bias, self.compute, self.fast_accum)
+        else:
+            if x.dtype != FP8_DTYPE or x_scale.shape[:-1] != leading or x_scale.shape[-1] != 1:
+                raise ValueError(
+                    f"Fp8Linear: pre-quantised input must be {FP8_DTYPE} [..., {self.in_features}] with fp32 scales "
+                    f"[..., 1]; got {x.dtype} {tuple(leading)} and scales {tuple(x_scale.shape)}"
+                )
+            out_dtype = self.bias.dtype if self.bias is not None else torch.bfloat16
+            out = fp8_linear_quantized(
+                x, x_scale.reshape(-1, 1), self.weight_fp8, self.weight_scale, self.bias, self.compute, out_dtype,
+                self.fast_accum,
+            )  # fmt: skip
         return out.view(*leading, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, compute={self.compute}"
+        options = ", fast_accum=True" if self.fast_accum else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, compute={self.compute}{options}"
 
 
 class FusedAway(nn.Module):
@@ -646,6 +669,7 @@ def apply_quantization(pipe, config: QuantConfig) -> QuantState | None:
         previous = quant_mode_of(model)
         if previous is None:
             state.components[component] = quantize_model(model, mode, component, config.nf4_double_quant)
+            set_fp8_options(model, config)
             continue
         if previous != mode:
             raise ConfigError(
@@ -662,7 +686,15 @@ def apply_quantization(pipe, config: QuantConfig) -> QuantState | None:
         state.components[component] = record or ComponentQuant(
             mode=mode, kept=kept_linears(model, component), quantized=_quantized_names(model)
         )
+        set_fp8_options(model, config)
     return state
+
+
+def set_fp8_options(model: nn.Module, config: QuantConfig) -> None:
+    """The config's run-time fp8 options on every Fp8Linear of `model` (they are not part of the weights)."""
+    for module in model.modules():
+        if isinstance(module, Fp8Linear):
+            module.fast_accum, module.fused_input = config.fp8_fast_accum, config.fp8_fused_input
 
 
 def _quantized_names(model: nn.Module) -> list[str]:

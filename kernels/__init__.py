@@ -1,7 +1,9 @@
 """Triton kernels of flux-engine, one op per module, each with a plain PyTorch reference beside it.
 
     kernels.attention  flash_attention (+ attention_ref)
-    kernels.norm       qk_norm_rope, layernorm_modulate, gated_residual_layernorm_modulate (+ *_ref)
+    kernels.norm       qk_norm_rope, layernorm_modulate, gated_residual_layernorm_modulate, the last two also
+                       with fp8 outputs for an fp8 GEMM (*_fp8) (+ *_ref)
+    kernels.fp8        quantize_fp8_rowwise: the per-row e4m3 quantiser (plain PyTorch), the *_fp8 ops' reference
 
 Importing a submodule registers its ops as `torch.ops.flux_kernels.*` custom ops; this package itself
 imports none of them, so `import kernels` stays cheap. Nothing here imports `engine`.
@@ -68,6 +70,9 @@ def _patch_interpreter() -> None:
        >= 2.4 refuses for ndim > 0: every `tl.range(lo, hi)` with run-time bounds fails. Use `.item()`.
     2. `tl.dot` multiplies bf16 operands as their raw uint16 storage: garbage. Widen bf16 to fp32 first
        (exact), which is what the tensor cores compute with fp32 accumulation.
+    3. fp32 -> float8e4nv conversions truncate the mantissa (or, asked for round-to-nearest-even, round half
+       up without carrying into the exponent); the GPU rounds to nearest even. Convert with PyTorch's cast,
+       which does.
     """
     import numpy as np
     import triton.language as tl
@@ -77,6 +82,7 @@ def _patch_interpreter() -> None:
         return
     original_patch_tensor = interpreter._patch_lang_tensor
     original_dot = interpreter.InterpreterBuilder.create_dot
+    original_convert = interpreter._convert_float
 
     def patch_lang_tensor(tensor, scope):
         original_patch_tensor(tensor, scope)
@@ -91,7 +97,14 @@ def _patch_interpreter() -> None:
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
         return original_dot(self, widen_bf16(a), widen_bf16(b), d, input_precision, max_num_imprecise_acc)
 
+    def convert_float(data, input_dtype, output_dtype, rounding_mode):
+        if input_dtype == tl.float32 and output_dtype == tl.float8e4nv:
+            values = torch.from_numpy(np.ascontiguousarray(data).view(np.float32))
+            return values.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+        return original_convert(data, input_dtype, output_dtype, rounding_mode)
+
     interpreter._patch_lang_tensor = patch_lang_tensor
+    interpreter._convert_float = convert_float
     interpreter.InterpreterBuilder.create_dot = create_dot
     interpreter._flux_patched = True
 

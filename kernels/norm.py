@@ -36,6 +36,7 @@ from kernels import (
     new_output,
     triton_interpreting,
 )
+from kernels.fp8 import FP8_DTYPE, quantize_fp8_rowwise
 
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_CHANNELS = 16384
@@ -489,6 +490,18 @@ def gated_residual_layernorm_modulate_ref(
     return residual, layernorm_modulate_ref(residual, shift, scale, eps, upcast=upcast)
 
 
+def layernorm_modulate_fp8_ref(x, shift, scale, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_fp8_rowwise(layernorm_modulate_ref(x, shift, scale, eps)) of the fp32 result: (e4m3 [B, L, C],
+    fp32 scales [B, L, 1])."""
+    return quantize_fp8_rowwise(layernorm_modulate_ref(x, shift, scale, eps))
+
+
+def gated_residual_layernorm_modulate_fp8_ref(x, y, gate, shift, scale, eps: float = 1e-6):
+    """(residual fp32, e4m3 [B, L, C], fp32 scales [B, L, 1]) of gated_residual_layernorm_modulate_ref in fp32."""
+    residual, normed = gated_residual_layernorm_modulate_ref(x, y, gate, shift, scale, eps)
+    return (residual, *quantize_fp8_rowwise(normed))
+
+
 @triton.jit
 def _modulated_layernorm(x, shift, scale_plus_one, col_mask, C, eps):
     # x: [BLOCK_ROWS, BLOCK_C] fp32 with masked columns = 0; statistics in two passes, as torch does
@@ -496,6 +509,26 @@ def _modulated_layernorm(x, shift, scale_plus_one, col_mask, C, eps):
     centered = tl.where(col_mask, x - mean[:, None], 0.0)
     rstd = tl.math.rsqrt(tl.sum(centered * centered, axis=1) / C + eps)
     return centered * rstd[:, None] * scale_plus_one + shift
+
+
+# fp8 outputs (the *_fp8 ops): e4m3 values and one fp32 scale per token, as engine.quantize.quantize_fp8_rowwise
+# computes them (scale = amax / 448, floored at the smallest normal fp32; IEEE division and round-to-nearest-even),
+# but from the fp32 normalised row: no bf16 rounding in between
+E4M3_MAX: tl.constexpr = 448.0
+FP8_MIN_SCALE: tl.constexpr = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny
+
+
+@triton.jit
+def _store_normed(OUT, OUT_SCALE, offsets, scale_offsets, out, mask, row_mask, QUANT_FP8: tl.constexpr):
+    # out: [BLOCK_ROWS, BLOCK_C] fp32, masked columns 0 (so they do not move the amax)
+    if QUANT_FP8:
+        amax = tl.max(tl.abs(out), axis=1)[:, None]
+        row_scale = tl.maximum(tl.math.div_rn(amax, E4M3_MAX), FP8_MIN_SCALE)
+        q = tl.clamp(tl.math.div_rn(out, row_scale), -E4M3_MAX, E4M3_MAX)
+        tl.store(OUT + offsets, q.to(OUT.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+        tl.store(OUT_SCALE + scale_offsets, row_scale, mask=row_mask)
+    else:
+        tl.store(OUT + offsets, out.to(OUT.dtype.element_ty), mask=mask)
 
 
 def _layernorm_config(rows: int, warps: int, programs_per_sm: int = 0, stages: int = 1) -> triton.Config:
@@ -535,6 +568,7 @@ def _layernorm_modulate_fwd_kernel(
     SHIFT,
     SCALE,
     OUT,
+    OUT_SCALE,
     stride_x_b,
     stride_x_l,
     stride_shift_b,
@@ -546,6 +580,7 @@ def _layernorm_modulate_fwd_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     PROGRAMS_PER_SM: tl.constexpr,
+    QUANT_FP8: tl.constexpr,
 ):
     # grid: (row-block programs, B); every program stays in one batch element, so shift/scale load once
     batch = tl.program_id(1).to(tl.int64)
@@ -554,13 +589,13 @@ def _layernorm_modulate_fwd_kernel(
     shift = tl.load(SHIFT + batch * stride_shift_b + cols, mask=col_mask, other=0.0).to(tl.float32)
     scale_plus_one = tl.load(SCALE + batch * stride_scale_b + cols, mask=col_mask, other=0.0).to(tl.float32) + 1.0
     x_rows = X + batch * stride_x_b
-    out_rows = OUT + batch * L * C  # outputs are contiguous [B, L, C]
+    out_offset = batch * L * C  # outputs are contiguous [B, L, C] (and [B, L, 1] scales)
     for block in tl.range(tl.program_id(0), tl.cdiv(L, BLOCK_ROWS), tl.num_programs(0)):
         rows = (block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)[:, None]
         mask = (rows < L) & col_mask
         x = tl.load(x_rows + rows * stride_x_l + cols, mask=mask, other=0.0, eviction_policy="evict_first")
         out = _modulated_layernorm(x.to(tl.float32), shift, scale_plus_one, col_mask, C, eps)
-        tl.store(out_rows + rows * C + cols, out.to(OUT.dtype.element_ty), mask=mask)
+        _store_normed(OUT, OUT_SCALE, out_offset + rows * C + cols, batch * L + rows, out, mask, rows < L, QUANT_FP8)
 
 
 @triton.autotune(
@@ -575,6 +610,7 @@ def _gated_residual_layernorm_modulate_fwd_kernel(
     SCALE,
     RESIDUAL,
     OUT,
+    OUT_SCALE,
     stride_x_b,
     stride_x_l,
     stride_y_b,
@@ -589,6 +625,7 @@ def _gated_residual_layernorm_modulate_fwd_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     PROGRAMS_PER_SM: tl.constexpr,
+    QUANT_FP8: tl.constexpr,
 ):
     batch = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)[None, :]
@@ -608,7 +645,7 @@ def _gated_residual_layernorm_modulate_fwd_kernel(
         out = _modulated_layernorm(residual, shift, scale_plus_one, col_mask, C, eps)
         out_offsets = out_offset + rows * C + cols
         tl.store(RESIDUAL + out_offsets, residual.to(RESIDUAL.dtype.element_ty), mask=mask)
-        tl.store(OUT + out_offsets, out.to(OUT.dtype.element_ty), mask=mask)
+        _store_normed(OUT, OUT_SCALE, out_offsets, batch * L + rows, out, mask, rows < L, QUANT_FP8)
 
 
 def _row_grid(batch: int, tokens: int, device: torch.device):
@@ -660,22 +697,32 @@ _launch_layernorm_modulate = TunedLaunch(_layernorm_modulate_fwd_kernel)
 _launch_gated_residual_layernorm_modulate = TunedLaunch(_gated_residual_layernorm_modulate_fwd_kernel)
 
 
-def layernorm_modulate_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6):
-    """Checks, allocates and launches; see layernorm_modulate."""
+def _normed_outputs(x: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalised output ([B, L, C] in x's dtype, or e4m3) and its per-token fp32 scales ([B, L, 1]; with
+    fp8 off, a placeholder the kernel never touches)."""
+    batch, tokens, channels = x.shape
+    out = new_output(batch, tokens, channels, dtype=FP8_DTYPE if fp8 else x.dtype, device=x.device)
+    return out, new_output(batch, tokens, 1, dtype=torch.float32, device=x.device) if fp8 else out
+
+
+def layernorm_modulate_fwd(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6, fp8: bool = False
+):
+    """Checks, allocates and launches; see layernorm_modulate (fp8: layernorm_modulate_fp8)."""
     if not _layernorm_fast_check(x, shift, scale):
         _check_layernorm_inputs("layernorm_modulate", x, shift=shift, scale=scale)
     if not x.is_cuda:
         check_runnable(x.device, "layernorm_modulate")
     batch, tokens, channels = x.shape
-    out = new_output(batch, tokens, channels, dtype=x.dtype, device=x.device)
-    x_strides, key = x.stride(), (batch, tokens, channels, x.dtype, shift.dtype, scale.dtype)
+    out, out_scale = _normed_outputs(x, fp8)
+    x_strides, key = x.stride(), (batch, tokens, channels, x.dtype, shift.dtype, scale.dtype, fp8)
     with device_guard(x):
         _launch_layernorm_modulate(
             key, _row_grid(batch, tokens, x.device),
-            x, shift, scale, out, x_strides[0], x_strides[1], shift.stride()[0], scale.stride()[0],
-            batch, tokens, channels, eps, BLOCK_C=triton.next_power_of_2(channels),
+            x, shift, scale, out, out_scale, x_strides[0], x_strides[1], shift.stride()[0], scale.stride()[0],
+            batch, tokens, channels, eps, BLOCK_C=triton.next_power_of_2(channels), QUANT_FP8=fp8,
         )  # fmt: skip
-    return out
+    return (out, out_scale) if fp8 else out
 
 
 @torch.library.custom_op("flux_kernels::layernorm_modulate", mutates_args=())
@@ -691,6 +738,19 @@ def _layernorm_modulate_fake(x, shift, scale, eps=1e-6):
     return x.new_empty(x.shape)
 
 
+@torch.library.custom_op("flux_kernels::layernorm_modulate_fp8", mutates_args=())
+def _layernorm_modulate_fp8_op(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return layernorm_modulate_fwd(x, shift, scale, eps, fp8=True)
+
+
+@_layernorm_modulate_fp8_op.register_fake
+def _layernorm_modulate_fp8_fake(x, shift, scale, eps=1e-6):
+    _check_layernorm_inputs("layernorm_modulate_fp8", x, shift=shift, scale=scale)
+    return x.new_empty(x.shape, dtype=FP8_DTYPE), x.new_empty((*x.shape[:2], 1), dtype=torch.float32)
+
+
 def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """LayerNorm(x, no affine, fp32 statistics) * (1 + scale[:, None]) + shift[:, None], in x's dtype.
     x: [B, L, C]; shift, scale: [B, C] (views of the adaLN embedding chunks are fine). The custom op
@@ -698,6 +758,18 @@ def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
     if torch.compiler.is_compiling():
         return _layernorm_modulate_op(x, shift, scale, eps)
     return layernorm_modulate_fwd(x, shift, scale, eps)
+
+
+def layernorm_modulate_fp8(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """layernorm_modulate quantised per token for an fp8 GEMM in the same pass: (q float8_e4m3fn [B, L, C],
+    scale fp32 [B, L, 1]) with q * scale ~= the fp32 result (engine.quantize.quantize_fp8_rowwise's arithmetic,
+    without rounding to x's dtype first). The custom op `flux_kernels::layernorm_modulate_fp8` under
+    torch.compile, a direct launch eagerly."""
+    if torch.compiler.is_compiling():
+        return _layernorm_modulate_fp8_op(x, shift, scale, eps)
+    return layernorm_modulate_fwd(x, shift, scale, eps, fp8=True)
 
 
 def _check_gated_inputs(x, y, gate, shift, scale) -> None:
@@ -709,8 +781,8 @@ def _check_gated_inputs(x, y, gate, shift, scale) -> None:
     _check_floating(op, "y", y, x.device)
 
 
-def gated_residual_layernorm_modulate_fwd(x, y, gate, shift, scale, eps: float = 1e-6):
-    """Checks, allocates and launches; see gated_residual_layernorm_modulate."""
+def gated_residual_layernorm_modulate_fwd(x, y, gate, shift, scale, eps: float = 1e-6, fp8: bool = False):
+    """Checks, allocates and launches; see gated_residual_layernorm_modulate (fp8: its _fp8 variant)."""
     y_ok = y.shape == x.shape and y.dtype == x.dtype and y.stride()[2] == 1 and y.device == x.device
     if not (y_ok and _layernorm_fast_check(x, gate, shift, scale)):
         _check_gated_inputs(x, y, gate, shift, scale)
@@ -718,18 +790,18 @@ def gated_residual_layernorm_modulate_fwd(x, y, gate, shift, scale, eps: float =
         check_runnable(x.device, "gated_residual_layernorm_modulate")
     batch, tokens, channels = x.shape
     residual = new_output(batch, tokens, channels, dtype=x.dtype, device=x.device)
-    out = new_output(batch, tokens, channels, dtype=x.dtype, device=x.device)
+    out, out_scale = _normed_outputs(x, fp8)
     x_strides, y_strides = x.stride(), y.stride()
-    key = (batch, tokens, channels, x.dtype, gate.dtype, shift.dtype, scale.dtype)
+    key = (batch, tokens, channels, x.dtype, gate.dtype, shift.dtype, scale.dtype, fp8)
     with device_guard(x):
         _launch_gated_residual_layernorm_modulate(
             key, _row_grid(batch, tokens, x.device),
-            x, y, gate, shift, scale, residual, out,
+            x, y, gate, shift, scale, residual, out, out_scale,
             x_strides[0], x_strides[1], y_strides[0], y_strides[1],
             gate.stride()[0], shift.stride()[0], scale.stride()[0],
-            batch, tokens, channels, eps, BLOCK_C=triton.next_power_of_2(channels),
+            batch, tokens, channels, eps, BLOCK_C=triton.next_power_of_2(channels), QUANT_FP8=fp8,
         )  # fmt: skip
-    return residual, out
+    return (residual, out, out_scale) if fp8 else (residual, out)
 
 
 @torch.library.custom_op("flux_kernels::gated_residual_layernorm_modulate", mutates_args=())
@@ -745,6 +817,20 @@ def _gated_residual_layernorm_modulate_fake(x, y, gate, shift, scale, eps=1e-6):
     return x.new_empty(x.shape), x.new_empty(x.shape)
 
 
+@torch.library.custom_op("flux_kernels::gated_residual_layernorm_modulate_fp8", mutates_args=())
+def _gated_residual_layernorm_modulate_fp8_op(
+    x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return gated_residual_layernorm_modulate_fwd(x, y, gate, shift, scale, eps, fp8=True)
+
+
+@_gated_residual_layernorm_modulate_fp8_op.register_fake
+def _gated_residual_layernorm_modulate_fp8_fake(x, y, gate, shift, scale, eps=1e-6):
+    _check_gated_inputs(x, y, gate, shift, scale)
+    scales = x.new_empty((*x.shape[:2], 1), dtype=torch.float32)
+    return x.new_empty(x.shape), x.new_empty(x.shape, dtype=FP8_DTYPE), scales
+
+
 def gated_residual_layernorm_modulate(
     x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -756,11 +842,27 @@ def gated_residual_layernorm_modulate(
     return gated_residual_layernorm_modulate_fwd(x, y, gate, shift, scale, eps)
 
 
+def gated_residual_layernorm_modulate_fp8(
+    x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """gated_residual_layernorm_modulate with the normalised output quantised per token for an fp8 GEMM:
+    (residual [B, L, C] in x's dtype, q float8_e4m3fn [B, L, C], scale fp32 [B, L, 1]); see
+    layernorm_modulate_fp8. The custom op `flux_kernels::gated_residual_layernorm_modulate_fp8` under
+    torch.compile, a direct launch eagerly."""
+    if torch.compiler.is_compiling():
+        return _gated_residual_layernorm_modulate_fp8_op(x, y, gate, shift, scale, eps)
+    return gated_residual_layernorm_modulate_fwd(x, y, gate, shift, scale, eps, fp8=True)
+
+
 __all__ = [
     "gated_residual_layernorm_modulate",
+    "gated_residual_layernorm_modulate_fp8",
+    "gated_residual_layernorm_modulate_fp8_ref",
     "gated_residual_layernorm_modulate_fwd",
     "gated_residual_layernorm_modulate_ref",
     "layernorm_modulate",
+    "layernorm_modulate_fp8",
+    "layernorm_modulate_fp8_ref",
     "layernorm_modulate_fwd",
     "layernorm_modulate_ref",
     "qk_norm_rope",

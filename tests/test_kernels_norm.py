@@ -15,10 +15,15 @@ from kernel_tolerance import assert_within_pytorch_error
 
 import kernels
 from kernels import norm as norm_module
+from kernels.fp8 import E4M3_MAX, FP8_DTYPE, MIN_SCALE
 from kernels.norm import (
     gated_residual_layernorm_modulate,
+    gated_residual_layernorm_modulate_fp8,
+    gated_residual_layernorm_modulate_fp8_ref,
     gated_residual_layernorm_modulate_ref,
     layernorm_modulate,
+    layernorm_modulate_fp8,
+    layernorm_modulate_fp8_ref,
     layernorm_modulate_ref,
     qk_norm_rope,
     qk_norm_rope_ref,
@@ -255,6 +260,91 @@ def test_layernorm_ops_flux_shapes(tokens, device):
         assert_within_pytorch_error(out, ref32, ref)
 
 
+# ----------------------------------------------------------------------------- fp8 outputs
+
+
+def e4m3_ulp(values: torch.Tensor) -> torch.Tensor:
+    """The spacing of float8_e4m3fn at |values| (3 mantissa bits; subnormal below 2^-6)."""
+    exponent = torch.floor(torch.log2(values.abs().clamp(min=2.0**-6)))
+    return torch.exp2(exponent - 3)
+
+
+def assert_fp8_rows_match(q, q_scale, ref_q, ref_scale, shape):
+    """The kernel's e4m3 values and per-token scales against quantize_fp8_rowwise of the fp32 reference.
+
+    The kernel's fp32 statistics differ from torch's in the last bits (another summation order), so a scale
+    may differ by a few fp32 ulps and a value that sits on a rounding boundary may land on the neighbouring
+    e4m3 code: allowed, one code at most, for under 1% of the values. Everything else is bit-equal."""
+    assert q.dtype == FP8_DTYPE and q.shape == shape and q.is_contiguous()
+    assert q_scale.dtype == torch.float32 and q_scale.shape == (*shape[:2], 1)
+    torch.testing.assert_close(q_scale, ref_scale, rtol=1e-5, atol=0)
+    values, ref_values = q.float(), ref_q.float()
+    assert torch.isfinite(values).all(), "unwritten or non-finite fp8 outputs"
+    # every row reaches the full e4m3 range: its largest value is +-448 (rows that are all zero excepted)
+    row_amax = values.abs().amax(dim=-1)
+    assert ((row_amax == E4M3_MAX) | (ref_values.abs().amax(dim=-1) == 0)).all()
+    off = values != ref_values
+    assert off.float().mean().item() < 0.01, f"{off.sum().item()} of {off.numel()} e4m3 values differ"
+    step = e4m3_ulp(torch.maximum(values.abs(), ref_values.abs()))
+    assert ((values - ref_values).abs() <= step)[off].all(), "an e4m3 value is more than one code off"
+
+
+FP8_SHAPES = [(1, 1, 64), (2, 77, 3072), (2, 129, 1000)]
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch, tokens, channels", FP8_SHAPES)
+def test_layernorm_modulate_fp8_matches_quantized_reference(batch, tokens, channels, dtype, strided, device):
+    x, _, _, shift, scale = make_modulation(batch, tokens, channels, dtype, device, strided)
+    q, q_scale = layernorm_modulate_fp8(x, shift, scale)
+    assert_fp8_rows_match(q, q_scale, *layernorm_modulate_fp8_ref(x, shift, scale), x.shape)
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+@pytest.mark.parametrize("batch, tokens, channels", FP8_SHAPES)
+def test_gated_residual_layernorm_modulate_fp8_matches_quantized_reference(batch, tokens, channels, strided, device):
+    x, y, gate, shift, scale = make_modulation(batch, tokens, channels, torch.bfloat16, device, strided)
+    residual, q, q_scale = gated_residual_layernorm_modulate_fp8(x, y, gate, shift, scale)
+    ref_residual, ref_q, ref_scale = gated_residual_layernorm_modulate_fp8_ref(x, y, gate, shift, scale)
+    assert residual.dtype == x.dtype and residual.shape == x.shape
+    # the residual is the same one the bf16 op writes
+    residual_bf16, _ = gated_residual_layernorm_modulate(x, y, gate, shift, scale)
+    assert torch.equal(residual, residual_bf16)
+    assert_within_pytorch_error(
+        residual, ref_residual, gated_residual_layernorm_modulate_ref(x, y, gate, shift, scale, upcast=False)[0]
+    )
+    assert_fp8_rows_match(q, q_scale, ref_q, ref_scale, x.shape)
+
+
+def test_fp8_outputs_of_zero_and_tiny_rows(device):
+    """With (1 + scale) = 0 the output is the shift: all zero in batch 0, which quantises to zeros with the floor
+    scale (no 0/0), and ~1e-30 in 8 columns of batch 1, which keep full e4m3 precision (the scale follows them)."""
+    x, _, _, shift, scale = make_modulation(2, 3, 64, torch.float32, device)
+    scale = torch.full_like(scale, -1.0)
+    shift = torch.zeros_like(shift)
+    shift[1, :8] = torch.linspace(1e-30, 8e-30, 8)
+    q, q_scale = layernorm_modulate_fp8(x, shift, scale)
+    ref_q, ref_scale = layernorm_modulate_fp8_ref(x, shift, scale)
+    assert (q[0].float() == 0).all() and (q_scale[0] == MIN_SCALE).all()
+    assert (q[1, :, :8].float().abs().amax(dim=-1) == E4M3_MAX).all() and (q[1, :, 8:].float() == 0).all()
+    assert torch.equal(q.float(), ref_q.float())
+    torch.testing.assert_close(q_scale, ref_scale, rtol=1e-5, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [4608, 16896])
+def test_fp8_layernorm_ops_flux_shapes(tokens, device):
+    x, y, gate, shift, scale = make_modulation(1, tokens, 3072, torch.bfloat16, device)
+    assert_fp8_rows_match(
+        *layernorm_modulate_fp8(x, shift, scale), *layernorm_modulate_fp8_ref(x, shift, scale), x.shape
+    )
+    residual, q, q_scale = gated_residual_layernorm_modulate_fp8(x, y, gate, shift, scale)
+    _, ref_q, ref_scale = gated_residual_layernorm_modulate_fp8_ref(x, y, gate, shift, scale)
+    assert torch.equal(residual, gated_residual_layernorm_modulate(x, y, gate, shift, scale)[0])
+    assert_fp8_rows_match(q, q_scale, ref_q, ref_scale, x.shape)
+
+
 # ----------------------------------------------------------------------------- custom ops / torch.compile
 
 
@@ -264,6 +354,10 @@ def test_custom_ops_registration(device):
     x, y, gate, shift, scale = make_modulation(2, 7, 64, torch.bfloat16, device, strided=True)
     torch.library.opcheck(torch.ops.flux_kernels.layernorm_modulate.default, (x, shift, scale))
     torch.library.opcheck(torch.ops.flux_kernels.gated_residual_layernorm_modulate.default, (x, y, gate, shift, scale))
+    torch.library.opcheck(torch.ops.flux_kernels.layernorm_modulate_fp8.default, (x, shift, scale))
+    torch.library.opcheck(
+        torch.ops.flux_kernels.gated_residual_layernorm_modulate_fp8.default, (x, y, gate, shift, scale)
+    )
 
 
 def test_eager_calls_skip_the_custom_ops(monkeypatch, device):
@@ -271,7 +365,10 @@ def test_eager_calls_skip_the_custom_ops(monkeypatch, device):
     def refuse(*args, **kwargs):
         raise AssertionError("an eager call went through the custom op")
 
-    for name in ("_qk_norm_rope_op", "_layernorm_modulate_op", "_gated_residual_layernorm_modulate_op"):
+    for name in (
+        "_qk_norm_rope_op", "_layernorm_modulate_op", "_gated_residual_layernorm_modulate_op",
+        "_layernorm_modulate_fp8_op", "_gated_residual_layernorm_modulate_fp8_op",
+    ):  # fmt: skip
         monkeypatch.setattr(norm_module, name, refuse)
     check_qk_norm_rope(make_qk_norm_rope_inputs(1, 2, 3, 2, 64, torch.bfloat16, device))
     x, y, gate, shift, scale = make_modulation(1, 3, 64, torch.bfloat16, device)
@@ -284,6 +381,10 @@ def test_eager_calls_skip_the_custom_ops(monkeypatch, device):
     residual_fp32, _ = gated_residual_layernorm_modulate_ref(x, y, gate, shift, scale)
     residual_same, _ = gated_residual_layernorm_modulate_ref(x, y, gate, shift, scale, upcast=False)
     assert_within_pytorch_error(residual, residual_fp32, residual_same, name="residual")
+    assert_fp8_rows_match(
+        *layernorm_modulate_fp8(x, shift, scale), *layernorm_modulate_fp8_ref(x, shift, scale), x.shape
+    )
+    assert torch.equal(gated_residual_layernorm_modulate_fp8(x, y, gate, shift, scale)[0], residual)
 
 
 def test_compiles_fullgraph_without_breaks(device):
@@ -294,7 +395,10 @@ def test_compiles_fullgraph_without_breaks(device):
         residual, normed = gated_residual_layernorm_modulate(x, y, gate, shift, scale)
         modulated = layernorm_modulate(residual, shift, scale)
         q, k, v = qk_norm_rope(qkv, q_weight, k_weight, cos, sin, 2, 1e-6, txt_qkv, q_weight, k_weight)
-        return residual, normed + modulated, q + k + v
+        _, normed_fp8, normed_scale = gated_residual_layernorm_modulate_fp8(x, y, gate, shift, scale)
+        modulated_fp8, modulated_scale = layernorm_modulate_fp8(residual, shift, scale)
+        dequantized = normed_fp8.float() * normed_scale + modulated_fp8.float() * modulated_scale
+        return residual, normed + modulated, q + k + v, dequantized
 
     qk_inputs = make_qk_norm_rope_inputs(1, 3, 6, 2, 64, torch.bfloat16, device)
     x, y, *_ = make_modulation(1, 5, 64, torch.bfloat16, device)

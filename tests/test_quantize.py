@@ -1,7 +1,8 @@
 """Weight quantisation: the fp8 arithmetic (emulated on the CPU), Fp8Linear, the quanto weight-only paths on the
 tiny pipeline, exact weight-memory accounting on the real flux-dev config (meta device), fused projections (fused
 then quantised, and quantised then fused: the same bytes), fp8 save/load and quantised pipeline folders with the
-fused kernels, fullgraph compile of quantised blocks; on a GPU, `_scaled_mm` and NF4. Quantising while loading is
+fused kernels, the norm kernels' e4m3 outputs fed to the fp8 projections, fullgraph compile of quantised blocks;
+on a GPU, `_scaled_mm` (with the norm kernels' outputs, with fast accumulation) and NF4. Quantising while loading is
 tested in test_models.py.
 
 Thresholds, with what they rest on (measured on this CPU, 2026-11-26, unless said otherwise):
@@ -70,6 +71,12 @@ def test_quant_config_modes_and_errors():
         QuantConfig(text_encoder="int4")
     with pytest.raises(ConfigError, match="nf4_double_quant=True needs a component in mode 'nf4'"):
         QuantConfig(transformer="fp8", nf4_double_quant=True)
+    with pytest.raises(ConfigError, match="fp8_fast_accum=True needs a component in mode 'fp8'"):
+        QuantConfig(transformer="int8-weight", fp8_fast_accum=True)
+    with pytest.raises(ConfigError, match=r"quant.fp8_fused_input=1 must be True or False"):
+        QuantConfig(transformer="fp8", fp8_fused_input=1)
+    assert QuantConfig("fp8", fp8_fast_accum=True, fp8_fused_input=False).label == "dit=fp8,fastacc,unfused-quant"
+    assert QuantConfig("nf4", fp8_fused_input=False).label == "dit=nf4"  # no fp8 layer: the switch means nothing
     for name in ("fp8", "fp8-compile", "nf4", "int8-weight"):
         assert PRESETS[name].quant.transformer != "none"
     assert PRESETS["fp8-compile"].compile.mode == "regional"
@@ -146,6 +153,28 @@ def test_emulation_matches_torch_scaled_mm_on_the_same_fp8_values():
     )  # fmt: skip
     got = fp8_linear(x, layer.weight_fp8, layer.weight_scale, layer.bias, "emulate")
     assert sqnr_db(got.float(), expected.float()) > 45  # both round the fp32 sum to bf16 (~50 dB apart)
+
+
+def test_pre_quantised_input_is_the_same_arithmetic():
+    """forward(x_fp8, x_scale), what the norm kernels' fp8 outputs feed, is forward(x) without the quantising."""
+    torch.manual_seed(2)
+    x, linear = torch.randn(2, 9, 64, dtype=torch.bfloat16), nn.Linear(64, 48, dtype=torch.bfloat16)
+    layer = Fp8Linear.from_linear(linear, compute="emulate")
+    assert layer.takes_fp8_input
+    x_fp8, x_scale = quantize_fp8_rowwise(x)
+    out = layer(x_fp8, x_scale)
+    assert out.shape == (2, 9, 48) and out.dtype == torch.bfloat16
+    assert torch.equal(out, layer(x))
+    with pytest.raises(ValueError, match=r"pre-quantised input must be torch.float8_e4m3fn \[..., 64\]"):
+        layer(x, x_scale)
+    with pytest.raises(ValueError, match=r"scales \(2, 9\)"):
+        layer(x_fp8, x_scale[..., 0])
+    weight_only = Fp8Linear.from_linear(linear, compute="weight-only")
+    assert not weight_only.takes_fp8_input
+    with pytest.raises(ValueError, match="compute='weight-only' takes no pre-quantised input"):
+        weight_only(x_fp8, x_scale)
+    layer.fused_input = False
+    assert not layer.takes_fp8_input
 
 
 @pytest.mark.parametrize(("tokens", "in_features", "out_features"), [(1, 3072, 64), (77, 256, 384), (4097, 128, 96)])
@@ -404,6 +433,47 @@ def test_quantised_folder_round_trip_with_the_fused_kernels(tmp_path, fused_fp8_
     assert torch.equal(_images(loaded), expected)
 
 
+# the fp8 projections that follow a LayerNorm+modulate, by the end of their names
+_AFTER_A_NORM = (".qkv", ".txt_qkv", ".linear1", ".ff.net.0.proj", ".ff_context.net.0.proj")
+
+
+def test_the_norm_kernels_feed_the_fp8_projections(fused_fp8_engine):
+    """With fused norms, every fp8 projection after a LayerNorm+modulate receives the kernel's e4m3 output (and no
+    other layer does); the images stay those of the unfused activation quantisation (fp32 pipeline: the two
+    quantise the same fp32 values, up to the kernel's last-bit statistics) and of fp32 (the fp8 floor)."""
+    engine, images = fused_fp8_engine
+    fed = {}
+    handles = [
+        module.register_forward_pre_hook(lambda module, args, name=name: fed.__setitem__(name, len(args) == 2))
+        for name, module in engine.transformer.named_modules()
+        if isinstance(module, Fp8Linear)
+    ]
+    try:
+        assert torch.equal(_images(engine), images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    pre_quantised = sorted(name for name, two in fed.items() if two)
+    assert pre_quantised == sorted(name for name in fed if name.endswith(_AFTER_A_NORM))
+    transformer = engine.transformer  # 4 per double-stream block (qkv, txt_qkv, 2 MLP inputs), 1 per single
+    assert len(pre_quantised) == 4 * len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
+    unfused = FluxEngine.from_pipe(_fresh_pipe(), replace(_FUSED_FP8, quant=QuantConfig("fp8", fp8_fused_input=False)))
+    assert not any(m.takes_fp8_input for m in unfused.transformer.modules() if isinstance(m, Fp8Linear))
+    assert psnr(images, _images(unfused)) >= 50.0  # measured: identical (inf dB); 50 allows a few code flips
+    assert psnr(images, _images(FluxPipeline(**synthetic_components("tiny", dtype=torch.float32, seed=0)))) >= 45.0
+
+
+def test_fp8_options_reach_every_fp8_layer():
+    engine = FluxEngine.from_pipe(_fresh_pipe(), EngineConfig(quant=QuantConfig("fp8", fp8_fast_accum=True)))
+    layers = [m for m in engine.transformer.modules() if isinstance(m, Fp8Linear)]
+    assert layers and all(m.fast_accum and m.fused_input for m in layers)
+    assert "fast_accum=True" in repr(layers[0])
+    # the emulation has no fast accumulation: the CPU images are the default config's
+    plain = FluxEngine.from_pipe(_fresh_pipe(), EngineConfig(quant=QuantConfig("fp8")))
+    assert not any(m.fast_accum for m in plain.transformer.modules() if isinstance(m, Fp8Linear))
+    assert torch.equal(_images(engine), _images(plain))
+
+
 def _quantized_pipe(**modes) -> FluxPipeline:
     from engine.quantize import quantize_model
 
@@ -448,8 +518,13 @@ def test_a_quantised_folder_refuses_another_mode(tmp_path):
 # ----------------------------------------------------------------------------- compile
 
 
-def test_fp8_blocks_compile_fullgraph_without_recompiles():
-    config = EngineConfig(quant=QuantConfig(transformer="fp8"), compile=CompileConfig(mode="regional", backend="eager"))
+@pytest.mark.parametrize("fused_norms", [False, True], ids=["diffusers-blocks", "fused-norms-fp8-outputs"])
+def test_fp8_blocks_compile_fullgraph_without_recompiles(fused_norms):
+    config = EngineConfig(
+        attention=AttentionConfig(backend="sdpa", fused_norms=fused_norms),
+        quant=QuantConfig(transformer="fp8"),
+        compile=CompileConfig(mode="regional", backend="eager"),
+    )
     engine = FluxEngine.from_pipe(_fresh_pipe(), config)
     torch._dynamo.reset()
     counters.clear()
@@ -477,6 +552,30 @@ def test_scaled_mm_path_matches_the_emulation_at_flux_shapes():
     emulated = fp8_linear(x, layer.weight_fp8, layer.weight_scale, layer.bias, "emulate")
     assert sqnr_db(got.float(), emulated.float()) > 45  # same fp8 values, both bf16-rounded
     assert sqnr_db(got.float(), linear(x).float()) >= 25.0
+
+
+@pytest.mark.gpu
+def test_pre_quantised_input_and_fast_accumulation_on_gpu():
+    """The norm kernel's e4m3 output into _scaled_mm at a FLUX shape, with and without fast accumulation."""
+    from kernels.norm import layernorm_modulate, layernorm_modulate_fp8
+
+    device = torch.device("cuda")
+    if torch.cuda.get_device_capability(device) < (8, 9):
+        pytest.skip("needs FP8 tensor cores (compute capability 8.9+)")
+    torch.manual_seed(0)
+    linear = nn.Linear(3072, 9216, device=device, dtype=torch.bfloat16)
+    x = torch.randn(1, 4608, 3072, device=device, dtype=torch.bfloat16) * 2 + 0.5
+    shift, scale = (torch.randn(2, 1, 3072, device=device, dtype=torch.bfloat16) * 0.5).unbind(0)
+    reference = linear(layernorm_modulate(x, shift, scale))
+    layer = Fp8Linear.from_linear(linear)
+    fused = layer(*layernorm_modulate_fp8(x, shift, scale))
+    unfused = layer(layernorm_modulate(x, shift, scale))
+    assert sqnr_db(fused.float(), unfused.float()) > 30  # they differ by the bf16 rounding before quantising
+    assert sqnr_db(fused.float(), reference.float()) >= 25.0
+    layer.fast_accum = True
+    fast = layer(*layernorm_modulate_fp8(x, shift, scale))
+    assert sqnr_db(fast.float(), reference.float()) >= 25.0
+    assert sqnr_db(fast.float(), fused.float()) > 30
 
 
 @pytest.mark.gpu
