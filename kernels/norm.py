@@ -514,8 +514,8 @@ def _modulated_layernorm(x, shift, scale_plus_one, col_mask, C, eps):
 # fp8 outputs (the *_fp8 ops): e4m3 values and one fp32 scale per token, as engine.quantize.quantize_fp8_rowwise
 # computes them (scale = amax / 448, floored at the smallest normal fp32; IEEE division and round-to-nearest-even),
 # but from the fp32 normalised row: no bf16 rounding in between
-E4M3_MAX: tl.constexpr = 448.0
-FP8_MIN_SCALE: tl.constexpr = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny
+E4M3_MAX = tl.constexpr(448.0)
+FP8_MIN_SCALE = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).tiny
 
 
 @triton.jit
