@@ -1,0 +1,204 @@
+"""Benchmark: where the fp8 activation-quantisation fusion gains or loses time (CUDA only).
+
+    python benchmarks/bench_fp8_fusion.py --out benchmarks/results/fp8-fusion-<gpu>-<date>.json
+
+1. Device time (CUDA graphs, inputs rotated out of L2, as bench_norm.py) of the norm kernels at FLUX's hidden
+   size 3072 and L = 4608 / 16896 tokens: the bf16 kernel, the kernel with fp8 outputs, and the bf16 kernel
+   followed by the activation quantiser compiled by inductor (what a compiled block runs without the fusion),
+   for layernorm_modulate and gated_residual_layernorm_modulate.
+2. One synthetic flux-dev transformer forward at 1024^2 (the engine's fused blocks, SDPA, fp8 W8A8, regional
+   compile), with fp8_fused_input off and on: ms/forward (CUDA events, median of --reps) and a torch.profiler
+   table of the CUDA kernels (total device ms per kernel family and the top kernels by name).
+The table is printed last; the JSON has every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.bench_norm import HIDDEN, gpu_ms, layernorm_cases  # noqa: E402
+from benchmarks.bench_torchao import (  # noqa: E402
+    build_transformer,
+    compile_regionally,
+    forward,
+    free,
+    make_inputs,
+    time_forward,
+)
+from engine.measure import environment_info  # noqa: E402
+
+TOKENS = (4608, 16896)
+SETS = 4  # input sets rotated through, so that no call finds its inputs in L2
+FAMILIES = (  # kernel name fragments -> family, first match wins
+    ("_layernorm_modulate_fwd", "norm kernels (ours)"),
+    ("_gated_residual_layernorm", "norm kernels (ours)"),
+    ("_qk_norm_rope", "qk_norm_rope (ours)"),
+    ("flash", "attention"),
+    ("fmha", "attention"),
+    ("cudnn", "attention"),
+    ("attention", "attention"),
+    ("gemm", "GEMMs"),
+    ("sm90", "GEMMs"),
+    ("cutlass", "GEMMs"),
+    ("f8f8bf16", "GEMMs"),
+    ("triton_", "inductor-generated"),
+)
+
+
+def log(*parts) -> None:
+    print(*parts, flush=True)
+
+
+# ----------------------------------------------------------------------------- 1. the kernels
+
+
+def kernel_rows() -> list[dict]:
+    from engine.quantize import quantize_fp8_rowwise
+    from kernels.norm import (
+        gated_residual_layernorm_modulate,
+        gated_residual_layernorm_modulate_fp8,
+        layernorm_modulate,
+        layernorm_modulate_fp8,
+    )
+
+    @torch.compile(dynamic=False)
+    def ln_then_quantize(x, shift, scale):
+        return quantize_fp8_rowwise(layernorm_modulate(x, shift, scale))
+
+    @torch.compile(dynamic=False)
+    def gated_then_quantize(x, y, gate, shift, scale):
+        residual, normed = gated_residual_layernorm_modulate(x, y, gate, shift, scale)
+        return residual, *quantize_fp8_rowwise(normed)
+
+    variants = {
+        "layernorm_modulate": {
+            "bf16 kernel": layernorm_modulate,
+            "fp8 kernel (fused)": layernorm_modulate_fp8,
+            "bf16 kernel + inductor quantiser": ln_then_quantize,
+        },
+        "gated_residual_layernorm_modulate": {
+            "bf16 kernel": gated_residual_layernorm_modulate,
+            "fp8 kernel (fused)": gated_residual_layernorm_modulate_fp8,
+            "bf16 kernel + inductor quantiser": gated_then_quantize,
+        },
+    }
+    rows = []
+    for tokens in TOKENS:
+        for case in layernorm_cases(tokens):
+            inputs = [case["make_inputs"](seed) for seed in range(SETS)]
+            for label, fn in variants[case["op"]].items():
+                row = {"op": case["op"], "tokens": tokens, "variant": label}
+                calls = [functools.partial(fn, **kwargs) for kwargs in inputs]
+                try:
+                    for call in calls:
+                        call()  # autotune / compile outside the timing
+                    torch.cuda.synchronize()
+                    times = gpu_ms(calls)
+                except Exception as err:  # noqa: BLE001 - one failing variant must not lose the others
+                    row.update(us=float("nan"), error=f"{type(err).__name__}: {err}"[:500])
+                else:
+                    row.update(us=times["median"] * 1e3, p20_us=times["p20"] * 1e3, p80_us=times["p80"] * 1e3)
+                rows.append(row)
+                log(f"  {case['op']:34s} L={tokens:5d} {label:34s} {row['us']:8.1f} us {row.get('error', '')}")
+    return rows
+
+
+# ----------------------------------------------------------------------------- 2. one transformer forward
+
+
+def family(name: str) -> str:
+    lowered = name.lower()
+    return next((fam for fragment, fam in FAMILIES if fragment.lower() in lowered), "other")
+
+
+def profile_forward(model, inputs: dict, forwards: int = 2) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(forwards):
+            forward(model, inputs)
+        torch.cuda.synchronize()
+    by_name: dict[str, float] = collections.Counter()
+    counts: dict[str, int] = collections.Counter()
+    for event in prof.key_averages():
+        device_us = getattr(event, "self_device_time_total", None)
+        if device_us is None:
+            device_us = getattr(event, "self_cuda_time_total", 0.0)
+        if device_us > 0:
+            by_name[event.key] += device_us / forwards
+            counts[event.key] += event.count // forwards
+    families: dict[str, float] = collections.Counter()
+    for name, us in by_name.items():
+        families[family(name)] += us
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:15]
+    return {
+        "device_ms_per_forward": round(sum(by_name.values()) / 1e3, 2),
+        "families_ms": {fam: round(us / 1e3, 2) for fam, us in sorted(families.items(), key=lambda kv: -kv[1])},
+        "top_kernels": [{"name": name[:120], "ms": round(us / 1e3, 3), "calls": counts[name]} for name, us in top],
+    }
+
+
+def forward_rows(args) -> list[dict]:
+    from engine.attention import apply_attention
+    from engine.config import AttentionConfig, QuantConfig
+    from engine.quantize import quantize_model, set_fp8_options
+
+    device = torch.device("cuda")
+    rows = []
+    for fused in (False, True):
+        model = build_transformer("flux-dev", device)
+        apply_attention(SimpleNamespace(transformer=model), AttentionConfig(backend="sdpa", fused_norms=True))
+        quantize_model(model, "fp8", "transformer", record_sqnr=False)
+        set_fp8_options(model, QuantConfig(transformer="fp8", fp8_fused_input=fused))
+        compile_regionally(model, "inductor")
+        inputs = make_inputs(model.config, 4096, 512, device)
+        times = time_forward(model, inputs, device, warmup=2, reps=args.reps)
+        row = {"fp8_fused_input": fused, "ms_per_forward": times["median"], "p20": times["p20"], "p80": times["p80"]}
+        row.update(profile_forward(model, inputs))
+        rows.append(row)
+        log(f"  fp8_fused_input={fused}: {row['ms_per_forward']:.1f} ms/forward, profiled device "
+            f"{row['device_ms_per_forward']} ms: {row['families_ms']}")  # fmt: skip
+        del model, inputs
+        free(device)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--skip-forward", action="store_true", help="only the kernel timings")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_fp8_fusion.py needs a CUDA GPU")
+    result = {"environment": environment_info(torch.device("cuda")), "hidden": HIDDEN}
+    log("kernels (device time, CUDA graphs):")
+    result["kernels"] = kernel_rows()
+    if not args.skip_forward:
+        log("transformer forward at 1024^2 (fp8, fused blocks, regional compile):")
+        result["forward"] = forward_rows(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1, default=str))
+    log(f"wrote {args.out}")
+    log("\nop                                 L      variant                            us")
+    for row in result["kernels"]:
+        log(f"{row['op']:34s} {row['tokens']:6d} {row['variant']:34s} {row['us']:8.1f}")
+    for row in result.get("forward", []):
+        log(f"forward 1024^2 fp8_fused_input={row['fp8_fused_input']}: {row['ms_per_forward']:.1f} ms, "
+            f"families {row['families_ms']}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
