@@ -107,7 +107,7 @@ for s in "$@"; do
     fp8-ab)
       # the fp8 activation-quantisation fusion and fast accumulation, each against the others and bf16 compiled
       stage fp8-ab 560 python3 -m engine.bench --res 1024 2048 --steps 4 --runs 2 \
-        --preset kernels-compile,fp8-compile-unfused-quant,fp8-compile,fp8-compile-fastacc --cache-dir /tmp/fe-cache \
+        --preset kernels-compile,fp8,fp8-compile-unfused-quant,fp8-compile,fp8-compile-fastacc --cache-dir /tmp/fe-cache \
         --out "$OUT/bench-fp8-ab-$CARD-$DAY.json" ;;
     *) echo "unknown stage $s" | tee -a "$LOG" ;;
   esac
