@@ -2,10 +2,10 @@
 
     python benchmarks/bench_fp8_fusion.py --out benchmarks/results/fp8-fusion-<gpu>-<date>.json
 
-1. Device time (CUDA graphs, inputs rotated out of L2, as bench_norm.py) of the norm kernels at FLUX's hidden
-   size 3072 and L = 4608 / 16896 tokens: the bf16 kernel, the kernel with fp8 outputs, and the bf16 kernel
-   followed by the activation quantiser compiled by inductor (what a compiled block runs without the fusion),
-   for layernorm_modulate and gated_residual_layernorm_modulate.
+1. Device time (CUDA graphs, inputs rotated out of L2, as bench_norm.py) at FLUX's hidden size 3072 and
+   L = 4608 / 16896 tokens of the kernels that make the fp8 projections' inputs: the norm kernels (bf16, with fp8
+   outputs, and bf16 followed by the activation quantiser compiled by inductor: what a compiled block runs
+   without the fusion), and gelu_concat_fp8 against inductor's GELU + concatenation + quantiser.
 2. One synthetic flux-dev transformer forward at 1024^2 (the engine's fused blocks, SDPA, fp8 W8A8, regional
    compile), with fp8_fused_input off and on: ms/forward (CUDA events, median of --reps) and a torch.profiler
    table of the CUDA kernels (total device ms per kernel family and the top kernels by name).
@@ -95,23 +95,58 @@ def kernel_rows() -> list[dict]:
     }
     rows = []
     for tokens in TOKENS:
+        rows += gelu_rows(tokens)
         for case in layernorm_cases(tokens):
             inputs = [case["make_inputs"](seed) for seed in range(SETS)]
             for label, fn in variants[case["op"]].items():
-                row = {"op": case["op"], "tokens": tokens, "variant": label}
                 calls = [functools.partial(fn, **kwargs) for kwargs in inputs]
-                try:
-                    for call in calls:
-                        call()  # autotune / compile outside the timing
-                    torch.cuda.synchronize()
-                    times = gpu_ms(calls)
-                except Exception as err:  # noqa: BLE001 - one failing variant must not lose the others
-                    row.update(us=float("nan"), error=f"{type(err).__name__}: {err}"[:500])
-                else:
-                    row.update(us=times["median"] * 1e3, p20_us=times["p20"] * 1e3, p80_us=times["p80"] * 1e3)
-                rows.append(row)
-                log(f"  {case['op']:34s} L={tokens:5d} {label:34s} {row['us']:8.1f} us {row.get('error', '')}")
+                rows.append(time_variant(case["op"], tokens, label, calls))
     return rows
+
+
+def gelu_rows(tokens: int) -> list[dict]:
+    """gelu_concat_fp8 vs the same under inductor (GELU, concatenation, quantiser): the double-stream MLP output
+    (no prefix) and the single-stream proj_out input (the 3072-wide attention output first)."""
+    import torch.nn.functional as F
+
+    from engine.quantize import quantize_fp8_rowwise
+    from kernels.gelu_fp8 import gelu_concat_fp8
+
+    @torch.compile(dynamic=False)
+    def unfused(prefix, x):
+        hidden = F.gelu(x, approximate="tanh")
+        return quantize_fp8_rowwise(hidden if prefix is None else torch.cat([prefix, hidden], dim=-1))
+
+    rows = []
+    for op, prefix_width in (("gelu -> fp8 (double-stream MLP)", 0), ("cat + gelu -> fp8 (single proj_out)", HIDDEN)):
+        inputs = []
+        for seed in range(SETS):
+            generator = torch.Generator(device="cuda").manual_seed(seed)
+            # the MLP half of a fused projection's output: a slice, as linear1's
+            fused = torch.randn(1, tokens, 4 * HIDDEN + 3 * HIDDEN, device="cuda", dtype=torch.bfloat16,
+                                generator=generator)  # fmt: skip
+            prefix = None
+            if prefix_width:
+                prefix = torch.randn(1, tokens, prefix_width, device="cuda", dtype=torch.bfloat16, generator=generator)
+            inputs.append((prefix, fused[..., 3 * HIDDEN :]))
+        for label, fn in (("fp8 kernel (fused)", gelu_concat_fp8), ("inductor (gelu, cat, quantiser)", unfused)):
+            rows.append(time_variant(op, tokens, label, [functools.partial(fn, *args) for args in inputs]))
+    return rows
+
+
+def time_variant(op: str, tokens: int, label: str, calls: list) -> dict:
+    row = {"op": op, "tokens": tokens, "variant": label}
+    try:
+        for call in calls:
+            call()  # autotune / compile outside the timing
+        torch.cuda.synchronize()
+        times = gpu_ms(calls)
+    except Exception as err:  # noqa: BLE001 - one failing variant must not lose the others
+        row.update(us=float("nan"), error=f"{type(err).__name__}: {err}"[:500])
+    else:
+        row.update(us=times["median"] * 1e3, p20_us=times["p20"] * 1e3, p80_us=times["p80"] * 1e3)
+    log(f"  {op:36s} L={tokens:5d} {label:34s} {row['us']:8.1f} us {row.get('error', '')}")
+    return row
 
 
 # ----------------------------------------------------------------------------- 2. one transformer forward
@@ -191,9 +226,9 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, default=str))
     log(f"wrote {args.out}")
-    log("\nop                                 L      variant                            us")
+    log(f"\n{'op':36s} {'L':>6s} {'variant':34s} {'us':>8s}")
     for row in result["kernels"]:
-        log(f"{row['op']:34s} {row['tokens']:6d} {row['variant']:34s} {row['us']:8.1f}")
+        log(f"{row['op']:36s} {row['tokens']:6d} {row['variant']:34s} {row['us']:8.1f}")
     for row in result.get("forward", []):
         log(f"forward 1024^2 fp8_fused_input={row['fp8_fused_input']}: {row['ms_per_forward']:.1f} ms, "
             f"families {row['families_ms']}")  # fmt: skip

@@ -94,7 +94,7 @@ for s in "$@"; do
       stage ladder-full 580 python3 -m engine.bench --res 1024 2048 --steps 4 --runs 2 --preset ladder \
         --cache-dir /tmp/fe-cache --out "$OUT/bench-ladder-full-$CARD-$DAY.json" \
         --save-baseline "$OUT/baseline-ladder-$CARD.json" ;;
-    tests-fp8) stage tests-fp8 200 python3 -m pytest -q -m gpu tests/test_kernels_norm.py tests/test_quantize.py ;;
+    tests-fp8) stage tests-fp8 200 python3 -m pytest -q -m gpu tests/test_kernels_norm.py tests/test_kernels_gelu_fp8.py tests/test_quantize.py ;;
     micro-fp8)
       # the fp8 micro-benchmarks (norm into an fp8 input, fp8 linear with / without fast accumulation), compared
       # with the saved H100 baseline where it has them

@@ -14,7 +14,9 @@ place (weights are shared, never copied):
 - LayerNorm + shift/scale modulation and the gated residual before norm2
   (`kernels.norm.layernorm_modulate`, `gated_residual_layernorm_modulate`) when `fused_norms` is on; when the
   projection after one of them is an fp8 layer (engine.quantize.Fp8Linear), the kernel writes its output as
-  e4m3 values with per-token scales (the `*_fp8` variants) and the layer skips its own activation quantisation.
+  e4m3 values with per-token scales (the `*_fp8` variants) and the layer skips its own activation quantisation;
+  so does the fp8 projection after each MLP's tanh GELU (`kernels.gelu_fp8.gelu_concat_fp8`, which in the
+  single-stream block also takes the attention output that proj_out's input concatenates).
 
 The blocks become instances of subclasses of diffusers' own block classes (`__class__` swap), so
 module names, state dict keys and hooks stay as they were.
@@ -55,9 +57,11 @@ class BlockOps:
     layernorm_modulate_fn: Callable
     gated_residual_layernorm_modulate_fn: Callable
     flash_attention_fn: Callable | None = None
-    # the norm kernels with e4m3 outputs for an fp8 projection after them (fused_norms only)
+    # the kernels with e4m3 outputs for an fp8 projection after them (fused_norms only): the norms, and the MLP's
+    # GELU (with the single-stream block's concatenation before proj_out)
     layernorm_modulate_fp8_fn: Callable | None = None
     gated_residual_layernorm_modulate_fp8_fn: Callable | None = None
+    gelu_concat_fp8_fn: Callable | None = None
 
     @classmethod
     def build(cls, core: str, fused_norms: bool) -> BlockOps:
@@ -68,14 +72,16 @@ class BlockOps:
             from kernels.attention import flash_attention as flash
         if fused_norms:
             fns = (norm.qk_norm_rope, norm.layernorm_modulate, norm.gated_residual_layernorm_modulate)
-            fp8_fns = (norm.layernorm_modulate_fp8, norm.gated_residual_layernorm_modulate_fp8)
+            from kernels.gelu_fp8 import gelu_concat_fp8
+
+            fp8_fns = (norm.layernorm_modulate_fp8, norm.gated_residual_layernorm_modulate_fp8, gelu_concat_fp8)
         else:  # the same math as diffusers, in PyTorch, in the activations' dtype
             fns = (
                 functools.partial(norm.qk_norm_rope_ref, upcast=False),
                 functools.partial(norm.layernorm_modulate_ref, upcast=False),
                 functools.partial(norm.gated_residual_layernorm_modulate_ref, upcast=False),
             )
-            fp8_fns = (None, None)
+            fp8_fns = (None, None, None)
         return cls(core, fused_norms, *fns, flash, *fp8_fns)
 
     def qk_norm_rope(self, qkv, q_weight, k_weight, rotary, heads, eps, txt_qkv=None, txt_q=None, txt_k=None):
@@ -121,16 +127,29 @@ class BlockOps:
 
     def modulated_feed_forward(self, ff: nn.Module, x, y, gate, shift, scale, eps):
         """(residual, ff(normed)) for a diffusers FeedForward `ff` after gated_residual_layernorm_modulate: its
-        first projection (net[0].proj) is the Linear that takes the norm's output, fp8 or not."""
-        first = ff.net[0]
+        first projection (net[0].proj) is the Linear that takes the norm's output, fp8 or not; an fp8 output
+        projection (net[2]) after FLUX's tanh GELU takes gelu_concat_fp8's e4m3 output (GELU and quantisation
+        in one pass)."""
+        first, rest = ff.net[0], list(ff.net[1:])
         if not isinstance(first, GELU):  # not FLUX's FeedForward: run it whole
             residual, normed = self.gated_residual_layernorm_modulate(x, y, gate, shift, scale, eps)
             return residual, ff(normed)
         residual, hidden = self.gated_residual_modulated_linear(first.proj, x, y, gate, shift, scale, eps)
+        inert_dropout = len(rest) == 2 and isinstance(rest[0], nn.Dropout) and (rest[0].p == 0 or not rest[0].training)
+        if inert_dropout and first.approximate == "tanh" and self._fp8_into(rest[1], self.gelu_concat_fp8_fn):
+            return residual, rest[1](*self.gelu_concat_fp8_fn(None, hidden))
         hidden = first.gelu(hidden)
-        for module in ff.net[1:]:
+        for module in rest:
             hidden = module(hidden)
         return residual, hidden
+
+    def gelu_concat_linear(self, linear: nn.Module, act: nn.Module, prefix, x):
+        """linear(cat([prefix, act(x)], -1)), the single-stream block's output projection; fp8 `linear` after a tanh
+        GELU: gelu_concat_fp8's e4m3 output (no bf16 GELU output, no concatenated copy, no separate quantiser)."""
+        tanh_gelu = isinstance(act, nn.GELU) and act.approximate == "tanh"
+        if tanh_gelu and self._fp8_into(linear, self.gelu_concat_fp8_fn):
+            return linear(*self.gelu_concat_fp8_fn(prefix, x))
+        return linear(torch.cat([prefix, act(x)], dim=2))
 
 
 # ----------------------------------------------------------------------------- fused projections
@@ -228,13 +247,13 @@ class EngineSingleBlock(FluxSingleTransformerBlock):
         shift, scale, gate = self.norm.linear(self.norm.silu(temb)).chunk(3, dim=1)
         projected = ops.modulated_linear(self.linear1, residual, shift, scale, self.norm.norm.eps)  # [B, L, 3HD + mlp]
         qkv_width = 3 * attn.heads * attn.head_dim
-        mlp = self.act_mlp(projected[..., qkv_width:])
         query, key, value = ops.qk_norm_rope(
             projected[..., :qkv_width], attn.norm_q.weight, attn.norm_k.weight, image_rotary_emb, attn.heads,
             attn.norm_q.eps,
         )  # fmt: skip
         attn_out = ops.attention(query, key, value)
-        hidden_states = residual + gate.unsqueeze(1) * self.proj_out(torch.cat([attn_out, mlp], dim=2))
+        out = ops.gelu_concat_linear(self.proj_out, self.act_mlp, attn_out, projected[..., qkv_width:])
+        hidden_states = residual + gate.unsqueeze(1) * out
         if hidden_states.dtype == torch.float16:
             hidden_states = hidden_states.clip(-65504, 65504)
         return hidden_states[:, :text_tokens], hidden_states[:, text_tokens:]

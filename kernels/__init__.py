@@ -3,6 +3,8 @@
     kernels.attention  flash_attention (+ attention_ref)
     kernels.norm       qk_norm_rope, layernorm_modulate, gated_residual_layernorm_modulate, the last two also
                        with fp8 outputs for an fp8 GEMM (*_fp8) (+ *_ref)
+    kernels.gelu_fp8   gelu_concat_fp8: an MLP's tanh GELU (after an optional copied prefix) quantised per token to
+                       e4m3 for the fp8 projection after it (+ _ref)
     kernels.fp8        quantize_fp8_rowwise: the per-row e4m3 quantiser (plain PyTorch), the *_fp8 ops' reference
 
 Importing a submodule registers its ops as `torch.ops.flux_kernels.*` custom ops; this package itself
