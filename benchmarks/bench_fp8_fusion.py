@@ -7,8 +7,9 @@
    outputs, and bf16 followed by the activation quantiser compiled by inductor: what a compiled block runs
    without the fusion), and gelu_concat_fp8 against inductor's GELU + concatenation + quantiser.
 2. One synthetic flux-dev transformer forward at 1024^2 (the engine's fused blocks, SDPA, fp8 W8A8, regional
-   compile), with fp8_fused_input off and on: ms/forward (CUDA events, median of --reps) and a torch.profiler
-   table of the CUDA kernels (total device ms per kernel family and the top kernels by name).
+   compile): unfused, fused, fused + fast accumulation. ms/forward (CUDA events, median of --reps), the host's
+   enqueue time per forward, ms/forward with Python's garbage collector off, and a torch.profiler table of the
+   CUDA kernels (total device ms per kernel family and the top kernels by name).
 The table is printed last; the JSON has every figure.
 """
 
@@ -52,6 +53,7 @@ FAMILIES = (  # kernel name fragments -> family, first match wins
     ("sm90", "GEMMs"),
     ("cutlass", "GEMMs"),
     ("f8f8bf16", "GEMMs"),
+    ("_gelu_concat_fp8", "gelu_concat_fp8 (ours)"),
     ("triton_", "inductor-generated"),
 )
 
@@ -184,28 +186,57 @@ def profile_forward(model, inputs: dict, forwards: int = 2) -> dict:
     }
 
 
+def cpu_submit_ms(model, inputs: dict, reps: int) -> float:
+    """Median host time to enqueue one forward (the GPU idle before it, no sync after): when it nears the forward's
+    device time, the step is bound by the CPU, not the GPU."""
+    import statistics
+    import time
+
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        forward(model, inputs)
+        times.append((time.perf_counter() - start) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
 def forward_rows(args) -> list[dict]:
+    """One model, three settings in turn (each a recompile of the blocks): the activation quantisation unfused,
+    fused, fused with fast accumulation. Per setting: ms/forward, the host's enqueue time, ms/forward with the
+    Python garbage collector off, and the profiled kernel families."""
+    import gc
+
     from engine.attention import apply_attention
     from engine.config import AttentionConfig, QuantConfig
     from engine.quantize import quantize_model, set_fp8_options
 
     device = torch.device("cuda")
     rows = []
-    for fused in (False, True):
-        model = build_transformer("flux-dev", device)
-        apply_attention(SimpleNamespace(transformer=model), AttentionConfig(backend="sdpa", fused_norms=True))
-        quantize_model(model, "fp8", "transformer", record_sqnr=False)
-        set_fp8_options(model, QuantConfig(transformer="fp8", fp8_fused_input=fused))
-        compile_regionally(model, "inductor")
-        inputs = make_inputs(model.config, 4096, 512, device)
+    model = build_transformer("flux-dev", device)
+    apply_attention(SimpleNamespace(transformer=model), AttentionConfig(backend="sdpa", fused_norms=True))
+    quantize_model(model, "fp8", "transformer", record_sqnr=False)
+    compile_regionally(model, "inductor")
+    inputs = make_inputs(model.config, 4096, 512, device)
+    for fused, fast_accum in ((False, False), (True, False), (True, True)):
+        set_fp8_options(model, QuantConfig(transformer="fp8", fp8_fused_input=fused, fp8_fast_accum=fast_accum))
         times = time_forward(model, inputs, device, warmup=2, reps=args.reps)
-        row = {"fp8_fused_input": fused, "ms_per_forward": times["median"], "p20": times["p20"], "p80": times["p80"]}
+        row = {"fp8_fused_input": fused, "fp8_fast_accum": fast_accum, "ms_per_forward": times["median"],
+               "p20": times["p20"], "p80": times["p80"]}  # fmt: skip
+        row["cpu_submit_ms"] = cpu_submit_ms(model, inputs, args.reps)
+        gc.disable()
+        try:
+            row["ms_per_forward_gc_off"] = time_forward(model, inputs, device, warmup=1, reps=args.reps)["median"]
+        finally:
+            gc.enable()
         row.update(profile_forward(model, inputs))
         rows.append(row)
-        log(f"  fp8_fused_input={fused}: {row['ms_per_forward']:.1f} ms/forward, profiled device "
-            f"{row['device_ms_per_forward']} ms: {row['families_ms']}")  # fmt: skip
-        del model, inputs
-        free(device)
+        log(f"  fused={fused} fast_accum={fast_accum}: {row['ms_per_forward']:.1f} ms/forward (p20 {row['p20']:.1f}, "
+            f"p80 {row['p80']:.1f}; gc off {row['ms_per_forward_gc_off']:.1f}), host enqueue {row['cpu_submit_ms']:.1f}"
+            f" ms, profiled device {row['device_ms_per_forward']} ms: {row['families_ms']}")  # fmt: skip
+    del model, inputs
+    free(device)
     return rows
 
 
@@ -214,12 +245,15 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--skip-forward", action="store_true", help="only the kernel timings")
+    parser.add_argument("--skip-kernels", action="store_true", help="only the transformer forward")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_fp8_fusion.py needs a CUDA GPU")
     result = {"environment": environment_info(torch.device("cuda")), "hidden": HIDDEN}
-    log("kernels (device time, CUDA graphs):")
-    result["kernels"] = kernel_rows()
+    result["kernels"] = []
+    if not args.skip_kernels:
+        log("kernels (device time, CUDA graphs):")
+        result["kernels"] = kernel_rows()
     if not args.skip_forward:
         log("transformer forward at 1024^2 (fp8, fused blocks, regional compile):")
         result["forward"] = forward_rows(args)
@@ -230,7 +264,9 @@ def main(argv=None) -> int:
     for row in result["kernels"]:
         log(f"{row['op']:36s} {row['tokens']:6d} {row['variant']:34s} {row['us']:8.1f}")
     for row in result.get("forward", []):
-        log(f"forward 1024^2 fp8_fused_input={row['fp8_fused_input']}: {row['ms_per_forward']:.1f} ms, "
+        log(f"forward 1024^2 fused={row['fp8_fused_input']} fast_accum={row['fp8_fast_accum']}: "
+            f"{row['ms_per_forward']:.1f} ms (gc off {row['ms_per_forward_gc_off']:.1f}), enqueue "
+            f"{row['cpu_submit_ms']:.1f} ms, device {row['device_ms_per_forward']} ms, "
             f"families {row['families_ms']}")  # fmt: skip
     return 0
 

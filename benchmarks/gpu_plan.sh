@@ -104,10 +104,12 @@ for s in "$@"; do
       stage load-peak 300 python3 benchmarks/bench_quant.py --load-peak-mode fp8 --load-peak-dir /tmp/load-peak \
         --out "$OUT/quant-load-$CARD-$DAY.json" ;;
     fp8-fusion) stage fp8-fusion 300 python3 benchmarks/bench_fp8_fusion.py --out "$OUT/fp8-fusion-$CARD-$DAY.json" ;;
+    fp8-forward)
+      stage fp8-forward 200 python3 benchmarks/bench_fp8_fusion.py --skip-kernels --out "$OUT/fp8-forward-$CARD-$DAY.json" ;;
     fp8-ab)
       # the fp8 activation-quantisation fusion and fast accumulation, each against the others and bf16 compiled
       stage fp8-ab 560 python3 -m engine.bench --res 1024 2048 --steps 4 --runs 2 \
-        --preset kernels-compile,fp8,fp8-compile-unfused-quant,fp8-compile,fp8-compile-fastacc --cache-dir /tmp/fe-cache \
+        --preset kernels-compile,fp8-compile-unfused-quant,fp8-compile,fp8-compile-fastacc,fp8-compile-fastacc-cudagraphs --cache-dir /tmp/fe-cache \
         --out "$OUT/bench-fp8-ab-$CARD-$DAY.json" ;;
     *) echo "unknown stage $s" | tee -a "$LOG" ;;
   esac
