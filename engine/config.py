@@ -65,9 +65,10 @@ class QuantConfig:
     - 'fp8-weight', 'int8-weight': weight-only (optimum-quanto qfloat8 / qint8), bf16 compute.
     - 'nf4': bitsandbytes 4-bit NormalFloat, blocks of 64, bf16 compute; CUDA only.
     nf4_double_quant: also quantise nf4's per-block scales (0.52 instead of 0.56 bytes per weight).
-    fp8_fused_input: with attention.fused_norms, the LayerNorm+modulate kernels before the fp8 projections
-        (qkv, txt_qkv, linear1, the MLP inputs) output e4m3 values and per-token scales themselves, instead of
-        bf16 that the fp8 layer quantises again (one pass over the activations fewer). Off: for A/B runs.
+    fp8_fused_input: with attention.fused_norms, the kernels before the fp8 projections output e4m3 values and
+        per-token scales themselves, instead of bf16 that the fp8 layer quantises again: the LayerNorm+modulate
+        kernels (before qkv, txt_qkv, linear1, the MLP inputs) and the GELU kernel (before the MLP outputs and the
+        single-stream proj_out). Off: for A/B runs (preset fp8-compile-unfused-quant).
     fp8_fast_accum: the fp8 GEMMs use the FP8 tensor cores' fast accumulation (`_scaled_mm(use_fast_accum=
         True)`, torchao's default): faster, with partial sums kept at lower precision; see the README's
         fidelity columns for what it costs.

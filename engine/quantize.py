@@ -7,8 +7,11 @@ below, avoids the bf16 model altogether).
 
 Modes:
 - "fp8": W8A8 float8 e4m3. Weights per output channel (scale = amax / 448), activations per token,
-  dynamically. On GPUs with FP8 tensor cores (compute capability >= 8.9) the matmul is
-  `torch._scaled_mm` with row-wise scales (fp32 accumulate, bf16 out, bias fused); elsewhere on CUDA
+  dynamically: quantised by Fp8Linear itself, or, in the engine's fused blocks, by the kernel that makes them
+  (kernels.norm.*_fp8, kernels.gelu_fp8; Fp8Linear.forward(x_fp8, x_scale), QuantConfig.fp8_fused_input).
+  On GPUs with FP8 tensor cores (compute capability >= 8.9) the matmul is `torch._scaled_mm` with row-wise
+  scales (fp32 accumulate, or the tensor cores' fast accumulation with QuantConfig.fp8_fast_accum; bf16 out,
+  bias fused); elsewhere on CUDA
   the weight is stored in fp8 and dequantised for a bf16 matmul (a warning says so); on the CPU the
   W8A8 arithmetic is emulated with the same fp8 values (the CPU tests test the arithmetic).
 - "fp8-weight", "int8-weight": weight-only via optimum-quanto (qfloat8 / qint8, per output channel),
