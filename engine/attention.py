@@ -112,7 +112,7 @@ class BlockOps:
         """linear(layernorm_modulate(x, shift, scale)); an fp8 `linear` takes the norm kernel's e4m3 output and
         per-token scales, so the activations are not written in bf16 and read back to be quantised."""
         if self._fp8_into(linear, self.layernorm_modulate_fp8_fn):
-            return linear(*self.layernorm_modulate_fp8_fn(x, shift, scale, eps))
+            return linear(*self.layernorm_modulate_fp8_fn(x, shift, scale, eps), out_dtype=x.dtype)
         return linear(self.layernorm_modulate(x, shift, scale, eps))
 
     def gated_residual_modulated_linear(self, linear: nn.Module, x, y, gate, shift, scale, eps):
@@ -121,7 +121,7 @@ class BlockOps:
             residual, normed_fp8, normed_scale = self.gated_residual_layernorm_modulate_fp8_fn(
                 x, y, gate, shift, scale, eps
             )
-            return residual, linear(normed_fp8, normed_scale)
+            return residual, linear(normed_fp8, normed_scale, out_dtype=x.dtype)
         residual, normed = self.gated_residual_layernorm_modulate(x, y, gate, shift, scale, eps)
         return residual, linear(normed)
 
@@ -131,13 +131,13 @@ class BlockOps:
         projection (net[2]) after FLUX's tanh GELU takes gelu_concat_fp8's e4m3 output (GELU and quantisation
         in one pass)."""
         first, rest = ff.net[0], list(ff.net[1:])
-        if not isinstance(first, GELU):  # not FLUX's FeedForward: run it whole
+        if type(first) is not GELU or _hooked(ff) or _hooked(first):  # not FLUX's FeedForward, or hooked: run whole
             residual, normed = self.gated_residual_layernorm_modulate(x, y, gate, shift, scale, eps)
             return residual, ff(normed)
         residual, hidden = self.gated_residual_modulated_linear(first.proj, x, y, gate, shift, scale, eps)
         inert_dropout = len(rest) == 2 and isinstance(rest[0], nn.Dropout) and (rest[0].p == 0 or not rest[0].training)
         if inert_dropout and first.approximate == "tanh" and self._fp8_into(rest[1], self.gelu_concat_fp8_fn):
-            return residual, rest[1](*self.gelu_concat_fp8_fn(None, hidden))
+            return residual, rest[1](*self.gelu_concat_fp8_fn(None, hidden), out_dtype=hidden.dtype)
         hidden = first.gelu(hidden)
         for module in rest:
             hidden = module(hidden)
@@ -147,9 +147,14 @@ class BlockOps:
         """linear(cat([prefix, act(x)], -1)), the single-stream block's output projection; fp8 `linear` after a tanh
         GELU: gelu_concat_fp8's e4m3 output (no bf16 GELU output, no concatenated copy, no separate quantiser)."""
         tanh_gelu = isinstance(act, nn.GELU) and act.approximate == "tanh"
-        if tanh_gelu and self._fp8_into(linear, self.gelu_concat_fp8_fn):
-            return linear(*self.gelu_concat_fp8_fn(prefix, x))
+        if tanh_gelu and not _hooked(act) and self._fp8_into(linear, self.gelu_concat_fp8_fn):
+            return linear(*self.gelu_concat_fp8_fn(prefix, x), out_dtype=x.dtype)
         return linear(torch.cat([prefix, act(x)], dim=2))
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether `module` has forward hooks of its own (calling its children directly would skip them)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 # ----------------------------------------------------------------------------- fused projections

@@ -59,12 +59,13 @@ STEP_MS_LINEAR = 0.022767  # ms per token
 STEP_MS_QUADRATIC = 1.0732e-6  # ms per token^2 (attention)
 # fp8-compile vs bf16 kernels-compile in the same run (22:28 UTC, with the fp8 activation quantisation fused into
 # our norm and GELU kernels): 98.2/128.0 = 0.77 at 1024^2, 590.2/692.6 = 0.85 at 2048^2 (20:29 run, unfused:
-# 0.85 / 0.91)
+# 0.85 / 0.91). The planner's fp8 plans all use the fused blocks (fused_norms whenever Triton runs), so the fused
+# figures are the ones fitted.
 COMPUTE_SCALE = {"none": 1.0, "fp8": 0.81, "nf4": 1.45, "int8-weight": 1.6, "fp8-weight": 1.6}
 EAGER_SCALE = 1.42 / 1.34  # kernels eager vs kernels-compile at 1024^2
 # pinned host->device, measured 54.88 GB/s on the H100 machine (engine.offload.measure_h2d_bandwidth); the
 # block-streaming step time max(compute, copy) matched: 216.7 ms measured vs 216 ms of copy at 1024^2 (fp8),
-# 631.2 ms vs 628.2 ms of compute at 2048^2
+# 631.2 ms vs 628.2 ms of compute at 2048^2 (with the fp8 scale of that run, 0.88; not re-run since)
 H2D_GBPS = 54.9
 DECODE_S_PER_MPIXEL = 0.1  # untiled VAE decode, bf16: 0.42 s at 2048^2 (4.2 Mpixel) on the H100
 TILED_DECODE_SCALE = 1.08  # bench_vae 20:27: 1024/128 tiles 459.1 ms vs 423.8 ms untiled at 2048^2

@@ -238,24 +238,39 @@ class Fp8Linear(nn.Module):
 
     @property
     def takes_fp8_input(self) -> bool:
-        """Whether the block should hand this layer activations quantised by the norm kernel before it."""
-        return self.fused_input and self.compute in ("scaled_mm", "emulate")
+        """Whether the block should hand this layer activations quantised by the kernel before it: on the FP8 tensor
+        cores, or in the CPU emulation (not 'emulate' weights moved to a GPU: its Triton kernels may lack fp8)."""
+        if not self.fused_input:
+            return False
+        return self.compute == "scaled_mm" or (self.compute == "emulate" and self.weight_fp8.device.type == "cpu")
 
-    def forward(self, x: torch.Tensor, x_scale: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, x_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """x [..., K] -> [..., N] in x's dtype; or x e4m3 [..., K] with its fp32 per-token scales x_scale [..., 1]
+        (pre-quantised) -> [..., N] in out_dtype (default: the bias's dtype, else bf16)."""
         leading = x.shape[:-1]
-        x = x.reshape(-1, self.in_features)
         if x_scale is None:
+            if x.dtype == FP8_DTYPE:
+                raise ValueError("Fp8Linear: an e4m3 input needs its per-token scales: call layer(x_fp8, x_scale)")
+            x = x.reshape(-1, self.in_features)
             out = fp8_linear(x, self.weight_fp8, self.weight_scale, self.bias, self.compute, self.fast_accum)
         else:
-            if x.dtype != FP8_DTYPE or x_scale.shape[:-1] != leading or x_scale.shape[-1] != 1:
+            if (
+                x.dtype != FP8_DTYPE
+                or x.shape[-1] != self.in_features
+                or x_scale.dtype != torch.float32
+                or x_scale.shape != (*leading, 1)
+            ):
                 raise ValueError(
                     f"Fp8Linear: pre-quantised input must be {FP8_DTYPE} [..., {self.in_features}] with fp32 scales "
-                    f"[..., 1]; got {x.dtype} {tuple(leading)} and scales {tuple(x_scale.shape)}"
+                    f"[..., 1]; got {x.dtype} {tuple(x.shape)} and {x_scale.dtype} scales {tuple(x_scale.shape)}"
                 )
-            out_dtype = self.bias.dtype if self.bias is not None else torch.bfloat16
+            if out_dtype is None:
+                out_dtype = self.bias.dtype if self.bias is not None else torch.bfloat16
             out = fp8_linear_quantized(
-                x, x_scale.reshape(-1, 1), self.weight_fp8, self.weight_scale, self.bias, self.compute, out_dtype,
-                self.fast_accum,
+                x.reshape(-1, self.in_features), x_scale.reshape(-1, 1), self.weight_fp8, self.weight_scale,
+                self.bias, self.compute, out_dtype, self.fast_accum,
             )  # fmt: skip
         return out.view(*leading, self.out_features)
 

@@ -66,7 +66,7 @@ def check_runnable(device: torch.device, op: str) -> None:
 
 
 def _patch_interpreter() -> None:
-    """Work around two bugs of the Triton 3.6 interpreter (CPU runs only; compiled kernels never come here).
+    """Work around three bugs of the Triton 3.6 interpreter (CPU runs only; compiled kernels never come here).
 
     1. Scalars are 1-element arrays, turned into Python ints (for `range`) with `int(array)`, which NumPy
        >= 2.4 refuses for ndim > 0: every `tl.range(lo, hi)` with run-time bounds fails. Use `.item()`.
@@ -74,7 +74,7 @@ def _patch_interpreter() -> None:
        (exact), which is what the tensor cores compute with fp32 accumulation.
     3. fp32 -> float8e4nv conversions truncate the mantissa (or, asked for round-to-nearest-even, round half
        up without carrying into the exponent); the GPU rounds to nearest even. Convert with PyTorch's cast,
-       which does.
+       which does (whatever rounding mode was asked: our kernels ask for round-to-nearest-even only).
     """
     import numpy as np
     import triton.language as tl

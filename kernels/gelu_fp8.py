@@ -8,6 +8,8 @@ gelu_concat_fp8(prefix, x): q, scale = quantize_fp8_rowwise(cat([prefix, gelu_ta
     Unfused, inductor makes these two or three kernels (an amax reduction over the 15360-wide row, then the
     quantising pass, each recomputing the GELU), which measured ~330 us per single-stream block at 1024^2 on an
     H100, ~11% of an fp8 forward (benchmarks/NOTES.md, 22:04 UTC).
+Non-finite inputs as in kernels/norm.py's fp8 outputs: a NaN stays NaN (its GEMM output row is NaN), the scale
+and the row's other values stay finite.
 One program per token (a [K] row in registers, K <= 16384 per input); the grid's second axis is the batch, so
 inputs may be views with any batch / token strides (the MLP half of the single-stream block's fused linear1 output
 is a slice); the last dim must be contiguous. bf16, fp16 or fp32 inputs. Under torch.compile the custom op
@@ -74,9 +76,10 @@ def _gelu_concat_fp8_kernel(
     inverse = tl.math.div_rn(1.0, scale)  # one division per token; products per element (see kernels/norm.py)
     row = (batch * L + token) * (KP + K)
     if HAS_PREFIX:
-        q_prefix = tl.clamp(prefix * inverse, -E4M3_MAX, E4M3_MAX).to(OUT.dtype.element_ty, fp_downcast_rounding="rtne")
+        q_prefix = tl.clamp(prefix * inverse, -E4M3_MAX, E4M3_MAX, propagate_nan=tl.PropagateNan.ALL)
+        q_prefix = q_prefix.to(OUT.dtype.element_ty, fp_downcast_rounding="rtne")
         tl.store(OUT + row + prefix_cols, q_prefix, mask=prefix_mask)
-    q = tl.clamp(hidden * inverse, -E4M3_MAX, E4M3_MAX)
+    q = tl.clamp(hidden * inverse, -E4M3_MAX, E4M3_MAX, propagate_nan=tl.PropagateNan.ALL)
     tl.store(OUT + row + KP + cols, q.to(OUT.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
     tl.store(OUT_SCALE + batch * L + token, scale)
 

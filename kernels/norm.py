@@ -516,7 +516,9 @@ def _modulated_layernorm(x, shift, scale_plus_one, col_mask, C, eps):
 # normalised row: no bf16 rounding in between. The values are multiplied by the row's reciprocal scale, not divided
 # by the scale: an IEEE division per element (div_rn) made the kernel 2x slower than the bf16 one on an H100
 # (162 vs 80 us at L=16896); the product is within an fp32 ulp of the quotient, so an e4m3 code differs only where
-# the quotient sits on a rounding boundary (the tests allow one code off, rarely).
+# the quotient sits on a rounding boundary (the tests allow one code off, rarely). Non-finite inputs: a NaN value
+# stays NaN (the clamp propagates it, so the fp8 GEMM's output row is NaN, as with quantize_fp8_rowwise) but the
+# row's scale and its other values stay finite (tl.max skips NaN), where quantize_fp8_rowwise makes them NaN too.
 E4M3_MAX = tl.constexpr(448.0)
 FP8_MIN_SCALE = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).tiny
 
@@ -527,7 +529,7 @@ def _store_normed(OUT, OUT_SCALE, offsets, scale_offsets, out, mask, row_mask, Q
     if QUANT_FP8:
         amax = tl.max(tl.abs(out), axis=1)[:, None]
         row_scale = tl.maximum(tl.math.div_rn(amax, E4M3_MAX), FP8_MIN_SCALE)
-        q = tl.clamp(out * tl.math.div_rn(1.0, row_scale), -E4M3_MAX, E4M3_MAX)
+        q = tl.clamp(out * tl.math.div_rn(1.0, row_scale), -E4M3_MAX, E4M3_MAX, propagate_nan=tl.PropagateNan.ALL)
         tl.store(OUT + offsets, q.to(OUT.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
         tl.store(OUT_SCALE + scale_offsets, row_scale, mask=row_mask)
     else:

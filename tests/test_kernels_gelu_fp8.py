@@ -55,6 +55,20 @@ def test_gelu_concat_fp8_is_tanh_gelu_then_the_prefix_first(device):
     assert (q.float().abs().amax(dim=-1) == E4M3_MAX).all()
 
 
+def test_a_nan_stays_nan_and_stays_in_its_row(device):
+    """A NaN input (an fp16 overflow upstream) must not be clamped into a finite +-448: it stays NaN, so the fp8
+    GEMM's output row is NaN as with quantize_fp8_rowwise; the other rows are untouched."""
+    prefix, x = make_inputs(1, 4, 64, 16, torch.float32, device)
+    x[0, 1, 5] = float("nan")
+    prefix[0, 2, 3] = float("nan")
+    q, scale = gelu_concat_fp8(prefix, x)
+    values = q.float()
+    assert torch.isnan(values[0, 1, 16 + 5]) and torch.isnan(values[0, 2, 3])
+    assert torch.isfinite(values[0, [0, 3]]).all() and torch.isfinite(scale).all()
+    ref_q, ref_scale = gelu_concat_fp8_ref(prefix[:, [0, 3]], x[:, [0, 3]])
+    assert torch.equal(values[0, [0, 3]], ref_q.float()[0])
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

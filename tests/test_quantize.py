@@ -169,6 +169,16 @@ def test_pre_quantised_input_is_the_same_arithmetic():
         layer(x, x_scale)
     with pytest.raises(ValueError, match=r"scales \(2, 9\)"):
         layer(x_fp8, x_scale[..., 0])
+    with pytest.raises(ValueError, match=r"got torch.float8_e4m3fn \(2, 9, 32\)"):
+        layer(x_fp8[..., :32], x_scale)
+    with pytest.raises(ValueError, match=r"torch.float64 scales"):
+        layer(x_fp8, x_scale.double())
+    with pytest.raises(ValueError, match=r"an e4m3 input needs its per-token scales"):
+        layer(x_fp8)
+    assert layer(x_fp8, x_scale, out_dtype=torch.float32).dtype == torch.float32
+    bias_free = Fp8Linear.from_linear(nn.Linear(64, 48, bias=False, dtype=torch.float16), compute="emulate")
+    assert bias_free(x_fp8, x_scale).dtype == torch.bfloat16  # no bias to take the dtype from: bf16, or say it
+    assert bias_free(x_fp8, x_scale, out_dtype=torch.float16).dtype == torch.float16
     weight_only = Fp8Linear.from_linear(linear, compute="weight-only")
     assert not weight_only.takes_fp8_input
     with pytest.raises(ValueError, match="compute='weight-only' takes no pre-quantised input"):
@@ -468,6 +478,36 @@ def test_the_norm_kernels_feed_the_fp8_projections(fused_fp8_engine):
     assert not any(m.takes_fp8_input for m in unfused.transformer.modules() if isinstance(m, Fp8Linear))
     assert psnr(images, _images(unfused)) >= 50.0  # measured: 135 dB; 50 allows a few more code flips
     assert psnr(images, _images(FluxPipeline(**synthetic_components("tiny", dtype=torch.float32, seed=0)))) >= 45.0
+
+
+def test_the_fused_path_steps_aside_where_it_would_change_behaviour():
+    """No pre-quantised input where the fused kernels would compute something else or skip something: a non-tanh
+    GELU (double-stream MLP, single-stream act_mlp), or hooks on the FeedForward (calling its parts directly
+    would skip them). The images stay those of the same model without the fusion."""
+    from engine.attention import EngineDoubleBlock
+
+    def build(fused_input: bool):
+        quant = QuantConfig("fp8", fp8_fused_input=fused_input)
+        engine = FluxEngine.from_pipe(_fresh_pipe(), replace(_FUSED_FP8, quant=quant))
+        blocks = engine.transformer.transformer_blocks
+        assert isinstance(blocks[0], EngineDoubleBlock)
+        blocks[0].ff.net[0].approximate = "none"
+        engine.transformer.single_transformer_blocks[0].act_mlp.approximate = "none"
+        return engine
+
+    engine = build(True)
+    hook_calls = []
+    engine.transformer.transformer_blocks[1].ff_context.register_forward_pre_hook(lambda m, a: hook_calls.append(1))
+    fed = {}
+    for name, module in engine.transformer.named_modules():
+        if isinstance(module, Fp8Linear):
+            module.register_forward_pre_hook(lambda module, args, name=name: fed.__setitem__(name, len(args) == 2))
+    images = _images(engine)
+    assert hook_calls, "the FeedForward's hook did not run"
+    assert not fed["transformer_blocks.0.ff.net.2"] and not fed["single_transformer_blocks.0.proj_out"]
+    assert not fed["transformer_blocks.1.ff_context.net.0.proj"] and not fed["transformer_blocks.1.ff_context.net.2"]
+    assert fed["transformer_blocks.0.ff.net.0.proj"] and fed["single_transformer_blocks.1.proj_out"]
+    assert psnr(images, _images(build(False))) >= 50.0
 
 
 def test_fp8_options_reach_every_fp8_layer():

@@ -1,0 +1,72 @@
+"""Compile the fp8-output Triton kernels for an H100 (sm_90) ahead of time, no GPU needed (Triton's compiler and
+the ptxas it ships). Run by tests/test_kernels_sm90_compile.py in a fresh process without TRITON_INTERPRET (under
+the interpreter the kernels are not compilable objects). Prints one JSON object: per case, whether it compiled,
+and the PTX facts the test checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    raise SystemExit("run without TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+H100 = GPUTarget("cuda", 90, 32)
+FP8_CAST = "cvt.rn.satfinite.e4m3x2.f32"  # fp32 -> e4m3 with round to nearest even, as torch's cast
+
+
+def compile_case(kernel, signature: dict, constexprs: dict, num_warps: int) -> dict:
+    fn = kernel
+    while not isinstance(fn, JITFunction):  # an autotuned kernel wraps the jit function
+        fn = fn.fn
+    try:
+        asm = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=H100,
+                             options={"num_warps": num_warps}).asm  # fmt: skip
+    except Exception as err:  # noqa: BLE001 - reported to the test, which fails on it
+        return {"compiled": False, "error": f"{type(err).__name__}: {err}"[:2000]}
+    ptx = asm["ptx"]
+    return {"compiled": bool(asm.get("cubin")), "rne_fp8_cast": FP8_CAST in ptx,
+            "nan_clamp": "min.NaN" in ptx or "max.NaN" in ptx}  # fmt: skip
+
+
+def cases() -> dict:
+    from kernels import norm
+    from kernels.gelu_fp8 import _gelu_concat_fp8_kernel
+
+    results = {}
+    gelu = {"PREFIX": "*bf16", "X": "*bf16", "OUT": "*fp8e4nv", "OUT_SCALE": "*fp32", "stride_p_b": "i64",
+            "stride_p_l": "i64", "stride_x_b": "i64", "stride_x_l": "i64", "L": "i32", "KP": "i32", "K": "i32",
+            "HAS_PREFIX": "constexpr", "BLOCK_P": "constexpr", "BLOCK_K": "constexpr"}  # fmt: skip
+    for has_prefix in (True, False):
+        constexprs = {"HAS_PREFIX": has_prefix, "BLOCK_P": 4096, "BLOCK_K": 16384}
+        results[f"gelu_concat_fp8/prefix={has_prefix}"] = compile_case(_gelu_concat_fp8_kernel, gelu, constexprs, 16)
+    tail = {"B": "i32", "L": "i32", "C": "i32", "eps": "fp32", "BLOCK_C": "constexpr", "BLOCK_ROWS": "constexpr",
+            "PROGRAMS_PER_SM": "constexpr", "QUANT_FP8": "constexpr"}  # fmt: skip
+    for quant_fp8 in (True, False):
+        out = "*fp8e4nv" if quant_fp8 else "*bf16"
+        ln = {"X": "*bf16", "SHIFT": "*bf16", "SCALE": "*bf16", "OUT": out, "OUT_SCALE": "*fp32",
+              "stride_x_b": "i64", "stride_x_l": "i64", "stride_shift_b": "i64", "stride_scale_b": "i64",
+              **tail}  # fmt: skip
+        gated = {"X": "*bf16", "Y": "*bf16", "GATE": "*bf16", "SHIFT": "*bf16", "SCALE": "*bf16", "RESIDUAL": "*bf16",
+                 "OUT": out, "OUT_SCALE": "*fp32", "stride_x_b": "i64", "stride_x_l": "i64", "stride_y_b": "i64",
+                 "stride_y_l": "i64", "stride_gate_b": "i64", "stride_shift_b": "i64", "stride_scale_b": "i64",
+                 **tail}  # fmt: skip
+        constexprs = {"BLOCK_C": 4096, "BLOCK_ROWS": 1, "PROGRAMS_PER_SM": 0, "QUANT_FP8": quant_fp8}
+        results[f"layernorm_modulate/fp8={quant_fp8}"] = compile_case(
+            norm._layernorm_modulate_fwd_kernel, ln, constexprs, 4
+        )
+        results[f"gated_residual_layernorm_modulate/fp8={quant_fp8}"] = compile_case(
+            norm._gated_residual_layernorm_modulate_fwd_kernel, gated, constexprs, 4
+        )
+    return results
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    print(json.dumps(cases()))

@@ -1,0 +1,42 @@
+"""The fp8-output Triton kernels compile for an H100 (sm_90) on this machine, no GPU needed: Triton's own compiler
+and the ptxas it ships, ahead of time (tests/sm90_compile.py, in a fresh process without the interpreter). The
+interpreter that runs the kernels in the other CPU tests accepts code the compiler refuses (a plain global inside a
+jit function failed only on the GPU, 2026-11-26 21:51 UTC), so this is the CPU check that what those tests ran
+also compiles, to what the kernels claim: fp8 conversions that round to nearest even, NaN-propagating clamps."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA backend (it ships ptxas)")
+
+SCRIPT = Path(__file__).with_name("sm90_compile.py")
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600)
+    if run.returncode != 0:
+        pytest.fail(f"sm90_compile.py failed:\n{run.stderr[-3000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_every_case_compiles_to_a_cubin(compiled):
+    assert len(compiled) == 6
+    failed = {name: case.get("error") for name, case in compiled.items() if not case["compiled"]}
+    assert not failed, failed
+
+
+def test_fp8_outputs_round_to_nearest_even_and_keep_nan(compiled):
+    fp8 = {name: case for name, case in compiled.items() if "fp8=False" not in name}
+    assert len(fp8) == 4
+    for name, case in fp8.items():
+        assert case["rne_fp8_cast"], f"{name}: no cvt.rn.satfinite e4m3 conversion in the PTX"
+        assert case["nan_clamp"], f"{name}: the clamp does not propagate NaN"
