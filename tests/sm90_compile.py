@@ -1,4 +1,5 @@
-"""Compile the fp8-output Triton kernels for an H100 (sm_90) ahead of time, no GPU needed (Triton's compiler and
+"""Compile the row-wise Triton kernels (the norms with and without fp8 outputs, GELU->fp8, QK-norm+RoPE) for an
+H100 (sm_90) ahead of time, no GPU needed (Triton's compiler and
 the ptxas it ships). Run by tests/test_kernels_sm90_compile.py in a fresh process without TRITON_INTERPRET (under
 the interpreter the kernels are not compilable objects). Prints one JSON object: per case, whether it compiled,
 and the PTX facts the test checks."""
@@ -64,6 +65,15 @@ def cases() -> dict:
         results[f"gated_residual_layernorm_modulate/fp8={quant_fp8}"] = compile_case(
             norm._gated_residual_layernorm_modulate_fwd_kernel, gated, constexprs, 4
         )
+    qk = {name: "*bf16" for name in ("IMG", "TXT", "Q_W", "K_W", "TXT_Q_W", "TXT_K_W")}
+    qk.update({"COS": "*fp32", "SIN": "*fp32", "Q_OUT": "*bf16", "K_OUT": "*bf16", "V_OUT": "*bf16"})
+    qk.update({name: "i64" for name in ("stride_img_b", "stride_img_l", "stride_txt_b", "stride_txt_l",
+                                         "stride_cos_l", "stride_sin_l")})  # fmt: skip
+    qk.update({"L_txt": "i32", "L_img": "i32", "H": "i32", "eps": "fp32", "HEAD_DIM": "constexpr",
+               "BLOCK_H": "constexpr", "HAS_TXT": "constexpr", "BLOCK_T": "constexpr"})  # fmt: skip
+    for has_txt in (True, False):  # FLUX: 24 heads of 128 (a block of 32 heads), one token per program
+        constexprs = {"HEAD_DIM": 128, "BLOCK_H": 32, "HAS_TXT": has_txt, "BLOCK_T": 1}
+        results[f"qk_norm_rope/txt={has_txt}"] = compile_case(norm._qk_norm_rope_fwd_kernel, qk, constexprs, 8)
     return results
 
 
