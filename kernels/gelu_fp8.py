@@ -18,6 +18,8 @@ is a slice); the last dim must be contiguous. bf16, fp16 or fp32 inputs. Under t
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -25,11 +27,10 @@ import triton.language as tl
 
 from kernels import check_runnable, device_guard, new_output, triton_interpreting
 from kernels.fp8 import FP8_DTYPE, quantize_fp8_rowwise
+from kernels.norm import e4m3, e4m3_scale  # the fp8 arithmetic of the norm kernels' fp8 outputs, shared
 
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_WIDTH = 16384
-E4M3_MAX = tl.constexpr(448.0)
-FP8_MIN_SCALE = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).tiny
 GELU_TANH_2C = tl.constexpr(1.5957691216057308)  # 2 * sqrt(2 / pi): 0.5 * (1 + tanh(z)) = sigmoid(2 z)
 
 
@@ -72,15 +73,11 @@ def _gelu_concat_fp8_kernel(
         prefix = tl.load(PREFIX + batch * stride_p_b + token * stride_p_l + prefix_cols, mask=prefix_mask, other=0.0)
         prefix = prefix.to(tl.float32)
         amax = tl.maximum(amax, tl.max(tl.abs(prefix), axis=0))
-    scale = tl.maximum(tl.math.div_rn(amax, E4M3_MAX), FP8_MIN_SCALE)
-    inverse = tl.math.div_rn(1.0, scale)  # one division per token; products per element (see kernels/norm.py)
+    scale, inverse = e4m3_scale(amax)  # one division per token, products per element (kernels/norm.py)
     row = (batch * L + token) * (KP + K)
     if HAS_PREFIX:
-        q_prefix = tl.clamp(prefix * inverse, -E4M3_MAX, E4M3_MAX, propagate_nan=tl.PropagateNan.ALL)
-        q_prefix = q_prefix.to(OUT.dtype.element_ty, fp_downcast_rounding="rtne")
-        tl.store(OUT + row + prefix_cols, q_prefix, mask=prefix_mask)
-    q = tl.clamp(hidden * inverse, -E4M3_MAX, E4M3_MAX, propagate_nan=tl.PropagateNan.ALL)
-    tl.store(OUT + row + KP + cols, q.to(OUT.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+        tl.store(OUT + row + prefix_cols, e4m3(prefix, inverse, OUT.dtype.element_ty), mask=prefix_mask)
+    tl.store(OUT + row + KP + cols, e4m3(hidden, inverse, OUT.dtype.element_ty), mask=mask)
     tl.store(OUT_SCALE + batch * L + token, scale)
 
 
@@ -107,6 +104,13 @@ def _check_inputs(prefix: torch.Tensor | None, x: torch.Tensor) -> None:
             )
 
 
+@functools.cache
+def _num_warps(block_k: int) -> int:
+    # ~32 fp32 values of the row per thread; 4 under the interpreter (its cost is per program, not per thread).
+    # Cached: the interpreter is chosen once, at import, and this runs on every launch.
+    return 4 if triton_interpreting() else max(4, min(16, block_k // 1024))
+
+
 def gelu_concat_fp8_fwd(prefix: torch.Tensor | None, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Checks, allocates and launches; see gelu_concat_fp8."""
     _check_inputs(prefix, x)
@@ -118,12 +122,11 @@ def gelu_concat_fp8_fwd(prefix: torch.Tensor | None, x: torch.Tensor) -> tuple[t
     scale = new_output(batch, tokens, 1, dtype=torch.float32, device=x.device)
     p = x if prefix is None else prefix  # a placeholder pointer when there is no prefix
     block_k = triton.next_power_of_2(width)
-    warps = 4 if triton_interpreting() else max(4, min(16, block_k // 1024))  # ~32 fp32 values per thread
     with device_guard(x):
         _gelu_concat_fp8_kernel[(tokens, batch)](
             p, x, out, scale, p.stride(0), p.stride(1), x.stride(0), x.stride(1), tokens, prefix_width, width,
             HAS_PREFIX=prefix is not None, BLOCK_P=triton.next_power_of_2(max(prefix_width, 1)), BLOCK_K=block_k,
-            num_warps=warps,
+            num_warps=_num_warps(block_k),
         )  # fmt: skip
     return out, scale
 

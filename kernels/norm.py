@@ -524,13 +524,25 @@ FP8_MIN_SCALE = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float3
 
 
 @triton.jit
+def e4m3_scale(amax):
+    """(scale, 1 / scale) of a token from its fp32 amax: amax / 448, floored at the smallest normal fp32."""
+    scale = tl.maximum(tl.math.div_rn(amax, E4M3_MAX), FP8_MIN_SCALE)
+    return scale, tl.math.div_rn(1.0, scale)
+
+
+@triton.jit
+def e4m3(values, inverse_scale, dtype: tl.constexpr):
+    """fp32 values times their token's 1 / scale, clamped to +-448 (NaN kept), rounded to nearest even e4m3."""
+    q = tl.clamp(values * inverse_scale, -E4M3_MAX, E4M3_MAX, propagate_nan=tl.PropagateNan.ALL)
+    return q.to(dtype, fp_downcast_rounding="rtne")
+
+
+@triton.jit
 def _store_normed(OUT, OUT_SCALE, offsets, scale_offsets, out, mask, row_mask, QUANT_FP8: tl.constexpr):
     # out: [BLOCK_ROWS, BLOCK_C] fp32, masked columns 0 (so they do not move the amax)
     if QUANT_FP8:
-        amax = tl.max(tl.abs(out), axis=1)[:, None]
-        row_scale = tl.maximum(tl.math.div_rn(amax, E4M3_MAX), FP8_MIN_SCALE)
-        q = tl.clamp(out * tl.math.div_rn(1.0, row_scale), -E4M3_MAX, E4M3_MAX, propagate_nan=tl.PropagateNan.ALL)
-        tl.store(OUT + offsets, q.to(OUT.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+        row_scale, inverse = e4m3_scale(tl.max(tl.abs(out), axis=1)[:, None])
+        tl.store(OUT + offsets, e4m3(out, inverse, OUT.dtype.element_ty), mask=mask)
         tl.store(OUT_SCALE + scale_offsets, row_scale, mask=row_mask)
     else:
         tl.store(OUT + offsets, out.to(OUT.dtype.element_ty), mask=mask)
