@@ -25,9 +25,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import check_runnable, device_guard, new_output, triton_interpreting
-from kernels.fp8 import FP8_DTYPE, quantize_fp8_rowwise
-from kernels.norm import e4m3, e4m3_scale  # the fp8 arithmetic of the norm kernels' fp8 outputs, shared
+from flux_kernels import check_runnable, device_guard, new_output, triton_interpreting
+from flux_kernels.fp8 import FP8_DTYPE, quantize_fp8_rowwise
+from flux_kernels.norm import e4m3, e4m3_scale  # the fp8 arithmetic of the norm kernels' fp8 outputs, shared
 
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_WIDTH = 16384
@@ -65,7 +65,9 @@ def _gelu_concat_fp8_kernel(
     cols = tl.arange(0, BLOCK_K)
     mask = cols < K
     x = tl.load(X + batch * stride_x_b + token * stride_x_l + cols, mask=mask, other=0.0).to(tl.float32)
-    hidden = x * tl.sigmoid(GELU_TANH_2C * (x + 0.044715 * x * x * x))  # gelu(0) = 0: masked columns stay 0
+    # the tensor first: Triton 3.7's interpreter turns `constexpr * tensor` into a constexpr holding a tensor, which
+    # tl.sigmoid then cannot take ("cannot convert ... to tensor"); the compiled code is the same either way
+    hidden = x * tl.sigmoid((x + 0.044715 * x * x * x) * GELU_TANH_2C)  # gelu(0) = 0: masked columns stay 0
     amax = tl.max(tl.abs(hidden), axis=0)
     if HAS_PREFIX:
         prefix_cols = tl.arange(0, BLOCK_P)
