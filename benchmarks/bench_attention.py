@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.measure import cudagraph_ms, do_bench_ms, environment_info, host_us_per_call  # noqa: E402
-from kernels.attention import _flash_attention_fwd_kernel, attention_ref, flash_attention  # noqa: E402
+from flux_kernels.attention import _flash_attention_fwd_kernel, attention_ref, flash_attention  # noqa: E402
 
 DEFAULT_LENGTHS = (1536, 4608, 16896)
 CHECKED_HEADS = 2  # heads compared against the fp32 reference (bounded memory at L = 16896)

@@ -67,7 +67,7 @@ def log(*parts) -> None:
 
 def kernel_rows() -> list[dict]:
     from engine.quantize import quantize_fp8_rowwise
-    from kernels.norm import (
+    from flux_kernels.norm import (
         gated_residual_layernorm_modulate,
         gated_residual_layernorm_modulate_fp8,
         layernorm_modulate,
@@ -112,7 +112,7 @@ def gelu_rows(tokens: int) -> list[dict]:
     import torch.nn.functional as F
 
     from engine.quantize import quantize_fp8_rowwise
-    from kernels.gelu_fp8 import gelu_concat_fp8
+    from flux_kernels.gelu_fp8 import gelu_concat_fp8
 
     @torch.compile(dynamic=False)
     def unfused(prefix, x):

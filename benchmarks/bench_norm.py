@@ -35,7 +35,7 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.measure import do_bench_ms, environment_info, host_us_per_call, quantiles  # noqa: E402
-from kernels.norm import (  # noqa: E402
+from flux_kernels.norm import (  # noqa: E402
     gated_residual_layernorm_modulate,
     gated_residual_layernorm_modulate_ref,
     layernorm_modulate,
@@ -125,7 +125,7 @@ def layernorm_cases(tokens: int) -> list[dict]:
 
 def autotune_report(op: str) -> tuple[str | None, dict | None]:
     """The kernel's chosen config and, when it just tuned, every candidate's do_bench time (ms)."""
-    from kernels import norm
+    from flux_kernels import norm
 
     kernel = {
         "qk_norm_rope": norm._qk_norm_rope_fwd_kernel,

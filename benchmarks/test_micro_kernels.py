@@ -1,9 +1,9 @@
 """Kernel micro-benchmarks as pytest-benchmark tests, for regression checks against a saved run (CUDA only).
 
 At FLUX shapes, bf16, each beside what it replaces:
-- attention: kernels.attention.flash_attention vs PyTorch SDPA (its own backend pick), B=1, H=24, D=128,
+- attention: flux_kernels.attention.flash_attention vs PyTorch SDPA (its own backend pick), B=1, H=24, D=128,
   L = 4608 / 16896 (512 text + 4096 / 16384 image tokens: 1024^2 / 2048^2); TFLOP/s = 4 B H L^2 D / time.
-- kernels.norm: qk_norm_rope, layernorm_modulate, gated_residual_layernorm_modulate vs their eager PyTorch
+- flux_kernels.norm: qk_norm_rope, layernorm_modulate, gated_residual_layernorm_modulate vs their eager PyTorch
   references, 4608 / 16896 tokens, hidden 3072 (cases, byte counts and references from bench_norm.py);
   GB/s = the bytes a fused kernel must move / time.
 - layernorm_modulate into an fp8 projection, 4608 / 16896 tokens: the kernel with e4m3 outputs vs the bf16 kernel
@@ -154,7 +154,7 @@ def run_benchmark(
 def test_attention(benchmark, impl: str, tokens: int):
     from torch.nn.functional import scaled_dot_product_attention
 
-    from kernels.attention import flash_attention
+    from flux_kernels.attention import flash_attention
 
     device = torch.device("cuda")
     attention = flash_attention if impl == "flash_attention" else scaled_dot_product_attention
@@ -212,7 +212,7 @@ def test_norm_into_fp8(benchmark, impl: str, tokens: int):
     eagerly: a compiled quantiser), and against both inside one torch.compile graph (what the compiled blocks
     without the fusion run: the custom op, then one inductor kernel). GB/s over the fused kernel's bytes."""
     from engine.quantize import _quantize_activations, quantize_fp8_rowwise
-    from kernels.norm import layernorm_modulate, layernorm_modulate_fp8
+    from flux_kernels.norm import layernorm_modulate, layernorm_modulate_fp8
 
     device = torch.device("cuda")
     case = norm_case("layernorm_modulate", tokens)

@@ -8,14 +8,14 @@ place (weights are shared, never copied):
   memory does not grow and diffusers' own processors still work on them. Projections that are already
   quantised (a quantised load or checkpoint) are fused exactly, row by row, in their quantised form;
 - q/k RMSNorm + rotary embedding + [text, image] concat + head-major layout in one pass
-  (`kernels.norm.qk_norm_rope`) when `fused_norms` is on, else the same math in PyTorch;
+  (`flux_kernels.norm.qk_norm_rope`) when `fused_norms` is on, else the same math in PyTorch;
 - the attention core: our Triton flash attention, PyTorch SDPA, or "auto" (the faster of the two,
   measured on this GPU when the config is applied);
 - LayerNorm + shift/scale modulation and the gated residual before norm2
-  (`kernels.norm.layernorm_modulate`, `gated_residual_layernorm_modulate`) when `fused_norms` is on; when the
+  (`flux_kernels.norm.layernorm_modulate`, `gated_residual_layernorm_modulate`) when `fused_norms` is on; when the
   projection after one of them is an fp8 layer (engine.quantize.Fp8Linear), the kernel writes its output as
   e4m3 values with per-token scales (the `*_fp8` variants) and the layer skips its own activation quantisation;
-  so does the fp8 projection after each MLP's tanh GELU (`kernels.gelu_fp8.gelu_concat_fp8`, which in the
+  so does the fp8 projection after each MLP's tanh GELU (`flux_kernels.gelu_fp8.gelu_concat_fp8`, which in the
   single-stream block also takes the attention output that proj_out's input concatenates).
 
 The blocks become instances of subclasses of diffusers' own block classes (`__class__` swap), so
@@ -65,14 +65,14 @@ class BlockOps:
 
     @classmethod
     def build(cls, core: str, fused_norms: bool) -> BlockOps:
-        from kernels import norm
+        from flux_kernels import norm
 
         flash = None
         if core == "triton":
-            from kernels.attention import flash_attention as flash
+            from flux_kernels.attention import flash_attention as flash
         if fused_norms:
             fns = (norm.qk_norm_rope, norm.layernorm_modulate, norm.gated_residual_layernorm_modulate)
-            from kernels.gelu_fp8 import gelu_concat_fp8
+            from flux_kernels.gelu_fp8 import gelu_concat_fp8
 
             fp8_fns = (norm.layernorm_modulate_fp8, norm.gated_residual_layernorm_modulate_fp8, gelu_concat_fp8)
         else:  # the same math as diffusers, in PyTorch, in the activations' dtype
@@ -312,7 +312,7 @@ def _time_ms(fn, device: torch.device, reps: int = 10) -> float:
 
 def pick_attention_core(heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[str, dict]:
     """'triton' or 'sdpa', whichever runs FLUX's 1024^2 attention faster here; with the timings (ms)."""
-    from kernels import triton_runnable
+    from flux_kernels import triton_runnable
 
     if (
         device.type != "cuda"
@@ -321,7 +321,7 @@ def pick_attention_core(heads: int, head_dim: int, dtype: torch.dtype, device: t
         or dtype not in (torch.bfloat16, torch.float16)
     ):
         return "sdpa", {}  # our kernel does not take this model: nothing to measure
-    from kernels.attention import flash_attention
+    from flux_kernels.attention import flash_attention
 
     shape = (1, heads, AUTO_PROBE_TOKENS, head_dim)
     q, k, v = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
@@ -333,7 +333,7 @@ def pick_attention_core(heads: int, head_dim: int, dtype: torch.dtype, device: t
 
 
 def resolve_ops(config: AttentionConfig, transformer) -> BlockOps:
-    from kernels import triton_runnable
+    from flux_kernels import triton_runnable
 
     device, dtype = transformer.device, transformer.dtype
     if config.needs_triton and not triton_runnable(device):

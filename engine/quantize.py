@@ -8,7 +8,7 @@ below, avoids the bf16 model altogether).
 Modes:
 - "fp8": W8A8 float8 e4m3. Weights per output channel (scale = amax / 448), activations per token,
   dynamically: quantised by Fp8Linear itself, or, in the engine's fused blocks, by the kernel that makes them
-  (kernels.norm.*_fp8, kernels.gelu_fp8; Fp8Linear.forward(x_fp8, x_scale), QuantConfig.fp8_fused_input).
+  (flux_kernels.norm.*_fp8, flux_kernels.gelu_fp8; Fp8Linear.forward(x_fp8, x_scale), QuantConfig.fp8_fused_input).
   On GPUs with FP8 tensor cores (compute capability >= 8.9) the matmul is `torch._scaled_mm` with row-wise
   scales (fp32 accumulate, or the tensor cores' fast accumulation with QuantConfig.fp8_fast_accum; bf16 out,
   bias fused); elsewhere on CUDA
@@ -56,8 +56,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.fp8 import E4M3_MAX as E4M3_MAX  # re-exported: the tests and users read it here
-from kernels.fp8 import FP8_DTYPE, quantize_fp8_rowwise
+from flux_kernels.fp8 import E4M3_MAX as E4M3_MAX  # re-exported: the tests and users read it here
+from flux_kernels.fp8 import FP8_DTYPE, quantize_fp8_rowwise
 
 from .config import QuantConfig
 from .errors import CheckpointError, ConfigError

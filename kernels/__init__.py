@@ -1,14 +1,18 @@
 """Triton kernels of flux-engine, one op per module, each with a plain PyTorch reference beside it.
 
-    kernels.attention  flash_attention (+ attention_ref)
-    kernels.norm       qk_norm_rope, layernorm_modulate, gated_residual_layernorm_modulate, the last two also
-                       with fp8 outputs for an fp8 GEMM (*_fp8) (+ *_ref)
-    kernels.gelu_fp8   gelu_concat_fp8: an MLP's tanh GELU (after an optional copied prefix) quantised per token to
-                       e4m3 for the fp8 projection after it (+ _ref)
-    kernels.fp8        quantize_fp8_rowwise: the per-row e4m3 quantiser (plain PyTorch), the *_fp8 ops' reference
+The repository folder is `kernels/`; the installed package is `flux_kernels` (pyproject.toml maps the one to the
+other), because the import name `kernels` belongs to Hugging Face's `kernels` distribution, which bitsandbytes and
+diffusers import.
+
+    flux_kernels.attention  flash_attention (+ attention_ref)
+    flux_kernels.norm       qk_norm_rope, layernorm_modulate, gated_residual_layernorm_modulate, the last two also
+                            with fp8 outputs for an fp8 GEMM (*_fp8) (+ *_ref)
+    flux_kernels.gelu_fp8   gelu_concat_fp8: an MLP's tanh GELU (after an optional copied prefix) quantised per token
+                            to e4m3 for the fp8 projection after it (+ _ref)
+    flux_kernels.fp8        quantize_fp8_rowwise: the per-row e4m3 quantiser (plain PyTorch), the *_fp8 ops' reference
 
 Importing a submodule registers its ops as `torch.ops.flux_kernels.*` custom ops; this package itself
-imports none of them, so `import kernels` stays cheap. Nothing here imports `engine`.
+imports none of them, so `import flux_kernels` stays cheap. Nothing here imports `engine`.
 
 Triton decides between compiled and interpreted kernels when a kernel is decorated: to run the kernels on
 CPU tensors, set TRITON_INTERPRET=1 before the first import of a kernel module.
@@ -59,7 +63,7 @@ def check_runnable(device: torch.device, op: str) -> None:
     if device.type == "cpu":
         raise RuntimeError(
             f"{op}: got CPU tensors, but Triton kernels need a CUDA GPU or the Triton interpreter; move the "
-            "tensors to a GPU, or set TRITON_INTERPRET=1 before importing kernels (slow, for tests), or use "
+            "tensors to a GPU, or set TRITON_INTERPRET=1 before importing flux_kernels (slow, for tests), or use "
             f"the PyTorch reference {op}_ref instead"
         )
     raise RuntimeError(f"{op}: Triton kernels cannot run on device {device}; use a CUDA device")

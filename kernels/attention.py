@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import TunedLaunch, check_runnable, device_guard, new_output, triton_interpreting
+from flux_kernels import TunedLaunch, check_runnable, device_guard, new_output, triton_interpreting
 
 try:  # private: lets the launcher see whether the process already installed a Triton allocator
     from triton.runtime import _allocation

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import (
+from flux_kernels import (
     TunedLaunch,
     check_runnable,
     device_guard,
@@ -36,7 +36,7 @@ from kernels import (
     new_output,
     triton_interpreting,
 )
-from kernels.fp8 import FP8_DTYPE, quantize_fp8_rowwise
+from flux_kernels.fp8 import FP8_DTYPE, quantize_fp8_rowwise
 
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_CHANNELS = 16384

@@ -37,8 +37,8 @@ def compile_case(kernel, signature: dict, constexprs: dict, num_warps: int) -> d
 
 
 def cases() -> dict:
-    from kernels import norm
-    from kernels.gelu_fp8 import _gelu_concat_fp8_kernel
+    from flux_kernels import norm
+    from flux_kernels.gelu_fp8 import _gelu_concat_fp8_kernel
 
     results = {}
     gelu = {"PREFIX": "*bf16", "X": "*bf16", "OUT": "*fp8e4nv", "OUT_SCALE": "*fp32", "stride_p_b": "i64",

@@ -15,16 +15,16 @@ import torch
 import triton
 from kernel_tolerance import assert_within_pytorch_error, full_fp32_matmul
 
-import kernels
-from kernels import attention as attention_module
-from kernels.attention import _config, attention_ref, flash_attention, flash_attention_fwd
+import flux_kernels
+from flux_kernels import attention as attention_module
+from flux_kernels.attention import _config, attention_ref, flash_attention, flash_attention_fwd
 
 DTYPES = [torch.bfloat16, torch.float16]
 
 
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
-    monkeypatch.setattr(kernels, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(flux_kernels, "POISON_OUTPUTS", True)
 
 
 def make_qkv(batch, heads, q_len, k_len, head_dim, dtype, device, layout="bhld", seed=0):
@@ -93,7 +93,7 @@ def test_matches_reference(batch, heads, q_len, k_len, head_dim, dtype, device):
 
 
 def test_forced_config_from_the_environment(monkeypatch, device):
-    from kernels.attention import FORCED_CONFIG_ENV
+    from flux_kernels.attention import FORCED_CONFIG_ENV
 
     # a small tile (the gate self-test's "deliberately poor" one on a GPU) still computes the same attention
     monkeypatch.setenv(FORCED_CONFIG_ENV, "32,32,4,1")
@@ -176,16 +176,16 @@ def test_bad_softmax_scale(device):
 
 def test_cpu_without_interpreter_raises_runtime_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert not kernels.triton_runnable("cpu")
+    assert not flux_kernels.triton_runnable("cpu")
     q, k, v = make_qkv(1, 1, 8, 8, 64, torch.bfloat16, "cpu")
     with pytest.raises(RuntimeError, match="CUDA GPU or the Triton interpreter"):
         flash_attention(q, k, v)
 
 
 def test_triton_runnable():
-    assert kernels.triton_runnable("cuda") == torch.cuda.is_available()
-    assert kernels.triton_runnable("cpu") == kernels.triton_interpreting()
-    assert not kernels.triton_runnable("meta")
+    assert flux_kernels.triton_runnable("cuda") == torch.cuda.is_available()
+    assert flux_kernels.triton_runnable("cpu") == flux_kernels.triton_interpreting()
+    assert not flux_kernels.triton_runnable("meta")
 
 
 # ----------------------------------------------------------------------------- torch.compile / custom op
@@ -227,7 +227,7 @@ def test_compiles_fullgraph_without_breaks(device):
 SM90_COMPILE = """
 import triton
 from triton.backends.compiler import GPUTarget
-from kernels import attention
+from flux_kernels import attention
 
 kernel = attention._flash_attention_fwd_kernel.fn
 constexprs = {"HEAD_DIM", "BLOCK_M", "BLOCK_N"}

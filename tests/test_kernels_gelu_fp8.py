@@ -9,15 +9,15 @@ import torch
 import torch.nn.functional as F
 from kernel_tolerance import assert_fp8_rows_match
 
-import kernels
-from kernels import gelu_fp8 as gelu_module
-from kernels.fp8 import E4M3_MAX
-from kernels.gelu_fp8 import gelu_concat_fp8, gelu_concat_fp8_ref
+import flux_kernels
+from flux_kernels import gelu_fp8 as gelu_module
+from flux_kernels.fp8 import E4M3_MAX
+from flux_kernels.gelu_fp8 import gelu_concat_fp8, gelu_concat_fp8_ref
 
 
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
-    monkeypatch.setattr(kernels, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(flux_kernels, "POISON_OUTPUTS", True)
 
 
 def make_inputs(batch, tokens, width, prefix_width, dtype, device, strided=False, seed=0):

@@ -13,10 +13,10 @@ from diffusers.models.normalization import RMSNorm
 from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 from kernel_tolerance import assert_fp8_rows_match, assert_within_pytorch_error
 
-import kernels
-from kernels import norm as norm_module
-from kernels.fp8 import E4M3_MAX, MIN_SCALE
-from kernels.norm import (
+import flux_kernels
+from flux_kernels import norm as norm_module
+from flux_kernels.fp8 import E4M3_MAX, MIN_SCALE
+from flux_kernels.norm import (
     gated_residual_layernorm_modulate,
     gated_residual_layernorm_modulate_fp8,
     gated_residual_layernorm_modulate_fp8_ref,
@@ -35,7 +35,7 @@ AXES_DIM = {128: [16, 56, 56], 64: [8, 28, 28]}  # FLUX's split of head_dim over
 
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
-    monkeypatch.setattr(kernels, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(flux_kernels, "POISON_OUTPUTS", True)
 
 
 def randn(generator, *shape, dtype, device, scale=1.0, offset=0.0):
