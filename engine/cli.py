@@ -8,8 +8,14 @@ from dataclasses import dataclass
 import torch
 
 from .config import PRESETS, parse_resolution, resolve_config, validate_resolution
-from .errors import EngineError
-from .models import SYNTHETIC_PREFIX, ModelSpec, check_device_fits_variant, is_variant_name, variant_spec
+from .models import (
+    SYNTHETIC_PREFIX,
+    ModelSpec,
+    check_device_fits_variant,
+    is_variant_name,
+    resolve_device,
+    variant_spec,
+)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, several_presets: bool = False) -> None:
@@ -23,7 +29,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, several_presets: bool =
     parser.add_argument("--config-folder", default=None, help="diffusers-format folder for a single-file model")
     presets = ", ".join(PRESETS)
     if several_presets:
-        help_text = f"engine presets, comma-separated, or 'ladder' for all of them in order: {presets}"
+        help_text = (
+            f"engine presets, comma-separated, or 'ladder' for all of them in order: {presets}. Default: the fastest "
+            "config for this machine (on a GPU, the fastest preset predicted to fit its memory)"
+        )
     else:
         help_text = f"engine preset: {presets}"
     parser.add_argument("--preset", default="baseline", help=help_text)
@@ -46,9 +55,7 @@ class ModelChoice:
 
 def choose_model(args, resolutions: list[str]) -> ModelChoice:
     """Check device, model, preset and sizes before anything heavy is built."""
-    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EngineError(f"--device {args.device} asks for CUDA, but no CUDA GPU is visible; use --device cpu")
+    device = resolve_device(args.device)
     model = args.model or SYNTHETIC_PREFIX + ("flux-dev" if device.type == "cuda" else "tiny")
     spec = variant_spec(model) if is_variant_name(model) else None
     if args.preset and "," not in args.preset and args.preset != "ladder":

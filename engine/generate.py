@@ -11,8 +11,10 @@ import torch
 from .cli import add_model_arguments, choose_model, default_guidance
 from .config import resolve_config, validate_steps
 from .errors import EngineError
+from .files import check_writable, write_atomically
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+IMAGE_SUFFIXES = tuple(IMAGE_FORMATS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args) -> Path:
+def run(args) -> tuple[Path, bool]:
+    """Generate and write the image; returns its path and whether the model was synthetic (random weights)."""
     from .pipeline import FluxEngine
 
     choice = choose_model(args, [args.res])
@@ -35,7 +38,10 @@ def run(args) -> Path:
     validate_steps(steps)
     output = Path(args.output)
     if output.suffix.lower() not in IMAGE_SUFFIXES:
-        raise EngineError(f"output {str(output)!r} has no image suffix; use one of {', '.join(IMAGE_SUFFIXES)}")
+        raise EngineError(
+            f"-o {str(output)!r} has no image suffix; use one of {', '.join(IMAGE_SUFFIXES)}, e.g. -o out.png"
+        )
+    check_writable(output, "-o")
     config = resolve_config(args.preset)
     pipe = FluxEngine.from_pretrained(
         model, config=config, device=device, seed=args.seed, config_folder=args.config_folder
@@ -51,21 +57,24 @@ def run(args) -> Path:
         generator=torch.Generator(device="cpu").manual_seed(args.seed),
         max_sequence_length=max_sequence_length,
     ).images[0]
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".part" + output.suffix)
-    image.save(tmp)
-    tmp.replace(output)
-    return output
+    image_format = IMAGE_FORMATS[output.suffix.lower()]
+    write_atomically(output, lambda tmp: image.save(tmp, format=image_format))
+    return output, spec is not None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        output = run(args)
+        output, synthetic = run(args)
     except EngineError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {output}")
+    if synthetic:
+        print(
+            "note: the model is synthetic (random weights), so the image is noise; pass --model with a local "
+            "FLUX.1 folder or .safetensors for a real picture"
+        )
     return 0
 
 

@@ -366,6 +366,37 @@ def build_scheduler(spec: ModelSpec):
     return FlowMatchEulerDiscreteScheduler(**spec.scheduler)
 
 
+DEVICE_TYPES = ("cuda", "cpu")
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """`device` as a torch.device this process can use (default: cuda when torch sees a GPU, else cpu), or a
+    ConfigError that names the value and what would work, before anything is built."""
+    from .errors import ConfigError
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"device {device!r} is not a device name; use 'cuda', 'cuda:1' or 'cpu'") from err
+    if resolved.type not in DEVICE_TYPES:
+        raise ConfigError(f"device {device!r}: flux-engine runs on {' or '.join(DEVICE_TYPES)}; use 'cuda' or 'cpu'")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise ConfigError(
+                f"device {device!r} asks for a CUDA GPU, but torch {torch.__version__} ({build}) sees none; use "
+                "device 'cpu' (with the synthetic:tiny model), or install a CUDA build of torch on a machine with a GPU"
+            )
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise ConfigError(
+                f"device {device!r}: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}; pick one of them"
+            )
+    return resolved
+
+
 def check_device_fits_variant(spec: ModelSpec, device: torch.device) -> None:
     if spec.needs_cuda and device.type != "cuda":
         raise VariantError(
@@ -599,13 +630,33 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         ) from err
 
 
-def _check_diffusers_folder(folder: Path) -> None:
+# what a FluxPipeline folder must hold (FluxPipeline's optional image_encoder / feature_extractor may be absent)
+PIPELINE_COMPONENTS = ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae")
+
+
+def _check_diffusers_folder(folder: Path, single_file: bool = False) -> None:
+    """A readable model_index.json and a folder for each component (the transformer's may be absent when a
+    single-file transformer replaces it), before diffusers is asked: its own messages name its internals."""
     if not folder.exists():
         raise CheckpointError(f"model folder {str(folder)!r} does not exist; pass a local diffusers-format folder")
-    if not (folder / "model_index.json").is_file():
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
         raise CheckpointError(
             f"{str(folder)!r} is not a diffusers-format FLUX folder (no model_index.json); save one with "
             "`pipe.save_pretrained(folder)` or pass a BFL single-file transformer with its config folder"
+        )
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(
+            f"{str(index_path)!r} is not readable JSON ({err}); copy it again from the model you downloaded"
+        ) from err
+    needed = [name for name in PIPELINE_COMPONENTS if not (single_file and name == "transformer")]
+    missing = [name for name in needed if not isinstance(index, dict) or not (folder / name).is_dir()]
+    if missing:
+        raise CheckpointError(
+            f"{str(folder)!r} lacks the component folder(s) {', '.join(missing)}; a FLUX.1 diffusers folder holds "
+            f"{', '.join(PIPELINE_COMPONENTS)} beside model_index.json: copy the whole model folder"
         )
 
 
@@ -943,7 +994,7 @@ def load_local_components(
     folder = Path(config_folder) if single_file else path
     if single_file and not path.is_file():
         raise CheckpointError(f"checkpoint file {str(path)!r} does not exist; pass the path of a local .safetensors")
-    _check_diffusers_folder(folder)
+    _check_diffusers_folder(folder, single_file)
     overrides = {}
     if single_file:
         overrides["transformer"] = load_transformer_single_file(path, folder, device, dtype, quant=quant)

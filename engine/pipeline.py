@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
+import numbers
 from pathlib import Path
 
 import torch
@@ -17,17 +19,20 @@ from diffusers import FluxPipeline
 
 from .config import EngineConfig, resolve_config
 from .errors import ConfigError, EngineOutOfMemoryError, InputError
-from .models import SYNTHETIC_PREFIX, is_variant_name, load_local_components, synthetic_components, variant_spec
+from .models import (
+    SYNTHETIC_PREFIX,
+    is_variant_name,
+    load_local_components,
+    resolve_device,
+    synthetic_components,
+    variant_spec,
+)
 
 logger = logging.getLogger(__name__)
 
 _ENGINE_CONFIG_ATTR = "_flux_engine_config"
 # what optimize() leaves on a pipeline, one attribute per step
 _STATE_ATTRS = ("attention_ops", "quant_state", "offload_state", "vae_state", "compile_state")
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -114,7 +119,7 @@ class FluxEngine(FluxPipeline):
         """
         if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
             raise ConfigError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; pass one of them")
-        device = torch.device(device) if device is not None else default_device()
+        device = resolve_device(device)
         dtype = dtype or torch_dtype or default_dtype(device)
         source = str(path_or_variant)
         if is_variant_name(source):
@@ -190,15 +195,33 @@ class FluxEngine(FluxPipeline):
         return " ".join(lines)
 
     def _check_call(self, call: dict) -> None:
-        """Reject, with a clear message, inputs that diffusers only notices deep inside the model."""
+        """Reject, with a clear message, inputs that diffusers only notices deep inside the model (or not at all:
+        a NaN guidance scale makes a NaN image without a word)."""
         steps = call["num_inference_steps"]
-        if call["sigmas"] is None and (not isinstance(steps, int) or steps < 1):
+        if call["sigmas"] is None and (not _is_integer(steps) or steps < 1):
             raise InputError(f"num_inference_steps={steps!r} must be an integer >= 1 (FLUX.1-dev: 28-50, schnell: 4)")
         smallest = self.vae_scale_factor * 2
         for name in ("height", "width"):
             value = call[name]
-            if value is not None and value < smallest:
+            if value is None:
+                continue
+            if not _is_integer(value):
+                raise InputError(
+                    f"{name}={value!r} is not a whole number of pixels; pass an int that is a multiple of 16, "
+                    f"such as 1024 (or None for the model's default)"
+                )
+            if value < smallest:
                 raise InputError(f"{name}={value} is below the smallest image of {smallest} pixels")
+        for name in ("guidance_scale", "true_cfg_scale"):
+            value = call[name]
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise InputError(
+                    f"{name}={value!r} must be a finite number (FLUX.1-dev is distilled for 3.5; "
+                    f"true_cfg_scale 1.0 turns true CFG off)"
+                )
+        images = call["num_images_per_prompt"]
+        if not _is_integer(images) or images < 1:
+            raise InputError(f"num_images_per_prompt={images!r} must be an integer >= 1")
         self._check_embeds(call)
         self._check_latents(call)
 
@@ -247,6 +270,13 @@ def _leaner_plan_advice(plan, config: EngineConfig, budget_gib: float, height, w
         f"Predicted to fit this GPU's {budget_gib:.1f} GiB: {label} (peak {suggestion.chosen.peak_gib:.1f} GiB): "
         f"FluxEngine.from_pretrained(..., config=EngineConfig.for_budget({planned_for:g}, {height}, {width}))."
     )
+
+
+def _is_integer(value) -> bool:
+    """An int, or a float with no fraction (diffusers takes 1024.0 as 1024); never a bool."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
 
 
 def _batch_of(call: dict) -> int:

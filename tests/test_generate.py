@@ -10,7 +10,30 @@ def test_generate_writes_an_image_of_the_asked_size(tmp_path):
     assert code == 0
     with Image.open(out) as image:
         assert image.size == (96, 64)
-    assert not list(out.parent.glob("*.part*"))
+    assert sorted(p.name for p in out.parent.iterdir()) == ["fox.png"]  # no temporary file left beside it
+    assert out.stat().st_mode & 0o044 == 0o044  # readable by others, as a file made by open() would be
+
+
+def test_generate_says_a_synthetic_image_is_noise(tmp_path, capsys):
+    out = tmp_path / "fox.jpg"
+    assert generate.main(["a fox", "--res", "64", "--steps", "1", "--device", "cpu", "-o", str(out)]) == 0
+    assert "synthetic (random weights), so the image is noise" in capsys.readouterr().out
+    with Image.open(out) as image:
+        assert image.format == "JPEG"
+
+
+def test_an_unwritable_output_fails_before_the_generation(tmp_path, capsys, monkeypatch):
+    from engine import pipeline
+
+    built = []
+    monkeypatch.setattr(pipeline.FluxEngine, "from_pretrained", lambda *a, **k: built.append(1))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code = generate.main(["a fox", "--res", "64", "--device", "cpu", "-o", str(blocker / "out.png")])
+    assert code == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert built == []  # refused before any model was built
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
 @pytest.mark.parametrize(

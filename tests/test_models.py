@@ -1,5 +1,6 @@
 import gc
 import json
+import re
 import weakref
 
 import pytest
@@ -152,6 +153,18 @@ def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_local_components(tmp_path / "nowhere", device="cpu", dtype=torch.float32)
     with pytest.raises(CheckpointError, match="no model_index.json"):
+        load_local_components(tmp_path, device="cpu", dtype=torch.float32)
+
+
+def test_a_folder_with_only_model_index_names_what_is_missing(tmp_path):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    (tmp_path / "vae").mkdir()
+    expected = "lacks the component folder(s) scheduler, text_encoder, text_encoder_2, tokenizer, tokenizer_2, "
+    expected += "transformer;"
+    with pytest.raises(CheckpointError, match=re.escape(expected)):
+        load_local_components(tmp_path, device="cpu", dtype=torch.float32)
+    (tmp_path / "model_index.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="model_index.json' is not readable JSON"):
         load_local_components(tmp_path, device="cpu", dtype=torch.float32)
 
 

@@ -1,5 +1,6 @@
 import inspect
 import logging
+import re
 
 import pytest
 import torch
@@ -108,6 +109,38 @@ def test_too_small_image_is_a_clear_error(engine):
         engine(**tiny_call_kwargs(height=8))
 
 
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"height": "abc"}, "height='abc' is not a whole number of pixels; pass an int that is a multiple of 16"),
+        ({"width": 64.5}, "width=64.5 is not a whole number of pixels"),
+        ({"height": True}, "height=True is not a whole number of pixels"),
+        ({"guidance_scale": float("nan")}, "guidance_scale=nan must be a finite number"),
+        ({"guidance_scale": float("inf")}, "guidance_scale=inf must be a finite number"),
+        ({"guidance_scale": "3.5"}, "guidance_scale='3.5' must be a finite number"),
+        ({"true_cfg_scale": float("nan")}, "true_cfg_scale=nan must be a finite number"),
+        ({"num_images_per_prompt": 0}, "num_images_per_prompt=0 must be an integer >= 1"),
+        ({"num_inference_steps": 2.5}, "num_inference_steps=2.5 must be an integer >= 1"),
+    ],
+)
+def test_bad_call_arguments_are_refused_before_any_step(engine, bad, message):
+    steps = []
+    hook = engine.transformer.register_forward_pre_hook(lambda module, args: steps.append(1))
+    try:
+        with pytest.raises(InputError, match=re.escape(message)):
+            engine(**tiny_call_kwargs(**bad))
+    finally:
+        hook.remove()
+    assert steps == []  # diffusers would have made a NaN image, or failed deep inside the model
+
+
+def test_whole_float_sizes_work_as_in_diffusers(engine, tiny_components):
+    # diffusers takes height=64.0; so must a drop-in (and the image is the same as with 64)
+    as_float = engine(**tiny_call_kwargs(height=float(TINY_SIZE), width=float(TINY_SIZE))).images
+    as_int = engine(**tiny_call_kwargs()).images
+    assert torch.equal(as_float, as_int)
+
+
 def test_latents_of_the_wrong_shape_are_a_clear_error(engine):
     latents = torch.randn(1, 4, 4, 64)
     with pytest.raises(InputError, match=r"latents have shape \(1, 4, 4, 64\).*\(batch, 16, 64\)"):
@@ -173,3 +206,19 @@ def synthetic_components_copy():
     from engine.models import synthetic_components
 
     return synthetic_components("tiny", device="cpu", dtype=torch.float32, seed=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error():
+    message = r"device 'cuda' asks for a CUDA GPU, but torch .* sees none; use device 'cpu'"
+    with pytest.raises(ConfigError, match=message):
+        FluxEngine.from_pretrained("synthetic:tiny", device="cuda")
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("gpu", "device 'gpu' is not a device name; use 'cuda', 'cuda:1' or 'cpu'"), ("meta", "runs on cuda or cpu")],
+)
+def test_unknown_devices_are_a_clear_error(device, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        FluxEngine.from_pretrained("synthetic:tiny", device=device)
