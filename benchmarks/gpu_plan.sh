@@ -2,7 +2,7 @@
 # One GPU session's plan in one command: tests, kernel micro-benchmarks, engine benches.
 # Usage on the GPU machine (repo root): bash benchmarks/gpu_plan.sh STAGE [STAGE ...]
 # Stages: see the case below (tests, kernels, bench-*, ladder, gate-selftest, tests-mem, vae, torchao,
-# bench-memory, planner, ladder-full). Each stage has its own time limit, so one
+# bench-memory, planner, ladder-full, main-1024, main-2048). Each stage has its own time limit, so one
 # failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON results to $OUT/.
 set -u
 OUT=${OUT:-out}
@@ -12,6 +12,14 @@ if [ -d .wheelhouse ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .wheelhouse/*.whl
 fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+# The folder kernels/ imports as flux_kernels once the project is installed (pyproject.toml maps it): install it
+# editable, without its dependencies (the wheels above and the machine's own torch/triton provide them). If that
+# cannot be done, a link named flux_kernels serves the same imports.
+if ! python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >>"$LOG" 2>&1; then
+  mkdir -p /tmp/src && ln -sfn "$PWD/kernels" /tmp/src/flux_kernels
+  export PYTHONPATH=$PYTHONPATH:/tmp/src
+  echo "editable install failed (see $LOG): flux_kernels from a link" | tee -a "$LOG"
+fi
 export FLUX_ENGINE_COMMIT=${FLUX_ENGINE_COMMIT:-unknown}
 DAY=$(date -u +%Y%m%d-%H%M)
 CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | sed 's/NVIDIA //; s/ /-/g' | tr 'A-Z' 'a-z')
@@ -111,6 +119,9 @@ for s in "$@"; do
       stage fp8-ab 560 python3 -m engine.bench --res 1024 2048 --steps 4 --runs 2 \
         --preset kernels-compile,fp8-compile-unfused-quant,fp8-compile,fp8-compile-fastacc,fp8-compile-fastacc-cudagraphs --cache-dir /tmp/fe-cache \
         --out "$OUT/bench-fp8-ab-$CARD-$DAY.json" ;;
+    main-1024|main-2048)
+      # the README's main command as a user runs it: no --preset, so diffusers against the fastest config here
+      stage "$s" 400 python3 -m engine.bench --res "${s#main-}" --out "$OUT/bench-$s-$CARD-$DAY.json" ;;
     *) echo "unknown stage $s" | tee -a "$LOG" ;;
   esac
 done

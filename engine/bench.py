@@ -24,6 +24,7 @@ import torch
 from .cli import add_model_arguments, choose_model, default_guidance
 from .config import resolve_config, validate_steps
 from .errors import EngineError
+from .files import check_writable, fallback_path, write_atomically
 from .measure import (
     PeakMemory,
     environment_info,
@@ -252,7 +253,15 @@ def measure_warm_compile(pipe, row: Row, args, device: torch.device, progress) -
         pipe.compile_state.cuda_graphs.graphs.clear()  # or the replay would skip the compile
     warm_args = argparse.Namespace(**{**vars(args), "warmup": 1, "runs": 1})
     warm, _ = run_config(pipe, row.config, row.height, row.width, warm_args, device, 0, progress)
-    row.compile_warm_s = max(0.0, warm.first_call_s - row.total_s)
+    row.compile_warm_s = max(0.0, warm.first_call_s - warm_call_seconds(row, args.warmup_steps))
+
+
+def warm_call_seconds(row: Row, steps: int) -> float:
+    """What a call of `steps` denoising steps takes once compiled: the timed calls' own time when they ran as many
+    steps, else their encode and decode plus `steps` median steps."""
+    if steps == row.steps:
+        return row.total_s
+    return row.encode_s + row.decode_s + steps * row.ms_per_step / 1e3
 
 
 def release_cached_memory(device: torch.device) -> None:
@@ -282,13 +291,13 @@ def run_config(
         captured["latents"] = tensors["latents"]
         return tensors
 
-    def call():
+    def call(steps: int = args.steps):
         generator = torch.Generator(device="cpu").manual_seed(args.seed)
         return pipe(
             prompt=[args.prompt] * args.batch,
             height=height,
             width=width,
-            num_inference_steps=args.steps,
+            num_inference_steps=steps,
             guidance_scale=args.guidance,
             generator=generator,
             max_sequence_length=args.max_sequence_length,
@@ -303,7 +312,7 @@ def run_config(
     for _ in range(args.warmup):
         first = _Interval(device)
         first.start()
-        call()
+        call(args.warmup_steps)
         first.stop()
         synchronize(device)
         first_call_s = first.ms() / 1e3 if first_call_s is None else first_call_s
@@ -441,24 +450,30 @@ def _json_safe(value):
 
 
 def write_json(path: Path, payload: dict) -> None:
-    """Write atomically: a crash mid-write never leaves a half file where a result was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
+    """Written atomically (a crash mid-write never leaves a half file where a result was), mode 0644."""
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w") as f:
             json.dump(_json_safe(payload), f, indent=2)
             f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    write_atomically(path, write)
+
+
+# CPU results: a record of nothing a GPU user can use, kept out of the committed results (.gitignore)
+CPU_RESULTS = "benchmarks/results/cpu"
+
+
+def default_out_dir(device: torch.device) -> Path:
+    return Path("benchmarks/results" if device.type == "cuda" else CPU_RESULTS)
 
 
 def default_out_path(env: dict) -> Path:
     card = (env.get("gpu") or "cpu").lower().replace("nvidia ", "").replace(" ", "-")
     card = "".join(c for c in card if c.isalnum() or c in "-_.")
     stamp = env["date"][:19].replace(":", "").replace("-", "")
-    return Path("benchmarks/results") / f"bench-{card}-{stamp}.json"
+    folder = default_out_dir(torch.device("cuda" if env.get("gpu") else "cpu"))
+    return folder / f"bench-{card}-{stamp}.json"
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -477,16 +492,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--steps", type=int, default=4, help="denoising steps per image (default 4)")
     add_model_arguments(parser, several_presets=True)
-    parser.set_defaults(preset=None)  # 'baseline', unless --vram is given alone
-    parser.add_argument("--runs", type=int, default=3, help="timed calls per config and size (default 3)")
+    parser.set_defaults(preset=None)  # the fastest config for this machine, unless --vram is given alone
+    parser.add_argument(
+        "--runs", type=int, default=None, help="timed calls per config and size (default 3; 1 on a CPU)"
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (default 1)")
+    parser.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=None,
+        help="denoising steps of a warm-up call (default --steps; 1 on a CPU, where a step takes seconds)",
+    )
     parser.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default: the variant's)")
     parser.add_argument(
         "--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default: bf16 on CUDA, fp32 on CPU"
     )
-    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench-<card>-<date>.json)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="JSON path, with .csv and .png beside it (default benchmarks/results/bench-<card>-<date>.json; "
+        f"{CPU_RESULTS}/ on a CPU, which git ignores)",
+    )
     parser.add_argument("--no-baseline", action="store_true", help="skip the diffusers baseline (no ratio, no PSNR)")
     parser.add_argument("--gate", default=None, help="baseline result JSON: exit non-zero on a regression against it")
     parser.add_argument("--max-slowdown", default="5%", help="allowed ms/step growth for --gate (default 5%%)")
@@ -523,6 +551,9 @@ class Plan:
     sizes: list[tuple[int, int]]
     spec: object
     note: str | None
+    configs: list = field(default_factory=list)  # the EngineConfigs to run beside the baseline
+    out: Path | None = None  # where the JSON goes (checked writable before any work)
+    headline: str | None = None  # the default run's first line: what is compared with what, and why
 
 
 def _positive(name: str, value: int, minimum: int = 1) -> None:
@@ -544,21 +575,66 @@ def parse_budgets(text: str | None) -> list[float]:
 
 
 def make_plan(args) -> Plan:
-    """Validate every argument before anything heavy is built."""
-    if args.preset is None:
-        args.preset = "" if args.vram else "baseline"
+    """Validate every argument, and check that the results can be written, before anything heavy is built."""
     args.budgets = parse_budgets(args.vram)
     validate_steps(args.steps)
-    _positive("runs", args.runs)
+    for name in ("runs", "warmup_steps"):
+        if getattr(args, name) is not None:
+            _positive(name.replace("_", "-"), getattr(args, name))
     _positive("warmup", args.warmup, 0)
     _positive("batch", args.batch)
-    presets = parse_presets(args.preset, allow_none=bool(args.budgets))
+    if args.preset is not None or args.budgets:
+        presets = parse_presets(args.preset or "", allow_none=bool(args.budgets))
     choice = choose_model(args, args.res)
-    check_presets_runnable(presets, choice.device)
+    on_cpu = choice.device.type != "cuda"
+    if args.runs is None:
+        args.runs = 1 if on_cpu else 3
+    if args.warmup_steps is None:
+        args.warmup_steps = 1 if on_cpu else args.steps
+    out = Path(args.out) if args.out else None
+    check_writable(out or default_out_dir(choice.device), "--out")
+    for path in (args.save_baseline,) if args.save_baseline else ():
+        check_writable(Path(path), "--save-baseline")
     note = None
     if choice.defaulted_to_tiny:
         note = "no CUDA GPU: benchmarking the tiny synthetic model on the CPU (timings say nothing about a GPU)"
-    return Plan(device=choice.device, model=choice.model, sizes=choice.sizes, spec=choice.spec, note=note)
+    plan = Plan(choice.device, choice.model, choice.sizes, choice.spec, note, out=out)
+    if args.preset is None and not args.budgets:
+        fastest = fastest_for(plan, args)
+        plan.configs = [fastest.config]
+        plan.headline = headline(plan, fastest, args)
+    else:
+        check_presets_runnable(presets, choice.device)
+        plan.configs = [resolve_config(name) for name in presets]
+    return plan
+
+
+def fastest_for(plan: Plan, args):
+    """The planner's fastest config for this machine at the sizes asked for (engine.planner.fastest_config)."""
+    from flux_kernels import triton_runnable
+
+    from .planner import fastest_config
+    from .quantize import fp8_compute_for
+
+    cuda = plan.device.type == "cuda"
+    card_gib = None
+    if cuda:
+        index = plan.device.index if plan.device.index is not None else torch.cuda.current_device()
+        card_gib = torch.cuda.get_device_properties(index).total_memory / 2**30
+    return fastest_config(
+        plan.device.type, plan.sizes, variant=plan.spec.name if plan.spec is not None else "flux-dev",
+        card_gib=card_gib, fp8_hardware=cuda and fp8_compute_for(plan.device) == "scaled_mm",
+        triton=triton_runnable(plan.device), batch=args.batch, steps=args.steps,
+    )  # fmt: skip
+
+
+def headline(plan: Plan, fastest, args) -> str:
+    sizes = ", ".join(f"{w}x{h}" for h, w in plan.sizes)
+    runs = f"{args.runs} run" + ("s" if args.runs > 1 else "")
+    return (
+        f"flux-engine {fastest.config.label} vs diffusers FluxPipeline, {plan.model} at {sizes}, {args.steps} steps x "
+        f"{runs}: {fastest.reason} (other presets: --preset NAME; see --help)"
+    )
 
 
 def load_components(plan: Plan, args, dtype: torch.dtype) -> dict:
@@ -617,7 +693,7 @@ def quantization_summary(engine, label: str) -> dict:
 
 
 def check_presets_runnable(presets: list[str], device: torch.device) -> None:
-    from kernels import triton_runnable
+    from flux_kernels import triton_runnable
 
     triton_presets = [name for name in presets if resolve_config(name).attention.needs_triton]
     if triton_presets and not triton_runnable(device):
@@ -642,7 +718,7 @@ def budget_jobs(plan: Plan, args) -> list[Job]:
     """Per --vram budget and size, the planner's choice (printed with the reasons)."""
     if not args.budgets:
         return []
-    from kernels import triton_runnable
+    from flux_kernels import triton_runnable
 
     from .planner import plan as make_budget_plan
     from .quantize import fp8_compute_for
@@ -727,16 +803,17 @@ def _free(device: torch.device, *objects) -> None:
     release_cached_memory(device)
 
 
-def run(args) -> dict:
+def run(args, plan: Plan | None = None) -> dict:
     from diffusers import FluxPipeline
     from tqdm.auto import tqdm
 
     from .pipeline import FluxEngine
 
-    plan = make_plan(args)
-    presets = parse_presets(args.preset, allow_none=bool(args.budgets))
+    plan = plan or make_plan(args)
+    if plan.headline:
+        print(plan.headline, flush=True)
     if plan.note:
-        print(plan.note)
+        print(plan.note, flush=True)
     if args.dtype is None:
         args.dtype = "bf16" if plan.device.type == "cuda" else "fp32"
     dtype = DTYPES[args.dtype]
@@ -751,7 +828,7 @@ def run(args) -> dict:
         size: transformer_step_flops(transformer_config, *size, args.max_sequence_length, args.batch)
         for size in plan.sizes
     }
-    engine_configs = [resolve_config(name) for name in presets]
+    engine_configs = plan.configs
     jobs = [Job(config, plan.sizes) for config in engine_configs] + budget_jobs(plan, args)
     configs = list(dict.fromkeys(([] if args.no_baseline else [BASELINE_LABEL]) + [j.config.label for j in jobs]))
     total_calls = sum(len(j.sizes) for j in jobs) * (args.runs + args.warmup)
@@ -814,7 +891,7 @@ def run(args) -> dict:
             warm_probe = job.budget_gib is None and engine.compile_state is not None
             if warm_probe and outputs[(label, job.sizes[0])] is not None:
                 first = rows[(label, job.sizes[0])]
-                first.compile_cold_s = max(0.0, first.first_call_s - first.total_s)
+                first.compile_cold_s = max(0.0, first.first_call_s - warm_call_seconds(first, args.warmup_steps))
                 progress.set_postfix_str(f"{label} warm compile")
                 measure_warm_compile(engine, first, args, plan.device, progress)
             del engine
@@ -825,8 +902,9 @@ def run(args) -> dict:
         "env": env,
         "model": plan.model,
         "dtype": args.dtype,
-        "preset": ",".join(presets),
-        "presets": presets,
+        "preset": ",".join(c.label for c in engine_configs),
+        "presets": [c.label for c in engine_configs],
+        "headline": plan.headline,
         "engine_config": ",".join(c.label for c in engine_configs),
         "prompt": args.prompt,
         "guidance": args.guidance,
@@ -845,48 +923,167 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     import csv
 
     fields = list(rows[0]) if rows else []
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(_json_safe(rows))
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(_json_safe(rows))
+
+    write_atomically(path, write)
 
 
 def write_plot(path: Path, result: dict) -> None:
-    """ms/step and peak allocated GiB against megapixels, one line per config."""
+    import matplotlib.pyplot as plt
+
+    figure = make_figure(result)
+    write_atomically(path, lambda tmp: figure.savefig(tmp, dpi=110, format="png"))
+    plt.close(figure)
+
+
+def make_figure(result: dict):
+    """One size: bars from zero (ms per step with its p20-p80 spread, seconds per image split into its phases, peak
+    memory on a GPU). Several sizes: ms per step and peak memory against megapixels, a line per config with its
+    p20-p80 band. A CPU run has no memory panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["rows"]
-    configs = list(dict.fromkeys(r["config"] for r in rows))
-    fig, (latency, memory) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for config in configs:
-        mine = sorted((r for r in rows if r["config"] == config), key=lambda r: r["height"] * r["width"])
-        pixels = [r["height"] * r["width"] / 1e6 for r in mine]
-        latency.plot(pixels, [r["ms_per_step"] for r in mine], marker="o", label=config)
-        if any(r["peak_allocated_gib"] is not None for r in mine):
-            memory.plot(pixels, [r["peak_allocated_gib"] for r in mine], marker="o", label=config)
+    rows = [r for r in result["rows"] if not r.get("error")]
+    with_memory = any(r["peak_allocated_gib"] is not None for r in rows)
+    single_size = len({(r["height"], r["width"]) for r in rows}) == 1
+    panels = (3 if single_size else 2) if with_memory else (2 if single_size else 1)
+    fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 4.4), squeeze=False)
+    axes = list(axes[0])
     env = result["env"]
     card = env.get("gpu") or "CPU"
-    latency.set(xlabel="megapixels", ylabel="ms per transformer step", title=f"latency, {card}")
-    memory.set(xlabel="megapixels", ylabel="peak allocated GiB", title=f"peak VRAM, {card}")
-    for axis in (latency, memory):
-        axis.grid(alpha=0.3)
-        if axis.lines:
-            axis.legend(fontsize=8)
-    if not memory.lines:
-        memory.text(0.5, 0.5, "no GPU memory to show (CPU run)", ha="center", va="center", transform=memory.transAxes)
+    if single_size:
+        _plot_bars(axes, rows, with_memory)
+        title = f"{rows[0]['width']}x{rows[0]['height']}, " if rows else ""
+    else:
+        _plot_lines(axes, rows, with_memory)
+        title = ""
+    steps = rows[0]["steps"] if rows else "-"
     fig.suptitle(
-        f"{result['model']} {result['dtype']}, {rows[0]['steps']} steps | commit {env['commit']} | {env['date']}"
+        f"{result['model']} {result['dtype']} on {card}, {title}{steps} steps | commit {env['commit']} | "
+        f"{env['date'][:16]}",
+        fontsize=10,
     )
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    return fig
+
+
+def _plot_bars(axes, rows: list[dict], with_memory: bool) -> None:
+    labels = [r["config"] for r in rows]
+    positions = range(len(rows))
+    colors = [f"C{i}" for i in positions]
+    latency, per_image = axes[0], axes[1]
+    medians = [r["ms_per_step"] for r in rows]
+    spread = [
+        [r["ms_per_step"] - r["ms_per_step_p20"] for r in rows],
+        [r["ms_per_step_p80"] - r["ms_per_step"] for r in rows],
+    ]
+    latency.bar(positions, medians, yerr=spread, capsize=6, color=colors)
+    for x, r in zip(positions, rows, strict=True):
+        note = f"{r['ms_per_step']:.0f} ms" + (f"\n{r['speedup']:.2f}x" if r.get("speedup") else "")
+        latency.annotate(note, (x, r["ms_per_step"]), ha="center", va="bottom", fontsize=8,
+                         xytext=(0, 4), textcoords="offset points")  # fmt: skip
+    latency.set(ylabel="ms per transformer step (median, p20-p80)", title="latency per step")
+    from matplotlib.patches import Patch
+
+    bottom = [0.0] * len(rows)
+    legend = []
+    for phase, hatch in (("encode_s", "//"), ("denoise_s", ""), ("decode_s", "..")):
+        values = [r[phase] for r in rows]
+        per_image.bar(positions, values, bottom=bottom, color=colors, hatch=hatch, edgecolor="white")
+        legend.append(Patch(facecolor="0.6", hatch=hatch, edgecolor="white", label=phase.removesuffix("_s")))
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    for x, r in zip(positions, rows, strict=True):
+        per_image.annotate(f"{r['total_s']:.2f} s", (x, r["total_s"]), ha="center", va="bottom", fontsize=8,
+                           xytext=(0, 4), textcoords="offset points")  # fmt: skip
+    per_image.set(ylabel="seconds per image", title="one image: encode / denoise / decode")
+    per_image.legend(handles=legend, fontsize=8, loc="lower right")
+    if with_memory:
+        memory = axes[2]
+        memory.bar(positions, [r["peak_allocated_gib"] or 0.0 for r in rows], color=colors)
+        for x, r in zip(positions, rows, strict=True):
+            if r["peak_allocated_gib"] is not None:
+                memory.annotate(f"{r['peak_allocated_gib']:.1f} GiB", (x, r["peak_allocated_gib"]), ha="center",
+                                va="bottom", fontsize=8, xytext=(0, 4), textcoords="offset points")  # fmt: skip
+        memory.set(ylabel="peak allocated GiB", title="peak memory")
+    for axis in axes:
+        axis.margins(y=0.15)  # room for the labels above the bars
+        axis.set_xticks(list(positions), labels, rotation=15, ha="right", fontsize=8)
+        axis.set_ylim(bottom=0)
+        axis.grid(axis="y", alpha=0.3)
+
+
+def _plot_lines(axes, rows: list[dict], with_memory: bool) -> None:
+    latency = axes[0]
+    for index, config in enumerate(dict.fromkeys(r["config"] for r in rows)):
+        mine = sorted((r for r in rows if r["config"] == config), key=lambda r: r["height"] * r["width"])
+        pixels = [r["height"] * r["width"] / 1e6 for r in mine]
+        color = f"C{index}"
+        latency.plot(pixels, [r["ms_per_step"] for r in mine], marker="o", color=color, label=config)
+        latency.fill_between(pixels, [r["ms_per_step_p20"] for r in mine], [r["ms_per_step_p80"] for r in mine],
+                             color=color, alpha=0.2)  # fmt: skip
+        if with_memory:
+            axes[1].plot(pixels, [r["peak_allocated_gib"] for r in mine], marker="o", color=color, label=config)
+    latency.set(xlabel="megapixels", ylabel="ms per transformer step (median, p20-p80 band)", title="latency")
+    if with_memory:
+        axes[1].set(xlabel="megapixels", ylabel="peak allocated GiB", title="peak memory")
+    for axis in axes:
+        axis.set_xlim(left=0)
+        axis.set_ylim(bottom=0)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+
+
+def verdicts(result: dict) -> list[str]:
+    """One line per engine row against the baseline of its size: speed per step and per image, memory, PSNR."""
+    rows = result["rows"]
+    baselines = {(r["height"], r["width"]): r for r in rows if r["config"] == BASELINE_LABEL}
+    lines = []
+    for row in rows:
+        base = baselines.get((row["height"], row["width"]))
+        if row["config"] == BASELINE_LABEL or base is None or row.get("error") or not row.get("speedup"):
+            continue
+        runs = f"{row['runs']} run" + ("s" if row["runs"] > 1 else "")
+        parts = [
+            f"{row['speedup']:.2f}x per step ({row['ms_per_step']:.0f} vs {base['ms_per_step']:.0f} ms, p20-p80 "
+            f"{row['ms_per_step_p20']:.0f}-{row['ms_per_step_p80']:.0f} vs "
+            f"{base['ms_per_step_p20']:.0f}-{base['ms_per_step_p80']:.0f})",
+            f"{row['total_s']:.2f} vs {base['total_s']:.2f} s per image",
+        ]
+        if row["peak_allocated_gib"] is not None and base["peak_allocated_gib"] is not None:
+            parts.append(f"peak {row['peak_allocated_gib']:.1f} vs {base['peak_allocated_gib']:.1f} GiB")
+        if row.get("psnr_db") is not None:
+            parts.append(f"PSNR {_fmt(row['psnr_db'], '.1f')} dB")
+        lines.append(
+            f"flux-engine {row['config']} vs diffusers, {row['width']}x{row['height']}, {row['steps']} steps x "
+            f"{runs}: " + ", ".join(parts)
+        )
+    return lines
+
+
+def save_results(result: dict, out: Path) -> Path:
+    """The JSON, CSV and PNG at `out`; if that fails now (the disk filled, the folder went away), at the fallback
+    path instead, so that a long benchmark is never lost. Returns where the JSON went."""
+    try:
+        _write_all(result, out)
+        return out
+    except OSError as err:
+        fallback = fallback_path(out)
+        print(f"error: could not write {out} ({err}); writing the results to {fallback} instead", file=sys.stderr)
+        _write_all(result, fallback)
+        return fallback
+
+
+def _write_all(result: dict, out: Path) -> None:
+    write_json(out, result)
+    write_csv(out.with_suffix(".csv"), result["rows"])
+    write_plot(out.with_suffix(".png"), result)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -896,7 +1093,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         thresholds = (parse_fraction(args.max_slowdown), parse_fraction(args.max_vram_growth))
         gate_baseline = load_result(args.gate) if args.gate else None
-        result = run(args)
+        plan = make_plan(args)
+        result = run(args, plan)
     except GateInputError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_RESULT
@@ -913,24 +1111,27 @@ def main(argv: list[str] | None = None) -> int:
     if budget_rows:
         print("\nplans under --vram budgets (peaks measured with the GPU capped to the budget):")
         print(format_table(budget_rows, BUDGET_COLUMNS))
-    out = Path(args.out) if args.out else default_out_path(env)
-    write_json(out, result)
-    write_csv(out.with_suffix(".csv"), result["rows"])
-    write_plot(out.with_suffix(".png"), result)
+    requested = plan.out or default_out_path(env)
+    out = save_results(result, requested)
     print(f"wrote {out} (+ .csv, .png)")
+    code = 0 if out == requested else 2
     if args.save_baseline:
-        write_json(Path(args.save_baseline), result)
-        print(f"saved the gate baseline {args.save_baseline}")
+        baseline_path = Path(args.save_baseline)
+        saved = save_results(result, baseline_path)
+        print(f"saved the gate baseline {saved}")
+        code = code or (0 if saved == baseline_path else 2)
     failed = [r for r in result["rows"] if r.get("error")]
     if gate_baseline is not None:
         report = compare_results(result, gate_baseline, *thresholds)
         print(report.format())
-        return report.code
+        return report.code or code
     if failed:
         print(f"error: {len(failed)} row(s) failed: " + "; ".join(f"{r['config']} {r['width']}x{r['height']}"
                                                              for r in failed), file=sys.stderr)  # fmt: skip
         return 2
-    return 0
+    for line in verdicts(result):
+        print(line)
+    return code
 
 
 if __name__ == "__main__":

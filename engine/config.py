@@ -388,6 +388,10 @@ PRESETS: dict[str, EngineConfig] = {
         vae=VaeConfig(tiling="auto", tile=512, overlap=64),
         name="fp8-leaf",
     ),
+    # diffusers' transformer as it is, the VAE decoded in 512-px tiles, blended: the fastest preset on a CPU, where our
+    # Triton kernels and fp8 do not run and compile gains ~1% per step for ~23 s of compiling; tiles that fit the
+    # caches decode the tiny model's 2048^2 image 3x faster there (benchmarks/NOTES.md, 2026-11-29)
+    "tiled-vae": EngineConfig(vae=VaeConfig(tiling="auto", tile=512, overlap=64), name="tiled-vae"),
     # the same with our flash attention forced (for ablations: attention kernel vs SDPA)
     "kernels-triton-attn": EngineConfig(
         attention=AttentionConfig(backend="triton", fused_norms=True), name="kernels-triton-attn"

@@ -344,6 +344,81 @@ def plan(
     return Plan(vram_gib, height, width, chosen.config, chosen, predictions)
 
 
+# ----------------------------------------------------------------------------- the fastest preset for a machine
+
+# The presets from fastest to slowest per step on an H100/H200, each measured beside the others in one run:
+# bench-fp8-ab-h100-80gb-hbm3-20261126-2228.json (fp8-compile-fastacc-cudagraphs 87.7 ms at 1024^2, fastacc 88.1,
+# fp8-compile 98.2, kernels-compile 128.0; diffusers 179.9) and the ladder of 20:53/20:58 for the eager ones.
+GPU_FASTEST_FIRST = (
+    "fp8-compile-fastacc-cudagraphs",
+    "fp8-compile-fastacc",
+    "fp8-compile",
+    "kernels-compile",
+    "fp8",
+    "kernels",
+    "compile",
+)
+# On a CPU, our Triton kernels and fp8 do not run; `compile` measured 1.01x per step at 2048^2 on the tiny model for
+# 23 s of compiling, while the tiled VAE decodes 3x faster (benchmarks/NOTES.md, 2026-11-29).
+CPU_FASTEST = "tiled-vae"
+
+
+@dataclass
+class FastestChoice:
+    config: EngineConfig
+    reason: str
+
+
+def fastest_config(
+    device_type: str,
+    sizes: list[tuple[int, int]],
+    variant: str = "flux-dev",
+    card_gib: float | None = None,
+    fp8_hardware: bool = False,
+    triton: bool = False,
+    batch: int = 1,
+    steps: int = 28,
+) -> FastestChoice:
+    """The fastest config for this machine at every size in `sizes` ((height, width) pairs): on CUDA the first of
+    GPU_FASTEST_FIRST that runs on this GPU and is predicted to fit `card_gib` (else the planner's plan for the
+    largest size); on a CPU, CPU_FASTEST. The reason says why, for the bench's first line."""
+    from .config import PRESETS
+
+    if device_type != "cuda":
+        return FastestChoice(
+            PRESETS[CPU_FASTEST],
+            f"{CPU_FASTEST} is the fastest preset on a CPU: our Triton kernels and fp8 need a GPU, and compile gains "
+            "~1% per step for ~23 s of compiling",
+        )
+    variant = variant.split(":")[-1]
+    usable_gib = card_gib - RESERVE_GIB
+    skipped = []
+    for name in GPU_FASTEST_FIRST:
+        config = PRESETS[name]
+        if config.quant.transformer == "fp8" and not fp8_hardware:
+            skipped.append(f"{name} (needs FP8 tensor cores, sm >= 8.9)")
+            continue
+        if config.attention.needs_triton and not triton:
+            skipped.append(f"{name} (needs Triton)")
+            continue
+        peak_gib = max(predict(config, variant, h, w, batch, steps).peak_gib for h, w in sizes)
+        if peak_gib > usable_gib:
+            skipped.append(f"{name} (needs {peak_gib + RESERVE_GIB:.1f} GiB)")
+            continue
+        why = f"{name} is the fastest preset measured on H100/H200 that runs on this GPU"
+        if skipped:
+            why = f"{name} is the fastest preset that runs on this GPU and fits it; skipped: {', '.join(skipped)}"
+        return FastestChoice(config, f"{why}; predicted peak {peak_gib:.1f} of {card_gib:.1f} GiB")
+    height, width = max(sizes, key=lambda size: size[0] * size[1])
+    chosen = plan(card_gib, height, width, variant=variant, batch=batch, steps=steps, fp8_hardware=fp8_hardware,
+                  triton=triton)  # fmt: skip
+    return FastestChoice(
+        chosen.config,
+        f"no preset fits this GPU's {card_gib:.1f} GiB at {width}x{height}; the planner's fastest config that does "
+        f"({chosen.chosen.peak_gib:.1f} GiB predicted)",
+    )
+
+
 # ----------------------------------------------------------------------------- emulating a smaller card
 
 _BUDGETS: dict[int, float] = {}

@@ -1,5 +1,6 @@
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from engine import bench
-from engine.models import VARIANTS
+from engine.models import PIPELINE_COMPONENTS, VARIANTS
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -48,7 +49,8 @@ def bench_run(tmp_path_factory):
         json.dumps({"env": {"gpu": None}, "rows": [{**row, "ms_per_step": 1e-6, "peak_allocated_gib": None}]})
     )
     cmd = [sys.executable, "-m", "engine.bench", "--res", "64", "96x64", "--steps", "2", "--runs", "2"]
-    cmd += ["--warmup", "1", "--out", str(out), "--save-baseline", str(saved), "--gate", str(gate)]
+    cmd += ["--preset", "baseline", "--warmup", "1", "--out", str(out), "--save-baseline", str(saved)]
+    cmd += ["--gate", str(gate)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     return proc, out, saved
 
@@ -158,7 +160,8 @@ def test_bench_rejects_a_corrupt_checkpoint(tmp_path, capsys):
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "model_index.json").write_text("{}")
-    (folder / "transformer").mkdir()
+    for component in PIPELINE_COMPONENTS:
+        (folder / component).mkdir()
     (folder / "transformer" / "config.json").write_text(json.dumps(VARIANTS["tiny"].transformer))
     code = bench.main(["--model", str(bad), "--config-folder", str(folder), "--res", "256", "--device", "cpu"])
     assert code == 2
@@ -199,3 +202,113 @@ def test_commit_override_wins_over_git(monkeypatch):
     assert git_commit() == "abc1234"
     monkeypatch.delenv("FLUX_ENGINE_COMMIT")
     assert git_commit() != "abc1234"
+
+
+# ----------------------------------------------------------------------------- the main command's default run
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """`python -m engine.bench` with no --preset, as the README's main command runs it (small and short here)."""
+    out = tmp_path_factory.mktemp("default") / "result.json"
+    cmd = [sys.executable, "-m", "engine.bench", "--res", "64", "--steps", "2", "--out", str(out)]
+    umask_022 = lambda: os.umask(0o022)  # noqa: E731 - the usual umask, whatever the test runner's is
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, preexec_fn=umask_022)
+    return proc, out
+
+
+def test_default_run_compares_diffusers_with_the_fastest_preset_here(default_run):
+    proc, out = default_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    # first line: what is compared with what, and why that config
+    assert lines[0].startswith("flux-engine tiled-vae vs diffusers FluxPipeline, synthetic:tiny at 64x64, 2 steps")
+    assert "fastest preset on a CPU" in lines[0]
+    # last line: the verdict, from the same rows as the JSON
+    result = json.loads(out.read_text())
+    assert [r["config"] for r in result["rows"]] == ["diffusers", "tiled-vae"]
+    engine_row = result["rows"][1]
+    assert engine_row["runs"] == 1  # the CPU default
+    assert lines[-1].startswith("flux-engine tiled-vae vs diffusers, 64x64, 2 steps x 1 run: ")
+    assert f"{engine_row['speedup']:.2f}x per step" in lines[-1]
+    assert f"{engine_row['total_s']:.2f} vs {result['rows'][0]['total_s']:.2f} s per image" in lines[-1]
+    assert result["headline"] == lines[0]
+
+
+def test_result_files_are_readable_by_all(default_run):
+    _, out = default_run
+    for path in (out, out.with_suffix(".csv"), out.with_suffix(".png")):
+        assert path.stat().st_mode & 0o777 == 0o644, path  # mkstemp's 0600 would hide the JSON from others
+    assert sorted(p.name for p in out.parent.iterdir()) == ["result.csv", "result.json", "result.png"]
+
+
+def test_cpu_results_go_where_git_ignores_them():
+    cpu_path = bench.default_out_path({"gpu": None, "date": "2026-11-29T16:00:00+00:00"})
+    assert cpu_path.parent == Path(bench.CPU_RESULTS)
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(cpu_path)], cwd=REPO)
+    assert ignored.returncode == 0, f"{cpu_path} is not ignored by git: a CPU run would dirty the clone"
+    gpu_path = bench.default_out_path({"gpu": "NVIDIA H200", "date": "2026-11-29T16:00:00+00:00"})
+    assert gpu_path == Path("benchmarks/results/bench-h200-20261129T160000.json")
+
+
+def test_an_unwritable_out_fails_before_any_work(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    cmd = [sys.executable, "-m", "engine.bench", "--out", str(blocker / "x.json")]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: --out '{blocker / 'x.json'}': ")
+    assert "is a file, not a folder" in proc.stderr
+    assert "bench:" not in proc.stderr  # refused before the progress bar started
+    assert not list(tmp_path.glob("benchmarks"))
+
+
+def test_results_that_cannot_be_written_at_the_end_go_to_a_fallback(tmp_path, capsys):
+    result = json.loads((REPO / "benchmarks/results/bench-fp8-ab-h100-80gb-hbm3-20261126-2228.json").read_text())
+    blocked = tmp_path / "gone"
+    blocked.write_text("")  # the folder the results were meant for became a file after the start-up check
+    written = bench.save_results(result, blocked / "bench-fallback-test.json")
+    try:
+        assert written == bench.fallback_path(blocked / "bench-fallback-test.json")
+        assert json.loads(written.read_text())["rows"] == json.loads(json.dumps(result["rows"]))
+        assert written.with_suffix(".png").is_file() and written.with_suffix(".csv").is_file()
+        assert str(written) in capsys.readouterr().err
+    finally:
+        for suffix in (".json", ".csv", ".png"):
+            written.with_suffix(suffix).unlink(missing_ok=True)
+
+
+def _rows(sizes, configs, memory):
+    rows = []
+    for height, width in sizes:
+        for index, config in enumerate(configs):
+            ms = 100.0 * (index + 1) * height * width / 1024**2
+            rows.append({
+                "config": config, "height": height, "width": width, "steps": 4, "ms_per_step": ms,
+                "ms_per_step_p20": ms * 0.98, "ms_per_step_p80": ms * 1.03, "speedup": 1.0 / (index + 1),
+                "encode_s": 0.01, "denoise_s": 4 * ms / 1e3, "decode_s": 0.2, "total_s": 4 * ms / 1e3 + 0.21,
+                "peak_allocated_gib": 30.0 - index if memory else None,
+            })  # fmt: skip
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("sizes", "memory", "panels"),
+    [([(2048, 2048)], True, 3), ([(2048, 2048)], False, 2), ([(1024, 1024), (2048, 2048)], True, 2),
+     ([(1024, 1024), (2048, 2048)], False, 1)],
+)  # fmt: skip
+def test_plot_draws_bars_for_one_size_and_lines_for_several_with_axes_from_zero(sizes, memory, panels):
+    result = {
+        "model": "synthetic:flux-dev", "dtype": "bf16", "rows": _rows(sizes, ["diffusers", "fp8"], memory),
+        "env": {"gpu": "NVIDIA H200" if memory else None, "commit": "abc", "date": "2026-11-29T16:00"},
+    }  # fmt: skip
+    figure = bench.make_figure(result)
+    axes = figure.axes
+    assert len(axes) == panels  # no empty memory panel on a CPU
+    for axis in axes:
+        assert axis.get_ylim()[0] == 0  # a y axis from zero: noise does not look like a difference
+    if len(sizes) == 1:
+        assert len(axes[0].patches) == 2  # one bar per config, with its p20-p80 error bar
+        assert axes[0].get_ylim()[1] >= max(r["ms_per_step_p80"] for r in result["rows"])
+    else:
+        assert len(axes[0].lines) == 2 and axes[0].collections  # a line per config and its p20-p80 band

@@ -2,12 +2,13 @@
 
 import pytest
 
-from engine.config import EngineConfig, OffloadConfig, QuantConfig, VaeConfig
+from engine.config import PRESETS, EngineConfig, OffloadConfig, QuantConfig, VaeConfig
 from engine.errors import ConfigError
 from engine.planner import (
     GIB,
     RESERVE_GIB,
     component_bytes,
+    fastest_config,
     plan,
     predict,
 )
@@ -115,3 +116,44 @@ def test_for_budget_returns_the_plans_config():
     config = EngineConfig.for_budget(12, 1024, 1024)
     assert config == plan(12, 1024, 1024).config
     assert "plan for 12 GiB" in plan(12, 1024, 1024).explain()
+
+
+# ----------------------------------------------------------------------------- the bench's default config
+
+
+def test_the_fastest_preset_on_a_big_fp8_card_is_fp8_fastacc_with_cuda_graphs():
+    choice = fastest_config("cuda", [(2048, 2048)], card_gib=139.8, fp8_hardware=True, triton=True)
+    assert choice.config.name == "fp8-compile-fastacc-cudagraphs"
+    assert "fastest preset measured on H100/H200" in choice.reason
+
+
+def test_without_fp8_tensor_cores_the_fastest_is_bf16_kernels_compile():
+    choice = fastest_config("cuda", [(1024, 1024)], card_gib=80.0, fp8_hardware=False, triton=True)
+    assert choice.config.name == "kernels-compile"
+    assert "fp8-compile-fastacc-cudagraphs (needs FP8 tensor cores, sm >= 8.9)" in choice.reason
+
+
+def test_a_card_too_small_for_every_preset_gets_the_planners_plan():
+    choice = fastest_config("cuda", [(1024, 1024), (2048, 2048)], card_gib=16.0, fp8_hardware=True, triton=True)
+    assert choice.config.name == "plan-16gib"
+    assert choice.config.offload.policy != "none"  # what fits 16 GiB streams
+    assert predict(choice.config, "flux-dev", 2048, 2048).peak_gib + RESERVE_GIB <= 16.0
+    assert "no preset fits this GPU's 16.0 GiB at 2048x2048" in choice.reason
+
+
+def test_a_preset_is_skipped_when_a_size_asked_for_does_not_fit():
+    # fp8-compile-fastacc-cudagraphs is predicted at 25.8 GiB at 1024^2 and 32.9 GiB at 2048^2 (with the reserve):
+    # on a 30 GiB card it runs 1024^2 alone, but not a run that also asks for 2048^2
+    fastest = "fp8-compile-fastacc-cudagraphs"
+    assert predict(PRESETS[fastest], "flux-dev", 1024, 1024).peak_gib + RESERVE_GIB < 30.0
+    assert predict(PRESETS[fastest], "flux-dev", 2048, 2048).peak_gib + RESERVE_GIB > 30.0
+    small = fastest_config("cuda", [(1024, 1024)], card_gib=30.0, fp8_hardware=True, triton=True)
+    both = fastest_config("cuda", [(1024, 1024), (2048, 2048)], card_gib=30.0, fp8_hardware=True, triton=True)
+    assert small.config.name == fastest
+    assert both.config.name != fastest
+    assert f"{fastest} (needs 32.9 GiB)" in both.reason or "no preset fits" in both.reason
+
+
+def test_on_a_cpu_the_fastest_preset_is_the_tiled_vae():
+    choice = fastest_config("cpu", [(2048, 2048)], variant="tiny")
+    assert choice.config.name == "tiled-vae" and choice.config.vae.tiling == "auto"
