@@ -101,7 +101,7 @@ def make_inputs(config: dict, image_tokens: int, text_tokens: int, device: torch
 def step_flops(config: dict, image_tokens: int, text_tokens: int) -> float | None:
     rows, cols = latent_grid(image_tokens)
     try:
-        from engine.bench import transformer_step_flops
+        from engine.bench.run import transformer_step_flops
 
         return float(transformer_step_flops(config, rows * 16, cols * 16, text_tokens))
     except Exception:  # noqa: BLE001 - TFLOP/s is optional; the bench module is edited elsewhere
@@ -256,7 +256,7 @@ def default_out_path(out: Path, env: dict) -> Path:
         return out
     card = (env.get("gpu") or "cpu").lower().replace("nvidia ", "").replace(" ", "-")
     card = "".join(c for c in card if c.isalnum() or c in "-_.")
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M")
     return out / f"torchao-{card}-{stamp}.json"
 
 

@@ -280,7 +280,7 @@ def format_row(entry: dict) -> str:
 
 
 def card_slug(env: dict) -> str:
-    """The card's name for file names, by the rule of engine.bench.default_out_path."""
+    """The card's name for file names, by the rule of engine.bench.report.default_out_path."""
     card = (env.get("gpu") or "cpu").lower().replace("nvidia ", "").replace(" ", "-")
     return "".join(c for c in card if c.isalnum() or c in "-_.")
 
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": time.perf_counter() - started,
         "rows": rows,
     }
-    from engine.bench import write_json
+    from engine.bench.report import write_json
 
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M")
     path = Path(args.out) / f"vae-{card_slug(env)}-{stamp}.json"

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from .config import PRESETS, parse_resolution, resolve_config, validate_resolution
-from .models import (
-    SYNTHETIC_PREFIX,
-    ModelSpec,
-    check_device_fits_variant,
-    is_variant_name,
-    resolve_device,
-    variant_spec,
-)
+
+if TYPE_CHECKING:  # torch and the models load after the arguments are parsed, so that --help answers at once
+    import torch
+
+    from .models import ModelSpec
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, several_presets: bool = False) -> None:
@@ -55,6 +51,8 @@ class ModelChoice:
 
 def choose_model(args, resolutions: list[str]) -> ModelChoice:
     """Check device, model, preset and sizes before anything heavy is built."""
+    from .models import SYNTHETIC_PREFIX, check_device_fits_variant, is_variant_name, resolve_device, variant_spec
+
     device = resolve_device(args.device)
     model = args.model or SYNTHETIC_PREFIX + ("flux-dev" if device.type == "cuda" else "tiny")
     spec = variant_spec(model) if is_variant_name(model) else None

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 
 class EngineError(Exception):
     """Base class of every error flux-engine raises on purpose."""
@@ -29,6 +27,17 @@ class InputError(EngineError, ValueError):
     """A pipeline call argument that diffusers would only reject deep inside the model."""
 
 
-class EngineOutOfMemoryError(EngineError, torch.OutOfMemoryError):
-    """A call ran out of GPU memory; the message names a config predicted to fit. Still a torch
-    OutOfMemoryError, so existing handlers catch it."""
+def __getattr__(name: str):
+    """EngineOutOfMemoryError subclasses torch.OutOfMemoryError, so it is made on first use: importing this module
+    (every command does, before parsing its arguments) must not import torch."""
+    if name != "EngineOutOfMemoryError":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import torch
+
+    class EngineOutOfMemoryError(EngineError, torch.OutOfMemoryError):
+        """A call ran out of GPU memory; the message names a config predicted to fit. Still a torch
+        OutOfMemoryError, so existing handlers catch it."""
+
+    EngineOutOfMemoryError.__qualname__ = name
+    globals()[name] = EngineOutOfMemoryError
+    return EngineOutOfMemoryError

@@ -6,10 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from .cli import add_model_arguments, choose_model, default_guidance
-from .config import resolve_config, validate_steps
+from .config import parse_resolution, resolve_config, validate_resolution, validate_steps
 from .errors import EngineError
 from .files import check_writable, write_atomically
 
@@ -29,20 +27,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args) -> tuple[Path, bool]:
     """Generate and write the image; returns its path and whether the model was synthetic (random weights)."""
+    # what needs no model first, so that a typo is answered before torch and diffusers load
+    if args.steps is not None:
+        validate_steps(args.steps)
+    output = Path(args.output)
+    if output.suffix.lower() not in IMAGE_SUFFIXES:
+        raise EngineError(
+            f"-o {str(output)!r} has no image suffix; use one of {', '.join(IMAGE_SUFFIXES)}, e.g. -o out.png"
+        )
+    config = resolve_config(args.preset)
+    validate_resolution(*parse_resolution(args.res), allow_any_size=True)
+    check_writable(output, "-o")
+
+    import torch
+
     from .pipeline import FluxEngine
 
     choice = choose_model(args, [args.res])
     spec, device, model = choice.spec, choice.device, choice.model
     ((height, width),) = choice.sizes
     steps = args.steps if args.steps is not None else (spec.default_steps if spec else 28)
-    validate_steps(steps)
-    output = Path(args.output)
-    if output.suffix.lower() not in IMAGE_SUFFIXES:
-        raise EngineError(
-            f"-o {str(output)!r} has no image suffix; use one of {', '.join(IMAGE_SUFFIXES)}, e.g. -o out.png"
-        )
-    check_writable(output, "-o")
-    config = resolve_config(args.preset)
     pipe = FluxEngine.from_pretrained(
         model, config=config, device=device, seed=args.seed, config_folder=args.config_folder
     )

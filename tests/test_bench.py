@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import bench
+from engine.bench import cli, report
+from engine.bench import run as measurement
+from engine.errors import EngineError
 from engine.models import PIPELINE_COMPONENTS, VARIANTS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -99,7 +101,7 @@ def test_bench_gate_reports_the_regression(bench_run):
 def test_bench_gate_with_a_broken_baseline_exits_4(tmp_path, capsys):
     broken = tmp_path / "b.json"
     broken.write_text(json.dumps({"env": {"gpu": None}, "rows": [{"config": "x"}]}))
-    assert bench.main(["--gate", str(broken), "--device", "cpu"]) == 4
+    assert cli.main(["--gate", str(broken), "--device", "cpu"]) == 4
     assert "lacks" in capsys.readouterr().err
 
 
@@ -111,22 +113,22 @@ def test_kernel_presets_are_refused_where_triton_cannot_run(monkeypatch, capsys)
     # outside the tests the CPU has no Triton interpreter switched on (conftest turns it on for the kernel
     # tests); Triton reads the switch from the environment at each use
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert bench.main(["--preset", "baseline,kernels", "--device", "cpu"]) == 2
+    assert cli.main(["--preset", "baseline,kernels", "--device", "cpu"]) == 2
     assert "kernels run our Triton kernels, which need a CUDA GPU" in capsys.readouterr().err
 
 
 def test_presets_parse_as_a_list_or_the_ladder():
     from engine.config import PRESETS
 
-    assert bench.parse_presets("baseline, compile") == ["baseline", "compile"]
-    assert bench.parse_presets("ladder") == list(PRESETS)
-    with pytest.raises(bench.EngineError, match="twice"):
-        bench.parse_presets("compile,compile")
+    assert cli.parse_presets("baseline, compile") == ["baseline", "compile"]
+    assert cli.parse_presets("ladder") == list(PRESETS)
+    with pytest.raises(EngineError, match="twice"):
+        cli.parse_presets("compile,compile")
 
 
 def test_flop_counter_matches_the_published_step_cost():
     # ARCHITECTURE.md: 74.4 TFLOP per flux-dev step at 1024^2 with 512 text tokens
-    flops = bench.transformer_step_flops(VARIANTS["flux-dev"].transformer, 1024, 1024, 512)
+    flops = measurement.transformer_step_flops(VARIANTS["flux-dev"].transformer, 1024, 1024, 512)
     assert flops / 1e12 == pytest.approx(74.4, abs=0.05)
 
 
@@ -147,7 +149,7 @@ def test_flop_counter_matches_the_published_step_cost():
     ],
 )
 def test_bench_rejects_bad_input_with_a_clear_message(argv, message, capsys):
-    code = bench.main([*argv, "--device", "cpu"] if "--device" not in argv else argv)
+    code = cli.main([*argv, "--device", "cpu"] if "--device" not in argv else argv)
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ")
@@ -163,17 +165,17 @@ def test_bench_rejects_a_corrupt_checkpoint(tmp_path, capsys):
     for component in PIPELINE_COMPONENTS:
         (folder / component).mkdir()
     (folder / "transformer" / "config.json").write_text(json.dumps(VARIANTS["tiny"].transformer))
-    code = bench.main(["--model", str(bad), "--config-folder", str(folder), "--res", "256", "--device", "cpu"])
+    code = cli.main(["--model", str(bad), "--config-folder", str(folder), "--res", "256", "--device", "cpu"])
     assert code == 2
     assert "not a readable safetensors file" in capsys.readouterr().err
 
 
 def test_json_is_written_atomically(tmp_path):
     path = tmp_path / "r.json"
-    bench.write_json(path, {"x": math.inf, "y": math.nan, "z": [1.5]})
+    report.write_json(path, {"x": math.inf, "y": math.nan, "z": [1.5]})
     assert json.loads(path.read_text()) == {"x": "inf", "y": None, "z": [1.5]}
     with pytest.raises(TypeError):
-        bench.write_json(path, {"bad": object()})
+        report.write_json(path, {"bad": object()})
     # the failed write left the previous file whole and no temporary behind
     assert json.loads(path.read_text())["z"] == [1.5]
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
@@ -188,7 +190,7 @@ def test_quantised_configs_report_per_layer_sqnr(tiny_components, capsys):
 
     components = synthetic_components("tiny", device="cpu", dtype=tiny_components["vae"].dtype, seed=0)
     engine = FluxEngine.from_pipe(FluxPipeline(**components), EngineConfig(quant=QuantConfig(transformer="fp8")))
-    report = bench.quantization_summary(engine, "fp8-test")
+    report = measurement.quantization_summary(engine, "fp8-test")
     assert report["transformer"]["mode"] == "fp8"
     assert report["transformer"]["quantized_layers"] > 0
     assert report["transformer"]["sqnr"]["min_db"] >= 25.0
@@ -243,11 +245,11 @@ def test_result_files_are_readable_by_all(default_run):
 
 
 def test_cpu_results_go_where_git_ignores_them():
-    cpu_path = bench.default_out_path({"gpu": None, "date": "2026-11-29T16:00:00+00:00"})
-    assert cpu_path.parent == Path(bench.CPU_RESULTS)
+    cpu_path = report.default_out_path({"gpu": None, "date": "2026-11-29T16:00:00+00:00"})
+    assert cpu_path.parent == Path(report.CPU_RESULTS)
     ignored = subprocess.run(["git", "check-ignore", "-q", str(cpu_path)], cwd=REPO)
     assert ignored.returncode == 0, f"{cpu_path} is not ignored by git: a CPU run would dirty the clone"
-    gpu_path = bench.default_out_path({"gpu": "NVIDIA H200", "date": "2026-11-29T16:00:00+00:00"})
+    gpu_path = report.default_out_path({"gpu": "NVIDIA H200", "date": "2026-11-29T16:00:00+00:00"})
     assert gpu_path == Path("benchmarks/results/bench-h200-20261129T160000.json")
 
 
@@ -267,9 +269,9 @@ def test_results_that_cannot_be_written_at_the_end_go_to_a_fallback(tmp_path, ca
     result = json.loads((REPO / "benchmarks/results/bench-fp8-ab-h100-80gb-hbm3-20261126-2228.json").read_text())
     blocked = tmp_path / "gone"
     blocked.write_text("")  # the folder the results were meant for became a file after the start-up check
-    written = bench.save_results(result, blocked / "bench-fallback-test.json")
+    written = report.save_results(result, blocked / "bench-fallback-test.json")
     try:
-        assert written == bench.fallback_path(blocked / "bench-fallback-test.json")
+        assert written == report.fallback_path(blocked / "bench-fallback-test.json")
         assert json.loads(written.read_text())["rows"] == json.loads(json.dumps(result["rows"]))
         assert written.with_suffix(".png").is_file() and written.with_suffix(".csv").is_file()
         assert str(written) in capsys.readouterr().err
@@ -302,7 +304,7 @@ def test_plot_draws_bars_for_one_size_and_lines_for_several_with_axes_from_zero(
         "model": "synthetic:flux-dev", "dtype": "bf16", "rows": _rows(sizes, ["diffusers", "fp8"], memory),
         "env": {"gpu": "NVIDIA H200" if memory else None, "commit": "abc", "date": "2026-11-29T16:00"},
     }  # fmt: skip
-    figure = bench.make_figure(result)
+    figure = report.make_figure(result)
     axes = figure.axes
     assert len(axes) == panels  # no empty memory panel on a CPU
     for axis in axes:
@@ -312,3 +314,20 @@ def test_plot_draws_bars_for_one_size_and_lines_for_several_with_axes_from_zero(
         assert axes[0].get_ylim()[1] >= max(r["ms_per_step_p80"] for r in result["rows"])
     else:
         assert len(axes[0].lines) == 2 and axes[0].collections  # a line per config and its p20-p80 band
+
+
+def test_help_and_argument_errors_come_before_torch_is_imported():
+    # torch alone takes 1-4 s to import (longer with CUDA); --help and a typo must not wait for it
+    code = (
+        "import sys\n"
+        "from engine.bench.cli import build_parser, check_arguments\n"
+        "from engine.generate import build_parser as generate_parser\n"
+        "build_parser().format_help(); generate_parser().format_help()\n"
+        "try:\n"
+        "    check_arguments(build_parser().parse_args(['--res', '1000']))\n"
+        "except Exception as err:\n"
+        "    print(type(err).__name__)\n"
+        "print(sorted(name for name in ('torch', 'diffusers', 'transformers') if name in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.splitlines() == ["ResolutionError", "[]"], proc.stderr

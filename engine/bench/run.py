@@ -1,17 +1,8 @@
-"""`python -m engine.bench`: the baseline diffusers FluxPipeline and the engine, side by side in one run.
-
-Per resolution and config: ms per transformer step (median over the timed runs, CUDA events on a
-GPU), TFLOP/s from the flop counter, end-to-end seconds split into encode / denoise / decode,
-speed-up vs the baseline of the same run, peak VRAM (torch allocated / reserved, NVML used) and
-fidelity vs the baseline (image PSNR, final-latent relative error). Writes the table as JSON with
-the card, driver, versions, commit and date.
-"""
+"""engine.bench's measurement: the models and configs of a run, each call's phases timed, a row per config and size."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import sys
 import tempfile
@@ -21,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from .cli import add_model_arguments, choose_model, default_guidance
-from .config import resolve_config, validate_steps
-from .errors import EngineError
-from .files import check_writable, fallback_path, write_atomically
-from .measure import (
+from ..cli import choose_model, default_guidance
+from ..config import resolve_config, validate_steps
+from ..errors import EngineError
+from ..files import check_writable
+from ..measure import (
     PeakMemory,
     environment_info,
     median,
@@ -35,9 +26,10 @@ from .measure import (
     synchronize,
     track_peak_memory,
 )
+from .cli import check_positive, parse_budgets, parse_presets
+from .report import BASELINE_LABEL, default_out_dir
 
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse on the moon, earth rising behind"
-BASELINE_LABEL = "diffusers"
 JSON_VERSION = 1
 
 # ----------------------------------------------------------------------------- phase timing
@@ -180,7 +172,7 @@ def transformer_step_flops(transformer_config: dict, height: int, width: int, te
     from diffusers import FluxTransformer2DModel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .models import dtype_as_default
+    from ..models import dtype_as_default
 
     config = {k: v for k, v in dict(transformer_config).items() if not k.startswith("_")}
     image_tokens = (height // 16) * (width // 16)
@@ -373,174 +365,6 @@ def compare(row: Row, output: Output, baseline_row: Row, baseline: Output) -> No
     row.latent_rel_err = relative_error(output.latents, baseline.latents)
 
 
-# ----------------------------------------------------------------------------- table and JSON
-
-
-def _fmt(value, spec: str) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float) and math.isinf(value):
-        return "inf"
-    if isinstance(value, float) and math.isnan(value):
-        return "nan"
-    return format(value, spec)
-
-
-TABLE_COLUMNS = (
-    ("res", lambda r: f"{r['width']}x{r['height']}"),
-    ("config", lambda r: r["config"]),
-    ("ms/step", lambda r: _fmt(r["ms_per_step"], ".1f")),
-    ("TFLOP/s", lambda r: _fmt(r["tflops"], ".1f")),
-    ("speed-up", lambda r: _fmt(r["speedup"], ".2f") + ("x" if r["speedup"] is not None else "")),
-    ("encode s", lambda r: _fmt(r["encode_s"], ".3f")),
-    ("denoise s", lambda r: _fmt(r["denoise_s"], ".3f")),
-    ("decode s", lambda r: _fmt(r["decode_s"], ".3f")),
-    ("total s", lambda r: _fmt(r["total_s"], ".3f")),
-    ("alloc GiB", lambda r: _fmt(r["peak_allocated_gib"], ".2f")),
-    ("resv GiB", lambda r: _fmt(r["peak_reserved_gib"], ".2f")),
-    ("NVML GiB", lambda r: _fmt(r["nvml_used_gib"], ".2f")),
-    (
-        "compile s cold/warm",
-        lambda r: _fmt(r.get("compile_cold_s"), ".1f") + "/" + _fmt(r.get("compile_warm_s"), ".1f"),
-    ),
-    ("PSNR dB", lambda r: _fmt(r["psnr_db"], ".1f")),
-    ("latent err", lambda r: _fmt(r["latent_rel_err"], ".2e")),
-)
-
-
-BUDGET_COLUMNS = (
-    ("budget GiB", lambda r: _fmt(r["budget_gib"], "g")),
-    ("res", lambda r: f"{r['width']}x{r['height']}"),
-    ("plan", lambda r: r["engine_config"] or "-"),
-    ("predicted GiB", lambda r: _fmt(r["predicted_peak_gib"], ".2f")),
-    ("peak alloc GiB", lambda r: _fmt(r["peak_allocated_gib"], ".2f")),
-    ("peak resv GiB", lambda r: _fmt(r["peak_reserved_gib"], ".2f")),
-    ("under budget", lambda r: _under_budget(r)),
-    ("total s", lambda r: _fmt(r["total_s"], ".2f")),
-    ("ms/step", lambda r: _fmt(r["ms_per_step"], ".1f")),
-)
-
-
-def _under_budget(row: dict) -> str:
-    if row.get("error"):
-        return "OOM"
-    if row["peak_reserved_gib"] is None:
-        return "-"
-    return "yes" if row["peak_reserved_gib"] <= row["budget_gib"] else "NO"
-
-
-def format_table(rows: list[dict], columns=TABLE_COLUMNS) -> str:
-    header = [name for name, _ in columns]
-    body = [[cell(r) for _, cell in columns] for r in rows]
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
-    lines = [" | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
-    lines.append("-+-".join("-" * w for w in widths))
-    lines += [" | ".join(c.rjust(w) for c, w in zip(b, widths, strict=True)) for b in body]
-    return "\n".join(lines)
-
-
-def _json_safe(value):
-    if isinstance(value, float) and (math.isinf(value) or math.isnan(value)):
-        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def write_json(path: Path, payload: dict) -> None:
-    """Written atomically (a crash mid-write never leaves a half file where a result was), mode 0644."""
-
-    def write(tmp: Path) -> None:
-        with tmp.open("w") as f:
-            json.dump(_json_safe(payload), f, indent=2)
-            f.write("\n")
-
-    write_atomically(path, write)
-
-
-# CPU results: a record of nothing a GPU user can use, kept out of the committed results (.gitignore)
-CPU_RESULTS = "benchmarks/results/cpu"
-
-
-def default_out_dir(device: torch.device) -> Path:
-    return Path("benchmarks/results" if device.type == "cuda" else CPU_RESULTS)
-
-
-def default_out_path(env: dict) -> Path:
-    card = (env.get("gpu") or "cpu").lower().replace("nvidia ", "").replace(" ", "-")
-    card = "".join(c for c in card if c.isalnum() or c in "-_.")
-    stamp = env["date"][:19].replace(":", "").replace("-", "")
-    folder = default_out_dir(torch.device("cuda" if env.get("gpu") else "cpu"))
-    return folder / f"bench-{card}-{stamp}.json"
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m engine.bench",
-        description="Baseline diffusers FluxPipeline vs flux-engine, side by side in one run.",
-    )
-    parser.add_argument(
-        "--res",
-        nargs="+",
-        default=["1024"],
-        help="image sizes: 1024 (square) or WIDTHxHEIGHT such as 1360x768; several allowed (default 1024)",
-    )
-    parser.add_argument("--steps", type=int, default=4, help="denoising steps per image (default 4)")
-    add_model_arguments(parser, several_presets=True)
-    parser.set_defaults(preset=None)  # the fastest config for this machine, unless --vram is given alone
-    parser.add_argument(
-        "--runs", type=int, default=None, help="timed calls per config and size (default 3; 1 on a CPU)"
-    )
-    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (default 1)")
-    parser.add_argument(
-        "--warmup-steps",
-        type=int,
-        default=None,
-        help="denoising steps of a warm-up call (default --steps; 1 on a CPU, where a step takes seconds)",
-    )
-    parser.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
-    parser.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default: the variant's)")
-    parser.add_argument(
-        "--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default: bf16 on CUDA, fp32 on CPU"
-    )
-    parser.add_argument(
-        "--out",
-        default=None,
-        help="JSON path, with .csv and .png beside it (default benchmarks/results/bench-<card>-<date>.json; "
-        f"{CPU_RESULTS}/ on a CPU, which git ignores)",
-    )
-    parser.add_argument("--no-baseline", action="store_true", help="skip the diffusers baseline (no ratio, no PSNR)")
-    parser.add_argument("--gate", default=None, help="baseline result JSON: exit non-zero on a regression against it")
-    parser.add_argument("--max-slowdown", default="5%", help="allowed ms/step growth for --gate (default 5%%)")
-    parser.add_argument("--max-vram-growth", default="3%", help="allowed peak-memory growth for --gate (default 3%%)")
-    parser.add_argument("--save-baseline", default=None, help="also write the result here, as a gate baseline")
-    parser.add_argument(
-        "--vram",
-        default=None,
-        help="GiB budgets, comma-separated (e.g. 12 or 6,8,12,16,24,48): per size, the planner's fastest config "
-        "predicted to fit, run on this GPU capped to that budget (torch.cuda.set_per_process_memory_fraction); "
-        "prints each plan and why. With --vram, --preset defaults to none",
-    )
-    parser.add_argument(
-        "--quality",
-        default="fp8",
-        choices=("bf16", "fp8", "any"),
-        help="--vram: the planner's fidelity floor (bf16 weights only; fp8 too (default); nf4 too)",
-    )
-    parser.add_argument(
-        "--cache-dir",
-        default=None,
-        help="compile cache for compiled presets (default: a fresh one, to time a cold start)",
-    )
-    return parser
-
-
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -556,33 +380,15 @@ class Plan:
     headline: str | None = None  # the default run's first line: what is compared with what, and why
 
 
-def _positive(name: str, value: int, minimum: int = 1) -> None:
-    if value < minimum:
-        raise EngineError(f"--{name} {value} must be at least {minimum}")
-
-
-def parse_budgets(text: str | None) -> list[float]:
-    if not text:
-        return []
-    try:
-        budgets = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError as err:
-        raise EngineError(f"--vram {text!r} is not a list of GiB figures; write e.g. 12 or 6,8,12,24") from err
-    for budget in budgets:
-        if not 0 < budget <= 1024:
-            raise EngineError(f"--vram {budget:g} GiB is outside 0..1024; give the card's memory in GiB, e.g. 12")
-    return budgets
-
-
 def make_plan(args) -> Plan:
     """Validate every argument, and check that the results can be written, before anything heavy is built."""
     args.budgets = parse_budgets(args.vram)
     validate_steps(args.steps)
     for name in ("runs", "warmup_steps"):
         if getattr(args, name) is not None:
-            _positive(name.replace("_", "-"), getattr(args, name))
-    _positive("warmup", args.warmup, 0)
-    _positive("batch", args.batch)
+            check_positive(name.replace("_", "-"), getattr(args, name))
+    check_positive("warmup", args.warmup, 0)
+    check_positive("batch", args.batch)
     if args.preset is not None or args.budgets:
         presets = parse_presets(args.preset or "", allow_none=bool(args.budgets))
     choice = choose_model(args, args.res)
@@ -592,7 +398,7 @@ def make_plan(args) -> Plan:
     if args.warmup_steps is None:
         args.warmup_steps = 1 if on_cpu else args.steps
     out = Path(args.out) if args.out else None
-    check_writable(out or default_out_dir(choice.device), "--out")
+    check_writable(out or default_out_dir(choice.device.type == "cuda"), "--out")
     for path in (args.save_baseline,) if args.save_baseline else ():
         check_writable(Path(path), "--save-baseline")
     note = None
@@ -613,8 +419,8 @@ def fastest_for(plan: Plan, args):
     """The planner's fastest config for this machine at the sizes asked for (engine.planner.fastest_config)."""
     from flux_kernels import triton_runnable
 
-    from .planner import fastest_config
-    from .quantize import fp8_compute_for
+    from ..planner import fastest_config
+    from ..quantize import fp8_compute_for
 
     cuda = plan.device.type == "cuda"
     card_gib = None
@@ -638,7 +444,7 @@ def headline(plan: Plan, fastest, args) -> str:
 
 
 def load_components(plan: Plan, args, dtype: torch.dtype) -> dict:
-    from .models import is_variant_name, load_local_components, synthetic_components
+    from ..models import is_variant_name, load_local_components, synthetic_components
 
     if is_variant_name(plan.model):
         return synthetic_components(plan.model, device=plan.device, dtype=dtype, seed=args.seed)
@@ -650,8 +456,8 @@ def with_compile_cache(config, args):
     (inductor, Triton and the engine's artefacts), which the warm measurement then reuses."""
     from dataclasses import replace
 
-    from .compile import point_compiler_caches
-    from .config import CacheConfig
+    from ..compile import point_compiler_caches
+    from ..config import CacheConfig
 
     directory = Path(args.cache_dir) if args.cache_dir else Path(tempfile.mkdtemp(prefix="flux-engine-cache-"))
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory / "inductor")
@@ -661,25 +467,9 @@ def with_compile_cache(config, args):
     return replace(config, cache=CacheConfig(directory=str(directory)))
 
 
-def parse_presets(text: str, allow_none: bool = False) -> list[str]:
-    """'kernels' / 'baseline,kernels,compile' / 'ladder' (every preset, in the order PRESETS lists them)."""
-    from .config import PRESETS
-
-    names = list(PRESETS) if text.strip() == "ladder" else [n.strip() for n in text.split(",") if n.strip()]
-    if not names and allow_none:
-        return []
-    if not names:
-        raise EngineError("--preset is empty; name a preset, several separated by commas, or 'ladder'")
-    for name in names:
-        resolve_config(name)
-    if len(set(names)) != len(names):
-        raise EngineError(f"--preset {text!r} names a preset twice")
-    return names
-
-
 def quantization_summary(engine, label: str) -> dict:
     """Per quantised component: mode, weight GiB and per-layer SQNR (dB) against the unquantised weights."""
-    from .quantize import quantization_report
+    from ..quantize import quantization_report
 
     report = quantization_report(engine)
     for component, info in report.items():
@@ -720,8 +510,8 @@ def budget_jobs(plan: Plan, args) -> list[Job]:
         return []
     from flux_kernels import triton_runnable
 
-    from .planner import plan as make_budget_plan
-    from .quantize import fp8_compute_for
+    from ..planner import plan as make_budget_plan
+    from ..quantize import fp8_compute_for
 
     if plan.spec is None:
         raise EngineError("--vram plans for the synthetic variants' architectures; use --model synthetic:flux-dev")
@@ -745,7 +535,7 @@ def emulated_budget(budget_gib: float | None, device: torch.device):
     if budget_gib is None or device.type != "cuda":
         yield
         return
-    from .planner import emulate_budget
+    from ..planner import emulate_budget
 
     release_cached_memory(device)
     emulate_budget(budget_gib, device)
@@ -757,7 +547,7 @@ def emulated_budget(budget_gib: float | None, device: torch.device):
 
 def run_job(engine, label: str, size: tuple, args, device: torch.device, flops: int, progress):
     """run_config, with an out-of-memory failure recorded as a row (the engine has freed what it held)."""
-    from .errors import EngineOutOfMemoryError
+    from ..errors import EngineOutOfMemoryError
 
     try:
         return run_config(engine, label, *size, args, device, flops, progress)
@@ -807,7 +597,7 @@ def run(args, plan: Plan | None = None) -> dict:
     from diffusers import FluxPipeline
     from tqdm.auto import tqdm
 
-    from .pipeline import FluxEngine
+    from ..pipeline import FluxEngine
 
     plan = plan or make_plan(args)
     if plan.headline:
@@ -836,7 +626,7 @@ def run(args, plan: Plan | None = None) -> dict:
     total_calls += 2 * sum(j.config.compile.mode != "none" and j.budget_gib is None for j in jobs)  # warm probes
     h2d = None
     if plan.device.type == "cuda" and any(j.config.offload.policy != "none" for j in jobs):
-        from .offload import measure_h2d_bandwidth
+        from ..offload import measure_h2d_bandwidth
 
         h2d = measure_h2d_bandwidth(plan.device)
         print(f"host->device copy: {h2d['pinned_GBps']} GB/s pinned, {h2d['pageable_GBps']} GB/s pageable")
@@ -917,222 +707,3 @@ def run(args, plan: Plan | None = None) -> dict:
         "plans": [j.explanation for j in jobs if j.explanation],
         "rows": ordered,
     }
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    import csv
-
-    fields = list(rows[0]) if rows else []
-
-    def write(tmp: Path) -> None:
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(_json_safe(rows))
-
-    write_atomically(path, write)
-
-
-def write_plot(path: Path, result: dict) -> None:
-    import matplotlib.pyplot as plt
-
-    figure = make_figure(result)
-    write_atomically(path, lambda tmp: figure.savefig(tmp, dpi=110, format="png"))
-    plt.close(figure)
-
-
-def make_figure(result: dict):
-    """One size: bars from zero (ms per step with its p20-p80 spread, seconds per image split into its phases, peak
-    memory on a GPU). Several sizes: ms per step and peak memory against megapixels, a line per config with its
-    p20-p80 band. A CPU run has no memory panel."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in result["rows"] if not r.get("error")]
-    with_memory = any(r["peak_allocated_gib"] is not None for r in rows)
-    single_size = len({(r["height"], r["width"]) for r in rows}) == 1
-    panels = (3 if single_size else 2) if with_memory else (2 if single_size else 1)
-    fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 4.4), squeeze=False)
-    axes = list(axes[0])
-    env = result["env"]
-    card = env.get("gpu") or "CPU"
-    if single_size:
-        _plot_bars(axes, rows, with_memory)
-        title = f"{rows[0]['width']}x{rows[0]['height']}, " if rows else ""
-    else:
-        _plot_lines(axes, rows, with_memory)
-        title = ""
-    steps = rows[0]["steps"] if rows else "-"
-    fig.suptitle(
-        f"{result['model']} {result['dtype']} on {card}, {title}{steps} steps | commit {env['commit']} | "
-        f"{env['date'][:16]}",
-        fontsize=10,
-    )
-    fig.tight_layout()
-    return fig
-
-
-def _plot_bars(axes, rows: list[dict], with_memory: bool) -> None:
-    labels = [r["config"] for r in rows]
-    positions = range(len(rows))
-    colors = [f"C{i}" for i in positions]
-    latency, per_image = axes[0], axes[1]
-    medians = [r["ms_per_step"] for r in rows]
-    spread = [
-        [r["ms_per_step"] - r["ms_per_step_p20"] for r in rows],
-        [r["ms_per_step_p80"] - r["ms_per_step"] for r in rows],
-    ]
-    latency.bar(positions, medians, yerr=spread, capsize=6, color=colors)
-    for x, r in zip(positions, rows, strict=True):
-        note = f"{r['ms_per_step']:.0f} ms" + (f"\n{r['speedup']:.2f}x" if r.get("speedup") else "")
-        latency.annotate(note, (x, r["ms_per_step"]), ha="center", va="bottom", fontsize=8,
-                         xytext=(0, 4), textcoords="offset points")  # fmt: skip
-    latency.set(ylabel="ms per transformer step (median, p20-p80)", title="latency per step")
-    from matplotlib.patches import Patch
-
-    bottom = [0.0] * len(rows)
-    legend = []
-    for phase, hatch in (("encode_s", "//"), ("denoise_s", ""), ("decode_s", "..")):
-        values = [r[phase] for r in rows]
-        per_image.bar(positions, values, bottom=bottom, color=colors, hatch=hatch, edgecolor="white")
-        legend.append(Patch(facecolor="0.6", hatch=hatch, edgecolor="white", label=phase.removesuffix("_s")))
-        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-    for x, r in zip(positions, rows, strict=True):
-        per_image.annotate(f"{r['total_s']:.2f} s", (x, r["total_s"]), ha="center", va="bottom", fontsize=8,
-                           xytext=(0, 4), textcoords="offset points")  # fmt: skip
-    per_image.set(ylabel="seconds per image", title="one image: encode / denoise / decode")
-    per_image.legend(handles=legend, fontsize=8, loc="lower right")
-    if with_memory:
-        memory = axes[2]
-        memory.bar(positions, [r["peak_allocated_gib"] or 0.0 for r in rows], color=colors)
-        for x, r in zip(positions, rows, strict=True):
-            if r["peak_allocated_gib"] is not None:
-                memory.annotate(f"{r['peak_allocated_gib']:.1f} GiB", (x, r["peak_allocated_gib"]), ha="center",
-                                va="bottom", fontsize=8, xytext=(0, 4), textcoords="offset points")  # fmt: skip
-        memory.set(ylabel="peak allocated GiB", title="peak memory")
-    for axis in axes:
-        axis.margins(y=0.15)  # room for the labels above the bars
-        axis.set_xticks(list(positions), labels, rotation=15, ha="right", fontsize=8)
-        axis.set_ylim(bottom=0)
-        axis.grid(axis="y", alpha=0.3)
-
-
-def _plot_lines(axes, rows: list[dict], with_memory: bool) -> None:
-    latency = axes[0]
-    for index, config in enumerate(dict.fromkeys(r["config"] for r in rows)):
-        mine = sorted((r for r in rows if r["config"] == config), key=lambda r: r["height"] * r["width"])
-        pixels = [r["height"] * r["width"] / 1e6 for r in mine]
-        color = f"C{index}"
-        latency.plot(pixels, [r["ms_per_step"] for r in mine], marker="o", color=color, label=config)
-        latency.fill_between(pixels, [r["ms_per_step_p20"] for r in mine], [r["ms_per_step_p80"] for r in mine],
-                             color=color, alpha=0.2)  # fmt: skip
-        if with_memory:
-            axes[1].plot(pixels, [r["peak_allocated_gib"] for r in mine], marker="o", color=color, label=config)
-    latency.set(xlabel="megapixels", ylabel="ms per transformer step (median, p20-p80 band)", title="latency")
-    if with_memory:
-        axes[1].set(xlabel="megapixels", ylabel="peak allocated GiB", title="peak memory")
-    for axis in axes:
-        axis.set_xlim(left=0)
-        axis.set_ylim(bottom=0)
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-
-
-def verdicts(result: dict) -> list[str]:
-    """One line per engine row against the baseline of its size: speed per step and per image, memory, PSNR."""
-    rows = result["rows"]
-    baselines = {(r["height"], r["width"]): r for r in rows if r["config"] == BASELINE_LABEL}
-    lines = []
-    for row in rows:
-        base = baselines.get((row["height"], row["width"]))
-        if row["config"] == BASELINE_LABEL or base is None or row.get("error") or not row.get("speedup"):
-            continue
-        runs = f"{row['runs']} run" + ("s" if row["runs"] > 1 else "")
-        parts = [
-            f"{row['speedup']:.2f}x per step ({row['ms_per_step']:.0f} vs {base['ms_per_step']:.0f} ms, p20-p80 "
-            f"{row['ms_per_step_p20']:.0f}-{row['ms_per_step_p80']:.0f} vs "
-            f"{base['ms_per_step_p20']:.0f}-{base['ms_per_step_p80']:.0f})",
-            f"{row['total_s']:.2f} vs {base['total_s']:.2f} s per image",
-        ]
-        if row["peak_allocated_gib"] is not None and base["peak_allocated_gib"] is not None:
-            parts.append(f"peak {row['peak_allocated_gib']:.1f} vs {base['peak_allocated_gib']:.1f} GiB")
-        if row.get("psnr_db") is not None:
-            parts.append(f"PSNR {_fmt(row['psnr_db'], '.1f')} dB")
-        lines.append(
-            f"flux-engine {row['config']} vs diffusers, {row['width']}x{row['height']}, {row['steps']} steps x "
-            f"{runs}: " + ", ".join(parts)
-        )
-    return lines
-
-
-def save_results(result: dict, out: Path) -> Path:
-    """The JSON, CSV and PNG at `out`; if that fails now (the disk filled, the folder went away), at the fallback
-    path instead, so that a long benchmark is never lost. Returns where the JSON went."""
-    try:
-        _write_all(result, out)
-        return out
-    except OSError as err:
-        fallback = fallback_path(out)
-        print(f"error: could not write {out} ({err}); writing the results to {fallback} instead", file=sys.stderr)
-        _write_all(result, fallback)
-        return fallback
-
-
-def _write_all(result: dict, out: Path) -> None:
-    write_json(out, result)
-    write_csv(out.with_suffix(".csv"), result["rows"])
-    write_plot(out.with_suffix(".png"), result)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .gate import EXIT_BAD_RESULT, GateInputError, compare_results, load_result, parse_fraction
-
-    args = build_parser().parse_args(argv)
-    try:
-        thresholds = (parse_fraction(args.max_slowdown), parse_fraction(args.max_vram_growth))
-        gate_baseline = load_result(args.gate) if args.gate else None
-        plan = make_plan(args)
-        result = run(args, plan)
-    except GateInputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_RESULT
-    except EngineError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    env = result["env"]
-    print(
-        f"\n{result['model']} {result['dtype']} on {env['gpu'] or 'CPU'} | torch {env['torch']} | "
-        f"diffusers {env['diffusers']} | commit {env['commit']} | {env['date']}"
-    )
-    print(format_table(result["rows"]))
-    budget_rows = [r for r in result["rows"] if r.get("budget_gib") is not None]
-    if budget_rows:
-        print("\nplans under --vram budgets (peaks measured with the GPU capped to the budget):")
-        print(format_table(budget_rows, BUDGET_COLUMNS))
-    requested = plan.out or default_out_path(env)
-    out = save_results(result, requested)
-    print(f"wrote {out} (+ .csv, .png)")
-    code = 0 if out == requested else 2
-    if args.save_baseline:
-        baseline_path = Path(args.save_baseline)
-        saved = save_results(result, baseline_path)
-        print(f"saved the gate baseline {saved}")
-        code = code or (0 if saved == baseline_path else 2)
-    failed = [r for r in result["rows"] if r.get("error")]
-    if gate_baseline is not None:
-        report = compare_results(result, gate_baseline, *thresholds)
-        print(report.format())
-        return report.code or code
-    if failed:
-        print(f"error: {len(failed)} row(s) failed: " + "; ".join(f"{r['config']} {r['width']}x{r['height']}"
-                                                             for r in failed), file=sys.stderr)  # fmt: skip
-        return 2
-    for line in verdicts(result):
-        print(line)
-    return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

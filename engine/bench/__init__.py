@@ -1,0 +1,14 @@
+"""`python -m engine.bench`: the baseline diffusers FluxPipeline and the engine, side by side in one run.
+
+Per resolution and config: ms per transformer step (median over the timed runs, CUDA events on a
+GPU), TFLOP/s from the flop counter, end-to-end seconds split into encode / denoise / decode,
+speed-up vs the baseline of the same run, peak VRAM (torch allocated / reserved, NVML used) and
+fidelity vs the baseline (image PSNR, final-latent relative error). Writes the table as JSON with
+the card, driver, versions, commit and date, a CSV and a plot.
+
+    engine.bench.cli     the command line: arguments, then (after parsing) the run and its report
+    engine.bench.run     the measurement: models, configs, phase timing, the rows
+    engine.bench.report  tables, JSON / CSV / PNG files, the verdict lines
+
+This package imports nothing heavy itself, so that `--help` and argument errors answer before torch loads.
+"""

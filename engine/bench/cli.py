@@ -1,0 +1,180 @@
+"""engine.bench's command line: the arguments, parsed before anything heavy is imported (torch, diffusers), then
+the run (engine.bench.run) and its report (engine.bench.report)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..cli import add_model_arguments
+from ..config import resolve_config
+from ..errors import EngineError
+from .report import BUDGET_COLUMNS, CPU_RESULTS, default_out_path, format_table, save_results, verdicts
+
+DEFAULT_PROMPT = "a photograph of an astronaut riding a horse on the moon, earth rising behind"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m engine.bench",
+        description="Baseline diffusers FluxPipeline vs flux-engine, side by side in one run.",
+    )
+    parser.add_argument(
+        "--res",
+        nargs="+",
+        default=["1024"],
+        help="image sizes: 1024 (square) or WIDTHxHEIGHT such as 1360x768; several allowed (default 1024)",
+    )
+    parser.add_argument("--steps", type=int, default=4, help="denoising steps per image (default 4)")
+    add_model_arguments(parser, several_presets=True)
+    parser.set_defaults(preset=None)  # the fastest config for this machine, unless --vram is given alone
+    parser.add_argument(
+        "--runs", type=int, default=None, help="timed calls per config and size (default 3; 1 on a CPU)"
+    )
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (default 1)")
+    parser.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=None,
+        help="denoising steps of a warm-up call (default --steps; 1 on a CPU, where a step takes seconds)",
+    )
+    parser.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
+    parser.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default: the variant's)")
+    parser.add_argument(
+        "--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default: bf16 on CUDA, fp32 on CPU"
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="JSON path, with .csv and .png beside it (default benchmarks/results/bench-<card>-<date>.json; "
+        f"{CPU_RESULTS}/ on a CPU, which git ignores)",
+    )
+    parser.add_argument("--no-baseline", action="store_true", help="skip the diffusers baseline (no ratio, no PSNR)")
+    parser.add_argument("--gate", default=None, help="baseline result JSON: exit non-zero on a regression against it")
+    parser.add_argument("--max-slowdown", default="5%", help="allowed ms/step growth for --gate (default 5%%)")
+    parser.add_argument("--max-vram-growth", default="3%", help="allowed peak-memory growth for --gate (default 3%%)")
+    parser.add_argument("--save-baseline", default=None, help="also write the result here, as a gate baseline")
+    parser.add_argument(
+        "--vram",
+        default=None,
+        help="GiB budgets, comma-separated (e.g. 12 or 6,8,12,16,24,48): per size, the planner's fastest config "
+        "predicted to fit, run on this GPU capped to that budget (torch.cuda.set_per_process_memory_fraction); "
+        "prints each plan and why. With --vram, --preset defaults to none",
+    )
+    parser.add_argument(
+        "--quality",
+        default="fp8",
+        choices=("bf16", "fp8", "any"),
+        help="--vram: the planner's fidelity floor (bf16 weights only; fp8 too (default); nf4 too)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="compile cache for compiled presets (default: a fresh one, to time a cold start)",
+    )
+    return parser
+
+
+def check_positive(name: str, value: int, minimum: int = 1) -> None:
+    if value < minimum:
+        raise EngineError(f"--{name} {value} must be at least {minimum}")
+
+
+def parse_budgets(text: str | None) -> list[float]:
+    if not text:
+        return []
+    try:
+        budgets = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as err:
+        raise EngineError(f"--vram {text!r} is not a list of GiB figures; write e.g. 12 or 6,8,12,24") from err
+    for budget in budgets:
+        if not 0 < budget <= 1024:
+            raise EngineError(f"--vram {budget:g} GiB is outside 0..1024; give the card's memory in GiB, e.g. 12")
+    return budgets
+
+
+def parse_presets(text: str, allow_none: bool = False) -> list[str]:
+    """'kernels' / 'baseline,kernels,compile' / 'ladder' (every preset, in the order PRESETS lists them)."""
+    from ..config import PRESETS
+
+    names = list(PRESETS) if text.strip() == "ladder" else [n.strip() for n in text.split(",") if n.strip()]
+    if not names and allow_none:
+        return []
+    if not names:
+        raise EngineError("--preset is empty; name a preset, several separated by commas, or 'ladder'")
+    for name in names:
+        resolve_config(name)
+    if len(set(names)) != len(names):
+        raise EngineError(f"--preset {text!r} names a preset twice")
+    return names
+
+
+def check_arguments(args) -> None:
+    """The checks that need no model and no torch, so that a typo is answered at once."""
+    from ..config import parse_resolution, validate_resolution, validate_steps
+
+    parse_budgets(args.vram)
+    validate_steps(args.steps)
+    for name in ("runs", "warmup_steps"):
+        if getattr(args, name) is not None:
+            check_positive(name.replace("_", "-"), getattr(args, name))
+    check_positive("warmup", args.warmup, 0)
+    check_positive("batch", args.batch)
+    if args.preset is not None:
+        parse_presets(args.preset, allow_none=bool(args.vram))
+    for text in args.res:
+        # the multiple of 16 here; the model's own size range once it is known (engine.cli.choose_model)
+        validate_resolution(*parse_resolution(text), allow_any_size=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..gate import EXIT_BAD_RESULT, GateInputError, compare_results, load_result, parse_fraction
+
+    args = build_parser().parse_args(argv)
+    try:
+        thresholds = (parse_fraction(args.max_slowdown), parse_fraction(args.max_vram_growth))
+        gate_baseline = load_result(args.gate) if args.gate else None
+        check_arguments(args)
+        from .run import make_plan, run  # torch, diffusers: only once the arguments are known to be good
+
+        plan = make_plan(args)
+        result = run(args, plan)
+    except GateInputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_RESULT
+    except EngineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    env = result["env"]
+    print(
+        f"\n{result['model']} {result['dtype']} on {env['gpu'] or 'CPU'} | torch {env['torch']} | "
+        f"diffusers {env['diffusers']} | commit {env['commit']} | {env['date']}"
+    )
+    print(format_table(result["rows"]))
+    budget_rows = [r for r in result["rows"] if r.get("budget_gib") is not None]
+    if budget_rows:
+        print("\nplans under --vram budgets (peaks measured with the GPU capped to the budget):")
+        print(format_table(budget_rows, BUDGET_COLUMNS))
+    requested = plan.out or default_out_path(env)
+    out = save_results(result, requested)
+    print(f"wrote {out} (+ .csv, .png)")
+    code = 0 if out == requested else 2
+    if args.save_baseline:
+        baseline_path = Path(args.save_baseline)
+        saved = save_results(result, baseline_path)
+        print(f"saved the gate baseline {saved}")
+        code = code or (0 if saved == baseline_path else 2)
+    failed = [r for r in result["rows"] if r.get("error")]
+    if gate_baseline is not None:
+        report = compare_results(result, gate_baseline, *thresholds)
+        print(report.format())
+        return report.code or code
+    if failed:
+        print(f"error: {len(failed)} row(s) failed: " + "; ".join(f"{r['config']} {r['width']}x{r['height']}"
+                                                             for r in failed), file=sys.stderr)  # fmt: skip
+        return 2
+    for line in verdicts(result):
+        print(line)
+    return code
