@@ -75,7 +75,7 @@ def environment_info(device: torch.device | str | None = None) -> dict:
     device = torch.device(device) if device is not None else None
     on_cuda = torch.cuda.is_available() and (device is None or device.type == "cuda")
     info = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "commit": git_commit(),
         "hostname": platform.node(),
         "python": platform.python_version(),

@@ -78,3 +78,17 @@ def test_the_notice_filters_drop_only_their_own_message(caplog):
         logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s", "no module")
         logger.warning("another bitsandbytes warning")
     assert [record.getMessage() for record in caplog.records] == ["another bitsandbytes warning"]
+
+
+def _package_name(folder: Path) -> str:
+    parts = folder.relative_to(REPO).parts
+    return ".".join(("flux_kernels", *parts[1:]) if parts[0] == "kernels" else parts)
+
+
+def test_every_package_folder_is_listed_for_installation():
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    inits = [init for top in ("engine", "kernels") for init in (REPO / top).rglob("__init__.py")]
+    folders = {_package_name(init.parent) for init in inits}
+    assert folders == listed  # a package left out would be missing from a non-editable install

@@ -8,8 +8,8 @@ table = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(table)
 
 
-def test_readme_results_table_is_generated_from_the_recorded_results():
-    assert table.main(["--check"]) == 0, "run: python benchmarks/make_readme_table.py"
+def test_results_page_is_generated_from_the_recorded_results():
+    assert table.main(["--check"]) == 0, "benchmarks/RESULTS.md is stale: run python benchmarks/make_readme_table.py"
 
 
 def _row(config, ms, **extra):
@@ -39,3 +39,23 @@ def test_cpu_runs_do_not_enter_the_table(tmp_path, monkeypatch):
     (tmp_path / "bench-cpu.json").write_text(json.dumps(payload))
     monkeypatch.setattr(table, "RESULTS", tmp_path)
     assert table.render() == "No GPU results are recorded yet."
+
+
+def test_main_writes_the_results_page_and_check_detects_drift(tmp_path, monkeypatch):
+    results, page = tmp_path / "results", tmp_path / "RESULTS.md"
+    results.mkdir()
+    env = {"gpu": "NVIDIA H100 80GB HBM3", "commit": "abc", "date": "2026-02-01T00:00:00"}
+    payload = {"env": env, "model": "synthetic:flux-dev", "preset": "kernels"}
+    payload["rows"] = [_row("diffusers", 180.0), _row("kernels", 120.0, speedup=1.5, psnr_db=48.0)]
+    (results / "bench-h100.json").write_text(json.dumps(payload))
+    monkeypatch.setattr(table, "RESULTS", results)
+    monkeypatch.setattr(table, "PAGE", page)
+    assert table.main(["--check"]) == 1  # missing page
+    assert table.main([]) == 0
+    text = page.read_text()
+    assert text.startswith("# flux-engine results\n")
+    assert "| card | date | commit | model | size | preset | ms/step |" in text
+    assert "](../README.md)" in text
+    assert table.main(["--check"]) == 0
+    page.write_text(text.replace("120.0", "119.0"))
+    assert table.main(["--check"]) == 1

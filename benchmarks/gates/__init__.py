@@ -72,7 +72,7 @@ def write_figures(path: Path, figures: dict, what: str) -> None:
     payload = {
         "what": what,
         "generated_by": UPDATE_COMMAND,
-        "generated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "generated_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "commit": git_commit(),
         "figures": figures,
     }
