@@ -17,10 +17,12 @@ from .errors import EngineError
 
 
 def check_writable(path: Path, flag: str) -> None:
-    """EngineError (naming `flag`, the path and the fix) unless a file can be written at `path`; a folder path
-    (no suffix, or an existing folder) is checked as the folder the files will go to. Creates missing folders."""
-    folder = path if path.is_dir() or not path.suffix else path.parent
-    fix = f"pass a path in a folder you can write to, e.g. {flag} {Path.home() / path.name}"
+    """EngineError (naming `flag`, the path and the fix) unless a file can be written at `path`. Creates missing
+    folders above it."""
+    folder = path.parent
+    fix = f"pass a path in a folder you can write to, e.g. {flag} {Path.home() / (path.name or 'result')}"
+    if path.is_dir():
+        raise EngineError(f"{flag} {str(path)!r} is a folder; name a file in it, e.g. {flag} {path / 'result.json'}")
     if folder.exists() and not folder.is_dir():
         raise EngineError(f"{flag} {str(path)!r}: {str(folder)!r} is a file, not a folder; {fix}")
     try:
@@ -29,8 +31,6 @@ def check_writable(path: Path, flag: str) -> None:
             pass
     except OSError as err:
         raise EngineError(f"{flag} {str(path)!r}: cannot write in {str(folder)!r} ({err.strerror}); {fix}") from err
-    if folder is not path and path.is_dir():
-        raise EngineError(f"{flag} {str(path)!r} is a folder; name a file in it, e.g. {flag} {path / 'result.json'}")
 
 
 def _file_mode() -> int:
@@ -55,6 +55,29 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
-def fallback_path(path: Path) -> Path:
-    """Where a result goes when `path` could not be written at the end of a run: the system's temporary folder."""
-    return Path(tempfile.gettempdir()) / path.name
+def fallback_paths(path: Path) -> list[Path]:
+    """Where a result goes when `path` could not be written at the end of a run: the system's temporary folder,
+    else the home folder (never `path` itself)."""
+    candidates = [Path(tempfile.gettempdir()) / path.name, Path.home() / path.name]
+    return [candidate for candidate in candidates if candidate.resolve() != path.resolve()]
+
+
+def write_with_fallback(path: Path, write: Callable[[Path], None], what: str) -> Path | None:
+    """`write(path)`; if that raises OSError (the disk filled, the folder went away), `write` to the first fallback
+    path that takes it, saying so on stderr. Returns where it went, or None when nothing could be written."""
+    import sys
+
+    try:
+        write(path)
+        return path
+    except OSError as err:
+        failure = err
+    for fallback in fallback_paths(path):
+        print(f"error: could not write {what} to {path} ({failure}); writing it to {fallback} instead", file=sys.stderr)
+        try:
+            write(fallback)
+            return fallback
+        except OSError as err:
+            failure = err
+    print(f"error: could not write {what} anywhere ({failure})", file=sys.stderr)
+    return None

@@ -9,7 +9,7 @@ from pathlib import Path
 from .cli import add_model_arguments, choose_model, default_guidance
 from .config import parse_resolution, resolve_config, validate_resolution, validate_steps
 from .errors import EngineError
-from .files import check_writable, write_atomically
+from .files import check_writable, write_atomically, write_with_fallback
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 IMAGE_SUFFIXES = tuple(IMAGE_FORMATS)
@@ -62,8 +62,12 @@ def run(args) -> tuple[Path, bool]:
         max_sequence_length=max_sequence_length,
     ).images[0]
     image_format = IMAGE_FORMATS[output.suffix.lower()]
-    write_atomically(output, lambda tmp: image.save(tmp, format=image_format))
-    return output, spec is not None
+    written = write_with_fallback(
+        output, lambda path: write_atomically(path, lambda tmp: image.save(tmp, format=image_format)), "the image"
+    )
+    if written is None:
+        raise EngineError(f"-o {str(output)!r}: the image could not be written (see above); free some disk space")
+    return written, spec is not None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {output}")
+    if output != Path(args.output):
+        return 2
     if synthetic:
         print(
             "note: the model is synthetic (random weights), so the image is noise; pass --model with a local "

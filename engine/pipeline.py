@@ -198,14 +198,14 @@ class FluxEngine(FluxPipeline):
         """Reject, with a clear message, inputs that diffusers only notices deep inside the model (or not at all:
         a NaN guidance scale makes a NaN image without a word)."""
         steps = call["num_inference_steps"]
-        if call["sigmas"] is None and (not _is_integer(steps) or steps < 1):
+        if call["sigmas"] is None and (not _is_int(steps) or steps < 1):
             raise InputError(f"num_inference_steps={steps!r} must be an integer >= 1 (FLUX.1-dev: 28-50, schnell: 4)")
         smallest = self.vae_scale_factor * 2
         for name in ("height", "width"):
             value = call[name]
             if value is None:
                 continue
-            if not _is_integer(value):
+            if not _is_whole_number(value):
                 raise InputError(
                     f"{name}={value!r} is not a whole number of pixels; pass an int that is a multiple of 16, "
                     f"such as 1024 (or None for the model's default)"
@@ -214,13 +214,15 @@ class FluxEngine(FluxPipeline):
                 raise InputError(f"{name}={value} is below the smallest image of {smallest} pixels")
         for name in ("guidance_scale", "true_cfg_scale"):
             value = call[name]
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            if value is None and name == "guidance_scale" and not self.transformer.config.guidance_embeds:
+                continue  # schnell has no guidance input: diffusers never reads it
+            if not _is_finite_number(value):
                 raise InputError(
                     f"{name}={value!r} must be a finite number (FLUX.1-dev is distilled for 3.5; "
                     f"true_cfg_scale 1.0 turns true CFG off)"
                 )
         images = call["num_images_per_prompt"]
-        if not _is_integer(images) or images < 1:
+        if not _is_int(images) or images < 1:
             raise InputError(f"num_images_per_prompt={images!r} must be an integer >= 1")
         self._check_embeds(call)
         self._check_latents(call)
@@ -272,11 +274,23 @@ def _leaner_plan_advice(plan, config: EngineConfig, budget_gib: float, height, w
     )
 
 
-def _is_integer(value) -> bool:
-    """An int, or a float with no fraction (diffusers takes 1024.0 as 1024); never a bool."""
-    if isinstance(value, bool):
+def _is_int(value) -> bool:
+    """An integer (Python's or NumPy's), never a bool: what diffusers counts steps and images with."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_whole_number(value) -> bool:
+    """An integer, or a real number with no fraction (diffusers takes 1024.0, or numpy's float32(1024), as a size)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return False
-    return isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
+    return _is_int(value) or float(value).is_integer()
+
+
+def _is_finite_number(value) -> bool:
+    """A finite real number, or a one-element tensor holding one (diffusers multiplies guidance into a tensor)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1 and not value.dtype.is_complex and bool(torch.isfinite(value).all())
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _batch_of(call: dict) -> int:

@@ -3,6 +3,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from engine.bench import cli, report
 from engine.bench import run as measurement
 from engine.errors import EngineError
+from engine.files import check_writable
 from engine.models import PIPELINE_COMPONENTS, VARIANTS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -265,19 +267,48 @@ def test_an_unwritable_out_fails_before_any_work(tmp_path):
     assert not list(tmp_path.glob("benchmarks"))
 
 
-def test_results_that_cannot_be_written_at_the_end_go_to_a_fallback(tmp_path, capsys):
+def test_results_that_cannot_be_written_at_the_end_go_to_a_fallback(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
     result = json.loads((REPO / "benchmarks/results/bench-fp8-ab-h100-80gb-hbm3-20261126-2228.json").read_text())
     blocked = tmp_path / "gone"
     blocked.write_text("")  # the folder the results were meant for became a file after the start-up check
-    written = report.save_results(result, blocked / "bench-fallback-test.json")
-    try:
-        assert written == report.fallback_path(blocked / "bench-fallback-test.json")
-        assert json.loads(written.read_text())["rows"] == json.loads(json.dumps(result["rows"]))
-        assert written.with_suffix(".png").is_file() and written.with_suffix(".csv").is_file()
-        assert str(written) in capsys.readouterr().err
-    finally:
-        for suffix in (".json", ".csv", ".png"):
-            written.with_suffix(suffix).unlink(missing_ok=True)
+    written = report.save_results(result, blocked / "bench.json")
+    assert written == tmp_path / "tmp" / "bench.json"
+    assert json.loads(written.read_text())["rows"] == json.loads(json.dumps(result["rows"]))
+    assert written.with_suffix(".png").is_file() and written.with_suffix(".csv").is_file()
+    assert f"writing it to {written} instead" in capsys.readouterr().err
+
+
+def test_results_already_in_the_temporary_folder_fall_back_to_home(tmp_path, capsys, monkeypatch):
+    temporary, home = tmp_path / "tmp", tmp_path / "home"
+    home.mkdir()
+    temporary.write_text("")  # the temporary folder, where --out pointed, cannot take files any more
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    monkeypatch.setenv("HOME", str(home))
+    result = {"env": {"gpu": None, "commit": "x", "date": "2026-11-29"}, "model": "m", "dtype": "fp32", "rows": []}
+    written = report.save_results(result, temporary / "bench.json")
+    assert written == home / "bench.json" and json.loads(written.read_text())["rows"] == []
+
+
+def test_a_folder_is_not_a_result_path(tmp_path):
+    with pytest.raises(EngineError, match=r"is a folder; name a file in it, e\.g\. --out .*result\.json"):
+        check_writable(tmp_path, "--out")
+    assert cli.main(["--out", str(tmp_path), "--device", "cpu"]) == 2
+
+
+def test_a_card_too_small_for_the_baseline_is_told_before_any_work():
+    plan = measurement.Plan(None, "synthetic:flux-dev", [(1024, 1024)], VARIANTS["flux-dev"], None)
+    args = cli.build_parser().parse_args([])
+    with pytest.raises(EngineError, match=r"the diffusers baseline needs ~37 GiB at 1024x1024 .* this GPU's 24 GiB"):
+        measurement.check_baseline_fits(plan, args, 24.0)
+    measurement.check_baseline_fits(plan, args, 80.0)  # fits: no error
+
+
+def test_warm_call_seconds_counts_the_warm_up_calls_own_steps():
+    row = measurement.Row("x", 64, 64, 4, 1, 1, 100.0, 90.0, 110.0, 1.0, 1.0, 0.01, 0.4, 0.2, 0.62, None, None, None)
+    assert measurement.warm_call_seconds(row, 4) == row.total_s  # as many steps as the timed calls: their time
+    assert measurement.warm_call_seconds(row, 1) == pytest.approx(0.01 + 0.2 + 0.1)  # encode + decode + 1 step
 
 
 def _rows(sizes, configs, memory):

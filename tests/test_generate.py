@@ -54,3 +54,10 @@ def test_generate_rejects_bad_input(argv, message, capsys, tmp_path):
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and __import__("re").search(message, err), err
+
+
+def test_an_existing_folder_is_not_an_image_path(tmp_path, capsys):
+    folder = tmp_path / "out.png"
+    folder.mkdir()
+    assert generate.main(["a fox", "--res", "64", "--device", "cpu", "-o", str(folder)]) == 2
+    assert "is a folder; name a file in it" in capsys.readouterr().err

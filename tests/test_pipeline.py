@@ -121,6 +121,10 @@ def test_too_small_image_is_a_clear_error(engine):
         ({"true_cfg_scale": float("nan")}, "true_cfg_scale=nan must be a finite number"),
         ({"num_images_per_prompt": 0}, "num_images_per_prompt=0 must be an integer >= 1"),
         ({"num_inference_steps": 2.5}, "num_inference_steps=2.5 must be an integer >= 1"),
+        ({"num_inference_steps": 2.0}, "num_inference_steps=2.0 must be an integer >= 1"),  # diffusers: TypeError
+        ({"num_images_per_prompt": 1.0}, "num_images_per_prompt=1.0 must be an integer >= 1"),
+        ({"guidance_scale": None}, "guidance_scale=None must be a finite number"),  # dev takes a guidance input
+        ({"guidance_scale": torch.tensor([3.5, 1.0])}, "must be a finite number"),
     ],
 )
 def test_bad_call_arguments_are_refused_before_any_step(engine, bad, message):
@@ -134,11 +138,20 @@ def test_bad_call_arguments_are_refused_before_any_step(engine, bad, message):
     assert steps == []  # diffusers would have made a NaN image, or failed deep inside the model
 
 
-def test_whole_float_sizes_work_as_in_diffusers(engine, tiny_components):
-    # diffusers takes height=64.0; so must a drop-in (and the image is the same as with 64)
-    as_float = engine(**tiny_call_kwargs(height=float(TINY_SIZE), width=float(TINY_SIZE))).images
-    as_int = engine(**tiny_call_kwargs()).images
-    assert torch.equal(as_float, as_int)
+def test_what_diffusers_accepts_works_the_same(engine):
+    # diffusers takes whole float sizes (Python's or NumPy's), NumPy ints, an int or a tensor guidance; so must a
+    # drop-in, with the same image as the plain Python values give
+    import numpy as np
+
+    pairs = [
+        ({"height": float(TINY_SIZE), "width": np.float32(TINY_SIZE)}, {}),
+        ({"height": np.int64(TINY_SIZE), "num_inference_steps": np.int64(2)}, {}),
+        ({"guidance_scale": torch.tensor(3.5)}, {"guidance_scale": 3.5}),
+        ({"guidance_scale": 3}, {"guidance_scale": 3.0}),
+    ]
+    for given, plain in pairs:
+        images = engine(**tiny_call_kwargs(**given)).images
+        assert torch.equal(images, engine(**tiny_call_kwargs(**plain)).images), given
 
 
 def test_latents_of_the_wrong_shape_are_a_clear_error(engine):

@@ -10,7 +10,8 @@ from pathlib import Path
 from ..cli import add_model_arguments
 from ..config import resolve_config
 from ..errors import EngineError
-from .report import BUDGET_COLUMNS, CPU_RESULTS, default_out_path, format_table, save_results, verdicts
+from ..files import write_with_fallback
+from .report import BUDGET_COLUMNS, CPU_RESULTS, default_out_path, format_table, save_results, verdicts, write_json
 
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse on the moon, earth rising behind"
 
@@ -159,12 +160,14 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(budget_rows, BUDGET_COLUMNS))
     requested = plan.out or default_out_path(env)
     out = save_results(result, requested)
-    print(f"wrote {out} (+ .csv, .png)")
+    if out is not None:
+        print(f"wrote {out} (+ .csv, .png)")
     code = 0 if out == requested else 2
     if args.save_baseline:
         baseline_path = Path(args.save_baseline)
-        saved = save_results(result, baseline_path)
-        print(f"saved the gate baseline {saved}")
+        saved = write_with_fallback(baseline_path, lambda path: write_json(path, result), "the gate baseline")
+        if saved is not None:
+            print(f"saved the gate baseline {saved}")
         code = code or (0 if saved == baseline_path else 2)
     failed = [r for r in result["rows"] if r.get("error")]
     if gate_baseline is not None:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
-from ..files import fallback_path, write_atomically
+from ..files import write_atomically, write_with_fallback
 
 BASELINE_LABEL = "diffusers"
 
@@ -230,7 +229,10 @@ def _plot_lines(axes, rows: list[dict], with_memory: bool) -> None:
         axis.set_xlim(left=0)
         axis.set_ylim(bottom=0)
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+        if axis.lines:
+            axis.legend(fontsize=8)
+        else:
+            axis.text(0.5, 0.5, "no row ran (see the errors)", ha="center", va="center", transform=axis.transAxes)
 
 
 def verdicts(result: dict) -> list[str]:
@@ -260,17 +262,14 @@ def verdicts(result: dict) -> list[str]:
     return lines
 
 
-def save_results(result: dict, out: Path) -> Path:
-    """The JSON, CSV and PNG at `out`; if that fails now (the disk filled, the folder went away), at the fallback
-    path instead, so that a long benchmark is never lost. Returns where the JSON went."""
-    try:
-        _write_all(result, out)
-        return out
-    except OSError as err:
-        fallback = fallback_path(out)
-        print(f"error: could not write {out} ({err}); writing the results to {fallback} instead", file=sys.stderr)
-        _write_all(result, fallback)
-        return fallback
+def save_results(result: dict, out: Path) -> Path | None:
+    """The JSON, CSV and PNG at `out`; if that fails now (the disk filled, the folder went away), at a fallback
+    path instead, so that a long benchmark is never lost; when nothing can be written, the JSON goes to stdout.
+    Returns where the JSON went (None: stdout)."""
+    written = write_with_fallback(out, lambda path: _write_all(result, path), "the results")
+    if written is None:
+        print(json.dumps(_json_safe(result), indent=2))
+    return written
 
 
 def _write_all(result: dict, out: Path) -> None:

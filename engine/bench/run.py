@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..cli import choose_model, default_guidance
-from ..config import resolve_config, validate_steps
+from ..config import resolve_config
 from ..errors import EngineError
 from ..files import check_writable
 from ..measure import (
@@ -26,10 +26,9 @@ from ..measure import (
     synchronize,
     track_peak_memory,
 )
-from .cli import check_positive, parse_budgets, parse_presets
+from .cli import check_arguments, parse_budgets, parse_presets
 from .report import BASELINE_LABEL, default_out_dir
 
-DEFAULT_PROMPT = "a photograph of an astronaut riding a horse on the moon, earth rising behind"
 JSON_VERSION = 1
 
 # ----------------------------------------------------------------------------- phase timing
@@ -382,13 +381,8 @@ class Plan:
 
 def make_plan(args) -> Plan:
     """Validate every argument, and check that the results can be written, before anything heavy is built."""
+    check_arguments(args)
     args.budgets = parse_budgets(args.vram)
-    validate_steps(args.steps)
-    for name in ("runs", "warmup_steps"):
-        if getattr(args, name) is not None:
-            check_positive(name.replace("_", "-"), getattr(args, name))
-    check_positive("warmup", args.warmup, 0)
-    check_positive("batch", args.batch)
     if args.preset is not None or args.budgets:
         presets = parse_presets(args.preset or "", allow_none=bool(args.budgets))
     choice = choose_model(args, args.res)
@@ -398,13 +392,15 @@ def make_plan(args) -> Plan:
     if args.warmup_steps is None:
         args.warmup_steps = 1 if on_cpu else args.steps
     out = Path(args.out) if args.out else None
-    check_writable(out or default_out_dir(choice.device.type == "cuda"), "--out")
+    check_writable(out or default_out_dir(choice.device.type == "cuda") / "bench.json", "--out")
     for path in (args.save_baseline,) if args.save_baseline else ():
         check_writable(Path(path), "--save-baseline")
     note = None
     if choice.defaulted_to_tiny:
         note = "no CUDA GPU: benchmarking the tiny synthetic model on the CPU (timings say nothing about a GPU)"
     plan = Plan(choice.device, choice.model, choice.sizes, choice.spec, note, out=out)
+    if not args.no_baseline and plan.device.type == "cuda":
+        check_baseline_fits(plan, args, card_gib(plan.device))
     if args.preset is None and not args.budgets:
         fastest = fastest_for(plan, args)
         plan.configs = [fastest.config]
@@ -415,6 +411,31 @@ def make_plan(args) -> Plan:
     return plan
 
 
+def card_gib(device: torch.device) -> float:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_properties(index).total_memory / 2**30
+
+
+def check_baseline_fits(plan: Plan, args, card: float) -> None:
+    """The diffusers baseline keeps every component on the GPU: on a card of `card` GiB too small for it, say so
+    before building anything (an out-of-memory traceback minutes later helps nobody)."""
+    if plan.spec is None or args.dtype == "fp32":
+        return
+    from ..config import PRESETS
+    from ..planner import RESERVE_GIB, predict
+
+    for height, width in plan.sizes:
+        need = predict(PRESETS["baseline"], plan.spec.name, height, width, args.batch, args.steps).peak_gib
+        if need + RESERVE_GIB > card:
+            raise EngineError(
+                f"the diffusers baseline needs ~{need + RESERVE_GIB:.0f} GiB at {width}x{height} (predicted), more "
+                f"than this GPU's {card:.0f} GiB, and the bench builds every component on the GPU in "
+                f"{args.dtype or 'bf16'} before the engine quantises or offloads it; run it on a larger GPU, or check "
+                "the mechanics with "
+                "--model synthetic:tiny"
+            )
+
+
 def fastest_for(plan: Plan, args):
     """The planner's fastest config for this machine at the sizes asked for (engine.planner.fastest_config)."""
     from flux_kernels import triton_runnable
@@ -423,13 +444,10 @@ def fastest_for(plan: Plan, args):
     from ..quantize import fp8_compute_for
 
     cuda = plan.device.type == "cuda"
-    card_gib = None
-    if cuda:
-        index = plan.device.index if plan.device.index is not None else torch.cuda.current_device()
-        card_gib = torch.cuda.get_device_properties(index).total_memory / 2**30
     return fastest_config(
         plan.device.type, plan.sizes, variant=plan.spec.name if plan.spec is not None else "flux-dev",
-        card_gib=card_gib, fp8_hardware=cuda and fp8_compute_for(plan.device) == "scaled_mm",
+        card_gib=card_gib(plan.device) if cuda else None,
+        fp8_hardware=cuda and fp8_compute_for(plan.device) == "scaled_mm",
         triton=triton_runnable(plan.device), batch=args.batch, steps=args.steps,
     )  # fmt: skip
 
@@ -437,9 +455,10 @@ def fastest_for(plan: Plan, args):
 def headline(plan: Plan, fastest, args) -> str:
     sizes = ", ".join(f"{w}x{h}" for h, w in plan.sizes)
     runs = f"{args.runs} run" + ("s" if args.runs > 1 else "")
+    versus = "alone (--no-baseline)" if args.no_baseline else "vs diffusers FluxPipeline"
     return (
-        f"flux-engine {fastest.config.label} vs diffusers FluxPipeline, {plan.model} at {sizes}, {args.steps} steps x "
-        f"{runs}: {fastest.reason} (other presets: --preset NAME; see --help)"
+        f"flux-engine {fastest.config.label} {versus}, {plan.model} at {sizes}, {args.steps} steps x {runs}: "
+        f"{fastest.reason} (other presets: --preset NAME; see --help)"
     )
 
 
@@ -454,8 +473,6 @@ def load_components(plan: Plan, args, dtype: torch.dtype) -> dict:
 def with_compile_cache(config, args):
     """The bench measures a cold compile: unless --cache-dir names one, compile into a fresh, empty cache
     (inductor, Triton and the engine's artefacts), which the warm measurement then reuses."""
-    from dataclasses import replace
-
     from ..compile import point_compiler_caches
     from ..config import CacheConfig
 
@@ -678,7 +695,8 @@ def run(args, plan: Plan | None = None) -> dict:
                 if not args.no_baseline and outputs[key] is not None:
                     compare(row, outputs[key], rows[(BASELINE_LABEL, size)], outputs[(BASELINE_LABEL, size)])
             # the warm-compile probe once per compiled preset (a --vram plan reuses the graphs of the presets)
-            warm_probe = job.budget_gib is None and engine.compile_state is not None
+            # (only after a warm-up call: its time, less a timed call's, is the cold compile)
+            warm_probe = job.budget_gib is None and engine.compile_state is not None and args.warmup > 0
             if warm_probe and outputs[(label, job.sizes[0])] is not None:
                 first = rows[(label, job.sizes[0])]
                 first.compile_cold_s = max(0.0, first.first_call_s - warm_call_seconds(first, args.warmup_steps))
