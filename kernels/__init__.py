@@ -57,8 +57,12 @@ def check_runnable(device: torch.device, op: str) -> None:
     if device.type == "cuda":  # a CUDA tensor exists, so the GPU is there: the per-call fast path
         return
     if triton_runnable(device):
-        if device.type == "cpu":
-            _patch_interpreter()
+        if device.type == "cpu" and not _INTERPRETER_FIXES:
+            raise RuntimeError(
+                f"{op}: CPU tensors run in Triton's interpreter, whose bugs make these kernels wrong (see "
+                "interpreter_fixes); run them inside `with flux_kernels.interpreter_fixes():` (the tests do), or use "
+                f"the PyTorch reference {op}_ref"
+            )
         return
     if device.type == "cpu":
         raise RuntimeError(
@@ -69,8 +73,13 @@ def check_runnable(device: torch.device, op: str) -> None:
     raise RuntimeError(f"{op}: Triton kernels cannot run on device {device}; use a CUDA device")
 
 
-def _patch_interpreter() -> None:
-    """Work around three bugs of the Triton 3.6 interpreter (CPU runs only; compiled kernels never come here).
+_INTERPRETER_FIXES: list[int] = []  # one entry per active interpreter_fixes() block
+
+
+@contextlib.contextmanager
+def interpreter_fixes():
+    """Work around three bugs of Triton's interpreter (3.6 and 3.7) inside the block, and put Triton back as it was
+    after it (CPU runs only; compiled kernels never use the interpreter). The kernels refuse CPU tensors outside it.
 
     1. Scalars are 1-element arrays, turned into Python ints (for `range`) with `int(array)`, which NumPy
        >= 2.4 refuses for ndim > 0: every `tl.range(lo, hi)` with run-time bounds fails. Use `.item()`.
@@ -79,12 +88,18 @@ def _patch_interpreter() -> None:
     3. fp32 -> float8e4nv conversions truncate the mantissa (or, asked for round-to-nearest-even, round half
        up without carrying into the exponent); the GPU rounds to nearest even. Convert with PyTorch's cast,
        which does (whatever rounding mode was asked: our kernels ask for round-to-nearest-even only).
+    Blocks may nest; the outermost one patches and restores.
     """
     import numpy as np
     import triton.language as tl
     from triton.runtime import interpreter
 
-    if getattr(interpreter, "_flux_patched", False):
+    if _INTERPRETER_FIXES:
+        _INTERPRETER_FIXES.append(1)
+        try:
+            yield
+        finally:
+            _INTERPRETER_FIXES.pop()
         return
     original_patch_tensor = interpreter._patch_lang_tensor
     original_dot = interpreter.InterpreterBuilder.create_dot
@@ -112,7 +127,14 @@ def _patch_interpreter() -> None:
     interpreter._patch_lang_tensor = patch_lang_tensor
     interpreter._convert_float = convert_float
     interpreter.InterpreterBuilder.create_dot = create_dot
-    interpreter._flux_patched = True
+    _INTERPRETER_FIXES.append(1)
+    try:
+        yield
+    finally:
+        _INTERPRETER_FIXES.pop()
+        interpreter._patch_lang_tensor = original_patch_tensor
+        interpreter._convert_float = original_convert
+        interpreter.InterpreterBuilder.create_dot = original_dot
 
 
 _NO_GUARD = contextlib.nullcontext()
@@ -172,6 +194,7 @@ __all__ = [
     "TunedLaunch",
     "check_runnable",
     "device_guard",
+    "interpreter_fixes",
     "multiprocessor_count",
     "new_output",
     "triton_interpreting",

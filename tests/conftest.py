@@ -15,6 +15,19 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _triton_interpreter_fixes():
+    """Without CUDA the kernels run in Triton's interpreter, whose bugs flux_kernels.interpreter_fixes works around
+    for the whole session (and undoes after it)."""
+    if HAS_CUDA:
+        yield
+        return
+    import flux_kernels
+
+    with flux_kernels.interpreter_fixes():
+        yield
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return
