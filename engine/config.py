@@ -8,10 +8,19 @@ widen the allowed values of their part as they land; a value is only accepted on
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Literal, get_args
 
 from .errors import ConfigError, ResolutionError
 
 IMAGE_MULTIPLE = 16  # VAE factor 8 x 2x2 latent patches
+
+# The allowed values of each choice, as types (for readers and type checkers) and as tuples (for the checks below)
+AttentionBackend = Literal["sdpa", "triton", "auto"]
+QuantMode = Literal["none", "fp8", "fp8-weight", "int8-weight", "nf4"]
+OffloadPolicy = Literal["none", "model", "block", "leaf"]
+CompileMode = Literal["none", "regional"]
+CompileBackend = Literal["inductor", "aot_eager", "eager"]
+VaeTiling = Literal["off", "on", "auto"]
 
 
 def _check_choice(part: str, name: str, value, allowed: tuple) -> None:
@@ -29,10 +38,10 @@ class AttentionConfig:
     Anything but ('sdpa', False) also fuses the QKV projections (weights shared, not copied).
     """
 
-    backend: str = "sdpa"
+    backend: AttentionBackend = "sdpa"
     fused_norms: bool = False
 
-    BACKENDS = ("sdpa", "triton", "auto")
+    BACKENDS = get_args(AttentionBackend)
 
     def __post_init__(self):
         _check_choice("attention", "backend", self.backend, self.BACKENDS)
@@ -74,14 +83,14 @@ class QuantConfig:
         fidelity columns for what it costs.
     """
 
-    transformer: str = "none"
-    text_encoder_2: str = "none"
-    text_encoder: str = "none"
+    transformer: QuantMode = "none"
+    text_encoder_2: QuantMode = "none"
+    text_encoder: QuantMode = "none"
     nf4_double_quant: bool = False
     fp8_fused_input: bool = True
     fp8_fast_accum: bool = False
 
-    MODES = ("none", "fp8", "fp8-weight", "int8-weight", "nf4")
+    MODES = get_args(QuantMode)
     COMPONENTS = ("transformer", "text_encoder_2", "text_encoder")
 
     def __post_init__(self):
@@ -125,11 +134,11 @@ class OffloadConfig:
     prompt_cache: prompt embeddings kept per pipeline (0: none), for every policy but 'none'.
     """
 
-    policy: str = "none"
+    policy: OffloadPolicy = "none"
     blocks_resident: int = 2
     prompt_cache: int = 8
 
-    POLICIES = ("none", "model", "block", "leaf")
+    POLICIES = get_args(OffloadPolicy)
 
     def __post_init__(self):
         _check_choice("offload", "policy", self.policy, self.POLICIES)
@@ -166,13 +175,13 @@ class CompileConfig:
     backend: 'inductor' for speed; 'aot_eager' / 'eager' to debug graph capture (and for fast CPU tests).
     """
 
-    mode: str = "none"
+    mode: CompileMode = "none"
     dynamic: bool = True
     cuda_graphs: bool = False
-    backend: str = "inductor"
+    backend: CompileBackend = "inductor"
 
-    MODES = ("none", "regional")
-    BACKENDS = ("inductor", "aot_eager", "eager")
+    MODES = get_args(CompileMode)
+    BACKENDS = get_args(CompileBackend)
 
     def __post_init__(self):
         _check_choice("compile", "mode", self.mode, self.MODES)
@@ -200,11 +209,11 @@ class VaeConfig:
         tiles and blended (a multiple of 8, less than half a tile).
     """
 
-    tiling: str = "off"
+    tiling: VaeTiling = "off"
     tile: int = 1024
     overlap: int = 128
 
-    TILINGS = ("off", "on", "auto")
+    TILINGS = get_args(VaeTiling)
 
     def __post_init__(self):
         _check_choice("vae", "tiling", self.tiling, self.TILINGS)
@@ -298,104 +307,86 @@ class EngineConfig:
         return replace(self, name="") == EngineConfig()
 
 
+# The parts the presets share: each preset below is a combination of these, and says only what it adds
+_KERNELS = AttentionConfig(backend="auto", fused_norms=True)  # our Triton kernels, attention core by measurement
+_REGIONAL = CompileConfig(mode="regional")
+_FP8 = QuantConfig(transformer="fp8")
+_FP8_FAST = QuantConfig(transformer="fp8", fp8_fast_accum=True)
+_VAE_512 = VaeConfig(tiling="auto", tile=512, overlap=64)
+
+
+def _preset(name: str, **parts) -> EngineConfig:
+    return EngineConfig(name=name, **parts)
+
+
 PRESETS: dict[str, EngineConfig] = {
-    "baseline": EngineConfig(name="baseline"),
+    "baseline": _preset("baseline"),
     # our Triton kernels, eager: fused QKV, QK-norm+RoPE, adaLN modulate; attention core picked by measurement
-    "kernels": EngineConfig(attention=AttentionConfig(backend="auto", fused_norms=True), name="kernels"),
+    "kernels": _preset("kernels", attention=_KERNELS),
     # regional torch.compile of the diffusers blocks, dynamic sizes, persistent cache
-    "compile": EngineConfig(compile=CompileConfig(mode="regional"), name="compile"),
+    "compile": _preset("compile", compile=_REGIONAL),
     # our kernels inside the compiled regions
-    "kernels-compile": EngineConfig(
-        attention=AttentionConfig(backend="auto", fused_norms=True),
-        compile=CompileConfig(mode="regional"),
-        name="kernels-compile",
-    ),
+    "kernels-compile": _preset("kernels-compile", attention=_KERNELS, compile=_REGIONAL),
     # the same with inductor's CUDA graphs in the regions: for small sizes and few steps, where launches dominate
-    "kernels-compile-cudagraphs": EngineConfig(
-        attention=AttentionConfig(backend="auto", fused_norms=True),
-        compile=CompileConfig(mode="regional", cuda_graphs=True),
-        name="kernels-compile-cudagraphs",
+    "kernels-compile-cudagraphs": _preset(
+        "kernels-compile-cudagraphs", attention=_KERNELS, compile=replace(_REGIONAL, cuda_graphs=True)
     ),
     # our kernels + fp8 W8A8 transformer (FP8 tensor cores on sm >= 8.9), eager
-    "fp8": EngineConfig(
-        attention=AttentionConfig(backend="auto", fused_norms=True), quant=QuantConfig(transformer="fp8"), name="fp8"
-    ),
+    "fp8": _preset("fp8", attention=_KERNELS, quant=_FP8),
     # the same inside the regional compile: the per-token activation quantisation is compiled with the blocks
-    "fp8-compile": EngineConfig(
-        attention=AttentionConfig(backend="auto", fused_norms=True),
-        quant=QuantConfig(transformer="fp8"),
-        compile=CompileConfig(mode="regional"),
-        name="fp8-compile",
-    ),
+    "fp8-compile": _preset("fp8-compile", attention=_KERNELS, quant=_FP8, compile=_REGIONAL),
     # fp8-compile with the FP8 tensor cores' fast accumulation (torchao's default): faster GEMMs, partial sums at
     # lower precision (its PSNR is in the README's ladder)
-    "fp8-compile-fastacc": EngineConfig(
-        attention=AttentionConfig(backend="auto", fused_norms=True),
-        quant=QuantConfig(transformer="fp8", fp8_fast_accum=True),
-        compile=CompileConfig(mode="regional"),
-        name="fp8-compile-fastacc",
-    ),
+    "fp8-compile-fastacc": _preset("fp8-compile-fastacc", attention=_KERNELS, quant=_FP8_FAST, compile=_REGIONAL),
     # fp8-compile-fastacc replayed as one CUDA graph per shape: no host launch overhead (the fp8 steps at 1024^2
     # are fast enough for the host's enqueueing to show)
-    "fp8-compile-fastacc-cudagraphs": EngineConfig(
-        attention=AttentionConfig(backend="auto", fused_norms=True),
-        quant=QuantConfig(transformer="fp8", fp8_fast_accum=True),
-        compile=CompileConfig(mode="regional", cuda_graphs=True),
-        name="fp8-compile-fastacc-cudagraphs",
+    "fp8-compile-fastacc-cudagraphs": _preset(
+        "fp8-compile-fastacc-cudagraphs",
+        attention=_KERNELS,
+        quant=_FP8_FAST,
+        compile=replace(_REGIONAL, cuda_graphs=True),
     ),
     # ablation of fp8-compile: the norm kernels write bf16 and each fp8 layer quantises its input itself
-    "fp8-compile-unfused-quant": EngineConfig(
-        attention=AttentionConfig(backend="auto", fused_norms=True),
-        quant=QuantConfig(transformer="fp8", fp8_fused_input=False),
-        compile=CompileConfig(mode="regional"),
-        name="fp8-compile-unfused-quant",
+    "fp8-compile-unfused-quant": _preset(
+        "fp8-compile-unfused-quant",
+        attention=_KERNELS,
+        quant=replace(_FP8, fp8_fused_input=False),
+        compile=_REGIONAL,
     ),
     # small cards: transformer and T5 in NF4 (bitsandbytes, CUDA), a memory tool, not a speed tool
-    "nf4": EngineConfig(
-        attention=AttentionConfig(backend="auto", fused_norms=True),
-        quant=QuantConfig(transformer="nf4", text_encoder_2="nf4"),
-        name="nf4",
-    ),
+    "nf4": _preset("nf4", attention=_KERNELS, quant=QuantConfig(transformer="nf4", text_encoder_2="nf4")),
     # int8 weight-only (optimum-quanto) transformer and T5: no FP8 hardware needed
-    "int8-weight": EngineConfig(
-        attention=AttentionConfig(backend="auto", fused_norms=True),
-        quant=QuantConfig(transformer="int8-weight", text_encoder_2="int8-weight"),
-        name="int8-weight",
+    "int8-weight": _preset(
+        "int8-weight", attention=_KERNELS, quant=QuantConfig(transformer="int8-weight", text_encoder_2="int8-weight")
     ),
     # bf16 on a 24 GiB card: the transformer stays on the GPU, the text encoders visit it (T5 block by block,
     # embeddings cached), the VAE decodes in tiles
-    "lean-bf16": EngineConfig(
-        attention=AttentionConfig(backend="auto", fused_norms=True),
-        offload=OffloadConfig(policy="model"),
-        compile=CompileConfig(mode="regional"),
-        vae=VaeConfig(tiling="auto", tile=512, overlap=64),
-        name="lean-bf16",
+    "lean-bf16": _preset(
+        "lean-bf16", attention=_KERNELS, offload=OffloadConfig(policy="model"), compile=_REGIONAL, vae=_VAE_512
     ),
     # small cards: fp8 transformer blocks streamed from pinned host memory behind the compute, tiled VAE
-    "fp8-block": EngineConfig(
-        attention=AttentionConfig(backend="auto", fused_norms=True),
-        quant=QuantConfig(transformer="fp8"),
+    "fp8-block": _preset(
+        "fp8-block",
+        attention=_KERNELS,
+        quant=_FP8,
         offload=OffloadConfig(policy="block"),
-        compile=CompileConfig(mode="regional"),
+        compile=_REGIONAL,
         vae=VaeConfig(tiling="auto"),
-        name="fp8-block",
     ),
     # the least VRAM: one fp8 Linear at a time (eager: leaf hooks sit inside the blocks)
-    "fp8-leaf": EngineConfig(
-        attention=AttentionConfig(backend="auto", fused_norms=True),
-        quant=QuantConfig(transformer="fp8"),
+    "fp8-leaf": _preset(
+        "fp8-leaf",
+        attention=_KERNELS,
+        quant=_FP8,
         offload=OffloadConfig(policy="leaf", blocks_resident=4),
-        vae=VaeConfig(tiling="auto", tile=512, overlap=64),
-        name="fp8-leaf",
+        vae=_VAE_512,
     ),
     # diffusers' transformer as it is, the VAE decoded in 512-px tiles, blended: the fastest preset on a CPU, where our
     # Triton kernels and fp8 do not run and compile gains ~1% per step for ~23 s of compiling; tiles that fit the
     # caches decode the tiny model's 2048^2 image 3x faster there (benchmarks/NOTES.md, 2026-11-29)
-    "tiled-vae": EngineConfig(vae=VaeConfig(tiling="auto", tile=512, overlap=64), name="tiled-vae"),
+    "tiled-vae": _preset("tiled-vae", vae=_VAE_512),
     # the same with our flash attention forced (for ablations: attention kernel vs SDPA)
-    "kernels-triton-attn": EngineConfig(
-        attention=AttentionConfig(backend="triton", fused_norms=True), name="kernels-triton-attn"
-    ),
+    "kernels-triton-attn": _preset("kernels-triton-attn", attention=replace(_KERNELS, backend="triton")),
 }
 
 
