@@ -2,7 +2,7 @@
 default pick, and torch.compile of attention_ref, at FLUX's attention shapes (B=1, H=24, D=128, bf16;
 L = 1536 / 4608 / 16896 = 512 text + 1024 / 4096 / 16384 image tokens).
 
-    python benchmarks/bench_attention.py --out benchmarks/results/attention_<gpu>_<date>.json
+    python -m benchmarks.bench_attention --out benchmarks/results/attention_<gpu>_<date>.json
 
 Two times per implementation, both as median, p20, p80: eager, triton.testing.do_bench of the Python call
 (L2 flushed between runs: launch overhead shows where it exceeds the flush kernel's run time), and gpu,
@@ -23,11 +23,8 @@ from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):  # run as a script: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from engine.measure import cudagraph_ms, do_bench_ms, environment_info, host_us_per_call  # noqa: E402
-from flux_kernels.attention import _flash_attention_fwd_kernel, attention_ref, flash_attention  # noqa: E402
+from engine.measure import cudagraph_ms, do_bench_ms, environment_info, host_us_per_call
+from flux_kernels.attention import _flash_attention_fwd_kernel, attention_ref, flash_attention
 
 DEFAULT_LENGTHS = (1536, 4608, 16896)
 CHECKED_HEADS = 2  # heads compared against the fp32 reference (bounded memory at L = 16896)

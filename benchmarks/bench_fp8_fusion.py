@@ -1,6 +1,6 @@
 """Benchmark: where the fp8 activation-quantisation fusion gains or loses time (CUDA only).
 
-    python benchmarks/bench_fp8_fusion.py --out benchmarks/results/fp8-fusion-<gpu>-<date>.json
+    python -m benchmarks.bench_fp8_fusion --out benchmarks/results/fp8-fusion-<gpu>-<date>.json
 
 1. Device time (CUDA graphs, inputs rotated out of L2, as bench_norm.py) at FLUX's hidden size 3072 and
    L = 4608 / 16896 tokens of the kernels that make the fp8 projections' inputs: the norm kernels (bf16, with fp8
@@ -25,11 +25,8 @@ from types import SimpleNamespace
 
 import torch
 
-if __package__ in (None, ""):  # run as a script: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.bench_norm import HIDDEN, gpu_ms, layernorm_cases  # noqa: E402
-from benchmarks.bench_torchao import (  # noqa: E402
+from benchmarks.bench_norm import HIDDEN, gpu_ms, layernorm_cases
+from benchmarks.bench_torchao import (
     build_transformer,
     compile_regionally,
     forward,
@@ -37,7 +34,7 @@ from benchmarks.bench_torchao import (  # noqa: E402
     make_inputs,
     time_forward,
 )
-from engine.measure import environment_info  # noqa: E402
+from engine.measure import environment_info
 
 TOKENS = (4608, 16896)
 SETS = 4  # input sets rotated through, so that no call finds its inputs in L2

@@ -1,7 +1,7 @@
 """Micro-benchmark: the kernels of kernels/norm.py against their eager PyTorch references and
 torch.compile of those references, at FLUX shapes, in GB/s and as a share of the card's copy ceiling.
 
-    python benchmarks/bench_norm.py --out benchmarks/results/norm_<gpu>_<date>.json
+    python -m benchmarks.bench_norm --out benchmarks/results/norm_<gpu>_<date>.json
 
 qk_norm_rope: B=1, H=24, D=128, L_txt=512, L_img=1024 / 4096 / 16384 (double-stream layout).
 layernorm_modulate, gated_residual_layernorm_modulate: (1, L, 3072), L = 4608 / 16896.
@@ -31,11 +31,8 @@ from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):  # run as a script: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from engine.measure import do_bench_ms, environment_info, host_us_per_call, quantiles  # noqa: E402
-from flux_kernels.norm import (  # noqa: E402
+from engine.measure import do_bench_ms, environment_info, host_us_per_call, quantiles
+from flux_kernels.norm import (
     gated_residual_layernorm_modulate,
     gated_residual_layernorm_modulate_ref,
     layernorm_modulate,

@@ -1,7 +1,7 @@
 """Benchmark: weight quantisation of the synthetic FLUX.1-dev transformer, every mode beside bf16 in one run.
 
-    python benchmarks/bench_quant.py --out benchmarks/results/quant-<gpu>-<date>.json
-    python benchmarks/bench_quant.py --load-peak-mode fp8 --out benchmarks/results/quant-load-<gpu>-<date>.json
+    python -m benchmarks.bench_quant --out benchmarks/results/quant-<gpu>-<date>.json
+    python -m benchmarks.bench_quant --load-peak-mode fp8 --out benchmarks/results/quant-load-<gpu>-<date>.json
 
 Per mode (bf16 reference, fp8, fp8-weight, int8-weight, nf4), each on the engine's kernels (the "kernels"
 preset's attention) so only the quantisation differs, at 1024^2:
@@ -33,11 +33,8 @@ from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):  # run as a script: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from engine.config import PRESETS, CacheConfig, EngineConfig, QuantConfig  # noqa: E402
-from engine.measure import (  # noqa: E402
+from engine.config import PRESETS, CacheConfig, EngineConfig, QuantConfig
+from engine.measure import (
     environment_info,
     psnr,
     quantiles,
@@ -45,7 +42,7 @@ from engine.measure import (  # noqa: E402
     sqnr_db,
     track_peak_memory,
 )
-from engine.models import _build_transformer, dtype_as_default, synthetic_components, variant_spec  # noqa: E402
+from engine.models import _build_transformer, dtype_as_default, synthetic_components, variant_spec
 
 MODES = ("none", "fp8", "fp8-weight", "int8-weight", "nf4")
 PROMPT = "a photograph of an astronaut riding a horse on the moon, earth rising behind"

@@ -1,8 +1,8 @@
 """Benchmark: our fp8 (engine.quantize, `torch._scaled_mm` row-wise) vs torchao's
 `Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())` on the synthetic FLUX.1-dev transformer.
 
-    python benchmarks/bench_torchao.py                              # one H100: ~3 minutes
-    python benchmarks/bench_torchao.py --variant tiny --device cpu  # smoke test of the script on a CPU
+    python -m benchmarks.bench_torchao                              # one H100: ~3 minutes
+    python -m benchmarks.bench_torchao --variant tiny --device cpu  # smoke test of the script on a CPU
 
 One transformer forward at 1024^2 (4096 image tokens + 512 text tokens, random inputs of the real shapes), in
 diffusers' own block layout for all three so that only the linears differ:
@@ -42,11 +42,8 @@ from types import SimpleNamespace
 
 import torch
 
-if __package__ in (None, ""):  # run as a script: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from engine.measure import Timer, environment_info, quantiles, sqnr_db  # noqa: E402
-from engine.models import _build_transformer, dtype_as_default, variant_spec  # noqa: E402
+from engine.measure import Timer, environment_info, quantiles, sqnr_db
+from engine.models import _build_transformer, dtype_as_default, variant_spec
 
 GIB = 2**30
 

@@ -1,6 +1,6 @@
 """Micro-benchmark: the FLUX VAE decode, untiled vs diffusers' `enable_tiling()` vs `engine.vae.tiled_decode`.
 
-    python benchmarks/bench_vae.py --res 1024,2048 --out benchmarks/results/
+    python -m benchmarks.bench_vae --res 1024,2048 --out benchmarks/results/
 
 The real flux-dev VAE (AutoencoderKL, 16 latent channels, random weights: speed and memory do not depend on
 the values), bf16 on CUDA, decoding random latents [B, 16, H/8, W/8]. Per resolution, one row each:
@@ -31,13 +31,10 @@ from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):  # run as a script: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from engine.config import VaeConfig, parse_resolution  # noqa: E402
-from engine.measure import environment_info, psnr, quantiles, synchronize  # noqa: E402
-from engine.models import dtype_as_default, variant_spec  # noqa: E402
-from engine.vae import (  # noqa: E402
+from engine.config import VaeConfig, parse_resolution
+from engine.measure import environment_info, psnr, quantiles, synchronize
+from engine.models import dtype_as_default, variant_spec
+from engine.vae import (
     CONV_WORKSPACE_COPIES,
     decode_peak_bytes,
     decode_peak_stage,

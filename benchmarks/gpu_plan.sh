@@ -45,8 +45,8 @@ for s in "$@"; do
     tests) stage tests 200 python3 -m pytest -q -x -m gpu tests ;;
     tests-engine) stage tests-engine 150 python3 -m pytest -q -x tests/test_engine_attention.py ;;
     kernels)
-      stage bench-attention 170 python3 benchmarks/bench_attention.py --out "$OUT/attention-$CARD-$DAY.json"
-      stage bench-norm 100 python3 benchmarks/bench_norm.py --out "$OUT/norm-$CARD-$DAY.json" ;;
+      stage bench-attention 170 python3 -m benchmarks.bench_attention --out "$OUT/attention-$CARD-$DAY.json"
+      stage bench-norm 100 python3 -m benchmarks.bench_norm --out "$OUT/norm-$CARD-$DAY.json" ;;
     bench-baseline)
       stage bench-baseline 120 python3 -m engine.bench --res 1024 --steps 4 \
         --out "$OUT/bench-baseline-$CARD-$DAY.json" ;;
@@ -74,15 +74,15 @@ for s in "$@"; do
         --runs 2 --no-baseline --preset kernels-triton-attn --out "$OUT/gate-slowed-$CARD-$DAY.json" \
         --gate "$OUT/gate-baseline-$CARD-$DAY.json" ;;
     quant-compile)
-      stage quant-compile 300 python3 benchmarks/bench_quant.py --modes none,fp8 --budget-s 280 \
+      stage quant-compile 300 python3 -m benchmarks.bench_quant --modes none,fp8 --budget-s 280 \
         --out "$OUT/quant-compile-$CARD-$DAY.json" ;;
     tests-all-gpu)
       stage tests-all-gpu 200 python3 -m pytest -q -m gpu tests
       stage tests-engine-gpu 200 python3 -m pytest -q tests/test_engine_attention.py tests/test_compile.py \
         -k "not cache_round_trip and not no_graph_break_and_no_recompile" ;;
     tests-mem) stage tests-mem 240 python3 -m pytest -q -m gpu tests/test_offload.py tests/test_vae.py tests/test_planner.py ;;
-    vae) stage vae 150 python3 benchmarks/bench_vae.py --res 1024,2048 --out "$OUT" ;;
-    torchao) stage torchao 260 python3 benchmarks/bench_torchao.py --out "$OUT" ;;
+    vae) stage vae 150 python3 -m benchmarks.bench_vae --res 1024,2048 --out "$OUT" ;;
+    torchao) stage torchao 260 python3 -m benchmarks.bench_torchao --out "$OUT" ;;
     bench-memory)
       # policies side by side with diffusers and fp8-compile without offload (the reference of the 1.3x target)
       stage bench-memory 420 python3 -m engine.bench --res 1024 2048 --steps 4 --runs 2 \
@@ -109,11 +109,11 @@ for s in "$@"; do
       stage micro-fp8 150 python3 -m pytest -q benchmarks/test_micro_kernels.py -k "norm_into_fp8 or linear" \
         --benchmark-json "$OUT/micro-fp8-$CARD-$DAY.json" ;;
     load-peak)
-      stage load-peak 300 python3 benchmarks/bench_quant.py --load-peak-mode fp8 --load-peak-dir /tmp/load-peak \
+      stage load-peak 300 python3 -m benchmarks.bench_quant --load-peak-mode fp8 --load-peak-dir /tmp/load-peak \
         --out "$OUT/quant-load-$CARD-$DAY.json" ;;
-    fp8-fusion) stage fp8-fusion 300 python3 benchmarks/bench_fp8_fusion.py --out "$OUT/fp8-fusion-$CARD-$DAY.json" ;;
+    fp8-fusion) stage fp8-fusion 300 python3 -m benchmarks.bench_fp8_fusion --out "$OUT/fp8-fusion-$CARD-$DAY.json" ;;
     fp8-forward)
-      stage fp8-forward 200 python3 benchmarks/bench_fp8_fusion.py --skip-kernels --out "$OUT/fp8-forward-$CARD-$DAY.json" ;;
+      stage fp8-forward 200 python3 -m benchmarks.bench_fp8_fusion --skip-kernels --out "$OUT/fp8-forward-$CARD-$DAY.json" ;;
     fp8-ab)
       # the fp8 activation-quantisation fusion and fast accumulation, each against the others and bf16 compiled
       stage fp8-ab 560 python3 -m engine.bench --res 1024 2048 --steps 4 --runs 2 \

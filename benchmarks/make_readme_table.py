@@ -115,7 +115,7 @@ def vae_table(data: dict) -> list[str]:
     env = data["env"]
     lines = [
         f"VAE decode, flux-dev VAE bf16, {_card(env)}, {_stamp(env)}, commit {env.get('commit', '-')} "
-        f"(`{data['_file']}`, `python benchmarks/bench_vae.py`):",
+        f"(`{data['_file']}`, `python -m benchmarks.bench_vae`):",
         "",
         "| size | decode | ms | x untiled | extra GiB | predicted GiB | PSNR dB vs untiled | tiles |",
         "|---|---|---|---|---|---|---|---|",

@@ -23,3 +23,10 @@ def test_ci_runs_the_readme_install_and_test_commands():
     assert TEST in ci
     assert any(line.startswith("python3 -m venv") for line in ci)  # a fresh environment, not this machine's
     assert "ruff check ." in ci
+
+
+def test_benchmarks_run_as_modules_without_path_hacks():
+    # `python -m benchmarks.bench_<name>` from the repository root; no script edits sys.path to find the packages
+    for script in (REPO / "benchmarks").glob("bench_*.py"):
+        assert "sys.path" not in script.read_text(), script.name
+    assert "python benchmarks/bench_" not in (REPO / "README.md").read_text()
