@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.bench import cli, report
+from engine.bench import arguments, cli, report
 from engine.bench import run as measurement
 from engine.errors import EngineError
 from engine.files import check_writable
@@ -122,10 +122,10 @@ def test_kernel_presets_are_refused_where_triton_cannot_run(monkeypatch, capsys)
 def test_presets_parse_as_a_list_or_the_ladder():
     from engine.config import PRESETS
 
-    assert cli.parse_presets("baseline, compile") == ["baseline", "compile"]
-    assert cli.parse_presets("ladder") == list(PRESETS)
+    assert arguments.parse_presets("baseline, compile") == ["baseline", "compile"]
+    assert arguments.parse_presets("ladder") == list(PRESETS)
     with pytest.raises(EngineError, match="twice"):
-        cli.parse_presets("compile,compile")
+        arguments.parse_presets("compile,compile")
 
 
 def test_flop_counter_matches_the_published_step_cost():

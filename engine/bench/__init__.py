@@ -6,9 +6,10 @@ speed-up vs the baseline of the same run, peak VRAM (torch allocated / reserved,
 fidelity vs the baseline (image PSNR, final-latent relative error). Writes the table as JSON with
 the card, driver, versions, commit and date, a CSV and a plot.
 
-    engine.bench.cli     the command line: arguments, then (after parsing) the run and its report
-    engine.bench.run     the measurement: models, configs, phase timing, the rows
-    engine.bench.report  tables, JSON / CSV / PNG files, the verdict lines
+    engine.bench.cli        the command line: arguments, then (after parsing) the run and its report
+    engine.bench.arguments  the checks of the arguments that need no model and no torch
+    engine.bench.run        the measurement: models, configs, phase timing, the rows
+    engine.bench.report     tables, JSON / CSV / PNG files, the verdict lines
 
 This package imports nothing heavy itself, so that `--help` and argument errors answer before torch loads.
 """

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 from ..cli import add_model_arguments
-from ..config import resolve_config
 from ..errors import EngineError
 from ..files import write_with_fallback
+from .arguments import check_arguments
 from .report import BUDGET_COLUMNS, CPU_RESULTS, default_out_path, format_table, save_results, verdicts, write_json
 
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse on the moon, earth rising behind"
@@ -76,58 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="compile cache for compiled presets (default: a fresh one, to time a cold start)",
     )
     return parser
-
-
-def check_positive(name: str, value: int, minimum: int = 1) -> None:
-    if value < minimum:
-        raise EngineError(f"--{name} {value} must be at least {minimum}")
-
-
-def parse_budgets(text: str | None) -> list[float]:
-    if not text:
-        return []
-    try:
-        budgets = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError as err:
-        raise EngineError(f"--vram {text!r} is not a list of GiB figures; write e.g. 12 or 6,8,12,24") from err
-    for budget in budgets:
-        if not 0 < budget <= 1024:
-            raise EngineError(f"--vram {budget:g} GiB is outside 0..1024; give the card's memory in GiB, e.g. 12")
-    return budgets
-
-
-def parse_presets(text: str, allow_none: bool = False) -> list[str]:
-    """'kernels' / 'baseline,kernels,compile' / 'ladder' (every preset, in the order PRESETS lists them)."""
-    from ..config import PRESETS
-
-    names = list(PRESETS) if text.strip() == "ladder" else [n.strip() for n in text.split(",") if n.strip()]
-    if not names and allow_none:
-        return []
-    if not names:
-        raise EngineError("--preset is empty; name a preset, several separated by commas, or 'ladder'")
-    for name in names:
-        resolve_config(name)
-    if len(set(names)) != len(names):
-        raise EngineError(f"--preset {text!r} names a preset twice")
-    return names
-
-
-def check_arguments(args) -> None:
-    """The checks that need no model and no torch, so that a typo is answered at once."""
-    from ..config import parse_resolution, validate_resolution, validate_steps
-
-    parse_budgets(args.vram)
-    validate_steps(args.steps)
-    for name in ("runs", "warmup_steps"):
-        if getattr(args, name) is not None:
-            check_positive(name.replace("_", "-"), getattr(args, name))
-    check_positive("warmup", args.warmup, 0)
-    check_positive("batch", args.batch)
-    if args.preset is not None:
-        parse_presets(args.preset, allow_none=bool(args.vram))
-    for text in args.res:
-        # the multiple of 16 here; the model's own size range once it is known (engine.cli.choose_model)
-        validate_resolution(*parse_resolution(text), allow_any_size=True)
 
 
 def main(argv: list[str] | None = None) -> int:

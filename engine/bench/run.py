@@ -26,7 +26,7 @@ from ..measure import (
     synchronize,
     track_peak_memory,
 )
-from .cli import check_arguments, parse_budgets, parse_presets
+from .arguments import check_arguments, parse_budgets, parse_presets
 from .report import BASELINE_LABEL, default_out_dir
 
 JSON_VERSION = 1

@@ -1,0 +1,104 @@
+"""The import graph of engine/ and kernels/, read from the source (every import statement, at module level or
+inside a function): which module imports which.
+
+Today: no cycle at module level anywhere; none at all in engine.bench and flux_kernels; flux_kernels imports
+nothing of engine. (The engine core still has cycles through function-level imports, config -> planner ->
+quantize <-> models and the like: issue "The house" takes them apart; then the last test tightens to all modules.)
+"""
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+ROOTS = {"engine": "engine", "kernels": "flux_kernels"}  # folder -> import name
+
+
+def _modules() -> dict[str, tuple[Path, bool]]:
+    found = {}
+    for folder, package in ROOTS.items():
+        for path in (REPO / folder).rglob("*.py"):
+            parts = [p for p in path.relative_to(REPO / folder).with_suffix("").parts if p != "__init__"]
+            found[".".join([package, *parts])] = (path, path.name == "__init__.py")
+    return found
+
+
+def _targets(module: str, is_package: bool, node: ast.AST) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if node.level == 0:
+        base = node.module
+    else:
+        parts = module.split(".")[: None if is_package else -1]
+        parts = parts[: len(parts) - (node.level - 1)]
+        base = ".".join(parts + ([node.module] if node.module else []))
+    # `from package import name` imports the submodule `name` when there is one, else only the package
+    return [f"{base}.{alias.name}" for alias in node.names] + ([base] if node.module else [])
+
+
+def _is_type_checking(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+
+
+def import_graph(module_level_only: bool) -> dict[str, set[str]]:
+    modules = _modules()
+    graph = {name: set() for name in modules}
+    for name, (path, is_package) in modules.items():
+        tree = ast.parse(path.read_text())
+        nodes = tree.body if module_level_only else ast.walk(tree)
+        skipped = {id(n) for s in ast.walk(tree) if _is_type_checking(s) for n in ast.walk(s)}
+        for node in nodes:
+            if isinstance(node, ast.Import | ast.ImportFrom) and id(node) not in skipped:
+                graph[name] |= {t for t in _targets(name, is_package, node) if t in modules and t != name}
+        # a package's own __init__ is not a dependency of its children for the loop we look for
+        graph[name] = {t for t in graph[name] if not name.startswith(t + ".")}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(node):
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in graph[node]:
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in graph:
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_module_level_import_cycle():
+    assert cycles(import_graph(module_level_only=True)) == []
+
+
+def test_the_kernels_import_nothing_of_the_engine():
+    graph = import_graph(module_level_only=False)
+    assert {(m, t) for m, targets in graph.items() if m.startswith("flux_kernels") for t in targets
+            if t.startswith("engine")} == set()  # fmt: skip
+
+
+def test_no_import_cycle_in_the_bench_and_the_kernels():
+    for component in cycles(import_graph(module_level_only=False)):
+        assert not any(m.startswith(("engine.bench", "flux_kernels")) for m in component), component
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
