@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_fp8_fusion --out benchmarks/results/fp8-fusion-<gpu>-<date>.json
 
-1. Device time (CUDA graphs, inputs rotated out of L2, as bench_norm.py) at FLUX's hidden size 3072 and
+1. Device time (CUDA graphs, inputs rotated out of L2, as kernels/bench_norm_ops.py) at FLUX's hidden size 3072 and
    L = 4608 / 16896 tokens of the kernels that make the fp8 projections' inputs: the norm kernels (bf16, with fp8
    outputs, and bf16 followed by the activation quantiser compiled by inductor: what a compiled block runs
    without the fusion), and gelu_concat_fp8 against inductor's GELU + concatenation + quantiser.
@@ -25,7 +25,6 @@ from types import SimpleNamespace
 
 import torch
 
-from benchmarks.bench_norm import HIDDEN, gpu_ms, layernorm_cases
 from benchmarks.bench_torchao import (
     build_transformer,
     compile_regionally,
@@ -34,6 +33,7 @@ from benchmarks.bench_torchao import (
     make_inputs,
     time_forward,
 )
+from benchmarks.kernels.bench_norm_ops import HIDDEN, gpu_ms, layernorm_cases
 from engine.measure import environment_info
 
 TOKENS = (4608, 16896)
@@ -64,7 +64,7 @@ def log(*parts) -> None:
 
 def kernel_rows() -> list[dict]:
     from engine.quantize import quantize_fp8_rowwise
-    from flux_kernels.norm import (
+    from flux_kernels.layernorm_modulate import (
         gated_residual_layernorm_modulate,
         gated_residual_layernorm_modulate_fp8,
         layernorm_modulate,

@@ -45,8 +45,8 @@ for s in "$@"; do
     tests) stage tests 200 python3 -m pytest -q -x -m gpu tests ;;
     tests-engine) stage tests-engine 150 python3 -m pytest -q -x tests/test_engine_attention.py ;;
     kernels)
-      stage bench-attention 170 python3 -m benchmarks.bench_attention --out "$OUT/attention-$CARD-$DAY.json"
-      stage bench-norm 100 python3 -m benchmarks.bench_norm --out "$OUT/norm-$CARD-$DAY.json" ;;
+      stage bench-attention 170 python3 -m benchmarks.kernels.bench_flash_attention --out "$OUT/attention-$CARD-$DAY.json"
+      stage bench-norm 100 python3 -m benchmarks.kernels.bench_norm_ops --out "$OUT/norm-$CARD-$DAY.json" ;;
     bench-baseline)
       stage bench-baseline 120 python3 -m engine.bench --res 1024 --steps 4 \
         --out "$OUT/bench-baseline-$CARD-$DAY.json" ;;
@@ -102,7 +102,7 @@ for s in "$@"; do
       stage ladder-full 580 python3 -m engine.bench --res 1024 2048 --steps 4 --runs 2 --preset ladder \
         --cache-dir /tmp/fe-cache --out "$OUT/bench-ladder-full-$CARD-$DAY.json" \
         --save-baseline "$OUT/baseline-ladder-$CARD.json" ;;
-    tests-fp8) stage tests-fp8 200 python3 -m pytest -q -m gpu tests/test_kernels_norm.py tests/test_kernels_gelu_fp8.py tests/test_quantize.py ;;
+    tests-fp8) stage tests-fp8 200 python3 -m pytest -q -m gpu tests/kernels/test_layernorm_modulate.py tests/kernels/test_gelu_fp8.py tests/kernels/test_fp8.py tests/test_quantize.py ;;
     micro-fp8)
       # the fp8 micro-benchmarks (norm into an fp8 input, fp8 linear with / without fast accumulation), compared
       # with the saved H100 baseline where it has them

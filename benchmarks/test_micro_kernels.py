@@ -1,10 +1,11 @@
 """Kernel micro-benchmarks as pytest-benchmark tests, for regression checks against a saved run (CUDA only).
 
 At FLUX shapes, bf16, each beside what it replaces:
-- attention: flux_kernels.attention.flash_attention vs PyTorch SDPA (its own backend pick), B=1, H=24, D=128,
+- attention: flux_kernels.flash_attention.flash_attention vs PyTorch SDPA (its own backend pick), B=1, H=24, D=128,
   L = 4608 / 16896 (512 text + 4096 / 16384 image tokens: 1024^2 / 2048^2); TFLOP/s = 4 B H L^2 D / time.
-- flux_kernels.norm: qk_norm_rope, layernorm_modulate, gated_residual_layernorm_modulate vs their eager PyTorch
-  references, 4608 / 16896 tokens, hidden 3072 (cases, byte counts and references from bench_norm.py);
+- flux_kernels.qk_norm_rope / flux_kernels.layernorm_modulate: qk_norm_rope, layernorm_modulate,
+  gated_residual_layernorm_modulate vs their eager PyTorch references, 4608 / 16896 tokens, hidden 3072 (cases,
+  byte counts and references from kernels/bench_norm_ops.py);
   GB/s = the bytes a fused kernel must move / time.
 - layernorm_modulate into an fp8 projection, 4608 / 16896 tokens: the kernel with e4m3 outputs vs the bf16 kernel
   then the activation quantiser (eager, and both in one torch.compile graph).
@@ -14,14 +15,14 @@ At FLUX shapes, bf16, each beside what it replaces:
 
 Each round times `calls` back-to-back calls and one torch.cuda.synchronize after the last (`calls` picked so a
 round lasts ~5 ms), so the per-call figure is device time with the launches queued ahead, not launch + sync
-latency; the first call (autotuning, compilation) happens before. Norm inputs rotate over several sets (and
-outputs stay alive) so that no call finds its data in L2, as in bench_norm.py. extra_info of each benchmark:
-the card, shapes, TFLOP/s or GB/s from the median, peak memory of one call (torch.cuda.max_memory_allocated
-after a reset: its inputs, outputs and workspace) and the part of it above the inputs, in MiB.
-Device time of record stays with bench_attention.py / bench_norm.py (CUDA graphs); these are for spotting a
+latency; the first call (autotuning, compilation) happens before. Norm inputs rotate over several sets (and outputs
+stay alive) so that no call finds its data in L2, as in kernels/bench_norm_ops.py. extra_info of each benchmark:
+the card, shapes, TFLOP/s or GB/s from the median, peak memory of one call (torch.cuda.max_memory_allocated after a
+reset: its inputs, outputs and workspace) and the part of it above the inputs, in MiB. Device time of record stays
+with kernels/bench_flash_attention.py / kernels/bench_norm_ops.py (CUDA graphs); these are for spotting a
 regression (bench_fp8_fusion.py for the fp8-output kernels: the back-to-back timing of the compiled
-"kernel_then_quantize" variants here is host-bound, not device time). Skipped without CUDA. On an H100 the
-first 19 took 40 s (2026-11-26 21:10 UTC); the norm-into-fp8 and fast-accumulation ones 30 s (22:28 UTC).
+"kernel_then_quantize" variants here is host-bound, not device time). Skipped without CUDA. On an H100 the first 19
+took 40 s (2026-11-26 21:10 UTC); the norm-into-fp8 and fast-accumulation ones 30 s (22:28 UTC).
 
 Save a baseline, then compare a later run against it (fails when a median is more than 10% slower):
 
@@ -45,8 +46,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from benchmarks.bench_norm import ROTATION_BYTES, TEXT_TOKENS, layernorm_cases, qk_norm_rope_case
 from benchmarks.bench_quant import MLP_SHAPE
+from benchmarks.kernels.bench_norm_ops import ROTATION_BYTES, TEXT_TOKENS, layernorm_cases, qk_norm_rope_case
 from engine.measure import synchronize
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -154,14 +155,14 @@ def run_benchmark(
 def test_attention(benchmark, impl: str, tokens: int):
     from torch.nn.functional import scaled_dot_product_attention
 
-    from flux_kernels.attention import flash_attention
+    from flux_kernels.flash_attention import flash_attention
 
     device = torch.device("cuda")
     attention = flash_attention if impl == "flash_attention" else scaled_dot_product_attention
 
     def make_call(seed: int):
         generator = torch.Generator(device).manual_seed(seed)
-        # q, k, v: [B, H, L, D] contiguous, as bench_attention.py's headline rows
+        # q, k, v: [B, H, L, D] contiguous, as bench_flash_attention.py's headline rows
         q, k, v = (
             torch.randn(1, HEADS, tokens, HEAD_DIM, device=device, dtype=torch.bfloat16, generator=generator)
             for _ in range(3)
@@ -177,7 +178,7 @@ def test_attention(benchmark, impl: str, tokens: int):
 
 
 def norm_case(op: str, tokens: int) -> dict:
-    """bench_norm.py's case for `op` at `tokens` joint tokens (qk_norm_rope: 512 of them text)."""
+    """bench_norm_ops.py's case for `op` at `tokens` joint tokens (qk_norm_rope: 512 of them text)."""
     if op == "qk_norm_rope":
         return qk_norm_rope_case(tokens - TEXT_TOKENS)
     return next(case for case in layernorm_cases(tokens) if case["op"] == op)
@@ -196,7 +197,7 @@ def test_norm(benchmark, impl: str, op: str, tokens: int):
         return functools.partial(fn, **case["make_inputs"](seed))
 
     shape = {"label": f"L={tokens}", "tokens": tokens, "shape": case["shape"], "bytes": case["bytes"]}
-    sets = max(2, min(8, math.ceil(ROTATION_BYTES / case["bytes"])))  # as bench_norm.py rotates
+    sets = max(2, min(8, math.ceil(ROTATION_BYTES / case["bytes"])))  # as bench_norm_ops.py rotates
     run_benchmark(benchmark, make_call, device, shape, sets=sets, bytes_moved=case["bytes"])
 
 
@@ -212,7 +213,7 @@ def test_norm_into_fp8(benchmark, impl: str, tokens: int):
     eagerly: a compiled quantiser), and against both inside one torch.compile graph (what the compiled blocks
     without the fusion run: the custom op, then one inductor kernel). GB/s over the fused kernel's bytes."""
     from engine.quantize import _quantize_activations, quantize_fp8_rowwise
-    from flux_kernels.norm import layernorm_modulate, layernorm_modulate_fp8
+    from flux_kernels.layernorm_modulate import layernorm_modulate, layernorm_modulate_fp8
 
     device = torch.device("cuda")
     case = norm_case("layernorm_modulate", tokens)

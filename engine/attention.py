@@ -8,11 +8,11 @@ place (weights are shared, never copied):
   memory does not grow and diffusers' own processors still work on them. Projections that are already
   quantised (a quantised load or checkpoint) are fused exactly, row by row, in their quantised form;
 - q/k RMSNorm + rotary embedding + [text, image] concat + head-major layout in one pass
-  (`flux_kernels.norm.qk_norm_rope`) when `fused_norms` is on, else the same math in PyTorch;
+  (`flux_kernels.qk_norm_rope`) when `fused_norms` is on, else the same math in PyTorch;
 - the attention core: our Triton flash attention, PyTorch SDPA, or "auto" (the faster of the two,
   measured on this GPU when the config is applied);
 - LayerNorm + shift/scale modulation and the gated residual before norm2
-  (`flux_kernels.norm.layernorm_modulate`, `gated_residual_layernorm_modulate`) when `fused_norms` is on; when the
+  (`flux_kernels.layernorm_modulate`, `gated_residual_layernorm_modulate`) when `fused_norms` is on; when the
   projection after one of them is an fp8 layer (engine.quantize.Fp8Linear), the kernel writes its output as
   e4m3 values with per-token scales (the `*_fp8` variants) and the layer skips its own activation quantisation;
   so does the fp8 projection after each MLP's tanh GELU (`flux_kernels.gelu_fp8.gelu_concat_fp8`, which in the
@@ -65,19 +65,20 @@ class BlockOps:
 
     @classmethod
     def build(cls, core: str, fused_norms: bool) -> BlockOps:
-        from flux_kernels import norm
+        from flux_kernels import layernorm_modulate as norm
+        from flux_kernels import qk_norm_rope as qk
 
         flash = None
         if core == "triton":
-            from flux_kernels.attention import flash_attention as flash
+            from flux_kernels.flash_attention import flash_attention as flash
         if fused_norms:
-            fns = (norm.qk_norm_rope, norm.layernorm_modulate, norm.gated_residual_layernorm_modulate)
+            fns = (qk.qk_norm_rope, norm.layernorm_modulate, norm.gated_residual_layernorm_modulate)
             from flux_kernels.gelu_fp8 import gelu_concat_fp8
 
             fp8_fns = (norm.layernorm_modulate_fp8, norm.gated_residual_layernorm_modulate_fp8, gelu_concat_fp8)
         else:  # the same math as diffusers, in PyTorch, in the activations' dtype
             fns = (
-                functools.partial(norm.qk_norm_rope_ref, upcast=False),
+                functools.partial(qk.qk_norm_rope_ref, upcast=False),
                 functools.partial(norm.layernorm_modulate_ref, upcast=False),
                 functools.partial(norm.gated_residual_layernorm_modulate_ref, upcast=False),
             )
@@ -321,7 +322,7 @@ def pick_attention_core(heads: int, head_dim: int, dtype: torch.dtype, device: t
         or dtype not in (torch.bfloat16, torch.float16)
     ):
         return "sdpa", {}  # our kernel does not take this model: nothing to measure
-    from flux_kernels.attention import flash_attention
+    from flux_kernels.flash_attention import flash_attention
 
     shape = (1, heads, AUTO_PROBE_TOKENS, head_dim)
     q, k, v = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))

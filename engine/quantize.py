@@ -8,7 +8,8 @@ below, avoids the bf16 model altogether).
 Modes:
 - "fp8": W8A8 float8 e4m3. Weights per output channel (scale = amax / 448), activations per token,
   dynamically: quantised by Fp8Linear itself, or, in the engine's fused blocks, by the kernel that makes them
-  (flux_kernels.norm.*_fp8, flux_kernels.gelu_fp8; Fp8Linear.forward(x_fp8, x_scale), QuantConfig.fp8_fused_input).
+  (flux_kernels.layernorm_modulate.*_fp8, flux_kernels.gelu_fp8; Fp8Linear.forward(x_fp8, x_scale),
+  QuantConfig.fp8_fused_input).
   On GPUs with FP8 tensor cores (compute capability >= 8.9) the matmul is `torch._scaled_mm` with row-wise
   scales (fp32 accumulate, or the tensor cores' fast accumulation with QuantConfig.fp8_fast_accum; bf16 out,
   bias fused); elsewhere on CUDA

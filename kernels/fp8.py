@@ -1,10 +1,16 @@
-"""The fp8 (float8 e4m3) row-wise quantiser shared by the engine's Fp8Linear (engine.quantize) and the norm
-kernels' fp8 outputs (kernels.norm.*_fp8, whose reference it is). Plain PyTorch, no Triton.
+"""float8 e4m3 quantisation, in PyTorch and in Triton.
+
+quantize_fp8_rowwise: the per-row quantiser (plain PyTorch) shared by the engine's Fp8Linear (engine.quantize)
+    and, as their reference, the kernels with fp8 outputs (flux_kernels.layernorm_modulate's *_fp8 ops,
+    flux_kernels.gelu_fp8).
+e4m3_scale, e4m3: the same arithmetic as @triton.jit functions, which those kernels call on their fp32 rows.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 FP8_DTYPE = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn; the cast does not saturate (it makes NaN), so we clamp
@@ -39,4 +45,44 @@ def quantize_fp8_rowwise(
     return q, scale
 
 
-__all__ = ["E4M3_MAX", "FP8_DTYPE", "MIN_SCALE", "quantize_fp8_rowwise"]
+# ============================================================================= Triton: the kernels' fp8 outputs
+
+
+# fp8 outputs (the *_fp8 ops): e4m3 values and one fp32 scale per token, as quantize_fp8_rowwise above computes
+# them (scale = amax / 448, floored at the smallest normal fp32; round-to-nearest-even), but from the fp32
+# normalised row: no bf16 rounding in between. The values are multiplied by the row's reciprocal scale, not divided
+# by the scale: an IEEE division per element (div_rn) made the kernel 2x slower than the bf16 one on an H100
+# (162 vs 80 us at L=16896); the product is within an fp32 ulp of the quotient, so an e4m3 code differs only where
+# the quotient sits on a rounding boundary (the tests allow one code off, rarely). Non-finite inputs: a NaN value
+# stays NaN (the clamp propagates it, so the fp8 GEMM's output row is NaN, as with quantize_fp8_rowwise) but the
+# row's scale and its other values stay finite (tl.max skips NaN), where quantize_fp8_rowwise makes them NaN too.
+# TL_E4M3_MAX is E4M3_MAX as a constexpr (a @triton.jit function reads only constexpr globals); its own name, since
+# E4M3_MAX stays the plain float that engine.quantize and the tests read.
+TL_E4M3_MAX = tl.constexpr(448.0)
+FP8_MIN_SCALE = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).tiny
+
+
+@triton.jit
+def e4m3_scale(amax):
+    """(scale, 1 / scale) of a token from its fp32 amax: amax / 448, floored at the smallest normal fp32."""
+    scale = tl.maximum(tl.math.div_rn(amax, TL_E4M3_MAX), FP8_MIN_SCALE)
+    return scale, tl.math.div_rn(1.0, scale)
+
+
+@triton.jit
+def e4m3(values, inverse_scale, dtype: tl.constexpr):
+    """fp32 values times their token's 1 / scale, clamped to +-448 (NaN kept), rounded to nearest even e4m3."""
+    q = tl.clamp(values * inverse_scale, -TL_E4M3_MAX, TL_E4M3_MAX, propagate_nan=tl.PropagateNan.ALL)
+    return q.to(dtype, fp_downcast_rounding="rtne")
+
+
+__all__ = [
+    "E4M3_MAX",
+    "FP8_DTYPE",
+    "FP8_MIN_SCALE",
+    "MIN_SCALE",
+    "TL_E4M3_MAX",
+    "e4m3",
+    "e4m3_scale",
+    "quantize_fp8_rowwise",
+]

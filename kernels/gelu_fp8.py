@@ -8,7 +8,7 @@ gelu_concat_fp8(prefix, x): q, scale = quantize_fp8_rowwise(cat([prefix, gelu_ta
     Unfused, inductor makes these two or three kernels (an amax reduction over the 15360-wide row, then the
     quantising pass, each recomputing the GELU), which measured ~330 us per single-stream block at 1024^2 on an
     H100, ~11% of an fp8 forward (benchmarks/NOTES.md, 22:04 UTC).
-Non-finite inputs as in kernels/norm.py's fp8 outputs: a NaN stays NaN (its GEMM output row is NaN), the scale
+Non-finite inputs as in kernels/fp8.py's e4m3 helpers: a NaN stays NaN (its GEMM output row is NaN), the scale
 and the row's other values stay finite.
 One program per token (a [K] row in registers, K <= 16384 per input); the grid's second axis is the batch, so
 inputs may be views with any batch / token strides (the MLP half of the single-stream block's fused linear1 output
@@ -26,10 +26,9 @@ import triton
 import triton.language as tl
 
 from flux_kernels import check_runnable, device_guard, new_output, triton_interpreting
-from flux_kernels.fp8 import FP8_DTYPE, quantize_fp8_rowwise
-from flux_kernels.norm import e4m3, e4m3_scale  # the fp8 arithmetic of the norm kernels' fp8 outputs, shared
+from flux_kernels.fp8 import FP8_DTYPE, e4m3, e4m3_scale, quantize_fp8_rowwise  # e4m3*: shared with layernorm
+from flux_kernels.rowwise import ACTIVATION_DTYPES
 
-ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_WIDTH = 16384
 GELU_TANH_2C = tl.constexpr(1.5957691216057308)  # 2 * sqrt(2 / pi): 0.5 * (1 + tanh(z)) = sigmoid(2 z)
 
@@ -75,7 +74,7 @@ def _gelu_concat_fp8_kernel(
         prefix = tl.load(PREFIX + batch * stride_p_b + token * stride_p_l + prefix_cols, mask=prefix_mask, other=0.0)
         prefix = prefix.to(tl.float32)
         amax = tl.maximum(amax, tl.max(tl.abs(prefix), axis=0))
-    scale, inverse = e4m3_scale(amax)  # one division per token, products per element (kernels/norm.py)
+    scale, inverse = e4m3_scale(amax)  # one division per token, products per element (kernels/fp8.py)
     row = (batch * L + token) * (KP + K)
     if HAS_PREFIX:
         tl.store(OUT + row + prefix_cols, e4m3(prefix, inverse, OUT.dtype.element_ty), mask=prefix_mask)

@@ -604,7 +604,7 @@ def test_scaled_mm_path_matches_the_emulation_at_flux_shapes():
 @pytest.mark.gpu
 def test_pre_quantised_input_and_fast_accumulation_on_gpu():
     """The norm kernel's e4m3 output into _scaled_mm at a FLUX shape, with and without fast accumulation."""
-    from flux_kernels.norm import layernorm_modulate, layernorm_modulate_fp8
+    from flux_kernels.layernorm_modulate import layernorm_modulate, layernorm_modulate_fp8
 
     device = torch.device("cuda")
     if torch.cuda.get_device_capability(device) < (8, 9):

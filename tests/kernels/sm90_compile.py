@@ -1,6 +1,6 @@
 """Compile the row-wise Triton kernels (the norms with and without fp8 outputs, GELU->fp8, QK-norm+RoPE) for an
 H100 (sm_90) ahead of time, no GPU needed (Triton's compiler and
-the ptxas it ships). Run by tests/test_kernels_sm90_compile.py in a fresh process without TRITON_INTERPRET (under
+the ptxas it ships). Run by tests/kernels/test_sm90_compile.py in a fresh process without TRITON_INTERPRET (under
 the interpreter the kernels are not compilable objects). Prints one JSON object: per case, whether it compiled,
 and the PTX facts the test checks."""
 
@@ -37,7 +37,7 @@ def compile_case(kernel, signature: dict, constexprs: dict, num_warps: int) -> d
 
 
 def cases() -> dict:
-    from flux_kernels import norm
+    from flux_kernels import layernorm_modulate, qk_norm_rope
     from flux_kernels.gelu_fp8 import _gelu_concat_fp8_kernel
 
     results = {}
@@ -60,10 +60,10 @@ def cases() -> dict:
                  **tail}  # fmt: skip
         constexprs = {"BLOCK_C": 4096, "BLOCK_ROWS": 1, "PROGRAMS_PER_SM": 0, "QUANT_FP8": quant_fp8}
         results[f"layernorm_modulate/fp8={quant_fp8}"] = compile_case(
-            norm._layernorm_modulate_fwd_kernel, ln, constexprs, 4
+            layernorm_modulate._layernorm_modulate_fwd_kernel, ln, constexprs, 4
         )
         results[f"gated_residual_layernorm_modulate/fp8={quant_fp8}"] = compile_case(
-            norm._gated_residual_layernorm_modulate_fwd_kernel, gated, constexprs, 4
+            layernorm_modulate._gated_residual_layernorm_modulate_fwd_kernel, gated, constexprs, 4
         )
     qk = {name: "*bf16" for name in ("IMG", "TXT", "Q_W", "K_W", "TXT_Q_W", "TXT_K_W")}
     qk.update({"COS": "*fp32", "SIN": "*fp32", "Q_OUT": "*bf16", "K_OUT": "*bf16", "V_OUT": "*bf16"})
@@ -73,10 +73,10 @@ def cases() -> dict:
                "BLOCK_H": "constexpr", "HAS_TXT": "constexpr", "BLOCK_T": "constexpr"})  # fmt: skip
     for has_txt in (True, False):  # FLUX: 24 heads of 128 (a block of 32 heads), one token per program
         constexprs = {"HEAD_DIM": 128, "BLOCK_H": 32, "HAS_TXT": has_txt, "BLOCK_T": 1}
-        results[f"qk_norm_rope/txt={has_txt}"] = compile_case(norm._qk_norm_rope_fwd_kernel, qk, constexprs, 8)
+        results[f"qk_norm_rope/txt={has_txt}"] = compile_case(qk_norm_rope._qk_norm_rope_fwd_kernel, qk, constexprs, 8)
     return results
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     print(json.dumps(cases()))

@@ -1,8 +1,8 @@
-"""Micro-benchmark: kernels.attention.flash_attention against every PyTorch SDPA backend that runs, PyTorch's
+"""Micro-benchmark: flux_kernels.flash_attention.flash_attention against every PyTorch SDPA backend that runs, PyTorch's
 default pick, and torch.compile of attention_ref, at FLUX's attention shapes (B=1, H=24, D=128, bf16;
 L = 1536 / 4608 / 16896 = 512 text + 1024 / 4096 / 16384 image tokens).
 
-    python -m benchmarks.bench_attention --out benchmarks/results/attention_<gpu>_<date>.json
+    python -m benchmarks.kernels.bench_flash_attention --out benchmarks/results/attention_<gpu>_<date>.json
 
 Two times per implementation, both as median, p20, p80: eager, triton.testing.do_bench of the Python call
 (L2 flushed between runs: launch overhead shows where it exceeds the flush kernel's run time), and gpu,
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from engine.measure import cudagraph_ms, do_bench_ms, environment_info, host_us_per_call
-from flux_kernels.attention import _flash_attention_fwd_kernel, attention_ref, flash_attention
+from flux_kernels.flash_attention import _flash_attention_fwd_kernel, attention_ref, flash_attention
 
 DEFAULT_LENGTHS = (1536, 4608, 16896)
 CHECKED_HEADS = 2  # heads compared against the fp32 reference (bounded memory at L = 16896)
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-dim", type=int, default=128)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench_attention: needs CUDA (no GPU visible to PyTorch); nothing measured", file=sys.stderr)
+        print("bench_flash_attention: needs CUDA (no GPU visible to PyTorch); nothing measured", file=sys.stderr)
         return 2
 
     env = environment_info("cuda")

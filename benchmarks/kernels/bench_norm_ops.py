@@ -1,7 +1,12 @@
-"""Micro-benchmark: the kernels of kernels/norm.py against their eager PyTorch references and
-torch.compile of those references, at FLUX shapes, in GB/s and as a share of the card's copy ceiling.
+"""Micro-benchmark: the row-wise norm kernels (kernels/qk_norm_rope.py, kernels/layernorm_modulate.py) against
+their eager PyTorch references and torch.compile of those references, at FLUX shapes, in GB/s and as a share of the
+card's copy ceiling.
 
-    python -m benchmarks.bench_norm --out benchmarks/results/norm_<gpu>_<date>.json
+    python -m benchmarks.kernels.bench_norm_ops --out benchmarks/results/norm-<gpu>-<date>.json
+
+One script for both kernel modules, not one per op: the three ops share one run's copy ceiling (their % of copy is
+read against it) and one result file, norm-*.json, which benchmarks/make_readme_table.py and the recorded results
+read as one table; split, each op would measure its own ceiling and write its own file.
 
 qk_norm_rope: B=1, H=24, D=128, L_txt=512, L_img=1024 / 4096 / 16384 (double-stream layout).
 layernorm_modulate, gated_residual_layernorm_modulate: (1, L, 3072), L = 4608 / 16896.
@@ -32,14 +37,13 @@ from pathlib import Path
 import torch
 
 from engine.measure import do_bench_ms, environment_info, host_us_per_call, quantiles
-from flux_kernels.norm import (
+from flux_kernels.layernorm_modulate import (
     gated_residual_layernorm_modulate,
     gated_residual_layernorm_modulate_ref,
     layernorm_modulate,
     layernorm_modulate_ref,
-    qk_norm_rope,
-    qk_norm_rope_ref,
 )
+from flux_kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_ref
 
 HEADS, HEAD_DIM, HIDDEN, TEXT_TOKENS = 24, 128, 3072, 512
 QK_IMAGE_TOKENS = (1024, 4096, 16384)
@@ -122,12 +126,13 @@ def layernorm_cases(tokens: int) -> list[dict]:
 
 def autotune_report(op: str) -> tuple[str | None, dict | None]:
     """The kernel's chosen config and, when it just tuned, every candidate's do_bench time (ms)."""
-    from flux_kernels import norm
+    from flux_kernels import layernorm_modulate as layernorm_module
+    from flux_kernels import qk_norm_rope as qk_module
 
     kernel = {
-        "qk_norm_rope": norm._qk_norm_rope_fwd_kernel,
-        "layernorm_modulate": norm._layernorm_modulate_fwd_kernel,
-        "gated_residual_layernorm_modulate": norm._gated_residual_layernorm_modulate_fwd_kernel,
+        "qk_norm_rope": qk_module._qk_norm_rope_fwd_kernel,
+        "layernorm_modulate": layernorm_module._layernorm_modulate_fwd_kernel,
+        "gated_residual_layernorm_modulate": layernorm_module._gated_residual_layernorm_modulate_fwd_kernel,
     }[op]
     config = getattr(kernel, "best_config", None)
     timings = getattr(kernel, "configs_timings", None)
@@ -240,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-host", type=Path, help="also write a cProfile of eager calls to this text file")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench_norm: needs CUDA (no GPU visible to PyTorch); nothing measured", file=sys.stderr)
+        print("bench_norm_ops: needs CUDA (no GPU visible to PyTorch); nothing measured", file=sys.stderr)
         return 2
 
     env = environment_info("cuda")

@@ -1,6 +1,6 @@
 """The row-wise Triton kernels (norms with and without fp8 outputs, GELU->fp8, QK-norm+RoPE) compile for an H100
 (sm_90) on this machine, no GPU needed: Triton's own compiler
-and the ptxas it ships, ahead of time (tests/sm90_compile.py, in a fresh process without the interpreter). The
+and the ptxas it ships, ahead of time (tests/kernels/sm90_compile.py, in a fresh process without the interpreter). The
 interpreter that runs the kernels in the other CPU tests accepts code the compiler refuses (a plain global inside a
 jit function failed only on the GPU, 2026-11-26 21:51 UTC), so this is the CPU check that what those tests ran
 also compiles, to what the kernels claim: fp8 conversions that round to nearest even, NaN-propagating clamps."""

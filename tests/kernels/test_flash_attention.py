@@ -1,4 +1,4 @@
-"""flash_attention (kernels/attention.py) against attention_ref, under the house tolerance rule.
+"""flash_attention (kernels/flash_attention.py) against attention_ref, under the house tolerance rule.
 
 On a machine without CUDA these run in the Triton interpreter (conftest sets TRITON_INTERPRET=1).
 """
@@ -16,8 +16,8 @@ import triton
 from kernel_tolerance import assert_within_pytorch_error, full_fp32_matmul
 
 import flux_kernels
-from flux_kernels import attention as attention_module
-from flux_kernels.attention import _config, attention_ref, flash_attention, flash_attention_fwd
+from flux_kernels import flash_attention as attention_module
+from flux_kernels.flash_attention import _config, attention_ref, flash_attention, flash_attention_fwd
 
 DTYPES = [torch.bfloat16, torch.float16]
 
@@ -93,7 +93,7 @@ def test_matches_reference(batch, heads, q_len, k_len, head_dim, dtype, device):
 
 
 def test_forced_config_from_the_environment(monkeypatch, device):
-    from flux_kernels.attention import FORCED_CONFIG_ENV
+    from flux_kernels.flash_attention import FORCED_CONFIG_ENV
 
     # a small tile (the gate self-test's "deliberately poor" one on a GPU) still computes the same attention
     monkeypatch.setenv(FORCED_CONFIG_ENV, "32,32,4,1")
@@ -227,7 +227,7 @@ def test_compiles_fullgraph_without_breaks(device):
 SM90_COMPILE = """
 import triton
 from triton.backends.compiler import GPUTarget
-from flux_kernels import attention
+from flux_kernels import flash_attention as attention
 
 kernel = attention._flash_attention_fwd_kernel.fn
 constexprs = {"HEAD_DIM", "BLOCK_M", "BLOCK_N"}
@@ -252,7 +252,7 @@ def test_hopper_configs_compile_for_sm90():
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     result = subprocess.run(
         [sys.executable, "-c", SM90_COMPILE],
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=Path(__file__).resolve().parents[2],
         env=env,
         capture_output=True,
         text=True,

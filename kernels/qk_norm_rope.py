@@ -1,0 +1,412 @@
+"""qk_norm_rope: the fused-QKV split, the per-head RMSNorm of q and k (fp32 variance, weight [D]), the rotary
+embedding of q and k (diffusers' apply_rotary_emb, use_real, interleaved pairs), the text+image concatenation of the
+double-stream blocks, and the [B, L, H, D] -> [B, H, L, D] transpose that the attention kernel wants, in one pass
+over memory; v is only copied. Keeps fp32 through norm and rotary and rounds once. One program per token: its H
+heads of q, k, v are H * D contiguous elements, read as one [T, H, D] tile (16-byte vectors); the rotary partner
+comes from tl.split/tl.join of the same registers, not a second load.
+Tuned for: H = 24 heads of D = 128, bf16, on H100 (L_txt = 512, L_img = 1024 / 4096 / 16384). Eager calls launch
+directly (the custom op `flux_kernels::qk_norm_rope` only under torch.compile).
+Limits: the last dim of every input must be contiguous (stride 1); head_dim a power of two in [16, 256]; bf16,
+fp16 or fp32 activations.
+Measured (H100 80GB HBM3, 2026-11-26, benchmarks/results/norm-h100-80gb-hbm3-20261126-1800.json; GB/s from
+CUDA-graph device time, % of the 3001 GB/s copy ceiling): 2615 / 2831 / 2911 (87 / 94 / 97%) at L_img = 1024 /
+4096 / 16384, torch.compile of the reference 871 / 1292 / 1360.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from flux_kernels import TunedLaunch, check_runnable, device_guard, new_output
+from flux_kernels.rowwise import (
+    ACTIVATION_DTYPES,
+    batch_token_strides,
+    check_activation,
+    check_floating,
+    check_last_dim_contiguous,
+    configs,
+)
+
+
+def _rms_norm_like_diffusers(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """diffusers RMSNorm.forward (non-NPU path), step for step: fp32 variance, cast to the weight's half
+    dtype before multiplying by it."""
+    variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+    x = x * torch.rsqrt(variance + eps)
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        x = x.to(weight.dtype)
+    return x * weight
+
+
+def _rotary_like_diffusers(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """diffusers apply_rotary_emb(x, (cos, sin), use_real=True, use_real_unbind_dim=-1, sequence_dim=1).
+    x: [B, L, H, D], cos/sin: [L, D]."""
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)  # [B, L, H, D/2]
+    x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
+    return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
+
+
+def qk_norm_rope_ref(
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    heads: int,
+    eps: float = 1e-6,
+    txt_qkv: torch.Tensor | None = None,
+    txt_q_weight: torch.Tensor | None = None,
+    txt_k_weight: torch.Tensor | None = None,
+    upcast: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """diffusers' FluxAttnProcessor from the fused QKV projection to the inputs of attention:
+    norm_q/norm_k (+ norm_added_q/k on the text stream), cat([text, image]), apply_rotary_emb.
+
+    qkv: [B, L_img, 3*H*D] (q|k|v, each head-major), txt_qkv: [B, L_txt, 3*H*D] or None,
+    cos/sin: [L_txt + L_img, D] -> q, k, v: [B, H, L_txt + L_img, D] contiguous.
+    upcast=True runs every step in fp32 (fp32 outputs); upcast=False is diffusers' exact sequence.
+    """
+    tensors = [qkv, q_weight, k_weight, cos, sin, txt_qkv, txt_q_weight, txt_k_weight]
+    if upcast:
+        tensors = [t.float() if t is not None else None for t in tensors]
+    qkv, q_weight, k_weight, cos, sin, txt_qkv, txt_q_weight, txt_k_weight = tensors
+
+    def split_norm(stream: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor):
+        query, key, value = stream.unflatten(-1, (3, heads, -1)).unbind(2)  # each [B, L, H, D]
+        return _rms_norm_like_diffusers(query, wq, eps), _rms_norm_like_diffusers(key, wk, eps), value
+
+    query, key, value = split_norm(qkv, q_weight, k_weight)
+    if txt_qkv is not None:
+        txt_query, txt_key, txt_value = split_norm(txt_qkv, txt_q_weight, txt_k_weight)
+        query = torch.cat([txt_query, query], dim=1)
+        key = torch.cat([txt_key, key], dim=1)
+        value = torch.cat([txt_value, value], dim=1)
+    query = _rotary_like_diffusers(query, cos, sin)
+    key = _rotary_like_diffusers(key, cos, sin)
+    return tuple(x.transpose(1, 2).contiguous() for x in (query, key, value))
+
+
+@triton.jit
+def _norm_rotate(
+    x,
+    rstd,
+    weight,
+    cos_even,
+    cos_odd,
+    sin_even,
+    sin_odd,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    # x: [T, H, D] fp32, rstd: [T, H, 1], weight: [T, 1, D]; cos/sin halves: [T, 1, D/2] -> fp32 [T, H, D].
+    # Interleaved pairs (2i, 2i+1) sit in one thread, so split/join move no data: one load per element.
+    normed = x * rstd * weight
+    even, odd = tl.split(tl.reshape(normed, [BLOCK_T, BLOCK_H, HEAD_DIM // 2, 2]))
+    rotated = tl.join(even * cos_even - odd * sin_even, odd * cos_odd + even * sin_odd)
+    return tl.reshape(rotated, [BLOCK_T, BLOCK_H, HEAD_DIM])
+
+
+@triton.jit
+def _pair_halves(table, BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr):
+    # [T, 1, D] -> even and odd columns, each [T, 1, D/2]
+    return tl.split(tl.reshape(table, [BLOCK_T, 1, HEAD_DIM // 2, 2]))
+
+
+_QK_NORM_ROPE_CONFIGS = configs(
+    [
+        triton.Config({"BLOCK_T": tokens}, num_warps=warps, num_stages=1)
+        for tokens, warps in ((1, 4), (1, 8), (2, 8))  # (1, 8) won at every FLUX shape; 16 warps lost
+    ],
+    interpreter=triton.Config({"BLOCK_T": 16}, num_warps=4, num_stages=1),
+)
+
+
+def _prune_qk_norm_rope_configs(configs, named_args, **kwargs):
+    # at most 32 fp32 values of one [T, H, D] tile per thread: more spills to local memory
+    args = {**named_args, **kwargs}
+    tile = args["BLOCK_H"] * args["HEAD_DIM"]
+    kept = [c for c in configs if c.kwargs["BLOCK_T"] * tile <= 32 * 32 * c.num_warps]
+    return kept or configs[:1]
+
+
+@triton.autotune(
+    configs=_QK_NORM_ROPE_CONFIGS,
+    key=["L_txt", "L_img", "H", "HEAD_DIM"],
+    prune_configs_by={"early_config_prune": _prune_qk_norm_rope_configs},
+)
+@triton.jit
+def _qk_norm_rope_fwd_kernel(
+    IMG,
+    TXT,
+    Q_W,
+    K_W,
+    TXT_Q_W,
+    TXT_K_W,
+    COS,
+    SIN,
+    Q_OUT,
+    K_OUT,
+    V_OUT,
+    stride_img_b,
+    stride_img_l,
+    stride_txt_b,
+    stride_txt_l,
+    stride_cos_l,
+    stride_sin_l,
+    L_txt,
+    L_img,
+    H,
+    eps,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HAS_TXT: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    # BLOCK_T whole tokens per program: all H heads of q, k and v of a token are H * D contiguous elements of
+    # its fused row, read as one [T, H, D] tile (16-byte vectors along D). Positions are in the joint
+    # [text, image] sequence; a block may straddle the two segments.
+    batch = tl.program_id(1).to(tl.int64)
+    L_total = L_txt + L_img
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    token_ok = tokens < L_total
+    tokens = tl.where(token_ok, tokens, 0).to(tl.int64)  # masked tokens keep in-bounds addresses
+    heads = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask = token_ok[:, None, None] & (heads < H)[None, :, None]  # [T, H, 1]
+
+    row = IMG + batch * stride_img_b + (tokens - L_txt) * stride_img_l  # [T] row starts
+    weight_q = tl.load(Q_W + offs_d).to(tl.float32)[None, None, :]
+    weight_k = tl.load(K_W + offs_d).to(tl.float32)[None, None, :]
+    if HAS_TXT:
+        is_txt = tokens < L_txt
+        row = tl.where(is_txt, TXT + batch * stride_txt_b + tokens * stride_txt_l, row)
+        is_txt = is_txt[:, None, None]
+        weight_q = tl.where(is_txt, tl.load(TXT_Q_W + offs_d).to(tl.float32)[None, None, :], weight_q)
+        weight_k = tl.where(is_txt, tl.load(TXT_K_W + offs_d).to(tl.float32)[None, None, :], weight_k)
+    src = row[:, None, None] + (heads * HEAD_DIM)[None, :, None] + offs_d[None, None, :]  # [T, H, D] of q
+    section = H * HEAD_DIM  # q | k | v sections of a fused row
+
+    table_mask = token_ok[:, None, None]
+    cos = tl.load(COS + tokens[:, None, None] * stride_cos_l + offs_d[None, None, :], mask=table_mask, other=0.0)
+    sin = tl.load(SIN + tokens[:, None, None] * stride_sin_l + offs_d[None, None, :], mask=table_mask, other=0.0)
+    cos_even, cos_odd = _pair_halves(cos.to(tl.float32), BLOCK_T, HEAD_DIM)
+    sin_even, sin_odd = _pair_halves(sin.to(tl.float32), BLOCK_T, HEAD_DIM)
+
+    # outputs [B, H, L_total, D]: each head of a token is one contiguous D-row
+    dst = ((batch * H + heads)[None, :, None] * L_total + tokens[:, None, None]) * HEAD_DIM + offs_d[None, None, :]
+
+    x = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(x * x, axis=2) / HEAD_DIM + eps)[:, :, None]
+    q = _norm_rotate(x, rstd, weight_q, cos_even, cos_odd, sin_even, sin_odd, BLOCK_T, BLOCK_H, HEAD_DIM)
+    tl.store(Q_OUT + dst, q.to(Q_OUT.dtype.element_ty), mask=mask)
+
+    x = tl.load(src + section, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(x * x, axis=2) / HEAD_DIM + eps)[:, :, None]
+    k = _norm_rotate(x, rstd, weight_k, cos_even, cos_odd, sin_even, sin_odd, BLOCK_T, BLOCK_H, HEAD_DIM)
+    tl.store(K_OUT + dst, k.to(K_OUT.dtype.element_ty), mask=mask)
+
+    v = tl.load(src + 2 * section, mask=mask)
+    tl.store(V_OUT + dst, v, mask=mask)
+
+
+_launch_qk_norm_rope = TunedLaunch(_qk_norm_rope_fwd_kernel)
+
+
+def _check_qk_norm_rope_inputs(qkv, q_weight, k_weight, cos, sin, heads, txt_qkv, txt_q_weight, txt_k_weight):
+    op = "qk_norm_rope"
+    check_activation(op, "qkv", qkv, 3, "[B, L_img, 3*H*D]")
+    if heads < 1 or qkv.shape[-1] % (3 * heads) != 0:
+        raise ValueError(
+            f"{op}: qkv's last dim {qkv.shape[-1]} is not 3 * heads * head_dim for heads={heads}; pass the number "
+            "of attention heads (24 for FLUX)"
+        )
+    head_dim = qkv.shape[-1] // (3 * heads)
+    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
+        raise ValueError(f"{op}: head_dim {head_dim} is not a power of two in [16, 256]; use qk_norm_rope_ref")
+    batch, image_tokens = qkv.shape[0], qkv.shape[1]
+    text_tokens = 0
+    if txt_qkv is not None:
+        if txt_q_weight is None or txt_k_weight is None:
+            raise ValueError(f"{op}: txt_qkv needs txt_q_weight and txt_k_weight (norm_added_q/k weights)")
+        check_activation(op, "txt_qkv", txt_qkv, 3, "[B, L_txt, 3*H*D]")
+        if txt_qkv.shape[0] != batch or txt_qkv.shape[2] != qkv.shape[2]:
+            raise ValueError(
+                f"{op}: txt_qkv is {tuple(txt_qkv.shape)} but qkv is {tuple(qkv.shape)}; batch and last dim must match"
+            )
+        if txt_qkv.dtype != qkv.dtype or txt_qkv.device != qkv.device:
+            raise ValueError(f"{op}: txt_qkv is {txt_qkv.dtype} on {txt_qkv.device}, qkv {qkv.dtype} on {qkv.device}")
+        text_tokens = txt_qkv.shape[1]
+    elif txt_q_weight is not None or txt_k_weight is not None:
+        raise ValueError(f"{op}: txt_q_weight/txt_k_weight were given without txt_qkv; pass txt_qkv or neither")
+    if min(batch, image_tokens) < 1:
+        raise ValueError(f"{op}: qkv {tuple(qkv.shape)} is empty; need B >= 1 and L_img >= 1")
+    weights = [("q_weight", q_weight), ("k_weight", k_weight)]
+    if txt_qkv is not None:
+        weights += [("txt_q_weight", txt_q_weight), ("txt_k_weight", txt_k_weight)]
+    for name, weight in weights:
+        check_floating(op, name, weight, qkv.device)
+        if weight.shape != (head_dim,) or weight.stride(0) != 1:
+            raise ValueError(
+                f"{op}: {name} has shape {tuple(weight.shape)}, stride {weight.stride()}; expected a contiguous "
+                f"[{head_dim}] (head_dim)"
+            )
+    if len({weight.dtype for _, weight in weights}) > 1:
+        raise ValueError(
+            f"{op}: the norm weights have dtypes {[str(w.dtype) for _, w in weights]}; give them one dtype"
+        )
+    total = text_tokens + image_tokens
+    for name, table in (("cos", cos), ("sin", sin)):
+        check_floating(op, name, table, qkv.device)
+        if table.shape != (total, head_dim):
+            raise ValueError(
+                f"{op}: {name} has shape {tuple(table.shape)}; expected [L_txt + L_img, head_dim] = "
+                f"[{total}, {head_dim}] as FluxPosEmbed returns for the text and image ids"
+            )
+        check_last_dim_contiguous(op, name, table)
+    return head_dim, text_tokens, image_tokens
+
+
+_QK_HEAD_DIMS = frozenset(2**i for i in range(4, 9))  # powers of two in [16, 256]
+
+
+def _qk_norm_rope_fast_check(qkv, q_weight, k_weight, cos, sin, heads, txt_qkv, txt_q_weight, txt_k_weight):
+    """(head_dim, L_txt, L_img) for a valid call in few attribute reads, else None: the caller then runs the
+    full checks, which raise with the message. Accepts nothing that _check_qk_norm_rope_inputs refuses."""
+    shape = qkv.shape
+    if len(shape) != 3 or qkv.dtype not in ACTIVATION_DTYPES or qkv.stride()[2] != 1 or heads < 1:
+        return None
+    batch, image_tokens, width = shape
+    head_dim, rest = divmod(width, 3 * heads)
+    if rest or head_dim not in _QK_HEAD_DIMS or batch < 1 or image_tokens < 1:
+        return None
+    device = qkv.device
+    text_tokens = 0
+    weights = (q_weight, k_weight)
+    if txt_qkv is not None:
+        txt_shape = txt_qkv.shape
+        if (
+            txt_q_weight is None
+            or txt_k_weight is None
+            or len(txt_shape) != 3
+            or txt_shape[0] != batch
+            or txt_shape[2] != width
+            or txt_qkv.dtype != qkv.dtype
+            or txt_qkv.stride()[2] != 1
+            or txt_qkv.device != device
+        ):
+            return None
+        text_tokens = txt_shape[1]
+        weights = (q_weight, k_weight, txt_q_weight, txt_k_weight)
+    elif txt_q_weight is not None or txt_k_weight is not None:
+        return None
+    weight_dtype = q_weight.dtype
+    if not q_weight.is_floating_point():
+        return None
+    for weight in weights:
+        if weight.shape != (head_dim,) or weight.stride()[0] != 1 or weight.dtype != weight_dtype:
+            return None
+        if weight.device != device:
+            return None
+    table_shape = (text_tokens + image_tokens, head_dim)
+    for table in (cos, sin):
+        if table.shape != table_shape or table.stride()[1] != 1 or not table.is_floating_point():
+            return None
+        if table.device != device:
+            return None
+    return head_dim, text_tokens, image_tokens
+
+
+def qk_norm_rope_fwd(
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    heads: int,
+    eps: float = 1e-6,
+    txt_qkv: torch.Tensor | None = None,
+    txt_q_weight: torch.Tensor | None = None,
+    txt_k_weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Checks, allocates and launches; see qk_norm_rope."""
+    args = (qkv, q_weight, k_weight, cos, sin, heads, txt_qkv, txt_q_weight, txt_k_weight)
+    head_dim, text_tokens, image_tokens = _qk_norm_rope_fast_check(*args) or _check_qk_norm_rope_inputs(*args)
+    if not qkv.is_cuda:
+        check_runnable(qkv.device, "qk_norm_rope")
+    batch, total = qkv.shape[0], text_tokens + image_tokens
+    q, k, v = (new_output(batch, heads, total, head_dim, dtype=qkv.dtype, device=qkv.device) for _ in range(3))
+    has_txt = txt_qkv is not None
+    txt = txt_qkv if has_txt else qkv  # never read when has_txt is False
+    txt_q_weight, txt_k_weight = (txt_q_weight, txt_k_weight) if has_txt else (q_weight, k_weight)
+
+    def grid(meta):
+        return (triton.cdiv(total, meta["BLOCK_T"]), batch)
+
+    key = (text_tokens, image_tokens, heads, head_dim, qkv.dtype, q_weight.dtype, cos.dtype, sin.dtype)
+    with device_guard(qkv):
+        _launch_qk_norm_rope(
+            key, grid,
+            qkv, txt, q_weight, k_weight, txt_q_weight, txt_k_weight, cos, sin, q, k, v,
+            *batch_token_strides(qkv), *batch_token_strides(txt), cos.stride(0), sin.stride(0),
+            text_tokens, image_tokens, heads, eps,
+            HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(heads), HAS_TXT=has_txt,
+        )  # fmt: skip
+    return q, k, v
+
+
+@torch.library.custom_op("flux_kernels::qk_norm_rope", mutates_args=())
+def _qk_norm_rope_op(
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    heads: int,
+    eps: float = 1e-6,
+    txt_qkv: torch.Tensor | None = None,
+    txt_q_weight: torch.Tensor | None = None,
+    txt_k_weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return qk_norm_rope_fwd(qkv, q_weight, k_weight, cos, sin, heads, eps, txt_qkv, txt_q_weight, txt_k_weight)
+
+
+@_qk_norm_rope_op.register_fake
+def _qk_norm_rope_fake(
+    qkv, q_weight, k_weight, cos, sin, heads, eps=1e-6, txt_qkv=None, txt_q_weight=None, txt_k_weight=None
+):
+    head_dim, text_tokens, image_tokens = _check_qk_norm_rope_inputs(
+        qkv, q_weight, k_weight, cos, sin, heads, txt_qkv, txt_q_weight, txt_k_weight
+    )
+    shape = (qkv.shape[0], heads, text_tokens + image_tokens, head_dim)
+    return qkv.new_empty(shape), qkv.new_empty(shape), qkv.new_empty(shape)
+
+
+def qk_norm_rope(
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    heads: int,
+    eps: float = 1e-6,
+    txt_qkv: torch.Tensor | None = None,
+    txt_q_weight: torch.Tensor | None = None,
+    txt_k_weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused QK-RMSNorm + rotary + [text, image] concat + head-major transpose, one pass.
+
+    qkv: [B, L_img, 3*H*D] fused projection output (q|k|v, head-major); txt_qkv: [B, L_txt, 3*H*D] or None
+    (placed first); cos/sin: [L_txt + L_img, D] from FluxPosEmbed -> q, k, v: [B, H, L_txt + L_img, D]
+    contiguous, in qkv's dtype. The custom op `flux_kernels::qk_norm_rope` under torch.compile, a direct
+    launch eagerly.
+    """
+    if torch.compiler.is_compiling():
+        return _qk_norm_rope_op(qkv, q_weight, k_weight, cos, sin, heads, eps, txt_qkv, txt_q_weight, txt_k_weight)
+    return qk_norm_rope_fwd(qkv, q_weight, k_weight, cos, sin, heads, eps, txt_qkv, txt_q_weight, txt_k_weight)
+
+
+__all__ = ["qk_norm_rope", "qk_norm_rope_fwd", "qk_norm_rope_ref"]
