@@ -8,9 +8,9 @@ e4m3_scale, e4m3: the same arithmetic as @triton.jit functions, which those kern
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
-import triton
-import triton.language as tl
 
 FP8_DTYPE = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn; the cast does not saturate (it makes NaN), so we clamp
@@ -58,22 +58,26 @@ def quantize_fp8_rowwise(
 # row's scale and its other values stay finite (tl.max skips NaN), where quantize_fp8_rowwise makes them NaN too.
 # TL_E4M3_MAX is E4M3_MAX as a constexpr (a @triton.jit function reads only constexpr globals); its own name, since
 # E4M3_MAX stays the plain float that engine.quantize and the tests read.
-TL_E4M3_MAX = tl.constexpr(448.0)
-FP8_MIN_SCALE = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).tiny
+# Triton is a Linux-only dependency: without it (macOS, Windows) the plain PyTorch quantiser above still serves the
+# engine's Fp8Linear, and only the kernels are missing.
+if importlib.util.find_spec("triton") is not None:
+    import triton
+    import triton.language as tl
 
+    TL_E4M3_MAX = tl.constexpr(448.0)
+    FP8_MIN_SCALE = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).tiny
 
-@triton.jit
-def e4m3_scale(amax):
-    """(scale, 1 / scale) of a token from its fp32 amax: amax / 448, floored at the smallest normal fp32."""
-    scale = tl.maximum(tl.math.div_rn(amax, TL_E4M3_MAX), FP8_MIN_SCALE)
-    return scale, tl.math.div_rn(1.0, scale)
+    @triton.jit
+    def e4m3_scale(amax):
+        """(scale, 1 / scale) of a token from its fp32 amax: amax / 448, floored at the smallest normal fp32."""
+        scale = tl.maximum(tl.math.div_rn(amax, TL_E4M3_MAX), FP8_MIN_SCALE)
+        return scale, tl.math.div_rn(1.0, scale)
 
-
-@triton.jit
-def e4m3(values, inverse_scale, dtype: tl.constexpr):
-    """fp32 values times their token's 1 / scale, clamped to +-448 (NaN kept), rounded to nearest even e4m3."""
-    q = tl.clamp(values * inverse_scale, -TL_E4M3_MAX, TL_E4M3_MAX, propagate_nan=tl.PropagateNan.ALL)
-    return q.to(dtype, fp_downcast_rounding="rtne")
+    @triton.jit
+    def e4m3(values, inverse_scale, dtype: tl.constexpr):
+        """fp32 values times their token's 1 / scale, clamped to +-448 (NaN kept), rounded to nearest even e4m3."""
+        q = tl.clamp(values * inverse_scale, -TL_E4M3_MAX, TL_E4M3_MAX, propagate_nan=tl.PropagateNan.ALL)
+        return q.to(dtype, fp_downcast_rounding="rtne")
 
 
 __all__ = [

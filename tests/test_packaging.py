@@ -55,7 +55,7 @@ def test_kernels_is_not_ours_outside_the_repository(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert not proc.stdout.strip().startswith(str(REPO)), proc.stdout
-    proc = _run_python("import flux_kernels.attention; print(flux_kernels.attention.__file__)", tmp_path)
+    proc = _run_python("import flux_kernels.flash_attention; print(flux_kernels.flash_attention.__file__)", tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert Path(proc.stdout.strip()).parent.name in ("kernels", "flux_kernels")  # editable, or a wheel's copy
 
