@@ -10,7 +10,8 @@ Dynamic: the blocks compile with symbolic sizes, so 512^2 to 2048^2 and non-squa
 same graphs: no recompile when the resolution changes.
 
 Cache: inductor's and Triton's on-disk caches are pointed at the engine's cache directory
-(EngineConfig.cache.directory, else $FLUX_ENGINE_CACHE_DIR, else ~/.cache/flux-engine), and after
+(EngineConfig.cache.directory, else $FLUX_ENGINE_CACHE_DIR, else ~/.cache/flux-engine) for each transformer
+forward only (torch reads them from environment variables, which are put back after the forward), and after
 the first compiled call the compile artefacts (`torch.compiler.save_cache_artifacts`) are written
 there under a key of the versions, the device and the config; a later process on the same machine
 and versions loads them before its first call and compiles from the cache.
@@ -21,6 +22,7 @@ call (`torch.compile(options=...)`), never set globally.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -66,16 +68,52 @@ def cache_root(cache: CacheConfig) -> Path:
     return Path.home() / ".cache" / "flux-engine"
 
 
-def point_compiler_caches(root: Path) -> None:
-    """Inductor's FX-graph/AOT caches and Triton's kernel cache under `root`, unless the user set them."""
+# torch's inductor and Triton read their on-disk cache folders from these variables and have no other switch
+CACHE_VARIABLES = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+
+
+@contextlib.contextmanager
+def compiler_caches(root: Path | None):
+    """Inductor's FX-graph/AOT caches and Triton's kernel cache under `root` inside the block, and the process's
+    environment as it was after it (None: nothing changes). A folder the user chose in these variables wins."""
+    if root is None:
+        yield
+        return
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
+    saved = {name: os.environ.get(name) for name in CACHE_VARIABLES}
     root.mkdir(parents=True, exist_ok=True)
-    # torch writes its default into the environment on first use (importing diffusers does), so a value
-    # equal to the default was not the user's choice.
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):
+    # torch writes its default into the environment on first use, so a value equal to the default is not a choice
+    if saved["TORCHINDUCTOR_CACHE_DIR"] in (None, default_cache_dir()):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
-    os.environ.setdefault("TRITON_CACHE_DIR", str(root / "triton"))
+    if saved["TRITON_CACHE_DIR"] is None:
+        os.environ["TRITON_CACHE_DIR"] = str(root / "triton")
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _scope_caches_to_forward(transformer: torch.nn.Module, root: Path) -> None:
+    """Compiling happens inside the transformer's forward (the first call of a shape): the cache folders are set
+    for each forward only, by a pre-hook and an always-called hook, instead of for the rest of the process."""
+    scopes = []
+
+    def enter(module, args):
+        scope = compiler_caches(root)
+        scope.__enter__()
+        scopes.append(scope)
+
+    def leave(module, args, output):
+        if scopes:
+            scopes.pop().__exit__(None, None, None)
+
+    transformer.register_forward_pre_hook(enter)
+    transformer.register_forward_hook(leave, always_call=True)
 
 
 def artifact_key(pipe, config) -> str:
@@ -248,10 +286,10 @@ def apply_compile(pipe, config) -> CompileState | None:
     state = CompileState(cache_dir=None, artifact_path=None)
     if config.cache.enabled and compile_config.backend == "inductor":
         root = cache_root(config.cache)
-        point_compiler_caches(root)
         state.cache_dir = root
         state.artifact_path = root / "artifacts" / f"{artifact_key(pipe, config)}.bin"
-        state.loaded_artifacts = load_artifacts(state.artifact_path)
+        with compiler_caches(root):
+            state.loaded_artifacts = load_artifacts(state.artifact_path)
     transformer = pipe.transformer
     for name, blocks in (
         ("transformer_blocks", transformer.transformer_blocks),
@@ -268,6 +306,8 @@ def apply_compile(pipe, config) -> CompileState | None:
             state.compiled_modules.append(name)
     if state.artifact_path is not None and not state.loaded_artifacts:
         _save_after_first_call(transformer, state)
+    if state.cache_dir is not None:
+        _scope_caches_to_forward(transformer, state.cache_dir)  # after the save hook: it saves inside the scope
     if compile_config.cuda_graphs:
         state.cuda_graphs = TransformerGraphs(transformer)
         state.cuda_graphs.install()

@@ -89,7 +89,7 @@ def test_compile_config_validation():
 
 _PROBE = textwrap.dedent(
     """
-    import json, sys, torch
+    import json, os, sys, torch
     from diffusers import FluxPipeline
     from torch._dynamo.utils import counters
     from engine import EngineConfig, FluxEngine
@@ -110,6 +110,7 @@ _PROBE = textwrap.dedent(
         "saved": state.saved_artifacts,
         "max_diff_vs_eager": (images - eager).abs().max().item(),
         "checksum": images.double().sum().item(),
+        "environment_after": {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")},
     }))
     """
 ).replace(
@@ -135,6 +136,10 @@ def test_compile_cache_round_trip_across_processes(tmp_path):
     assert (tmp_path / "cache" / "inductor").is_dir()
     # inductor vs eager in fp32 on the tiny model: measured max |diff| 2e-6 (fused reductions)
     assert cold["max_diff_vs_eager"] < 1e-4
+
+    # the cache folders were set for the compiling forward only, not left in the process's environment
+    for value in cold["environment_after"].values():
+        assert value is None or not value.startswith(str(tmp_path)), cold["environment_after"]
 
     warm = _probe(tmp_path / "cache")
     assert warm["loaded"]

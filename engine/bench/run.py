@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -473,13 +472,9 @@ def load_components(plan: Plan, args, dtype: torch.dtype) -> dict:
 def with_compile_cache(config, args):
     """The bench measures a cold compile: unless --cache-dir names one, compile into a fresh, empty cache
     (inductor, Triton and the engine's artefacts), which the warm measurement then reuses."""
-    from ..compile import point_compiler_caches
     from ..config import CacheConfig
 
     directory = Path(args.cache_dir) if args.cache_dir else Path(tempfile.mkdtemp(prefix="flux-engine-cache-"))
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory / "inductor")
-    os.environ["TRITON_CACHE_DIR"] = str(directory / "triton")
-    point_compiler_caches(directory)
     print(f"compile cache: {directory}" + ("" if args.cache_dir else " (fresh: the first compile is cold)"))
     return replace(config, cache=CacheConfig(directory=str(directory)))
 
