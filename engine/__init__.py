@@ -36,6 +36,7 @@ _EXPORTS = {
     "synthetic_pipeline": "models",
     "FluxEngine": "pipeline",
     "optimize": "pipeline",
+    "restore": "pipeline",
 }
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
     "VariantError",
     "optimize",
     "preset",
+    "restore",
     "synthetic_components",
     "synthetic_pipeline",
 ]
@@ -82,7 +84,7 @@ if TYPE_CHECKING:
         VariantError,
     )
     from .models import VARIANTS, synthetic_components, synthetic_pipeline
-    from .pipeline import FluxEngine, optimize
+    from .pipeline import FluxEngine, optimize, restore
 
 
 def __getattr__(name: str):

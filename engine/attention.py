@@ -367,3 +367,45 @@ def apply_attention(pipe, config: AttentionConfig) -> BlockOps | None:
     for index, block in enumerate(transformer.single_transformer_blocks):
         _convert_single(block, ops, f"single_transformer_blocks.{index}")
     return ops
+
+
+# the fused projection of each block class, and the diffusers projections it holds as views
+_FUSED = {
+    EngineDoubleBlock: (
+        FluxTransformerBlock,
+        {
+            "qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+            "txt_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+        },
+    ),
+    EngineSingleBlock: (FluxSingleTransformerBlock, {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}),
+}
+
+
+def attention_undo_blocker(transformer) -> str:
+    """Why `remove_attention` cannot restore `transformer` ('' when it can): projections that were quantised before
+    fusing were concatenated into one quantised layer, and their originals replaced by placeholders."""
+    from .quantize import FusedAway
+
+    for block in (*transformer.transformer_blocks, *transformer.single_transformer_blocks):
+        if any(isinstance(module, FusedAway) for module in block.modules()):
+            return "its projections were quantised before they were fused, and only the fused copy is left"
+    return ""
+
+
+def remove_attention(transformer) -> None:
+    """Undo apply_attention: each projection gets its own weights back (copies of its rows of the fused weight: the
+    same values), the fused layers and the ops go, and the blocks are diffusers' classes again."""
+    for block in (*transformer.transformer_blocks, *transformer.single_transformer_blocks):
+        entry = _FUSED.get(type(block))
+        if entry is None:
+            continue
+        original_class, fused = entry
+        for fused_name, names in fused.items():
+            for name in names:
+                linear = block.get_submodule(name)
+                linear.weight = nn.Parameter(linear.weight.detach().clone())
+                linear.bias = nn.Parameter(linear.bias.detach().clone())
+            delattr(block, fused_name)
+        del block.flux_ops
+        block.__class__ = original_class

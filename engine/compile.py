@@ -98,7 +98,7 @@ def compiler_caches(root: Path | None):
                 os.environ[name] = value
 
 
-def _scope_caches_to_forward(transformer: torch.nn.Module, root: Path) -> None:
+def _scope_caches_to_forward(transformer: torch.nn.Module, root: Path) -> list:
     """Compiling happens inside the transformer's forward (the first call of a shape): the cache folders are set
     for each forward only, by a pre-hook and an always-called hook, instead of for the rest of the process."""
     scopes = []
@@ -112,8 +112,7 @@ def _scope_caches_to_forward(transformer: torch.nn.Module, root: Path) -> None:
         if scopes:
             scopes.pop().__exit__(None, None, None)
 
-    transformer.register_forward_pre_hook(enter)
-    transformer.register_forward_hook(leave, always_call=True)
+    return [transformer.register_forward_pre_hook(enter), transformer.register_forward_hook(leave, always_call=True)]
 
 
 def artifact_key(pipe, config) -> str:
@@ -152,6 +151,8 @@ class CompileState:
     saved_artifacts: bool = False
     compiled_modules: list[str] = field(default_factory=list)
     cuda_graphs: TransformerGraphs | None = None
+    modules: list = field(default_factory=list)  # the compiled modules themselves, for remove_compile
+    handles: list = field(default_factory=list)  # the hooks the step registered, for remove_compile
 
 
 def load_artifacts(path: Path) -> bool:
@@ -181,11 +182,23 @@ def save_artifacts(path: Path) -> bool:
 # ----------------------------------------------------------------------------- compiling
 
 
-def _compile_module(module: torch.nn.Module, config: CompileConfig) -> None:
+def _compile_module(module: torch.nn.Module, config: CompileConfig, state: CompileState) -> None:
     kwargs = {"fullgraph": True, "dynamic": config.dynamic, "backend": config.backend}
     if config.backend == "inductor":
         kwargs["options"] = inductor_options(config)
     module.compile(**kwargs)
+    state.modules.append(module)
+
+
+def remove_compile(state: CompileState) -> None:
+    """Undo apply_compile: the modules run their own forward again, the hooks and the CUDA-graph replay go (the
+    compiled graphs stay in dynamo's cache, unused)."""
+    for module in state.modules:
+        module._compiled_call_impl = None  # what nn.Module.compile set
+    for handle in state.handles:
+        handle.remove()
+    if state.cuda_graphs is not None:
+        state.cuda_graphs.uninstall()
 
 
 # ----------------------------------------------------------------------------- CUDA graphs
@@ -213,6 +226,11 @@ class TransformerGraphs:
 
     def install(self) -> None:
         self.transformer.forward = self
+
+    def uninstall(self) -> None:
+        if self.transformer.__dict__.get("forward") is self:
+            del self.transformer.forward
+        self.graphs.clear()
 
     def _signature(self, kwargs: dict) -> tuple:
         def describe(value):
@@ -296,18 +314,19 @@ def apply_compile(pipe, config) -> CompileState | None:
         ("single_transformer_blocks", transformer.single_transformer_blocks),
     ):
         for block in blocks:
-            _compile_module(block, compile_config)
+            _compile_module(block, compile_config, state)
         state.compiled_modules.append(f"{name} x{len(blocks)}")
-    _fresh_block_inputs(transformer)
+    state.handles += _fresh_block_inputs(transformer)
     for name in _AROUND_BLOCKS:
         module = getattr(transformer, name, None)
         if module is not None:
-            _compile_module(module, compile_config)
+            _compile_module(module, compile_config, state)
             state.compiled_modules.append(name)
     if state.artifact_path is not None and not state.loaded_artifacts:
-        _save_after_first_call(transformer, state)
+        state.handles.append(_save_after_first_call(transformer, state))
     if state.cache_dir is not None:
-        _scope_caches_to_forward(transformer, state.cache_dir)  # after the save hook: it saves inside the scope
+        # after the save hook: it saves inside the scope
+        state.handles += _scope_caches_to_forward(transformer, state.cache_dir)
     if compile_config.cuda_graphs:
         state.cuda_graphs = TransformerGraphs(transformer)
         state.cuda_graphs.install()
@@ -321,14 +340,15 @@ def _as_fresh_tensor(module, args, output):
     return output.clone() if output._base is not None else output
 
 
-def _fresh_block_inputs(transformer) -> None:
-    for name in ("x_embedder", "context_embedder"):
-        module = getattr(transformer, name, None)
-        if module is not None:
-            module.register_forward_hook(_as_fresh_tensor)
+def _fresh_block_inputs(transformer) -> list:
+    return [
+        module.register_forward_hook(_as_fresh_tensor)
+        for module in (getattr(transformer, name, None) for name in ("x_embedder", "context_embedder"))
+        if module is not None
+    ]
 
 
-def _save_after_first_call(transformer: torch.nn.Module, state: CompileState) -> None:
+def _save_after_first_call(transformer: torch.nn.Module, state: CompileState):
     """The graphs compile lazily, on the first forward: save the artefacts once it has run."""
 
     def hook(module, args, output):
@@ -339,3 +359,4 @@ def _save_after_first_call(transformer: torch.nn.Module, state: CompileState) ->
             logger.warning("could not write the compile cache %s: %s", state.artifact_path, err)
 
     handle = transformer.register_forward_hook(hook)
+    return handle

@@ -27,12 +27,13 @@ from .models import (
     synthetic_components,
     variant_spec,
 )
+from .steps import AppliedSteps
 
 logger = logging.getLogger(__name__)
 
 _ENGINE_CONFIG_ATTR = "_flux_engine_config"
 # what optimize() leaves on a pipeline, one attribute per step
-_STATE_ATTRS = ("attention_ops", "quant_state", "offload_state", "vae_state", "compile_state")
+_STATE_ATTRS = ("attention_ops", "quant_state", "offload_state", "vae_state", "compile_state", "engine_steps")
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -65,24 +66,52 @@ def optimize(pipe: FluxPipeline, config: EngineConfig | str | None = None) -> Fl
         for name in _STATE_ATTRS:
             setattr(pipe, name, getattr(pipe, name, None))
         return pipe
-    # The steps in order; each part of EngineConfig that is still 'off' leaves the pipeline as it is.
-    from .attention import apply_attention
-    from .compile import apply_compile
+    # The steps in order; each part of EngineConfig that is still 'off' leaves the pipeline as it is. Each step
+    # that ran is listed in pipe.engine_steps with its undo (engine.restore undoes them all).
+    from .attention import apply_attention, attention_undo_blocker, remove_attention
+    from .compile import apply_compile, remove_compile
     from .offload import apply_offload
     from .quantize import apply_quantization
-    from .vae import apply_vae
+    from .vae import apply_vae, remove_vae_tiling
 
+    steps = AppliedSteps()
     pipe.attention_ops = apply_attention(pipe, config.attention)
+    if pipe.attention_ops is not None:
+        blocker = attention_undo_blocker(pipe.transformer)
+        steps.add("attention", None if blocker else lambda: remove_attention(pipe.transformer), blocker)
     pipe.quant_state = apply_quantization(pipe, config.quant)
+    if pipe.quant_state is not None:
+        steps.add("quantization", None, "the original weights were replaced by their quantised codes")
     pipe.offload_state = apply_offload(pipe, config.offload, compiled=config.compile.mode != "none")
+    if pipe.offload_state is not None:
+        steps.add("offload", None, "the weights moved into packed host buffers that stream into GPU slots")
     if pipe.quant_state is not None and pipe.transformer.device.type == "cuda":
         from .offload import compact_resident
 
-        compact_resident(pipe, pipe.offload_state, pipe.transformer.device)
+        compact_resident(pipe, pipe.offload_state, pipe.transformer.device)  # part of quantization's step
     pipe.vae_state = apply_vae(pipe, config.vae)
+    if pipe.vae_state is not None:
+        steps.add("vae", lambda: remove_vae_tiling(pipe))
     pipe.compile_state = apply_compile(pipe, config)
+    if pipe.compile_state is not None:
+        compile_state = pipe.compile_state
+        steps.add("compile", lambda: remove_compile(compile_state))
+    pipe.engine_steps = steps
     setattr(pipe, _ENGINE_CONFIG_ATTR, config)
     _release_replaced_weights(pipe)
+    return pipe
+
+
+def restore(pipe: FluxPipeline) -> FluxPipeline:
+    """Undo every step optimize() applied to `pipe` (newest first, `pipe.engine_steps`) and return it as plain
+    diffusers. ConfigError, with nothing changed, when a step cannot be undone (quantisation, offload)."""
+    steps = getattr(pipe, "engine_steps", None)
+    if steps is not None:
+        steps.undo_all()
+    for name in _STATE_ATTRS:
+        setattr(pipe, name, None)
+    if hasattr(pipe, _ENGINE_CONFIG_ATTR):
+        delattr(pipe, _ENGINE_CONFIG_ATTR)
     return pipe
 
 
