@@ -42,7 +42,7 @@ from engine.measure import (
     sqnr_db,
     track_peak_memory,
 )
-from engine.models import _build_transformer, dtype_as_default, synthetic_components, variant_spec
+from engine.models import build_transformer, dtype_as_default, synthetic_components, variant_spec
 
 MODES = ("none", "fp8", "fp8-weight", "int8-weight", "nf4")
 PROMPT = "a photograph of an astronaut riding a horse on the moon, earth rising behind"
@@ -63,7 +63,7 @@ def build_transformer(device, seed: int = 0):
     rng_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices), torch.device(device), dtype_as_default(torch.bfloat16):
         torch.manual_seed(seed)
-        return _build_transformer(spec).eval().requires_grad_(False)
+        return build_transformer(spec).eval().requires_grad_(False)
 
 
 def step_inputs(pipe, embeds, height: int, width: int, device) -> dict:

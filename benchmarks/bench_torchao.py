@@ -43,7 +43,7 @@ from types import SimpleNamespace
 import torch
 
 from engine.measure import Timer, environment_info, quantiles, sqnr_db
-from engine.models import _build_transformer, dtype_as_default, variant_spec
+from engine.models import build_transformer, dtype_as_default, variant_spec
 
 GIB = 2**30
 
@@ -61,7 +61,7 @@ def build_transformer(variant: str, device: torch.device, seed: int = 0):
     rng_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices), torch.device(device), dtype_as_default(torch.bfloat16):
         torch.manual_seed(seed)
-        return _build_transformer(spec).eval().requires_grad_(False)
+        return build_transformer(spec).eval().requires_grad_(False)
 
 
 def latent_grid(image_tokens: int) -> tuple[int, int]:

@@ -36,6 +36,7 @@ _EXPORTS = {
     "synthetic_pipeline": "models",
     "FluxEngine": "pipeline",
     "optimize": "pipeline",
+    "for_budget": "planner",
     "restore": "pipeline",
 }
 
@@ -56,6 +57,7 @@ __all__ = [
     "VARIANTS",
     "VaeConfig",
     "VariantError",
+    "for_budget",
     "optimize",
     "preset",
     "restore",
@@ -85,6 +87,7 @@ if TYPE_CHECKING:
     )
     from .models import VARIANTS, synthetic_components, synthetic_pipeline
     from .pipeline import FluxEngine, optimize, restore
+    from .planner import for_budget
 
 
 def __getattr__(name: str):

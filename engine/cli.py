@@ -11,7 +11,7 @@ from .config import PRESETS, parse_resolution, resolve_config, validate_resoluti
 if TYPE_CHECKING:  # torch and the models load after the arguments are parsed, so that --help answers at once
     import torch
 
-    from .models import ModelSpec
+    from .models.variants import ModelSpec
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, several_presets: bool = False) -> None:
@@ -51,7 +51,13 @@ class ModelChoice:
 
 def choose_model(args, resolutions: list[str]) -> ModelChoice:
     """Check device, model, preset and sizes before anything heavy is built."""
-    from .models import SYNTHETIC_PREFIX, check_device_fits_variant, is_variant_name, resolve_device, variant_spec
+    from .models.variants import (
+        SYNTHETIC_PREFIX,
+        check_device_fits_variant,
+        is_variant_name,
+        resolve_device,
+        variant_spec,
+    )
 
     device = resolve_device(args.device)
     model = args.model or SYNTHETIC_PREFIX + ("flux-dev" if device.type == "cuda" else "tiny")

@@ -286,14 +286,6 @@ class EngineConfig:
                 "captured CUDA graph cannot follow; use compile.cuda_graphs=False or offload.policy 'none'/'model'"
             )
 
-    @classmethod
-    def for_budget(cls, vram_gib: float, height: int = 1024, width: int = 1024, **kwargs) -> EngineConfig:
-        """The fastest config predicted to fit `vram_gib` GiB of GPU memory (engine/planner.py; kwargs go to
-        `planner.plan`, e.g. variant, batch, fp8_hardware)."""
-        from .planner import plan
-
-        return plan(vram_gib, height, width, **kwargs).config
-
     @property
     def label(self) -> str:
         """A short name for tables: the preset name, or the parts that differ from the default."""

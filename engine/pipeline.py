@@ -19,14 +19,9 @@ from diffusers import FluxPipeline
 
 from .config import EngineConfig, resolve_config
 from .errors import ConfigError, EngineOutOfMemoryError, InputError
-from .models import (
-    SYNTHETIC_PREFIX,
-    is_variant_name,
-    load_local_components,
-    resolve_device,
-    synthetic_components,
-    variant_spec,
-)
+from .models.builders import synthetic_components
+from .models.loading import load_local_components
+from .models.variants import SYNTHETIC_PREFIX, is_variant_name, resolve_device, variant_spec
 from .steps import AppliedSteps
 
 logger = logging.getLogger(__name__)
@@ -299,7 +294,7 @@ def _leaner_plan_advice(plan, config: EngineConfig, budget_gib: float, height, w
     label = replace(suggestion.config, name="").label
     return (
         f"Predicted to fit this GPU's {budget_gib:.1f} GiB: {label} (peak {suggestion.chosen.peak_gib:.1f} GiB): "
-        f"FluxEngine.from_pretrained(..., config=EngineConfig.for_budget({planned_for:g}, {height}, {width}))."
+        f"FluxEngine.from_pretrained(..., config=engine.for_budget({planned_for:g}, {height}, {width}))."
     )
 
 
@@ -339,7 +334,7 @@ def _device_budget_gib(device: torch.device) -> float | None:
 
 def _variant_of(transformer) -> str | None:
     """The variant whose transformer has this config (the planner's memory model is per variant)."""
-    from .models import VARIANTS
+    from .models.variants import VARIANTS
 
     config = dict(transformer.config)
     for name, spec in VARIANTS.items():

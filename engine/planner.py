@@ -3,7 +3,7 @@
 `plan(vram_gib, height, width)` enumerates the configs the engine can run (weight quantisation of the
 transformer and T5, offload policy, VAE tiling, compile), predicts for each its peak GPU memory and its
 time per image, and returns the fastest that fits, with the table of what was considered and why the
-faster ones were turned down. `EngineConfig.for_budget(...)` and `python -m engine.bench --vram N`
+faster ones were turned down. `engine.for_budget(...)` and `python -m engine.bench --vram N`
 use it.
 
 The memory model:
@@ -125,17 +125,18 @@ def component_bytes(variant: str, component: str, mode: str, double_quant: bool 
 def vae_weight_bytes(variant: str) -> int:
     import torch
 
-    from . import models
+    from .models.builders import build_vae
+    from .models.variants import variant_spec
 
     with torch.device("meta"):
-        vae = models._build_vae(models.variant_spec(variant))
+        vae = build_vae(variant_spec(variant))
     return sum(p.numel() for p in vae.parameters()) * 2  # bf16
 
 
 def vae_config(variant: str) -> dict:
-    from . import models
+    from .models.variants import variant_spec
 
-    return dict(models.variant_spec(variant).vae)
+    return dict(variant_spec(variant).vae)
 
 
 # ----------------------------------------------------------------------------- predictions
@@ -184,10 +185,10 @@ def predict(
     h2d_gbps: float = H2D_GBPS,
 ) -> Prediction:
     """Peak device bytes and seconds per image of `config` (see the module docstring)."""
-    from . import models
+    from .models.variants import variant_spec
     from .vae import _tiling_in_force, decode_peak_bytes
 
-    spec = models.variant_spec(variant)
+    spec = variant_spec(variant)
     quant, offload = config.quant, config.offload
     dq = quant.nf4_double_quant
     dit = component_bytes(variant, "transformer", quant.transformer, dq)
@@ -417,6 +418,13 @@ def fastest_config(
         f"no preset fits this GPU's {card_gib:.1f} GiB at {width}x{height}; the planner's fastest config that does "
         f"({chosen.chosen.peak_gib:.1f} GiB predicted)",
     )
+
+
+def for_budget(vram_gib: float, height: int = 1024, width: int = 1024, **kwargs) -> EngineConfig:
+    """The fastest EngineConfig predicted to fit `vram_gib` GiB of GPU memory (kwargs go to `plan`, e.g. variant,
+    batch, fp8_hardware). Exported as `engine.for_budget`; it lives here, not on EngineConfig, so that the config
+    does not import the planner that imports it."""
+    return plan(vram_gib, height, width, **kwargs).config
 
 
 # ----------------------------------------------------------------------------- emulating a smaller card

@@ -818,16 +818,17 @@ def actual_weight_bytes(model: nn.Module) -> int:
 
 def meta_component(variant: str, component: str, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """A pipeline component of `variant` on the meta device (shapes and dtypes, no memory)."""
-    from . import models
+    from .models.builders import build_clip, build_t5, build_transformer, dtype_as_default
+    from .models.variants import variant_spec
 
-    spec = models.variant_spec(variant)
-    with torch.device("meta"), models.dtype_as_default(dtype):
+    spec = variant_spec(variant)
+    with torch.device("meta"), dtype_as_default(dtype):
         if component == "transformer":
-            return models._build_transformer(spec)
+            return build_transformer(spec)
         if component == "text_encoder_2":
-            return models._build_t5(spec, dtype)
+            return build_t5(spec, dtype)
         if component == "text_encoder":
-            return models._build_clip(spec, dtype)
+            return build_clip(spec, dtype)
     raise ConfigError(f"component {component!r} is not one of {', '.join(COMPONENTS)}")
 
 
@@ -908,7 +909,8 @@ def load_fp8_transformer(path: str | Path, device: torch.device | str = "cpu", d
     """
     from diffusers import FluxTransformer2DModel
 
-    from .models import SafetensorsReader, dtype_as_default, stream_into
+    from .models.builders import dtype_as_default
+    from .models.safetensors_io import SafetensorsReader, stream_into
 
     path = Path(path)
     if not path.is_file():

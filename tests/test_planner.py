@@ -113,7 +113,9 @@ def test_quality_is_validated():
 
 
 def test_for_budget_returns_the_plans_config():
-    config = EngineConfig.for_budget(12, 1024, 1024)
+    import engine
+
+    config = engine.for_budget(12, 1024, 1024)
     assert config == plan(12, 1024, 1024).config
     assert "plan for 12 GiB" in plan(12, 1024, 1024).explain()
 

@@ -1,0 +1,184 @@
+"""Local checkpoints: a diffusers-format folder, or a BFL single-file transformer with a folder for the rest;
+components to be quantised are built on the meta device and filled (and quantised) one layer at a time."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+from .bfl import BflReader, bfl_to_diffusers
+from .builders import dtype_as_default
+from .safetensors_io import (
+    SafetensorsReader,
+    component_weight_files,
+    empty_model,
+    meta_dtype,
+    read_safetensors,
+    stream_into,
+)
+
+logger = logging.getLogger(__name__)
+
+# what a FluxPipeline folder must hold (FluxPipeline's optional image_encoder / feature_extractor may be absent)
+PIPELINE_COMPONENTS = ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae")
+
+
+def _check_diffusers_folder(folder: Path, single_file: bool = False) -> None:
+    """A readable model_index.json and a folder for each component (the transformer's may be absent when a
+    single-file transformer replaces it), before diffusers is asked: its own messages name its internals."""
+    if not folder.exists():
+        raise CheckpointError(f"model folder {str(folder)!r} does not exist; pass a local diffusers-format folder")
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise CheckpointError(
+            f"{str(folder)!r} is not a diffusers-format FLUX folder (no model_index.json); save one with "
+            "`pipe.save_pretrained(folder)` or pass a BFL single-file transformer with its config folder"
+        )
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(
+            f"{str(index_path)!r} is not readable JSON ({err}); copy it again from the model you downloaded"
+        ) from err
+    needed = [name for name in PIPELINE_COMPONENTS if not (single_file and name == "transformer")]
+    missing = [name for name in needed if not isinstance(index, dict) or not (folder / name).is_dir()]
+    if missing:
+        raise CheckpointError(
+            f"{str(folder)!r} lacks the component folder(s) {', '.join(missing)}; a FLUX.1 diffusers folder holds "
+            f"{', '.join(PIPELINE_COMPONENTS)} beside model_index.json: copy the whole model folder"
+        )
+
+
+def _load_quantizer(component: str, quant):
+    mode = getattr(quant, component)
+    if mode == "none":
+        return None
+    from ..quantize import LoadQuantizer
+
+    return LoadQuantizer(component, mode, quant.nf4_double_quant)
+
+
+def load_component_quantized(folder: Path, component: str, device, dtype: torch.dtype, quant):
+    """`component` of a diffusers-format folder, each quantisable Linear quantised (per `quant`) as it is read:
+    the device peak is the quantised component plus one layer. None when the folder has no safetensors for it."""
+    files = component_weight_files(folder / component)
+    if files is None:
+        logger.warning(
+            "%s has no safetensors weights: loading it whole and quantising afterwards (the peak is its full size)",
+            folder / component,
+        )
+        return None
+    model, target_dtype = empty_model(folder, component, dtype)
+    with SafetensorsReader(files) as reader:
+        stream_into(model, reader, device, target_dtype, _load_quantizer(component, quant), str(folder / component))
+    return model
+
+
+def load_transformer_single_file(path: str | Path, config_folder: str | Path, device, dtype: torch.dtype, quant=None):
+    """A FluxTransformer2DModel from a BFL single-file `.safetensors`; config from `config_folder/transformer`.
+
+    quant: a QuantConfig; a transformer mode other than 'none' quantises each Linear as it is read (the device
+    never holds the bf16 transformer).
+    """
+    from diffusers import FluxTransformer2DModel
+
+    config_path = Path(config_folder) / "transformer" / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(
+            f"no transformer config at {str(config_path)!r}; the config folder must be a diffusers-format "
+            "FLUX folder (it provides the architecture and the other components)"
+        )
+    config = json.loads(config_path.read_text())
+    quantizer = _load_quantizer("transformer", quant) if quant is not None else None
+    try:
+        if quantizer is not None:
+            return _stream_single_file(Path(path), config, device, dtype, quantizer)
+        state = bfl_to_diffusers(read_safetensors(Path(path)), config)
+    except KeyError as err:
+        raise CheckpointError(
+            f"{str(path)!r} lacks the tensor {err.args[0]!r} of a BFL FLUX transformer with "
+            f"{config['num_layers']} double and {config['num_single_layers']} single blocks; is it the "
+            "transformer of the same variant as the config folder?"
+        ) from err
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel.from_config(config)
+    try:
+        transformer.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{str(path)!r} does not fit the transformer config: {err}") from err
+    return transformer.to(device).eval().requires_grad_(False)
+
+
+def _stream_single_file(path: Path, config: dict, device, dtype: torch.dtype, quantizer):
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel
+
+    with BflReader(path, config) as reader:
+        with init_empty_weights(include_buffers=False), dtype_as_default(dtype):
+            transformer = FluxTransformer2DModel.from_config(config)
+        stream_into(transformer, reader, device, meta_dtype, quantizer, str(path))
+    return transformer
+
+
+def load_local_components(
+    path: str | Path,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    config_folder: str | Path | None = None,
+    quant=None,
+) -> dict:
+    """FluxPipeline components from local files only.
+
+    `path` is a diffusers-format folder, or a BFL single-file transformer `.safetensors`, in which
+    case `config_folder` (a diffusers-format folder) provides the architecture and the other parts.
+
+    quant: a QuantConfig (engine.config). Each component with a mode other than 'none' is built on the meta
+    device and quantised layer by layer while its safetensors are read (engine.quantize.LoadQuantizer): the
+    device peak is the quantised size plus one layer, and the result is identical to loading in `dtype` and
+    calling apply_quantization with the same QuantConfig (which then leaves it as it is).
+    A folder written by engine.quantize.save_quantized loads its quantised transformer as saved, whatever
+    `quant` says for it ('none' or the saved mode; another mode is refused).
+    """
+    from diffusers import FluxPipeline
+
+    from ..config import QuantConfig
+
+    quant = quant if quant is not None else QuantConfig()
+    path = Path(path)
+    single_file = path.suffix == ".safetensors"
+    if single_file and config_folder is None:
+        raise CheckpointError(
+            f"{str(path)!r} is a single-file transformer; also pass the diffusers-format folder that holds "
+            "its config and the other components (config_folder=... / --config-folder)"
+        )
+    folder = Path(config_folder) if single_file else path
+    if single_file and not path.is_file():
+        raise CheckpointError(f"checkpoint file {str(path)!r} does not exist; pass the path of a local .safetensors")
+    _check_diffusers_folder(folder, single_file)
+    overrides = {}
+    if single_file:
+        overrides["transformer"] = load_transformer_single_file(path, folder, device, dtype, quant=quant)
+    else:
+        from ..quantize import load_saved_quantized_transformer
+
+        saved = load_saved_quantized_transformer(folder, device, dtype, quant)
+        if saved is not None:
+            overrides["transformer"] = saved
+    for component in QuantConfig.COMPONENTS:
+        if component not in overrides and getattr(quant, component) != "none":
+            loaded = load_component_quantized(folder, component, device, dtype, quant)
+            if loaded is not None:
+                overrides[component] = loaded
+    try:
+        pipe = FluxPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True, **overrides)
+    except Exception as err:  # noqa: BLE001 - diffusers raises many types for one cause: a bad folder
+        raise CheckpointError(
+            f"could not load the FLUX pipeline from {str(folder)!r}: {type(err).__name__}: {err}. "
+            "Check that every component folder is complete (a truncated or missing weight file is the usual cause)"
+        ) from err
+    pipe.to(device)
+    return dict(pipe.components)
