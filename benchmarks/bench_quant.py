@@ -57,7 +57,7 @@ def log(*parts) -> None:
 VARIANT = "flux-dev"  # --variant tiny --device cpu: a smoke test of this script on a CPU
 
 
-def build_transformer(device, seed: int = 0):
+def synthetic_transformer(device, seed: int = 0):
     """The transformer exactly as synthetic_components builds it (it is built first from the seed)."""
     spec = variant_spec(VARIANT)
     rng_devices = [device] if device.type == "cuda" else []
@@ -137,7 +137,7 @@ def real_activation_sqnr(shared, embeds, modes, height, width, device, attention
     from engine.attention import apply_attention
     from engine.quantize import measure_layer_sqnr
 
-    transformer = build_transformer(device)
+    transformer = synthetic_transformer(device)
     pipe = make_pipe(shared, transformer)
     apply_attention(pipe, attention)
     inputs = step_inputs(pipe, embeds, height, width, device)
@@ -167,7 +167,7 @@ def run_mode(shared, embeds, mode, config, args, device, reference) -> dict:
     from engine.quantize import actual_weight_bytes, quantization_report
 
     row = {"mode": "bf16" if mode == "none" else mode, "config": config.label, "height": args.res, "width": args.res}
-    transformer = build_transformer(device)
+    transformer = synthetic_transformer(device)
     pipe = make_pipe(shared, transformer)
     start = time.perf_counter()
     optimize(pipe, config)

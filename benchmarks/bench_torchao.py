@@ -55,7 +55,7 @@ def log(*parts) -> None:
 # ----------------------------------------------------------------------------- model and inputs
 
 
-def build_transformer(variant: str, device: torch.device, seed: int = 0):
+def synthetic_transformer(variant: str, device: torch.device, seed: int = 0):
     """The synthetic transformer, bf16, random-init on `device` (as engine.models builds it)."""
     spec = variant_spec(variant)
     rng_devices = [device] if device.type == "cuda" else []
@@ -367,7 +367,7 @@ def main(argv=None) -> int:
     }
     log(f"torchao: {payload['torchao'].get('version') or payload['torchao']['error'].splitlines()[0]}")
     log(f"building synthetic {args.variant} transformer (bf16, {device}) ...")
-    base = build_transformer(args.variant, device)
+    base = synthetic_transformer(args.variant, device)
     config = {k: v for k, v in dict(base.config).items() if not k.startswith("_")}
     inputs = make_inputs(config, args.image_tokens, args.text_tokens, device)
     flops = step_flops(config, args.image_tokens, args.text_tokens)
