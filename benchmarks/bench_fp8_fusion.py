@@ -63,7 +63,7 @@ def log(*parts) -> None:
 
 
 def kernel_rows() -> list[dict]:
-    from engine.quantize import quantize_fp8_rowwise
+    from flux_kernels.fp8 import quantize_fp8_rowwise
     from flux_kernels.layernorm_modulate import (
         gated_residual_layernorm_modulate,
         gated_residual_layernorm_modulate_fp8,
@@ -108,7 +108,7 @@ def gelu_rows(tokens: int) -> list[dict]:
     (no prefix) and the single-stream proj_out input (the 3072-wide attention output first)."""
     import torch.nn.functional as F
 
-    from engine.quantize import quantize_fp8_rowwise
+    from flux_kernels.fp8 import quantize_fp8_rowwise
     from flux_kernels.gelu_fp8 import gelu_concat_fp8
 
     @torch.compile(dynamic=False)
@@ -207,7 +207,7 @@ def forward_rows(args) -> list[dict]:
 
     from engine.attention import apply_attention
     from engine.config import AttentionConfig, QuantConfig
-    from engine.quantize import quantize_model, set_fp8_options
+    from engine.quant import quantize_model, set_fp8_options
 
     device = torch.device("cuda")
     rows = []

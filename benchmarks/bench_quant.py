@@ -127,7 +127,7 @@ def free(device) -> None:
 
 
 def sqnr_summary(values: dict[str, float]) -> dict:
-    from engine.quantize import sqnr_summary as summary
+    from engine.quant import sqnr_summary as summary
 
     return summary(values)
 
@@ -135,7 +135,7 @@ def sqnr_summary(values: dict[str, float]) -> dict:
 def real_activation_sqnr(shared, embeds, modes, height, width, device, attention) -> dict:
     """Per mode: SQNR of every quantisable Linear of the bf16 transformer on the activations of one forward."""
     from engine.attention import apply_attention
-    from engine.quantize import measure_layer_sqnr
+    from engine.quant import measure_layer_sqnr
 
     transformer = synthetic_transformer(device)
     pipe = make_pipe(shared, transformer)
@@ -163,8 +163,9 @@ def flops_per_step(height: int, width: int) -> float | None:
 
 
 def run_mode(shared, embeds, mode, config, args, device, reference) -> dict:
+    from engine.memory.weights import actual_weight_bytes
     from engine.pipeline import optimize
-    from engine.quantize import actual_weight_bytes, quantization_report
+    from engine.quant import quantization_report
 
     row = {"mode": "bf16" if mode == "none" else mode, "config": config.label, "height": args.res, "width": args.res}
     transformer = synthetic_transformer(device)
@@ -200,7 +201,8 @@ def run_mode(shared, embeds, mode, config, args, device, reference) -> dict:
 
 def t5_nf4(components, embeds, device) -> dict:
     """T5-XXL in nf4: weight bytes and the prompt embeddings' SQNR vs bf16 (same tokens)."""
-    from engine.quantize import actual_weight_bytes, quantize_model
+    from engine.memory.weights import actual_weight_bytes
+    from engine.quant import quantize_model
 
     t5 = components["text_encoder_2"]
     length = variant_spec(VARIANT).t5_max_length
@@ -220,7 +222,9 @@ def t5_nf4(components, embeds, device) -> dict:
 def linear_microbench(device) -> list[dict]:
     import triton.testing
 
-    from engine.quantize import Fp8Linear, _nf4_linear, quantize_fp8_rowwise
+    from engine.quant import Fp8Linear
+    from engine.quant.layers import _nf4_linear
+    from flux_kernels.fp8 import quantize_fp8_rowwise
 
     tokens, in_features, out_features = MLP_SHAPE
     torch.manual_seed(0)
@@ -290,8 +294,9 @@ def load_peak(args, device) -> dict:
 
     from diffusers import FluxPipeline
 
+    from engine.memory.weights import actual_weight_bytes
     from engine.models import load_local_components
-    from engine.quantize import actual_weight_bytes, apply_quantization
+    from engine.quant import apply_quantization
 
     quant = QuantConfig(transformer=args.load_peak_mode)
     folder = Path(args.load_peak_dir or tempfile.mkdtemp(prefix="bench-quant-load-")) / "model"

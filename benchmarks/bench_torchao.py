@@ -139,7 +139,7 @@ def first_call_s(model, inputs: dict, device: torch.device) -> tuple[float, torc
 
 
 def weight_gib(model) -> float:
-    from engine.quantize import actual_weight_bytes
+    from engine.memory.weights import actual_weight_bytes
 
     return round(actual_weight_bytes(model) / GIB, 3)
 
@@ -170,7 +170,7 @@ def error_text(err: BaseException) -> str:
 
 
 def quantize_ours(model) -> None:
-    from engine.quantize import quantize_model
+    from engine.quant import quantize_model
 
     quantize_model(model, "fp8", "transformer", record_sqnr=False)
 
@@ -184,7 +184,7 @@ def torchao_config():
 def quantize_torchao(model) -> None:
     from torchao.quantization import quantize_
 
-    from engine.quantize import quantizable_linears
+    from engine.quant import quantizable_linears
 
     names = {name for name, _ in quantizable_linears(model, "transformer")}
     quantize_(model, torchao_config(), filter_fn=lambda module, fqn: fqn in names)

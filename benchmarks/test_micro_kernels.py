@@ -212,7 +212,8 @@ def test_norm_into_fp8(benchmark, impl: str, tokens: int):
     fused blocks run), against our bf16 kernel followed by the activation quantiser (what Fp8Linear does
     eagerly: a compiled quantiser), and against both inside one torch.compile graph (what the compiled blocks
     without the fusion run: the custom op, then one inductor kernel). GB/s over the fused kernel's bytes."""
-    from engine.quantize import _quantize_activations, quantize_fp8_rowwise
+    from engine.quant.fp8 import _quantize_activations
+    from flux_kernels.fp8 import quantize_fp8_rowwise
     from flux_kernels.layernorm_modulate import layernorm_modulate, layernorm_modulate_fp8
 
     device = torch.device("cuda")
@@ -244,7 +245,8 @@ def test_norm_into_fp8(benchmark, impl: str, tokens: int):
     "impl", ["bf16", "fp8", "fp8_scaled_mm_only", "fp8_fast_accum", "fp8_scaled_mm_only_fast_accum"]
 )
 def test_linear(benchmark, impl: str):
-    from engine.quantize import Fp8Linear, fp8_compute_for, quantize_fp8_rowwise
+    from engine.quant import Fp8Linear, fp8_compute_for
+    from flux_kernels.fp8 import quantize_fp8_rowwise
 
     device = torch.device("cuda")
     if impl != "bf16" and fp8_compute_for(device) != "scaled_mm":

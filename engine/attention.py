@@ -270,7 +270,9 @@ def _fuse_projections(block: nn.Module, block_name: str, fused_name: str, names:
     views). Already quantised (quantised while loading, or loaded from a quantised checkpoint): the quantised
     rows are concatenated exactly (engine.quantize.fuse_quantized_linears) and the originals, which would keep
     their own copy alive, become FusedAway placeholders, as quantising after fusing leaves them."""
-    from .quantize import FusedAway, fuse_quantized_linears, is_quantized_layer
+    from .quant.apply import is_quantized_layer
+    from .quant.fp8 import FusedAway
+    from .quant.layers import fuse_quantized_linears
 
     parts = [block.get_submodule(name) for name in names]
     if not any(is_quantized_layer(part) for part in parts):
@@ -385,7 +387,7 @@ _FUSED = {
 def attention_undo_blocker(transformer) -> str:
     """Why `remove_attention` cannot restore `transformer` ('' when it can): projections that were quantised before
     fusing were concatenated into one quantised layer, and their originals replaced by placeholders."""
-    from .quantize import FusedAway
+    from .quant.fp8 import FusedAway
 
     for block in (*transformer.transformer_blocks, *transformer.single_transformer_blocks):
         if any(isinstance(module, FusedAway) for module in block.modules()):

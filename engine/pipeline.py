@@ -66,7 +66,7 @@ def optimize(pipe: FluxPipeline, config: EngineConfig | str | None = None) -> Fl
     from .attention import apply_attention, attention_undo_blocker, remove_attention
     from .compile import apply_compile, remove_compile
     from .offload import apply_offload
-    from .quantize import apply_quantization
+    from .quant.apply import apply_quantization
     from .vae import apply_vae, remove_vae_tiling
 
     steps = AppliedSteps()

@@ -93,7 +93,8 @@ def _block_prefixes(component: str) -> tuple[str, ...]:
 @functools.lru_cache(maxsize=64)
 def component_bytes(variant: str, component: str, mode: str, double_quant: bool = False) -> ComponentBytes:
     """Exact weight bytes of `component` of `variant` in `mode`, whole and per block, from the meta device."""
-    from .quantize import _tensor_bytes, linear_weight_bytes, meta_component, quantizable_linears
+    from .memory.weights import linear_weight_bytes, meta_component, tensor_bytes
+    from .quant.policy import quantizable_linears
 
     model = meta_component(variant, component)
     targets = dict(quantizable_linears(model, component)) if mode != "none" else {}
@@ -108,7 +109,7 @@ def component_bytes(variant: str, component: str, mode: str, double_quant: bool 
         if name in targets:
             nbytes = linear_weight_bytes(module, mode, double_quant) if fresh else 0
         else:
-            nbytes = sum(_tensor_bytes(t) for t in fresh)
+            nbytes = sum(tensor_bytes(t) for t in fresh)
         if not nbytes:
             continue
         total += nbytes

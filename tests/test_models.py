@@ -240,7 +240,7 @@ def test_quantising_while_loading_equals_loading_then_quantising(saved_tiny, mod
     from diffusers import FluxPipeline
 
     from engine.config import QuantConfig
-    from engine.quantize import apply_quantization, quant_mode_of, quantization_report
+    from engine.quant import apply_quantization, quant_mode_of, quantization_report
 
     quant = QuantConfig(transformer=mode, text_encoder_2=mode, text_encoder=mode)
     streamed = load_local_components(saved_tiny, device="cpu", dtype=torch.bfloat16, quant=quant)
@@ -266,7 +266,7 @@ def test_quantising_a_sharded_folder_while_loading(tiny_components, tmp_path):
 
     from engine.config import QuantConfig
     from engine.models import component_weight_files
-    from engine.quantize import apply_quantization
+    from engine.quant import apply_quantization
 
     folder = tmp_path / "sharded"
     FluxPipeline(**tiny_components).save_pretrained(folder, max_shard_size="50KB")
@@ -303,7 +303,7 @@ def test_quantising_a_bfl_single_file_while_loading(saved_tiny, tiny_components,
     from diffusers import FluxPipeline
 
     from engine.config import QuantConfig
-    from engine.quantize import apply_quantization
+    from engine.quant import apply_quantization
 
     path = save_bfl_single_file(tiny_components["transformer"], tmp_path / "flux1-tiny.safetensors")
     quant = QuantConfig(transformer="fp8")
@@ -401,7 +401,8 @@ def test_quantising_while_loading_peaks_at_the_quantised_size_plus_a_layer(saved
     from torch import nn
 
     from engine.config import QuantConfig
-    from engine.quantize import actual_weight_bytes, apply_quantization
+    from engine.memory.weights import actual_weight_bytes
+    from engine.quant import apply_quantization
 
     parts = ("transformer", "text_encoder_2", "text_encoder", "vae")
 

@@ -29,25 +29,26 @@ from engine import EngineConfig, FluxEngine
 from engine.config import PRESETS, AttentionConfig, CompileConfig, QuantConfig
 from engine.errors import CheckpointError, ConfigError
 from engine.measure import psnr, sqnr_db
+from engine.memory.weights import (
+    actual_weight_bytes,
+    linear_weight_bytes,
+    meta_component,
+    nf4_layer_bytes,
+    weight_bytes,
+)
 from engine.models import synthetic_components
-from engine.quantize import (
+from engine.quant import (
     E4M3_MAX,
-    FP8_DTYPE,
     Fp8Linear,
     FusedAway,
-    actual_weight_bytes,
     apply_quantization,
     fp8_linear,
     layer_sqnr,
-    linear_weight_bytes,
     load_fp8_transformer,
-    meta_component,
-    nf4_layer_bytes,
     quantization_report,
-    quantize_fp8_rowwise,
     save_fp8_transformer,
-    weight_bytes,
 )
+from flux_kernels.fp8 import FP8_DTYPE, quantize_fp8_rowwise
 
 GIB = 2**30
 
@@ -342,7 +343,7 @@ def test_fusing_quantised_projections_equals_quantising_fused_ones(mode):
     """A quantised load (or checkpoint) is fused by the kernels presets after quantising; the result must be what
     the bf16 path (fuse, then quantise) makes: same module tree, same bytes, same output."""
     from engine.attention import apply_attention
-    from engine.quantize import quantize_model
+    from engine.quant import quantize_model
 
     fused_first, quantised_first = _fresh_pipe(torch.bfloat16), _fresh_pipe(torch.bfloat16)
     config = EngineConfig(attention=AttentionConfig(backend="auto"), quant=QuantConfig(transformer=mode))
@@ -367,7 +368,7 @@ def test_fusing_nf4_projections_keeps_their_codes(double_quant):
     # bitsandbytes quantises on the CPU too: the layout (not the engine's nf4 mode, which stays CUDA-only) is
     # testable here. Per-block scales are per 64 elements within a row, so the fused codes are the same bytes.
     from engine.attention import fuse_linears
-    from engine.quantize import _nf4_module, fuse_quantized_linears
+    from engine.quant.layers import _nf4_module, fuse_quantized_linears
 
     torch.manual_seed(0)
     linears = [nn.Linear(128, rows, dtype=torch.bfloat16) for rows in (128, 128, 256)]
@@ -387,7 +388,7 @@ def test_fusing_nf4_projections_keeps_their_codes(double_quant):
 
 
 def test_fusing_projections_quantised_differently_is_a_clear_error():
-    from engine.quantize import fuse_quantized_linears, quantized_linear
+    from engine.quant import fuse_quantized_linears, quantized_linear
 
     linears = [nn.Linear(16, 16) for _ in range(3)]
     parts = [quantized_linear(linears[0], "fp8"), quantized_linear(linears[1], "int8-weight"), linears[2]]
@@ -428,7 +429,7 @@ def fused_fp8_engine():
 def test_quantised_folder_round_trip_with_the_fused_kernels(tmp_path, fused_fp8_engine, fused_before_save):
     """save_quantized from a fused+fp8 pipeline, or from an unfused fp8 one, then FluxEngine.from_pretrained with
     the fused-kernels config: the same images, bit for bit, and the fp8 weights are loaded, not quantised again."""
-    from engine.quantize import QUANT_MARKER, QUANT_WEIGHTS, save_quantized
+    from engine.quant import QUANT_MARKER, QUANT_WEIGHTS, save_quantized
 
     reference, expected = fused_fp8_engine
     unfused_fp8 = replace(_FUSED_FP8, attention=AttentionConfig())
@@ -522,7 +523,7 @@ def test_fp8_options_reach_every_fp8_layer():
 
 
 def _quantized_pipe(**modes) -> FluxPipeline:
-    from engine.quantize import quantize_model
+    from engine.quant import quantize_model
 
     pipe = _fresh_pipe()
     for component, mode in modes.items():  # apply_quantization's step, without the SQNR probes
@@ -531,7 +532,7 @@ def _quantized_pipe(**modes) -> FluxPipeline:
 
 
 def test_save_quantized_refuses_what_it_cannot_write(tmp_path):
-    from engine.quantize import save_quantized
+    from engine.quant import save_quantized
 
     with pytest.raises(ConfigError, match="not quantised. Save it with pipe.save_pretrained"):
         save_quantized(_fresh_pipe(), tmp_path / "a")
@@ -550,7 +551,7 @@ def test_save_quantized_refuses_what_it_cannot_write(tmp_path):
 
 def test_a_quantised_folder_refuses_another_mode(tmp_path):
     from engine.models import load_local_components
-    from engine.quantize import save_quantized
+    from engine.quant import save_quantized
 
     folder = save_quantized(_quantized_pipe(transformer="fp8"), tmp_path / "flux-fp8")
     with pytest.raises(ConfigError, match="saved quantised as 'fp8'; the config asks 'int8-weight'"):

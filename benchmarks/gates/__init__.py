@@ -34,7 +34,7 @@ def weight_byte_keys() -> list[str]:
 
 def measure_weight_bytes(variant: str = VARIANT) -> dict[str, int]:
     """Weight bytes of `variant` per component and mode: arithmetic on meta tensors, no memory, ~1 s."""
-    from engine.quantize import meta_component, weight_bytes
+    from engine.memory.weights import meta_component, weight_bytes
 
     figures, models = {}, {}
     for key in weight_byte_keys():

@@ -440,7 +440,7 @@ def fastest_for(plan: Plan, args):
     from flux_kernels import triton_runnable
 
     from ..planner import fastest_config
-    from ..quantize import fp8_compute_for
+    from ..quant.fp8 import fp8_compute_for
 
     cuda = plan.device.type == "cuda"
     return fastest_config(
@@ -481,7 +481,7 @@ def with_compile_cache(config, args):
 
 def quantization_summary(engine, label: str) -> dict:
     """Per quantised component: mode, weight GiB and per-layer SQNR (dB) against the unquantised weights."""
-    from ..quantize import quantization_report
+    from ..quant.report import quantization_report
 
     report = quantization_report(engine)
     for component, info in report.items():
@@ -523,7 +523,7 @@ def budget_jobs(plan: Plan, args) -> list[Job]:
     from flux_kernels import triton_runnable
 
     from ..planner import plan as make_budget_plan
-    from ..quantize import fp8_compute_for
+    from ..quant.fp8 import fp8_compute_for
 
     if plan.spec is None:
         raise EngineError("--vram plans for the synthetic variants' architectures; use --model synthetic:flux-dev")

@@ -57,7 +57,7 @@ def _load_quantizer(component: str, quant):
     mode = getattr(quant, component)
     if mode == "none":
         return None
-    from ..quantize import LoadQuantizer
+    from ..quant.apply import LoadQuantizer
 
     return LoadQuantizer(component, mode, quant.nf4_double_quant)
 
@@ -163,7 +163,7 @@ def load_local_components(
     if single_file:
         overrides["transformer"] = load_transformer_single_file(path, folder, device, dtype, quant=quant)
     else:
-        from ..quantize import load_saved_quantized_transformer
+        from ..quant.checkpoint import load_saved_quantized_transformer
 
         saved = load_saved_quantized_transformer(folder, device, dtype, quant)
         if saved is not None:

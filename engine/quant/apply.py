@@ -1,0 +1,206 @@
+"""Quantising a pipeline's components: `apply_quantization`, the per-layer step, and quantising while loading.
+
+`apply_quantization(pipe, QuantConfig)` replaces the Linear layers of the transformer, T5 (text_encoder_2)
+and CLIP (text_encoder) in place, one layer at a time, so that each bf16 weight is freed as soon as its
+quantised copy exists (the peak is the bf16 model loaded before it, plus one layer; quantising while loading,
+below, avoids the bf16 model altogether).
+
+Quantise while loading: `engine.models.load_local_components(..., quant=QuantConfig(...))` builds each
+quantised component on the meta device and hands each Linear to `LoadQuantizer` as its tensors are read, so the
+device never holds the bf16 component (peak: quantised size + one layer); the per-layer step (`quantize_layer`)
+is the one apply_quantization uses, so the result is identical, and apply_quantization then leaves it alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import QuantConfig
+from ..errors import ConfigError
+from .fp8 import Fp8Linear, KeepsInputDtype
+from .layers import drop_fused_views, quantized_kind, quantized_linear
+from .policy import COMPONENTS, T5_WO, kept_linears, parent_of, quantizable_linears
+
+
+def _probe(in_features: int, like: torch.Tensor, tokens: int = 64) -> torch.Tensor:
+    generator = torch.Generator(device=like.device).manual_seed(in_features)
+    return torch.randn(tokens, in_features, generator=generator, device=like.device, dtype=like.dtype)
+
+
+@dataclass
+class ComponentQuant:
+    """What quantising one component did: its mode, the layers it replaced and kept, probe SQNR per layer."""
+
+    mode: str
+    quantized: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    fused_away: list[str] = field(default_factory=list)
+    sqnr_db: dict[str, float] = field(default_factory=dict)
+
+
+def quantize_model(
+    model: nn.Module, mode: str, component: str = "transformer", double_quant: bool = False, record_sqnr: bool = True
+) -> ComponentQuant:
+    """Replace `model`'s Linears by `mode` layers in place, one at a time (each bf16 weight freed as it goes).
+
+    record_sqnr: per layer, the output SQNR on a N(0, 1) probe of 64 tokens (cheap: one small matmul
+    per layer while the bf16 weight still exists).
+    """
+    result = ComponentQuant(mode=mode, kept=kept_linears(model, component))
+    result.fused_away = drop_fused_views(model)
+    for name in [n for n, _ in quantizable_linears(model, component)]:  # names: a module list would pin them all
+        linear = model.get_submodule(name)
+        parent, child = parent_of(model, name)
+        setattr(parent, child, quantize_layer(linear, name, mode, component, double_quant, result, record_sqnr))
+        del linear  # the last reference to the bf16 weight: freed here, not at the end
+    mark_quantized(model, result, double_quant)
+    return result
+
+
+def quantize_layer(
+    linear: nn.Linear,
+    name: str,
+    mode: str,
+    component: str,
+    double_quant: bool = False,
+    record: ComponentQuant | None = None,
+    record_sqnr: bool = True,
+) -> nn.Module:
+    """The quantised module that replaces the Linear `name` of `component`: the one per-layer step of both
+    `quantize_model` (after loading) and the loader's quantise-while-loading (engine.models), so the two give
+    identical modules. `record` collects the name and, with record_sqnr, the probe SQNR (one 64-token matmul
+    while the bf16 weight still exists)."""
+    is_t5_wo = component == "text_encoder_2" and name.rpartition(".")[2] == T5_WO
+    compute = "weight-only" if (is_t5_wo and mode == "fp8" and linear.weight.is_cuda) else None
+    with torch.no_grad():
+        qmodule = quantized_linear(linear, mode, name=name, double_quant=double_quant, fp8_compute=compute)
+        if record is not None and record_sqnr:
+            from ..measure import sqnr_db
+
+            probe = _probe(linear.in_features, linear.weight)
+            record.sqnr_db[name] = sqnr_db(qmodule(probe).float(), linear(probe).float())
+    if is_t5_wo and mode in ("fp8", "nf4"):
+        qmodule = KeepsInputDtype(qmodule, linear.weight.dtype)
+    if record is not None:
+        record.quantized.append(name)
+    return qmodule
+
+
+def mark_quantized(model: nn.Module, record: ComponentQuant, double_quant: bool = False) -> None:
+    """Tag `model` as quantised (apply_quantization then leaves it alone) and keep what quantising it did."""
+    model._flux_quant_mode = record.mode
+    model._flux_nf4_double_quant = double_quant
+    model._flux_quant_record = record
+
+
+class LoadQuantizer:
+    """Quantises a component's Linears one at a time as engine.models' streamed loader fills them
+    (`load_local_components(..., quant=QuantConfig(...))`), with the same per-layer step and kept list as
+    apply_quantization, so the loaded component is identical to loading it whole and quantising it."""
+
+    def __init__(self, component: str, mode: str, double_quant: bool = False, record_sqnr: bool = True):
+        if component not in COMPONENTS or mode not in QuantConfig.MODES[1:]:
+            raise ConfigError(
+                f"cannot quantise {component!r} as {mode!r} while loading; components: {', '.join(COMPONENTS)}, "
+                f"modes: {', '.join(QuantConfig.MODES[1:])}"
+            )
+        self.component, self.mode, self.double_quant, self.record_sqnr = component, mode, double_quant, record_sqnr
+        self.record = ComponentQuant(mode=mode)
+
+    def layer_names(self, model: nn.Module) -> set[str]:
+        """The Linears to quantise (on the meta-device model, before any weight is read)."""
+        self.record.kept = kept_linears(model, self.component)
+        return {name for name, _ in quantizable_linears(model, self.component)}
+
+    def __call__(self, name: str, linear: nn.Linear) -> nn.Module:
+        return quantize_layer(
+            linear, name, self.mode, self.component, self.double_quant, self.record, self.record_sqnr
+        )  # fmt: skip
+
+    def finish(self, model: nn.Module) -> None:
+        mark_quantized(model, self.record, self.double_quant)
+
+
+def quant_mode_of(model: nn.Module | None) -> str | None:
+    """The mode `model` is quantised in (its tag, else its layers' types), or None for an unquantised model."""
+    if model is None:
+        return None
+    mode = getattr(model, "_flux_quant_mode", None)
+    if mode is not None:
+        return mode
+    for module in model.modules():
+        kind = quantized_kind(module)
+        if kind is not None:
+            return kind
+    return None
+
+
+def is_quantized_layer(module: nn.Module) -> bool:
+    """A quantised Linear (ours, optimum-quanto's or bitsandbytes' 4-bit), wrapped or not."""
+    return quantized_kind(module) is not None
+
+
+@dataclass
+class QuantState:
+    """What apply_quantization did, per component."""
+
+    config: QuantConfig
+    components: dict[str, ComponentQuant] = field(default_factory=dict)
+
+
+def apply_quantization(pipe, config: QuantConfig) -> QuantState | None:
+    """Quantise the pipeline's components per `config`; None when every component is 'none'.
+
+    A component already quantised in the same mode (quantised while loading, or loaded from a quantised
+    checkpoint) is left as it is: optimize() after a quantised load does not quantise twice.
+    """
+    if all(getattr(config, c) == "none" for c in COMPONENTS):
+        return None
+    state = QuantState(config=config)
+    for component in COMPONENTS:
+        mode = getattr(config, component)
+        model = getattr(pipe, component, None)
+        if mode == "none" or model is None:
+            continue
+        previous = quant_mode_of(model)
+        if previous is None:
+            state.components[component] = quantize_model(model, mode, component, config.nf4_double_quant)
+            set_fp8_options(model, config)
+            continue
+        if previous != mode:
+            raise ConfigError(
+                f"{component} is already quantised as {previous!r}; load it again (unquantised, or with "
+                f"QuantConfig({component}={mode!r}) to quantise while loading) to use {mode!r}"
+            )
+        double_quant = getattr(model, "_flux_nf4_double_quant", config.nf4_double_quant)
+        if mode == "nf4" and double_quant != config.nf4_double_quant:
+            raise ConfigError(
+                f"{component} is already quantised as nf4 with nf4_double_quant={double_quant}; the config asks "
+                f"{config.nf4_double_quant}: load it again with the config's QuantConfig"
+            )
+        record = getattr(model, "_flux_quant_record", None)
+        state.components[component] = record or ComponentQuant(
+            mode=mode, kept=kept_linears(model, component), quantized=_quantized_names(model)
+        )
+        set_fp8_options(model, config)
+    return state
+
+
+def set_fp8_options(model: nn.Module, config: QuantConfig) -> None:
+    """The config's run-time fp8 options on every Fp8Linear of `model` (they are not part of the weights)."""
+    for module in model.modules():
+        if isinstance(module, Fp8Linear):
+            module.fast_accum, module.fused_input = config.fp8_fast_accum, config.fp8_fused_input
+
+
+def _quantized_names(model: nn.Module) -> list[str]:
+    names, wrapped = [], set()
+    for name, module in model.named_modules():
+        if id(module) not in wrapped and quantized_kind(module) is not None:
+            names.append(name)
+            if isinstance(module, KeepsInputDtype):
+                wrapped.add(id(module.inner))
+    return names
