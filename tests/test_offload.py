@@ -94,11 +94,11 @@ def test_leaf_streams_linears_and_keeps_the_norm_scales_on_the_device():
 
 def test_leaf_units_follow_shared_storage():
     # a fused QKV layer and the q/k/v views of its weight are one unit, brought in by whichever runs
-    from engine.offload import _leaf_groups
+    from engine.offload import leaf_groups
 
     pipe = fresh_pipe()
     optimize(pipe, EngineConfig(attention=AttentionConfig(backend="sdpa", fused_norms=True)))
-    groups = _leaf_groups([pipe.transformer.transformer_blocks])
+    groups = leaf_groups([pipe.transformer.transformer_blocks])
     attn = pipe.transformer.transformer_blocks[0].attn
     with_q = next(g for g in groups if any(m is attn.to_q for m in g))
     assert any(m is attn.to_k for m in with_q) and any(m is attn.to_v for m in with_q) and len(with_q) == 4

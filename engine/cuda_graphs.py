@@ -1,0 +1,85 @@
+"""The transformer's whole forward captured as one CUDA graph per input signature and replayed (the CUDA-graph
+step of the compile config: `compile.cuda_graphs`, with or without the regional compile around it)."""
+
+from __future__ import annotations
+
+import torch
+
+
+class TransformerGraphs:
+    """The transformer's whole forward (all 57 blocks, compiled or not) captured as one CUDA graph per input
+    signature (shapes, dtypes, guidance or not) and replayed: one launch per step instead of thousands,
+    which is what pays at small sizes and few steps, where the CPU cannot keep the GPU fed.
+
+    Each signature keeps its own graph and memory pool (graphs sharing a pool must replay in capture order,
+    which arbitrary resolution changes would break); at most `max_graphs` are kept, oldest dropped first.
+    The first call of a signature runs eagerly twice on a side stream (compiles, autotunes) before capture.
+    """
+
+    TENSOR_ARGS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
+    ID_ARGS = ("img_ids", "txt_ids")
+
+    def __init__(self, transformer: torch.nn.Module, max_graphs: int = 4):
+        self.transformer = transformer
+        self.forward = transformer.forward  # the bound forward being replaced (compiled blocks inside)
+        self.max_graphs = max_graphs
+        self.graphs: dict[tuple, tuple] = {}  # signature -> (graph, static inputs, static output)
+        self.captures = 0
+
+    def install(self) -> None:
+        self.transformer.forward = self
+
+    def uninstall(self) -> None:
+        if self.transformer.__dict__.get("forward") is self:
+            del self.transformer.forward
+        self.graphs.clear()
+
+    def _signature(self, kwargs: dict) -> tuple:
+        def describe(value):
+            return (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else value
+
+        return tuple((name, describe(kwargs.get(name))) for name in (*self.TENSOR_ARGS, *self.ID_ARGS))
+
+    def __call__(self, *args, **kwargs):
+        unsupported = args or kwargs.get("joint_attention_kwargs") or kwargs.get("controlnet_block_samples")
+        if unsupported or torch.is_grad_enabled() or self.transformer.device.type != "cuda":
+            return self.forward(*args, **kwargs)
+        key = self._signature(kwargs)
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self._capture(kwargs)
+        graph, static_inputs, static_output = entry
+        for name, value in static_inputs.items():
+            value.copy_(kwargs[name], non_blocking=True)
+        graph.replay()
+        sample = static_output.clone()  # the next replay reuses the buffer (true CFG calls twice per step)
+        return (sample,) if not kwargs.get("return_dict", True) else _transformer_output(sample)
+
+    def _capture(self, kwargs: dict) -> tuple:
+        if len(self.graphs) >= self.max_graphs:
+            self.graphs.pop(next(iter(self.graphs)))
+        static_inputs = {
+            name: kwargs[name].clone()
+            for name in (*self.TENSOR_ARGS, *self.ID_ARGS)
+            if isinstance(kwargs.get(name), torch.Tensor)
+        }
+        call_kwargs = {**kwargs, **static_inputs, "return_dict": False}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.forward(**call_kwargs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_output = self.forward(**call_kwargs)[0]
+        self.captures += 1
+        entry = (graph, static_inputs, static_output)
+        self.graphs[self._signature(kwargs)] = entry
+        return entry
+
+
+def _transformer_output(sample: torch.Tensor):
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    return Transformer2DModelOutput(sample=sample)

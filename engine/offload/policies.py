@@ -1,0 +1,236 @@
+"""The offload policies (none, model, block, leaf): where each component lives, and apply_offload."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import OffloadConfig
+from ..errors import ConfigError
+from .prompt_cache import PromptCache
+from .streamer import (
+    HostBuffer,
+    NullContext,
+    PackedUnit,
+    ResidentOnDemand,
+    Streamer,
+    bracket,
+    module_tensors,
+    stream_module_lists,
+)
+
+logger = logging.getLogger(__name__)
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+# ----------------------------------------------------------------------------- the policies
+
+
+@dataclass
+class OffloadState:
+    """What apply_offload set up: for the bench (bytes moved, device bytes held) and for error recovery."""
+
+    policy: str
+    device: torch.device
+    streamers: dict[str, Streamer] = field(default_factory=dict)
+    on_demand: dict[str, ResidentOnDemand] = field(default_factory=dict)
+    prompt_cache: PromptCache | None = None
+    setup_s: float = 0.0
+
+    def reset(self) -> None:
+        """Put every streamed unit back in host memory (after an out-of-memory error, say)."""
+        for streamer in self.streamers.values():
+            streamer.reset()
+        for holder in self.on_demand.values():
+            holder.__exit__(None, None, None)
+
+    def bytes_copied(self) -> int:
+        return sum(s.stats.bytes_copied for s in self.streamers.values()) + sum(
+            h.bytes_copied for h in self.on_demand.values()
+        )
+
+    def summary(self) -> dict:
+        return {
+            "policy": self.policy,
+            "setup_s": round(self.setup_s, 2),
+            "streamers": {
+                name: {
+                    "units": len(s.units),
+                    "slots": s.slot_count,
+                    "slot_MiB": round(s.slot_bytes / 2**20, 1),
+                    "host_GiB": round(sum(u.nbytes for u in s.units) / 2**30, 3),
+                    **s.stats.as_dict(),
+                }
+                for name, s in self.streamers.items()
+            },
+            "prompt_cache": None
+            if self.prompt_cache is None
+            else {"hits": self.prompt_cache.hits, "misses": self.prompt_cache.misses},
+        }
+
+
+def transformer_block_lists(transformer: nn.Module) -> list[nn.ModuleList]:
+    return [transformer.transformer_blocks, transformer.single_transformer_blocks]
+
+
+def _encoder_block_lists(name: str, encoder: nn.Module) -> list[nn.ModuleList]:
+    if name == "text_encoder_2":  # T5EncoderModel
+        return [encoder.encoder.block]
+    return [encoder.text_model.encoder.layers]  # CLIPTextModel
+
+
+def _blocks_streamer(model, lists, device, slots: int, name: str, pin: bool, transient: bool = False) -> Streamer:
+    blocks = [block for module_list in lists for block in module_list]
+    units = [PackedUnit(f"{name}[{i}]", module_tensors(block)) for i, block in enumerate(blocks)]
+    streamer = Streamer(units, device, slots, name, HostBuffer.pack(units, pin), transient=transient)
+    streamer.set_order(list(range(len(units))))
+    stream_module_lists(model, lists, streamer)
+    return streamer
+
+
+def _leaves(module: nn.Module) -> list[nn.Module]:
+    """The Linear layers (bf16, fp8, nf4): the modules that always use their weights through their own forward.
+    Other weights inside a block (the RMSNorm scales our fused kernels read directly) stay on the device."""
+    return [m for m in module.modules() if hasattr(m, "in_features") and hasattr(m, "out_features")]
+
+
+def storage_key(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
+
+
+def leaf_groups(lists) -> list[list[nn.Module]]:
+    """The Linear layers of the blocks, grouped where they share storage (a fused QKV layer and the q/k/v views
+    of its weight): a group is one unit, whichever of its layers runs brings all of it."""
+    leaves = [leaf for blocks in lists for block in blocks for leaf in _leaves(block)]
+    parent = list(range(len(leaves)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_leaf: dict[int, int] = {}
+    for index, leaf in enumerate(leaves):
+        for entry in module_tensors(leaf):
+            key = storage_key(entry[3])
+            if key in first_leaf:
+                parent[root(index)] = root(first_leaf[key])
+            else:
+                first_leaf[key] = index
+    groups: dict[int, list[nn.Module]] = {}
+    for index, leaf in enumerate(leaves):
+        groups.setdefault(root(index), []).append(leaf)
+    return list(groups.values())
+
+
+def _leaf_streamer(model: nn.Module, lists, device, slots: int, name: str, pin: bool) -> Streamer:
+    """Every Linear group inside the blocks is a unit; hooks on each of its layers bracket their forward."""
+    groups = leaf_groups(lists)
+    units = []
+    for index, group in enumerate(groups):
+        entries, seen = [], set()
+        for leaf in group:
+            for entry in module_tensors(leaf):
+                ident = (id(entry[0]), entry[1])
+                if ident not in seen:
+                    seen.add(ident)
+                    entries.append(entry)
+        units.append(PackedUnit(f"{name}.leaf[{index}]", entries))
+    streamer = Streamer(units, device, slots, name, HostBuffer.pack(units, pin))
+    for index, group in enumerate(groups):
+        for leaf in group:
+            leaf.register_forward_pre_hook(lambda module, args, i=index: streamer.before(i))
+            leaf.register_forward_hook(lambda module, args, output, i=index: streamer.after(i))
+    bracket(model, streamer)
+    return streamer
+
+
+def _wrap_encode_prompt(pipe, state: OffloadState, encoders: dict) -> None:
+    import inspect
+
+    original = pipe.encode_prompt
+    signature = inspect.signature(original)
+
+    def encode_prompt(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        cache = state.prompt_cache
+        key = cache.key(bound.arguments, state.device, pipe.transformer.dtype) if cache else None
+        cached = cache.get(key) if cache else None
+        if cached is not None:
+            return cached
+        with encoders.get("text_encoder", NullContext()), encoders.get("text_encoder_2", NullContext()):
+            result = original(*args, **kwargs)
+        if cache:
+            cache.put(key, result)
+        return result
+
+    pipe.encode_prompt = encode_prompt
+
+
+def apply_offload(pipe, config: OffloadConfig, device: torch.device | None = None, compiled: bool = False):
+    """Place `pipe`'s components for `config` (see the module docstring); None for policy 'none'."""
+    if config.policy == "none":
+        return None
+    device = torch.device(device) if device is not None else pipe.transformer.device
+    if device.type == "cpu":
+        logger.info("offload=%s on the CPU: the placement logic runs, nothing is saved", config.policy)
+    if config.policy == "leaf" and compiled:
+        raise ConfigError(
+            "offload.policy='leaf' hooks every Linear, inside the compiled regions; use compile.mode='none' "
+            "with 'leaf', or offload 'block' with compile"
+        )
+    started = time.perf_counter()
+    pin = device.type == "cuda"
+    state = OffloadState(config.policy, device)
+    state.prompt_cache = PromptCache(config.prompt_cache) if config.prompt_cache else None
+    encoders = {}
+    for name in TEXT_ENCODERS:
+        encoder = getattr(pipe, name, None)
+        if encoder is None:
+            continue
+        if name == "text_encoder_2":  # T5: its blocks stream (the same bytes as moving it whole, 1/12 the peak)
+            lists = _encoder_block_lists(name, encoder)
+            state.streamers[name] = _blocks_streamer(
+                encoder, lists, device, config.blocks_resident, name, pin, transient=True
+            )
+            move_unpacked(encoder, device, [state.streamers[name].host])
+        else:
+            encoders[name] = state.on_demand[name] = ResidentOnDemand(encoder, device, name, pin)
+    _wrap_encode_prompt(pipe, state, encoders)
+    if config.streams:
+        transformer = pipe.transformer
+        lists = transformer_block_lists(transformer)
+        build = _blocks_streamer if config.policy == "block" else _leaf_streamer
+        state.streamers["transformer"] = build(transformer, lists, device, config.blocks_resident, "transformer", pin)
+        move_unpacked(transformer, device, [state.streamers["transformer"].host])
+    else:
+        pipe.transformer.to(device)
+    pipe.vae.to(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+    state.setup_s = time.perf_counter() - started
+    return state
+
+
+def move_unpacked(model: nn.Module, device: torch.device, hosts: list[HostBuffer]) -> None:
+    """Every tensor of `model` that no streamer packed (embedders, final norms, norm scales) to `device`."""
+    ranges = [(h.tensor.data_ptr(), h.tensor.data_ptr() + h.tensor.numel()) for h in hosts]
+
+    def packed(tensor: torch.Tensor) -> bool:
+        return any(start <= tensor.data_ptr() < stop for start, stop in ranges)
+
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None and param.device != device and not packed(param):
+                param.data = param.data.to(device)
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.device != device and not packed(buffer):
+                module._buffers[name] = buffer.to(device)
