@@ -14,8 +14,8 @@ the values), bf16 on CUDA, decoding random latents [B, 16, H/8, W/8]. Per resolu
 Columns: ms (CUDA events after warm-up; median, p20, p80 of --runs), TFLOP/s (the decoder's FLOPs by torch's
 flop counter on the meta device, summed over the tiles actually decoded), x untiled (time ratio), peak extra
 GiB (torch.cuda.max_memory_allocated during one decode minus the allocation before it), predicted GiB
-(engine.vae.decode_peak_bytes, for calibrating its constants), PSNR dB vs untiled (outputs clamped to [-1, 1],
-data range 2), tiles and tile size. Writes `vae-<gpu>-<YYYYMMDD-HHMM>.json` under --out with the GPU, versions,
+(engine.memory.vae_peaks.decode_peak_bytes, for calibrating its constants), PSNR dB vs untiled (outputs clamped to
+[-1, 1], data range 2), tiles and tile size. Writes `vae-<gpu>-<YYYYMMDD-HHMM>.json` under --out with the GPU, versions,
 commit and date. Needs CUDA for the real measurement: exits 2 without it, unless `--device cpu` (a debug run,
 e.g. `--device cpu --variant tiny --res 128,192 --tiles 128/32`).
 """
@@ -33,15 +33,15 @@ import torch
 
 from engine.config import VaeConfig, parse_resolution
 from engine.measure import environment_info, psnr, quantiles, synchronize
-from engine.models import dtype_as_default, variant_spec
-from engine.vae import (
+from engine.memory.vae_peaks import (
     CONV_WORKSPACE_COPIES,
     decode_peak_bytes,
     decode_peak_stage,
     tile_spans,
-    tiled_decode,
     vae_scale_factor,
 )
+from engine.models import dtype_as_default, variant_spec
+from engine.vae import tiled_decode
 
 GIB = 2**30
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

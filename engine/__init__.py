@@ -36,7 +36,7 @@ _EXPORTS = {
     "synthetic_pipeline": "models",
     "FluxEngine": "pipeline",
     "optimize": "pipeline",
-    "for_budget": "planner",
+    "for_budget": "memory.planner",
     "restore": "pipeline",
 }
 
@@ -85,9 +85,9 @@ if TYPE_CHECKING:
         ResolutionError,
         VariantError,
     )
+    from .memory.planner import for_budget
     from .models import VARIANTS, synthetic_components, synthetic_pipeline
     from .pipeline import FluxEngine, optimize, restore
-    from .planner import for_budget
 
 
 def __getattr__(name: str):

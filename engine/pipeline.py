@@ -209,7 +209,7 @@ class FluxEngine(FluxPipeline):
         budget_gib = _device_budget_gib(device)
         variant = _variant_of(self.transformer)
         if budget_gib is not None and variant is not None:
-            from .planner import plan
+            from .memory.planner import plan
 
             try:
                 lines.append(_leaner_plan_advice(plan, config, budget_gib, height, width, variant, batch))
@@ -327,7 +327,7 @@ def _device_budget_gib(device: torch.device) -> float | None:
     """The memory this process may use on `device`: the card's, times a set_per_process_memory_fraction."""
     if device.type != "cuda":
         return None
-    from .planner import budget_gib
+    from .memory.planner import budget_gib
 
     return budget_gib(device)
 

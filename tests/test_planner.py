@@ -4,8 +4,7 @@ import pytest
 
 from engine.config import PRESETS, EngineConfig, OffloadConfig, QuantConfig, VaeConfig
 from engine.errors import ConfigError
-from engine.memory.weights import meta_component, weight_bytes
-from engine.planner import (
+from engine.memory.planner import (
     GIB,
     RESERVE_GIB,
     component_bytes,
@@ -13,6 +12,7 @@ from engine.planner import (
     plan,
     predict,
 )
+from engine.memory.weights import meta_component, weight_bytes
 
 BUDGETS = (6, 8, 12, 16, 24, 48)
 SIZES = ((1024, 1024), (2048, 2048))

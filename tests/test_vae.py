@@ -27,18 +27,9 @@ from engine import vae as engine_vae
 from engine.config import VaeConfig
 from engine.errors import ConfigError, InputError
 from engine.measure import psnr
+from engine.memory.vae_peaks import decode_peak_bytes, encode_peak_bytes, tile_spans, tiling_work_ratio
 from engine.models import variant_spec
-from engine.vae import (
-    apply_vae,
-    decode_peak_bytes,
-    encode_peak_bytes,
-    remove_vae_tiling,
-    tile_spans,
-    tiled_decode,
-    tiled_encode,
-    tiling_work_ratio,
-    vae_state_of,
-)
+from engine.vae import apply_vae, remove_vae_tiling, tiled_decode, tiled_encode, vae_state_of
 
 GIB = 2**30
 REPO = Path(__file__).resolve().parent.parent

@@ -2,7 +2,7 @@
 
 weight_bytes.json: engine.quantize.weight_bytes of each component of the real flux-dev config, built on the
 meta device, in every quantisation mode (nf4 also with double quantisation), as "component/mode" -> bytes.
-planner_peaks.json: engine.planner's predicted peak (bytes) of every preset at 1024^2 and 2048^2, as
+planner_peaks.json: engine.memory.planner's predicted peak (bytes) of every preset at 1024^2 and 2048^2, as
 "preset/size" -> bytes, and of the plan it picks for each budget, as "plan-<N>gib/size" -> bytes.
 Regenerate them after a change that is meant to move these figures, and commit them with that change:
 
@@ -49,7 +49,7 @@ def measure_weight_bytes(variant: str = VARIANT) -> dict[str, int]:
 def measure_planner_peaks(variant: str = VARIANT) -> dict[str, int]:
     """The planner's predicted peak bytes: every preset, and the plan for every budget, at each size."""
     from engine.config import PRESETS
-    from engine.planner import plan, predict
+    from engine.memory.planner import plan, predict
 
     figures = {}
     for size in PLANNER_SIZES:

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         (
             PLANNER_PEAKS_FILE,
             measure_planner_peaks,
-            f"engine.planner's predicted peak bytes for {VARIANT}: preset/size, and plan-<budget>gib/size",
+            f"engine.memory.planner's predicted peak bytes for {VARIANT}: preset/size, and plan-<budget>gib/size",
         ),
     )
     for path, measure, what in gates:

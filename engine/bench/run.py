@@ -421,7 +421,7 @@ def check_baseline_fits(plan: Plan, args, card: float) -> None:
     if plan.spec is None or args.dtype == "fp32":
         return
     from ..config import PRESETS
-    from ..planner import RESERVE_GIB, predict
+    from ..memory.planner import RESERVE_GIB, predict
 
     for height, width in plan.sizes:
         need = predict(PRESETS["baseline"], plan.spec.name, height, width, args.batch, args.steps).peak_gib
@@ -436,10 +436,10 @@ def check_baseline_fits(plan: Plan, args, card: float) -> None:
 
 
 def fastest_for(plan: Plan, args):
-    """The planner's fastest config for this machine at the sizes asked for (engine.planner.fastest_config)."""
+    """The planner's fastest config for this machine at the sizes asked for (engine.memory.planner.fastest_config)."""
     from flux_kernels import triton_runnable
 
-    from ..planner import fastest_config
+    from ..memory.planner import fastest_config
     from ..quant.fp8 import fp8_compute_for
 
     cuda = plan.device.type == "cuda"
@@ -522,7 +522,7 @@ def budget_jobs(plan: Plan, args) -> list[Job]:
         return []
     from flux_kernels import triton_runnable
 
-    from ..planner import plan as make_budget_plan
+    from ..memory.planner import plan as make_budget_plan
     from ..quant.fp8 import fp8_compute_for
 
     if plan.spec is None:
@@ -547,7 +547,7 @@ def emulated_budget(budget_gib: float | None, device: torch.device):
     if budget_gib is None or device.type != "cuda":
         yield
         return
-    from ..planner import emulate_budget
+    from ..memory.planner import emulate_budget
 
     release_cached_memory(device)
     emulate_budget(budget_gib, device)

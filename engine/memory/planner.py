@@ -11,7 +11,7 @@ The memory model:
   (engine.quantize.weight_bytes), split into what stays resident and what a streaming policy moves;
 - a streaming policy holds `blocks_resident` slots of its largest block;
 - activations: the largest live set of one transformer step, per token, by formula (ACT_* below),
-  and the VAE decode's own peak (engine.vae.decode_peak_bytes), tiled or not;
+  and the VAE decode's own peak (engine.memory.vae_peaks.decode_peak_bytes), tiled or not;
 - overheads: the CUDA context and allocator fragmentation (RESERVE_GIB), which the budget must hold too.
 The time model: a step's compute time from the H100 measurements in benchmarks/results (per token,
 linear + quadratic in the sequence length), scaled by the quantisation mode, plus the copy time a
@@ -25,7 +25,7 @@ import functools
 import itertools
 from dataclasses import dataclass, field, replace
 
-from .config import (
+from ..config import (
     AttentionConfig,
     CompileConfig,
     EngineConfig,
@@ -33,7 +33,7 @@ from .config import (
     QuantConfig,
     VaeConfig,
 )
-from .errors import ConfigError
+from ..errors import ConfigError
 
 GIB = 2**30
 
@@ -93,8 +93,8 @@ def _block_prefixes(component: str) -> tuple[str, ...]:
 @functools.lru_cache(maxsize=64)
 def component_bytes(variant: str, component: str, mode: str, double_quant: bool = False) -> ComponentBytes:
     """Exact weight bytes of `component` of `variant` in `mode`, whole and per block, from the meta device."""
-    from .memory.weights import linear_weight_bytes, meta_component, tensor_bytes
-    from .quant.policy import quantizable_linears
+    from ..quant.policy import quantizable_linears
+    from .weights import linear_weight_bytes, meta_component, tensor_bytes
 
     model = meta_component(variant, component)
     targets = dict(quantizable_linears(model, component)) if mode != "none" else {}
@@ -126,8 +126,8 @@ def component_bytes(variant: str, component: str, mode: str, double_quant: bool 
 def vae_weight_bytes(variant: str) -> int:
     import torch
 
-    from .models.builders import build_vae
-    from .models.variants import variant_spec
+    from ..models.builders import build_vae
+    from ..models.variants import variant_spec
 
     with torch.device("meta"):
         vae = build_vae(variant_spec(variant))
@@ -135,7 +135,7 @@ def vae_weight_bytes(variant: str) -> int:
 
 
 def vae_config(variant: str) -> dict:
-    from .models.variants import variant_spec
+    from ..models.variants import variant_spec
 
     return dict(variant_spec(variant).vae)
 
@@ -186,8 +186,8 @@ def predict(
     h2d_gbps: float = H2D_GBPS,
 ) -> Prediction:
     """Peak device bytes and seconds per image of `config` (see the module docstring)."""
-    from .models.variants import variant_spec
-    from .vae import _tiling_in_force, decode_peak_bytes
+    from ..models.variants import variant_spec
+    from .vae_peaks import decode_peak_bytes, tiling_in_force
 
     spec = variant_spec(variant)
     quant, offload = config.quant, config.offload
@@ -228,7 +228,7 @@ def predict(
         copy_ms = dit.blocks / (h2d_gbps * 1e9) * 1e3 * (LEAF_EXTRA if offload.policy == "leaf" else 1.0)
     step_ms = max(compute_ms, copy_ms) + 0.02 * min(compute_ms, copy_ms)  # the overlap is not perfect
     encode_s = 0.0 if offload.policy == "none" else (t5.total + clip.total) / (h2d_gbps * 1e9)
-    tiled = _tiling_in_force(config.vae, height, width)
+    tiled = tiling_in_force(config.vae, height, width)
     decode_s = DECODE_S_PER_MPIXEL * batch * height * width / 1e6 * (TILED_DECODE_SCALE if tiled else 1.0)
     seconds = steps * step_ms / 1e3 + encode_s + decode_s
     return Prediction(config, peak, seconds, parts)
@@ -384,7 +384,7 @@ def fastest_config(
     """The fastest config for this machine at every size in `sizes` ((height, width) pairs): on CUDA the first of
     GPU_FASTEST_FIRST that runs on this GPU and is predicted to fit `card_gib` (else the planner's plan for the
     largest size); on a CPU, CPU_FASTEST. The reason says why, for the bench's first line."""
-    from .config import PRESETS
+    from ..config import PRESETS
 
     if device_type != "cuda":
         return FastestChoice(
