@@ -155,7 +155,7 @@ def real_activation_sqnr(shared, embeds, modes, height, width, device, attention
 
 def flops_per_step(height: int, width: int) -> float | None:
     try:
-        from engine.bench.run import transformer_step_flops
+        from engine.bench.phases import transformer_step_flops
 
         return float(transformer_step_flops(dict(variant_spec(VARIANT).transformer), height, width, 512))
     except Exception:  # noqa: BLE001 - the bench module is being edited elsewhere; TFLOP/s is optional

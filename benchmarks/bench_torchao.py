@@ -98,7 +98,7 @@ def make_inputs(config: dict, image_tokens: int, text_tokens: int, device: torch
 def step_flops(config: dict, image_tokens: int, text_tokens: int) -> float | None:
     rows, cols = latent_grid(image_tokens)
     try:
-        from engine.bench.run import transformer_step_flops
+        from engine.bench.phases import transformer_step_flops
 
         return float(transformer_step_flops(config, rows * 16, cols * 16, text_tokens))
     except Exception:  # noqa: BLE001 - TFLOP/s is optional; the bench module is edited elsewhere

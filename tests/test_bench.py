@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.bench import arguments, cli, report
+from engine.bench import arguments, cli, phases, plan, report
 from engine.bench import run as measurement
 from engine.errors import EngineError
 from engine.files import check_writable
@@ -130,7 +130,7 @@ def test_presets_parse_as_a_list_or_the_ladder():
 
 def test_flop_counter_matches_the_published_step_cost():
     # ARCHITECTURE.md: 74.4 TFLOP per flux-dev step at 1024^2 with 512 text tokens
-    flops = measurement.transformer_step_flops(VARIANTS["flux-dev"].transformer, 1024, 1024, 512)
+    flops = phases.transformer_step_flops(VARIANTS["flux-dev"].transformer, 1024, 1024, 512)
     assert flops / 1e12 == pytest.approx(74.4, abs=0.05)
 
 
@@ -298,11 +298,11 @@ def test_a_folder_is_not_a_result_path(tmp_path):
 
 
 def test_a_card_too_small_for_the_baseline_is_told_before_any_work():
-    plan = measurement.Plan(None, "synthetic:flux-dev", [(1024, 1024)], VARIANTS["flux-dev"], None)
+    flux_dev = plan.Plan(None, "synthetic:flux-dev", [(1024, 1024)], VARIANTS["flux-dev"], None)
     args = cli.build_parser().parse_args([])
     with pytest.raises(EngineError, match=r"the diffusers baseline needs ~37 GiB at 1024x1024 .* this GPU's 24 GiB"):
-        measurement.check_baseline_fits(plan, args, 24.0)
-    measurement.check_baseline_fits(plan, args, 80.0)  # fits: no error
+        plan.check_baseline_fits(flux_dev, args, 24.0)
+    plan.check_baseline_fits(flux_dev, args, 80.0)  # fits: no error
 
 
 def test_warm_call_seconds_counts_the_warm_up_calls_own_steps():

@@ -8,7 +8,9 @@ the card, driver, versions, commit and date, a CSV and a plot.
 
     engine.bench.cli        the command line: arguments, then (after parsing) the run and its report
     engine.bench.arguments  the checks of the arguments that need no model and no torch
-    engine.bench.run        the measurement: models, configs, phase timing, the rows
+    engine.bench.plan       what a run will do, decided and checked before anything heavy is built
+    engine.bench.phases     one call's phases timed, the peak inside each, a step's FLOPs
+    engine.bench.run        the measurement: one row per config and size
     engine.bench.report     tables, JSON / CSV / PNG files, the verdict lines
 
 This package imports nothing heavy itself, so that `--help` and argument errors answer before torch loads.

@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         thresholds = (parse_fraction(args.max_slowdown), parse_fraction(args.max_vram_growth))
         gate_baseline = load_result(args.gate) if args.gate else None
         check_arguments(args)
-        from .run import make_plan, run  # torch, diffusers: only once the arguments are known to be good
+        from .plan import make_plan  # torch, diffusers: only once the arguments are known to be good
+        from .run import run
 
         plan = make_plan(args)
         result = run(args, plan)

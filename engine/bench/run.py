@@ -6,15 +6,13 @@ import argparse
 import sys
 import tempfile
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from ..cli import choose_model, default_guidance
-from ..config import resolve_config
+from ..cli import default_guidance
 from ..errors import EngineError
-from ..files import check_writable
 from ..measure import (
     PeakMemory,
     environment_info,
@@ -25,170 +23,11 @@ from ..measure import (
     synchronize,
     track_peak_memory,
 )
-from .arguments import check_arguments, parse_budgets, parse_presets
-from .report import BASELINE_LABEL, default_out_dir
+from .phases import CallTimes, Interval, record_phases, transformer_step_flops
+from .plan import DTYPES, Plan, make_plan
+from .report import BASELINE_LABEL
 
 JSON_VERSION = 1
-
-# ----------------------------------------------------------------------------- phase timing
-
-
-class _Interval:
-    """Start/stop marks on a device: CUDA events (read after one final sync) or perf_counter."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        if self.cuda:
-            self.start_event = torch.cuda.Event(enable_timing=True)
-            self.end_event = torch.cuda.Event(enable_timing=True)
-
-    def start(self) -> None:
-        if self.cuda:
-            self.start_event.record()
-        else:
-            import time
-
-            self.t0 = time.perf_counter()
-
-    def stop(self) -> None:
-        if self.cuda:
-            self.end_event.record()
-        else:
-            import time
-
-            self.t1 = time.perf_counter()
-
-    def ms(self) -> float:
-        if self.cuda:
-            return self.start_event.elapsed_time(self.end_event)
-        return (self.t1 - self.t0) * 1e3
-
-
-@dataclass
-class CallTimes:
-    encode_ms: list[float] = field(default_factory=list)
-    step_ms: list[float] = field(default_factory=list)
-    decode_ms: list[float] = field(default_factory=list)
-    total_ms: float = float("nan")
-    peak_gib: dict = field(default_factory=dict)  # phase -> peak allocated GiB inside it
-
-
-def _reset_peak(device: torch.device) -> None:
-    # the allocator's counters are kept on the host at allocation time: reading and resetting them between
-    # phases needs no synchronisation
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _read_peak(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-
-@contextmanager
-def record_phases(pipe, device: torch.device):
-    """Times one pipeline call's phases without changing what it computes.
-
-    The text encoding (`encode_prompt`) and the VAE decode are wrapped on the instance for the
-    duration of the block; each transformer forward (one denoise step) is bracketed by module hooks.
-    Events are only read after the call's final synchronisation, so timing adds no sync points.
-    """
-    encode, steps, decode = [], [], []
-    peaks: dict[str, float] = {}
-    # an optimised pipeline may have its own encode_prompt / vae.decode on the instance (offload's prompt
-    # cache, the tiled VAE): put back exactly what was there
-    own_encode = vars(pipe).get("encode_prompt")
-    own_decode = vars(pipe.vae).get("decode")
-    original_encode = pipe.encode_prompt
-    original_decode = pipe.vae.decode
-
-    def keep_peak(phase: str) -> None:
-        value = _read_peak(device)
-        if value is not None:
-            peaks[phase] = max(peaks.get(phase, 0.0), value)
-
-    def timed(original, intervals, phase):
-        def wrapper(*args, **kwargs):
-            interval = _Interval(device)
-            intervals.append(interval)
-            _reset_peak(device)
-            interval.start()
-            out = original(*args, **kwargs)
-            interval.stop()
-            keep_peak(phase)
-            return out
-
-        return wrapper
-
-    def pre_hook(module, args, kwargs):
-        interval = _Interval(device)
-        steps.append(interval)
-        _reset_peak(device)
-        interval.start()
-
-    def post_hook(module, args, kwargs, output):
-        steps[-1].stop()
-        keep_peak("denoise")
-
-    handles = [
-        pipe.transformer.register_forward_pre_hook(pre_hook, with_kwargs=True),
-        pipe.transformer.register_forward_hook(post_hook, with_kwargs=True),
-    ]
-    pipe.encode_prompt = timed(original_encode, encode, "encode")
-    pipe.vae.decode = timed(original_decode, decode, "decode")
-    times = CallTimes()
-    total = _Interval(device)
-    total.start()
-    try:
-        yield times
-    finally:
-        total.stop()
-        for handle in handles:
-            handle.remove()
-        _restore(pipe, "encode_prompt", own_encode)
-        _restore(pipe.vae, "decode", own_decode)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.encode_ms = [i.ms() for i in encode]
-        times.step_ms = [i.ms() for i in steps]
-        times.decode_ms = [i.ms() for i in decode]
-        times.total_ms = total.ms()
-        times.peak_gib = peaks
-
-
-def _restore(owner, name: str, own) -> None:
-    if own is None:
-        delattr(owner, name)
-    else:
-        setattr(owner, name, own)
-
-
-# ----------------------------------------------------------------------------- flops
-
-
-def transformer_step_flops(transformer_config: dict, height: int, width: int, text_tokens: int, batch: int = 1) -> int:
-    """FLOPs of one transformer forward, from torch's flop counter on the meta device (no memory, no GPU)."""
-    from diffusers import FluxTransformer2DModel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from ..models import dtype_as_default
-
-    config = {k: v for k, v in dict(transformer_config).items() if not k.startswith("_")}
-    image_tokens = (height // 16) * (width // 16)
-    with torch.device("meta"), dtype_as_default(torch.bfloat16):
-        model = FluxTransformer2DModel.from_config(config)
-        inputs = {
-            "hidden_states": torch.empty(batch, image_tokens, config["in_channels"]),
-            "encoder_hidden_states": torch.empty(batch, text_tokens, config["joint_attention_dim"]),
-            "pooled_projections": torch.empty(batch, config["pooled_projection_dim"]),
-            "timestep": torch.empty(batch),
-            "guidance": torch.empty(batch) if config.get("guidance_embeds") else None,
-            "img_ids": torch.zeros(image_tokens, 3),
-            "txt_ids": torch.zeros(text_tokens, 3),
-        }
-    with FlopCounterMode(display=False) as counter:
-        model(**inputs, return_dict=False)
-    return counter.get_total_flops()
-
 
 # ----------------------------------------------------------------------------- one configuration
 
@@ -300,7 +139,7 @@ def run_config(
     graphs_before = compiled_graph_count()
     first_call_s = None
     for _ in range(args.warmup):
-        first = _Interval(device)
+        first = Interval(device)
         first.start()
         call(args.warmup_steps)
         first.stop()
@@ -363,104 +202,6 @@ def compare(row: Row, output: Output, baseline_row: Row, baseline: Output) -> No
     row.latent_rel_err = relative_error(output.latents, baseline.latents)
 
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-@dataclass
-class Plan:
-    device: torch.device
-    model: str
-    sizes: list[tuple[int, int]]
-    spec: object
-    note: str | None
-    configs: list = field(default_factory=list)  # the EngineConfigs to run beside the baseline
-    out: Path | None = None  # where the JSON goes (checked writable before any work)
-    headline: str | None = None  # the default run's first line: what is compared with what, and why
-
-
-def make_plan(args) -> Plan:
-    """Validate every argument, and check that the results can be written, before anything heavy is built."""
-    check_arguments(args)
-    args.budgets = parse_budgets(args.vram)
-    if args.preset is not None or args.budgets:
-        presets = parse_presets(args.preset or "", allow_none=bool(args.budgets))
-    choice = choose_model(args, args.res)
-    on_cpu = choice.device.type != "cuda"
-    if args.runs is None:
-        args.runs = 1 if on_cpu else 3
-    if args.warmup_steps is None:
-        args.warmup_steps = 1 if on_cpu else args.steps
-    out = Path(args.out) if args.out else None
-    check_writable(out or default_out_dir(choice.device.type == "cuda") / "bench.json", "--out")
-    for path in (args.save_baseline,) if args.save_baseline else ():
-        check_writable(Path(path), "--save-baseline")
-    note = None
-    if choice.defaulted_to_tiny:
-        note = "no CUDA GPU: benchmarking the tiny synthetic model on the CPU (timings say nothing about a GPU)"
-    plan = Plan(choice.device, choice.model, choice.sizes, choice.spec, note, out=out)
-    if not args.no_baseline and plan.device.type == "cuda":
-        check_baseline_fits(plan, args, card_gib(plan.device))
-    if args.preset is None and not args.budgets:
-        fastest = fastest_for(plan, args)
-        plan.configs = [fastest.config]
-        plan.headline = headline(plan, fastest, args)
-    else:
-        check_presets_runnable(presets, choice.device)
-        plan.configs = [resolve_config(name) for name in presets]
-    return plan
-
-
-def card_gib(device: torch.device) -> float:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_properties(index).total_memory / 2**30
-
-
-def check_baseline_fits(plan: Plan, args, card: float) -> None:
-    """The diffusers baseline keeps every component on the GPU: on a card of `card` GiB too small for it, say so
-    before building anything (an out-of-memory traceback minutes later helps nobody)."""
-    if plan.spec is None or args.dtype == "fp32":
-        return
-    from ..config import PRESETS
-    from ..memory.planner import RESERVE_GIB, predict
-
-    for height, width in plan.sizes:
-        need = predict(PRESETS["baseline"], plan.spec.name, height, width, args.batch, args.steps).peak_gib
-        if need + RESERVE_GIB > card:
-            raise EngineError(
-                f"the diffusers baseline needs ~{need + RESERVE_GIB:.0f} GiB at {width}x{height} (predicted), more "
-                f"than this GPU's {card:.0f} GiB, and the bench builds every component on the GPU in "
-                f"{args.dtype or 'bf16'} before the engine quantises or offloads it; run it on a larger GPU, or check "
-                "the mechanics with "
-                "--model synthetic:tiny"
-            )
-
-
-def fastest_for(plan: Plan, args):
-    """The planner's fastest config for this machine at the sizes asked for (engine.memory.planner.fastest_config)."""
-    from flux_kernels import triton_runnable
-
-    from ..memory.planner import fastest_config
-    from ..quant.fp8 import fp8_compute_for
-
-    cuda = plan.device.type == "cuda"
-    return fastest_config(
-        plan.device.type, plan.sizes, variant=plan.spec.name if plan.spec is not None else "flux-dev",
-        card_gib=card_gib(plan.device) if cuda else None,
-        fp8_hardware=cuda and fp8_compute_for(plan.device) == "scaled_mm",
-        triton=triton_runnable(plan.device), batch=args.batch, steps=args.steps,
-    )  # fmt: skip
-
-
-def headline(plan: Plan, fastest, args) -> str:
-    sizes = ", ".join(f"{w}x{h}" for h, w in plan.sizes)
-    runs = f"{args.runs} run" + ("s" if args.runs > 1 else "")
-    versus = "alone (--no-baseline)" if args.no_baseline else "vs diffusers FluxPipeline"
-    return (
-        f"flux-engine {fastest.config.label} {versus}, {plan.model} at {sizes}, {args.steps} steps x {runs}: "
-        f"{fastest.reason} (other presets: --preset NAME; see --help)"
-    )
-
-
 def load_components(plan: Plan, args, dtype: torch.dtype) -> dict:
     from ..models import is_variant_name, load_local_components, synthetic_components
 
@@ -492,17 +233,6 @@ def quantization_summary(engine, label: str) -> dict:
             f"median {sqnr.get('median_db', '-')} dB"
         )
     return report
-
-
-def check_presets_runnable(presets: list[str], device: torch.device) -> None:
-    from flux_kernels import triton_runnable
-
-    triton_presets = [name for name in presets if resolve_config(name).attention.needs_triton]
-    if triton_presets and not triton_runnable(device):
-        raise EngineError(
-            f"preset(s) {', '.join(triton_presets)} run our Triton kernels, which need a CUDA GPU; on "
-            f"{device.type} use baseline or compile"
-        )
 
 
 @dataclass
