@@ -1,4 +1,4 @@
-"""Benchmark: our fp8 (engine.quantize, `torch._scaled_mm` row-wise) vs torchao's
+"""Benchmark: our fp8 (engine.quant, `torch._scaled_mm` row-wise) vs torchao's
 `Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())` on the synthetic FLUX.1-dev transformer.
 
     python -m benchmarks.bench_torchao                              # one H100: ~3 minutes
@@ -7,7 +7,7 @@
 One transformer forward at 1024^2 (4096 image tokens + 512 text tokens, random inputs of the real shapes), in
 diffusers' own block layout for all three so that only the linears differ:
 - bf16: the reference;
-- ours: engine.quantize's fp8 W8A8 (per-channel e4m3 weights, per-token dynamic activations, `_scaled_mm`);
+- ours: engine.quant's fp8 W8A8 (per-channel e4m3 weights, per-token dynamic activations, `_scaled_mm`);
 - torchao: `quantize_` with Float8DynamicActivationFloat8WeightConfig(PerRow) on exactly the Linears ours
   quantises (a filter_fn keeps the embedders, final norm and output projection in bf16, as ours does).
 Each eager and under the engine's regional compile (engine.compile.apply_compile: every block

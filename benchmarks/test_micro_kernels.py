@@ -9,7 +9,7 @@ At FLUX shapes, bf16, each beside what it replaces:
   GB/s = the bytes a fused kernel must move / time.
 - layernorm_modulate into an fp8 projection, 4608 / 16896 tokens: the kernel with e4m3 outputs vs the bf16 kernel
   then the activation quantiser (eager, and both in one torch.compile graph).
-- linear at the MLP shape of bench_quant.py (4608x3072 @ 3072x12288): bf16 nn.Linear vs engine.quantize's
+- linear at the MLP shape of bench_quant.py (4608x3072 @ 3072x12288): bf16 nn.Linear vs engine.quant's
   Fp8Linear on `torch._scaled_mm` (activation quantisation included), and `_scaled_mm` alone; each fp8 one also
   with fast accumulation.
 

@@ -13,7 +13,7 @@ place (weights are shared, never copied):
   measured on this GPU when the config is applied);
 - LayerNorm + shift/scale modulation and the gated residual before norm2
   (`flux_kernels.layernorm_modulate`, `gated_residual_layernorm_modulate`) when `fused_norms` is on; when the
-  projection after one of them is an fp8 layer (engine.quantize.Fp8Linear), the kernel writes its output as
+  projection after one of them is an fp8 layer (engine.quant.fp8.Fp8Linear), the kernel writes its output as
   e4m3 values with per-token scales (the `*_fp8` variants) and the layer skips its own activation quantisation;
   so does the fp8 projection after each MLP's tanh GELU (`flux_kernels.gelu_fp8.gelu_concat_fp8`, which in the
   single-stream block also takes the attention output that proj_out's input concatenates).
@@ -105,7 +105,7 @@ class BlockOps:
         return self.gated_residual_layernorm_modulate_fn(x, y, gate, shift, scale, eps)
 
     def _fp8_into(self, linear: nn.Module, fn: Callable | None) -> bool:
-        # an Fp8Linear that wants pre-quantised activations (engine.quantize.Fp8Linear.takes_fp8_input), after a
+        # an Fp8Linear that wants pre-quantised activations (engine.quant.fp8.Fp8Linear.takes_fp8_input), after a
         # norm kernel that can make them
         return fn is not None and getattr(linear, "takes_fp8_input", False)
 
@@ -268,7 +268,7 @@ class EngineSingleBlock(FluxSingleTransformerBlock):
 def _fuse_projections(block: nn.Module, block_name: str, fused_name: str, names: tuple[str, ...]) -> nn.Module:
     """The fused Linear of `block`'s projections `names`. Unquantised: `fuse_linears` (the originals become
     views). Already quantised (quantised while loading, or loaded from a quantised checkpoint): the quantised
-    rows are concatenated exactly (engine.quantize.fuse_quantized_linears) and the originals, which would keep
+    rows are concatenated exactly (engine.quant.layers.fuse_quantized_linears) and the originals, which would keep
     their own copy alive, become FusedAway placeholders, as quantising after fusing leaves them."""
     from .quant.apply import is_quantized_layer
     from .quant.fp8 import FusedAway

@@ -68,7 +68,7 @@ class AttentionConfig:
 class QuantConfig:
     """Weight quantisation per component: transformer, text_encoder_2 (T5), text_encoder (CLIP).
 
-    Modes (engine/quantize.py):
+    Modes (engine/quant/):
     - 'fp8': W8A8 float8 e4m3, per-channel weights, per-token dynamic activations, on the FP8 tensor cores
       (sm >= 8.9; older GPUs store fp8 and compute bf16, with a warning).
     - 'fp8-weight', 'int8-weight': weight-only (optimum-quanto qfloat8 / qint8), bf16 compute.
@@ -121,7 +121,7 @@ class QuantConfig:
 
 @dataclass(frozen=True)
 class OffloadConfig:
-    """Where weights live between uses (engine/offload.py).
+    """Where weights live between uses (engine/offload/).
 
     policy:
     - 'none': everything stays on the GPU.

@@ -1,6 +1,6 @@
 """float8 e4m3 quantisation, in PyTorch and in Triton.
 
-quantize_fp8_rowwise: the per-row quantiser (plain PyTorch) shared by the engine's Fp8Linear (engine.quantize)
+quantize_fp8_rowwise: the per-row quantiser (plain PyTorch) shared by the engine's Fp8Linear (engine.quant.fp8)
     and, as their reference, the kernels with fp8 outputs (flux_kernels.layernorm_modulate's *_fp8 ops,
     flux_kernels.gelu_fp8).
 e4m3_scale, e4m3: the same arithmetic as @triton.jit functions, which those kernels call on their fp32 rows.
@@ -57,7 +57,7 @@ def quantize_fp8_rowwise(
 # stays NaN (the clamp propagates it, so the fp8 GEMM's output row is NaN, as with quantize_fp8_rowwise) but the
 # row's scale and its other values stay finite (tl.max skips NaN), where quantize_fp8_rowwise makes them NaN too.
 # TL_E4M3_MAX is E4M3_MAX as a constexpr (a @triton.jit function reads only constexpr globals); its own name, since
-# E4M3_MAX stays the plain float that engine.quantize and the tests read.
+# E4M3_MAX stays the plain float that engine.quant and the tests read.
 # Triton is a Linux-only dependency: without it (macOS, Windows) the plain PyTorch quantiser above still serves the
 # engine's Fp8Linear, and only the kernels are missing.
 if importlib.util.find_spec("triton") is not None:

@@ -328,7 +328,7 @@ def layernorm_modulate_fp8(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """layernorm_modulate quantised per token for an fp8 GEMM in the same pass: (q float8_e4m3fn [B, L, C],
-    scale fp32 [B, L, 1]) with q * scale ~= the fp32 result (engine.quantize.quantize_fp8_rowwise's arithmetic,
+    scale fp32 [B, L, 1]) with q * scale ~= the fp32 result (flux_kernels.fp8.quantize_fp8_rowwise's arithmetic,
     without rounding to x's dtype first). The custom op `flux_kernels::layernorm_modulate_fp8` under
     torch.compile, a direct launch eagerly."""
     if torch.compiler.is_compiling():

@@ -1,6 +1,6 @@
 """CPU gates: figures that must not grow past their committed values (tests/test_cpu_gates.py checks them).
 
-weight_bytes.json: engine.quantize.weight_bytes of each component of the real flux-dev config, built on the
+weight_bytes.json: engine.memory.weights.weight_bytes of each component of the real flux-dev config, built on the
 meta device, in every quantisation mode (nf4 also with double quantisation), as "component/mode" -> bytes.
 planner_peaks.json: engine.memory.planner's predicted peak (bytes) of every preset at 1024^2 and 2048^2, as
 "preset/size" -> bytes, and of the plan it picks for each budget, as "plan-<N>gib/size" -> bytes.

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         (
             WEIGHT_BYTES_FILE,
             measure_weight_bytes,
-            f"engine.quantize.weight_bytes of meta_component({VARIANT!r}, component), bf16, by component/mode",
+            f"engine.memory.weights.weight_bytes of meta_component({VARIANT!r}, component), bf16, by component/mode",
         ),
         (
             PLANNER_PEAKS_FILE,

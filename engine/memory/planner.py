@@ -8,7 +8,7 @@ use it.
 
 The memory model:
 - weights: exact bytes per quantisation mode, counted on the real config built on the meta device
-  (engine.quantize.weight_bytes), split into what stays resident and what a streaming policy moves;
+  (engine.memory.weights.weight_bytes), split into what stays resident and what a streaming policy moves;
 - a streaming policy holds `blocks_resident` slots of its largest block;
 - activations: the largest live set of one transformer step, per token, by formula (ACT_* below),
   and the VAE decode's own peak (engine.memory.vae_peaks.decode_peak_bytes), tiled or not;

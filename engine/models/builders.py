@@ -1,5 +1,5 @@
 """Synthetic, random-init FLUX.1 components built directly on the target device in the target dtype (no fp32
-detour), deterministic by seed; the builders also serve the meta device (engine.quantize.meta_component)."""
+detour), deterministic by seed; the builders also serve the meta device (engine.memory.weights.meta_component)."""
 
 from __future__ import annotations
 

@@ -137,10 +137,10 @@ def load_local_components(
     case `config_folder` (a diffusers-format folder) provides the architecture and the other parts.
 
     quant: a QuantConfig (engine.config). Each component with a mode other than 'none' is built on the meta
-    device and quantised layer by layer while its safetensors are read (engine.quantize.LoadQuantizer): the
+    device and quantised layer by layer while its safetensors are read (engine.quant.apply.LoadQuantizer): the
     device peak is the quantised size plus one layer, and the result is identical to loading in `dtype` and
     calling apply_quantization with the same QuantConfig (which then leaves it as it is).
-    A folder written by engine.quantize.save_quantized loads its quantised transformer as saved, whatever
+    A folder written by engine.quant.checkpoint.save_quantized loads its quantised transformer as saved, whatever
     `quant` says for it ('none' or the saved mode; another mode is refused).
     """
     from diffusers import FluxPipeline
