@@ -94,3 +94,15 @@ def test_the_kernels_import_nothing_of_the_engine():
 
 def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_module_imports_another_modules_private_names():
+    modules = _modules()
+    offenders = []
+    for name, (path, is_package) in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = _targets(name, is_package, node)[-1] if node.module else None
+                ours = base is not None and base.startswith(("engine", "flux_kernels"))
+                offenders += [f"{name}: {alias.name}" for alias in node.names if ours and alias.name.startswith("_")]
+    assert offenders == []
