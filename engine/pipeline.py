@@ -65,7 +65,7 @@ def optimize(pipe: FluxPipeline, config: EngineConfig | str | None = None) -> Fl
     # that ran is listed in pipe.engine_steps with its undo (engine.restore undoes them all).
     from .attention import apply_attention, attention_undo_blocker, remove_attention
     from .compile import apply_compile, remove_compile
-    from .offload import apply_offload
+    from .offload import apply_offload, remove_offload
     from .quant.apply import apply_quantization
     from .vae import apply_vae, remove_vae_tiling
 
@@ -79,7 +79,11 @@ def optimize(pipe: FluxPipeline, config: EngineConfig | str | None = None) -> Fl
         steps.add("quantization", None, "the original weights were replaced by their quantised codes")
     pipe.offload_state = apply_offload(pipe, config.offload, compiled=config.compile.mode != "none")
     if pipe.offload_state is not None:
-        steps.add("offload", None, "the weights moved into packed host buffers that stream into GPU slots")
+        offload_state = pipe.offload_state
+        if pipe.quant_state is None:
+            steps.add("offload", lambda: remove_offload(pipe, offload_state))
+        else:  # quantisation is not undone, so neither is its placement (only the whole chain would help)
+            steps.add("offload", None, "it placed quantised weights, which cannot be undone")
     if pipe.quant_state is not None and pipe.transformer.device.type == "cuda":
         from .offload import compact_resident
 
@@ -99,7 +103,7 @@ def optimize(pipe: FluxPipeline, config: EngineConfig | str | None = None) -> Fl
 
 def restore(pipe: FluxPipeline) -> FluxPipeline:
     """Undo every step optimize() applied to `pipe` (newest first, `pipe.engine_steps`) and return it as plain
-    diffusers. ConfigError, with nothing changed, when a step cannot be undone (quantisation, offload)."""
+    diffusers. ConfigError, with nothing changed, when a step cannot be undone (quantisation)."""
     steps = getattr(pipe, "engine_steps", None)
     if steps is not None:
         steps.undo_all()

@@ -2,8 +2,8 @@
 
 `pipe.engine_steps` lists them in the order they were applied (`names()`); `engine.restore(pipe)` undoes all of
 them, newest first, and leaves plain diffusers behind. A step that cannot give back what it replaced (quantised
-weights: the originals are gone; offload: the weights moved into packed host buffers) says so when it is applied,
-and undoing it raises a ConfigError before anything is changed, naming the fix (load the pipeline again).
+weights: the originals are gone, and with them an offload that placed them) says so when it is applied, and undoing
+it raises a ConfigError before anything is changed, naming the fix (load the pipeline again).
 """
 
 from __future__ import annotations

@@ -46,6 +46,23 @@ def test_every_step_is_listed_and_restore_gives_diffusers_images_back(diffusers_
     assert torch.equal(engine(**tiny_call_kwargs()).images, diffusers_images)
 
 
+@pytest.mark.parametrize("policy", ["model", "block", "leaf"])
+def test_offload_is_undone_too(policy, diffusers_images):
+    from engine.config import OffloadConfig
+    from engine.offload import StreamedModuleList
+
+    config = EngineConfig(attention=AttentionConfig(backend="sdpa", fused_norms=True), offload=OffloadConfig(policy))
+    engine = FluxEngine.from_pipe(_fresh_pipeline(), config)
+    assert engine.engine_steps.names() == ["attention", "offload"]
+    engine(**tiny_call_kwargs())  # streamed once
+    restore(engine)
+    transformer = engine.transformer
+    assert not isinstance(transformer.transformer_blocks, StreamedModuleList)
+    assert "encode_prompt" not in vars(engine)  # diffusers' own method, no prompt cache
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in transformer.modules())
+    assert torch.equal(engine(**tiny_call_kwargs()).images, diffusers_images)
+
+
 def test_a_step_that_cannot_be_undone_stops_restore_before_any_change():
     config = EngineConfig(
         attention=AttentionConfig(backend="sdpa", fused_norms=True), quant=QuantConfig(transformer="fp8")

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from .bandwidth import measure_h2d_bandwidth
 from .compact import compact, compact_resident
-from .policies import OffloadState, apply_offload, leaf_groups, transformer_block_lists
+from .policies import OffloadState, apply_offload, leaf_groups, remove_offload, transformer_block_lists
 from .prompt_cache import PromptCache
 from .streamer import StreamedModuleList, Streamer, module_tensors
 
@@ -50,5 +50,6 @@ __all__ = [
     "leaf_groups",
     "measure_h2d_bandwidth",
     "module_tensors",
+    "remove_offload",
     "transformer_block_lists",
 ]

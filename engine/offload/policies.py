@@ -21,6 +21,7 @@ from .streamer import (
     bracket,
     module_tensors,
     stream_module_lists,
+    unstream_module_lists,
 )
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class OffloadState:
     on_demand: dict[str, ResidentOnDemand] = field(default_factory=dict)
     prompt_cache: PromptCache | None = None
     setup_s: float = 0.0
+    own_encode_prompt: object = None  # an encode_prompt the pipeline instance had before the policy wrapped its own
 
     def reset(self) -> None:
         """Put every streamed unit back in host memory (after an out-of-memory error, say)."""
@@ -89,7 +91,8 @@ def _blocks_streamer(model, lists, device, slots: int, name: str, pin: bool, tra
     units = [PackedUnit(f"{name}[{i}]", module_tensors(block)) for i, block in enumerate(blocks)]
     streamer = Streamer(units, device, slots, name, HostBuffer.pack(units, pin), transient=transient)
     streamer.set_order(list(range(len(units))))
-    stream_module_lists(model, lists, streamer)
+    streamer.lists = lists
+    streamer.handles = stream_module_lists(model, lists, streamer)
     return streamer
 
 
@@ -143,11 +146,11 @@ def _leaf_streamer(model: nn.Module, lists, device, slots: int, name: str, pin: 
                     entries.append(entry)
         units.append(PackedUnit(f"{name}.leaf[{index}]", entries))
     streamer = Streamer(units, device, slots, name, HostBuffer.pack(units, pin))
+    streamer.lists, streamer.handles = [], bracket(model, streamer)
     for index, group in enumerate(groups):
         for leaf in group:
-            leaf.register_forward_pre_hook(lambda module, args, i=index: streamer.before(i))
-            leaf.register_forward_hook(lambda module, args, output, i=index: streamer.after(i))
-    bracket(model, streamer)
+            streamer.handles.append(leaf.register_forward_pre_hook(lambda module, args, i=index: streamer.before(i)))
+            streamer.handles.append(leaf.register_forward_hook(lambda module, args, output, i=index: streamer.after(i)))
     return streamer
 
 
@@ -155,6 +158,7 @@ def _wrap_encode_prompt(pipe, state: OffloadState, encoders: dict) -> None:
     import inspect
 
     original = pipe.encode_prompt
+    state.own_encode_prompt = vars(pipe).get("encode_prompt")  # what remove_offload puts back
     signature = inspect.signature(original)
 
     def encode_prompt(*args, **kwargs):
@@ -172,6 +176,27 @@ def _wrap_encode_prompt(pipe, state: OffloadState, encoders: dict) -> None:
         return result
 
     pipe.encode_prompt = encode_prompt
+
+
+def remove_offload(pipe, state: OffloadState) -> None:
+    """Undo apply_offload: every streamed or visiting unit gets a buffer of its own on the device, for good (the
+    same values, laid out as in the host buffer), the block lists and hooks go back to diffusers' own, and
+    encode_prompt is the pipeline's again (no prompt cache)."""
+    state.reset()
+    for streamer in state.streamers.values():
+        for unit in streamer.units:
+            unit.materialize(state.device)
+        for handle in streamer.handles:
+            handle.remove()
+        unstream_module_lists(streamer.lists)
+    for holder in state.on_demand.values():
+        holder.packed.materialize(state.device)
+    if state.own_encode_prompt is None:
+        vars(pipe).pop("encode_prompt", None)
+    else:
+        pipe.encode_prompt = state.own_encode_prompt
+    state.streamers.clear()
+    state.on_demand.clear()
 
 
 def apply_offload(pipe, config: OffloadConfig, device: torch.device | None = None, compiled: bool = False):

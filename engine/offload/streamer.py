@@ -118,6 +118,11 @@ class PackedUnit:
         self.host_views = self.views(host)
         self.assign(self.host_views)
 
+    def materialize(self, device: torch.device) -> None:
+        """Give the unit's tensors a buffer of their own on `device`, for good (undoing the offload): a copy of the
+        host buffer, laid out as it is, so shared storages stay shared and every value stays the same."""
+        self.assign(self.views(self.host.to(device, copy=True)))
+
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Each tensor of the unit as a view of `flat`, a uint8 buffer laid out like the host buffer."""
         views = []
@@ -384,18 +389,21 @@ class StreamedModuleList(nn.ModuleList):
         return (_StreamedCall(streamer, first + i, block) for i, block in enumerate(blocks))
 
 
-def stream_module_lists(model: nn.Module, lists: list[nn.ModuleList], streamer: Streamer) -> None:
+def stream_module_lists(model: nn.Module, lists: list[nn.ModuleList], streamer: Streamer) -> list:
+    """Swap the lists' class so that iterating them streams their blocks; returns the hooks it registered."""
     first = 0
     for blocks in lists:
         blocks.__class__ = StreamedModuleList
         blocks.__dict__["_stream"] = (streamer, first)
         first += len(blocks)
-    bracket(model, streamer)
+    return bracket(model, streamer)
 
 
-def bracket(model: nn.Module, streamer: Streamer) -> None:
-    model.register_forward_pre_hook(lambda module, args: streamer.begin())
-    model.register_forward_hook(lambda module, args, output: streamer.end())
+def bracket(model: nn.Module, streamer: Streamer) -> list:
+    return [
+        model.register_forward_pre_hook(lambda module, args: streamer.begin()),
+        model.register_forward_hook(lambda module, args, output: streamer.end()),
+    ]
 
 
 def unstream_module_lists(lists: list[nn.ModuleList]) -> None:
