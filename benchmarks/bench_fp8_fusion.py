@@ -26,18 +26,18 @@ from types import SimpleNamespace
 import torch
 
 from benchmarks.bench_torchao import (
-    build_transformer,
     compile_regionally,
     forward,
     free,
     make_inputs,
+    synthetic_transformer,
     time_forward,
 )
-from benchmarks.kernels.bench_norm_ops import HIDDEN, gpu_ms, layernorm_cases
+from benchmarks.kernels.bench_gelu_fp8 import SETS, gelu_rows, log, time_variant
+from benchmarks.kernels.bench_norm_ops import HIDDEN, layernorm_cases
 from engine.measure import environment_info
 
 TOKENS = (4608, 16896)
-SETS = 4  # input sets rotated through, so that no call finds its inputs in L2
 FAMILIES = (  # kernel name fragments -> family, first match wins
     ("_layernorm_modulate_fwd", "norm kernels (ours)"),
     ("_gated_residual_layernorm", "norm kernels (ours)"),
@@ -53,13 +53,6 @@ FAMILIES = (  # kernel name fragments -> family, first match wins
     ("_gelu_concat_fp8", "gelu_concat_fp8 (ours)"),
     ("triton_", "inductor-generated"),
 )
-
-
-def log(*parts) -> None:
-    print(*parts, flush=True)
-
-
-# ----------------------------------------------------------------------------- 1. the kernels
 
 
 def kernel_rows() -> list[dict]:
@@ -101,51 +94,6 @@ def kernel_rows() -> list[dict]:
                 calls = [functools.partial(fn, **kwargs) for kwargs in inputs]
                 rows.append(time_variant(case["op"], tokens, label, calls))
     return rows
-
-
-def gelu_rows(tokens: int) -> list[dict]:
-    """gelu_concat_fp8 vs the same under inductor (GELU, concatenation, quantiser): the double-stream MLP output
-    (no prefix) and the single-stream proj_out input (the 3072-wide attention output first)."""
-    import torch.nn.functional as F
-
-    from flux_kernels.fp8 import quantize_fp8_rowwise
-    from flux_kernels.gelu_fp8 import gelu_concat_fp8
-
-    @torch.compile(dynamic=False)
-    def unfused(prefix, x):
-        hidden = F.gelu(x, approximate="tanh")
-        return quantize_fp8_rowwise(hidden if prefix is None else torch.cat([prefix, hidden], dim=-1))
-
-    rows = []
-    for op, prefix_width in (("gelu -> fp8 (double-stream MLP)", 0), ("cat + gelu -> fp8 (single proj_out)", HIDDEN)):
-        inputs = []
-        for seed in range(SETS):
-            generator = torch.Generator(device="cuda").manual_seed(seed)
-            # the MLP half of a fused projection's output: a slice, as linear1's
-            fused = torch.randn(1, tokens, 4 * HIDDEN + 3 * HIDDEN, device="cuda", dtype=torch.bfloat16,
-                                generator=generator)  # fmt: skip
-            prefix = None
-            if prefix_width:
-                prefix = torch.randn(1, tokens, prefix_width, device="cuda", dtype=torch.bfloat16, generator=generator)
-            inputs.append((prefix, fused[..., 3 * HIDDEN :]))
-        for label, fn in (("fp8 kernel (fused)", gelu_concat_fp8), ("inductor (gelu, cat, quantiser)", unfused)):
-            rows.append(time_variant(op, tokens, label, [functools.partial(fn, *args) for args in inputs]))
-    return rows
-
-
-def time_variant(op: str, tokens: int, label: str, calls: list) -> dict:
-    row = {"op": op, "tokens": tokens, "variant": label}
-    try:
-        for call in calls:
-            call()  # autotune / compile outside the timing
-        torch.cuda.synchronize()
-        times = gpu_ms(calls)
-    except Exception as err:  # noqa: BLE001 - one failing variant must not lose the others
-        row.update(us=float("nan"), error=f"{type(err).__name__}: {err}"[:500])
-    else:
-        row.update(us=times["median"] * 1e3, p20_us=times["p20"] * 1e3, p80_us=times["p80"] * 1e3)
-    log(f"  {op:36s} L={tokens:5d} {label:34s} {row['us']:8.1f} us {row.get('error', '')}")
-    return row
 
 
 # ----------------------------------------------------------------------------- 2. one transformer forward
@@ -211,7 +159,7 @@ def forward_rows(args) -> list[dict]:
 
     device = torch.device("cuda")
     rows = []
-    model = build_transformer("flux-dev", device)
+    model = synthetic_transformer("flux-dev", device)
     apply_attention(SimpleNamespace(transformer=model), AttentionConfig(backend="sdpa", fused_norms=True))
     quantize_model(model, "fp8", "transformer", record_sqnr=False)
     compile_regionally(model, "inductor")

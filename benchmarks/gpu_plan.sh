@@ -106,7 +106,7 @@ for s in "$@"; do
     micro-fp8)
       # the fp8 micro-benchmarks (norm into an fp8 input, fp8 linear with / without fast accumulation), compared
       # with the saved H100 baseline where it has them
-      stage micro-fp8 150 python3 -m pytest -q benchmarks/test_micro_kernels.py -k "norm_into_fp8 or linear" \
+      stage micro-fp8 150 python3 -m pytest -q benchmarks/kernels/test_micro_kernels.py -k "norm_into_fp8 or linear" \
         --benchmark-json "$OUT/micro-fp8-$CARD-$DAY.json" ;;
     load-peak)
       stage load-peak 300 python3 -m benchmarks.bench_quant --load-peak-mode fp8 --load-peak-dir /tmp/load-peak \

@@ -26,8 +26,8 @@ took 40 s (2026-11-26 21:10 UTC); the norm-into-fp8 and fast-accumulation ones 3
 
 Save a baseline, then compare a later run against it (fails when a median is more than 10% slower):
 
-    pytest benchmarks/test_micro_kernels.py --benchmark-save=h100 --benchmark-storage=benchmarks/results/micro
-    pytest benchmarks/test_micro_kernels.py --benchmark-storage=benchmarks/results/micro \
+    pytest benchmarks/kernels/test_micro_kernels.py --benchmark-save=h100 --benchmark-storage=benchmarks/results/micro
+    pytest benchmarks/kernels/test_micro_kernels.py --benchmark-storage=benchmarks/results/micro \
         --benchmark-compare --benchmark-compare-fail=median:10%
 
 (`--benchmark-compare` takes the newest saved run of this machine and Python; `--benchmark-compare=0001` a
