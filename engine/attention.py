@@ -62,6 +62,8 @@ class BlockOps:
     layernorm_modulate_fp8_fn: Callable | None = None
     gated_residual_layernorm_modulate_fp8_fn: Callable | None = None
     gelu_concat_fp8_fn: Callable | None = None
+    # context parallelism (engine/parallel/): the id of the SequenceShards that attention exchanges tokens through
+    shards_id: int | None = None
 
     @classmethod
     def build(cls, core: str, fused_norms: bool) -> BlockOps:
@@ -91,6 +93,8 @@ class BlockOps:
 
     def attention(self, query, key, value) -> torch.Tensor:
         """q, k, v: [B, H, L, D] -> [B, L, H*D]."""
+        if self.shards_id is not None:  # this rank's tokens over the whole split sequence (engine.parallel.exchange)
+            return torch.ops.flux_engine.context_parallel_attention(query, key, value, self.shards_id, self.core)
         batch, heads, tokens, head_dim = query.shape
         if self.flash_attention_fn is not None:
             out = self.flash_attention_fn(query, key, value)  # [B, H, L, D] over [B, L, H, D] memory
@@ -358,9 +362,10 @@ def resolve_ops(config: AttentionConfig, transformer) -> BlockOps:
     return BlockOps.build(core, config.fused_norms)
 
 
-def apply_attention(pipe, config: AttentionConfig) -> BlockOps | None:
-    """Rewire `pipe.transformer`'s blocks for `config`; None (nothing done) for diffusers' own path."""
-    if config.backend == "sdpa" and not config.fused_norms:
+def apply_attention(pipe, config: AttentionConfig, force: bool = False) -> BlockOps | None:
+    """Rewire `pipe.transformer`'s blocks for `config`; None (nothing done) for diffusers' own path, unless `force`
+    (context parallelism splits the attention call of the engine's blocks: diffusers' maths, fused QKV)."""
+    if config.backend == "sdpa" and not config.fused_norms and not force:
         return None
     transformer = pipe.transformer
     ops = resolve_ops(config, transformer)

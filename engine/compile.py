@@ -137,6 +137,7 @@ def artifact_key(pipe, config) -> str:
         "attention": repr(config.attention),
         "compile": repr(config.compile),
         "quant": repr(config.quant),
+        "parallel": repr(config.parallel),
     }
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
     return digest[:20]

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal, get_args
 
 from .errors import ConfigError, ResolutionError
+from .parallel.config import ParallelConfig
 
 IMAGE_MULTIPLE = 16  # VAE factor 8 x 2x2 latent patches
 
@@ -265,6 +266,7 @@ class EngineConfig:
     compile: CompileConfig = field(default_factory=CompileConfig)
     vae: VaeConfig = field(default_factory=VaeConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     name: str = ""
 
     def __post_init__(self):
@@ -275,6 +277,7 @@ class EngineConfig:
             "compile": CompileConfig,
             "vae": VaeConfig,
             "cache": CacheConfig,
+            "parallel": ParallelConfig,
         }
         for part, cls in expected.items():
             value = getattr(self, part)
@@ -291,7 +294,7 @@ class EngineConfig:
         """A short name for tables: the preset name, or the parts that differ from the default."""
         if self.name:
             return self.name
-        parts = [getattr(self, p).label for p in ("attention", "quant", "offload", "compile", "vae")]
+        parts = [getattr(self, p).label for p in ("attention", "quant", "offload", "compile", "vae", "parallel")]
         return "+".join(p for p in parts if p) or "baseline"
 
     @property

@@ -71,7 +71,10 @@ class TransformerGraphs:
                 self.forward(**call_kwargs)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # under torch.distributed, NCCL's watchdog thread queries events while this thread captures the collectives
+        # of context parallelism: capture errors are this thread's only ("global" would fail on the watchdog's)
+        mode = "thread_local" if torch.distributed.is_available() and torch.distributed.is_initialized() else "global"
+        with torch.cuda.graph(graph, capture_error_mode=mode):
             static_output = self.forward(**call_kwargs)[0]
         self.captures += 1
         entry = (graph, static_inputs, static_output)

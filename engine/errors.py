@@ -27,6 +27,10 @@ class InputError(EngineError, ValueError):
     """A pipeline call argument that diffusers would only reject deep inside the model."""
 
 
+class ParallelError(EngineError, RuntimeError):
+    """A rank of a context-parallel run failed, hung past the timeout, or was called differently from the others."""
+
+
 def __getattr__(name: str):
     """EngineOutOfMemoryError subclasses torch.OutOfMemoryError, so it is made on first use: importing this module
     (every command does, before parsing its arguments) must not import torch."""

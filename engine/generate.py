@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -22,11 +23,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the variant's)")
     add_model_arguments(parser)
     parser.add_argument("-o", "--output", default="out.png", help="image path: .png, .jpg or .webp (default out.png)")
+    parser.add_argument(
+        "--gpus",
+        type=int,
+        default=1,
+        help="context parallelism over this many GPUs: launch with `torchrun --nproc-per-node N -m engine.generate "
+        "... --gpus N`; rank 0 writes the image",
+    )
     return parser
 
 
-def run(args) -> tuple[Path, bool]:
-    """Generate and write the image; returns its path and whether the model was synthetic (random weights)."""
+def run(args) -> tuple[Path | None, bool]:
+    """Generate and write the image; returns its path (None on a context-parallel rank other than 0, which writes
+    nothing) and whether the model was synthetic (random weights)."""
     # what needs no model first, so that a typo is answered before torch and diffusers load
     if args.steps is not None:
         validate_steps(args.steps)
@@ -36,6 +45,19 @@ def run(args) -> tuple[Path, bool]:
             f"-o {str(output)!r} has no image suffix; use one of {', '.join(IMAGE_SUFFIXES)}, e.g. -o out.png"
         )
     config = resolve_config(args.preset)
+    if args.gpus != 1:
+        from .bench.arguments import check_positive
+
+        check_positive("gpus", args.gpus)
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched != args.gpus:
+            raise EngineError(
+                f"--gpus {args.gpus} needs {args.gpus} processes, one per GPU; torchrun started {launched}: run "
+                f"`torchrun --nproc-per-node {args.gpus} -m engine.generate ... --gpus {args.gpus}`"
+            )
+        from .parallel.apply import with_parallel
+
+        config = with_parallel(config, args.gpus)
     validate_resolution(*parse_resolution(args.res), allow_any_size=True)
     check_writable(output, "-o")
 
@@ -52,7 +74,7 @@ def run(args) -> tuple[Path, bool]:
     )
     guidance = args.guidance if args.guidance is not None else default_guidance(spec)
     max_sequence_length = min(512, pipe.tokenizer_2.model_max_length)
-    image = pipe(
+    result = pipe(
         args.prompt,
         height=height,
         width=width,
@@ -60,7 +82,10 @@ def run(args) -> tuple[Path, bool]:
         guidance_scale=guidance,
         generator=torch.Generator(device="cpu").manual_seed(args.seed),
         max_sequence_length=max_sequence_length,
-    ).images[0]
+    )
+    if result is None:  # a context-parallel rank other than 0: rank 0 writes the image
+        return None, spec is not None
+    image = result.images[0]
     image_format = IMAGE_FORMATS[output.suffix.lower()]
     written = write_with_fallback(
         output, lambda path: write_atomically(path, lambda tmp: image.save(tmp, format=image_format)), "the image"
@@ -77,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     except EngineError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if output is None:
+        return 0
     print(f"wrote {output}")
     if output != Path(args.output):
         return 2

@@ -18,7 +18,7 @@ import torch
 from diffusers import FluxPipeline
 
 from .config import EngineConfig, resolve_config
-from .errors import ConfigError, EngineOutOfMemoryError, InputError
+from .errors import ConfigError, EngineOutOfMemoryError, InputError, ParallelError
 from .models.builders import synthetic_components
 from .models.loading import load_local_components
 from .models.variants import SYNTHETIC_PREFIX, is_variant_name, resolve_device, variant_spec
@@ -28,7 +28,15 @@ logger = logging.getLogger(__name__)
 
 _ENGINE_CONFIG_ATTR = "_flux_engine_config"
 # what optimize() leaves on a pipeline, one attribute per step
-_STATE_ATTRS = ("attention_ops", "quant_state", "offload_state", "vae_state", "compile_state", "engine_steps")
+_STATE_ATTRS = (
+    "attention_ops",
+    "quant_state",
+    "offload_state",
+    "vae_state",
+    "parallel_state",
+    "compile_state",
+    "engine_steps",
+)
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -66,11 +74,12 @@ def optimize(pipe: FluxPipeline, config: EngineConfig | str | None = None) -> Fl
     from .attention import apply_attention, attention_undo_blocker, remove_attention
     from .compile import apply_compile, remove_compile
     from .offload import apply_offload, remove_offload
+    from .parallel.apply import apply_parallel, remove_parallel
     from .quant.apply import apply_quantization
     from .vae import apply_vae, remove_vae_tiling
 
     steps = AppliedSteps()
-    pipe.attention_ops = apply_attention(pipe, config.attention)
+    pipe.attention_ops = apply_attention(pipe, config.attention, force=config.parallel.enabled)
     if pipe.attention_ops is not None:
         blocker = attention_undo_blocker(pipe.transformer)
         steps.add("attention", None if blocker else lambda: remove_attention(pipe.transformer), blocker)
@@ -91,6 +100,11 @@ def optimize(pipe: FluxPipeline, config: EngineConfig | str | None = None) -> Fl
     pipe.vae_state = apply_vae(pipe, config.vae)
     if pipe.vae_state is not None:
         steps.add("vae", lambda: remove_vae_tiling(pipe))
+    # before compile: the CUDA graphs capture the split, the exchanges and the gather with the blocks
+    pipe.parallel_state = apply_parallel(pipe, config.parallel, pipe.attention_ops)
+    if pipe.parallel_state is not None:
+        parallel_state = pipe.parallel_state
+        steps.add("parallel", lambda: remove_parallel(pipe, parallel_state))
     pipe.compile_state = apply_compile(pipe, config)
     if pipe.compile_state is not None:
         compile_state = pipe.compile_state
@@ -147,6 +161,11 @@ class FluxEngine(FluxPipeline):
         """
         if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
             raise ConfigError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; pass one of them")
+        parallel = resolve_config(config).parallel
+        if parallel.enabled:  # each rank builds its pipeline on its own GPU (cuda:LOCAL_RANK)
+            from .parallel import init_distributed
+
+            device = init_distributed(parallel.degree, parallel.timeout_s, device).device
         device = resolve_device(device)
         dtype = dtype or torch_dtype or default_dtype(device)
         source = str(path_or_variant)
@@ -180,16 +199,45 @@ class FluxEngine(FluxPipeline):
         return engine_config_of(self) or resolve_config(None)
 
     def __call__(self, *args, **kwargs):
+        """FluxPipeline's call. Under a parallel config every rank makes the same call; rank 0 returns the images,
+        the other ranks None."""
         bound = _CALL_SIGNATURE.bind(self, *args, **kwargs)
         bound.apply_defaults()
         self._check_call(bound.arguments)
+        parallel = getattr(self, "parallel_state", None)
         try:
-            return super().__call__(*args, **kwargs)
+            if parallel is None:
+                return super().__call__(*args, **kwargs)
+            self._check_same_call(parallel, bound.arguments)
+            output = super().__call__(*args, **kwargs)
+            return output if parallel.returns_images else None
         except torch.OutOfMemoryError as err:
             failure = str(err).splitlines()[0] if str(err) else "CUDA out of memory"
+        except RuntimeError as err:
+            if parallel is None or not _is_collective_failure(err):
+                raise
+            raise ParallelError(
+                f"rank {parallel.world.rank} of {parallel.world.size}: a collective failed or waited past "
+                f"parallel.timeout_s={parallel.config.timeout_s:g} s, so another rank failed, hung or was called "
+                f"differently (its own error is in its output): {str(err).splitlines()[0] if str(err) else err!r}"
+            ) from err
         # outside the except block: the traceback (and the tensors its frames hold) is already released
         self._recover_from_oom()
         raise EngineOutOfMemoryError(self._oom_message(bound.arguments, failure))
+
+    def _check_same_call(self, parallel, call: dict) -> None:
+        """Every rank must make the same call (each runs the same loop of collectives): sizes, steps and batch are
+        compared first, so a rank called differently is named instead of hanging."""
+        from .parallel.runtime import check_same_everywhere
+
+        default = self.default_sample_size * self.vae_scale_factor
+        values = (
+            int(call["height"] or default),
+            int(call["width"] or default),
+            int(call["num_inference_steps"]) if call["sigmas"] is None else len(call["sigmas"]),
+            _batch_of(call),
+        )
+        check_same_everywhere("calls (height, width, steps, batch)", values, parallel.world)
 
     def _recover_from_oom(self) -> None:
         """Free what the failed call held, so that the next call (smaller, or after another config) works."""
@@ -299,6 +347,15 @@ def _leaner_plan_advice(plan, config: EngineConfig, budget_gib: float, height, w
     return (
         f"Predicted to fit this GPU's {budget_gib:.1f} GiB: {label} (peak {suggestion.chosen.peak_gib:.1f} GiB): "
         f"FluxEngine.from_pretrained(..., config=engine.for_budget({planned_for:g}, {height}, {width}))."
+    )
+
+
+def _is_collective_failure(err: RuntimeError) -> bool:
+    """A torch.distributed error (a timeout, a peer gone) rather than a bug of this rank's own."""
+    dist_error = getattr(torch.distributed, "DistError", ())
+    text = str(err)
+    return isinstance(err, dist_error) or any(
+        marker in text for marker in ("Timed out", "timed out", "Connection closed by peer", "NCCL", "gloo")
     )
 
 

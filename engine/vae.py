@@ -96,14 +96,31 @@ def _check_images(vae, images: torch.Tensor, scale: int) -> None:
         )
 
 
+def _tiles_of_all_ranks(run_tile, spans: list[tuple[int, int, int, int]], world) -> list[torch.Tensor]:
+    """run_tile on every span, shared by the ranks of `world` (engine.parallel.runtime.World): rank r runs spans r,
+    r + size, ...; the results (all of one shape: the spans are of one size) are all-gathered, in span order. A rank
+    without a span of its own (fewer tiles than ranks) runs the first one again, so every rank sends as many."""
+    import torch.distributed as dist
+
+    per_rank = -(-len(spans) // world.size)
+    mine = spans[world.rank :: world.size] or spans[:1]
+    stacked = torch.stack([run_tile(*span) for span in mine])  # [k, B, C, th, tw]
+    if stacked.shape[0] < per_rank:
+        stacked = torch.cat([stacked, stacked.new_zeros(per_rank - stacked.shape[0], *stacked.shape[1:])])
+    gathered = [torch.empty_like(stacked) for _ in range(world.size)]
+    dist.all_gather(gathered, stacked)
+    return [gathered[index % world.size][index // world.size] for index in range(len(spans))]
+
+
 def _blend_tiles(
-    run_tile, grid: tuple[int, int], tile: int, overlap: int, out_scale: int, device: torch.device
+    run_tile, grid: tuple[int, int], tile: int, overlap: int, out_scale: int, device: torch.device, world=None
 ) -> torch.Tensor:
     """Run `run_tile(top, bottom, left, right)` on overlapping tiles of a latent grid of `grid` = (h, w) and blend
     its results ([B, C, th*out_scale, tw*out_scale]) into one [B, C, h*out_scale, w*out_scale] tensor of the
     results' dtype.
 
-    tile and overlap are in latents; ramps are `overlap * out_scale` output positions long.
+    tile and overlap are in latents; ramps are `overlap * out_scale` output positions long. world (context
+    parallelism): the tiles are shared by its ranks and all-gathered; every rank blends the whole result.
     """
     rows = tile_spans(grid[0], tile, overlap)
     cols = tile_spans(grid[1], tile, overlap)
@@ -114,10 +131,13 @@ def _blend_tiles(
     out_cols = [(start * out_scale, stop * out_scale) for start, stop in cols]
     row_weights = _axis_weights(out_rows, overlap * out_scale, device)
     col_weights = _axis_weights(out_cols, overlap * out_scale, device)
+    shared = None
+    if world is not None and world.size > 1:
+        shared = iter(_tiles_of_all_ranks(run_tile, [(*row, *col) for row in rows for col in cols], world))
     out = None
     for (top, bottom), (out_top, out_bottom), row_weight in zip(rows, out_rows, row_weights, strict=True):
         for (left, right), (out_left, out_right), col_weight in zip(cols, out_cols, col_weights, strict=True):
-            result = run_tile(top, bottom, left, right)  # [B, C, th, tw]
+            result = next(shared) if shared is not None else run_tile(top, bottom, left, right)  # [B, C, th, tw]
             if out is None:
                 batch, channels = result.shape[:2]
                 out = result.new_zeros(batch, channels, out_rows[-1][1], out_cols[-1][1])  # [B, C, H, W]
@@ -129,12 +149,12 @@ def _blend_tiles(
     return out
 
 
-def tiled_decode(vae, latents: torch.Tensor, tile: int = 1024, overlap: int = 128) -> torch.Tensor:
+def tiled_decode(vae, latents: torch.Tensor, tile: int = 1024, overlap: int = 128, world=None) -> torch.Tensor:
     """Decode `latents` [B, C_latent, h, w] in overlapping tiles: the image [B, 3, 8h, 8w], as vae.decode's sample.
 
     tile, overlap: image pixels (multiples of the scale factor 8; overlap < tile / 2). An image no larger than
     one tile is decoded in one piece, identical to the untiled decode. Each tile decodes the whole batch, so
-    sample b of a batch equals decoding sample b alone.
+    sample b of a batch equals decoding sample b alone. world (engine.parallel): the tiles are shared by its ranks.
     """
     scale = vae_scale_factor(vae.config)
     check_tiling_args(tile, overlap, scale)
@@ -146,7 +166,8 @@ def tiled_decode(vae, latents: torch.Tensor, tile: int = 1024, overlap: int = 12
             z = vae.post_quant_conv(z)
         return vae.decoder(z)  # [B, 3, 8 th, 8 tw]
 
-    return _blend_tiles(decode_tile, latents.shape[-2:], tile // scale, overlap // scale, scale, latents.device)
+    grid = latents.shape[-2:]
+    return _blend_tiles(decode_tile, grid, tile // scale, overlap // scale, scale, latents.device, world)
 
 
 def tiled_encode(vae, images: torch.Tensor, tile: int = 1024, overlap: int = 128) -> torch.Tensor:
@@ -189,6 +210,7 @@ class VaeState:
     tiled_encodes: int = 0
     untiled_encodes: int = 0
     active: bool = True
+    world: Any = None  # context parallelism (engine.parallel.apply): tiled decodes are shared by its ranks
     _originals: dict = field(default_factory=dict, repr=False)  # name -> the callable the wrapper falls back to
     _shadowed: dict = field(default_factory=dict, repr=False)  # name -> an instance attribute we replaced
     _wrappers: dict = field(default_factory=dict, repr=False)
@@ -288,7 +310,7 @@ def _decode(state: VaeState, z: torch.Tensor, return_dict: bool = True):
     if not state.tiles(z.shape[-2] * scale, z.shape[-1] * scale):
         state.untiled_decodes += state.active
         return state._originals["_decode"](z, return_dict=return_dict)
-    sample = tiled_decode(vae, z, state.config.tile, state.config.overlap)  # [B, 3, H, W]
+    sample = tiled_decode(vae, z, state.config.tile, state.config.overlap, state.world)  # [B, 3, H, W]
     state.tiled_decodes += 1
     return DecoderOutput(sample=sample) if return_dict else (sample,)
 

@@ -3,6 +3,8 @@ imports) and the run (engine.bench.run.make_plan)."""
 
 from __future__ import annotations
 
+import os
+
 from ..config import resolve_config
 from ..errors import EngineError
 
@@ -52,8 +54,29 @@ def check_arguments(args) -> None:
             check_positive(name.replace("_", "-"), getattr(args, name))
     check_positive("warmup", args.warmup, 0)
     check_positive("batch", args.batch)
+    check_gpus(args)
     if args.preset is not None:
         parse_presets(args.preset, allow_none=bool(args.vram))
     for text in args.res:
         # the multiple of 16 here; the model's own size range once it is known (engine.cli.choose_model)
         validate_resolution(*parse_resolution(text), allow_any_size=True)
+
+
+def check_gpus(args) -> None:
+    """--gpus N runs under torchrun with N processes, one config, no gate or budgets (those compare one GPU's
+    rows)."""
+    gpus = getattr(args, "gpus", 1)
+    check_positive("gpus", gpus)
+    if gpus == 1:
+        return
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != gpus:
+        raise EngineError(
+            f"--gpus {gpus} needs {gpus} processes, one per GPU; torchrun started {launched}: run "
+            f"`torchrun --nproc-per-node {gpus} -m engine.bench ... --gpus {gpus}`"
+        )
+    for flag, value in (("--gate", args.gate), ("--vram", args.vram), ("--save-baseline", args.save_baseline)):
+        if value:
+            raise EngineError(f"{flag} compares one-GPU runs; leave it out with --gpus {gpus}")
+    if args.preset is not None and ("," in args.preset or args.preset == "ladder"):
+        raise EngineError(f"--gpus runs one preset beside itself on one GPU; --preset {args.preset!r} names several")

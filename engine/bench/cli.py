@@ -71,6 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="--vram: the planner's fidelity floor (bf16 weights only; fp8 too (default); nf4 too)",
     )
     parser.add_argument(
+        "--gpus",
+        type=int,
+        default=1,
+        help="context parallelism over this many GPUs, beside the same config on one GPU (launch with torchrun "
+        "--nproc-per-node N -m engine.bench ... --gpus N); one preset, no diffusers baseline",
+    )
+    parser.add_argument("--no-single", action="store_true", help="--gpus: skip the one-GPU run (no ratio, no PSNR)")
+    parser.add_argument(
+        "--parallel-timeout",
+        type=float,
+        default=1800.0,
+        help="--gpus: seconds a rank waits in a collective before the run ends with an error (default 1800: the "
+        "other ranks wait while rank 0 runs the one-GPU rows)",
+    )
+    parser.add_argument(
         "--cache-dir",
         default=None,
         help="compile cache for compiled presets (default: a fresh one, to time a cold start)",
@@ -89,8 +104,17 @@ def main(argv: list[str] | None = None) -> int:
         from .plan import make_plan  # torch, diffusers: only once the arguments are known to be good
         from .run import run
 
-        plan = make_plan(args)
-        result = run(args, plan)
+        if args.gpus > 1:
+            from .parallel import gpus_verdicts, run_parallel
+
+            result = run_parallel(args)
+            if result is None:
+                return 0  # a rank other than 0: rank 0 reports
+            plan, verdict_lines = None, gpus_verdicts(result)
+        else:
+            plan = make_plan(args)
+            result = run(args, plan)
+            verdict_lines = None
     except GateInputError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_RESULT
@@ -107,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     if budget_rows:
         print("\nplans under --vram budgets (peaks measured with the GPU capped to the budget):")
         print(format_table(budget_rows, BUDGET_COLUMNS))
-    requested = plan.out or default_out_path(env)
+    requested = Path(args.out) if args.out else default_out_path(env)
     out = save_results(result, requested)
     if out is not None:
         print(f"wrote {out} (+ .csv, .png)")
@@ -127,6 +151,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {len(failed)} row(s) failed: " + "; ".join(f"{r['config']} {r['width']}x{r['height']}"
                                                              for r in failed), file=sys.stderr)  # fmt: skip
         return 2
-    for line in verdicts(result):
+    for line in verdict_lines if verdict_lines is not None else verdicts(result):
         print(line)
     return code

@@ -122,7 +122,7 @@ def run_config(
 
     def call(steps: int = args.steps):
         generator = torch.Generator(device="cpu").manual_seed(args.seed)
-        return pipe(
+        output = pipe(
             prompt=[args.prompt] * args.batch,
             height=height,
             width=width,
@@ -132,7 +132,8 @@ def run_config(
             max_sequence_length=args.max_sequence_length,
             output_type="pt",
             callback_on_step_end=keep_latents,
-        ).images
+        )
+        return None if output is None else output.images  # None: a context-parallel rank other than 0
 
     pipe.set_progress_bar_config(disable=True)
     release_cached_memory(device)
@@ -193,7 +194,8 @@ def run_config(
         peak_denoise_gib=phase_peak("denoise"),
         peak_decode_gib=phase_peak("decode"),
     )
-    return row, Output(images=images.float().cpu(), latents=captured["latents"].float().cpu())
+    images = None if images is None else images.float().cpu()
+    return row, Output(images=images, latents=captured["latents"].float().cpu())
 
 
 def compare(row: Row, output: Output, baseline_row: Row, baseline: Output) -> None:

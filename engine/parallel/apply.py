@@ -1,0 +1,138 @@
+"""apply_parallel: one FluxPipeline running on every rank of a process group, each rank's transformer working on its
+share of the tokens; remove_parallel undoes it.
+
+What each rank does per image:
+- the text encoders run on rank 0 only; their embeddings are broadcast (`encode_prompt`, wrapped on the instance);
+- the initial noise is rank 0's, broadcast (`prepare_latents`): every rank denoises the same latents whatever
+  generator it was given, and a rank called with another size or batch is told so instead of hanging;
+- the transformer's inputs are split by the SplitSequenceHook and attention exchanges tokens for heads
+  (engine/parallel/exchange.py); its output is gathered, so the scheduler steps the whole latents on every rank;
+- the VAE decode is split by tiles when the config tiles this size (engine/vae.py, `world`): each rank decodes
+  every size-th tile, the tiles are all-gathered and blended.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..errors import ConfigError
+from .config import ParallelConfig
+from .exchange import SequenceShards, register_shards, unregister_shards
+from .runtime import World, broadcast_tensor, check_same_everywhere, init_distributed
+from .sequence import install_split, remove_split
+
+_WRAPPED = ("encode_prompt", "prepare_latents")
+
+
+@dataclass
+class ParallelState:
+    """What apply_parallel installed on a pipeline."""
+
+    config: ParallelConfig
+    world: World
+    shards: SequenceShards
+    shards_id: int
+    ops_before: Any = field(repr=False)  # the blocks' BlockOps without the exchange
+    _shadowed: dict = field(default_factory=dict, repr=False)  # instance attributes our wrappers replaced
+
+    @property
+    def returns_images(self) -> bool:
+        """Rank 0 returns the images; the other ranks' FluxEngine calls return None, as the docs of torchrun
+        scripts expect (one image per job, not one per GPU)."""
+        return self.world.is_main
+
+
+def check_rank_device(transformer, world: World) -> None:
+    device = transformer.device
+    if world.device.type == "cuda" and device != world.device:
+        raise ConfigError(
+            f"rank {world.rank}'s transformer is on {device}, this rank's GPU is {world.device} (cuda:LOCAL_RANK); "
+            f"build each rank's pipeline on its own GPU: FluxEngine.from_pretrained(..., device='{world.device}') "
+            "or pipe.to(f'cuda:{LOCAL_RANK}')"
+        )
+
+
+def apply_parallel(pipe, config: ParallelConfig, ops) -> ParallelState | None:
+    """Run `pipe` context-parallel on the process group torchrun started (joined here if need be). `ops`: the
+    BlockOps that optimize()'s attention step installed on every block (context parallelism runs through the
+    engine's blocks, so that the attention call is ours to split). None when config is off."""
+    if not config.enabled:
+        return None
+    if ops is None:
+        raise ConfigError("a parallel config needs the engine's attention blocks (optimize() installs them)")
+    world = init_distributed(config.degree, config.timeout_s, pipe.transformer.device)
+    check_rank_device(pipe.transformer, world)
+    shards = SequenceShards.create(world.rank, config.ulysses, config.ring)
+    shards_id = register_shards(shards)
+    state = ParallelState(config, world, shards, shards_id, ops)
+    parallel_ops = replace(ops, shards_id=shards_id)
+    for block in (*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks):
+        block.flux_ops = parallel_ops
+    install_split(pipe.transformer, shards, world)
+    for name in _WRAPPED:
+        if name in pipe.__dict__:
+            state._shadowed[name] = pipe.__dict__[name]
+    pipe.encode_prompt = functools.partial(_encode_once, pipe.encode_prompt, world)
+    pipe.prepare_latents = functools.partial(_same_latents, pipe.prepare_latents, world)
+    vae_state = getattr(pipe, "vae_state", None)
+    if vae_state is not None:
+        vae_state.world = world
+    if not world.is_main:  # one progress bar per job, not one per GPU
+        pipe.set_progress_bar_config(disable=True)
+    return state
+
+
+def remove_parallel(pipe, state: ParallelState) -> None:
+    """Undo apply_parallel (the process group stays: it is the launcher's)."""
+    remove_split(pipe.transformer)
+    for block in (*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks):
+        block.flux_ops = state.ops_before
+    for name in _WRAPPED:
+        if name in state._shadowed:
+            setattr(pipe, name, state._shadowed[name])
+        elif name in pipe.__dict__:
+            delattr(pipe, name)
+    vae_state = getattr(pipe, "vae_state", None)
+    if vae_state is not None:
+        vae_state.world = None
+    unregister_shards(state.shards_id)
+
+
+def _encode_once(encode_prompt, world: World, *args, **kwargs):
+    """The text encoders on rank 0; (prompt_embeds, pooled_prompt_embeds, text_ids) broadcast to the others."""
+    outputs = encode_prompt(*args, **kwargs) if world.is_main else (None, None, None)
+    return tuple(broadcast_tensor(tensor, world) for tensor in outputs)
+
+
+def _same_latents(prepare_latents, world: World, *args, **kwargs):
+    """Rank 0's initial latents on every rank (their shapes checked first: a rank called with another size or batch
+    gets an InputError here rather than a collective that never completes)."""
+    latents, image_ids = prepare_latents(*args, **kwargs)  # [B, L_image, C], [L_image, 3]
+    check_same_everywhere("latent shapes (batch, tokens, channels)", tuple(latents.shape), world)
+    shared = latents.to(world.comm_device).contiguous()
+    dist.broadcast(shared, 0)
+    return shared.to(latents.device), image_ids
+
+
+def with_parallel(config, gpus: int):
+    """`config` (an EngineConfig) run on `gpus` GPUs: parallel_for(gpus), and, if the config does not tile the VAE,
+    tiles of 1024 px so that the decode of a large image is split across the ranks too."""
+    from ..config import VaeConfig
+    from .config import parallel_for
+
+    parallel = parallel_for(gpus)
+    vae = config.vae if config.vae.tiling != "off" or not parallel.enabled else VaeConfig(tiling="auto")
+    name = f"{config.name}+{parallel.label}" if config.name and parallel.enabled else config.name
+    return replace(config, parallel=parallel, vae=vae, name=name)
+
+
+def synchronize(world: World) -> None:
+    """A barrier (and, on GPUs, the device's work finished), for timing all ranks together."""
+    if world.device.type == "cuda":
+        torch.cuda.synchronize(world.device)
+    dist.barrier()

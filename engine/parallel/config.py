@@ -1,0 +1,65 @@
+"""ParallelConfig: how one image's work is split over several GPUs (context parallelism; no torch import here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+
+# FLUX.1's joint attention has 24 heads: Ulysses degrees that divide them need no padded heads
+FLUX_HEADS = 24
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Context parallelism over `ulysses * ring` processes (one per GPU, started by torchrun), engine/parallel/.
+
+    Every rank holds the whole model; the transformer's joint sequence (text and image tokens) is split across the
+    ranks, each rank running every block on its share of the tokens.
+    ulysses: ranks that trade heads for tokens by all-to-all before attention (and back after it): each attends
+        over the whole sequence with 1/ulysses of the heads. Best on one machine's NVLink. Head counts that it does
+        not divide are padded with empty heads (FLUX's 24 heads: 2, 3, 4, 6, 8 need none).
+    ring: groups of ranks that also share keys and values (all-gathered), each attending with its own queries over
+        all of them: for degrees past the head count, or to keep all-to-alls inside a machine.
+    timeout_s: a collective that waits longer than this (a rank failed or hangs) ends the run with an error.
+    """
+
+    ulysses: int = 1
+    ring: int = 1
+    timeout_s: float = 600.0
+
+    def __post_init__(self):
+        for name in ("ulysses", "ring"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"parallel.{name}={value!r} must be an integer >= 1 (1: that kind of split is off)")
+        if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, int | float) or not self.timeout_s > 0:
+            raise ConfigError(f"parallel.timeout_s={self.timeout_s!r} must be a number of seconds > 0 (default 600)")
+
+    @property
+    def degree(self) -> int:
+        """The number of processes (GPUs) this config runs on."""
+        return self.ulysses * self.ring
+
+    @property
+    def enabled(self) -> bool:
+        return self.degree > 1
+
+    @property
+    def label(self) -> str:
+        if not self.enabled:
+            return ""
+        parts = [f"u{self.ulysses}" if self.ulysses > 1 else "", f"r{self.ring}" if self.ring > 1 else ""]
+        return "cp=" + "".join(parts)
+
+
+def parallel_for(gpus: int) -> ParallelConfig:
+    """The config for `gpus` GPUs: Ulysses over all of them when it divides FLUX's 24 heads (the all-to-alls stay
+    on one machine's NVLink); else Ulysses over the largest common divisor and ring across the rest (16 GPUs: u8 x
+    r2), so no head is padded; a count that shares no divisor with 24 (5, 7) pads the heads instead."""
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
+        raise ConfigError(f"gpus={gpus!r} must be an integer >= 1")
+    common = max(d for d in range(1, min(gpus, FLUX_HEADS) + 1) if gpus % d == 0 and FLUX_HEADS % d == 0)
+    if common in (1, gpus):
+        return ParallelConfig(ulysses=gpus)
+    return ParallelConfig(ulysses=common, ring=gpus // common)

@@ -1,0 +1,182 @@
+"""Attention over a sequence split across ranks: Ulysses (all-to-all, heads for tokens) and ring (keys and values
+all-gathered), around any attention core (our flash attention or SDPA), for shares of any length.
+
+Each rank holds a share of the joint sequence (text and image tokens, split by `torch.tensor_split` order, so shares
+differ by at most one token). The shares' lengths are set per forward by the split hook (engine/parallel/sequence.py)
+on the SequenceShards object, so the collectives use exact, uneven split sizes: no padded tokens, no masks, no host
+synchronisation to learn the sizes, and a captured CUDA graph holds the sizes of its own input signature.
+
+Attention is invariant to the order of the keys, and each query's output goes back to the rank that owns it, so
+tokens may travel in any order as long as keys and values travel together: the result equals one GPU's attention
+up to the cores' own summation order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+def split_sizes(length: int, parts: int) -> list[int]:
+    """The lengths `torch.tensor_split(x, parts)` gives: the first `length % parts` shares one longer."""
+    base, extra = divmod(length, parts)
+    return [base + 1] * extra + [base] * (parts - extra)
+
+
+@dataclass
+class SequenceShards:
+    """The process groups of a ulysses x ring layout and the current shares of the sequence.
+
+    Rank r = ring_index * ulysses + ulysses_index: a Ulysses group is `ulysses` consecutive ranks, a ring group the
+    ranks with one ulysses_index.
+    """
+
+    rank: int
+    ulysses: int
+    ring: int
+    ulysses_group: object = None
+    ring_group: object = None
+    lengths: list[int] = field(default_factory=list)  # tokens on each rank (text + image share), set per forward
+    exchanges: int = 0  # attention calls that went through the exchange (tests count them)
+
+    @classmethod
+    def create(cls, rank: int, ulysses: int, ring: int) -> SequenceShards:
+        """Make the groups; every rank must call this, in the same order (dist.new_group is collective)."""
+        shards = cls(rank=rank, ulysses=ulysses, ring=ring)
+        for ring_index in range(ring):
+            group = dist.new_group([ring_index * ulysses + u for u in range(ulysses)])
+            if ring_index == rank // ulysses:
+                shards.ulysses_group = group
+        for ulysses_index in range(ulysses):
+            group = dist.new_group([r * ulysses + ulysses_index for r in range(ring)])
+            if ulysses_index == rank % ulysses:
+                shards.ring_group = group
+        return shards
+
+    @property
+    def ring_index(self) -> int:
+        return self.rank // self.ulysses
+
+    def attention(self, core: Callable, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """core(q, k, v) over the whole sequence for this rank's tokens. q, k, v: [B, H, L_local, D] (any strides,
+        last one 1) -> [B, L_local, H * D]."""
+        batch, heads, tokens, head_dim = query.shape
+        if not self.lengths or self.lengths[self.rank] != tokens:
+            raise RuntimeError(
+                f"rank {self.rank} attends over {tokens} tokens but its share is "
+                f"{self.lengths[self.rank] if self.lengths else 'unset'}: the transformer was called without the "
+                "context-parallel split hook (engine.parallel)"
+            )
+        self.exchanges += 1
+        padded_heads = math.ceil(heads / self.ulysses) * self.ulysses
+        group_lengths = self.lengths[self.ring_index * self.ulysses : (self.ring_index + 1) * self.ulysses]
+        qkv = [query, key, value]
+        if padded_heads != heads:  # empty heads: zero queries, keys and values; their outputs are dropped
+            qkv = [torch.nn.functional.pad(t, (0, 0, 0, 0, 0, padded_heads - heads)) for t in qkv]
+        if self.ulysses > 1:
+            qkv = self._heads_for_tokens(qkv, group_lengths)  # [3, B, H/u, L_group, D]
+        if self.ring > 1:
+            kv = self._gather_ring(torch.stack(list(qkv[1:])))  # [2, B, H/u, L, D]
+            out = core(qkv[0], kv[0], kv[1])
+        else:
+            out = core(qkv[0], qkv[1], qkv[2])  # [B, H/u, L_group, D]
+        if self.ulysses > 1:
+            out = self._tokens_for_heads(out, group_lengths, tokens)  # [B, L_local, H_padded, D]
+        else:
+            out = out.transpose(1, 2)
+        return out[:, :, :heads].reshape(batch, tokens, heads * head_dim)
+
+    def _heads_for_tokens(self, qkv: list[torch.Tensor], group_lengths: list[int]) -> torch.Tensor:
+        """q, k, v [B, H, L_local, D] -> [3, B, H/u, L_group, D]: rank j of the Ulysses group gets heads
+        [j H/u, (j+1) H/u) of every rank's tokens, in rank order."""
+        batch, heads, tokens, head_dim = qkv[0].shape
+        group_heads = heads // self.ulysses
+        # [u, L_local, 3, B, H/u, D]: the chunk for rank j is contiguous, split sizes in rows of L_local; each of q,
+        # k, v is copied into it once, from whatever strides it has
+        send = qkv[0].new_empty(self.ulysses, tokens, 3, batch, group_heads, head_dim)
+        slots = send.permute(2, 3, 0, 4, 1, 5)  # [3, B, u, H/u, L_local, D]
+        for slot, tensor in zip(slots, qkv, strict=True):
+            slot.copy_(tensor.unflatten(1, (self.ulysses, group_heads)))
+        received = send.new_empty(sum(group_lengths), 3, batch, group_heads, head_dim)
+        dist.all_to_all_single(
+            received, send.view(self.ulysses * tokens, 3, batch, group_heads, head_dim),
+            output_split_sizes=group_lengths, input_split_sizes=[tokens] * self.ulysses, group=self.ulysses_group,
+        )  # fmt: skip
+        return received.permute(1, 2, 3, 0, 4)  # [3, B, H/u, L_group, D]
+
+    def _tokens_for_heads(self, out: torch.Tensor, group_lengths: list[int], tokens: int) -> torch.Tensor:
+        """The inverse exchange: [B, H/u, L_group, D] -> [B, L_local, H, D] (heads in their original order)."""
+        batch, group_heads, _, head_dim = out.shape
+        send = out.permute(2, 0, 1, 3).contiguous()  # [L_group, B, H/u, D], rank j's tokens are rows of group_lengths
+        received = send.new_empty(self.ulysses * tokens, batch, group_heads, head_dim)
+        dist.all_to_all_single(
+            received, send, output_split_sizes=[tokens] * self.ulysses, input_split_sizes=group_lengths,
+            group=self.ulysses_group,
+        )  # fmt: skip
+        # [u, L_local, B, H/u, D] -> [B, L_local, u, H/u, D] -> [B, L_local, H, D]
+        received = received.view(self.ulysses, tokens, batch, group_heads, head_dim).permute(2, 1, 0, 3, 4)
+        return received.reshape(batch, tokens, self.ulysses * group_heads, head_dim)
+
+    def _gather_ring(self, kv: torch.Tensor) -> torch.Tensor:
+        """Keys and values of every ring member: [2, B, H', L_group, D] -> [2, B, H', L, D]. Members' shares differ
+        by a few tokens: each is padded to the longest, all-gathered, and the padding dropped."""
+        member_lengths = [
+            sum(self.lengths[r * self.ulysses : (r + 1) * self.ulysses]) for r in range(self.ring)
+        ]  # tokens per ring member's Ulysses group
+        longest = max(member_lengths)
+        mine = kv.permute(3, 0, 1, 2, 4)  # [L_group, 2, B, H', D]
+        if mine.shape[0] < longest:
+            mine = torch.nn.functional.pad(mine, (0, 0, 0, 0, 0, 0, 0, 0, 0, longest - mine.shape[0]))
+        mine = mine.contiguous()
+        gathered = [torch.empty_like(mine) for _ in range(self.ring)]
+        dist.all_gather(gathered, mine, group=self.ring_group)
+        whole = torch.cat([part[:length] for part, length in zip(gathered, member_lengths, strict=True)])
+        return whole.permute(1, 2, 3, 0, 4)  # [2, B, H', L, D]
+
+
+# ----------------------------------------------------------------------------- the op compiled regions call
+
+# SequenceShards by id: a custom op's arguments are tensors and scalars, so the op finds its layout by number (one
+# per process in practice; the id is a constant of the compiled graph, the same on every rank)
+_SHARDS: dict[int, SequenceShards] = {}
+_CORES: dict[str, Callable] = {}
+
+
+def register_shards(shards: SequenceShards) -> int:
+    key = len(_SHARDS)
+    _SHARDS[key] = shards
+    return key
+
+
+def unregister_shards(key: int) -> None:
+    _SHARDS.pop(key, None)
+
+
+def _core(name: str) -> Callable:
+    if name not in _CORES:
+        if name == "triton":
+            from flux_kernels.flash_attention import flash_attention
+
+            _CORES[name] = flash_attention
+        else:
+            _CORES[name] = torch.nn.functional.scaled_dot_product_attention
+    return _CORES[name]
+
+
+@torch.library.custom_op("flux_engine::context_parallel_attention", mutates_args=())
+def context_parallel_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, shards_id: int, core: str
+) -> torch.Tensor:
+    """Attention of this rank's tokens over the whole split sequence: [B, H, L_local, D] x3 -> [B, L_local, H*D].
+    Opaque to torch.compile (the collectives and the per-forward split sizes stay outside the traced graph)."""
+    return _SHARDS[shards_id].attention(_core(core), query, key, value)
+
+
+@context_parallel_attention.register_fake
+def _(query, key, value, shards_id, core):
+    batch, heads, tokens, head_dim = query.shape
+    return query.new_empty(batch, tokens, heads * head_dim)
