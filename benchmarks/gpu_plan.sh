@@ -123,7 +123,7 @@ for s in "$@"; do
       # context parallelism on 2 GPUs beside the same config on 1 GPU, 28 steps (issue "Several GPUs"); cp-2 runs the
       # fastest preset (CUDA graphs capture the NCCL collectives), cp-2-eager the same without CUDA graphs
       P=fp8-compile-fastacc-cudagraphs; [ "$s" = cp-2-eager ] && P=fp8-compile-fastacc
-      stage "$s" 560 env NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
+      stage "$s" 420 env NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
         python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m engine.bench --gpus 2 --res 1024 2048 --steps 28 --runs 2 \
         --preset "$P" --out "$OUT/bench-$s-$CARD-$DAY.json" ;;
     main-1024|main-2048)
