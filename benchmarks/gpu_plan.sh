@@ -119,13 +119,16 @@ for s in "$@"; do
       stage fp8-ab 560 python3 -m engine.bench --res 1024 2048 --steps 4 --runs 2 \
         --preset kernels-compile,fp8-compile-unfused-quant,fp8-compile,fp8-compile-fastacc,fp8-compile-fastacc-cudagraphs --cache-dir /tmp/fe-cache \
         --out "$OUT/bench-fp8-ab-$CARD-$DAY.json" ;;
-    cp-2|cp-2-eager)
+    cp-2|cp-2-eager|cp-2-c1)
       # context parallelism on 2 GPUs beside the same config on 1 GPU, 28 steps (issue "Several GPUs"); cp-2 runs the
-      # fastest preset (CUDA graphs capture the NCCL collectives), cp-2-eager the same without CUDA graphs
-      P=fp8-compile-fastacc-cudagraphs; [ "$s" = cp-2-eager ] && P=fp8-compile-fastacc
+      # fastest preset (CUDA graphs capture the NCCL collectives), cp-2-eager the same without CUDA graphs, cp-2-c1
+      # the 2-GPU half alone with the exchange in one piece (no overlap with attention), for the A/B of the overlap
+      P=fp8-compile-fastacc-cudagraphs; EXTRA=()
+      [ "$s" = cp-2-eager ] && P=fp8-compile-fastacc
+      [ "$s" = cp-2-c1 ] && EXTRA=(--cp-chunks 1 --no-single)
       stage "$s" 420 env NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
-        python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m engine.bench --gpus 2 --res 1024 2048 --steps 28 --runs 2 \
-        --preset "$P" --out "$OUT/bench-$s-$CARD-$DAY.json" ;;
+        python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m engine.bench --gpus 2 --res 1024 2048 \
+        --steps 28 --runs 2 --preset "$P" "${EXTRA[@]}" --out "$OUT/bench-$s-$CARD-$DAY.json" ;;
     main-1024|main-2048)
       # the README's main command as a user runs it: no --preset, so diffusers against the fastest config here
       stage "$s" 400 python3 -m engine.bench --res "${s#main-}" --out "$OUT/bench-$s-$CARD-$DAY.json" ;;

@@ -53,7 +53,7 @@ def engine_table(files: list[dict]) -> list[str]:
     newest: dict[tuple, tuple[dict, dict]] = {}
     for data in sorted(files, key=lambda d: d["env"].get("date", "")):
         for row in data["rows"]:
-            if row["config"] != "diffusers" and row.get("budget_gib") is None:
+            if row["config"] != "diffusers" and row.get("budget_gib") is None and "gpus" not in row:
                 newest[(_card(data["env"]), row["config"], row["height"], row["width"])] = (data, row)
     lines = [
         "| card | date | commit | model | size | preset | ms/step | diffusers ms/step | speed-up | TFLOP/s "
@@ -80,6 +80,34 @@ def engine_table(files: list[dict]) -> list[str]:
             f"| {_num(row.get('tflops'), '.0f')} | {_num(row.get('peak_allocated_gib'), '.2f')} | {compile_s} "
             f"| {_num(row.get('psnr_db'), '.1f')} | `{data['_file']}` |"
         )
+    return lines
+
+
+def parallel_table(files: list[dict]) -> list[str]:
+    """Context parallelism (`engine.bench --gpus N`): each N-GPU row beside the same config on one GPU, same run."""
+    lines = [
+        "Several GPUs (`torchrun --nproc-per-node N -m engine.bench --gpus N`), each beside the same config on one "
+        "GPU of the same machine in the same run; peak memory is the fullest GPU's; PSNR is against the one-GPU image.",
+        "",
+        "| card | date | commit | size | steps | config | GPUs | s/image | 1 GPU s/image | time vs 1 GPU | ms/step "
+        "| 1 GPU ms/step | peak GiB per GPU | 1 GPU peak GiB | PSNR dB vs 1 GPU | file |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for data in sorted(files, key=lambda d: d["env"].get("date", "")):
+        env = data["env"]
+        singles = {(r["height"], r["width"]): r for r in data["rows"] if r.get("gpus") == 1}
+        for row in data["rows"]:
+            single = singles.get((row["height"], row["width"]), {})
+            if row.get("gpus", 1) == 1:
+                continue
+            lines.append(
+                f"| {_card(env)} | {_stamp(env)} | {env.get('commit', '-')} | {row['width']}x{row['height']} "
+                f"| {row['steps']} | {row['config']} | {row['gpus']} | {_num(row['total_s'], '.2f')} "
+                f"| {_num(single.get('total_s'), '.2f')} | {_num(row.get('time_vs_one_gpu'), '.2f')}x "
+                f"| {_num(row['ms_per_step'], '.1f')} | {_num(single.get('ms_per_step'), '.1f')} "
+                f"| {_num(row.get('peak_allocated_gib'), '.2f')} | {_num(single.get('peak_allocated_gib'), '.2f')} "
+                f"| {_num(row.get('psnr_db'), '.1f')} | `{data['_file']}` |"
+            )
     return lines
 
 
@@ -209,6 +237,9 @@ def render() -> str:
         "",
         *engine_table(benches),
     ]
+    parallel = [d for d in benches if d.get("parallel")]
+    if parallel:
+        parts += ["", *parallel_table(parallel)]
     budgets = [d for d in benches if any(r.get("budget_gib") is not None for r in d["rows"])]
     if budgets:
         parts += ["", *budget_table(max(budgets, key=lambda d: d["env"].get("date", "")))]

@@ -79,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-single", action="store_true", help="--gpus: skip the one-GPU run (no ratio, no PSNR)")
     parser.add_argument(
+        "--cp-chunks",
+        type=int,
+        default=None,
+        help="--gpus: slices of each rank's heads whose exchanges overlap attention (ParallelConfig.chunks; default "
+        "2; 1: no overlap)",
+    )
+    parser.add_argument(
         "--parallel-timeout",
         type=float,
         default=1800.0,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import weakref
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -33,10 +34,12 @@ def run_parallel(args) -> dict | None:
     from tqdm.auto import tqdm
 
     from ..parallel import init_distributed, parallel_for, with_parallel
-    from ..parallel.apply import synchronize
+    from ..parallel.apply import release_cuda_graphs, synchronize
     from ..pipeline import FluxEngine
 
     parallel = parallel_for(args.gpus)
+    if args.cp_chunks is not None:
+        parallel = replace(parallel, chunks=args.cp_chunks)
     world = init_distributed(parallel.degree, args.parallel_timeout)
     if world.device.type == "cuda":
         args.device = str(world.device)
@@ -46,8 +49,10 @@ def run_parallel(args) -> dict | None:
         raise EngineError(f"--gpus runs one config beside itself on one GPU; got {len(plan.configs)} (--preset A,B)")
     # the one-GPU reference decodes with the VAE tiling the parallel run uses (with_parallel tiles large images so the
     # ranks share the decode), so that the PSNR between the two measures the parallelism alone
-    parallel_config = with_parallel(plan.configs[0], args.gpus)
-    config = replace(plan.configs[0], vae=parallel_config.vae)
+    parallel_config = with_parallel(plan.configs[0], args.gpus, args.cp_chunks)
+    config = plan.configs[0]
+    if config.vae != parallel_config.vae:
+        config = replace(config, vae=parallel_config.vae, name=f"{config.name}+{parallel_config.vae.label}")
     if world.is_main:
         print(f"flux-engine {config.label} on {args.gpus} GPUs ({parallel.label}) vs the same on 1 GPU, {plan.model}")
     dtype = DTYPES[args.dtype or ("bf16" if plan.device.type == "cuda" else "fp32")]
@@ -87,6 +92,7 @@ def run_parallel(args) -> dict | None:
             row.peak_reserved_gib = _largest(row.peak_reserved_gib, world)
             row.nvml_used_gib = _largest(row.nvml_used_gib, world)
             rows[(args.gpus, size)], outputs[(args.gpus, size)] = row, output
+        release_cuda_graphs(weakref.ref(engine))  # before the process group goes (engine.parallel.runtime)
         del engine
     if not world.is_main:
         return None

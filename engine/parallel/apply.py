@@ -14,6 +14,7 @@ What each rank does per image:
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -23,7 +24,7 @@ import torch.distributed as dist
 from ..errors import ConfigError
 from .config import ParallelConfig
 from .exchange import SequenceShards, register_shards, unregister_shards
-from .runtime import World, broadcast_tensor, check_same_everywhere, init_distributed
+from .runtime import World, before_destroy, broadcast_tensor, check_same_everywhere, init_distributed
 from .sequence import install_split, remove_split
 
 _WRAPPED = ("encode_prompt", "prepare_latents")
@@ -67,7 +68,7 @@ def apply_parallel(pipe, config: ParallelConfig, ops) -> ParallelState | None:
         raise ConfigError("a parallel config needs the engine's attention blocks (optimize() installs them)")
     world = init_distributed(config.degree, config.timeout_s, pipe.transformer.device)
     check_rank_device(pipe.transformer, world)
-    shards = SequenceShards.create(world.rank, config.ulysses, config.ring)
+    shards = SequenceShards.create(world.rank, config.ulysses, config.ring, config.chunks)
     shards_id = register_shards(shards)
     state = ParallelState(config, world, shards, shards_id, ops)
     parallel_ops = replace(ops, shards_id=shards_id)
@@ -84,7 +85,17 @@ def apply_parallel(pipe, config: ParallelConfig, ops) -> ParallelState | None:
         vae_state.world = world
     if not world.is_main:  # one progress bar per job, not one per GPU
         pipe.set_progress_bar_config(disable=True)
+    before_destroy(functools.partial(release_cuda_graphs, weakref.ref(pipe)))
     return state
+
+
+def release_cuda_graphs(pipe_ref) -> None:
+    """Drop the CUDA graphs captured on a pipeline (they hold NCCL resources that the communicator's destruction
+    waits for); they are captured again on the next call."""
+    pipe = pipe_ref()
+    graphs = getattr(getattr(pipe, "compile_state", None), "cuda_graphs", None)
+    if graphs is not None:
+        graphs.graphs.clear()
 
 
 def remove_parallel(pipe, state: ParallelState) -> None:
@@ -119,15 +130,21 @@ def _same_latents(prepare_latents, world: World, *args, **kwargs):
     return shared.to(latents.device), image_ids
 
 
-def with_parallel(config, gpus: int):
-    """`config` (an EngineConfig) run on `gpus` GPUs: parallel_for(gpus), and, if the config does not tile the VAE,
-    tiles of 1024 px so that the decode of a large image is split across the ranks too."""
+def with_parallel(config, gpus: int, chunks: int | None = None):
+    """`config` (an EngineConfig) run on `gpus` GPUs: parallel_for(gpus) (with `chunks` head slices, if given), and,
+    if the config does not tile the VAE, tiling 'auto' (1024-px tiles) so that the decode of a large image is shared
+    by the ranks too. A named config keeps its name, with what was added."""
     from ..config import VaeConfig
     from .config import parallel_for
 
     parallel = parallel_for(gpus)
-    vae = config.vae if config.vae.tiling != "off" or not parallel.enabled else VaeConfig(tiling="auto")
-    name = f"{config.name}+{parallel.label}" if config.name and parallel.enabled else config.name
+    if chunks is not None:
+        parallel = replace(parallel, chunks=chunks)
+    if not parallel.enabled:
+        return config
+    vae = config.vae if config.vae.tiling != "off" else VaeConfig(tiling="auto")
+    added = [part.label for part, before in ((vae, config.vae), (parallel, None)) if part != before]
+    name = "+".join([config.name, *added]) if config.name else ""
     return replace(config, parallel=parallel, vae=vae, name=name)
 
 

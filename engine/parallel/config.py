@@ -22,17 +22,23 @@ class ParallelConfig:
     ring: groups of ranks that also share keys and values (all-gathered), each attending with its own queries over
         all of them: for degrees past the head count, or to keep all-to-alls inside a machine.
     timeout_s: a collective that waits longer than this (a rank failed or hangs) ends the run with an error.
+    chunks: Ulysses exchanges each rank's heads in this many slices, so that one slice travels while attention
+        computes another (1: one exchange, no overlap; a count that does not divide the heads per rank means 1).
     """
 
     ulysses: int = 1
     ring: int = 1
     timeout_s: float = 600.0
+    chunks: int = 2
 
     def __post_init__(self):
-        for name in ("ulysses", "ring"):
+        for name in ("ulysses", "ring", "chunks"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"parallel.{name}={value!r} must be an integer >= 1 (1: that kind of split is off)")
+                raise ConfigError(
+                    f"parallel.{name}={value!r} must be an integer >= 1 (ulysses, ring 1: that split is off; "
+                    "chunks 1: no overlap)"
+                )
         if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, int | float) or not self.timeout_s > 0:
             raise ConfigError(f"parallel.timeout_s={self.timeout_s!r} must be a number of seconds > 0 (default 600)")
 
@@ -50,7 +56,8 @@ class ParallelConfig:
         if not self.enabled:
             return ""
         parts = [f"u{self.ulysses}" if self.ulysses > 1 else "", f"r{self.ring}" if self.ring > 1 else ""]
-        return "cp=" + "".join(parts)
+        overlap = f"c{self.chunks}" if self.chunks != 2 and self.ulysses > 1 else ""
+        return "cp=" + "".join(parts) + overlap
 
 
 def parallel_for(gpus: int) -> ParallelConfig:

@@ -40,13 +40,14 @@ class SequenceShards:
     ring: int
     ulysses_group: object = None
     ring_group: object = None
+    chunks: int = 2  # slices of the heads whose exchanges overlap the attention of others (ParallelConfig.chunks)
     lengths: list[int] = field(default_factory=list)  # tokens on each rank (text + image share), set per forward
     exchanges: int = 0  # attention calls that went through the exchange (tests count them)
 
     @classmethod
-    def create(cls, rank: int, ulysses: int, ring: int) -> SequenceShards:
+    def create(cls, rank: int, ulysses: int, ring: int, chunks: int = 2) -> SequenceShards:
         """Make the groups; every rank must call this, in the same order (dist.new_group is collective)."""
-        shards = cls(rank=rank, ulysses=ulysses, ring=ring)
+        shards = cls(rank=rank, ulysses=ulysses, ring=ring, chunks=chunks)
         for ring_index in range(ring):
             group = dist.new_group([ring_index * ulysses + u for u in range(ulysses)])
             if ring_index == rank // ulysses:
@@ -73,53 +74,67 @@ class SequenceShards:
             )
         self.exchanges += 1
         padded_heads = math.ceil(heads / self.ulysses) * self.ulysses
-        group_lengths = self.lengths[self.ring_index * self.ulysses : (self.ring_index + 1) * self.ulysses]
         qkv = [query, key, value]
         if padded_heads != heads:  # empty heads: zero queries, keys and values; their outputs are dropped
             qkv = [torch.nn.functional.pad(t, (0, 0, 0, 0, 0, padded_heads - heads)) for t in qkv]
-        if self.ulysses > 1:
-            qkv = self._heads_for_tokens(qkv, group_lengths)  # [3, B, H/u, L_group, D]
-        if self.ring > 1:
-            kv = self._gather_ring(torch.stack(list(qkv[1:])))  # [2, B, H/u, L, D]
-            out = core(qkv[0], kv[0], kv[1])
+        if self.ulysses == 1:
+            out = self._attend(core, *qkv).transpose(1, 2)  # [B, L_local, H, D]
         else:
-            out = core(qkv[0], qkv[1], qkv[2])  # [B, H/u, L_group, D]
-        if self.ulysses > 1:
-            out = self._tokens_for_heads(out, group_lengths, tokens)  # [B, L_local, H_padded, D]
-        else:
-            out = out.transpose(1, 2)
+            out = self._ulysses(core, qkv)  # [B, L_local, H_padded, D]
         return out[:, :, :heads].reshape(batch, tokens, heads * head_dim)
 
-    def _heads_for_tokens(self, qkv: list[torch.Tensor], group_lengths: list[int]) -> torch.Tensor:
-        """q, k, v [B, H, L_local, D] -> [3, B, H/u, L_group, D]: rank j of the Ulysses group gets heads
-        [j H/u, (j+1) H/u) of every rank's tokens, in rank order."""
+    def _attend(self, core: Callable, query, key, value) -> torch.Tensor:
+        """core over this rank's queries and the keys and values of its whole ring ([B, H', L_group, D] each)."""
+        if self.ring == 1:
+            return core(query, key, value)
+        kv = self._gather_ring(torch.stack([key, value]))  # [2, B, H', L, D]
+        return core(query, kv[0], kv[1])
+
+    def _ulysses(self, core: Callable, qkv: list[torch.Tensor]) -> torch.Tensor:
+        """Heads for tokens and back, pipelined over `chunks` slices of each rank's heads: the exchange of one slice
+        runs (on NCCL's stream) while attention computes another, and the return of the first slice's output
+        while the second computes. q, k, v [B, H, L_local, D] -> [B, L_local, H, D].
+
+        Rank j of the Ulysses group attends over heads [j H/u, (j+1) H/u) of every rank's tokens (in rank order)."""
         batch, heads, tokens, head_dim = qkv[0].shape
         group_heads = heads // self.ulysses
-        # [u, L_local, 3, B, H/u, D]: the chunk for rank j is contiguous, split sizes in rows of L_local; each of q,
-        # k, v is copied into it once, from whatever strides it has
-        send = qkv[0].new_empty(self.ulysses, tokens, 3, batch, group_heads, head_dim)
-        slots = send.permute(2, 3, 0, 4, 1, 5)  # [3, B, u, H/u, L_local, D]
-        for slot, tensor in zip(slots, qkv, strict=True):
-            slot.copy_(tensor.unflatten(1, (self.ulysses, group_heads)))
-        received = send.new_empty(sum(group_lengths), 3, batch, group_heads, head_dim)
-        dist.all_to_all_single(
-            received, send.view(self.ulysses * tokens, 3, batch, group_heads, head_dim),
-            output_split_sizes=group_lengths, input_split_sizes=[tokens] * self.ulysses, group=self.ulysses_group,
-        )  # fmt: skip
-        return received.permute(1, 2, 3, 0, 4)  # [3, B, H/u, L_group, D]
-
-    def _tokens_for_heads(self, out: torch.Tensor, group_lengths: list[int], tokens: int) -> torch.Tensor:
-        """The inverse exchange: [B, H/u, L_group, D] -> [B, L_local, H, D] (heads in their original order)."""
-        batch, group_heads, _, head_dim = out.shape
-        send = out.permute(2, 0, 1, 3).contiguous()  # [L_group, B, H/u, D], rank j's tokens are rows of group_lengths
-        received = send.new_empty(self.ulysses * tokens, batch, group_heads, head_dim)
-        dist.all_to_all_single(
-            received, send, output_split_sizes=[tokens] * self.ulysses, input_split_sizes=group_lengths,
-            group=self.ulysses_group,
-        )  # fmt: skip
-        # [u, L_local, B, H/u, D] -> [B, L_local, u, H/u, D] -> [B, L_local, H, D]
-        received = received.view(self.ulysses, tokens, batch, group_heads, head_dim).permute(2, 1, 0, 3, 4)
-        return received.reshape(batch, tokens, self.ulysses * group_heads, head_dim)
+        chunks = self.chunks if group_heads % self.chunks == 0 else 1
+        slice_heads = group_heads // chunks
+        group_lengths = self.lengths[self.ring_index * self.ulysses : (self.ring_index + 1) * self.ulysses]
+        incoming = []
+        for chunk in range(chunks):
+            # [u, L_local, 3, B, H', D]: the part for rank j is contiguous, split sizes in rows of L_local; q, k, v
+            # are copied into it once each, from whatever strides they have
+            send = qkv[0].new_empty(self.ulysses, tokens, 3, batch, slice_heads, head_dim)
+            slots = send.permute(2, 3, 0, 4, 1, 5)  # [3, B, u, H', L_local, D]
+            for slot, tensor in zip(slots, qkv, strict=True):
+                slot.copy_(tensor.unflatten(1, (self.ulysses, chunks, slice_heads))[:, :, chunk])
+            received = send.new_empty(sum(group_lengths), 3, batch, slice_heads, head_dim)
+            work = dist.all_to_all_single(
+                received, send.view(self.ulysses * tokens, 3, batch, slice_heads, head_dim),
+                output_split_sizes=group_lengths, input_split_sizes=[tokens] * self.ulysses,
+                group=self.ulysses_group, async_op=True,
+            )  # fmt: skip
+            incoming.append((work, received))
+        returning = []
+        for work, received in incoming:
+            work.wait()  # the compute stream waits for this slice (the host does not, on GPUs)
+            query, key, value = received.permute(1, 2, 3, 0, 4)  # [B, H', L_group, D] each
+            out = self._attend(core, query, key, value).permute(2, 0, 1, 3).contiguous()  # [L_group, B, H', D]
+            back = out.new_empty(self.ulysses * tokens, batch, slice_heads, head_dim)
+            work = dist.all_to_all_single(
+                back, out, output_split_sizes=[tokens] * self.ulysses, input_split_sizes=group_lengths,
+                group=self.ulysses_group, async_op=True,
+            )  # fmt: skip
+            returning.append((work, back))
+        result = qkv[0].new_empty(batch, tokens, self.ulysses, chunks, slice_heads, head_dim)
+        for chunk, (work, back) in enumerate(returning):
+            work.wait()
+            # [u, L_local, B, H', D] -> [B, L_local, u, H', D]: heads j H/u + chunk H' + i, their original order
+            result[:, :, :, chunk].copy_(
+                back.view(self.ulysses, tokens, batch, slice_heads, head_dim).permute(2, 1, 0, 3, 4)
+            )
+        return result.view(batch, tokens, heads, head_dim)
 
     def _gather_ring(self, kv: torch.Tensor) -> torch.Tensor:
         """Keys and values of every ring member: [2, B, H', L_group, D] -> [2, B, H', L, D]. Members' shares differ

@@ -99,9 +99,41 @@ def _rank_device(device, local_rank: int) -> torch.device:
     return device
 
 
+# run before the process group is destroyed at exit: CUDA graphs that captured NCCL collectives must be released
+# first, or ncclCommDestroy waits for them forever (pytorch/pytorch#115388; measured: a 2-GPU bench that had written
+# its results sat in exit until it was killed)
+_BEFORE_DESTROY: list = []
+DESTROY_GRACE_S = 60.0
+
+
+def before_destroy(release) -> None:
+    """Call `release()` at exit, before the process group is destroyed (apply_parallel drops its CUDA graphs)."""
+    _BEFORE_DESTROY.append(release)
+
+
 def _destroy() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Release what holds NCCL resources, then destroy the process group; if NCCL still does not return within
+    DESTROY_GRACE_S, end the process (the work is done and written: a hang at exit helps nobody)."""
+    if not dist.is_initialized():
+        return
+    import gc
+    import threading
+
+    while _BEFORE_DESTROY:
+        _BEFORE_DESTROY.pop()()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    timer = threading.Timer(DESTROY_GRACE_S, _exit_after_hang)
+    timer.daemon = True
+    timer.start()
+    dist.destroy_process_group()
+    timer.cancel()
+
+
+def _exit_after_hang() -> None:
+    logger.error("destroy_process_group did not return within %.0f s at exit; ending the process", DESTROY_GRACE_S)
+    os._exit(0)
 
 
 # ----------------------------------------------------------------------------- broadcasts
