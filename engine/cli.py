@@ -76,3 +76,34 @@ def choose_model(args, resolutions: list[str]) -> ModelChoice:
 
 def default_guidance(spec: ModelSpec | None) -> float:
     return spec.default_guidance if spec is not None else 3.5
+
+
+def end_parallel_run(code: int) -> int:
+    """After a --gpus run: release the CUDA graphs and shut the process group down now, so that a hang in NCCL's
+    teardown ends the process with the command's own exit code (engine.parallel.runtime.shutdown). Returns `code`.
+    Nothing to do (and nothing imported) when the command ran on one process."""
+    import sys
+
+    runtime = sys.modules.get("engine.parallel.runtime")
+    if runtime is not None:
+        runtime.shutdown(exit_code_on_hang=code)
+    return code
+
+
+def check_launched(gpus: int, command: str) -> None:
+    """--gpus N needs the N processes torchrun starts (checked from its environment, before torch loads)."""
+    import os
+
+    from .errors import EngineError
+
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
+        raise EngineError(f"--gpus {gpus} must be an integer >= 1")
+    if gpus == 1:
+        return
+    launched = os.environ.get("WORLD_SIZE")
+    if launched != str(gpus):
+        where = f"torchrun started {launched}" if launched else "this process was not started by torchrun"
+        raise EngineError(
+            f"--gpus {gpus} needs {gpus} processes, one per GPU; {where}: run "
+            f"`torchrun --nproc-per-node {gpus} -m {command} ... --gpus {gpus}`"
+        )

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-from .cli import add_model_arguments, choose_model, default_guidance
+from .cli import add_model_arguments, check_launched, choose_model, default_guidance, end_parallel_run
 from .config import parse_resolution, resolve_config, validate_resolution, validate_steps
 from .errors import EngineError
 from .files import check_writable, write_atomically, write_with_fallback
@@ -45,16 +44,8 @@ def run(args) -> tuple[Path | None, bool]:
             f"-o {str(output)!r} has no image suffix; use one of {', '.join(IMAGE_SUFFIXES)}, e.g. -o out.png"
         )
     config = resolve_config(args.preset)
+    check_launched(args.gpus, "engine.generate")
     if args.gpus != 1:
-        from .bench.arguments import check_positive
-
-        check_positive("gpus", args.gpus)
-        launched = int(os.environ.get("WORLD_SIZE", "1"))
-        if launched != args.gpus:
-            raise EngineError(
-                f"--gpus {args.gpus} needs {args.gpus} processes, one per GPU; torchrun started {launched}: run "
-                f"`torchrun --nproc-per-node {args.gpus} -m engine.generate ... --gpus {args.gpus}`"
-            )
         from .parallel.apply import with_parallel
 
         config = with_parallel(config, args.gpus)
@@ -96,6 +87,10 @@ def run(args) -> tuple[Path | None, bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return end_parallel_run(_main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         output, synthetic = run(args)

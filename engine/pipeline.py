@@ -231,13 +231,19 @@ class FluxEngine(FluxPipeline):
         from .parallel.runtime import check_same_everywhere
 
         default = self.default_sample_size * self.vae_scale_factor
+        negative = call["negative_prompt"] is not None or call["negative_prompt_embeds"] is not None
+        guidance = call["guidance_scale"]
         values = (
             int(call["height"] or default),
             int(call["width"] or default),
             int(call["num_inference_steps"]) if call["sigmas"] is None else len(call["sigmas"]),
             _batch_of(call),
+            -1.0 if guidance is None else float(guidance),
+            float(call["true_cfg_scale"]),
+            float(negative),
         )
-        check_same_everywhere("calls (height, width, steps, batch)", values, parallel.world)
+        what = "calls (height, width, steps, batch, guidance, true_cfg_scale, negative prompt)"
+        check_same_everywhere(what, values, parallel.world)
 
     def _recover_from_oom(self) -> None:
         """Free what the failed call held, so that the next call (smaller, or after another config) works."""

@@ -56,8 +56,3 @@ def test_exchange_equals_attention_over_the_whole_sequence(tmp_path, ranks, ulys
     # fp32: the only differences are the order of the keys (each rank's share travels in rank order) and SDPA's own
     # blocking over other lengths: rounding, ~1e-7 measured
     torch.testing.assert_close(torch.cat(shares, dim=1), _whole(heads), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("length, parts", [(37, 2), (37, 4), (8, 4), (3, 4), (4096, 3), (0, 2)])
-def test_split_sizes_are_tensor_splits(length, parts):
-    assert split_sizes(length, parts) == [t.shape[0] for t in torch.arange(length).tensor_split(parts)]

@@ -3,8 +3,7 @@ imports) and the run (engine.bench.run.make_plan)."""
 
 from __future__ import annotations
 
-import os
-
+from ..cli import check_launched
 from ..config import resolve_config
 from ..errors import EngineError
 
@@ -66,15 +65,9 @@ def check_gpus(args) -> None:
     """--gpus N runs under torchrun with N processes, one config, no gate or budgets (those compare one GPU's
     rows)."""
     gpus = getattr(args, "gpus", 1)
-    check_positive("gpus", gpus)
+    check_launched(gpus, "engine.bench")
     if gpus == 1:
         return
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != gpus:
-        raise EngineError(
-            f"--gpus {gpus} needs {gpus} processes, one per GPU; torchrun started {launched}: run "
-            f"`torchrun --nproc-per-node {gpus} -m engine.bench ... --gpus {gpus}`"
-        )
     for flag, value in (("--gate", args.gate), ("--vram", args.vram), ("--save-baseline", args.save_baseline)):
         if value:
             raise EngineError(f"{flag} compares one-GPU runs; leave it out with --gpus {gpus}")

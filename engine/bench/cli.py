@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..cli import add_model_arguments
+from ..cli import add_model_arguments, end_parallel_run
 from ..errors import EngineError
 from ..files import write_with_fallback
 from .arguments import check_arguments
@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return end_parallel_run(_main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     from ..gate import EXIT_BAD_RESULT, GateInputError, compare_results, load_result, parse_fraction
 
     args = build_parser().parse_args(argv)

@@ -40,6 +40,7 @@ class ParallelState:
     shards_id: int
     ops_before: Any = field(repr=False)  # the blocks' BlockOps without the exchange
     _shadowed: dict = field(default_factory=dict, repr=False)  # instance attributes our wrappers replaced
+    progress_bar_config: dict | None = None  # a rank other than 0's, before its bar was turned off
 
     @property
     def returns_images(self) -> bool:
@@ -84,6 +85,7 @@ def apply_parallel(pipe, config: ParallelConfig, ops) -> ParallelState | None:
     if vae_state is not None:
         vae_state.world = world
     if not world.is_main:  # one progress bar per job, not one per GPU
+        state.progress_bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
         pipe.set_progress_bar_config(disable=True)
     before_destroy(functools.partial(release_cuda_graphs, weakref.ref(pipe)))
     return state
@@ -111,7 +113,10 @@ def remove_parallel(pipe, state: ParallelState) -> None:
     vae_state = getattr(pipe, "vae_state", None)
     if vae_state is not None:
         vae_state.world = None
+    if state.progress_bar_config is not None:
+        pipe._progress_bar_config = state.progress_bar_config
     unregister_shards(state.shards_id)
+    state.shards.destroy()
 
 
 def _encode_once(encode_prompt, world: World, *args, **kwargs):

@@ -39,7 +39,8 @@ class ParallelConfig:
                     f"parallel.{name}={value!r} must be an integer >= 1 (ulysses, ring 1: that split is off; "
                     "chunks 1: no overlap)"
                 )
-        if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, int | float) or not self.timeout_s > 0:
+        timeout = self.timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < float("inf"):
             raise ConfigError(f"parallel.timeout_s={self.timeout_s!r} must be a number of seconds > 0 (default 600)")
 
     @property

@@ -13,6 +13,7 @@ up to the cores' own summation order.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,6 +58,12 @@ class SequenceShards:
             if ulysses_index == rank % ulysses:
                 shards.ring_group = group
         return shards
+
+    def destroy(self) -> None:
+        """Destroy the process groups `create` made (every rank must call this, as with create)."""
+        for group in {id(g): g for g in (self.ulysses_group, self.ring_group) if g is not None}.values():
+            dist.destroy_process_group(group)
+        self.ulysses_group = self.ring_group = None
 
     @property
     def ring_index(self) -> int:
@@ -158,11 +165,12 @@ class SequenceShards:
 # SequenceShards by id: a custom op's arguments are tensors and scalars, so the op finds its layout by number (one
 # per process in practice; the id is a constant of the compiled graph, the same on every rank)
 _SHARDS: dict[int, SequenceShards] = {}
+_SHARDS_IDS = itertools.count()  # never reused: a compiled graph of a removed layout must not find another's
 _CORES: dict[str, Callable] = {}
 
 
 def register_shards(shards: SequenceShards) -> int:
-    key = len(_SHARDS)
+    key = next(_SHARDS_IDS)
     _SHARDS[key] = shards
     return key
 

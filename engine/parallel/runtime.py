@@ -65,11 +65,16 @@ def init_distributed(degree: int, timeout_s: float = 600.0, device: torch.device
     """
     size = dist.get_world_size() if dist.is_initialized() else launched_world_size()
     if size != degree:
-        where = "the process group has" if dist.is_initialized() else "torchrun started"
+        if dist.is_initialized():
+            where = f"the process group has {size}"
+        elif "WORLD_SIZE" in os.environ:
+            where = f"torchrun started {size}"
+        else:
+            where = "this process was not started by torchrun"
         raise ConfigError(
-            f"the parallel config runs on {degree} processes, {where} {size}; launch with "
-            f"`torchrun --nproc-per-node {degree} -m engine.bench ...` (or set ParallelConfig(ulysses=..., ring=...) "
-            f"so that ulysses * ring = {size})"
+            f"the parallel config runs on {degree} processes, one per GPU; {where}. Launch your script (or -m "
+            f"engine.bench / engine.generate with --gpus {degree}) with `torchrun --nproc-per-node {degree} ...`, or "
+            f"set ParallelConfig(ulysses=..., ring=...) so that ulysses * ring = {size}"
         )
     missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
     if not dist.is_initialized() and missing:
@@ -112,28 +117,37 @@ def before_destroy(release) -> None:
 
 
 def _destroy() -> None:
-    """Release what holds NCCL resources, then destroy the process group; if NCCL still does not return within
-    DESTROY_GRACE_S, end the process (the work is done and written: a hang at exit helps nobody)."""
+    """At exit: shutdown(), ending the process with 1 if NCCL hangs (the exit code the script meant is unknown
+    here; a command line calls shutdown itself, with its own)."""
+    shutdown(exit_code_on_hang=1)
+
+
+def shutdown(exit_code_on_hang: int = 0) -> None:
+    """Release what holds NCCL resources (before_destroy), then destroy the process group. If that does not return
+    within DESTROY_GRACE_S (a peer gone, a collective stuck), the process ends with `exit_code_on_hang`: the work is
+    done and written, and a hang at exit helps nobody."""
     if not dist.is_initialized():
         return
     import gc
     import threading
 
+    timer = threading.Timer(DESTROY_GRACE_S, _exit_after_hang, args=(exit_code_on_hang,))
+    timer.daemon = True
+    timer.start()  # before the synchronize too: a stuck collective would block it forever
     while _BEFORE_DESTROY:
         _BEFORE_DESTROY.pop()()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    timer = threading.Timer(DESTROY_GRACE_S, _exit_after_hang)
-    timer.daemon = True
-    timer.start()
     dist.destroy_process_group()
     timer.cancel()
 
 
-def _exit_after_hang() -> None:
-    logger.error("destroy_process_group did not return within %.0f s at exit; ending the process", DESTROY_GRACE_S)
-    os._exit(0)
+def _exit_after_hang(code: int) -> None:
+    logger.error(
+        "the process group did not shut down within %.0f s; ending the process (exit %d)", DESTROY_GRACE_S, code
+    )
+    os._exit(code)
 
 
 # ----------------------------------------------------------------------------- broadcasts
@@ -164,16 +178,21 @@ def broadcast_tensor(tensor: torch.Tensor | None, world: World, src: int = 0) ->
     return payload.to(world.device)
 
 
-def check_same_everywhere(what: str, values: tuple[int, ...], world: World) -> None:
+def check_same_everywhere(what: str, values: tuple[float, ...], world: World) -> None:
     """InputError on every rank unless each passed the same `values` (call arguments that must agree: a rank
-    called with another size would wait forever in a collective of another shape)."""
-    mine = torch.tensor(values, dtype=torch.int64, device=world.comm_device)
+    called with another size would wait forever in a collective of another shape, one with another guidance would
+    condition its share of the tokens differently)."""
+    mine = torch.tensor(values, dtype=torch.float64, device=world.comm_device)
     gathered = [torch.empty_like(mine) for _ in range(world.size)]
     dist.all_gather(gathered, mine)
-    seen = [tuple(int(v) for v in rank_values) for rank_values in gathered]
+    seen = [tuple(_plain(float(v)) for v in rank_values) for rank_values in gathered]
     if any(rank_values != seen[0] for rank_values in seen):
         listing = ", ".join(f"rank {rank}: {rank_values}" for rank, rank_values in enumerate(seen))
         raise InputError(
-            f"the ranks were called with different {what} ({listing}); every rank must make the same call (same "
-            "prompt length, size, steps and batch), as torchrun runs one script on all of them"
+            f"the ranks made different {what} ({listing}); every rank must make the same call (the same size, "
+            "steps, batch, guidance and negative prompt), as torchrun runs one script on all of them"
         )
+
+
+def _plain(value: float) -> int | float:
+    return int(value) if value.is_integer() else value

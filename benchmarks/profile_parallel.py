@@ -1,0 +1,96 @@
+"""Where a context-parallel step's time goes, beside the same step on one GPU: GPU kernel time per category
+(GEMMs, attention, NCCL, copies and layout changes, the rest), from torch.profiler, on rank 0.
+
+    torchrun --nproc-per-node 2 -m benchmarks.profile_parallel --res 2048 --out results/profile.json
+
+Eager regional compile (no CUDA graphs), so that every kernel is its own event; 2 steps profiled after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from engine import FluxEngine, preset
+from engine.config import parse_resolution
+from engine.parallel import init_distributed, with_parallel
+
+CATEGORIES = (
+    ("nccl", ("nccl",)),
+    ("attention", ("flash", "attention", "fmha", "cudnn", "sdpa")),
+    ("gemm", ("gemm", "sm90", "cutlass", "xmma", "scaled_mm", "matmul")),
+    ("copy", ("copy", "elementwise_kernel_with_index", "direct_copy", "cat", "permute", "transpose", "memcpy")),
+)
+
+
+def category(name: str) -> str:
+    lowered = name.lower()
+    for label, keys in CATEGORIES:
+        if any(key in lowered for key in keys):
+            return label
+    return "other"
+
+
+def profile(pipe, height: int, width: int, steps: int) -> dict:
+    def call():
+        pipe("a photograph of an astronaut", height=height, width=width, num_inference_steps=steps,
+             generator=torch.Generator().manual_seed(0), output_type="latent")  # fmt: skip
+
+    call()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    per_category: dict[str, float] = defaultdict(float)
+    kernels = []
+    for event in prof.key_averages():
+        device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if device_us <= 0:
+            continue
+        per_category[category(event.key)] += device_us / 1e3 / steps
+        kernels.append((device_us / 1e3 / steps, event.count // steps, event.key[:90]))
+    kernels.sort(reverse=True)
+    return {"ms_per_step_by_category": dict(per_category), "top_kernels": kernels[:30]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--res", default="2048")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--preset", default="fp8-compile-fastacc")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    height, width = parse_resolution(args.res)
+    gpus = int(os.environ.get("WORLD_SIZE", "1"))
+    world = init_distributed(gpus)
+    config = with_parallel(preset(args.preset), gpus)
+    result = {"preset": config.label, "size": f"{width}x{height}", "gpus": gpus}
+    if world.is_main:  # one GPU first, the other ranks wait
+        single = FluxEngine.from_pretrained("synthetic:flux-dev", config=preset(args.preset), device=world.device)
+        single.set_progress_bar_config(disable=True)
+        result["one_gpu"] = profile(single, height, width, args.steps)
+        del single
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+    dist.barrier()
+    pipe = FluxEngine.from_pretrained("synthetic:flux-dev", config=config, device=world.device)
+    pipe.set_progress_bar_config(disable=True)
+    result["parallel"] = profile(pipe, height, width, args.steps)
+    if world.is_main:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        for name in ("one_gpu", "parallel"):
+            cats = result[name]["ms_per_step_by_category"]
+            print(name, {k: round(v, 1) for k, v in sorted(cats.items())}, "total", round(sum(cats.values()), 1))
+        for ms, count, key in result["parallel"]["top_kernels"][:20]:
+            print(f"{ms:8.2f} ms/step {count:5d}x {key}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
