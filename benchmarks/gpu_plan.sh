@@ -129,6 +129,14 @@ for s in "$@"; do
       stage "$s" 420 env NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
         python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m engine.bench --gpus 2 --res 1024 2048 \
         --steps 28 --runs 2 --preset "$P" "${EXTRA[@]}" --out "$OUT/bench-$s-$CARD-$DAY.json" ;;
+    cp-2-smoke)
+      # the final code on 2 GPUs, quickly: the bench (4 steps, 1 run) and engine.generate, each must exit 0
+      stage cp-2-smoke-bench 240 env NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
+        python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m engine.bench --gpus 2 --res 1024 \
+        --steps 4 --runs 1 --preset fp8-compile-fastacc-cudagraphs --out "$OUT/bench-cp-2-smoke-$CARD-$DAY.json"
+      stage cp-2-smoke-generate 150 env NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
+        python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m engine.generate "a fox in the snow" \
+        --res 1360x768 --steps 4 --gpus 2 --preset fp8-compile-fastacc-cudagraphs -o "$OUT/cp-2-fox.png" ;;
     main-1024|main-2048)
       # the README's main command as a user runs it: no --preset, so diffusers against the fastest config here
       stage "$s" 400 python3 -m engine.bench --res "${s#main-}" --out "$OUT/bench-$s-$CARD-$DAY.json" ;;
