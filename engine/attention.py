@@ -37,6 +37,7 @@ from torch import nn
 
 from .config import AttentionConfig
 from .errors import ConfigError, InputError
+from .lora import active_lora, add_fused_lora, is_lora_layer
 
 logger = logging.getLogger(__name__)
 
@@ -113,9 +114,14 @@ class BlockOps:
         # norm kernel that can make them
         return fn is not None and getattr(linear, "takes_fp8_input", False)
 
-    def modulated_linear(self, linear: nn.Module, x, shift, scale, eps):
+    def modulated_linear(self, linear: nn.Module, x, shift, scale, eps, parts: list[nn.Module] | None = None):
         """linear(layernorm_modulate(x, shift, scale)); an fp8 `linear` takes the norm kernel's e4m3 output and
-        per-token scales, so the activations are not written in bf16 and read back to be quantised."""
+        per-token scales, so the activations are not written in bf16 and read back to be quantised. parts: the
+        projections fused into `linear`, whose acting LoRA adapters (engine/lora.py) are added to their columns."""
+        layers = active_lora(parts) if parts else None
+        if layers is not None:
+            normed = self.layernorm_modulate(x, shift, scale, eps)
+            return add_fused_lora(linear(normed), parts, layers, normed)
         if self._fp8_into(linear, self.layernorm_modulate_fp8_fn):
             return linear(*self.layernorm_modulate_fp8_fn(x, shift, scale, eps), out_dtype=x.dtype)
         return linear(self.layernorm_modulate(x, shift, scale, eps))
@@ -199,6 +205,12 @@ def _reject_attention_kwargs(joint_attention_kwargs) -> None:
 class EngineDoubleBlock(FluxTransformerBlock):
     """FluxTransformerBlock with fused QKV, the QK-norm+RoPE kernel and fused adaLN modulation."""
 
+    # each fused projection, and the diffusers projections it holds as views (in column order)
+    fused_projections = {
+        "qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+        "txt_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    }
+
     flux_ops: BlockOps
     qkv: nn.Linear
     txt_qkv: nn.Linear
@@ -214,13 +226,22 @@ class EngineDoubleBlock(FluxTransformerBlock):
             self.norm1_context.silu(temb)
         ).chunk(6, dim=1)
         query, key, value = ops.qk_norm_rope(
-            ops.modulated_linear(self.qkv, hidden_states, shift_msa, scale_msa, eps),  # [B, L_img, 3*H*D]
+            ops.modulated_linear(
+                self.qkv, hidden_states, shift_msa, scale_msa, eps, [attn.to_q, attn.to_k, attn.to_v]
+            ),  # [B, L_img, 3*H*D]
             attn.norm_q.weight,
             attn.norm_k.weight,
             image_rotary_emb,
             attn.heads,
             attn.norm_q.eps,
-            txt_qkv=ops.modulated_linear(self.txt_qkv, encoder_hidden_states, c_shift_msa, c_scale_msa, eps),
+            txt_qkv=ops.modulated_linear(
+                self.txt_qkv,
+                encoder_hidden_states,
+                c_shift_msa,
+                c_scale_msa,
+                eps,
+                [attn.add_q_proj, attn.add_k_proj, attn.add_v_proj],
+            ),  # fmt: skip
             txt_q=attn.norm_added_q.weight,
             txt_k=attn.norm_added_k.weight,
         )
@@ -246,6 +267,8 @@ class EngineDoubleBlock(FluxTransformerBlock):
 class EngineSingleBlock(FluxSingleTransformerBlock):
     """FluxSingleTransformerBlock with QKV and the MLP input fused into one GEMM (BFL's linear1)."""
 
+    fused_projections = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
+
     flux_ops: BlockOps
     linear1: nn.Linear
 
@@ -255,7 +278,10 @@ class EngineSingleBlock(FluxSingleTransformerBlock):
         text_tokens = encoder_hidden_states.shape[1]
         residual = torch.cat([encoder_hidden_states, hidden_states], dim=1)  # [B, L, C]
         shift, scale, gate = self.norm.linear(self.norm.silu(temb)).chunk(3, dim=1)
-        projected = ops.modulated_linear(self.linear1, residual, shift, scale, self.norm.norm.eps)  # [B, L, 3HD + mlp]
+        parts = [attn.to_q, attn.to_k, attn.to_v, self.proj_mlp]
+        projected = ops.modulated_linear(
+            self.linear1, residual, shift, scale, self.norm.norm.eps, parts
+        )  # [B, L, 3HD+mlp]
         qkv_width = 3 * attn.heads * attn.head_dim
         query, key, value = ops.qk_norm_rope(
             projected[..., :qkv_width], attn.norm_q.weight, attn.norm_k.weight, image_rotary_emb, attn.heads,
@@ -289,17 +315,19 @@ def _fuse_projections(block: nn.Module, block_name: str, fused_name: str, names:
     return fused
 
 
-def _convert_double(block: FluxTransformerBlock, ops: BlockOps, name: str = "") -> None:
-    block.qkv = _fuse_projections(block, name, "qkv", ("attn.to_q", "attn.to_k", "attn.to_v"))
-    block.txt_qkv = _fuse_projections(block, name, "txt_qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"))
-    block.__class__ = EngineDoubleBlock
+def _convert(block: nn.Module, engine_class: type, ops: BlockOps, name: str) -> None:
+    for fused_name, names in engine_class.fused_projections.items():
+        setattr(block, fused_name, _fuse_projections(block, name, fused_name, names))
+    block.__class__ = engine_class
     block.flux_ops = ops
+
+
+def _convert_double(block: FluxTransformerBlock, ops: BlockOps, name: str = "") -> None:
+    _convert(block, EngineDoubleBlock, ops, name)
 
 
 def _convert_single(block: FluxSingleTransformerBlock, ops: BlockOps, name: str = "") -> None:
-    block.linear1 = _fuse_projections(block, name, "linear1", ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"))
-    block.__class__ = EngineSingleBlock
-    block.flux_ops = ops
+    _convert(block, EngineSingleBlock, ops, name)
 
 
 # ----------------------------------------------------------------------------- choosing the core
@@ -376,17 +404,8 @@ def apply_attention(pipe, config: AttentionConfig, force: bool = False) -> Block
     return ops
 
 
-# the fused projection of each block class, and the diffusers projections it holds as views
-_FUSED = {
-    EngineDoubleBlock: (
-        FluxTransformerBlock,
-        {
-            "qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-            "txt_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-        },
-    ),
-    EngineSingleBlock: (FluxSingleTransformerBlock, {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}),
-}
+# each engine block class and the diffusers class it came from
+_ORIGINAL_CLASS = {EngineDoubleBlock: FluxTransformerBlock, EngineSingleBlock: FluxSingleTransformerBlock}
 
 
 def attention_undo_blocker(transformer) -> str:
@@ -404,13 +423,13 @@ def remove_attention(transformer) -> None:
     """Undo apply_attention: each projection gets its own weights back (copies of its rows of the fused weight: the
     same values), the fused layers and the ops go, and the blocks are diffusers' classes again."""
     for block in (*transformer.transformer_blocks, *transformer.single_transformer_blocks):
-        entry = _FUSED.get(type(block))
-        if entry is None:
+        original_class = _ORIGINAL_CLASS.get(type(block))
+        if original_class is None:
             continue
-        original_class, fused = entry
-        for fused_name, names in fused.items():
+        for fused_name, names in block.fused_projections.items():
             for name in names:
                 linear = block.get_submodule(name)
+                linear = linear.base_layer if is_lora_layer(linear) else linear  # under a PEFT adapter
                 linear.weight = nn.Parameter(linear.weight.detach().clone())
                 linear.bias = nn.Parameter(linear.bias.detach().clone())
             delattr(block, fused_name)

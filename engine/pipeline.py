@@ -109,6 +109,10 @@ def optimize(pipe: FluxPipeline, config: EngineConfig | str | None = None) -> Fl
     if pipe.compile_state is not None:
         compile_state = pipe.compile_state
         steps.add("compile", lambda: remove_compile(compile_state))
+    from .lora import install_lora_calls, needs_lora_calls
+
+    if needs_lora_calls(pipe):  # diffusers' LoRA calls, made to fit what the steps above did (engine/lora.py)
+        steps.add("lora", install_lora_calls(pipe))
     pipe.engine_steps = steps
     setattr(pipe, _ENGINE_CONFIG_ATTR, config)
     _release_replaced_weights(pipe)

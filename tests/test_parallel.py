@@ -282,7 +282,7 @@ class Case:
     ranks: int
     split: list[str]  # the worker's parallel flags
     flags: list[str]  # everything else, shared with the single-process reference
-    steps: tuple[str, ...] = ("attention", "parallel")  # the engine steps each rank applied
+    steps: tuple[str, ...] = ("attention", "parallel", "lora")  # the engine steps each rank applied
     min_psnr_db: float | None = None  # judged by PSNR (fp16) instead of FP32_ATOL
 
     @property
@@ -300,9 +300,11 @@ CASES = [
     Case("u4-padded-heads-uneven", 4, ["--ulysses", "4"], ODD),
     # regional aot_eager: the exchange is an opaque custom op inside the compiled blocks. The single process's
     # compiled image equals its eager one bit for bit (measured), so the eager reference serves
-    Case("u2-compile", 2, ["--ulysses", "2", "--compile", "aot_eager"], [], ("attention", "parallel", "compile")),
+    Case(
+        "u2-compile", 2, ["--ulysses", "2", "--compile", "aot_eager"], [], ("attention", "parallel", "compile", "lora")
+    ),
     # 6 VAE tiles (3 rows x 2 columns), 3 decoded on each rank and all-gathered before the blend
-    Case("u2-vae-tiles", 2, ["--ulysses", "2"], VAE_TILES, ("attention", "vae", "parallel")),
+    Case("u2-vae-tiles", 2, ["--ulysses", "2"], VAE_TILES, ("attention", "vae", "parallel", "lora")),
     # our Triton flash attention (interpreter) in fp16, over the exchanged heads
     Case("u2-triton-fp16", 2, ["--ulysses", "2"], TRITON_FP16, min_psnr_db=TRITON_FP16_MIN_PSNR_DB),
 ]

@@ -1,0 +1,171 @@
+"""LoRA adapters (diffusers' Flux LoRA API, PEFT's layers) on the engine's fused blocks.
+
+The fused blocks compute QKV (and, in single-stream blocks, the MLP input) in one GEMM whose weight the original
+projections view. PEFT wraps those original modules (`attn.to_q`, ...), which the fused GEMM does not call, so:
+- the blocks add each active, unmerged adapter's low-rank update to its columns of the fused GEMM's output,
+  exactly as PEFT's `lora.Linear.forward` adds it (`add_fused_lora`);
+- a merge (`fuse_lora`) writes into the projection's weight, a view of the fused weight, so the GEMM sees it; a
+  merge that replaced the tensor instead (diffusers' `safe_fusing=True`) is copied back into the fused weight and the
+  view restored (`resync_fused_views`, after every LoRA call);
+- captured CUDA graphs bake the adapters' weights and scales in: every LoRA call drops them (captured again on the
+  next call).
+What does not work yet is refused before anything changes: adapters on quantised fused projections (fp8, int8, nf4:
+only the fused quantised copy exists) and on transformers whose blocks stream from the host (offload block / leaf).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+# the pipeline methods of diffusers' FluxLoraLoaderMixin that change which adapters act, and how
+LORA_METHODS = (
+    "load_lora_weights",
+    "set_adapters",
+    "enable_lora",
+    "disable_lora",
+    "fuse_lora",
+    "unfuse_lora",
+    "unload_lora_weights",
+    "delete_adapters",
+)
+
+
+def is_lora_layer(module: nn.Module) -> bool:
+    """A PEFT LoRA layer (it wraps the original module as `base_layer`)."""
+    return hasattr(module, "lora_A") and hasattr(module, "base_layer")
+
+
+def _acting(layer: nn.Module) -> list[str]:
+    """The adapters whose update `layer`'s forward would add now (PEFT's rules: none when disabled or merged)."""
+    if layer.disable_adapters or layer.merged:
+        return []
+    return [name for name in layer.active_adapters if name in layer.lora_A]
+
+
+def active_lora(parts: list[nn.Module]) -> list[nn.Module | None] | None:
+    """For projections fused into one GEMM (in column order): each one's PEFT layer if it has adapters acting, else
+    None; None overall when none has (the blocks' fast path)."""
+    layers = [part if is_lora_layer(part) and _acting(part) else None for part in parts]
+    return layers if any(layer is not None for layer in layers) else None
+
+
+def add_fused_lora(out: torch.Tensor, parts: list[nn.Module], layers: list[nn.Module | None], x: torch.Tensor):
+    """`out` (the fused GEMM's output [..., sum of widths]) plus each acting adapter's update in its projection's
+    columns, in PEFT's order and dtypes: base + B(A(dropout(x))) * scaling, adapter by adapter."""
+    offset = 0
+    for part, layer in zip(parts, layers, strict=True):
+        width = part.out_features
+        if layer is not None:
+            columns = out[..., offset : offset + width]
+            for name in _acting(layer):
+                if name in getattr(layer, "lora_variant", {}):
+                    raise ConfigError(
+                        f"adapter {name!r} is a LoRA variant ({type(layer.lora_variant[name]).__name__}, e.g. DoRA) on "
+                        "a projection the engine fuses; plain LoRA only there: use the 'baseline' or 'compile' preset "
+                        "for it"
+                    )
+                lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+                update = lora_b(lora_a(layer.lora_dropout[name](x.to(lora_a.weight.dtype)))) * layer.scaling[name]
+                columns.add_(update.to(out.dtype))
+        offset += width
+    return out
+
+
+def fused_projection(linear: nn.Module, parts: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """linear(x) (a fused GEMM over `parts`) with the parts' acting LoRA updates added."""
+    layers = active_lora(parts)
+    out = linear(x)
+    return out if layers is None else add_fused_lora(out, parts, layers, x)
+
+
+# ----------------------------------------------------------------------------- the pipeline's LoRA calls
+
+
+def needs_lora_calls(pipe) -> bool:
+    """Whether optimize() left something diffusers' LoRA calls alone would get wrong: fused projections, captured
+    CUDA graphs, quantised or streamed weights."""
+    compile_state = getattr(pipe, "compile_state", None)
+    return (
+        getattr(pipe, "attention_ops", None) is not None
+        or getattr(compile_state, "cuda_graphs", None) is not None
+        or bool(lora_blocker(pipe))
+    )
+
+
+def lora_blocker(pipe) -> str:
+    """Why adapters cannot be loaded on `pipe` as optimised ('' when they can)."""
+    if getattr(pipe, "quant_state", None) is not None:
+        return (
+            "its transformer is quantised by the engine (fused projections exist only as one quantised copy, which "
+            "PEFT cannot wrap); LoRA runs on the unquantised presets for now: kernels, kernels-compile, "
+            "kernels-compile-cudagraphs, compile, baseline"
+        )
+    offload = getattr(pipe, "offload_state", None)
+    if offload is not None and offload.policy in ("block", "leaf"):
+        return (
+            f"its transformer blocks stream from host memory (offload '{offload.policy}'), and the adapters' "
+            "weights would not travel with them; use offload 'none' or 'model'"
+        )
+    return ""
+
+
+def install_lora_calls(pipe) -> Callable[[], None]:
+    """Wrap the pipeline's LoRA methods (on the instance): refuse what cannot work before anything changes, and after
+    each call resync the fused views and drop captured CUDA graphs. Returns the undo."""
+    shadowed = {name: pipe.__dict__[name] for name in LORA_METHODS if name in pipe.__dict__}
+    for name in LORA_METHODS:
+        setattr(pipe, name, functools.partial(_lora_call, pipe, name, getattr(pipe, name)))
+
+    def undo() -> None:
+        for name in LORA_METHODS:
+            if name in shadowed:
+                setattr(pipe, name, shadowed[name])
+            elif name in pipe.__dict__:
+                delattr(pipe, name)
+
+    return undo
+
+
+def _lora_call(pipe, name: str, method: Callable, *args, **kwargs):
+    if name == "load_lora_weights":
+        why = lora_blocker(pipe)
+        if why:
+            raise ConfigError(f"cannot load LoRA weights on this pipeline: {why}. Nothing was loaded")
+    try:
+        return method(*args, **kwargs)
+    finally:
+        resync_fused_views(pipe.transformer)
+        _drop_cuda_graphs(pipe)
+
+
+def _drop_cuda_graphs(pipe) -> None:
+    graphs = getattr(getattr(pipe, "compile_state", None), "cuda_graphs", None)
+    if graphs is not None:
+        graphs.graphs.clear()
+
+
+def resync_fused_views(transformer) -> None:
+    """Make every fused projection's parts views of its weight again, carrying over any values a part's weight was
+    given as a new tensor (a safe merge, an unmerge that replaced it); a disabled adapter still merged is unmerged, as
+    PEFT's forward would do."""
+    for block in (*transformer.transformer_blocks, *transformer.single_transformer_blocks):
+        for fused_name, names in getattr(block, "fused_projections", {}).items():
+            fused = getattr(block, fused_name)
+            offset = 0
+            for name in names:
+                part = block.get_submodule(name)
+                if is_lora_layer(part) and part.disable_adapters and part.merged:
+                    part.unmerge()
+                base = part.base_layer if is_lora_layer(part) else part
+                rows = base.out_features
+                weight_rows = fused.weight.data[offset : offset + rows]
+                if base.weight.data_ptr() != weight_rows.data_ptr():
+                    weight_rows.copy_(base.weight.data)
+                    base.weight = nn.Parameter(weight_rows, requires_grad=False)
+                offset += rows
