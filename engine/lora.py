@@ -16,12 +16,14 @@ only the fused quantised copy exists) and on transformers whose blocks stream fr
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError, InputError
 
 # the pipeline methods of diffusers' FluxLoraLoaderMixin that change which adapters act, and how
 LORA_METHODS = (
@@ -133,15 +135,54 @@ def install_lora_calls(pipe) -> Callable[[], None]:
 
 
 def _lora_call(pipe, name: str, method: Callable, *args, **kwargs):
-    if name == "load_lora_weights":
-        why = lora_blocker(pipe)
-        if why:
-            raise ConfigError(f"cannot load LoRA weights on this pipeline: {why}. Nothing was loaded")
     try:
+        if name == "load_lora_weights":
+            return _load(pipe, method, *args, **kwargs)
         return method(*args, **kwargs)
     finally:
         resync_fused_views(pipe.transformer)
         _drop_cuda_graphs(pipe)
+
+
+def _adapter_names(pipe) -> set[str]:
+    return {adapter for names in pipe.get_list_adapters().values() for adapter in names}
+
+
+def _load(pipe, load: Callable, *args, **kwargs):
+    """load_lora_weights, with what diffusers would answer obscurely (or by trying a hub download) answered first,
+    and a failed load leaving no adapter behind."""
+    why = lora_blocker(pipe)
+    if why:
+        raise ConfigError(f"cannot load LoRA weights on this pipeline: {why}. Nothing was loaded")
+    source = args[0] if args else kwargs.get("pretrained_model_name_or_path_or_dict")
+    is_path = isinstance(source, str | os.PathLike)
+    if is_path and not Path(source).exists():
+        raise CheckpointError(
+            f"LoRA {str(source)!r} does not exist; the engine loads LoRA weights from local files and state dicts "
+            "only (nothing is downloaded): pass the path of a .safetensors file, a folder with weight_name=..., or a "
+            "state dict"
+        )
+    before = _adapter_names(pipe)
+    try:
+        return load(*args, **kwargs)
+    except (OSError, RuntimeError, ValueError) as err:
+        added = _adapter_names(pipe) - before
+        if added:  # nothing half-loaded stays behind
+            pipe.delete_adapters(sorted(added))
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if is_path and isinstance(err, OSError):
+            raise CheckpointError(
+                f"LoRA file {str(source)!r} could not be read ({first_line}); is it a complete .safetensors file? "
+                "Nothing was loaded"
+            ) from err
+        if "size mismatch" in str(err) or "shape" in first_line:
+            width = pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim
+            raise InputError(
+                f"the LoRA does not fit this transformer ({' '.join(str(err).split())[:300]}): it was made for another "
+                f"model (this transformer is {width} wide; FLUX.1-dev and schnell are 3072). Load a LoRA for this "
+                "model; nothing was loaded"
+            ) from err
+        raise
 
 
 def _drop_cuda_graphs(pipe) -> None:

@@ -14,7 +14,7 @@ from diffusers import FluxPipeline
 
 from engine import EngineConfig, FluxEngine, restore
 from engine.config import AttentionConfig, CompileConfig, QuantConfig
-from engine.errors import ConfigError
+from engine.errors import CheckpointError, ConfigError, InputError
 from engine.models import synthetic_components
 
 # every Linear of the blocks that a FLUX LoRA trains: the fused ones (to_q/k/v, add_*_proj, proj_mlp) and the others
@@ -138,3 +138,48 @@ def test_quantised_pipeline_refuses_lora_before_loading_anything(adapters):
         engine.load_lora_weights(dict(first), adapter_name="first")
     assert getattr(engine.transformer, "peft_config", None) in (None, {})
     assert not any("lora" in name for name, _ in engine.transformer.named_modules())
+
+
+def test_lora_from_a_local_safetensors_file(adapters, tmp_path):
+    from safetensors.torch import save_file
+
+    first, _ = adapters
+    path = tmp_path / "adapter.safetensors"
+    save_file(dict(first), str(path))
+    reference, engine = _pipes()
+    reference.load_lora_weights(dict(first), adapter_name="first")
+    engine.load_lora_weights(str(path), adapter_name="first")
+    _same(reference, engine)
+
+
+def _left_as_it_was(engine, before: torch.Tensor) -> None:
+    assert not any("lora" in name for name, _ in engine.transformer.named_modules())
+    torch.testing.assert_close(_image(engine), before, atol=0, rtol=0)
+
+
+def test_missing_and_corrupt_files_are_refused_without_a_download(tmp_path):
+    _, engine = _pipes()
+    before = _image(engine)
+    # a name diffusers would take for a hub repository: refused as a missing local file, nothing fetched
+    for missing in (tmp_path / "nope.safetensors", "someone/some-flux-lora"):
+        with pytest.raises(CheckpointError, match="does not exist.*nothing is downloaded"):
+            engine.load_lora_weights(str(missing), adapter_name="x")
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="could not be read.*complete .safetensors"):
+        engine.load_lora_weights(str(corrupt), adapter_name="x")
+    _left_as_it_was(engine, before)
+
+
+def test_a_lora_for_another_architecture_is_refused_and_nothing_stays(adapters):
+    _, engine = _pipes()
+    before = _image(engine)
+    wide = 3072  # FLUX.1-dev's width; the tiny model's is 128
+    state = {
+        "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(4, wide),
+        "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(wide, 4),
+    }
+    with pytest.raises(InputError, match="does not fit this transformer.*another model"):
+        engine.load_lora_weights(state, adapter_name="wide")
+    assert engine.get_list_adapters() == {}
+    _left_as_it_was(engine, before)
