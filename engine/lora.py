@@ -35,7 +35,9 @@ LORA_METHODS = (
     "unfuse_lora",
     "unload_lora_weights",
     "delete_adapters",
+    "enable_lora_hotswap",
 )
+_HOTSWAP_RANK_ATTR = "_engine_lora_hotswap_rank"  # the target_rank of the pipeline's enable_lora_hotswap call
 
 
 def is_lora_layer(module: nn.Module) -> bool:
@@ -135,13 +137,49 @@ def install_lora_calls(pipe) -> Callable[[], None]:
 
 
 def _lora_call(pipe, name: str, method: Callable, *args, **kwargs):
+    hotswap = name == "load_lora_weights" and bool(kwargs.get("hotswap"))
     try:
+        if name == "enable_lora_hotswap":
+            setattr(pipe, _HOTSWAP_RANK_ATTR, kwargs.get("target_rank", args[0] if args else 128))
         if name == "load_lora_weights":
             return _load(pipe, method, *args, **kwargs)
         return method(*args, **kwargs)
     finally:
         resync_fused_views(pipe.transformer)
-        _drop_cuda_graphs(pipe)
+        # a hot-swap copies the new factors and scales into the tensors the graphs read: they stay valid, as long as
+        # every scale is a tensor (enable_lora_hotswap makes them so; a float one is baked into the graph)
+        if not (hotswap and _scales_are_tensors(pipe.transformer)):
+            _drop_cuda_graphs(pipe)
+
+
+def _scales_are_tensors(transformer) -> bool:
+    layers = [m for m in transformer.modules() if is_lora_layer(m)]
+    return all(isinstance(value, torch.Tensor) for layer in layers for value in layer.scaling.values())
+
+
+def lora_rank(source) -> int | None:
+    """The largest rank in a LoRA state dict or .safetensors file (its down / A factors' rows); None if unknown."""
+    ends = ("lora_A.weight", "lora_down.weight")
+    if isinstance(source, dict):
+        ranks = [value.shape[0] for key, value in source.items() if key.endswith(ends)]
+    elif isinstance(source, str | os.PathLike) and Path(source).is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(source), framework="pt") as handle:
+            names = handle.keys()  # noqa: SIM118 (a safe_open handle is not a dict)
+            ranks = [handle.get_slice(key).get_shape()[0] for key in names if key.endswith(ends)]
+    else:
+        return None
+    return max(ranks) if ranks else None
+
+
+def _hotswap_limit(pipe, adapter_name: str | None) -> int | None:
+    """The rank a hot-swap into `adapter_name` may bring: enable_lora_hotswap's target, else the adapter's own."""
+    target = getattr(pipe, _HOTSWAP_RANK_ATTR, None)
+    if target is not None:
+        return target
+    ranks = [m.r[adapter_name] for m in pipe.transformer.modules() if is_lora_layer(m) and adapter_name in m.r]
+    return max(ranks) if ranks else None
 
 
 def _adapter_names(pipe) -> set[str]:
@@ -162,6 +200,14 @@ def _load(pipe, load: Callable, *args, **kwargs):
             "only (nothing is downloaded): pass the path of a .safetensors file, a folder with weight_name=..., or a "
             "state dict"
         )
+    if kwargs.get("hotswap"):
+        rank, limit = lora_rank(source), _hotswap_limit(pipe, kwargs.get("adapter_name"))
+        if rank is not None and limit is not None and rank > limit:
+            raise InputError(
+                f"the LoRA's rank {rank} is above the hot-swap target rank {limit} (diffusers would swap it in and "
+                f"make a different image without a word); call pipe.enable_lora_hotswap(target_rank={rank}) or more "
+                "before the first load_lora_weights, or load it without hotswap=True. Nothing was swapped"
+            )
     before = _adapter_names(pipe)
     try:
         return load(*args, **kwargs)
