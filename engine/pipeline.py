@@ -220,10 +220,12 @@ class FluxEngine(FluxPipeline):
         except RuntimeError as err:
             if parallel is None or not _is_collective_failure(err):
                 raise
+            world = parallel.world
+            timeout = world.timeout_s if world.timeout_s is not None else parallel.config.timeout_s
             raise ParallelError(
-                f"rank {parallel.world.rank} of {parallel.world.size}: a collective failed or waited past "
-                f"parallel.timeout_s={parallel.config.timeout_s:g} s, so another rank failed, hung or was called "
-                f"differently (its own error is in its output): {str(err).splitlines()[0] if str(err) else err!r}"
+                f"rank {world.rank} of {world.size}: a collective failed or waited past its timeout "
+                f"(parallel.timeout_s={timeout:g} s), so another rank failed, hung or was called differently (its "
+                f"own error is in its output): {str(err).splitlines()[0] if str(err) else err!r}"
             ) from err
         # outside the except block: the traceback (and the tensors its frames hold) is already released
         self._recover_from_oom()
@@ -237,6 +239,7 @@ class FluxEngine(FluxPipeline):
         default = self.default_sample_size * self.vae_scale_factor
         negative = call["negative_prompt"] is not None or call["negative_prompt_embeds"] is not None
         guidance = call["guidance_scale"]
+        sigmas = [float(sigma) for sigma in call["sigmas"]] if call["sigmas"] is not None else []
         values = (
             int(call["height"] or default),
             int(call["width"] or default),
@@ -245,8 +248,16 @@ class FluxEngine(FluxPipeline):
             -1.0 if guidance is None else float(guidance),
             float(call["true_cfg_scale"]),
             float(negative),
+            # the sigmas' values (two sums: one tuple length on every rank), and whether the VAE decodes at all (a
+            # rank that decodes waits in the shared tiles for the others)
+            round(sum(sigmas), 9),
+            round(sum(sigma * sigma for sigma in sigmas), 9),
+            float(call["output_type"] == "latent"),
         )
-        what = "calls (height, width, steps, batch, guidance, true_cfg_scale, negative prompt)"
+        what = (
+            "calls (height, width, steps, batch, guidance, true_cfg_scale, negative prompt, sigmas' sum and sum of "
+            "squares, latent output)"
+        )
         check_same_everywhere(what, values, parallel.world)
 
     def _recover_from_oom(self) -> None:

@@ -41,6 +41,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--fail-rank", type=int, default=-1)
     parser.add_argument("--hang-rank", type=int, default=-1)
+    parser.add_argument("--hang-in-attention", type=int, default=-1, help="that rank sleeps in its first attention")
     parser.add_argument("--rank-height", default="", help="RANK:HEIGHT: that rank calls with another height")
     parser.add_argument("--rank-guidance", default="", help="RANK:SCALE: that rank calls with another guidance")
     parser.add_argument("--restore", action="store_true", help="then restore the pipeline and call it again")
@@ -68,6 +69,10 @@ def main() -> int:
             raise RuntimeError(f"rank {rank} fails on purpose (--fail-rank)")
         if rank == args.hang_rank:
             time.sleep(args.timeout * 3)
+        if rank == args.hang_in_attention:  # past the call's first collectives, inside the exchange's own groups
+            shards = pipe.parallel_state.shards
+            attend = shards.attention
+            shards.attention = lambda *a: (time.sleep(args.timeout * 3), attend(*a))[1]
         height = args.height
         if args.rank_height and int(args.rank_height.split(":")[0]) == rank:
             height = int(args.rank_height.split(":")[1])

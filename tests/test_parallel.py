@@ -379,10 +379,12 @@ def test_failed_rank_ends_the_run_with_parallel_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_hung_rank_ends_the_run_after_the_timeout(tmp_path):
-    """Rank 1 sleeps for 3x the timeout before its call: rank 0's first collective times out after timeout_s and
-    raises ParallelError naming it, long before rank 1 would wake up; torchrun exits non-zero."""
-    flags = ["--ulysses", "2", "--hang-rank", "1", "--timeout", str(HANG_TIMEOUT_S)]
+@pytest.mark.parametrize("where", ["--hang-rank", "--hang-in-attention"])
+def test_hung_rank_ends_the_run_after_the_timeout(tmp_path, where):
+    """Rank 1 sleeps for 3x the timeout, before its call or inside its first attention (where the exchange's own
+    process groups wait: they take timeout_s too): rank 0's collective times out after timeout_s and raises
+    ParallelError naming it, long before rank 1 would wake up; torchrun exits non-zero."""
+    flags = ["--ulysses", "2", where, "1", "--timeout", str(HANG_TIMEOUT_S)]
     run = launch(tmp_path, flags, ranks=2, timeout_s=FAILURE_RUN_TIMEOUT_S)
     assert run.returncode != 0, run.tail()
     facts = run.facts(0)
@@ -399,9 +401,9 @@ def test_hung_rank_ends_the_run_after_the_timeout(tmp_path):
     "flag, listing",
     [
         # a 48 px high image on rank 1: collectives of mismatched shapes would wait forever
-        ("--rank-height=1:48", "rank 0: (64, 64, 2, 1, 3.5, 1, 0), rank 1: (48, 64, 2, 1, 3.5, 1, 0)"),
+        ("--rank-height=1:48", "rank 0: (64, 64, 2, 1, 3.5, 1, 0, 0, 0, 0), rank 1: (48, 64, 2, 1, 3.5, 1, 0, 0, 0, 0"),
         # another guidance on rank 1: its share of the tokens would be conditioned differently, silently
-        ("--rank-guidance=1:5.0", "rank 0: (64, 64, 2, 1, 3.5, 1, 0), rank 1: (64, 64, 2, 1, 5, 1, 0)"),
+        ("--rank-guidance=1:5.0", "rank 0: (64, 64, 2, 1, 3.5, 1, 0, 0, 0, 0), rank 1: (64, 64, 2, 1, 5, 1, 0, 0, 0"),
     ],
 )
 def test_ranks_called_differently_raise_input_error_naming_both(tmp_path, flag, listing):

@@ -68,6 +68,9 @@ def check_gpus(args) -> None:
     check_launched(gpus, "engine.bench")
     if gpus == 1:
         return
+    timeout = getattr(args, "parallel_timeout", 1800.0)
+    if not 0 < timeout < float("inf"):
+        raise EngineError(f"--parallel-timeout {timeout} must be a number of seconds > 0 (default 1800)")
     for flag, value in (("--gate", args.gate), ("--vram", args.vram), ("--save-baseline", args.save_baseline)):
         if value:
             raise EngineError(f"{flag} compares one-GPU runs; leave it out with --gpus {gpus}")

@@ -69,10 +69,12 @@ def apply_parallel(pipe, config: ParallelConfig, ops) -> ParallelState | None:
         raise ConfigError("a parallel config needs the engine's attention blocks (optimize() installs them)")
     world = init_distributed(config.degree, config.timeout_s, pipe.transformer.device)
     check_rank_device(pipe.transformer, world)
-    shards = SequenceShards.create(world.rank, config.ulysses, config.ring, config.chunks)
+    # the exchange's groups wait as long as the default group does (timeout_s, or the launcher's own timeout)
+    timeout_s = world.timeout_s if world.timeout_s is not None else config.timeout_s
+    shards = SequenceShards.create(world.rank, config.ulysses, config.ring, config.chunks, timeout_s)
     shards_id = register_shards(shards)
     state = ParallelState(config, world, shards, shards_id, ops)
-    parallel_ops = replace(ops, shards_id=shards_id)
+    parallel_ops = replace(_same_core_everywhere(ops, world), shards_id=shards_id)
     for block in (*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks):
         block.flux_ops = parallel_ops
     install_split(pipe.transformer, shards, world)
@@ -98,6 +100,20 @@ def release_cuda_graphs(pipe_ref) -> None:
     graphs = getattr(getattr(pipe, "compile_state", None), "cuda_graphs", None)
     if graphs is not None:
         graphs.graphs.clear()
+
+
+def _same_core_everywhere(ops, world: World):
+    """`ops` with rank 0's attention core: backend 'auto' times the cores on each rank, and ranks that chose
+    differently would attend with different rounding per head group (an image that depends on the rank layout)."""
+    cores = ("sdpa", "triton")
+    choice = torch.tensor([cores.index(ops.core)], device=world.comm_device)
+    dist.broadcast(choice, 0)
+    core = cores[int(choice)]
+    if core == ops.core:
+        return ops
+    from ..attention import BlockOps
+
+    return BlockOps.build(core, ops.fused_norms)
 
 
 def remove_parallel(pipe, state: ParallelState) -> None:

@@ -17,6 +17,7 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -46,15 +47,19 @@ class SequenceShards:
     exchanges: int = 0  # attention calls that went through the exchange (tests count them)
 
     @classmethod
-    def create(cls, rank: int, ulysses: int, ring: int, chunks: int = 2) -> SequenceShards:
-        """Make the groups; every rank must call this, in the same order (dist.new_group is collective)."""
+    def create(
+        cls, rank: int, ulysses: int, ring: int, chunks: int = 2, timeout_s: float | None = None
+    ) -> SequenceShards:
+        """Make the groups; every rank must call this, in the same order (dist.new_group is collective). timeout_s:
+        their collectives' timeout (None: torch's default, 10 min on NCCL, 30 on gloo)."""
         shards = cls(rank=rank, ulysses=ulysses, ring=ring, chunks=chunks)
+        timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
         for ring_index in range(ring):
-            group = dist.new_group([ring_index * ulysses + u for u in range(ulysses)])
+            group = dist.new_group([ring_index * ulysses + u for u in range(ulysses)], timeout=timeout)
             if ring_index == rank // ulysses:
                 shards.ulysses_group = group
         for ulysses_index in range(ulysses):
-            group = dist.new_group([r * ulysses + ulysses_index for r in range(ring)])
+            group = dist.new_group([r * ulysses + ulysses_index for r in range(ring)], timeout=timeout)
             if ulysses_index == rank % ulysses:
                 shards.ring_group = group
         return shards

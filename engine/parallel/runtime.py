@@ -46,6 +46,7 @@ class World:
     size: int
     device: torch.device  # this rank's GPU (cuda:LOCAL_RANK), or the CPU under gloo
     backend: str
+    timeout_s: float | None = None  # the default group's collective timeout (None: a group the launcher started)
 
     @property
     def is_main(self) -> bool:
@@ -92,7 +93,11 @@ def init_distributed(degree: int, timeout_s: float = 600.0, device: torch.device
         kwargs = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
         atexit.register(_destroy)
-    return World(rank=dist.get_rank(), size=dist.get_world_size(), device=device, backend=dist.get_backend())
+        _STARTED_TIMEOUT_S[0] = timeout_s
+    return World(dist.get_rank(), dist.get_world_size(), device, dist.get_backend(), _STARTED_TIMEOUT_S[0])
+
+
+_STARTED_TIMEOUT_S: list[float | None] = [None]  # the timeout of the group init_distributed started
 
 
 def _rank_device(device, local_rank: int) -> torch.device:
@@ -101,6 +106,11 @@ def _rank_device(device, local_rank: int) -> torch.device:
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
+    if device.type == "cuda" and device.index != local_rank:
+        raise ConfigError(
+            f"device {device} on the rank with LOCAL_RANK {local_rank}: each rank runs on its own GPU, "
+            f"cuda:LOCAL_RANK; pass device='cuda' (or None) and every rank takes its own"
+        )
     return device
 
 
