@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -22,6 +23,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the variant's)")
     add_model_arguments(parser)
     parser.add_argument("-o", "--output", default="out.png", help="image path: .png, .jpg or .webp (default out.png)")
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="a local LoRA .safetensors (diffusers/PEFT, kohya or BFL/xlabs format) at SCALE (default 1.0); "
+        "repeat for several",
+    )
     parser.add_argument(
         "--gpus",
         type=int,
@@ -51,6 +60,7 @@ def run(args) -> tuple[Path | None, bool]:
         config = with_parallel(config, args.gpus)
     validate_resolution(*parse_resolution(args.res), allow_any_size=True)
     check_writable(output, "-o")
+    loras = [parse_lora(text) for text in args.lora]
 
     import torch
 
@@ -63,6 +73,11 @@ def run(args) -> tuple[Path | None, bool]:
     pipe = FluxEngine.from_pretrained(
         model, config=config, device=device, seed=args.seed, config_folder=args.config_folder
     )
+    if loras:
+        names = [f"lora{index}" for index in range(len(loras))]
+        for name, (path, _) in zip(names, loras, strict=True):
+            pipe.load_lora_weights(str(path), adapter_name=name)
+        pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
     guidance = args.guidance if args.guidance is not None else default_guidance(spec)
     max_sequence_length = min(512, pipe.tokenizer_2.model_max_length)
     result = pipe(
@@ -84,6 +99,26 @@ def run(args) -> tuple[Path | None, bool]:
     if written is None:
         raise EngineError(f"-o {str(output)!r}: the image could not be written (see above); free some disk space")
     return written, spec is not None
+
+
+def parse_lora(text: str) -> tuple[Path, float]:
+    """'PATH' or 'PATH:SCALE' -> (an existing local file, scale); refused before any model is built."""
+    path_text, scale = text, 1.0
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            path_text, scale = head, float(tail)
+        except ValueError:
+            path_text, scale = text, 1.0  # a colon inside the path
+    path = Path(path_text)
+    if not path.is_file():
+        raise EngineError(
+            f"--lora {text!r}: {str(path)!r} is not a file; pass a local .safetensors LoRA, optionally with :SCALE "
+            "(e.g. --lora style.safetensors:0.8); nothing is downloaded"
+        )
+    if not math.isfinite(scale):
+        raise EngineError(f"--lora {text!r}: the scale {scale} must be a finite number (e.g. 0.8)")
+    return path, scale
 
 
 def main(argv: list[str] | None = None) -> int:

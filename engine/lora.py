@@ -256,3 +256,27 @@ def resync_fused_views(transformer) -> None:
                     weight_rows.copy_(base.weight.data)
                     base.weight = nn.Parameter(weight_rows, requires_grad=False)
                 offset += rows
+
+
+# the Linear modules of FLUX blocks that LoRA trainers target: the ones the engine fuses and the others
+LORA_TARGETS = (
+    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "proj_mlp", "proj_out",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+)  # fmt: skip
+
+
+def synthetic_lora(transformer, rank: int, seed: int = 0, std: float = 0.1) -> dict[str, torch.Tensor]:
+    """A diffusers/PEFT-format LoRA state dict of `rank` on every attention and MLP projection of every block of
+    `transformer` (random factors, deterministic by `seed`), in the transformer's dtype, on the CPU."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ConfigError(f"LoRA rank {rank!r} must be an integer >= 1 (e.g. 16, 64)")
+    generator = torch.Generator().manual_seed(seed)
+    dtype = next(transformer.parameters()).dtype
+    state = {}
+    for name, module in transformer.named_modules():
+        if "blocks." in name and name.endswith(LORA_TARGETS) and hasattr(module, "in_features"):
+            down = torch.randn(rank, module.in_features, generator=generator) * std
+            up = torch.randn(module.out_features, rank, generator=generator) * std
+            state[f"transformer.{name}.lora_A.weight"] = down.to(dtype)
+            state[f"transformer.{name}.lora_B.weight"] = up.to(dtype)
+    return state

@@ -61,3 +61,31 @@ def test_an_existing_folder_is_not_an_image_path(tmp_path, capsys):
     folder.mkdir()
     assert generate.main(["a fox", "--res", "64", "--device", "cpu", "-o", str(folder)]) == 2
     assert "is a folder; name a file in it" in capsys.readouterr().err
+
+
+def test_generate_with_a_lora_file_and_its_scale(tmp_path):
+    """--lora PATH:SCALE: scale 0 gives the image without the adapter, bit for bit; scale 1 another one."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    from engine.lora import synthetic_lora
+    from engine.models import synthetic_components
+
+    transformer = synthetic_components("tiny", device="cpu", dtype=torch.float32, seed=0)["transformer"]
+    lora = tmp_path / "style.safetensors"
+    save_file(synthetic_lora(transformer, rank=4, seed=1, std=0.3), str(lora))
+    images = {}
+    for name, extra in (("plain", []), ("zero", ["--lora", f"{lora}:0"]), ("full", ["--lora", str(lora)])):
+        out = tmp_path / f"{name}.png"
+        argv = ["a fox", "--res", "64", "--steps", "1", "--device", "cpu", "-o", str(out), *extra]
+        assert generate.main(argv) == 0
+        images[name] = np.asarray(Image.open(out), dtype=np.int16)
+    assert np.array_equal(images["zero"], images["plain"])
+    assert np.abs(images["full"] - images["plain"]).max() > 0
+
+
+@pytest.mark.parametrize("value", ["missing.safetensors", "missing.safetensors:0.5"])
+def test_generate_refuses_a_missing_lora_before_building(value, capsys, tmp_path):
+    assert generate.main(["a fox", "--device", "cpu", "-o", str(tmp_path / "x.png"), "--lora", value]) == 2
+    assert "is not a file" in capsys.readouterr().err

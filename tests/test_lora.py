@@ -15,11 +15,9 @@ from diffusers import FluxPipeline
 from engine import EngineConfig, FluxEngine, restore
 from engine.config import AttentionConfig, CompileConfig, QuantConfig
 from engine.errors import CheckpointError, ConfigError, InputError
+from engine.lora import synthetic_lora
 from engine.models import synthetic_components
 
-# every Linear of the blocks that a FLUX LoRA trains: the fused ones (to_q/k/v, add_*_proj, proj_mlp) and the others
-TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "proj_mlp",
-           "proj_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")  # fmt: skip
 # the fused blocks in plain PyTorch (no Triton on the CPU): diffusers' maths with fused QKV GEMMs
 FUSED = EngineConfig(attention=AttentionConfig(backend="auto"))
 # fp32, and the same GEMMs split differently (one fused GEMM against three): the engine against diffusers measured
@@ -29,15 +27,7 @@ ATOL = 1e-5
 
 
 def lora_state_dict(transformer, rank: int = 4, seed: int = 1) -> dict:
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, module in transformer.named_modules():
-        if isinstance(module, torch.nn.Linear) and "blocks." in name and name.endswith(TARGETS):
-            down = torch.randn(rank, module.in_features, generator=generator) * 0.1
-            up = torch.randn(module.out_features, rank, generator=generator) * 0.1
-            state[f"transformer.{name}.lora_A.weight"] = down
-            state[f"transformer.{name}.lora_B.weight"] = up
-    return state
+    return synthetic_lora(transformer, rank, seed)
 
 
 def _pipes(config=FUSED):
