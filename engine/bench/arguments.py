@@ -3,6 +3,8 @@ imports) and the run (engine.bench.run.make_plan)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..cli import check_launched
 from ..config import resolve_config
 from ..errors import EngineError
@@ -54,6 +56,7 @@ def check_arguments(args) -> None:
     check_positive("warmup", args.warmup, 0)
     check_positive("batch", args.batch)
     check_gpus(args)
+    check_lora_argument(getattr(args, "lora", None))
     if args.preset is not None:
         parse_presets(args.preset, allow_none=bool(args.vram))
     for text in args.res:
@@ -76,3 +79,20 @@ def check_gpus(args) -> None:
             raise EngineError(f"{flag} compares one-GPU runs; leave it out with --gpus {gpus}")
     if args.preset is not None and ("," in args.preset or args.preset == "ladder"):
         raise EngineError(f"--gpus runs one preset beside itself on one GPU; --preset {args.preset!r} names several")
+
+
+SYNTHETIC_LORA = "synthetic:"
+
+
+def check_lora_argument(text: str | None) -> None:
+    """--lora's form, before anything is built: a local file, or synthetic:RANK with RANK >= 1."""
+    if text is None:
+        return
+    if text.startswith(SYNTHETIC_LORA):
+        rank = text[len(SYNTHETIC_LORA) :]
+        if not rank.isdigit() or int(rank) < 1:
+            raise EngineError(f"--lora {text!r}: synthetic:RANK takes a rank >= 1, e.g. synthetic:64")
+    elif not Path(text).is_file():
+        raise EngineError(
+            f"--lora {text!r} is not a file; pass a local .safetensors LoRA or synthetic:RANK (nothing is downloaded)"
+        )

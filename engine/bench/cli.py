@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="--vram: the planner's fidelity floor (bf16 weights only; fp8 too (default); nf4 too)",
     )
     parser.add_argument(
+        "--lora",
+        default=None,
+        help="an adapter on diffusers and on every engine config: a local .safetensors LoRA, or synthetic:RANK (random "
+        "factors of that rank on every attention and MLP projection, by --seed); adds the hot-swap time",
+    )
+    parser.add_argument(
         "--gpus",
         type=int,
         default=1,

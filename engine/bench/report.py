@@ -255,6 +255,9 @@ def verdicts(result: dict) -> list[str]:
             parts.append(f"peak {row['peak_allocated_gib']:.1f} vs {base['peak_allocated_gib']:.1f} GiB")
         if row.get("psnr_db") is not None:
             parts.append(f"PSNR {_fmt(row['psnr_db'], '.1f')} dB")
+        if row.get("lora"):  # both sides ran with the adapter
+            swap = f", hot-swap {row['lora_swap_s']:.2f} s" if row.get("lora_swap_s") is not None else ""
+            parts.append(f"LoRA {row['lora']} active on both{swap}")
         lines.append(
             f"flux-engine {row['config']} vs diffusers, {row['width']}x{row['height']}, {row['steps']} steps x "
             f"{runs}: " + ", ".join(parts)

@@ -23,6 +23,7 @@ from ..measure import (
     synchronize,
     track_peak_memory,
 )
+from .lora import attach, prepare_lora, swap_seconds
 from .phases import CallTimes, Interval, record_phases, transformer_step_flops
 from .plan import DTYPES, Plan, make_plan
 from .report import BASELINE_LABEL
@@ -67,6 +68,8 @@ class Row:
     offload: dict | None = None  # streamed bytes per step, the copy time they take at the measured bandwidth
     engine_config: str | None = None  # --vram: what the plan turned on (the row's config is the plan's name)
     error: str | None = None  # the call failed (out of memory under --vram): what the engine said
+    lora: str | None = None  # --lora: the adapter active in this row's calls
+    lora_swap_s: float | None = None  # --lora: a hot-swap of it, to ready (the first size's row of each config)
 
 
 def compiled_graph_count() -> int:
@@ -352,6 +355,7 @@ def run(args, plan: Plan | None = None) -> dict:
         args.dtype = "bf16" if plan.device.type == "cuda" else "fp32"
     dtype = DTYPES[args.dtype]
     components = load_components(plan, args, dtype)
+    lora = prepare_lora(args.lora, components, args.seed) if args.lora else None
     if args.max_sequence_length is None:
         args.max_sequence_length = min(512, components["tokenizer_2"].model_max_length)
     if args.guidance is None:
@@ -381,6 +385,8 @@ def run(args, plan: Plan | None = None) -> dict:
     with tqdm(total=total_calls, desc="bench", unit="call", file=sys.stderr) as progress:
         if not args.no_baseline:
             baseline_pipe = FluxPipeline(**components)
+            if lora is not None:
+                attach(baseline_pipe, lora)
             for size in plan.sizes:
                 progress.set_postfix_str(f"{BASELINE_LABEL} {size[1]}x{size[0]}")
                 key = (BASELINE_LABEL, size)
@@ -389,7 +395,7 @@ def run(args, plan: Plan | None = None) -> dict:
                 )
             del baseline_pipe
         for index, job in enumerate(jobs):
-            if index > 0:  # optimisations rewrite weights in place: each preset starts from fresh ones
+            if index > 0 or lora is not None:  # weights are rewritten in place (optimisations, an adapter): fresh ones
                 _free(plan.device, components)
                 components = load_components(plan, args, dtype)
             engine_config = job.config
@@ -400,6 +406,8 @@ def run(args, plan: Plan | None = None) -> dict:
                 engine = FluxEngine(**components)
                 engine.model_name = plan.model
                 engine = FluxEngine.from_pipe(engine, engine_config)
+                if lora is not None:
+                    attach(engine, lora)
             except Exception as err:  # e.g. out of memory while quantising: record it, go on with the next config
                 for size in job.sizes:
                     rows[(label, size)] = failed_row(label, size, args, flops[size], f"{type(err).__name__}: {err}")
@@ -419,10 +427,13 @@ def run(args, plan: Plan | None = None) -> dict:
                 if job.budget_gib is not None:
                     row.engine_config = replace(job.config, name="").label
                 row.offload = offload_figures(engine, row, h2d)
+                row.lora = lora.label if lora is not None else None
                 if not args.no_baseline and outputs[key] is not None:
                     compare(row, outputs[key], rows[(BASELINE_LABEL, size)], outputs[(BASELINE_LABEL, size)])
             # the warm-compile probe once per compiled preset (a --vram plan reuses the graphs of the presets)
             # (only after a warm-up call: its time, less a timed call's, is the cold compile)
+            if lora is not None and outputs[(label, job.sizes[0])] is not None:
+                rows[(label, job.sizes[0])].lora_swap_s = swap_seconds(engine, lora, plan.device)
             warm_probe = job.budget_gib is None and engine.compile_state is not None and args.warmup > 0
             if warm_probe and outputs[(label, job.sizes[0])] is not None:
                 first = rows[(label, job.sizes[0])]

@@ -1,0 +1,59 @@
+"""engine.bench --lora PATH|synthetic:RANK: the same adapter on diffusers' pipeline and on every engine config, and
+the time a hot-swap of it takes (from a local file, in the page cache after the first load), with the graphs compiled
+during the swap and the call after it."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import EngineError
+from .arguments import SYNTHETIC_LORA as SYNTHETIC
+
+ADAPTER = "bench"
+
+
+@dataclass(frozen=True)
+class LoraSource:
+    label: str  # what --lora said
+    path: Path  # a local .safetensors file (a synthetic adapter is written to a temporary one)
+    rank: int
+
+
+def prepare_lora(text: str, components: dict, seed: int) -> LoraSource:
+    """The adapter --lora names, as a local file: synthetic:RANK is made for this transformer (engine.lora)."""
+    from ..lora import lora_rank, synthetic_lora
+
+    if text.startswith(SYNTHETIC):
+        from safetensors.torch import save_file
+
+        rank = int(text[len(SYNTHETIC) :])
+        path = Path(tempfile.mkdtemp(prefix="flux-engine-lora-")) / f"synthetic-r{rank}.safetensors"
+        save_file(synthetic_lora(components["transformer"], rank, seed=seed), str(path))
+        return LoraSource(text, path, rank)
+    rank = lora_rank(text)
+    if rank is None:
+        raise EngineError(f"--lora {text!r}: no lora_A / lora_down factors found in the file; is it a LoRA?")
+    return LoraSource(text, Path(text), rank)
+
+
+def attach(pipe, lora: LoraSource) -> None:
+    """Load the adapter on `pipe` (prepared for hot-swaps up to its rank first, where the pipeline has the call)."""
+    if hasattr(pipe, "enable_lora_hotswap"):
+        pipe.enable_lora_hotswap(target_rank=lora.rank)
+    pipe.load_lora_weights(str(lora.path), adapter_name=ADAPTER)
+
+
+def swap_seconds(pipe, lora: LoraSource, device: torch.device) -> float:
+    """The same adapter swapped in again (load_lora_weights(..., hotswap=True)): seconds until the pipeline is ready."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    pipe.load_lora_weights(str(lora.path), adapter_name=ADAPTER, hotswap=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
