@@ -68,6 +68,7 @@ def optimize(pipe: FluxPipeline, config: EngineConfig | str | None = None) -> Fl
     if previous == config:
         for name in _STATE_ATTRS:
             setattr(pipe, name, getattr(pipe, name, None))
+        _share_lora_calls(pipe)
         return pipe
     # The steps in order; each part of EngineConfig that is still 'off' leaves the pipeline as it is. Each step
     # that ran is listed in pipe.engine_steps with its undo (engine.restore undoes them all).
@@ -117,6 +118,15 @@ def optimize(pipe: FluxPipeline, config: EngineConfig | str | None = None) -> Fl
     setattr(pipe, _ENGINE_CONFIG_ATTR, config)
     _release_replaced_weights(pipe)
     return pipe
+
+
+def _share_lora_calls(pipe) -> None:
+    """A pipeline over components another pipeline optimised (FluxEngine.from_pipe): its LoRA calls need the same
+    care as the first one's (engine/lora.py), on this instance too."""
+    from .lora import install_lora_calls, needs_lora_calls
+
+    if needs_lora_calls(pipe) and "load_lora_weights" not in vars(pipe):
+        install_lora_calls(pipe)
 
 
 def restore(pipe: FluxPipeline) -> FluxPipeline:

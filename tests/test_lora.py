@@ -212,3 +212,14 @@ def test_hotswap_above_the_target_rank_is_refused(adapters, tmp_path):
         with pytest.raises(InputError, match="rank 16 is above the hot-swap target rank 8.*target_rank=16"):
             engine.load_lora_weights(source, adapter_name="style", hotswap=True)
     torch.testing.assert_close(_image(engine), before, atol=0, rtol=0)
+
+
+def test_a_pipeline_over_optimised_components_gets_the_same_lora_care(adapters):
+    """FluxEngine.from_pipe of an optimised pipeline shares its fused blocks: its own LoRA calls are wrapped too."""
+    first, _ = adapters
+    reference, engine = _pipes()
+    second_engine = FluxEngine.from_pipe(engine, FUSED)
+    assert "load_lora_weights" in vars(second_engine)
+    for pipe in (reference, second_engine):
+        pipe.load_lora_weights(dict(first), adapter_name="first")
+    _same(reference, second_engine)
