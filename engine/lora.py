@@ -81,13 +81,6 @@ def add_fused_lora(out: torch.Tensor, parts: list[nn.Module], layers: list[nn.Mo
     return out
 
 
-def fused_projection(linear: nn.Module, parts: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    """linear(x) (a fused GEMM over `parts`) with the parts' acting LoRA updates added."""
-    layers = active_lora(parts)
-    out = linear(x)
-    return out if layers is None else add_fused_lora(out, parts, layers, x)
-
-
 # ----------------------------------------------------------------------------- the pipeline's LoRA calls
 
 
