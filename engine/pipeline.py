@@ -49,7 +49,24 @@ def engine_config_of(pipe) -> EngineConfig | None:
     return getattr(pipe, _ENGINE_CONFIG_ATTR, None)
 
 
-def optimize(pipe: FluxPipeline, config: EngineConfig | str | None = None) -> FluxPipeline:
+def check_flux_pipeline(pipe) -> None:
+    """optimize() takes every diffusers FLUX.1 pipeline whose transformer is a FluxTransformer2DModel (FluxPipeline,
+    FluxImg2ImgPipeline, FluxInpaintPipeline, FluxKontextPipeline, FluxFillPipeline, FluxControl*Pipeline,
+    FluxControlNetPipeline, ...): the steps touch the transformer, the VAE and encode_prompt, which they share."""
+    from diffusers import FluxTransformer2DModel
+
+    transformer = getattr(pipe, "transformer", None)
+    if not isinstance(transformer, FluxTransformer2DModel) or not hasattr(pipe, "vae"):
+        what = type(transformer).__name__ if transformer is not None else "no transformer"
+        raise ConfigError(
+            f"optimize() takes a diffusers FLUX.1 pipeline with a FluxTransformer2DModel (FluxPipeline, "
+            f"FluxImg2ImgPipeline, FluxInpaintPipeline, FluxKontextPipeline, FluxFillPipeline, ...); got "
+            f"{type(pipe).__name__} with {what}. FluxPriorReduxPipeline makes embeddings for one of those: optimise "
+            "the pipeline that takes its outputs"
+        )
+
+
+def optimize(pipe, config: EngineConfig | str | None = None):
     """Apply `config` (an EngineConfig or a preset name) to `pipe` in place and return it.
 
     A pipeline is optimised once: the steps rewrite modules (processors, weights, hooks), so
@@ -57,8 +74,12 @@ def optimize(pipe: FluxPipeline, config: EngineConfig | str | None = None) -> Fl
     to try another config.
     """
     config = resolve_config(config)
-    if not isinstance(pipe, FluxPipeline):
-        raise ConfigError(f"optimize() takes a diffusers FluxPipeline, got {type(pipe).__name__}")
+    check_flux_pipeline(pipe)
+    if config.parallel.enabled and not isinstance(pipe, FluxPipeline):
+        raise ConfigError(
+            f"a parallel config runs text-to-image (FluxPipeline, FluxEngine) for now; {type(pipe).__name__} prepares "
+            "its latents differently. Run it on one GPU, or generate with FluxEngine"
+        )
     previous = engine_config_of(pipe)
     if previous is not None and not previous.is_baseline and previous != config:
         raise ConfigError(

@@ -200,7 +200,7 @@ def test_optimizing_twice_with_different_configs_is_refused(tiny_components):
 
 
 def test_optimize_takes_only_flux_pipelines():
-    with pytest.raises(ConfigError, match="takes a diffusers FluxPipeline, got str"):
+    with pytest.raises(ConfigError, match="takes a diffusers FLUX.1 pipeline .*; got str with no transformer"):
         optimize("not a pipeline", "baseline")
 
 
