@@ -115,12 +115,13 @@ def lora_blocker(pipe) -> str:
 def install_lora_calls(pipe) -> Callable[[], None]:
     """Wrap the pipeline's LoRA methods (on the instance): refuse what cannot work before anything changes, and after
     each call resync the fused views and drop captured CUDA graphs. Returns the undo."""
-    shadowed = {name: pipe.__dict__[name] for name in LORA_METHODS if name in pipe.__dict__}
-    for name in LORA_METHODS:
+    methods = [name for name in LORA_METHODS if hasattr(pipe, name)]  # a pipeline class may lack some
+    shadowed = {name: pipe.__dict__[name] for name in methods if name in pipe.__dict__}
+    for name in methods:
         setattr(pipe, name, functools.partial(_lora_call, pipe, name, getattr(pipe, name)))
 
     def undo() -> None:
-        for name in LORA_METHODS:
+        for name in methods:
             if name in shadowed:
                 setattr(pipe, name, shadowed[name])
             elif name in pipe.__dict__:
