@@ -86,3 +86,11 @@ def _transformer_output(sample: torch.Tensor):
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
     return Transformer2DModelOutput(sample=sample)
+
+
+def drop_captured_graphs(pipe) -> None:
+    """Forget the CUDA graphs captured on `pipe` (if any); the next call captures again. For what a graph cannot
+    follow (new adapter weights, scales baked in) or must not outlive (NCCL's communicator at exit)."""
+    graphs = getattr(getattr(pipe, "compile_state", None), "cuda_graphs", None)
+    if graphs is not None:
+        graphs.graphs.clear()

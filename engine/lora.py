@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .cuda_graphs import drop_captured_graphs
 from .errors import CheckpointError, ConfigError, InputError
 
 # the pipeline methods of diffusers' FluxLoraLoaderMixin that change which adapters act, and how
@@ -143,7 +144,7 @@ def _lora_call(pipe, name: str, method: Callable, *args, **kwargs):
         # a hot-swap copies the new factors and scales into the tensors the graphs read: they stay valid, as long as
         # every scale is a tensor (enable_lora_hotswap makes them so; a float one is baked into the graph)
         if not (hotswap and _scales_are_tensors(pipe.transformer)):
-            _drop_cuda_graphs(pipe)
+            drop_captured_graphs(pipe)
 
 
 def _scales_are_tensors(transformer) -> bool:
@@ -223,12 +224,6 @@ def _load(pipe, load: Callable, *args, **kwargs):
                 "model; nothing was loaded"
             ) from err
         raise
-
-
-def _drop_cuda_graphs(pipe) -> None:
-    graphs = getattr(getattr(pipe, "compile_state", None), "cuda_graphs", None)
-    if graphs is not None:
-        graphs.graphs.clear()
 
 
 def resync_fused_views(transformer) -> None:

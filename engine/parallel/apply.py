@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..cuda_graphs import drop_captured_graphs
 from ..errors import ConfigError
 from .config import ParallelConfig
 from .exchange import SequenceShards, register_shards, unregister_shards
@@ -94,12 +95,11 @@ def apply_parallel(pipe, config: ParallelConfig, ops) -> ParallelState | None:
 
 
 def release_cuda_graphs(pipe_ref) -> None:
-    """Drop the CUDA graphs captured on a pipeline (they hold NCCL resources that the communicator's destruction
-    waits for); they are captured again on the next call."""
+    """Drop the CUDA graphs captured on a (weakly referenced) pipeline: they hold NCCL resources that the
+    communicator's destruction waits for; they are captured again on the next call."""
     pipe = pipe_ref()
-    graphs = getattr(getattr(pipe, "compile_state", None), "cuda_graphs", None)
-    if graphs is not None:
-        graphs.graphs.clear()
+    if pipe is not None:
+        drop_captured_graphs(pipe)
 
 
 def _same_core_everywhere(ops, world: World):
