@@ -382,3 +382,9 @@ def test_bench_with_a_synthetic_lora_on_both_sides(tmp_path, capsys):
     # (tiled-vae does not tile a 64 px image: equal to the last bit, "inf" in the JSON)
     assert float(engine["psnr_db"]) > 60
     assert "LoRA synthetic:4 active on both" in capsys.readouterr().out
+
+
+def test_lora_with_gpus_is_refused_rather_than_left_out(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun --nproc-per-node 2 sets it
+    assert cli.main(["--gpus", "2", "--lora", "synthetic:4", "--device", "cpu"]) == 2
+    assert "--lora is not run with --gpus yet" in capsys.readouterr().err

@@ -33,14 +33,11 @@ def run_parallel(args) -> dict | None:
     """The rows of a --gpus run on rank 0 (None on the other ranks)."""
     from tqdm.auto import tqdm
 
-    from ..parallel import init_distributed, parallel_for, with_parallel
+    from ..parallel import init_distributed, with_parallel
     from ..parallel.apply import release_cuda_graphs, synchronize
     from ..pipeline import FluxEngine
 
-    parallel = parallel_for(args.gpus)
-    if args.cp_chunks is not None:
-        parallel = replace(parallel, chunks=args.cp_chunks)
-    world = init_distributed(parallel.degree, args.parallel_timeout)
+    world = init_distributed(args.gpus, args.parallel_timeout)
     if world.device.type == "cuda":
         args.device = str(world.device)
     args.no_baseline = True
@@ -50,6 +47,7 @@ def run_parallel(args) -> dict | None:
     # the one-GPU reference decodes with the VAE tiling the parallel run uses (with_parallel tiles large images so the
     # ranks share the decode), so that the PSNR between the two measures the parallelism alone
     parallel_config = with_parallel(plan.configs[0], args.gpus, args.cp_chunks)
+    parallel = parallel_config.parallel
     config = plan.configs[0]
     if config.vae != parallel_config.vae:
         config = replace(config, vae=parallel_config.vae, name=f"{config.name}+{parallel_config.vae.label}")
