@@ -2,8 +2,9 @@
 # One GPU session's plan in one command: tests, kernel micro-benchmarks, engine benches.
 # Usage on the GPU machine (repo root): bash benchmarks/gpu_plan.sh STAGE [STAGE ...]
 # Stages: see the case below (tests, kernels, bench-*, ladder, gate-selftest, tests-mem, vae, torchao,
-# bench-memory, planner, ladder-full, main-1024, main-2048). Each stage has its own time limit, so one
-# failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON results to $OUT/.
+# bench-memory, planner, ladder-full, main-1024, main-2048, tests-lora, lora-kc, lora-fast, lora-28). Each stage
+# has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
+# results to $OUT/.
 set -u
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -137,6 +138,17 @@ for s in "$@"; do
       stage cp-2-smoke-generate 150 env NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
         python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m engine.generate "a fox in the snow" \
         --res 1360x768 --steps 4 --gpus 2 --preset fp8-compile-fastacc-cudagraphs -o "$OUT/cp-2-fox.png" ;;
+    tests-lora) stage tests-lora 200 python3 -m pytest -q -m gpu tests/test_lora_quant.py tests/test_lora.py ;;
+    lora-kc|lora-fast)
+      # a rank-64 adapter on every attention and MLP projection (issue "LoRA"): each config measured without it, then
+      # with it (the adapter's cost, one process), beside diffusers with the same adapter; then a hot-swap
+      P=kernels-compile; [ "$s" = lora-fast ] && P=fp8-compile-fastacc-cudagraphs
+      stage "$s" 330 python3 -m engine.bench --res 1024 2048 --steps 4 --runs 2 --preset "$P" --lora synthetic:64 \
+        --cache-dir /tmp/fe-cache --out "$OUT/bench-$s-$CARD-$DAY.json" ;;
+    lora-28)
+      # the 28-step 1024x1024 image with the rank-64 adapter active, fastest preset, beside diffusers with it
+      stage lora-28 300 python3 -m engine.bench --res 1024 --steps 28 --runs 2 --preset fp8-compile-fastacc-cudagraphs \
+        --lora synthetic:64 --cache-dir /tmp/fe-cache --out "$OUT/bench-lora-28-$CARD-$DAY.json" ;;
     main-1024|main-2048)
       # the README's main command as a user runs it: no --preset, so diffusers against the fastest config here
       stage "$s" 400 python3 -m engine.bench --res "${s#main-}" --out "$OUT/bench-$s-$CARD-$DAY.json" ;;

@@ -301,17 +301,14 @@ def _fuse_projections(block: nn.Module, block_name: str, fused_name: str, names:
     rows are concatenated exactly (engine.quant.layers.fuse_quantized_linears) and the originals, which would keep
     their own copy alive, become FusedAway placeholders, as quantising after fusing leaves them."""
     from .quant.apply import is_quantized_layer
-    from .quant.fp8 import FusedAway
-    from .quant.layers import fuse_quantized_linears
+    from .quant.layers import fuse_quantized_linears, replace_by_fused_away
 
     parts = [block.get_submodule(name) for name in names]
     if not any(is_quantized_layer(part) for part in parts):
         return fuse_linears(parts)
     full_name = f"{block_name}.{fused_name}" if block_name else fused_name
     fused = fuse_quantized_linears(parts, full_name)
-    for name in names:
-        parent, _, child = name.rpartition(".")
-        setattr(block.get_submodule(parent) if parent else block, child, FusedAway(full_name))
+    replace_by_fused_away(block, full_name, fused_name, names)
     return fused
 
 

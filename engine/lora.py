@@ -1,16 +1,19 @@
-"""LoRA adapters (diffusers' Flux LoRA API, PEFT's layers) on the engine's fused blocks.
+"""LoRA adapters (diffusers' Flux LoRA API, PEFT's layers) on the engine's fused and quantised blocks.
 
 The fused blocks compute QKV (and, in single-stream blocks, the MLP input) in one GEMM whose weight the original
-projections view. PEFT wraps those original modules (`attn.to_q`, ...), which the fused GEMM does not call, so:
+projections view (or, quantised, whose rows FusedAway placeholders record). PEFT wraps those original modules
+(`attn.to_q`, ...), which the fused GEMM does not call, so:
 - the blocks add each active, unmerged adapter's low-rank update to its columns of the fused GEMM's output,
   exactly as PEFT's `lora.Linear.forward` adds it (`add_fused_lora`);
 - a merge (`fuse_lora`) writes into the projection's weight, a view of the fused weight, so the GEMM sees it; a
   merge that replaced the tensor instead (diffusers' `safe_fusing=True`) is copied back into the fused weight and the
   view restored (`resync_fused_views`, after every LoRA call);
+- quantised layers (fp8, int8 / fp8 weight-only, nf4) get PEFT layers of engine.quant.lora: the update beside the
+  quantised base, merges quantised once from the original codes;
 - captured CUDA graphs bake the adapters' weights and scales in: every LoRA call drops them (captured again on the
-  next call).
-What does not work yet is refused before anything changes: adapters on quantised fused projections (fp8, int8, nf4:
-only the fused quantised copy exists) and on transformers whose blocks stream from the host (offload block / leaf).
+  next call), except a hot-swap with tensor scales, which writes into the tensors the graphs read.
+What does not work yet is refused before anything changes: transformers whose blocks stream from the host (offload
+block / leaf).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .cuda_graphs import drop_captured_graphs
@@ -62,12 +66,12 @@ def active_lora(parts: list[nn.Module]) -> list[nn.Module | None] | None:
 
 def add_fused_lora(out: torch.Tensor, parts: list[nn.Module], layers: list[nn.Module | None], x: torch.Tensor):
     """`out` (the fused GEMM's output [..., sum of widths]) plus each acting adapter's update in its projection's
-    columns, in PEFT's order and dtypes: base + B(A(dropout(x))) * scaling, adapter by adapter."""
+    columns, in PEFT's order and dtypes: base + B(A(dropout(x))) * scaling, adapter by adapter. Without dropout, the
+    A factors of every part and adapter run as one GEMM (x read once, not once per part): the same products."""
+    updates = []  # (column offset, width, layer, adapter)
     offset = 0
     for part, layer in zip(parts, layers, strict=True):
-        width = part.out_features
         if layer is not None:
-            columns = out[..., offset : offset + width]
             for name in _acting(layer):
                 if name in getattr(layer, "lora_variant", {}):
                     raise ConfigError(
@@ -75,10 +79,24 @@ def add_fused_lora(out: torch.Tensor, parts: list[nn.Module], layers: list[nn.Mo
                         "a projection the engine fuses; plain LoRA only there: use the 'baseline' or 'compile' preset "
                         "for it"
                     )
-                lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
-                update = lora_b(lora_a(layer.lora_dropout[name](x.to(lora_a.weight.dtype)))) * layer.scaling[name]
-                columns.add_(update.to(out.dtype))
-        offset += width
+                updates.append((offset, part.out_features, layer, name))
+        offset += part.out_features
+    downs = [layer.lora_A[name] for _, _, layer, name in updates]
+    dtypes = {down.weight.dtype for down in downs}
+    one_gemm = len(dtypes) == 1 and all(
+        isinstance(layer.lora_dropout[name], nn.Identity) and down.bias is None
+        for (_, _, layer, name), down in zip(updates, downs, strict=True)
+    )
+    if one_gemm:
+        hidden = F.linear(x.to(dtypes.pop()), torch.cat([down.weight for down in downs]))  # [..., sum of ranks]
+        ranks = [down.out_features for down in downs]
+        lows = hidden.split(ranks, dim=-1)
+    else:
+        lows = [down(layer.lora_dropout[name](x.to(down.weight.dtype))) for (_, _, layer, name), down in
+                zip(updates, downs, strict=True)]  # fmt: skip
+    for (start, width, layer, name), low in zip(updates, lows, strict=True):
+        update = layer.lora_B[name](low) * layer.scaling[name]
+        out[..., start : start + width].add_(update.to(out.dtype))
     return out
 
 
@@ -92,18 +110,13 @@ def needs_lora_calls(pipe) -> bool:
     return (
         getattr(pipe, "attention_ops", None) is not None
         or getattr(compile_state, "cuda_graphs", None) is not None
+        or _is_quantized(getattr(pipe, "transformer", None))
         or bool(lora_blocker(pipe))
     )
 
 
 def lora_blocker(pipe) -> str:
     """Why adapters cannot be loaded on `pipe` as optimised ('' when they can)."""
-    if getattr(pipe, "quant_state", None) is not None:
-        return (
-            "its transformer is quantised by the engine (fused projections exist only as one quantised copy, which "
-            "PEFT cannot wrap); LoRA runs on the unquantised presets for now: kernels, kernels-compile, "
-            "kernels-compile-cudagraphs, compile, baseline"
-        )
     offload = getattr(pipe, "offload_state", None)
     if offload is not None and offload.policy in ("block", "leaf"):
         return (
@@ -141,6 +154,10 @@ def _lora_call(pipe, name: str, method: Callable, *args, **kwargs):
         return method(*args, **kwargs)
     finally:
         resync_fused_views(pipe.transformer)
+        if _is_quantized(pipe.transformer):
+            from .quant.lora import settle_merges
+
+            settle_merges(pipe.transformer)
         # a hot-swap copies the new factors and scales into the tensors the graphs read: they stay valid, as long as
         # every scale is a tensor (enable_lora_hotswap makes them so; a float one is baked into the graph)
         if not (hotswap and _scales_are_tensors(pipe.transformer)):
@@ -205,7 +222,12 @@ def _load(pipe, load: Callable, *args, **kwargs):
             )
     before = _adapter_names(pipe)
     try:
-        return load(*args, **kwargs)
+        if not _is_quantized(pipe.transformer):
+            return load(*args, **kwargs)
+        from .quant.lora import quantized_lora_dispatch
+
+        with quantized_lora_dispatch(pipe):
+            return load(*args, **kwargs)
     except (OSError, RuntimeError, ValueError) as err:
         added = _adapter_names(pipe) - before
         if added:  # nothing half-loaded stays behind
@@ -226,6 +248,12 @@ def _load(pipe, load: Callable, *args, **kwargs):
         raise
 
 
+def _is_quantized(transformer) -> bool:
+    from .quant.apply import quant_mode_of
+
+    return quant_mode_of(transformer) is not None
+
+
 def resync_fused_views(transformer) -> None:
     """Make every fused projection's parts views of its weight again, carrying over any values a part's weight was
     given as a new tensor (a safe merge, an unmerge that replaced it); a disabled adapter still merged is unmerged, as
@@ -238,6 +266,8 @@ def resync_fused_views(transformer) -> None:
                 part = block.get_submodule(name)
                 if is_lora_layer(part) and part.disable_adapters and part.merged:
                     part.unmerge()
+                if type(fused) is not nn.Linear:
+                    continue  # quantised: the parts hold no weights (merges write the fused rows: engine.quant.lora)
                 base = part.base_layer if is_lora_layer(part) else part
                 rows = base.out_features
                 weight_rows = fused.weight.data[offset : offset + rows]

@@ -368,8 +368,9 @@ def test_help_and_argument_errors_come_before_torch_is_imported():
 
 
 def test_bench_with_a_synthetic_lora_on_both_sides(tmp_path, capsys):
-    """--lora synthetic:RANK: the same adapter on diffusers and on the engine (so the PSNR compares like with like)
-    and its hot-swap time; the row says which adapter was active."""
+    """--lora synthetic:RANK: the same adapter on diffusers and on the engine (so the PSNR compares like with like),
+    the engine config measured without it first, and its hot-swap: time, recompiles and captures (none to make on
+    this uncompiled preset: tests/test_lora*.py count them under compile); the row says which adapter was active."""
     import json
 
     out = tmp_path / "lora.json"
@@ -378,6 +379,8 @@ def test_bench_with_a_synthetic_lora_on_both_sides(tmp_path, capsys):
     rows = {row["config"]: row for row in json.loads(out.read_text())["rows"]}
     engine = rows["tiled-vae"]
     assert engine["lora"] == "synthetic:4" and engine["lora_swap_s"] > 0
+    assert engine["lora_off_ms_per_step"] > 0 and engine["lora_swap_recompiles"] == 0
+    assert engine["lora_swap_captures"] == 0
     # the engine's image with the adapter against diffusers' with the same adapter: the preset's own agreement
     # (tiled-vae does not tile a 64 px image: equal to the last bit, "inf" in the JSON)
     assert float(engine["psnr_db"]) > 60

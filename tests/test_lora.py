@@ -13,7 +13,7 @@ from conftest import tiny_call_kwargs
 from diffusers import FluxPipeline
 
 from engine import EngineConfig, FluxEngine, restore
-from engine.config import AttentionConfig, CompileConfig, QuantConfig
+from engine.config import AttentionConfig, CompileConfig, OffloadConfig
 from engine.errors import CheckpointError, ConfigError, InputError
 from engine.lora import synthetic_lora
 from engine.models import synthetic_components
@@ -119,12 +119,13 @@ def test_restore_with_an_adapter_loaded(adapters):
     _same(reference, engine)
 
 
-def test_quantised_pipeline_refuses_lora_before_loading_anything(adapters):
+def test_streamed_blocks_refuse_lora_before_loading_anything(adapters):
     first, _ = adapters
-    engine = FluxEngine.from_pretrained(
-        "synthetic:tiny", config=EngineConfig(quant=QuantConfig(transformer="int8-weight")), device="cpu"
+    engine = FluxEngine.from_pipe(
+        FluxPipeline(**synthetic_components("tiny", device="cpu", dtype=torch.float32, seed=0)),
+        EngineConfig(attention=AttentionConfig(backend="auto"), offload=OffloadConfig("block")),
     )
-    with pytest.raises(ConfigError, match="quantised.*kernels-compile.*Nothing was loaded"):
+    with pytest.raises(ConfigError, match="stream from host memory.*offload 'none' or 'model'.*Nothing was loaded"):
         engine.load_lora_weights(dict(first), adapter_name="first")
     assert getattr(engine.transformer, "peft_config", None) in (None, {})
     assert not any("lora" in name for name, _ in engine.transformer.named_modules())

@@ -1,6 +1,7 @@
-"""engine.bench --lora PATH|synthetic:RANK: the same adapter on diffusers' pipeline and on every engine config, and
-the time a hot-swap of it takes (from a local file, in the page cache after the first load), with the graphs compiled
-during the swap and the call after it."""
+"""engine.bench --lora PATH|synthetic:RANK: the same adapter on diffusers' pipeline and on every engine config (each
+config measured first without it, in the same process: the adapter's cost), and the time a hot-swap of it takes
+(from a local file, in the page cache after the first load), with the graphs compiled and the CUDA graphs captured
+by the swap and the call after it."""
 
 from __future__ import annotations
 
@@ -57,3 +58,27 @@ def swap_seconds(pipe, lora: LoraSource, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
+
+
+def note_lora(row, lora: LoraSource | None, without) -> None:
+    """The row's adapter, and the same config's figures before it was loaded (`without`: that row)."""
+    if lora is None:
+        return
+    row.lora = lora.label
+    if without is not None and not without.error:
+        row.lora_off_ms_per_step, row.lora_off_peak_gib = without.ms_per_step, without.peak_allocated_gib
+
+
+def measure_swap(pipe, lora: LoraSource, row, args, device: torch.device, graph_count) -> None:
+    """A hot-swap of the adapter at the row's size: its seconds to ready, then one call (warm-up steps), and the
+    graphs compiled (`graph_count()`, torch.compile's) and CUDA graphs captured by both."""
+    graphs = getattr(getattr(pipe, "compile_state", None), "cuda_graphs", None)
+    captures, compiled = (graphs.captures if graphs is not None else 0), graph_count()
+    row.lora_swap_s = swap_seconds(pipe, lora, device)
+    pipe(
+        prompt=[args.prompt] * args.batch, height=row.height, width=row.width, num_inference_steps=args.warmup_steps,
+        guidance_scale=args.guidance, generator=torch.Generator().manual_seed(args.seed),
+        max_sequence_length=args.max_sequence_length, output_type="latent",
+    )  # fmt: skip
+    row.lora_swap_recompiles = graph_count() - compiled
+    row.lora_swap_captures = (graphs.captures if graphs is not None else 0) - captures

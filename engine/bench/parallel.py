@@ -20,9 +20,10 @@ import torch.distributed as dist
 
 from ..errors import EngineError
 from ..measure import environment_info, psnr, relative_error
+from .budget import release_cached_memory
 from .phases import transformer_step_flops
 from .plan import DTYPES, make_plan
-from .run import JSON_VERSION, Row, load_components, release_cached_memory, run_config, with_compile_cache
+from .run import JSON_VERSION, Row, load_components, run_config, with_compile_cache
 
 
 def one_gpu_label(config) -> str:

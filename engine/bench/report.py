@@ -256,13 +256,27 @@ def verdicts(result: dict) -> list[str]:
         if row.get("psnr_db") is not None:
             parts.append(f"PSNR {_fmt(row['psnr_db'], '.1f')} dB")
         if row.get("lora"):  # both sides ran with the adapter
-            swap = f", hot-swap {row['lora_swap_s']:.2f} s" if row.get("lora_swap_s") is not None else ""
-            parts.append(f"LoRA {row['lora']} active on both{swap}")
+            parts.append(_lora_figures(row))
         lines.append(
             f"flux-engine {row['config']} vs diffusers, {row['width']}x{row['height']}, {row['steps']} steps x "
             f"{runs}: " + ", ".join(parts)
         )
     return lines
+
+
+def _lora_figures(row: dict) -> str:
+    text = f"LoRA {row['lora']} active on both"
+    if row.get("lora_off_ms_per_step"):
+        text += (
+            f" ({row['ms_per_step'] / row['lora_off_ms_per_step']:.3f}x the config's {row['lora_off_ms_per_step']:.0f}"
+            " ms/step without it)"
+        )
+    if row.get("lora_swap_s") is not None:
+        text += (
+            f", hot-swap {row['lora_swap_s']:.2f} s ({row['lora_swap_recompiles']} recompiles, "
+            f"{row['lora_swap_captures']} CUDA-graph captures after it)"
+        )
+    return text
 
 
 def save_results(result: dict, out: Path) -> Path | None:

@@ -5,14 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from ..cli import default_guidance
-from ..errors import EngineError
 from ..measure import (
     PeakMemory,
     environment_info,
@@ -23,7 +21,8 @@ from ..measure import (
     synchronize,
     track_peak_memory,
 )
-from .lora import attach, prepare_lora, swap_seconds
+from .budget import Job, budget_jobs, emulated_budget, release_cached_memory
+from .lora import attach, measure_swap, note_lora, prepare_lora
 from .phases import CallTimes, Interval, record_phases, transformer_step_flops
 from .plan import DTYPES, Plan, make_plan
 from .report import BASELINE_LABEL
@@ -70,6 +69,10 @@ class Row:
     error: str | None = None  # the call failed (out of memory under --vram): what the engine said
     lora: str | None = None  # --lora: the adapter active in this row's calls
     lora_swap_s: float | None = None  # --lora: a hot-swap of it, to ready (the first size's row of each config)
+    lora_swap_recompiles: int | None = None  # graphs compiled by the swap and the call after it (target: 0)
+    lora_swap_captures: int | None = None  # CUDA graphs captured again by them (target: 0)
+    lora_off_ms_per_step: float | None = None  # --lora: the same config before the adapter was loaded, same process
+    lora_off_peak_gib: float | None = None
 
 
 def compiled_graph_count() -> int:
@@ -94,17 +97,6 @@ def warm_call_seconds(row: Row, steps: int) -> float:
     if steps == row.steps:
         return row.total_s
     return row.encode_s + row.decode_s + steps * row.ms_per_step / 1e3
-
-
-def release_cached_memory(device: torch.device) -> None:
-    """Hand the allocator's cached blocks back, so that reserved and NVML peaks belong to this phase alone
-    (otherwise a config measured after a larger one inherits its cache)."""
-    import gc
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
 
 
 @dataclass
@@ -240,58 +232,6 @@ def quantization_summary(engine, label: str) -> dict:
     return report
 
 
-@dataclass
-class Job:
-    """One engine config to run at some sizes; a --vram job also carries its budget and the plan's prediction."""
-
-    config: object
-    sizes: list
-    budget_gib: float | None = None
-    predicted_peak_gib: float | None = None
-    explanation: str = ""
-
-
-def budget_jobs(plan: Plan, args) -> list[Job]:
-    """Per --vram budget and size, the planner's choice (printed with the reasons)."""
-    if not args.budgets:
-        return []
-    from flux_kernels import triton_runnable
-
-    from ..memory.planner import plan as make_budget_plan
-    from ..quant.fp8 import fp8_compute_for
-
-    if plan.spec is None:
-        raise EngineError("--vram plans for the synthetic variants' architectures; use --model synthetic:flux-dev")
-    fp8_hardware = plan.device.type == "cuda" and fp8_compute_for(plan.device) == "scaled_mm"
-    jobs = []
-    for budget in args.budgets:
-        for size in plan.sizes:
-            chosen = make_budget_plan(
-                budget, *size, variant=plan.spec.name, batch=args.batch, steps=args.steps, quality=args.quality,
-                fp8_hardware=fp8_hardware, triton=triton_runnable(plan.device),
-            )  # fmt: skip
-            explanation = chosen.explain()
-            print(explanation)
-            jobs.append(Job(chosen.config, [size], budget, chosen.chosen.peak_gib, explanation))
-    return jobs
-
-
-@contextmanager
-def emulated_budget(budget_gib: float | None, device: torch.device):
-    """The GPU capped to `budget_gib` for the block (nothing on a CPU, or without a budget)."""
-    if budget_gib is None or device.type != "cuda":
-        yield
-        return
-    from ..memory.planner import emulate_budget
-
-    release_cached_memory(device)
-    emulate_budget(budget_gib, device)
-    try:
-        yield
-    finally:
-        emulate_budget(None, device)
-
-
 def run_job(engine, label: str, size: tuple, args, device: torch.device, flops: int, progress):
     """run_config, with an out-of-memory failure recorded as a row (the engine has freed what it held)."""
     from ..errors import EngineOutOfMemoryError
@@ -372,6 +312,7 @@ def run(args, plan: Plan | None = None) -> dict:
     total_calls = sum(len(j.sizes) for j in jobs) * (args.runs + args.warmup)
     total_calls += (0 if args.no_baseline else len(plan.sizes)) * (args.runs + args.warmup)
     total_calls += 2 * sum(j.config.compile.mode != "none" and j.budget_gib is None for j in jobs)  # warm probes
+    total_calls *= 2 if lora is not None else 1  # each config without the adapter, then with it
     h2d = None
     if plan.device.type == "cuda" and any(j.config.offload.policy != "none" for j in jobs):
         from ..offload import measure_h2d_bandwidth
@@ -406,6 +347,9 @@ def run(args, plan: Plan | None = None) -> dict:
                 engine = FluxEngine(**components)
                 engine.model_name = plan.model
                 engine = FluxEngine.from_pipe(engine, engine_config)
+                # with --lora, the config without the adapter first: the adapter's cost in one process
+                lora_off = {size: run_job(engine, label, size, args, plan.device, flops[size], progress)[0]
+                            for size in (job.sizes if lora is not None else ())}  # fmt: skip
                 if lora is not None:
                     attach(engine, lora)
             except Exception as err:  # e.g. out of memory while quantising: record it, go on with the next config
@@ -427,13 +371,13 @@ def run(args, plan: Plan | None = None) -> dict:
                 if job.budget_gib is not None:
                     row.engine_config = replace(job.config, name="").label
                 row.offload = offload_figures(engine, row, h2d)
-                row.lora = lora.label if lora is not None else None
+                note_lora(row, lora, lora_off.get(size))
                 if not args.no_baseline and outputs[key] is not None:
                     compare(row, outputs[key], rows[(BASELINE_LABEL, size)], outputs[(BASELINE_LABEL, size)])
             # the warm-compile probe once per compiled preset (a --vram plan reuses the graphs of the presets)
             # (only after a warm-up call: its time, less a timed call's, is the cold compile)
             if lora is not None and outputs[(label, job.sizes[0])] is not None:
-                rows[(label, job.sizes[0])].lora_swap_s = swap_seconds(engine, lora, plan.device)
+                measure_swap(engine, lora, rows[(label, job.sizes[0])], args, plan.device, compiled_graph_count)
             warm_probe = job.budget_gib is None and engine.compile_state is not None and args.warmup > 0
             if warm_probe and outputs[(label, job.sizes[0])] is not None:
                 first = rows[(label, job.sizes[0])]

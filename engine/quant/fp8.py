@@ -207,11 +207,35 @@ class Fp8Linear(nn.Module):
 
 
 class FusedAway(nn.Module):
-    """Stands where a projection was before it was fused and quantised (it held a view of the bf16 weight)."""
+    """Stands where a projection was before it was fused and quantised (it held a view of the bf16 weight).
 
-    def __init__(self, fused_name: str):
+    It knows where its rows went: `block`'s attribute `attr` (the fused, quantised layer), rows [start, stop), input
+    width `in_features`; a LoRA adapter on it (engine.quant.lora) adds its update to those columns of the fused GEMM's
+    output and merges into those rows. The block is held in a list, not as a submodule (it is this module's parent).
+    `weight` is an empty tensor (no bytes, not saved) on the fused layer's device, in its compute dtype: what PEFT
+    reads to place an adapter, as KeepsInputDtype's is for T5.
+    """
+
+    def __init__(
+        self, fused_name: str, block: nn.Module | None = None, attr: str = "", start: int = 0, stop: int = 0,
+        in_features: int = 0, like: torch.Tensor | None = None,
+    ):  # fmt: skip
         super().__init__()
-        self.fused_name = fused_name
+        self.fused_name, self.attr, self.start, self.stop = fused_name, attr, start, stop
+        self.in_features, self.out_features = in_features, stop - start
+        self._block = [block] if block is not None else []
+        device, dtype = (like.device, like.dtype) if like is not None else (None, torch.bfloat16)
+        self.register_buffer("weight", torch.empty(0, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def block(self) -> nn.Module:
+        if not self._block:
+            raise ConfigError(f"this placeholder of a projection fused into `{self.fused_name}` has no block recorded")
+        return self._block[0]
+
+    def fused_layer(self) -> nn.Module:
+        """The fused, quantised layer holding this projection's rows."""
+        return getattr(self.block, self.attr)
 
     def forward(self, *args, **kwargs):
         raise ConfigError(

@@ -101,11 +101,36 @@ def drop_fused_views(model: nn.Module) -> list[str]:
             fused = getattr(block, fused_name, None)
             if type(fused) is not nn.Linear or not all(_has_linear(block, view) for view in views):
                 continue
-            for view in views:
-                parent, child = parent_of(block, view)
-                setattr(parent, child, FusedAway(f"{block_name}.{fused_name}"))
-                dropped.append(f"{block_name}.{view}")
+            replace_by_fused_away(block, f"{block_name}.{fused_name}", fused_name, views)
+            dropped.extend(f"{block_name}.{view}" for view in views)
     return dropped
+
+
+def replace_by_fused_away(block: nn.Module, full_name: str, fused_name: str, views: tuple[str, ...]) -> None:
+    """Replace `block`'s projections `views` (in the fused layer's row order) by FusedAway placeholders that record
+    their rows of `block.<fused_name>`."""
+    start = 0
+    for view in views:
+        part = block.get_submodule(view)
+        parent, child = parent_of(block, view)
+        stop = start + part.out_features
+        like = torch.empty(0, device=device_of(part), dtype=compute_dtype_of(part))
+        setattr(parent, child, FusedAway(full_name, block, fused_name, start, stop, part.in_features, like))
+        start = stop
+
+
+def compute_dtype_of(layer: nn.Module) -> torch.dtype:
+    """The dtype a Linear, quantised or not, computes in (its inputs', its outputs', a LoRA adapter's on it)."""
+    if getattr(layer, "compute_dtype", None) is not None:  # bitsandbytes
+        return layer.compute_dtype
+    if isinstance(layer, Fp8Linear):
+        return layer.bias.dtype if layer.bias is not None else torch.bfloat16
+    return layer.weight.dtype  # nn.Linear, FusedAway; optimum-quanto's weights report their dequantised dtype
+
+
+def device_of(layer: nn.Module) -> torch.device:
+    """The device of a Linear's weights, quantised or not."""
+    return layer.weight_fp8.device if isinstance(layer, Fp8Linear) else layer.weight.device
 
 
 def fuse_quantized_linears(parts: list[nn.Module], name: str = "") -> nn.Module:
@@ -150,7 +175,7 @@ def _fuse_fp8(parts: list[Fp8Linear]) -> Fp8Linear:
     return fused
 
 
-def _plain_qbytes(weight):
+def plain_qbytes(weight):
     """quanto's kernel-agnostic WeightQBytesTensor of a weight (its CUDA Marlin fp8 packing undone)."""
     from optimum.quanto.tensor.weights import WeightQBytesTensor
 
@@ -161,7 +186,7 @@ def _fuse_quanto(parts: list[nn.Module]) -> nn.Module:
     from optimum.quanto.nn import QLinear
     from optimum.quanto.tensor.weights import WeightQBytesTensor
 
-    weights = [_plain_qbytes(part.weight) for part in parts]
+    weights = [plain_qbytes(part.weight) for part in parts]
     data = torch.cat([w._data for w in weights])  # [sum(N), K] int8 / float8
     scale = torch.cat([w._scale for w in weights])  # [sum(N), 1]
     out_features, in_features = data.shape
