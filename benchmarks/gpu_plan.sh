@@ -2,7 +2,7 @@
 # One GPU session's plan in one command: tests, kernel micro-benchmarks, engine benches.
 # Usage on the GPU machine (repo root): bash benchmarks/gpu_plan.sh STAGE [STAGE ...]
 # Stages: see the case below (tests, kernels, bench-*, ladder, gate-selftest, tests-mem, vae, torchao,
-# bench-memory, planner, ladder-full, main-1024, main-2048, tests-lora, lora-kc, lora-fast, lora-28). Each stage
+# bench-memory, planner, ladder-full, main-1024, main-2048, tests-lora, lora-kc, lora-fast, profile-lora, lora-28). Each stage
 # has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
@@ -145,6 +145,9 @@ for s in "$@"; do
       P=kernels-compile; [ "$s" = lora-fast ] && P=fp8-compile-fastacc-cudagraphs
       stage "$s" 330 python3 -m engine.bench --res 1024 2048 --steps 4 --runs 2 --preset "$P" --lora synthetic:64 \
         --cache-dir /tmp/fe-cache --out "$OUT/bench-$s-$CARD-$DAY.json" ;;
+    profile-lora)
+      stage profile-lora 240 python3 -m benchmarks.profile_lora --res 1024 --rank 64 --preset fp8-compile-fastacc \
+        --out "$OUT/profile-lora-$CARD-$DAY.json" ;;
     lora-28)
       # the 28-step 1024x1024 image with the rank-64 adapter active, fastest preset, beside diffusers with it
       stage lora-28 300 python3 -m engine.bench --res 1024 --steps 28 --runs 2 --preset fp8-compile-fastacc-cudagraphs \

@@ -1,0 +1,81 @@
+"""Where an active LoRA adapter's time goes: GPU kernel time per kernel name, one config without the adapter and
+then with it (same process, same weights), and the kernels whose time grew most, from torch.profiler.
+
+    python -m benchmarks.profile_lora --res 1024 --rank 64 --preset fp8-compile-fastacc --out results/profile-lora.json
+
+Use a preset without CUDA graphs (each kernel is its own event); 2 steps profiled after a warm-up call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from engine import FluxEngine, preset
+from engine.config import parse_resolution
+from engine.lora import synthetic_lora
+from engine.models import synthetic_components
+
+
+def kernel_ms(pipe, height: int, width: int, steps: int) -> dict[str, tuple[float, int]]:
+    """{kernel name: (ms per step, launches per step)} of one call's GPU kernels, after a warm-up call."""
+
+    def call():
+        pipe("a photograph of an astronaut", height=height, width=width, num_inference_steps=steps,
+             generator=torch.Generator().manual_seed(0), output_type="latent")  # fmt: skip
+
+    call()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    found: dict[str, list] = defaultdict(lambda: [0.0, 0])
+    for event in prof.key_averages():
+        device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if device_us > 0:
+            found[event.key[:100]][0] += device_us / 1e3 / steps
+            found[event.key[:100]][1] += event.count // steps
+    return {name: (ms, count) for name, (ms, count) in found.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--res", type=parse_resolution, default=(1024, 1024))
+    parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--preset", default="fp8-compile-fastacc")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    height, width = args.res
+    components = synthetic_components("flux-dev", device="cuda", dtype=torch.bfloat16, seed=0)
+    adapter = synthetic_lora(components["transformer"], args.rank, seed=1)
+    pipe = FluxEngine.from_pipe(FluxEngine(**components), preset(args.preset))
+    pipe.set_progress_bar_config(disable=True)
+    without = kernel_ms(pipe, height, width, args.steps)
+    pipe.load_lora_weights(adapter, adapter_name="profile")
+    with_adapter = kernel_ms(pipe, height, width, args.steps)
+    names = set(without) | set(with_adapter)
+    growth = sorted(
+        ((with_adapter.get(n, (0, 0))[0] - without.get(n, (0, 0))[0], with_adapter.get(n, (0, 0))[1] -
+          without.get(n, (0, 0))[1], n) for n in names), reverse=True,
+    )  # fmt: skip
+    result = {
+        "preset": args.preset, "res": [height, width], "rank": args.rank, "device": torch.cuda.get_device_name(),
+        "ms_per_step_without": sum(ms for ms, _ in without.values()),
+        "ms_per_step_with": sum(ms for ms, _ in with_adapter.values()),
+        "grown_kernels": [(round(ms, 3), launches, name) for ms, launches, name in growth[:40]],
+    }  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"GPU kernel ms/step: {result['ms_per_step_without']:.1f} without, {result['ms_per_step_with']:.1f} with")
+    for ms, launches, name in result["grown_kernels"][:25]:
+        print(f"{ms:+8.3f} ms {launches:+5d} x  {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
