@@ -37,7 +37,7 @@ from torch import nn
 
 from .config import AttentionConfig
 from .errors import ConfigError, InputError
-from .lora import active_lora, add_fused_lora, is_lora_layer
+from .lora import active_lora, add_fused_lora, fp8_lora_ready, is_lora_layer
 
 logger = logging.getLogger(__name__)
 
@@ -119,12 +119,12 @@ class BlockOps:
         per-token scales, so the activations are not written in bf16 and read back to be quantised. parts: the
         projections fused into `linear`, whose acting LoRA adapters (engine/lora.py) are added to their columns."""
         layers = active_lora(parts) if parts else None
-        if layers is not None:
-            normed = self.layernorm_modulate(x, shift, scale, eps)
-            return add_fused_lora(linear(normed), parts, layers, normed)
-        if self._fp8_into(linear, self.layernorm_modulate_fp8_fn):
-            return linear(*self.layernorm_modulate_fp8_fn(x, shift, scale, eps), out_dtype=x.dtype)
-        return linear(self.layernorm_modulate(x, shift, scale, eps))
+        if self._fp8_into(linear, self.layernorm_modulate_fp8_fn) and (layers is None or fp8_lora_ready(layers)):
+            normed, normed_scale = self.layernorm_modulate_fp8_fn(x, shift, scale, eps)
+            out = linear(normed, normed_scale, out_dtype=x.dtype)
+            return out if layers is None else add_fused_lora(out, parts, layers, normed, normed_scale, linear)
+        normed = self.layernorm_modulate(x, shift, scale, eps)
+        return linear(normed) if layers is None else add_fused_lora(linear(normed), parts, layers, normed)
 
     def gated_residual_modulated_linear(self, linear: nn.Module, x, y, gate, shift, scale, eps):
         """(residual, linear(normed)) of gated_residual_layernorm_modulate, fp8 as in modulated_linear."""

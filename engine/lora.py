@@ -24,11 +24,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .cuda_graphs import drop_captured_graphs
 from .errors import CheckpointError, ConfigError, InputError
+from .lora_update import acting_adapters, add_update, down_projection, plain_adapters
 
 # the pipeline methods of diffusers' FluxLoraLoaderMixin that change which adapters act, and how
 LORA_METHODS = (
@@ -50,54 +50,41 @@ def is_lora_layer(module: nn.Module) -> bool:
     return hasattr(module, "lora_A") and hasattr(module, "base_layer")
 
 
-def _acting(layer: nn.Module) -> list[str]:
-    """The adapters whose update `layer`'s forward would add now (PEFT's rules: none when disabled or merged)."""
-    if layer.disable_adapters or layer.merged:
-        return []
-    return [name for name in layer.active_adapters if name in layer.lora_A]
-
-
 def active_lora(parts: list[nn.Module]) -> list[nn.Module | None] | None:
     """For projections fused into one GEMM (in column order): each one's PEFT layer if it has adapters acting, else
     None; None overall when none has (the blocks' fast path)."""
-    layers = [part if is_lora_layer(part) and _acting(part) else None for part in parts]
+    layers = [part if is_lora_layer(part) and acting_adapters(part) else None for part in parts]
     return layers if any(layer is not None for layer in layers) else None
 
 
-def add_fused_lora(out: torch.Tensor, parts: list[nn.Module], layers: list[nn.Module | None], x: torch.Tensor):
+def add_fused_lora(
+    out: torch.Tensor, parts: list[nn.Module], layers: list[nn.Module | None], x: torch.Tensor,
+    x_scale: torch.Tensor | None = None, fp8=None,
+) -> torch.Tensor:  # fmt: skip
     """`out` (the fused GEMM's output [..., sum of widths]) plus each acting adapter's update in its projection's
-    columns, in PEFT's order and dtypes: base + B(A(dropout(x))) * scaling, adapter by adapter. Without dropout, the
-    A factors of every part and adapter run as one GEMM (x read once, not once per part): the same products."""
-    updates = []  # (column offset, width, layer, adapter)
+    columns: base + B(A(dropout(x))) * scaling, adapter by adapter (engine/lora_update.py: how). x_scale: x is the
+    e4m3 input of the fp8 GEMM `fp8`, with these per-token scales."""
+    updates, starts = [], []  # (layer, adapter), its first column
     offset = 0
     for part, layer in zip(parts, layers, strict=True):
-        if layer is not None:
-            for name in _acting(layer):
-                if name in getattr(layer, "lora_variant", {}):
-                    raise ConfigError(
-                        f"adapter {name!r} is a LoRA variant ({type(layer.lora_variant[name]).__name__}, e.g. DoRA) on "
-                        "a projection the engine fuses; plain LoRA only there: use the 'baseline' or 'compile' preset "
-                        "for it"
-                    )
-                updates.append((offset, part.out_features, layer, name))
+        for name in acting_adapters(layer) if layer is not None else ():
+            if name in getattr(layer, "lora_variant", {}):
+                raise ConfigError(
+                    f"adapter {name!r} is a LoRA variant ({type(layer.lora_variant[name]).__name__}, e.g. DoRA) on a "
+                    "projection the engine fuses; plain LoRA only there: use the 'baseline' or 'compile' preset for it"
+                )
+            updates.append((layer, name))
+            starts.append(offset)
         offset += part.out_features
-    downs = [layer.lora_A[name] for _, _, layer, name in updates]
-    dtypes = {down.weight.dtype for down in downs}
-    one_gemm = len(dtypes) == 1 and all(
-        isinstance(layer.lora_dropout[name], nn.Identity) and down.bias is None
-        for (_, _, layer, name), down in zip(updates, downs, strict=True)
-    )
-    if one_gemm:
-        hidden = F.linear(x.to(dtypes.pop()), torch.cat([down.weight for down in downs]))  # [..., sum of ranks]
-        ranks = [down.out_features for down in downs]
-        lows = hidden.split(ranks, dim=-1)
-    else:
-        lows = [down(layer.lora_dropout[name](x.to(down.weight.dtype))) for (_, _, layer, name), down in
-                zip(updates, downs, strict=True)]  # fmt: skip
-    for (start, width, layer, name), low in zip(updates, lows, strict=True):
-        update = layer.lora_B[name](low) * layer.scaling[name]
-        out[..., start : start + width].add_(update.to(out.dtype))
+    lows = down_projection(updates, x, x_scale, fp8)
+    for (layer, name), start, low in zip(updates, starts, lows, strict=True):
+        add_update(out, start, layer, name, low)
     return out
+
+
+def fp8_lora_ready(layers: list[nn.Module | None]) -> bool:
+    """Whether the adapters acting on these fused parts can read the fp8 GEMM's e4m3 input (plain LoRA)."""
+    return plain_adapters([(layer, name) for layer in layers if layer is not None for name in acting_adapters(layer)])
 
 
 # ----------------------------------------------------------------------------- the pipeline's LoRA calls

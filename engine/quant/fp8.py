@@ -123,6 +123,25 @@ def fp8_linear_quantized(
     return out.to(out_dtype)
 
 
+def fp8_input_linear(
+    x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, compute: str, out_dtype: torch.dtype,
+    fast_accum: bool = False,
+) -> torch.Tensor:  # fmt: skip
+    """x (e4m3 [..., K], fp32 per-token scales [..., 1]) @ weight.T [..., N] for a weight in a float dtype (a LoRA
+    factor beside an fp8 layer: small, so quantised per row here, as a base weight is), computed the way an
+    Fp8Linear of `compute` computes ('scaled_mm', 'emulate'); a width cuBLASLt cannot take (N % 16), or 'weight-only',
+    from the dequantised activations in out_dtype."""
+    leading, x_fp8, x_scale = x_fp8.shape[:-1], x_fp8.reshape(-1, x_fp8.shape[-1]), x_scale.reshape(-1, 1)
+    if compute == "weight-only" or (compute == "scaled_mm" and weight.shape[0] % 16):
+        out = F.linear(x_fp8.to(out_dtype) * x_scale.to(out_dtype), weight.to(out_dtype))
+    else:
+        weight_fp8, weight_scale = quantize_fp8_rowwise(weight)
+        out = fp8_linear_quantized(
+            x_fp8, x_scale, weight_fp8, weight_scale.view(-1), None, compute, out_dtype, fast_accum
+        )  # fmt: skip
+    return out.view(*leading, weight.shape[0])
+
+
 class Fp8Linear(nn.Module):
     """A Linear with e4m3 weights (per output channel scales) and dynamic per-token e4m3 activations.
 

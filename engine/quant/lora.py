@@ -30,6 +30,7 @@ from torch import nn
 from flux_kernels.fp8 import quantize_fp8_rowwise
 
 from ..errors import ConfigError, InputError
+from ..lora_update import acting_adapters, down_projection, plain_adapters
 from .fp8 import Fp8Linear, FusedAway
 from .layers import compute_dtype_of, device_of, plain_qbytes, quantized_kind, quantized_linear
 
@@ -54,6 +55,28 @@ class QuantizedLoraLinear(peft_lora.Linear):
         if isinstance(base, Fp8Linear):
             return torch.empty(0, device=device_of(base), dtype=compute_dtype_of(base))
         return base.weight
+
+    @property
+    def takes_fp8_input(self) -> bool:
+        """An fp8 base that wants the norm / GELU kernels' e4m3 output still gets it with plain adapters acting: their
+        A factors read the same activations (engine/lora_update.py)."""
+        base = self.get_base_layer()
+        names = acting_adapters(self)
+        return getattr(base, "takes_fp8_input", False) and plain_adapters([(self, name) for name in names])
+
+    def forward(self, x: torch.Tensor, *args, x_scale: torch.Tensor | None = None, out_dtype=None, **kwargs):
+        """PEFT's forward; or, given e4m3 activations with their per-token scales (as an Fp8Linear takes them,
+        positionally or by name), the base on them and each acting adapter's update beside it."""
+        if args and isinstance(args[0], torch.Tensor):
+            x_scale, args = args[0], args[1:]
+        if x_scale is None:
+            return super().forward(x, *args, **kwargs)
+        base = self.get_base_layer()
+        result = base(x, x_scale, out_dtype=out_dtype)
+        updates = [(self, name) for name in acting_adapters(self)]
+        for (_, name), low in zip(updates, down_projection(updates, x, x_scale, base), strict=True):
+            result = result + (self.lora_B[name](low) * self.scaling[name]).to(result.dtype)
+        return result
 
     def update_layer(self, adapter_name: str, r: int, *args, config=None, **kwargs):
         variants = [name for name in ("use_dora", "use_bdlora") if getattr(config, name, False)]
