@@ -271,9 +271,14 @@ LORA_TARGETS = (
 )  # fmt: skip
 
 
-def synthetic_lora(transformer, rank: int, seed: int = 0, std: float = 0.1) -> dict[str, torch.Tensor]:
+def synthetic_lora(
+    transformer, rank: int, seed: int = 0, std: float | None = None, strength: float = 0.1
+) -> dict[str, torch.Tensor]:
     """A diffusers/PEFT-format LoRA state dict of `rank` on every attention and MLP projection of every block of
-    `transformer` (random factors, deterministic by `seed`), in the transformer's dtype, on the CPU."""
+    `transformer` (random factors, deterministic by `seed`), in the transformer's dtype, on the CPU.
+
+    The factors' std: `std` if given, else per projection such that B @ A's RMS is `strength` times its weight's (a
+    trained adapter changes a layer by a fraction of it; equal stds s give B @ A an RMS of s^2 sqrt(rank))."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ConfigError(f"LoRA rank {rank!r} must be an integer >= 1 (e.g. 16, 64)")
     generator = torch.Generator().manual_seed(seed)
@@ -281,8 +286,12 @@ def synthetic_lora(transformer, rank: int, seed: int = 0, std: float = 0.1) -> d
     state = {}
     for name, module in transformer.named_modules():
         if "blocks." in name and name.endswith(LORA_TARGETS) and hasattr(module, "in_features"):
-            down = torch.randn(rank, module.in_features, generator=generator) * std
-            up = torch.randn(module.out_features, rank, generator=generator) * std
+            scale = std
+            if scale is None:
+                weight_rms = module.weight.detach().float().pow(2).mean().sqrt().item()
+                scale = (strength * weight_rms / rank**0.5) ** 0.5
+            down = torch.randn(rank, module.in_features, generator=generator) * scale
+            up = torch.randn(module.out_features, rank, generator=generator) * scale
             state[f"transformer.{name}.lora_A.weight"] = down.to(dtype)
             state[f"transformer.{name}.lora_B.weight"] = up.to(dtype)
     return state

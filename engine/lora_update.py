@@ -4,10 +4,10 @@ out[..., columns] += B(A(x)) * scaling, for each acting adapter, in PEFT's order
 - beside an fp8 projection that takes the norm / GELU kernel's e4m3 activations, A reads those same activations
   through the same fp8 path as the base GEMM (A quantised per row, as a base weight is): the blocks keep their fused
   fp8 kernels with an adapter acting, and the update sees the activations the base sees;
-- B accumulated into the fused GEMM's output in place (`flux_engine::lora_addmm_`: cuBLAS with beta = 1 on the
-  column slice), so that output is read and written once, instead of an update written, read back and added.
-Measured on an H200 (benchmarks/NOTES.md, 2026-11-29 evening): without these, the fp8 preset's rank-64 adapter cost
-27 ms of a 85 ms step at 1024^2, 17 of them in the fp8 fusions the adapted projections lost.
+- B's product added into its columns of the fused output (an in-place cuBLAS addmm on the column slice, tried as a
+  custom op, measured slower under kernels-compile at 1024^2: 163 against 143 ms per step).
+Measured on an H200 (benchmarks/NOTES.md, 2026-11-29 evening): without the fp8 input, the fp8 preset's rank-64
+adapter cost 27 ms of a 85 ms step at 1024^2, 17 of them in the fp8 fusions the adapted projections lost.
 """
 
 from __future__ import annotations
@@ -53,23 +53,7 @@ def down_projection(
     return list(hidden.split([down.out_features for down in downs], dim=-1))
 
 
-@torch.library.custom_op("flux_engine::lora_addmm_", mutates_args=("out",))
-def lora_addmm_(out: torch.Tensor, low: torch.Tensor, up: torch.Tensor, start: int) -> None:
-    """out[..., start : start + up rows] += low @ up.T in place (out contiguous [..., N], low [..., r], up [n, r])."""
-    columns = out.view(-1, out.shape[-1])[:, start : start + up.shape[0]]
-    columns.addmm_(low.reshape(-1, low.shape[-1]).to(out.dtype), up.t().to(out.dtype))
-
-
-@lora_addmm_.register_fake
-def _(out, low, up, start):
-    return None
-
-
 def add_update(out: torch.Tensor, start: int, layer: nn.Module, name: str, low: torch.Tensor) -> None:
-    """out[..., start : start + width] += B(low) * scaling: in place through cuBLAS where out is contiguous and B plain
-    (no bias); else as PEFT adds it."""
+    """out[..., start : start + width] += B(low) * scaling, as PEFT adds it (in place, into the fused output)."""
     up = layer.lora_B[name]
-    if out.is_contiguous() and up.bias is None:
-        lora_addmm_(out, low * layer.scaling[name], up.weight, start)
-    else:
-        out[..., start : start + up.out_features].add_((up(low) * layer.scaling[name]).to(out.dtype))
+    out[..., start : start + up.out_features].add_((up(low) * layer.scaling[name]).to(out.dtype))

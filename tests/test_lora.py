@@ -27,7 +27,7 @@ ATOL = 1e-5
 
 
 def lora_state_dict(transformer, rank: int = 4, seed: int = 1) -> dict:
-    return synthetic_lora(transformer, rank, seed)
+    return synthetic_lora(transformer, rank, seed, std=0.1)
 
 
 def _pipes(config=FUSED):
@@ -224,3 +224,14 @@ def test_a_pipeline_over_optimised_components_gets_the_same_lora_care(adapters):
     for pipe in (reference, second_engine):
         pipe.load_lora_weights(dict(first), adapter_name="first")
     _same(reference, second_engine)
+
+
+def test_a_synthetic_lora_changes_each_projection_by_its_strength():
+    """By default B @ A's RMS is 10% of each projection's weight's (a trained adapter's order), whatever the width."""
+    transformer = synthetic_components("tiny", device="cpu", dtype=torch.float32, seed=0)["transformer"]
+    state = synthetic_lora(transformer, rank=16, seed=0)
+    for name in ("transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.proj_out"):
+        delta = state[f"transformer.{name}.lora_B.weight"] @ state[f"transformer.{name}.lora_A.weight"]
+        weight = transformer.get_submodule(name).weight
+        ratio = (delta.pow(2).mean().sqrt() / weight.pow(2).mean().sqrt()).item()
+        assert 0.07 < ratio < 0.13, (name, ratio)  # random factors: within 30% of 0.1

@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--lora",
         default=None,
         help="an adapter on diffusers and on every engine config: a local .safetensors LoRA, or synthetic:RANK (random "
-        "factors of that rank on every attention and MLP projection, by --seed); adds the hot-swap time",
+        "factors of that rank on every attention and MLP projection, by --seed, each changing its projection by 10%% "
+        "of its weight's RMS); each config runs without it first; adds the hot-swap time",
     )
     parser.add_argument(
         "--gpus",
