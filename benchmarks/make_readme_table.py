@@ -53,7 +53,8 @@ def engine_table(files: list[dict]) -> list[str]:
     newest: dict[tuple, tuple[dict, dict]] = {}
     for data in sorted(files, key=lambda d: d["env"].get("date", "")):
         for row in data["rows"]:
-            if row["config"] != "diffusers" and row.get("budget_gib") is None and "gpus" not in row:
+            plain = row.get("budget_gib") is None and "gpus" not in row and not row.get("lora")
+            if row["config"] != "diffusers" and plain:
                 newest[(_card(data["env"]), row["config"], row["height"], row["width"])] = (data, row)
     lines = [
         "| card | date | commit | model | size | preset | ms/step | diffusers ms/step | speed-up | TFLOP/s "
@@ -226,6 +227,42 @@ def newest(pattern: str) -> dict | None:
     return max(files, key=lambda d: d["env"].get("date", "")) if files else None
 
 
+def lora_table(files: list[dict]) -> list[str]:
+    """engine.bench --lora: every row, oldest first (each run's commit differs): the config with the adapter active,
+    the same config before it was loaded (same process), and diffusers with the same adapter (same run)."""
+    lines = [
+        "LoRA (`engine.bench --lora synthetic:RANK`): each config with the adapter active beside the same config "
+        "before it was loaded (same process) and diffusers with the same adapter (same run); PSNR against diffusers "
+        "with it. Synthetic adapters before commit 7250a61 had factors of std 0.1 (B @ A 8-17x the weights' RMS), "
+        "since then 10% of each weight's RMS: the PSNR of the two differ, the times do not.",
+        "",
+        "| card | date | commit | size | steps | config | adapter | ms/step | without it | cost | diffusers ms/step "
+        "| s/image | peak GiB | without it | hot-swap s | recompiles / captures | PSNR dB | file |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for data in sorted(files, key=lambda d: d["env"].get("date", "")):
+        env = data["env"]
+        baseline = {(r["height"], r["width"]): r for r in data["rows"] if r["config"] == "diffusers"}
+        for row in data["rows"]:
+            if row["config"] == "diffusers" or not row.get("lora"):
+                continue
+            off = row.get("lora_off_ms_per_step")
+            cost = f"{row['ms_per_step'] / off:.3f}x" if off else "-"
+            swap = "-"
+            if row.get("lora_swap_s") is not None:
+                swap = f"{row['lora_swap_recompiles']} / {row['lora_swap_captures']}"
+            lines.append(
+                f"| {_card(env)} | {_stamp(env)} | {env.get('commit', '-')} | {row['width']}x{row['height']} "
+                f"| {row['steps']} | {row['config']} | {row['lora']} | {_num(row['ms_per_step'], '.1f')} "
+                f"| {_num(off, '.1f')} | {cost} "
+                f"| {_num(baseline.get((row['height'], row['width']), {}).get('ms_per_step'), '.1f')} "
+                f"| {_num(row['total_s'], '.2f')} | {_num(row.get('peak_allocated_gib'), '.2f')} "
+                f"| {_num(row.get('lora_off_peak_gib'), '.2f')} | {_num(row.get('lora_swap_s'), '.2f')} | {swap} "
+                f"| {_num(row.get('psnr_db'), '.1f')} | `{data['_file']}` |"
+            )
+    return lines
+
+
 def render() -> str:
     benches = _gpu_results("bench-*.json")
     if not benches:
@@ -240,6 +277,9 @@ def render() -> str:
     parallel = [d for d in benches if d.get("parallel")]
     if parallel:
         parts += ["", *parallel_table(parallel)]
+    lora = [d for d in benches if any(r.get("lora") for r in d["rows"])]
+    if lora:
+        parts += ["", *lora_table(lora)]
     budgets = [d for d in benches if any(r.get("budget_gib") is not None for r in d["rows"])]
     if budgets:
         parts += ["", *budget_table(max(budgets, key=lambda d: d["env"].get("date", "")))]
