@@ -67,3 +67,46 @@ def tiny_call_kwargs(**overrides) -> dict:
     }
     kwargs.update(overrides)
     return kwargs
+
+
+def trainer_format_lora(transformer, layout: str, rank: int = 4, seed: int = 0, std: float = 0.15) -> dict:
+    """A LoRA state dict for `transformer` in a trainer's own layout, which diffusers converts on loading:
+    - "kohya" (sd-scripts): `lora_unet_double_blocks_{i}_img_attn_qkv.lora_down.weight` / `lora_up` / `alpha`, BFL's
+      module names, fused QKV as one factor pair; every double-block projection incl. the adaLN modulation, and the
+      single blocks' linear2 and modulation (diffusers splits their linear1 at FLUX.1's widths, which the tiny model
+      lacks);
+    - "xlabs": `double_blocks.{i}.processor.qkv_lora1.down.weight` / `up`, one down factor shared by q, k and v;
+      attention only, the single blocks' q, k, v (three of linear1's four parts) and proj_out."""
+    generator = torch.Generator().manual_seed(seed)
+    width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    pairs = {}  # key stem -> (in, out)
+    for i, block in enumerate(transformer.transformer_blocks):
+        mlp = block.ff.net[0].proj.out_features
+        if layout == "kohya":
+            for side in ("img", "txt"):
+                pairs.update({
+                    f"lora_unet_double_blocks_{i}_{side}_attn_qkv": (width, 3 * width),
+                    f"lora_unet_double_blocks_{i}_{side}_attn_proj": (width, width),
+                    f"lora_unet_double_blocks_{i}_{side}_mlp_0": (width, mlp),
+                    f"lora_unet_double_blocks_{i}_{side}_mlp_2": (mlp, width),
+                    f"lora_unet_double_blocks_{i}_{side}_mod_lin": (width, 6 * width),
+                })  # fmt: skip
+        else:
+            for n in (1, 2):
+                pairs[f"double_blocks.{i}.processor.qkv_lora{n}"] = (width, 3 * width)
+                pairs[f"double_blocks.{i}.processor.proj_lora{n}"] = (width, width)
+    for i, block in enumerate(transformer.single_transformer_blocks):
+        if layout == "kohya":
+            pairs[f"lora_unet_single_blocks_{i}_linear2"] = (block.proj_out.in_features, width)
+            pairs[f"lora_unet_single_blocks_{i}_modulation_lin"] = (width, 3 * width)
+        else:
+            pairs[f"single_blocks.{i}.processor.qkv_lora"] = (width, 3 * width)
+            pairs[f"single_blocks.{i}.processor.proj_lora"] = (block.proj_out.in_features, width)
+    down, up = ("lora_down", "lora_up") if layout == "kohya" else ("down", "up")
+    state = {}
+    for stem, (inputs, outputs) in pairs.items():
+        state[f"{stem}.{down}.weight"] = torch.randn(rank, inputs, generator=generator) * std
+        state[f"{stem}.{up}.weight"] = torch.randn(outputs, rank, generator=generator) * std
+        if layout == "kohya":
+            state[f"{stem}.alpha"] = torch.tensor(rank / 2)  # scale 0.5, which diffusers folds into the factors
+    return state

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_call_kwargs
+from conftest import tiny_call_kwargs, trainer_format_lora
 from diffusers import FluxPipeline
 
 from engine import EngineConfig, FluxEngine, restore
@@ -235,3 +235,15 @@ def test_a_synthetic_lora_changes_each_projection_by_its_strength():
         weight = transformer.get_submodule(name).weight
         ratio = (delta.pow(2).mean().sqrt() / weight.pow(2).mean().sqrt()).item()
         assert 0.07 < ratio < 0.13, (name, ratio)  # random factors: within 30% of 0.1
+
+
+@pytest.mark.parametrize("layout", ["kohya", "xlabs"])
+def test_trainer_format_loras_give_diffusers_images(layout):
+    """LoRAs in kohya's and XLabs' layouts, converted by diffusers on loading (fused QKV factors split, a down factor
+    shared by q, k and v, alphas folded in, the adaLN modulation linears): the engine's image is diffusers'."""
+    reference, engine = _pipes()
+    plain = _image(reference)
+    state = trainer_format_lora(reference.transformer, layout)
+    for pipe in (reference, engine):
+        pipe.load_lora_weights(dict(state), adapter_name=layout)
+    assert (_same(reference, engine) - plain).abs().max() > 1e-3

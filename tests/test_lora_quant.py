@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_call_kwargs
+from conftest import tiny_call_kwargs, trainer_format_lora
 from diffusers import FluxPipeline
 
 from engine import EngineConfig, FluxEngine
@@ -119,6 +119,20 @@ def test_the_fp8_kernels_feed_the_adapted_projections_too(adapters, reference_im
     assert (
         psnr(images, _image(unfused)) >= 50.0
     )  # A reads fp8-rounded activations: measured 60.8 dB (59.4 vs diffusers)
+
+
+@pytest.mark.parametrize("layout", ["kohya", "xlabs"])
+def test_trainer_format_loras_on_fp8(layout):
+    """kohya's and XLabs' layouts on the fp8 preset (the kohya one also on the quantised adaLN modulation linears)."""
+    reference = _tiny()
+    plain = _image(reference)
+    state = trainer_format_lora(reference.transformer, layout)
+    reference.load_lora_weights(dict(state), adapter_name=layout)
+    expected = _image(reference)
+    assert psnr(plain, expected) < MIN_PSNR["fp8"]  # the adapter matters beyond the tolerance
+    engine = FluxEngine.from_pipe(_tiny(), _config("fp8"))
+    engine.load_lora_weights(dict(state), adapter_name=layout)
+    assert psnr(_image(engine), expected) >= MIN_PSNR["fp8"]
 
 
 def _fp8_rows(layer: Fp8Linear) -> tuple[torch.Tensor, torch.Tensor]:
