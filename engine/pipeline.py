@@ -23,6 +23,7 @@ from .models.builders import synthetic_components
 from .models.loading import load_local_components
 from .models.variants import SYNTHETIC_PREFIX, is_variant_name, resolve_device, variant_spec
 from .steps import AppliedSteps
+from .tasks import check_flux_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -47,23 +48,6 @@ def default_dtype(device: torch.device) -> torch.dtype:
 def engine_config_of(pipe) -> EngineConfig | None:
     """The EngineConfig that `optimize` applied to `pipe`, or None for an untouched pipeline."""
     return getattr(pipe, _ENGINE_CONFIG_ATTR, None)
-
-
-def check_flux_pipeline(pipe) -> None:
-    """optimize() takes every diffusers FLUX.1 pipeline whose transformer is a FluxTransformer2DModel (FluxPipeline,
-    FluxImg2ImgPipeline, FluxInpaintPipeline, FluxKontextPipeline, FluxFillPipeline, FluxControl*Pipeline,
-    FluxControlNetPipeline, ...): the steps touch the transformer, the VAE and encode_prompt, which they share."""
-    from diffusers import FluxTransformer2DModel
-
-    transformer = getattr(pipe, "transformer", None)
-    if not isinstance(transformer, FluxTransformer2DModel) or not hasattr(pipe, "vae"):
-        what = type(transformer).__name__ if transformer is not None else "no transformer"
-        raise ConfigError(
-            f"optimize() takes a diffusers FLUX.1 pipeline with a FluxTransformer2DModel (FluxPipeline, "
-            f"FluxImg2ImgPipeline, FluxInpaintPipeline, FluxKontextPipeline, FluxFillPipeline, ...); got "
-            f"{type(pipe).__name__} with {what}. FluxPriorReduxPipeline makes embeddings for one of those: optimise "
-            "the pipeline that takes its outputs"
-        )
 
 
 def optimize(pipe, config: EngineConfig | str | None = None):

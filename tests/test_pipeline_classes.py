@@ -1,17 +1,27 @@
-"""optimize() on diffusers' other FLUX.1 pipeline classes (img2img, inpaint, Kontext), against the same class plain,
-on the tiny model in fp32 on the CPU: the baseline is diffusers to the bit, the fused blocks within fp32 rounding."""
+"""optimize() on diffusers' other FLUX.1 pipeline classes (img2img, inpaint, Kontext, Fill, Control), against the same
+class plain, on the tiny models in fp32 on the CPU (tiny-fill and tiny-control: the tiny transformer with Fill's 384 and
+Canny / Depth's 128 input channels): the baseline is diffusers to the bit, the fused blocks within fp32 rounding, fp8
+within its own tolerance."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxKontextPipeline, FluxPipeline
+from diffusers import (
+    FluxControlPipeline,
+    FluxFillPipeline,
+    FluxImg2ImgPipeline,
+    FluxInpaintPipeline,
+    FluxKontextPipeline,
+    FluxPipeline,
+)
 from PIL import Image
 
-from engine import EngineConfig, optimize
-from engine.config import AttentionConfig
+from engine import EngineConfig, FluxEngine, optimize
+from engine.config import AttentionConfig, QuantConfig
 from engine.errors import ConfigError
+from engine.measure import psnr
 from engine.models import synthetic_components
 from engine.parallel import ParallelConfig
 
@@ -24,15 +34,22 @@ def _picture(seed: int, mode: str = "RGB") -> Image.Image:
     return Image.fromarray(pixels).convert(mode)
 
 
-CLASSES = {
-    "img2img": (FluxImg2ImgPipeline, lambda: {"image": _picture(1), "strength": 0.6}),
-    "inpaint": (FluxInpaintPipeline, lambda: {"image": _picture(1), "mask_image": _picture(2, "L"), "strength": 0.8}),
-    "kontext": (FluxKontextPipeline, lambda: {"image": _picture(1), "_auto_resize": False}),
+CLASSES = {  # task: (class, its inputs, the tiny variant whose transformer it feeds)
+    "img2img": (FluxImg2ImgPipeline, lambda: {"image": _picture(1), "strength": 0.6}, "tiny"),
+    "inpaint": (
+        FluxInpaintPipeline,
+        lambda: {"image": _picture(1), "mask_image": _picture(2, "L"), "strength": 0.8},
+        "tiny",
+    ),  # fmt: skip
+    "kontext": (FluxKontextPipeline, lambda: {"image": _picture(1), "_auto_resize": False}, "tiny"),
+    "fill": (FluxFillPipeline, lambda: {"image": _picture(1), "mask_image": _picture(2, "L")}, "tiny-fill"),
+    "control": (FluxControlPipeline, lambda: {"control_image": _picture(3)}, "tiny-control"),
 }
+FP8 = EngineConfig(attention=AttentionConfig(backend="auto"), quant=QuantConfig(transformer="fp8"))
 
 
-def _images(pipeline_class, inputs: dict, config=None) -> torch.Tensor:
-    pipe = pipeline_class(**synthetic_components("tiny", device="cpu", dtype=torch.float32, seed=0))
+def _images(pipeline_class, inputs: dict, config=None, variant: str = "tiny") -> torch.Tensor:
+    pipe = pipeline_class(**synthetic_components(variant, device="cpu", dtype=torch.float32, seed=0))
     if config is not None:
         assert optimize(pipe, config) is pipe
     pipe.set_progress_bar_config(disable=True)
@@ -43,12 +60,30 @@ def _images(pipeline_class, inputs: dict, config=None) -> torch.Tensor:
 
 @pytest.mark.parametrize("task", list(CLASSES))
 def test_other_flux_pipelines_keep_their_call_and_diffusers_images(task):
-    pipeline_class, inputs = CLASSES[task]
-    plain = _images(pipeline_class, inputs())
-    assert torch.equal(_images(pipeline_class, inputs(), "baseline"), plain)
+    pipeline_class, inputs, variant = CLASSES[task]
+    plain = _images(pipeline_class, inputs(), variant=variant)
+    assert torch.equal(_images(pipeline_class, inputs(), "baseline", variant), plain)
     # the fused QKV GEMMs sum in another order than three GEMMs: fp32 rounding (0.0 to ~1e-6 on text-to-image,
     # tests/test_engine_attention.py)
-    torch.testing.assert_close(_images(pipeline_class, inputs(), FUSED), plain, atol=1e-5, rtol=0)
+    torch.testing.assert_close(_images(pipeline_class, inputs(), FUSED, variant), plain, atol=1e-5, rtol=0)
+    # fp8 within its text-to-image tolerance (tests/test_quantize.py: 45 dB); measured 61-63 dB on Fill and Control
+    assert psnr(_images(pipeline_class, inputs(), FP8, variant), plain) >= 45.0
+
+
+@pytest.mark.parametrize(
+    ("pipeline_class", "variant", "fits"),
+    [(FluxPipeline, "tiny-fill", "FluxFillPipeline"), (FluxFillPipeline, "tiny", "FluxPipeline"),
+     (FluxPipeline, "tiny-control", "FluxControlPipeline"), (FluxControlPipeline, "tiny-fill", "FluxFillPipeline")],
+)  # fmt: skip
+def test_a_model_in_the_wrong_pipeline_class_is_refused_up_front(pipeline_class, variant, fits):
+    """diffusers would denoise latents of the wrong width and fail in the VAE after every step; the engine names the
+    class that fits before anything runs (FluxEngine included: it is a FluxPipeline)."""
+    pipe = pipeline_class(**synthetic_components(variant, device="cpu", dtype=torch.float32, seed=0))
+    with pytest.raises(ConfigError, match=f"feeds its transformer .* latent channels.*Load it into {fits}"):
+        optimize(pipe, FUSED)
+    if pipeline_class is FluxPipeline:
+        with pytest.raises(ConfigError, match=f"Load it into {fits}"):
+            FluxEngine.from_pretrained(f"synthetic:{variant}", device="cpu")
 
 
 def test_pipelines_without_a_flux_transformer_are_refused():

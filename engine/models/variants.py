@@ -1,4 +1,5 @@
-"""FLUX.1 model variants: the architectures of dev, schnell and tiny, their usage limits, and the device checks."""
+"""FLUX.1 model variants: the architectures of dev, schnell, Fill, Canny / Depth, Kontext and tiny ones, their usage
+limits, and the device checks."""
 
 from __future__ import annotations
 
@@ -36,10 +37,14 @@ class ModelSpec:
     extra: dict = field(default_factory=dict)
 
 
-def _flux_transformer(guidance_embeds: bool) -> dict:
+def _flux_transformer(guidance_embeds: bool, in_channels: int = 64) -> dict:
+    """FLUX.1's transformer; in_channels past 64 (Fill: 384, Canny / Depth: 128) take the conditioning latents packed
+    beside the noise, and the output stays 64 wide."""
+    extra = {"out_channels": 64} if in_channels != 64 else {}
     return {
         "patch_size": 1,
-        "in_channels": 64,
+        "in_channels": in_channels,
+        **extra,
         "num_layers": 19,
         "num_single_layers": 38,
         "attention_head_dim": 128,
@@ -116,6 +121,15 @@ _DEV_SCHEDULER = {
     "max_image_seq_len": 4096,
 }
 
+
+def _dev_like(name: str, in_channels: int, steps: int, guidance: float, notes: str) -> ModelSpec:
+    return ModelSpec(
+        name=name, transformer=_flux_transformer(True, in_channels), t5=_T5_XXL, clip=_CLIP_L, vae=_FLUX_VAE,
+        scheduler=_DEV_SCHEDULER, clip_vocab_size=49408, t5_vocab_size=32100, t5_max_length=512, default_steps=steps,
+        default_guidance=guidance, notes=notes,
+    )  # fmt: skip
+
+
 VARIANTS: dict[str, ModelSpec] = {
     "flux-dev": ModelSpec(
         name="flux-dev",
@@ -145,6 +159,14 @@ VARIANTS: dict[str, ModelSpec] = {
         default_guidance=0.0,
         notes="FLUX.1 [schnell]: timestep-distilled, 4 steps",
     ),
+    # The editing and control models (diffusers' FluxFillPipeline, FluxControlPipeline, FluxKontextPipeline): dev's
+    # transformer taking conditioning latents beside the noise (Fill: the masked image and the mask, 384 channels;
+    # Canny / Depth: the control image, 128), or, for Kontext, dev's own (the reference image's tokens ride in the
+    # sequence). Their usage limits are BFL's model cards'.
+    "flux-fill": _dev_like("flux-fill", 384, steps=50, guidance=30.0, notes="FLUX.1 Fill [dev]: inpaint, outpaint"),
+    "flux-canny": _dev_like("flux-canny", 128, steps=50, guidance=30.0, notes="FLUX.1 Canny [dev]: edge control"),
+    "flux-depth": _dev_like("flux-depth", 128, steps=30, guidance=10.0, notes="FLUX.1 Depth [dev]: depth control"),
+    "flux-kontext": _dev_like("flux-kontext", 64, steps=28, guidance=2.5, notes="FLUX.1 Kontext [dev]: image editing"),
     # Same classes, tiny sizes: the whole pipeline runs on a CPU in seconds. Keeps the real latent
     # layout (16 channels, VAE factor 8, 2x2 patches) so the size rules match the real models.
     "tiny": ModelSpec(
@@ -253,3 +275,15 @@ def check_device_fits_variant(spec: ModelSpec, device: torch.device) -> None:
             f"the {spec.name} model needs a CUDA GPU (its transformer alone is ~22 GiB in bf16); "
             f"on {device.type} use `synthetic:tiny`"
         )
+
+
+def _tiny_like(name: str, in_channels: int, notes: str) -> ModelSpec:
+    tiny = VARIANTS["tiny"]
+    transformer = {**tiny.transformer, "in_channels": in_channels, "out_channels": 64}
+    return ModelSpec(**{**vars(tiny), "name": name, "transformer": transformer, "notes": notes})
+
+
+VARIANTS["tiny-fill"] = _tiny_like("tiny-fill", 384, "tiny random Fill model (FluxFillPipeline) for CPUs and tests")
+VARIANTS["tiny-control"] = _tiny_like(
+    "tiny-control", 128, "tiny random Canny / Depth model (FluxControlPipeline) for CPUs and tests"
+)
