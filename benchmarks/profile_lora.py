@@ -10,36 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 
+from benchmarks.profiling import kernel_times
 from engine import FluxEngine, preset
 from engine.config import parse_resolution
 from engine.lora import synthetic_lora
 from engine.models import synthetic_components
-
-
-def kernel_ms(pipe, height: int, width: int, steps: int) -> dict[str, tuple[float, int]]:
-    """{kernel name: (ms per step, launches per step)} of one call's GPU kernels, after a warm-up call."""
-
-    def call():
-        pipe("a photograph of an astronaut", height=height, width=width, num_inference_steps=steps,
-             generator=torch.Generator().manual_seed(0), output_type="latent")  # fmt: skip
-
-    call()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        call()
-        torch.cuda.synchronize()
-    found: dict[str, list] = defaultdict(lambda: [0.0, 0])
-    for event in prof.key_averages():
-        device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
-        if device_us > 0:
-            found[event.key[:100]][0] += device_us / 1e3 / steps
-            found[event.key[:100]][1] += event.count // steps
-    return {name: (ms, count) for name, (ms, count) in found.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,9 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     adapter = synthetic_lora(components["transformer"], args.rank, seed=1)
     pipe = FluxEngine.from_pipe(FluxEngine(**components), preset(args.preset))
     pipe.set_progress_bar_config(disable=True)
-    without = kernel_ms(pipe, height, width, args.steps)
+    without = kernel_times(pipe, height, width, args.steps)
     pipe.load_lora_weights(adapter, adapter_name="profile")
-    with_adapter = kernel_ms(pipe, height, width, args.steps)
+    with_adapter = kernel_times(pipe, height, width, args.steps)
     names = set(without) | set(with_adapter)
     growth = sorted(
         ((with_adapter.get(n, (0, 0))[0] - without.get(n, (0, 0))[0], with_adapter.get(n, (0, 0))[1] -

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from benchmarks.profiling import kernel_times
 from engine import FluxEngine, preset
 from engine.config import parse_resolution
 from engine.parallel import init_distributed, with_parallel
@@ -38,23 +39,11 @@ def category(name: str) -> str:
 
 
 def profile(pipe, height: int, width: int, steps: int) -> dict:
-    def call():
-        pipe("a photograph of an astronaut", height=height, width=width, num_inference_steps=steps,
-             generator=torch.Generator().manual_seed(0), output_type="latent")  # fmt: skip
-
-    call()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        call()
-        torch.cuda.synchronize()
     per_category: dict[str, float] = defaultdict(float)
     kernels = []
-    for event in prof.key_averages():
-        device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
-        if device_us <= 0:
-            continue
-        per_category[category(event.key)] += device_us / 1e3 / steps
-        kernels.append((device_us / 1e3 / steps, event.count // steps, event.key[:90]))
+    for name, (ms, count) in kernel_times(pipe, height, width, steps).items():
+        per_category[category(name)] += ms
+        kernels.append((ms, count, name[:90]))
     kernels.sort(reverse=True)
     return {"ms_per_step_by_category": dict(per_category), "top_kernels": kernels[:30]}
 

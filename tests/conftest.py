@@ -110,3 +110,38 @@ def trainer_format_lora(transformer, layout: str, rank: int = 4, seed: int = 0, 
         if layout == "kohya":
             state[f"{stem}.alpha"] = torch.tensor(rank / 2)  # scale 0.5, which diffusers folds into the factors
     return state
+
+
+def swap_without_recompiling(engine, first: dict, second: dict, image) -> torch.Tensor:
+    """enable_lora_hotswap(8), `first` loaded, a call (compiles), then `second` hot-swapped in and a call, with any
+    recompile an error and the count of compiled graphs unchanged; returns the swapped call's `image(engine)`."""
+    from torch._dynamo.utils import counters
+
+    engine.enable_lora_hotswap(target_rank=8)
+    engine.load_lora_weights(dict(first), adapter_name="style")
+    image(engine)
+    graphs = counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        engine.load_lora_weights(dict(second), adapter_name="style", hotswap=True)
+        swapped = image(engine)
+    assert counters["stats"]["unique_graphs"] == graphs
+    return swapped
+
+
+def fp8_inputs_fed(engine, call) -> tuple[dict[str, bool], object]:
+    """{name: whether it was handed pre-quantised e4m3 input} for every Fp8Linear of engine.transformer that ran in
+    `call()`, and call's result."""
+    from engine.quant import Fp8Linear
+
+    fed = {}
+    handles = [
+        module.register_forward_pre_hook(lambda module, args, name=name: fed.__setitem__(name, len(args) == 2))
+        for name, module in engine.transformer.named_modules()
+        if isinstance(module, Fp8Linear)
+    ]
+    try:
+        result = call()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return fed, result

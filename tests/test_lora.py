@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_call_kwargs, trainer_format_lora
+from conftest import swap_without_recompiling, tiny_call_kwargs, trainer_format_lora
 from diffusers import FluxPipeline
 
 from engine import EngineConfig, FluxEngine, restore
@@ -179,19 +179,10 @@ def test_a_lora_for_another_architecture_is_refused_and_nothing_stays(adapters):
 def test_hotswap_into_compiled_blocks_recompiles_nothing(adapters):
     """enable_lora_hotswap, an adapter, a compiled call, then another adapter swapped in (hotswap=True): diffusers'
     image with the second adapter loaded directly, and no graph compiled again."""
-    from torch._dynamo.utils import counters
-
     first, second = adapters  # ranks 4 and 8
     config = EngineConfig(attention=AttentionConfig(backend="auto"), compile=CompileConfig("regional", backend="eager"))
     reference, engine = _pipes(config)
-    engine.enable_lora_hotswap(target_rank=8)
-    engine.load_lora_weights(dict(first), adapter_name="style")
-    _image(engine)
-    graphs = counters["stats"]["unique_graphs"]
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        engine.load_lora_weights(dict(second), adapter_name="style", hotswap=True)
-        swapped = _image(engine)
-    assert counters["stats"]["unique_graphs"] == graphs
+    swapped = swap_without_recompiling(engine, first, second, _image)
     reference.load_lora_weights(dict(second), adapter_name="style")
     torch.testing.assert_close(swapped, _image(reference), atol=ATOL, rtol=0)
 

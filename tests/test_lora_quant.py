@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_call_kwargs, trainer_format_lora
+from conftest import fp8_inputs_fed, swap_without_recompiling, tiny_call_kwargs, trainer_format_lora
 from diffusers import FluxPipeline
 
 from engine import EngineConfig, FluxEngine
@@ -99,17 +99,7 @@ def test_the_fp8_kernels_feed_the_adapted_projections_too(adapters, reference_im
     )
     engine = FluxEngine.from_pipe(_tiny(), fused_norms)
     engine.load_lora_weights(dict(first), adapter_name="first")
-    fed = {}
-    handles = [
-        module.register_forward_pre_hook(lambda module, args, name=name: fed.__setitem__(name, len(args) == 2))
-        for name, module in engine.transformer.named_modules()
-        if isinstance(module, Fp8Linear)
-    ]
-    try:
-        images = _image(engine)
-    finally:
-        for handle in handles:
-            handle.remove()
+    fed, images = fp8_inputs_fed(engine, lambda: _image(engine))
     transformer = engine.transformer
     blocks, singles = len(transformer.transformer_blocks), len(transformer.single_transformer_blocks)
     assert sum(fed.values()) == 6 * blocks + 2 * singles  # as test_quantize's count without adapters
@@ -183,19 +173,11 @@ def test_fuse_then_unload_keeps_the_merge(adapters, reference_images):
 
 
 def test_hotswap_on_fp8_recompiles_nothing(adapters):
-    from torch._dynamo.utils import counters
-
     first, second = adapters
+    torch._dynamo.reset()  # the blocks' code objects are shared by every test: start from no compiled variants
     engine = FluxEngine.from_pipe(_tiny(), _config("fp8", compile=CompileConfig("regional", backend="eager")))
     reference = FluxEngine.from_pipe(_tiny(), _config("fp8"))
-    engine.enable_lora_hotswap(target_rank=8)
-    engine.load_lora_weights(dict(first), adapter_name="style")
-    _image(engine)
-    graphs = counters["stats"]["unique_graphs"]
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        engine.load_lora_weights(dict(second), adapter_name="style", hotswap=True)
-        swapped = _image(engine)
-    assert counters["stats"]["unique_graphs"] == graphs
+    swapped = swap_without_recompiling(engine, first, second, _image)
     reference.load_lora_weights(dict(second), adapter_name="style")
     assert psnr(swapped, _image(reference)) >= 80  # the same fp8 values; eager and compiled sums differ in order
 

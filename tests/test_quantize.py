@@ -20,7 +20,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import tiny_call_kwargs
+from conftest import fp8_inputs_fed, tiny_call_kwargs
 from diffusers import FluxPipeline
 from torch import nn
 from torch._dynamo.utils import counters
@@ -457,17 +457,8 @@ def test_the_norm_kernels_feed_the_fp8_projections(fused_fp8_engine):
     unfused activation quantisation (fp32 pipeline: the two quantise the same fp32 values, up to the kernels'
     last-bit arithmetic) and of fp32 (the fp8 floor)."""
     engine, images = fused_fp8_engine
-    fed = {}
-    handles = [
-        module.register_forward_pre_hook(lambda module, args, name=name: fed.__setitem__(name, len(args) == 2))
-        for name, module in engine.transformer.named_modules()
-        if isinstance(module, Fp8Linear)
-    ]
-    try:
-        assert torch.equal(_images(engine), images)
-    finally:
-        for handle in handles:
-            handle.remove()
+    fed, again = fp8_inputs_fed(engine, lambda: _images(engine))
+    assert torch.equal(again, images)
     pre_quantised = sorted(name for name, two in fed.items() if two)
     assert pre_quantised == sorted(name for name in fed if name.endswith(_FED_BY_A_KERNEL))
     # 6 per double-stream block (qkv, txt_qkv, 2 MLP inputs, 2 MLP outputs), 2 per single (linear1, proj_out)

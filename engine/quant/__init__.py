@@ -6,6 +6,7 @@
     engine.quant.apply       apply_quantization, the per-layer step, quantising while loading (LoadQuantizer)
     engine.quant.checkpoint  fp8 transformer files and quantised pipeline folders (save / load)
     engine.quant.report      SQNR summaries and the quantisation report
+    engine.quant.lora        LoRA adapters on quantised layers (imports peft: loaded by engine.lora when needed)
 
 Weight bytes per mode (what the planner predicts with) are in engine.memory.weights.
 """
