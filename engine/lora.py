@@ -144,6 +144,9 @@ def _lora_call(pipe, name: str, method: Callable, *args, **kwargs):
         if _is_quantized(pipe.transformer):
             from .quant.lora import settle_merges
 
+            for module in pipe.transformer.modules():  # as PEFT's forward would, which the fp8-input path skips
+                if is_lora_layer(module) and module.disable_adapters and module.merged:
+                    module.unmerge()
             settle_merges(pipe.transformer)
         # a hot-swap copies the new factors and scales into the tensors the graphs read: they stay valid, as long as
         # every scale is a tensor (enable_lora_hotswap makes them so; a float one is baked into the graph)

@@ -39,6 +39,8 @@ def down_projection(
 ) -> list[torch.Tensor]:
     """A(x) of each (layer, adapter) (plain adapters: one GEMM over their concatenated A factors). x_scale: x is e4m3
     with these per-token scales, and `fp8` the Fp8Linear whose arithmetic A uses (engine.quant.fp8.fp8_input_linear)."""
+    if not updates:
+        return []
     downs = [layer.lora_A[name] for layer, name in updates]
     if x_scale is None and not plain_adapters(updates):
         return [down(layer.lora_dropout[name](x.to(down.weight.dtype))) for (layer, name), down in
