@@ -140,13 +140,15 @@ def _lora_call(pipe, name: str, method: Callable, *args, **kwargs):
             return _load(pipe, method, *args, **kwargs)
         return method(*args, **kwargs)
     finally:
+        # a disabled adapter still merged is unmerged, as PEFT's forward would do: the fused blocks and the fp8-input
+        # path do not run that forward
+        for module in pipe.transformer.modules():
+            if is_lora_layer(module) and module.disable_adapters and module.merged:
+                module.unmerge()
         resync_fused_views(pipe.transformer)
         if _is_quantized(pipe.transformer):
             from .quant.lora import settle_merges
 
-            for module in pipe.transformer.modules():  # as PEFT's forward would, which the fp8-input path skips
-                if is_lora_layer(module) and module.disable_adapters and module.merged:
-                    module.unmerge()
             settle_merges(pipe.transformer)
         # a hot-swap copies the new factors and scales into the tensors the graphs read: they stay valid, as long as
         # every scale is a tensor (enable_lora_hotswap makes them so; a float one is baked into the graph)
@@ -246,18 +248,15 @@ def _is_quantized(transformer) -> bool:
 
 def resync_fused_views(transformer) -> None:
     """Make every fused projection's parts views of its weight again, carrying over any values a part's weight was
-    given as a new tensor (a safe merge, an unmerge that replaced it); a disabled adapter still merged is unmerged, as
-    PEFT's forward would do."""
+    given as a new tensor (a safe merge, an unmerge that replaced it)."""
     for block in (*transformer.transformer_blocks, *transformer.single_transformer_blocks):
         for fused_name, names in getattr(block, "fused_projections", {}).items():
             fused = getattr(block, fused_name)
             offset = 0
             for name in names:
-                part = block.get_submodule(name)
-                if is_lora_layer(part) and part.disable_adapters and part.merged:
-                    part.unmerge()
                 if type(fused) is not nn.Linear:
-                    continue  # quantised: the parts hold no weights (merges write the fused rows: engine.quant.lora)
+                    break  # quantised: the parts hold no weights (merges write the fused rows: engine.quant.lora)
+                part = block.get_submodule(name)
                 base = part.base_layer if is_lora_layer(part) else part
                 rows = base.out_features
                 weight_rows = fused.weight.data[offset : offset + rows]
