@@ -34,13 +34,25 @@ _EXPORTS = {
     "VARIANTS": "models",
     "synthetic_components": "models",
     "synthetic_pipeline": "models",
-    "FluxEngine": "pipeline",
+    "ENGINES": "engines",
+    "FluxEngine": "engines",
+    "FluxImg2ImgEngine": "engines",
+    "FluxInpaintEngine": "engines",
+    "FluxKontextEngine": "engines",
+    "FluxKontextInpaintEngine": "engines",
+    "FluxFillEngine": "engines",
+    "FluxControlEngine": "engines",
+    "FluxControlImg2ImgEngine": "engines",
+    "FluxControlInpaintEngine": "engines",
+    "FluxControlNetEngine": "engines",
+    "TASKS": "tasks",
     "optimize": "pipeline",
     "for_budget": "memory.planner",
     "restore": "pipeline",
 }
 
 __all__ = [
+    "ENGINES",
     "AttentionConfig",
     "CheckpointError",
     "CompileConfig",
@@ -48,12 +60,22 @@ __all__ = [
     "EngineConfig",
     "EngineError",
     "EngineOutOfMemoryError",
+    "FluxControlEngine",
+    "FluxControlImg2ImgEngine",
+    "FluxControlInpaintEngine",
+    "FluxControlNetEngine",
     "FluxEngine",
+    "FluxFillEngine",
+    "FluxImg2ImgEngine",
+    "FluxInpaintEngine",
+    "FluxKontextEngine",
+    "FluxKontextInpaintEngine",
     "InputError",
     "OffloadConfig",
     "PRESETS",
     "QuantConfig",
     "ResolutionError",
+    "TASKS",
     "VARIANTS",
     "VaeConfig",
     "VariantError",
@@ -76,6 +98,19 @@ if TYPE_CHECKING:
         VaeConfig,
         preset,
     )
+    from .engines import (
+        ENGINES,
+        FluxControlEngine,
+        FluxControlImg2ImgEngine,
+        FluxControlInpaintEngine,
+        FluxControlNetEngine,
+        FluxEngine,
+        FluxFillEngine,
+        FluxImg2ImgEngine,
+        FluxInpaintEngine,
+        FluxKontextEngine,
+        FluxKontextInpaintEngine,
+    )
     from .errors import (
         CheckpointError,
         ConfigError,
@@ -87,7 +122,8 @@ if TYPE_CHECKING:
     )
     from .memory.planner import for_budget
     from .models import VARIANTS, synthetic_components, synthetic_pipeline
-    from .pipeline import FluxEngine, optimize, restore
+    from .pipeline import optimize, restore
+    from .tasks import TASKS
 
 
 def __getattr__(name: str):

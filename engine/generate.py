@@ -64,7 +64,7 @@ def run(args) -> tuple[Path | None, bool]:
 
     import torch
 
-    from .pipeline import FluxEngine
+    from .engines import FluxEngine
 
     choice = choose_model(args, [args.res])
     spec, device, model = choice.spec, choice.device, choice.model

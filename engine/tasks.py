@@ -1,9 +1,55 @@
-"""The diffusers FLUX.1 pipeline classes optimize() takes (every one whose transformer is a FluxTransformer2DModel), and
-whether a loaded model fits the class (its transformer's input channels are what the class packs)."""
+"""The FLUX.1 tasks: the diffusers pipeline class of each, the transformer input channels it packs, the images it
+takes; whether a pipeline is one optimize() takes and its model fits it; and the checks of a call's images, masks
+and strength, made before anything runs (diffusers fails on them deep inside, or silently stretches a mask)."""
 
 from __future__ import annotations
 
-from .errors import ConfigError
+import numbers
+from dataclasses import dataclass
+
+from .errors import ConfigError, InputError
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    pipeline_class: str  # the diffusers class
+    channels: int  # the transformer's input channels: noise latents 64, plus the conditioning latents packed beside
+    required: tuple[str, ...] = ()  # the image arguments a call must pass
+    masks: tuple[str, ...] = ()  # the image arguments that are masks (any mode: diffusers makes them grayscale)
+    variant: str = "flux-dev"  # the synthetic variant of its real architecture
+
+
+TASKS = {
+    "text-to-image": TaskSpec("FluxPipeline", 64),
+    "img2img": TaskSpec("FluxImg2ImgPipeline", 64, ("image",)),
+    "inpaint": TaskSpec("FluxInpaintPipeline", 64, ("image", "mask_image"), ("mask_image",)),
+    "kontext": TaskSpec("FluxKontextPipeline", 64, (), variant="flux-kontext"),  # no image: text-to-image
+    "kontext-inpaint": TaskSpec(
+        "FluxKontextInpaintPipeline", 64, ("image", "mask_image"), ("mask_image",), variant="flux-kontext"
+    ),
+    "fill": TaskSpec("FluxFillPipeline", 384, ("image", "mask_image"), ("mask_image",), variant="flux-fill"),
+    "control": TaskSpec("FluxControlPipeline", 128, ("control_image",), variant="flux-canny"),
+    "control-img2img": TaskSpec("FluxControlImg2ImgPipeline", 128, ("control_image", "image"), variant="flux-canny"),
+    "control-inpaint": TaskSpec(
+        "FluxControlInpaintPipeline", 128, ("control_image", "image", "mask_image"), ("mask_image",), "flux-canny"
+    ),
+    "controlnet": TaskSpec("FluxControlNetPipeline", 64, ("control_image",)),
+}
+_MODEL_OF_CHANNELS = {64: "FLUX.1 dev / schnell / Kontext", 384: "FLUX.1 Fill", 128: "FLUX.1 Canny / Depth"}
+_IMAGE_ARGUMENTS = ("image", "mask_image", "control_image", "image_reference")
+
+
+def task_of(pipe) -> str:
+    """The task of a diffusers FLUX.1 pipeline (or engine), by its class ('text-to-image' for FluxPipeline)."""
+    import diffusers
+
+    task = getattr(type(pipe), "task", None)
+    if task in TASKS:
+        return task
+    for name, spec in TASKS.items():  # the subclasses first would matter only if one class derived from another
+        if type(pipe).__name__ == spec.pipeline_class or isinstance(pipe, getattr(diffusers, spec.pipeline_class)):
+            return name
+    return "text-to-image"
 
 
 def check_flux_pipeline(pipe) -> None:
@@ -24,27 +70,107 @@ def check_flux_pipeline(pipe) -> None:
     _check_task_fits_model(pipe, transformer.config.in_channels)
 
 
-# the transformer input channels each diffusers pipeline class packs (noise latents 64, plus its conditioning latents)
-_TASK_CHANNELS = {"FluxFillPipeline": 384, "FluxControlPipeline": 128, "FluxControlImg2ImgPipeline": 128,
-                  "FluxControlInpaintPipeline": 128}  # fmt: skip
-_MODEL_OF_CHANNELS = {64: "FLUX.1 dev / schnell / Kontext", 384: "FLUX.1 Fill", 128: "FLUX.1 Canny / Depth"}
-_CLASSES_OF_CHANNELS = {64: "FluxPipeline (FluxEngine), FluxImg2ImgPipeline, FluxInpaintPipeline, FluxKontextPipeline",
-                        384: "FluxFillPipeline", 128: "FluxControlPipeline (or its Img2Img / Inpaint)"}  # fmt: skip
-
-
 def _check_task_fits_model(pipe, in_channels: int) -> None:
     """A pipeline class packs a fixed number of latent channels for the transformer: a Fill model in FluxPipeline would
-    denoise 96-channel latents and fail in the VAE after every step has run. Refused up front, naming the class."""
-    import diffusers
-
-    expected = 64
-    for name, channels in _TASK_CHANNELS.items():
-        if isinstance(pipe, getattr(diffusers, name)):
-            expected = channels
+    denoise 96-channel latents and fail in the VAE after every step has run. Refused up front, naming the task."""
+    task = task_of(pipe)
+    expected = TASKS[task].channels
     if in_channels != expected:
         model = _MODEL_OF_CHANNELS.get(in_channels, f"a {in_channels}-input-channel")
-        classes = _CLASSES_OF_CHANNELS.get(in_channels, "the pipeline class it was trained with")
+        fitting = [name for name, spec in TASKS.items() if spec.channels == in_channels]
+        tasks = " / ".join(repr(name) for name in fitting) or "the one it was trained for"
+        classes = ", ".join(TASKS[name].pipeline_class for name in fitting) or "its own pipeline class"
         raise ConfigError(
-            f"{type(pipe).__name__} feeds its transformer {expected} latent channels; this transformer takes "
-            f"{in_channels} ({model} model). Load it into {classes} and optimize() that"
+            f"{type(pipe).__name__} (task {task!r}) feeds its transformer {expected} latent channels; this transformer "
+            f"takes {in_channels} ({model} model). Load it with FluxEngine.from_pretrained(..., task={tasks}), or "
+            f"into {classes}, and optimize() that"
+        )
+
+
+# ----------------------------------------------------------------------------- a call's images, masks, strength
+
+
+def check_task_inputs(pipe, call: dict) -> None:
+    """The images, masks and strength of a call to `pipe` (an engine), checked before anything runs."""
+    task = task_of(pipe)
+    spec = TASKS[task]
+    smallest = pipe.vae_scale_factor * 2
+    for name in spec.required:
+        if call.get(name) is None and not (name != "control_image" and call.get("masked_image_latents") is not None):
+            raise InputError(
+                f"task {task!r} ({spec.pipeline_class}) needs {name}=: a PIL image"
+                f"{' (any mode: it is made grayscale)' if name in spec.masks else ' in RGB'}, or a tensor / array"
+            )
+    sizes = {}
+    for name in _IMAGE_ARGUMENTS:
+        if name in call and call[name] is not None:
+            sizes[name] = _check_image(name, call[name], name in spec.masks, smallest, pipe)
+    image_size, mask_size = sizes.get("image"), sizes.get("mask_image")
+    if image_size and mask_size and image_size != mask_size:
+        raise InputError(
+            f"mask_image is {mask_size[1]}x{mask_size[0]} but image is {image_size[1]}x{image_size[0]}; the mask marks "
+            "pixels of the image (diffusers would stretch it to fit): pass a mask of the image's size, e.g. "
+            "mask.resize(image.size)"
+        )
+    if "strength" in call:
+        _check_strength(call)
+
+
+def _check_image(name: str, value, mask: bool, smallest: int, pipe) -> tuple[int, int] | None:
+    """One image argument (a PIL image, an array, a tensor, or a list of them): its (height, width) in pixels, where
+    it has one that a mask can be compared with (PIL images, and tensors / arrays of pixels)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    latent_channels = pipe.vae.config.latent_channels
+    size = None
+    for item in value if isinstance(value, list) else [value]:
+        if isinstance(item, Image.Image):
+            if not mask and item.mode != "RGB":
+                raise InputError(
+                    f"{name} has PIL mode {item.mode!r}; FLUX's VAE encodes 3-channel RGB images (diffusers fails "
+                    f"inside the VAE on this one): pass {name}.convert('RGB')"
+                )
+            height, width = item.height, item.width
+        elif isinstance(item, (torch.Tensor, np.ndarray)):
+            if mask:  # (H, W), (1, H, W), (B, 1, H, W) or channels last: diffusers' mask processor takes them all
+                height, width = item.shape[-2:] if isinstance(item, torch.Tensor) else item.shape[:2]
+            else:
+                # a tensor is (C, H, W) or (B, C, H, W); an array (H, W, C) or (B, H, W, C), as diffusers reads them
+                channels_last = isinstance(item, np.ndarray)
+                channels = item.shape[-1] if channels_last else item.shape[-3] if item.ndim >= 3 else None
+                if item.ndim not in (3, 4) or channels not in (3, latent_channels):
+                    layout = "(height, width, 3)" if channels_last else "(3, height, width)"
+                    raise InputError(
+                        f"{name} has shape {tuple(item.shape)}; pass an RGB image as {layout} or a batch of them"
+                        + ("" if channels_last else f", or VAE latents of {latent_channels} channels")
+                    )
+                if channels == latent_channels and not channels_last:
+                    continue  # already encoded: sized in latents, not pixels
+                height, width = item.shape[-3:-1] if channels_last else item.shape[-2:]
+        else:
+            raise InputError(
+                f"{name} is a {type(item).__name__}; pass a PIL image, a numpy array, a torch tensor, or a list of them"
+            )
+        if min(height, width) < smallest:
+            raise InputError(f"{name} is {width}x{height} pixels; each side must be at least {smallest}")
+        size = size or (int(height), int(width))
+    return size
+
+
+def _check_strength(call: dict) -> None:
+    strength = call["strength"]
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0.0 <= strength <= 1.0:
+        raise InputError(
+            f"strength={strength!r} must be a number in [0, 1]: how far the image is noised before denoising (1.0 "
+            "redraws it, 0.6 keeps its layout)"
+        )
+    steps = call.get("num_inference_steps")
+    # diffusers' get_timesteps skips the first int(steps - steps * strength) steps: none is left only at 0
+    counted = call.get("sigmas") is None and isinstance(steps, numbers.Integral) and steps >= 1
+    if counted and steps - int(max(steps - steps * strength, 0)) < 1:
+        raise InputError(
+            f"strength={strength:g} leaves none of the {steps} steps to denoise (diffusers fails on it); pass a "
+            "strength above 0 (0.6 keeps the image's layout)"
         )

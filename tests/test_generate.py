@@ -23,10 +23,10 @@ def test_generate_says_a_synthetic_image_is_noise(tmp_path, capsys):
 
 
 def test_an_unwritable_output_fails_before_the_generation(tmp_path, capsys, monkeypatch):
-    from engine import pipeline
+    from engine import engines
 
     built = []
-    monkeypatch.setattr(pipeline.FluxEngine, "from_pretrained", lambda *a, **k: built.append(1))
+    monkeypatch.setattr(engines.FluxEngine, "from_pretrained", lambda *a, **k: built.append(1))
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     code = generate.main(["a fox", "--res", "64", "--device", "cpu", "-o", str(blocker / "out.png")])

@@ -12,10 +12,11 @@ from conftest import tiny_call_kwargs
 from diffusers import FluxPipeline
 
 from engine.config import AttentionConfig, CompileConfig, EngineConfig, OffloadConfig, QuantConfig
+from engine.engines import FluxEngine
 from engine.errors import ConfigError, EngineOutOfMemoryError
 from engine.models import synthetic_components
 from engine.offload import StreamedModuleList, Streamer, apply_offload
-from engine.pipeline import FluxEngine, optimize
+from engine.pipeline import optimize
 
 POLICIES = ("model", "block", "leaf")
 

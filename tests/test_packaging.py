@@ -61,8 +61,8 @@ def test_kernels_is_not_ours_outside_the_repository(tmp_path):
 
 
 def test_importing_the_engine_prints_no_third_party_notice(tmp_path):
-    # engine.pipeline imports diffusers, which imports bitsandbytes and transformers' image processors
-    proc = _run_python("import engine.pipeline, bitsandbytes", tmp_path)
+    # engine.engines imports diffusers, which imports bitsandbytes and transformers' image processors
+    proc = _run_python("import engine.engines, bitsandbytes", tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "kernels-community" not in proc.stderr
     assert "requires torchvision" not in proc.stderr

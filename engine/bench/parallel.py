@@ -34,9 +34,9 @@ def run_parallel(args) -> dict | None:
     """The rows of a --gpus run on rank 0 (None on the other ranks)."""
     from tqdm.auto import tqdm
 
+    from ..engines import FluxEngine
     from ..parallel import init_distributed, with_parallel
     from ..parallel.apply import release_cuda_graphs, synchronize
-    from ..pipeline import FluxEngine
 
     world = init_distributed(args.gpus, args.parallel_timeout)
     if world.device.type == "cuda":

@@ -284,7 +284,7 @@ def run(args, plan: Plan | None = None) -> dict:
     from diffusers import FluxPipeline
     from tqdm.auto import tqdm
 
-    from ..pipeline import FluxEngine
+    from ..engines import FluxEngine
 
     plan = plan or make_plan(args)
     if plan.headline:

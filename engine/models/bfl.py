@@ -169,6 +169,19 @@ def save_bfl_single_file(transformer, path: str | Path) -> Path:
     return path
 
 
+def config_for_bfl_file(path: Path, config: dict) -> dict:
+    """`config` with the input width of the BFL checkpoint at `path`: FLUX.1 Fill (384) and Canny / Depth (128) ship
+    as single files beside a dev folder, whose config says 64. Their output stays 64 wide."""
+    with SafetensorsReader([path]) as reader:
+        key = next((k for k in (_BFL_PREFIX + "img_in.weight", "img_in.weight") if k in reader), None)
+        if key is None:
+            return config  # the key check names what is missing
+        width = reader.shape(key)[1]
+    if width == config["in_channels"]:
+        return config
+    return {**config, "in_channels": width, "out_channels": config.get("out_channels") or config["in_channels"]}
+
+
 class BflReader:
     """A BFL single-file transformer read in diffusers names, one tensor at a time (fused qkv / linear1 rows are
     sliced out of the last BFL tensor read, which is kept for its next slices)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from .bfl import BflReader, bfl_to_diffusers
+from .bfl import BflReader, bfl_to_diffusers, config_for_bfl_file
 from .builders import dtype_as_default
 from .safetensors_io import (
     SafetensorsReader,
@@ -92,7 +92,8 @@ def load_transformer_single_file(path: str | Path, config_folder: str | Path, de
             f"no transformer config at {str(config_path)!r}; the config folder must be a diffusers-format "
             "FLUX folder (it provides the architecture and the other components)"
         )
-    config = json.loads(config_path.read_text())
+    # a Fill / Canny / Depth single file beside a dev folder: the file's input width wins
+    config = config_for_bfl_file(Path(path), json.loads(config_path.read_text()))
     quantizer = _load_quantizer("transformer", quant) if quant is not None else None
     try:
         if quantizer is not None:

@@ -80,6 +80,10 @@ class SafetensorsReader:
         except (SafetensorError, OSError, RuntimeError, ValueError) as err:
             raise _unreadable(path, err) from err
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        """A tensor's shape, from the file's header (nothing is read)."""
+        return tuple(self._where[key][1].get_slice(key).get_shape())
+
     def metadata(self) -> dict:
         handles = {id(h): h for _, h in self._where.values()}
         return next((h.metadata() or {} for h in handles.values()), {})

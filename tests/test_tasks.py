@@ -1,0 +1,166 @@
+"""The engines of the FLUX.1 tasks (`FluxEngine.from_pretrained(..., task=...)`), their local loading, and the checks
+of a call's images, masks and strength; on the tiny models in fp32 on the CPU, against diffusers' own classes."""
+
+from __future__ import annotations
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine import ENGINES, TASKS, EngineConfig, FluxEngine, FluxFillEngine, FluxKontextEngine
+from engine.config import AttentionConfig
+from engine.errors import CheckpointError, ConfigError, InputError
+from engine.models import save_bfl_single_file, synthetic_components
+
+SIZE = 64
+FUSED = EngineConfig(attention=AttentionConfig(backend="auto"))
+TINY_OF = {64: "tiny", 384: "tiny-fill", 128: "tiny-control"}
+
+
+def _picture(seed: int, mode: str = "RGB", size: tuple[int, int] = (SIZE, SIZE)) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels).convert(mode)
+
+
+INPUTS = {  # task: what its call takes beside the prompt
+    "text-to-image": {},
+    "img2img": {"image": _picture(1), "strength": 0.6},
+    "inpaint": {"image": _picture(1), "mask_image": _picture(2, "L"), "strength": 0.8},
+    "kontext": {"image": _picture(1), "_auto_resize": False, "max_area": SIZE * SIZE},
+    "kontext-inpaint": {
+        "image": _picture(1),
+        "mask_image": _picture(2, "L"),
+        "_auto_resize": False,
+        "max_area": SIZE * SIZE,
+        "strength": 0.8,
+    },  # fmt: skip
+    "fill": {"image": _picture(1), "mask_image": _picture(2, "L")},
+    "control": {"control_image": _picture(3)},
+    "control-img2img": {"control_image": _picture(3), "image": _picture(1), "strength": 0.6},
+    "control-inpaint": {"control_image": _picture(3), "image": _picture(1), "mask_image": _picture(2, "L")},
+}
+
+
+def _call(pipe, **inputs) -> torch.Tensor:
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(prompt="a red fox", height=SIZE, width=SIZE, num_inference_steps=2, guidance_scale=3.5,
+                generator=torch.Generator().manual_seed(0), max_sequence_length=32, output_type="pt")  # fmt: skip
+    return pipe(**call, **inputs).images.float()
+
+
+def test_every_task_has_its_engine_on_its_diffusers_class():
+    assert set(ENGINES) == set(TASKS)
+    for task, engine in ENGINES.items():
+        assert issubclass(engine, getattr(diffusers, TASKS[task].pipeline_class)) and engine.task == task
+    assert ENGINES["text-to-image"] is FluxEngine
+
+
+@pytest.mark.parametrize("task", list(INPUTS))
+def test_from_pretrained_task_returns_that_engine_with_diffusers_images(task):
+    """The engine of each task makes the images of its diffusers class: to the bit under `baseline`, within fp32
+    rounding with the fused blocks (tests/test_pipeline_classes.py: 1e-5)."""
+    pipeline_class = getattr(diffusers, TASKS[task].pipeline_class)
+    variant = TINY_OF[TASKS[task].channels]
+    plain = _call(pipeline_class(**synthetic_components(variant, device="cpu", dtype=torch.float32)), **INPUTS[task])
+    engine = FluxEngine.from_pretrained(f"synthetic:{variant}", "baseline", device="cpu", task=task)
+    assert type(engine) is ENGINES[task] and isinstance(engine, pipeline_class)
+    assert torch.equal(_call(engine, **INPUTS[task]), plain)
+    fused = ENGINES[task].from_pretrained(f"synthetic:{variant}", FUSED, device="cpu")
+    assert type(fused) is ENGINES[task] and fused.attention_ops is not None
+    torch.testing.assert_close(_call(fused, **INPUTS[task]), plain, atol=1e-5, rtol=0)
+
+
+def test_from_pipe_makes_another_task_over_the_same_components():
+    t2i = FluxEngine.from_pretrained("synthetic:tiny", FUSED, device="cpu")
+    kontext = FluxEngine.from_pipe(t2i, FUSED, task="kontext")
+    assert type(kontext) is FluxKontextEngine and kontext.transformer is t2i.transformer
+    plain = diffusers.FluxKontextPipeline(**synthetic_components("tiny", device="cpu", dtype=torch.float32))
+    torch.testing.assert_close(
+        _call(kontext, **INPUTS["kontext"]), _call(plain, **INPUTS["kontext"]), atol=1e-5, rtol=0
+    )
+
+
+def test_bad_tasks_are_refused_naming_the_fix():
+    with pytest.raises(ConfigError, match="task='upscale' is not a FLUX.1 task; pick one of 'text-to-image'"):
+        FluxEngine.from_pretrained("synthetic:tiny", device="cpu", task="upscale")
+    with pytest.raises(ConfigError, match=r"FluxFillEngine runs task 'fill', not 'kontext'.*task='kontext'"):
+        FluxFillEngine.from_pretrained("synthetic:tiny-fill", device="cpu", task="kontext")
+    with pytest.raises(ConfigError, match=r"takes 384 \(FLUX.1 Fill model\).*task='fill'.*FluxFillPipeline"):
+        FluxEngine.from_pretrained("synthetic:tiny-fill", device="cpu", task="img2img")
+    with pytest.raises(ConfigError, match="task='controlnet' needs controlnet=: a FluxControlNetModel"):
+        FluxEngine.from_pretrained("synthetic:tiny", device="cpu", task="controlnet")
+    with pytest.raises(ConfigError, match="controlnet= is for task='controlnet'"):
+        FluxEngine.from_pretrained("synthetic:tiny", device="cpu", controlnet=torch.nn.Linear(1, 1))
+
+
+def test_fill_single_file_loads_beside_a_dev_folder(tmp_path):
+    """BFL ships Fill (and Canny / Depth) as one transformer file; users keep a dev folder for the rest. The file's
+    input width (384) wins over the folder's config (64), and the engine makes the Fill model's images."""
+    dev = tmp_path / "dev"
+    diffusers.FluxPipeline(**synthetic_components("tiny", device="cpu", dtype=torch.float32, seed=0)).save_pretrained(
+        dev
+    )
+    fill = synthetic_components("tiny-fill", device="cpu", dtype=torch.float32, seed=0)
+    path = save_bfl_single_file(fill["transformer"], tmp_path / "flux1-fill-tiny.safetensors")
+    engine = FluxEngine.from_pretrained(path, "baseline", device="cpu", config_folder=dev, task="fill")
+    assert type(engine) is FluxFillEngine and engine.transformer.config.in_channels == 384
+    for name, tensor in fill["transformer"].state_dict().items():
+        assert torch.equal(engine.transformer.state_dict()[name], tensor), name
+    with pytest.raises(ConfigError, match="task='fill'"):  # the same file as a text-to-image model: refused
+        FluxEngine.from_pretrained(path, "baseline", device="cpu", config_folder=dev)
+    folder = tmp_path / "fill"
+    diffusers.FluxFillPipeline(**fill).save_pretrained(folder)
+    loaded = FluxEngine.from_pretrained(folder, FUSED, device="cpu", task="fill")
+    plain = _call(diffusers.FluxFillPipeline(**fill), **INPUTS["fill"])
+    torch.testing.assert_close(_call(loaded, **INPUTS["fill"]), plain, atol=1e-5, rtol=0)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        FluxEngine.from_pretrained(path, device="cpu", config_folder=dev, task="fill")
+
+
+@pytest.fixture(scope="module")
+def engines():
+    tasks = ("img2img", "inpaint", "kontext", "fill")
+    variants = {task: f"synthetic:{TINY_OF[TASKS[task].channels]}" for task in tasks}
+    return {task: FluxEngine.from_pretrained(variants[task], FUSED, device="cpu", task=task) for task in tasks}
+
+
+BAD_INPUTS = [
+    ("img2img", {"image": None}, r"task 'img2img' \(FluxImg2ImgPipeline\) needs image=: a PIL image in RGB"),
+    ("img2img", {"image": _picture(1, "RGBA")}, r"image has PIL mode 'RGBA'.*image.convert\('RGB'\)"),
+    ("kontext", {"image": _picture(1, "L")}, r"image has PIL mode 'L'"),
+    ("kontext", {"image": _picture(1, size=(8, 8))}, "image is 8x8 pixels; each side must be at least 16"),
+    ("img2img", {"image": torch.rand(1, 4, SIZE, SIZE)}, r"image has shape \(1, 4, 64, 64\); pass an RGB image"),
+    ("img2img", {"image": "fox.png"}, "image is a str; pass a PIL image"),
+    ("inpaint", {"mask_image": _picture(2, "L", (SIZE, 48))}, r"mask_image is 64x48 but image is 64x64.*mask.resize"),
+    ("fill", {"mask_image": None}, r"task 'fill' \(FluxFillPipeline\) needs mask_image=: a PIL image \(any mode"),
+    ("img2img", {"strength": 1.5}, r"strength=1.5 must be a number in \[0, 1\]"),
+    ("inpaint", {"strength": float("nan")}, r"strength=nan must be a number in \[0, 1\]"),
+    ("img2img", {"strength": 0.0}, "strength=0 leaves none of the 2 steps to denoise.*strength above 0"),
+    ("fill", {"strength": -0.1}, r"strength=-0.1 must be a number in \[0, 1\]"),
+]
+
+
+@pytest.mark.parametrize(("task", "change", "message"), BAD_INPUTS)
+def test_bad_images_masks_and_strength_are_refused_before_anything_runs(engines, task, change, message):
+    engine = engines[task]
+    steps = []
+    hook = engine.transformer.register_forward_pre_hook(lambda *_: steps.append(1))
+    try:
+        with pytest.raises(InputError, match=message):
+            _call(engine, **{**INPUTS[task], **change})
+    finally:
+        hook.remove()
+    assert not steps
+
+
+def test_inputs_diffusers_takes_still_pass(engines):
+    """Masks in any mode (diffusers makes them grayscale), tensors in [0, 1], and images of another size than the
+    output (diffusers resizes them) are not refused."""
+    engine = engines["inpaint"]
+    images = _call(engine, image=torch.rand(1, 3, 96, 96), mask_image=_picture(2, "RGB", (96, 96)), strength=0.8)
+    assert images.shape == (1, 3, SIZE, SIZE)
+    images = _call(engines["img2img"], image=[_picture(1, size=(128, 96))], strength=0.6)
+    assert images.shape == (1, 3, SIZE, SIZE)
