@@ -2,7 +2,8 @@
 # One GPU session's plan in one command: tests, kernel micro-benchmarks, engine benches.
 # Usage on the GPU machine (repo root): bash benchmarks/gpu_plan.sh STAGE [STAGE ...]
 # Stages: see the case below (tests, kernels, bench-*, ladder, gate-selftest, tests-mem, vae, torchao,
-# bench-memory, planner, ladder-full, main-1024, main-2048, tests-lora, lora-kc, lora-fast, profile-lora, lora-28). Each stage
+# bench-memory, planner, ladder-full, main-1024, main-2048, tests-lora, lora-kc, lora-fast, profile-lora, lora-28,
+# tests-tasks, task-TASK for every engine.bench --task). Each stage
 # has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
@@ -152,6 +153,12 @@ for s in "$@"; do
       # the 28-step 1024x1024 image with the rank-64 adapter active, fastest preset, beside diffusers with it
       stage lora-28 300 python3 -m engine.bench --res 1024 --steps 28 --runs 2 --preset fp8-compile-fastacc-cudagraphs \
         --lora synthetic:64 --cache-dir /tmp/fe-cache --out "$OUT/bench-lora-28-$CARD-$DAY.json" ;;
+    tests-tasks) stage tests-tasks 240 python3 -m pytest -q -m gpu tests/test_tasks.py tests/test_pipeline_classes.py ;;
+    task-*)
+      # issue "Every FLUX.1 pipeline": the task's engine (no --preset: the fastest config here) beside diffusers' own
+      # class of the task, same synthetic inputs, 1024^2; the compile cache is shared with the other task stages
+      stage "$s" 200 python3 -m engine.bench --task "${s#task-}" --res 1024 --steps 4 --runs 3 --cache-dir /tmp/fe-cache \
+        --out "$OUT/bench-$s-$CARD-$DAY.json" ;;
     main-1024|main-2048)
       # the README's main command as a user runs it: no --preset, so diffusers against the fastest config here
       stage "$s" 400 python3 -m engine.bench --res "${s#main-}" --out "$OUT/bench-$s-$CARD-$DAY.json" ;;

@@ -53,7 +53,7 @@ def engine_table(files: list[dict]) -> list[str]:
     newest: dict[tuple, tuple[dict, dict]] = {}
     for data in sorted(files, key=lambda d: d["env"].get("date", "")):
         for row in data["rows"]:
-            plain = row.get("budget_gib") is None and "gpus" not in row and not row.get("lora")
+            plain = row.get("budget_gib") is None and "gpus" not in row and not row.get("lora") and not _task(data)
             if row["config"] != "diffusers" and plain:
                 newest[(_card(data["env"]), row["config"], row["height"], row["width"])] = (data, row)
     lines = [
@@ -227,6 +227,41 @@ def newest(pattern: str) -> dict | None:
     return max(files, key=lambda d: d["env"].get("date", "")) if files else None
 
 
+def _task(data: dict) -> str | None:
+    """The task of a run other than text-to-image (engine.bench --task), else None."""
+    task = data.get("task", "text-to-image")
+    return None if task == "text-to-image" else task
+
+
+def task_table(files: list[dict]) -> list[str]:
+    """engine.bench --task: every row, oldest first, beside diffusers' pipeline class of the task in the same run."""
+    lines = [
+        "Other FLUX.1 pipelines (`engine.bench --task TASK`): each config beside diffusers' own class of the task "
+        "(FluxKontextPipeline, FluxFillPipeline, ...) with the same synthetic inputs, in the same run; ms/step is one "
+        "transformer forward (Kontext's covers its input picture's tokens too).",
+        "",
+        "| card | date | commit | task | model | size | steps | config | ms/step | diffusers ms/step | speed-up "
+        "| s/image | diffusers s/image | peak GiB | PSNR dB | file |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for data in sorted(files, key=lambda d: d["env"].get("date", "")):
+        env = data["env"]
+        baseline = {(r["height"], r["width"]): r for r in data["rows"] if r["config"] == "diffusers"}
+        for row in data["rows"]:
+            if row["config"] == "diffusers":
+                continue
+            base = baseline.get((row["height"], row["width"]), {})
+            lines.append(
+                f"| {_card(env)} | {_stamp(env)} | {env.get('commit', '-')} | {data['task']} "
+                f"| {data['model'].removeprefix('synthetic:')} | {row['width']}x{row['height']} | {row['steps']} "
+                f"| {row['config']} | {_num(row['ms_per_step'], '.1f')} | {_num(base.get('ms_per_step'), '.1f')} "
+                f"| {_num(row.get('speedup'), '.2f')}x | {_num(row['total_s'], '.2f')} "
+                f"| {_num(base.get('total_s'), '.2f')} | {_num(row.get('peak_allocated_gib'), '.2f')} "
+                f"| {_num(row.get('psnr_db'), '.1f')} | `{data['_file']}` |"
+            )
+    return lines
+
+
 def lora_table(files: list[dict]) -> list[str]:
     """engine.bench --lora: every row, oldest first (each run's commit differs): the config with the adapter active,
     the same config before it was loaded (same process), and diffusers with the same adapter (same run)."""
@@ -277,6 +312,9 @@ def render() -> str:
     parallel = [d for d in benches if d.get("parallel")]
     if parallel:
         parts += ["", *parallel_table(parallel)]
+    tasks = [d for d in benches if _task(d)]
+    if tasks:
+        parts += ["", *task_table(tasks)]
     lora = [d for d in benches if any(r.get("lora") for r in d["rows"])]
     if lora:
         parts += ["", *lora_table(lora)]

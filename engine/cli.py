@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .config import PRESETS, parse_resolution, resolve_config, validate_resolution
+from .tasks import TASKS, check_task_name, check_variant_fits_task
 
 if TYPE_CHECKING:  # torch and the models load after the arguments are parsed, so that --help answers at once
     import torch
@@ -23,6 +24,14 @@ def add_model_arguments(parser: argparse.ArgumentParser, several_presets: bool =
         "without",
     )
     parser.add_argument("--config-folder", default=None, help="diffusers-format folder for a single-file model")
+    parser.add_argument(
+        "--task",
+        default="text-to-image",
+        choices=[name for name in TASKS if name != "controlnet"],
+        help="the FLUX.1 pipeline: text-to-image (FluxPipeline, default), img2img, inpaint, kontext, kontext-inpaint, "
+        "fill, control, control-img2img, control-inpaint (diffusers' class of each); the default --model is the "
+        "synthetic variant of the task's architecture (Fill: 384 input channels, Canny / Depth: 128)",
+    )
     presets = ", ".join(PRESETS)
     if several_presets:
         help_text = (
@@ -60,8 +69,12 @@ def choose_model(args, resolutions: list[str]) -> ModelChoice:
     )
 
     device = resolve_device(args.device)
-    model = args.model or SYNTHETIC_PREFIX + ("flux-dev" if device.type == "cuda" else "tiny")
+    task_name = getattr(args, "task", "text-to-image")
+    task = check_task_name(task_name)
+    model = args.model or SYNTHETIC_PREFIX + (task.variant if device.type == "cuda" else task.tiny)
     spec = variant_spec(model) if is_variant_name(model) else None
+    if spec is not None:
+        check_variant_fits_task(model, spec.transformer["in_channels"], task_name)
     if args.preset and "," not in args.preset and args.preset != "ladder":
         resolve_config(args.preset)
     sizes = [parse_resolution(r) for r in resolutions]

@@ -24,7 +24,7 @@ from .models.builders import synthetic_components
 from .models.loading import load_local_components
 from .models.variants import SYNTHETIC_PREFIX, is_variant_name, resolve_device, variant_spec
 from .pipeline import ENGINE_CONFIG_ATTR, STATE_ATTRS, default_dtype, engine_config_of, optimize
-from .tasks import TASKS, check_task_inputs
+from .tasks import TASKS, check_task_inputs, components_for
 
 
 class EngineCalls:
@@ -81,7 +81,7 @@ class EngineCalls:
             components["controlnet"] = _controlnet_of(controlnet, device, dtype)
         elif controlnet is not None:
             raise ConfigError(f"controlnet= is for task='controlnet'; {cls.__name__} runs task {cls.task!r}")
-        engine = cls(**_components_for(cls, components))
+        engine = cls(**components_for(cls, components))
         engine.model_name = model_name
         return optimize(engine, config)
 
@@ -90,7 +90,7 @@ class EngineCalls:
         """An engine over the same components as `pipe` (shared, not copied), optimised with `config`: this class's
         task, or `task`'s (an img2img engine over a text-to-image pipeline's components, say)."""
         cls = _class_for(cls, task)
-        engine = cls(**_components_for(cls, pipe.components))
+        engine = cls(**components_for(cls, pipe.components))
         engine.model_name = getattr(pipe, "model_name", "pipeline")
         # the components are shared: what was done to them travels with them, so optimize() can refuse to
         # stack a second config on modules the first one already rewrote
@@ -398,12 +398,6 @@ for _engine in ENGINES.values():
             f"A faster `diffusers.{_pipeline_class.__name__}` (task {_engine.task!r}): same call, same outputs within "
             "the config's stated tolerance."
         )
-
-
-def _components_for(cls, components: dict) -> dict:
-    """The components `cls` takes (Fill and Control have no IP-Adapter image encoder, the others may)."""
-    accepted = inspect.signature(cls.__init__).parameters
-    return {name: module for name, module in components.items() if name in accepted}
 
 
 def _controlnet_of(controlnet, device: torch.device, dtype: torch.dtype):

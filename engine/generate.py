@@ -1,4 +1,5 @@
-"""`python -m engine.generate "a prompt" --res 1024 --steps 28 --seed 0 -o out.png`: one image to a file."""
+"""`python -m engine.generate "a prompt" --res 1024 --steps 28 --seed 0 -o out.png`: one image to a file; with
+`--task kontext --image in.png` (or img2img, inpaint --mask, fill, control --control-image, ...) an edit of one."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from .cli import add_model_arguments, check_launched, choose_model, default_guid
 from .config import parse_resolution, resolve_config, validate_resolution, validate_steps
 from .errors import EngineError
 from .files import check_writable, write_atomically, write_with_fallback
+from .tasks import file_inputs
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 IMAGE_SUFFIXES = tuple(IMAGE_FORMATS)
@@ -31,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="a local LoRA .safetensors (diffusers/PEFT, kohya or BFL/xlabs format) at SCALE (default 1.0); "
         "repeat for several",
     )
+    parser.add_argument("--image", default=None, help="--task img2img / inpaint / kontext / fill / ...: the image")
+    parser.add_argument("--mask", default=None, help="--task inpaint / fill / ...: the mask (white: redrawn)")
+    parser.add_argument("--control-image", default=None, help="--task control*: the control image (edges, depth)")
+    parser.add_argument("--strength", type=float, default=None, help="--task img2img / inpaint / ...: 0..1")
     parser.add_argument(
         "--gpus",
         type=int,
@@ -61,6 +67,9 @@ def run(args) -> tuple[Path | None, bool]:
     validate_resolution(*parse_resolution(args.res), allow_any_size=True)
     check_writable(output, "-o")
     loras = [parse_lora(text) for text in args.lora]
+    inputs = file_inputs(args.task, args.image, args.mask, args.control_image, args.strength)
+    if args.gpus != 1 and args.task != "text-to-image":
+        raise EngineError(f"--gpus {args.gpus} runs --task text-to-image only; run --task {args.task} on one GPU")
 
     import torch
 
@@ -71,7 +80,7 @@ def run(args) -> tuple[Path | None, bool]:
     ((height, width),) = choice.sizes
     steps = args.steps if args.steps is not None else (spec.default_steps if spec else 28)
     pipe = FluxEngine.from_pretrained(
-        model, config=config, device=device, seed=args.seed, config_folder=args.config_folder
+        model, config=config, device=device, seed=args.seed, config_folder=args.config_folder, task=args.task
     )
     if loras:
         names = [f"lora{index}" for index in range(len(loras))]
@@ -88,6 +97,7 @@ def run(args) -> tuple[Path | None, bool]:
         guidance_scale=guidance,
         generator=torch.Generator(device="cpu").manual_seed(args.seed),
         max_sequence_length=max_sequence_length,
+        **inputs,
     )
     if result is None:  # a context-parallel rank other than 0: rank 0 writes the image
         return None, spec is not None

@@ -18,6 +18,11 @@ class TaskSpec:
     masks: tuple[str, ...] = ()  # the image arguments that are masks (any mode: diffusers makes them grayscale)
     variant: str = "flux-dev"  # the synthetic variant of its real architecture
 
+    @property
+    def tiny(self) -> str:
+        """The tiny synthetic variant that fits this task (CPUs and tests)."""
+        return {64: "tiny", 384: "tiny-fill", 128: "tiny-control"}[self.channels]
+
 
 TASKS = {
     "text-to-image": TaskSpec("FluxPipeline", 64),
@@ -37,6 +42,33 @@ TASKS = {
 }
 _MODEL_OF_CHANNELS = {64: "FLUX.1 dev / schnell / Kontext", 384: "FLUX.1 Fill", 128: "FLUX.1 Canny / Depth"}
 _IMAGE_ARGUMENTS = ("image", "mask_image", "control_image", "image_reference")
+
+
+def check_task_name(task: str) -> TaskSpec:
+    if task not in TASKS:
+        raise ConfigError(f"task={task!r} is not a FLUX.1 task; pick one of {', '.join(map(repr, TASKS))}")
+    return TASKS[task]
+
+
+def check_variant_fits_task(variant: str, in_channels: int, task: str) -> None:
+    """A synthetic or loaded model whose transformer takes other channels than the task packs: refused, naming the
+    variant that fits, before anything is built."""
+    spec = check_task_name(task)
+    if in_channels != spec.channels:
+        model = _MODEL_OF_CHANNELS.get(in_channels, f"a {in_channels}-input-channel")
+        raise ConfigError(
+            f"task {task!r} ({spec.pipeline_class}) feeds the transformer {spec.channels} channels; {variant} takes "
+            f"{in_channels} ({model} model); use --model synthetic:{spec.variant} (synthetic:{spec.tiny} on a CPU) "
+            "or a checkpoint of that task"
+        )
+
+
+def components_for(pipeline_class, components: dict) -> dict:
+    """The components `pipeline_class` takes (Fill and Control have no IP-Adapter image encoder, the others may)."""
+    import inspect
+
+    accepted = inspect.signature(pipeline_class.__init__).parameters
+    return {name: module for name, module in components.items() if name in accepted}
 
 
 def task_of(pipe) -> str:
@@ -174,3 +206,73 @@ def _check_strength(call: dict) -> None:
             f"strength={strength:g} leaves none of the {steps} steps to denoise (diffusers fails on it); pass a "
             "strength above 0 (0.6 keeps the image's layout)"
         )
+
+
+# ----------------------------------------------------------------------------- the inputs of a task's call
+
+
+def synthetic_inputs(task: str, height: int, width: int, seed: int = 0) -> dict:
+    """Deterministic inputs for a `task` call at height x width (engine.bench): a smooth RGB picture (a VAE encodes
+    noise into extreme latents), a mask of the middle half, a control image; each task's diffusers defaults else.
+    Kontext edits a picture of the output's size (max_area is the output's area, so diffusers keeps it)."""
+    import numpy as np
+    from PIL import Image
+
+    spec = check_task_name(task)
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    phases = rng.uniform(0, 2 * np.pi, size=3)
+    waves = [0.5 + 0.5 * np.sin(2 * np.pi * (1 + c) * (x + y * (c - 1)) + phase) for c, phase in enumerate(phases)]
+    picture = Image.fromarray((np.stack(waves, -1) * 255).astype(np.uint8), "RGB")
+    mask = np.zeros((height, width), np.uint8)
+    mask[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = 255
+    inputs = {"image": picture, "mask_image": Image.fromarray(mask, "L"), "control_image": picture.transpose(0)}
+    chosen = {name: inputs[name] for name in spec.required}
+    if task.startswith("kontext"):
+        chosen.update(image=picture, max_area=height * width)
+    return chosen
+
+
+def condition_tokens(task: str, height: int, width: int) -> int:
+    """The image tokens a task adds to the transformer's sequence beside the noise (engine.bench's FLOPs, the
+    planner): Kontext attends over its input picture too, which diffusers resizes to the preferred Kontext
+    resolution nearest the picture's aspect ratio (1024x1024 for a square), as `synthetic_inputs` makes it."""
+    if not task.startswith("kontext"):
+        return 0  # Fill and Control pack their conditioning as channels, not tokens
+    from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+
+    _, kept_width, kept_height = min((abs(width / height - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
+    return (kept_height // 16) * (kept_width // 16)
+
+
+def file_inputs(task: str, image: str | None, mask: str | None, control: str | None, strength: float | None) -> dict:
+    """The call inputs of `engine.generate --task` from image files (read and checked before any model is built)."""
+    from PIL import Image, UnidentifiedImageError
+
+    spec = check_task_name(task)
+    given = {"image": image, "mask_image": mask, "control_image": control}
+    flags = {"image": "--image", "mask_image": "--mask", "control_image": "--control-image"}
+    inputs = {}
+    for name, path in given.items():
+        if path is None:
+            if name in spec.required:
+                raise InputError(f"--task {task} needs {flags[name]} PATH (an image file)")
+            continue
+        if name not in spec.required and not (name == "image" and task.startswith("kontext")):
+            raise InputError(f"--task {task} takes no {flags[name]}; it takes {', '.join(spec.required) or 'none'}")
+        try:
+            with Image.open(path) as opened:
+                picture = opened.convert("L" if name in spec.masks else "RGB")
+        except (OSError, UnidentifiedImageError) as err:
+            raise InputError(
+                f"{flags[name]} {path!r} is not a readable image file ({err}); pass a PNG / JPEG / WebP"
+            ) from err
+        inputs[name] = picture
+    if strength is not None:
+        if task not in _STRENGTH_TASKS:
+            raise InputError(f"--strength is for {', '.join(_STRENGTH_TASKS)}; --task {task} takes none")
+        inputs["strength"] = strength
+    return inputs
+
+
+_STRENGTH_TASKS = ("img2img", "inpaint", "kontext-inpaint", "fill", "control-img2img", "control-inpaint")

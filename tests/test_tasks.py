@@ -3,6 +3,8 @@ of a call's images, masks and strength; on the tiny models in fp32 on the CPU, a
 
 from __future__ import annotations
 
+import re
+
 import diffusers
 import numpy as np
 import pytest
@@ -47,7 +49,7 @@ def _call(pipe, **inputs) -> torch.Tensor:
     pipe.set_progress_bar_config(disable=True)
     call = dict(prompt="a red fox", height=SIZE, width=SIZE, num_inference_steps=2, guidance_scale=3.5,
                 generator=torch.Generator().manual_seed(0), max_sequence_length=32, output_type="pt")  # fmt: skip
-    return pipe(**call, **inputs).images.float()
+    return pipe(**{**call, **inputs}).images.float()
 
 
 def test_every_task_has_its_engine_on_its_diffusers_class():
@@ -164,3 +166,147 @@ def test_inputs_diffusers_takes_still_pass(engines):
     assert images.shape == (1, 3, SIZE, SIZE)
     images = _call(engines["img2img"], image=[_picture(1, size=(128, 96))], strength=0.6)
     assert images.shape == (1, 3, SIZE, SIZE)
+
+
+# ----------------------------------------------------------------------------- engine.bench / engine.generate --task
+
+
+@pytest.mark.parametrize("task", ["fill", "control-inpaint"])
+def test_bench_task_runs_diffusers_class_beside_the_engine(task, tmp_path, capsys):
+    """engine.bench --task: the tiny variant of the task's architecture, diffusers' class of the task as the baseline
+    with the same synthetic inputs (the baseline preset: equal to the bit, an 'inf' PSNR), the task in the JSON."""
+    import json
+
+    from engine.bench import cli
+
+    out = tmp_path / "task.json"
+    argv = ["--task", task, "--res", "64", "--steps", "2", "--preset", "baseline", "--device", "cpu"]
+    assert cli.main([*argv, "--allow-any-size", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["task"] == task and result["model"] == "synthetic:" + TASKS[task].tiny
+    rows = {row["config"]: row for row in result["rows"]}
+    assert rows["baseline"]["psnr_db"] == "inf"
+    assert f"vs diffusers ({task})" in capsys.readouterr().out
+
+
+def test_kontext_flops_count_its_input_picture():
+    from engine.bench.phases import transformer_step_flops
+    from engine.models.variants import variant_spec
+    from engine.tasks import condition_tokens
+
+    assert condition_tokens("kontext", 1024, 1024) == 4096 and condition_tokens("fill", 1024, 1024) == 0
+    config = variant_spec("flux-dev").transformer
+    plain = transformer_step_flops(config, 1024, 1024, 512)
+    kontext = transformer_step_flops(config, 1024, 1024, 512, condition_tokens=4096)
+    assert 1.9 < kontext / plain < 2.3  # 8704 tokens against 4608: linear layers ~1.9x, attention ~3.6x
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--task", "fill", "--model", "synthetic:tiny", "--image", "in.png", "--mask", "in.png"],
+            "task 'fill' .* 384 channels.*synthetic:tiny-fill",
+        ),  # fmt: skip
+        (["--task", "img2img"], "--task img2img needs --image PATH"),
+        (["--task", "kontext", "--mask", "m.png"], "--task kontext takes no --mask"),
+        (["--task", "text-to-image", "--strength", "0.5"], "--strength is for img2img"),
+        (["--task", "img2img", "--image", "missing.png"], "--image 'missing.png' is not a readable image file"),
+    ],
+)
+def test_generate_task_refuses_bad_arguments(argv, message, capsys, tmp_path, monkeypatch):
+    from engine import generate
+
+    monkeypatch.chdir(tmp_path)
+    _picture(1).save("in.png")
+    assert generate.main(["a fox", "--res", "64", "--device", "cpu", "-o", "out.png", *argv]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_generate_edits_an_image_file(tmp_path):
+    """engine.generate --task inpaint --image --mask: diffusers' FluxInpaintPipeline image of those files."""
+    from engine import generate
+
+    _picture(1, size=(96, 64)).save(tmp_path / "in.png")
+    _picture(2, "L", (96, 64)).save(tmp_path / "mask.png")
+    argv = ["a fox", "--res", "96x64", "--steps", "2", "--device", "cpu", "--task", "inpaint", "--strength", "0.8"]
+    files = ["--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"), "-o", str(tmp_path / "o.png")]
+    assert generate.main([*argv, *files]) == 0
+    written = np.asarray(Image.open(tmp_path / "o.png"))
+    plain = diffusers.FluxInpaintPipeline(**synthetic_components("tiny", device="cpu", dtype=torch.float32))
+    plain.set_progress_bar_config(disable=True)
+    expected = plain(
+        "a fox", image=Image.open(tmp_path / "in.png"), mask_image=Image.open(tmp_path / "mask.png"), strength=0.8,
+        height=64, width=96, num_inference_steps=2, guidance_scale=3.5,
+        max_sequence_length=min(512, plain.tokenizer_2.model_max_length),
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]  # fmt: skip
+    assert written.shape == (64, 96, 3) and np.array_equal(written, np.asarray(expected))
+
+
+def test_the_planner_counts_kontexts_tokens_and_the_image_encode():
+    """Kontext's step covers 8704 tokens at 1024^2 (4608 for text-to-image): more time and activations; a task with
+    an input image holds the VAE encoder's activations in its encode phase, at the output's size."""
+    from engine.config import PRESETS
+    from engine.memory.planner import predict, vae_config
+    from engine.memory.vae_peaks import decode_peak_bytes, encode_peak_bytes
+
+    config = PRESETS["fp8"]
+    t2i, kontext, img2img = (predict(config, "flux-dev", 2048, 2048, task=task) for task in ("text-to-image",
+                             "kontext", "img2img"))  # fmt: skip
+    assert kontext.parts["denoise"] > t2i.parts["denoise"] and kontext.seconds_per_image > t2i.seconds_per_image
+    assert img2img.parts["denoise"] == t2i.parts["denoise"]
+    resident = t2i.parts["decode"] - decode_peak_bytes(vae_config("flux-dev"), 2048, 2048, 1, 2, config.vae)
+    encoder = encode_peak_bytes(vae_config("flux-dev"), 2048, 2048, 1, 2, config.vae)
+    assert encoder > 2**30 and img2img.parts["encode"] == max(t2i.parts["encode"], resident + encoder)
+
+
+def _kontext_after_text_to_image(config, device: str, dtype: torch.dtype):
+    """A text-to-image call, then Kontext over the same components (FluxEngine.from_pipe) at the same size: the
+    Kontext call doubles the image tokens; under compile it must reuse the graphs (a recompile is an error here).
+    Returns the Kontext images and the plain FluxKontextPipeline's."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    t2i = FluxEngine.from_pretrained("synthetic:tiny", config, device=device, dtype=dtype)
+    _call(t2i)
+    graphs = counters["stats"]["unique_graphs"]
+    kontext = FluxEngine.from_pipe(t2i, config, task="kontext")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        images = _call(kontext, **INPUTS["kontext"])
+        _call(t2i, height=96)  # and back to text-to-image at another size
+    assert counters["stats"]["unique_graphs"] == graphs
+    plain = diffusers.FluxKontextPipeline(**synthetic_components("tiny", device=device, dtype=dtype))
+    return images, _call(plain, **INPUTS["kontext"])
+
+
+def test_a_kontext_call_after_text_to_image_compiles_nothing_new():
+    from engine.config import CompileConfig
+
+    config = EngineConfig(compile=CompileConfig(mode="regional", backend="aot_eager"))
+    images, plain = _kontext_after_text_to_image(config, "cpu", torch.float32)
+    torch.testing.assert_close(images, plain, atol=1e-5, rtol=0)  # aot_eager: eager up to fp32 rounding
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="our kernels, fp8 and CUDA graphs need CUDA")
+def test_kontext_after_text_to_image_on_the_fastest_preset_on_the_gpu():
+    """fp8-compile-fastacc-cudagraphs (Triton attention, fp8, regional compile, CUDA graphs) on the GPU in bf16."""
+    from engine.measure import psnr
+
+    images, plain = _kontext_after_text_to_image("fp8-compile-fastacc-cudagraphs", "cuda", torch.bfloat16)
+    assert psnr(images, plain) >= 35.0  # fp8 weights and bf16 on the tiny model: the fp8 attention floor of #17
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="our kernels, fp8 and CUDA graphs need CUDA")
+@pytest.mark.parametrize("task", ["img2img", "inpaint", "fill", "control", "kontext-inpaint"])
+def test_each_task_on_the_fastest_preset_on_the_gpu(task):
+    from engine.measure import psnr
+
+    variant = TASKS[task].tiny
+    pipeline_class = getattr(diffusers, TASKS[task].pipeline_class)
+    plain = pipeline_class(**synthetic_components(variant, device="cuda", dtype=torch.bfloat16))
+    engine = FluxEngine.from_pretrained(f"synthetic:{variant}", "fp8-compile-fastacc-cudagraphs", device="cuda",
+                                        task=task)  # fmt: skip
+    assert psnr(_call(engine, **INPUTS[task]), _call(plain, **INPUTS[task])) >= 35.0

@@ -74,6 +74,9 @@ def check_gpus(args) -> None:
     timeout = getattr(args, "parallel_timeout", 1800.0)
     if not 0 < timeout < float("inf"):
         raise EngineError(f"--parallel-timeout {timeout} must be a number of seconds > 0 (default 1800)")
+    task = getattr(args, "task", "text-to-image")
+    if task != "text-to-image":
+        raise EngineError(f"--gpus {gpus} runs --task text-to-image only; run --task {task} on one GPU")
     if getattr(args, "lora", None):
         raise EngineError(f"--lora is not run with --gpus yet (the adapter would be left out); run --gpus {gpus} alone")
     for flag, value in (("--gate", args.gate), ("--vram", args.vram), ("--save-baseline", args.save_baseline)):

@@ -51,7 +51,7 @@ def budget_jobs(plan: Plan, args) -> list[Job]:
         for size in plan.sizes:
             chosen = make_budget_plan(
                 budget, *size, variant=plan.spec.name, batch=args.batch, steps=args.steps, quality=args.quality,
-                fp8_hardware=fp8_hardware, triton=triton_runnable(plan.device),
+                fp8_hardware=fp8_hardware, triton=triton_runnable(plan.device), task=args.task,
             )  # fmt: skip
             explanation = chosen.explain()
             print(explanation)

@@ -11,7 +11,16 @@ from ..cli import add_model_arguments, end_parallel_run
 from ..errors import EngineError
 from ..files import write_with_fallback
 from .arguments import check_arguments
-from .report import BUDGET_COLUMNS, CPU_RESULTS, default_out_path, format_table, save_results, verdicts, write_json
+from .report import (
+    BUDGET_COLUMNS,
+    CPU_RESULTS,
+    default_out_path,
+    format_table,
+    save_results,
+    task_label,
+    verdicts,
+    write_json,
+)
 
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse on the moon, earth rising behind"
 
@@ -19,7 +28,7 @@ DEFAULT_PROMPT = "a photograph of an astronaut riding a horse on the moon, earth
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m engine.bench",
-        description="Baseline diffusers FluxPipeline vs flux-engine, side by side in one run.",
+        description="Baseline diffusers FluxPipeline (or the --task's class) vs flux-engine, side by side in one run.",
     )
     parser.add_argument(
         "--res",
@@ -141,7 +150,7 @@ def _main(argv: list[str] | None) -> int:
         return 2
     env = result["env"]
     print(
-        f"\n{result['model']} {result['dtype']} on {env['gpu'] or 'CPU'} | torch {env['torch']} | "
+        f"\n{result['model']}{task_label(result)} {result['dtype']} on {env['gpu'] or 'CPU'} | torch {env['torch']} | "
         f"diffusers {env['diffusers']} | commit {env['commit']} | {env['date']}"
     )
     print(format_table(result["rows"]))

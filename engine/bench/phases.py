@@ -143,15 +143,18 @@ def _restore(owner, name: str, own) -> None:
 # ----------------------------------------------------------------------------- flops
 
 
-def transformer_step_flops(transformer_config: dict, height: int, width: int, text_tokens: int, batch: int = 1) -> int:
-    """FLOPs of one transformer forward, from torch's flop counter on the meta device (no memory, no GPU)."""
+def transformer_step_flops(
+    transformer_config: dict, height: int, width: int, text_tokens: int, batch: int = 1, condition_tokens: int = 0
+) -> int:
+    """FLOPs of one transformer forward, from torch's flop counter on the meta device (no memory, no GPU);
+    `condition_tokens`: image tokens a task adds beside the noise's (Kontext's input picture)."""
     from diffusers import FluxTransformer2DModel
     from torch.utils.flop_counter import FlopCounterMode
 
     from ..models import dtype_as_default
 
     config = {k: v for k, v in dict(transformer_config).items() if not k.startswith("_")}
-    image_tokens = (height // 16) * (width // 16)
+    image_tokens = (height // 16) * (width // 16) + condition_tokens
     with torch.device("meta"), dtype_as_default(torch.bfloat16):
         model = FluxTransformer2DModel.from_config(config)
         inputs = {

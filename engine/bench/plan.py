@@ -13,6 +13,7 @@ from ..cli import choose_model
 from ..config import resolve_config
 from ..errors import EngineError
 from ..files import check_writable
+from ..tasks import TASKS
 from .arguments import check_arguments, parse_budgets, parse_presets
 from .report import default_out_dir
 
@@ -77,7 +78,8 @@ def check_baseline_fits(plan: Plan, args, card: float) -> None:
     from ..memory.planner import RESERVE_GIB, predict
 
     for height, width in plan.sizes:
-        need = predict(PRESETS["baseline"], plan.spec.name, height, width, args.batch, args.steps).peak_gib
+        task = getattr(args, "task", "text-to-image")
+        need = predict(PRESETS["baseline"], plan.spec.name, height, width, args.batch, args.steps, task=task).peak_gib
         if need + RESERVE_GIB > card:
             raise EngineError(
                 f"the diffusers baseline needs ~{need + RESERVE_GIB:.0f} GiB at {width}x{height} (predicted), more "
@@ -101,13 +103,18 @@ def fastest_for(plan: Plan, args):
         card_gib=card_gib(plan.device) if cuda else None,
         fp8_hardware=cuda and fp8_compute_for(plan.device) == "scaled_mm",
         triton=triton_runnable(plan.device), batch=args.batch, steps=args.steps,
+        task=getattr(args, "task", "text-to-image"),
     )  # fmt: skip
 
 
 def headline(plan: Plan, fastest, args) -> str:
     sizes = ", ".join(f"{w}x{h}" for h, w in plan.sizes)
     runs = f"{args.runs} run" + ("s" if args.runs > 1 else "")
-    versus = "alone (--no-baseline)" if args.no_baseline else "vs diffusers FluxPipeline"
+    task = getattr(args, "task", "text-to-image")
+    pipeline = TASKS[task].pipeline_class
+    versus = "alone (--no-baseline)" if args.no_baseline else f"vs diffusers {pipeline}"
+    if task != "text-to-image":
+        versus = f"({task}) {versus}"
     return (
         f"flux-engine {fastest.config.label} {versus}, {plan.model} at {sizes}, {args.steps} steps x {runs}: "
         f"{fastest.reason} (other presets: --preset NAME; see --help)"

@@ -158,12 +158,17 @@ def make_figure(result: dict):
         title = ""
     steps = rows[0]["steps"] if rows else "-"
     fig.suptitle(
-        f"{result['model']} {result['dtype']} on {card}, {title}{steps} steps | commit {env['commit']} | "
-        f"{env['date'][:16]}",
+        f"{result['model']}{task_label(result)} {result['dtype']} on {card}, {title}{steps} steps | "
+        f"commit {env['commit']} | {env['date'][:16]}",
         fontsize=10,
     )
     fig.tight_layout()
     return fig
+
+
+def task_label(result: dict) -> str:
+    task = result.get("task", "text-to-image")
+    return "" if task == "text-to-image" else f" ({task})"
 
 
 def _plot_bars(axes, rows: list[dict], with_memory: bool) -> None:
@@ -257,8 +262,10 @@ def verdicts(result: dict) -> list[str]:
             parts.append(f"PSNR {_fmt(row['psnr_db'], '.1f')} dB")
         if row.get("lora"):  # both sides ran with the adapter
             parts.append(_lora_figures(row))
+        task = result.get("task", "text-to-image")
+        versus = "diffusers" if task == "text-to-image" else f"diffusers ({task})"
         lines.append(
-            f"flux-engine {row['config']} vs diffusers, {row['width']}x{row['height']}, {row['steps']} steps x "
+            f"flux-engine {row['config']} vs {versus}, {row['width']}x{row['height']}, {row['steps']} steps x "
             f"{runs}: " + ", ".join(parts)
         )
     return lines

@@ -21,6 +21,7 @@ from ..measure import (
     synchronize,
     track_peak_memory,
 )
+from ..tasks import TASKS, components_for, condition_tokens, synthetic_inputs
 from .budget import Job, budget_jobs, emulated_budget, release_cached_memory
 from .lora import attach, measure_swap, note_lora, prepare_lora
 from .phases import CallTimes, Interval, record_phases, transformer_step_flops
@@ -115,6 +116,8 @@ def run_config(
         captured["latents"] = tensors["latents"]
         return tensors
 
+    inputs = synthetic_inputs(args.task, height, width, args.seed)  # the task's picture, mask, control image
+
     def call(steps: int = args.steps):
         generator = torch.Generator(device="cpu").manual_seed(args.seed)
         output = pipe(
@@ -127,6 +130,7 @@ def run_config(
             max_sequence_length=args.max_sequence_length,
             output_type="pt",
             callback_on_step_end=keep_latents,
+            **inputs,
         )
         return None if output is None else output.images  # None: a context-parallel rank other than 0
 
@@ -281,10 +285,10 @@ def _free(device: torch.device, *objects) -> None:
 
 
 def run(args, plan: Plan | None = None) -> dict:
-    from diffusers import FluxPipeline
+    import diffusers
     from tqdm.auto import tqdm
 
-    from ..engines import FluxEngine
+    from ..engines import ENGINES
 
     plan = plan or make_plan(args)
     if plan.headline:
@@ -303,7 +307,9 @@ def run(args, plan: Plan | None = None) -> dict:
     env = environment_info(plan.device)
     transformer_config = dict(components["transformer"].config)
     flops = {
-        size: transformer_step_flops(transformer_config, *size, args.max_sequence_length, args.batch)
+        size: transformer_step_flops(
+            transformer_config, *size, args.max_sequence_length, args.batch, condition_tokens(args.task, *size)
+        )
         for size in plan.sizes
     }
     engine_configs = plan.configs
@@ -325,7 +331,8 @@ def run(args, plan: Plan | None = None) -> dict:
     quant_reports: dict[str, dict] = {}
     with tqdm(total=total_calls, desc="bench", unit="call", file=sys.stderr) as progress:
         if not args.no_baseline:
-            baseline_pipe = FluxPipeline(**components)
+            baseline_class = getattr(diffusers, TASKS[args.task].pipeline_class)
+            baseline_pipe = baseline_class(**components_for(baseline_class, components))
             if lora is not None:
                 attach(baseline_pipe, lora)
             for size in plan.sizes:
@@ -344,9 +351,10 @@ def run(args, plan: Plan | None = None) -> dict:
                 engine_config = with_compile_cache(engine_config, args)
             label = engine_config.label
             try:
-                engine = FluxEngine(**components)
+                engine_class = ENGINES[args.task]
+                engine = engine_class(**components_for(engine_class, components))
                 engine.model_name = plan.model
-                engine = FluxEngine.from_pipe(engine, engine_config)
+                engine = engine_class.from_pipe(engine, engine_config)
                 # with --lora, the config without the adapter first: the adapter's cost in one process
                 lora_off = {size: run_job(engine, label, size, args, plan.device, flops[size], progress)[0]
                             for size in (job.sizes if lora is not None else ())}  # fmt: skip
@@ -391,6 +399,7 @@ def run(args, plan: Plan | None = None) -> dict:
         "kind": "engine.bench",
         "env": env,
         "model": plan.model,
+        "task": args.task,
         "dtype": args.dtype,
         "preset": ",".join(c.label for c in engine_configs),
         "presets": [c.label for c in engine_configs],

@@ -10,8 +10,8 @@ The memory model:
 - weights: exact bytes per quantisation mode, counted on the real config built on the meta device
   (engine.memory.weights.weight_bytes), split into what stays resident and what a streaming policy moves;
 - a streaming policy holds `blocks_resident` slots of its largest block;
-- activations: the largest live set of one transformer step, per token, by formula (ACT_* below),
-  and the VAE decode's own peak (engine.memory.vae_peaks.decode_peak_bytes), tiled or not;
+- activations: the largest live set of one transformer step, per token, by formula (ACT_* below), and the VAE
+  decode's (and an input image's encode's) own peak (engine.memory.vae_peaks), tiled or not;
 - overheads: the CUDA context and allocator fragmentation (RESERVE_GIB), which the budget must hold too.
 The time model: a step's compute time from the H100 measurements in benchmarks/results (per token,
 linear + quadratic in the sequence length), scaled by the quantisation mode, plus the copy time a
@@ -25,14 +25,7 @@ import functools
 import itertools
 from dataclasses import dataclass, field, replace
 
-from ..config import (
-    AttentionConfig,
-    CompileConfig,
-    EngineConfig,
-    OffloadConfig,
-    QuantConfig,
-    VaeConfig,
-)
+from ..config import AttentionConfig, CompileConfig, EngineConfig, OffloadConfig, QuantConfig, VaeConfig
 from ..errors import ConfigError
 
 GIB = 2**30
@@ -184,10 +177,13 @@ def predict(
     batch: int = 1,
     steps: int = 28,
     h2d_gbps: float = H2D_GBPS,
+    task: str = "text-to-image",
 ) -> Prediction:
-    """Peak device bytes and seconds per image of `config` (see the module docstring)."""
+    """Peak device bytes and seconds per image of `config` (see the module docstring). `task`: Kontext's sequence
+    holds its picture's tokens too; a task with an input image VAE-encodes it at the output's size."""
     from ..models.variants import variant_spec
-    from .vae_peaks import decode_peak_bytes, tiling_in_force
+    from ..tasks import check_task_name, condition_tokens
+    from .vae_peaks import decode_peak_bytes, encode_peak_bytes, tiling_in_force
 
     spec = variant_spec(variant)
     quant, offload = config.quant, config.offload
@@ -198,7 +194,7 @@ def predict(
     vae = vae_weight_bytes(variant)
     hidden = spec.transformer["num_attention_heads"] * spec.transformer["attention_head_dim"]
     text_tokens = spec.t5_max_length
-    tokens = transformer_tokens(spec, height, width, text_tokens)
+    tokens = transformer_tokens(spec, height, width, text_tokens) + condition_tokens(task, height, width)
     compiled = config.compile.mode != "none"
     act = batch * tokens * hidden * 2 * ACT_HIDDEN_MULTIPLE[compiled] + ACT_FIXED_BYTES
     slots = offload.blocks_resident
@@ -219,6 +215,8 @@ def predict(
         t5_visit = slots * t5.largest_block + batch * text_tokens * T5_ACT_BYTES_PER_TOKEN
         encode_extra = max(t5_visit, clip.total)
     decode_extra = decode_peak_bytes(vae_config(variant), height, width, batch, 2, config.vae)
+    if check_task_name(task).required or task.startswith("kontext"):  # the text encoders are done by then
+        encode_extra = max(encode_extra, encode_peak_bytes(vae_config(variant), height, width, batch, 2, config.vae))
     parts = {"encode": resident + encode_extra, "denoise": resident + act, "decode": resident + decode_extra}
     peak = max(parts.values())
     # time per image
@@ -315,6 +313,7 @@ def plan(
     fp8_hardware: bool = True,
     triton: bool = True,
     h2d_gbps: float = H2D_GBPS,
+    task: str = "text-to-image",
 ) -> Plan:
     """The fastest config predicted to fit `vram_gib` GiB; ConfigError (with the smallest peak found) if none."""
     if not vram_gib > 0:
@@ -323,7 +322,7 @@ def plan(
     usable = (vram_gib - RESERVE_GIB) * GIB
     predictions = []
     for config in candidates(quality, fp8_hardware, triton):
-        p = predict(config, variant, height, width, batch, steps, h2d_gbps)
+        p = predict(config, variant, height, width, batch, steps, h2d_gbps, task)
         p.fits = p.peak_bytes <= usable
         worst = max(p.parts, key=p.parts.get)
         p.why = "fits" if p.fits else f"{worst} needs {p.parts[worst] / GIB:.2f} GiB > {usable / GIB:.2f}"
@@ -380,6 +379,7 @@ def fastest_config(
     triton: bool = False,
     batch: int = 1,
     steps: int = 28,
+    task: str = "text-to-image",
 ) -> FastestChoice:
     """The fastest config for this machine at every size in `sizes` ((height, width) pairs): on CUDA the first of
     GPU_FASTEST_FIRST that runs on this GPU and is predicted to fit `card_gib` (else the planner's plan for the
@@ -403,7 +403,7 @@ def fastest_config(
         if config.attention.needs_triton and not triton:
             skipped.append(f"{name} (needs Triton)")
             continue
-        peak_gib = max(predict(config, variant, h, w, batch, steps).peak_gib for h, w in sizes)
+        peak_gib = max(predict(config, variant, h, w, batch, steps, task=task).peak_gib for h, w in sizes)
         if peak_gib > usable_gib:
             skipped.append(f"{name} (needs {peak_gib + RESERVE_GIB:.1f} GiB)")
             continue
@@ -413,7 +413,7 @@ def fastest_config(
         return FastestChoice(config, f"{why}; predicted peak {peak_gib:.1f} of {card_gib:.1f} GiB")
     height, width = max(sizes, key=lambda size: size[0] * size[1])
     chosen = plan(card_gib, height, width, variant=variant, batch=batch, steps=steps, fp8_hardware=fp8_hardware,
-                  triton=triton)  # fmt: skip
+                  triton=triton, task=task)  # fmt: skip
     return FastestChoice(
         chosen.config,
         f"no preset fits this GPU's {card_gib:.1f} GiB at {width}x{height}; the planner's fastest config that does "
