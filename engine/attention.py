@@ -394,11 +394,17 @@ def apply_attention(pipe, config: AttentionConfig, force: bool = False) -> Block
         return None
     transformer = pipe.transformer
     ops = resolve_ops(config, transformer)
-    for index, block in enumerate(transformer.transformer_blocks):
-        _convert_double(block, ops, f"transformer_blocks.{index}")
-    for index, block in enumerate(transformer.single_transformer_blocks):
-        _convert_single(block, ops, f"single_transformer_blocks.{index}")
+    convert_blocks(transformer, ops)
     return ops
+
+
+def convert_blocks(model, ops: BlockOps) -> None:
+    """Rewire the double- and single-stream blocks of `model` (a FluxTransformer2DModel, or a FluxControlNetModel:
+    the same block classes) onto `ops`, in place; `remove_attention(model)` undoes it."""
+    for index, block in enumerate(model.transformer_blocks):
+        _convert_double(block, ops, f"transformer_blocks.{index}")
+    for index, block in enumerate(model.single_transformer_blocks):
+        _convert_single(block, ops, f"single_transformer_blocks.{index}")
 
 
 # each engine block class and the diffusers class it came from

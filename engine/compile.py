@@ -99,7 +99,7 @@ def compiler_caches(root: Path | None):
                 os.environ[name] = value
 
 
-def _scope_caches_to_forward(transformer: torch.nn.Module, root: Path) -> list:
+def scope_caches_to_forward(transformer: torch.nn.Module, root: Path) -> list:
     """Compiling happens inside the transformer's forward (the first call of a shape): the cache folders are set
     for each forward only, by a pre-hook and an always-called hook, instead of for the rest of the process."""
     scopes = []
@@ -229,28 +229,33 @@ def apply_compile(pipe, config) -> CompileState | None:
         with compiler_caches(root):
             state.loaded_artifacts = load_artifacts(state.artifact_path)
     transformer = pipe.transformer
-    for name, blocks in (
-        ("transformer_blocks", transformer.transformer_blocks),
-        ("single_transformer_blocks", transformer.single_transformer_blocks),
-    ):
-        for block in blocks:
-            _compile_module(block, compile_config, state)
-        state.compiled_modules.append(f"{name} x{len(blocks)}")
-    state.handles += _fresh_block_inputs(transformer)
-    for name in _AROUND_BLOCKS:
-        module = getattr(transformer, name, None)
-        if module is not None:
-            _compile_module(module, compile_config, state)
-            state.compiled_modules.append(name)
+    compile_regions(transformer, compile_config, state)
     if state.artifact_path is not None and not state.loaded_artifacts:
         state.handles.append(_save_after_first_call(transformer, state))
     if state.cache_dir is not None:
         # after the save hook: it saves inside the scope
-        state.handles += _scope_caches_to_forward(transformer, state.cache_dir)
+        state.handles += scope_caches_to_forward(transformer, state.cache_dir)
     if compile_config.cuda_graphs:
         state.cuda_graphs = TransformerGraphs(transformer)
         state.cuda_graphs.install()
     return state
+
+
+def compile_regions(model: torch.nn.Module, config: CompileConfig, state: CompileState) -> None:
+    """Compile `model`'s repeated blocks and the small modules around them, each as a region (a
+    FluxTransformer2DModel, or a FluxControlNetModel: the same block classes, so the same graphs), recording the
+    modules and hooks in `state` for remove_compile."""
+    for name in ("transformer_blocks", "single_transformer_blocks"):
+        blocks = getattr(model, name)
+        for block in blocks:
+            _compile_module(block, config, state)
+        state.compiled_modules.append(f"{name} x{len(blocks)}")
+    state.handles += _fresh_block_inputs(model)
+    for name in _AROUND_BLOCKS:
+        module = getattr(model, name, None)
+        if module is not None:
+            _compile_module(module, config, state)
+            state.compiled_modules.append(name)
 
 
 def _as_fresh_tensor(module, args, output):

@@ -53,8 +53,8 @@ class EngineCalls:
         dtype: the weights' dtype (bf16 on CUDA, fp32 on CPU by default); `torch_dtype` is accepted as in diffusers.
         task: the engine to return ("text-to-image", "img2img", "inpaint", "kontext", "fill", "control", ...;
             engine.TASKS), each the diffusers pipeline class of that task; by default the class this is called on.
-        controlnet: for task "controlnet", a FluxControlNetModel (or FluxMultiControlNetModel), or the path of a local
-            diffusers-format ControlNet folder.
+        controlnet: for task "controlnet", a FluxControlNetModel (or FluxMultiControlNetModel), the path of a local
+            diffusers-format ControlNet folder, or a synthetic one of a variant's architecture ("synthetic:flux-dev").
         Nothing is ever fetched from a model hub.
         """
         cls = _class_for(cls, task)
@@ -78,7 +78,7 @@ class EngineCalls:
             )
             model_name = source
         if cls.task == "controlnet":
-            components["controlnet"] = _controlnet_of(controlnet, device, dtype)
+            components["controlnet"] = _controlnet_of(controlnet, device, dtype, seed)
         elif controlnet is not None:
             raise ConfigError(f"controlnet= is for task='controlnet'; {cls.__name__} runs task {cls.task!r}")
         engine = cls(**components_for(cls, components))
@@ -400,15 +400,20 @@ for _engine in ENGINES.values():
         )
 
 
-def _controlnet_of(controlnet, device: torch.device, dtype: torch.dtype):
+def _controlnet_of(controlnet, device: torch.device, dtype: torch.dtype, seed: int):
     """A ControlNet module as given, or loaded from a local diffusers-format folder (never from a hub)."""
     if isinstance(controlnet, (diffusers.FluxControlNetModel, diffusers.FluxMultiControlNetModel)):
         return controlnet
+    if isinstance(controlnet, str) and is_variant_name(controlnet):  # e.g. synthetic:flux-dev, random weights
+        from .models.controlnet import synthetic_controlnet
+
+        return synthetic_controlnet(controlnet, device=device, dtype=dtype, seed=seed)
     if isinstance(controlnet, (str, Path)) and Path(controlnet).is_dir():
         model = diffusers.FluxControlNetModel.from_pretrained(controlnet, torch_dtype=dtype, local_files_only=True)
         return model.to(device)
     raise ConfigError(
-        f"task='controlnet' needs controlnet=: a FluxControlNetModel, or the path of a local ControlNet folder; got "
+        f"task='controlnet' needs controlnet=: a FluxControlNetModel, the path of a local ControlNet folder, or "
+        f"'synthetic:<variant>' (random weights); got "
         f"{controlnet!r}"
     )
 

@@ -25,6 +25,7 @@ STATE_ATTRS = (
     "offload_state",
     "vae_state",
     "parallel_state",
+    "controlnet_state",
     "compile_state",
     "engine_steps",
 )
@@ -49,6 +50,9 @@ def optimize(pipe, config: EngineConfig | str | None = None):
     """
     config = resolve_config(config)
     check_flux_pipeline(pipe)
+    from .controlnet import apply_controlnet, check_controlnet
+
+    check_controlnet(pipe, config)  # what a config cannot do to a ControlNet is refused before any step runs
     if config.parallel.enabled and not isinstance(pipe, FluxPipeline):
         raise ConfigError(
             f"a parallel config runs text-to-image (FluxPipeline, FluxEngine) for now; {type(pipe).__name__} prepares "
@@ -82,6 +86,9 @@ def optimize(pipe, config: EngineConfig | str | None = None):
     pipe.quant_state = apply_quantization(pipe, config.quant)
     if pipe.quant_state is not None:
         steps.add("quantization", None, "the original weights were replaced by their quantised codes")
+    pipe.controlnet_state = apply_controlnet(pipe, config, pipe.attention_ops)  # the transformer's steps, on it
+    if pipe.controlnet_state is not None:
+        steps.add("controlnet", *pipe.controlnet_state.step(pipe))
     pipe.offload_state = apply_offload(pipe, config.offload, compiled=config.compile.mode != "none")
     if pipe.offload_state is not None:
         offload_state = pipe.offload_state

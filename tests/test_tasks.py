@@ -310,3 +310,21 @@ def test_each_task_on_the_fastest_preset_on_the_gpu(task):
     engine = FluxEngine.from_pretrained(f"synthetic:{variant}", "fp8-compile-fastacc-cudagraphs", device="cuda",
                                         task=task)  # fmt: skip
     assert psnr(_call(engine, **INPUTS[task]), _call(plain, **INPUTS[task])) >= 35.0
+
+
+def test_the_controlnet_engine_takes_a_synthetic_or_given_controlnet():
+    """task='controlnet' with controlnet='synthetic:tiny' (random weights by the engine's seed) makes diffusers'
+    FluxControlNetPipeline image with the same ControlNet, whose blocks are optimised too (tests/test_controlnet.py)."""
+    from engine.models import synthetic_controlnet
+
+    inputs = {"control_image": _picture(3), "controlnet_conditioning_scale": 0.7}
+    components = synthetic_components("tiny", device="cpu", dtype=torch.float32)
+    controlnet = synthetic_controlnet("tiny", device="cpu", dtype=torch.float32, seed=0)
+    plain = _call(diffusers.FluxControlNetPipeline(**components, controlnet=controlnet), **inputs)
+    engine = FluxEngine.from_pretrained("synthetic:tiny", FUSED, device="cpu", task="controlnet",
+                                        controlnet="synthetic:tiny")  # fmt: skip
+    assert type(engine) is ENGINES["controlnet"] and engine.controlnet_state.fused
+    torch.testing.assert_close(_call(engine, **inputs), plain, atol=1e-5, rtol=0)
+    given = FluxEngine.from_pretrained("synthetic:tiny", "baseline", device="cpu", task="controlnet",
+                                       controlnet=controlnet)  # fmt: skip
+    assert given.controlnet is controlnet and torch.equal(_call(given, **inputs), plain)

@@ -3,6 +3,7 @@
     engine.models.variants        architectures, limits, device checks
     engine.models.tokenizers      synthetic tokenizers
     engine.models.builders        random-init components (and on the meta device)
+    engine.models.controlnet      random-init FLUX.1 ControlNets (InstantX / Shakker-Labs layout)
     engine.models.bfl             the BFL single-file format
     engine.models.safetensors_io  streamed safetensors reading
     engine.models.loading         local checkpoints (quantised while loading)
@@ -35,6 +36,10 @@ from .builders import (
     dtype_as_default,
     synthetic_components,
     synthetic_pipeline,
+)
+from .controlnet import (
+    controlnet_config,
+    synthetic_controlnet,
 )
 from .loading import (
     PIPELINE_COMPONENTS,
@@ -81,6 +86,7 @@ __all__ = [
     "build_vae",
     "check_device_fits_variant",
     "component_weight_files",
+    "controlnet_config",
     "diffusers_to_bfl",
     "dtype_as_default",
     "empty_model",
@@ -95,6 +101,7 @@ __all__ = [
     "stream_into",
     "synthetic_clip_tokenizer",
     "synthetic_components",
+    "synthetic_controlnet",
     "synthetic_pipeline",
     "synthetic_t5_tokenizer",
     "variant_spec",

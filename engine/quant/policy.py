@@ -32,6 +32,17 @@ KEEP = {
     "transformer": ("x_embedder", "context_embedder", "time_text_embed", "norm_out", "proj_out"),
     "text_encoder_2": (),
     "text_encoder": (),
+    # a FluxControlNetModel (engine/controlnet.py), quantised as the transformer it feeds: its blocks are the
+    # transformer's classes; kept are the same input layers, the control image's embedder, and the zero-initialised
+    # projections whose outputs are the residuals added into the transformer (its outputs, as proj_out is)
+    "controlnet": (
+        "x_embedder",
+        "context_embedder",
+        "time_text_embed",
+        "controlnet_x_embedder",
+        "controlnet_blocks",
+        "controlnet_single_blocks",
+    ),
 }
 # transformers' T5 casts its FF input to `wo.weight.dtype` (its _keep_in_fp32_modules hack, transformers issue
 # 20287); quantised `wo` layers are wrapped so that read sees the compute dtype. T5's FF output has large

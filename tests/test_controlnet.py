@@ -1,0 +1,190 @@
+"""optimize() on diffusers' FluxControlNetPipeline, its ControlNet optimised as the transformer (engine/controlnet.py),
+against the same class plain, on the tiny model and a tiny ControlNet (engine.models.controlnet: 1 double-stream and
+1 single-stream block, its zero-initialised projections drawn at random as a trained one's are not zero) in fp32 on
+the CPU: the baseline is diffusers to the bit, the fused blocks within fp32 rounding, fp8 within its own tolerance;
+and what a config cannot do to a ControlNet is refused before anything changes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxControlNetPipeline
+from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+from PIL import Image
+from torch import nn
+from torch._dynamo.utils import counters
+
+from engine import EngineConfig, optimize, restore
+from engine.attention import EngineDoubleBlock, EngineSingleBlock
+from engine.config import AttentionConfig, CompileConfig, OffloadConfig, QuantConfig
+from engine.errors import ConfigError
+from engine.measure import psnr, sqnr_db
+from engine.models import controlnet_config, synthetic_components, synthetic_controlnet
+from engine.quant import Fp8Linear, quantize_model
+
+SIZE = 64
+FUSED = EngineConfig(attention=AttentionConfig(backend="auto"))  # the fused blocks in PyTorch (no Triton on a CPU)
+FP8 = EngineConfig(attention=AttentionConfig(backend="auto"), quant=QuantConfig(transformer="fp8"))
+COMPILED = EngineConfig(
+    attention=AttentionConfig(backend="auto"), compile=CompileConfig(mode="regional", backend="eager")
+)
+
+
+def _picture(seed: int, height: int = SIZE, width: int = SIZE) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def _pipeline(config=None, nets: int = 1, dtype=torch.float32) -> FluxControlNetPipeline:
+    """The tiny pipeline with one ControlNet, or a FluxMultiControlNetModel of `nets` (seeds 1, 2, ...: not the
+    transformer's 0, so the ControlNet's blocks are not copies of the transformer's first ones)."""
+    controlnets = [synthetic_controlnet("tiny", dtype=dtype, seed=1 + index) for index in range(nets)]
+    components = synthetic_components("tiny", device="cpu", dtype=torch.float32, seed=0)
+    pipe = FluxControlNetPipeline(**components, controlnet=controlnets[0] if nets == 1 else controlnets)
+    if config is not None:
+        assert optimize(pipe, config) is pipe
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _images(pipe, height: int = SIZE, width: int = SIZE) -> torch.Tensor:
+    nets = len(getattr(pipe.controlnet, "nets", [None]))
+    control = [_picture(3 + index, height, width) for index in range(nets)]
+    scale = [0.7, 0.5][:nets]
+    call = dict(prompt="a red fox", height=height, width=width, num_inference_steps=2, guidance_scale=3.5,
+                generator=torch.Generator().manual_seed(0), max_sequence_length=32, output_type="pt")  # fmt: skip
+    if nets == 1:
+        control, scale = control[0], scale[0]
+    return pipe(**call, control_image=control, controlnet_conditioning_scale=scale).images.float()
+
+
+def _blocks(net) -> list[nn.Module]:
+    return [*net.transformer_blocks, *net.single_transformer_blocks]
+
+
+def test_the_synthetic_controlnet_is_the_real_layout_and_changes_the_image():
+    real = controlnet_config("flux-dev")
+    assert (real["num_layers"], real["num_single_layers"], real["attention_head_dim"]) == (5, 10, 128)
+    net = synthetic_controlnet("tiny", dtype=torch.float32, seed=1)
+    assert (len(net.transformer_blocks), len(net.single_transformer_blocks)) == (1, 1)
+    again = synthetic_controlnet("tiny", dtype=torch.float32, seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), again.parameters(), strict=True))
+    # diffusers zero-initialises the residual projections: a ControlNet left so adds nothing to the image, and every
+    # comparison below would pass whatever optimize() did to it
+    assert net.controlnet_blocks[0].weight.abs().min() > 0
+    pipe = _pipeline()
+    with_control = _images(pipe)
+    for projection in (*pipe.controlnet.controlnet_blocks, *pipe.controlnet.controlnet_single_blocks):
+        nn.init.zeros_(projection.weight)  # as diffusers leaves them
+        nn.init.zeros_(projection.bias)
+    assert psnr(_images(pipe), with_control) < 40.0
+
+
+@pytest.mark.parametrize("nets", [1, 2])
+def test_controlnet_pipeline_keeps_diffusers_images(nets):
+    plain = _images(_pipeline(nets=nets))
+    assert torch.equal(_images(_pipeline("baseline", nets)), plain)
+    # fused QKV GEMMs sum in another order than three GEMMs: fp32 rounding (tests/test_pipeline_classes.py)
+    torch.testing.assert_close(_images(_pipeline(FUSED, nets)), plain, atol=1e-5, rtol=0)
+    # fp8 within its text-to-image tolerance (tests/test_quantize.py: 45 dB); measured 68 dB with one ControlNet
+    assert psnr(_images(_pipeline(FP8, nets)), plain) >= 45.0
+
+
+@pytest.mark.parametrize("nets", [1, 2])
+def test_every_controlnet_gets_the_transformers_blocks_and_quantisation(nets):
+    pipe = _pipeline(FP8, nets)
+    controlnets = list(getattr(pipe.controlnet, "nets", [pipe.controlnet]))
+    assert pipe.engine_steps.names()[:3] == ["attention", "quantization", "controlnet"]
+    assert len(pipe.controlnet_state.quantized) == nets
+    for net in controlnets:
+        assert [type(block) for block in _blocks(net)] == [EngineDoubleBlock, EngineSingleBlock]
+        assert all(block.flux_ops is pipe.attention_ops for block in _blocks(net))
+        assert isinstance(net.transformer_blocks[0].qkv, Fp8Linear)
+        assert isinstance(net.single_transformer_blocks[0].linear1, Fp8Linear)
+        # kept in the model's dtype, as the transformer's x_embedder / proj_out: the inputs and the residuals out
+        for kept in (net.x_embedder, net.controlnet_x_embedder, net.controlnet_blocks[0], net.time_text_embed.
+                     timestep_embedder.linear_1):  # fmt: skip
+            assert type(kept) is nn.Linear
+
+
+def _controlnet_inputs(seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    image_tokens, text_tokens = 16, 8  # [B, L, C]: a 64x64 image's 4x4 patches, a short prompt
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    return dict(hidden_states=randn(1, image_tokens, 64), controlnet_cond=randn(1, image_tokens, 64),
+                encoder_hidden_states=randn(1, text_tokens, 32), pooled_projections=randn(1, 32),
+                timestep=torch.tensor([0.6]), guidance=torch.tensor([3.5]), img_ids=randn(image_tokens, 3),
+                txt_ids=torch.zeros(text_tokens, 3), conditioning_scale=0.7, return_dict=False)  # fmt: skip
+
+
+def test_the_quantised_controlnet_computes_in_fp8():
+    """Its residuals on fresh inputs differ from the plain ControlNet's (a ControlNet left untouched gives the same
+    bits) within fp8's error: the block Linears measure ~29 dB each (engine.quant.policy); 25 dB over two blocks."""
+    plain = _pipeline().controlnet(**_controlnet_inputs())
+    optimised = _pipeline(FP8).controlnet(**_controlnet_inputs())
+    for samples, reference in zip(optimised, plain, strict=True):
+        for sample, expected in zip(samples, reference, strict=True):
+            assert not torch.equal(sample, expected)
+            assert sqnr_db(sample, expected) >= 25.0
+
+
+def test_compiled_controlnet_holds_fullgraph_without_recompiles_and_restores():
+    torch._dynamo.reset()
+    counters.clear()
+    plain = _pipeline()
+    pipe = _pipeline(COMPILED)
+    assert pipe.controlnet_state.compile_state.compiled_modules == [
+        "controlnet.transformer_blocks x1",
+        "controlnet.single_transformer_blocks x1",
+        "controlnet.time_text_embed",
+    ]
+    assert all(block._compiled_call_impl is not None for block in _blocks(pipe.controlnet))
+    torch.testing.assert_close(_images(pipe), _images(plain), atol=1e-5, rtol=0)
+    graphs = counters["stats"]["unique_graphs"]
+    # the transformer's 5 (tests/test_compile.py) and one more per block class: the ControlNet calls its blocks
+    # without joint_attention_kwargs, the transformer with {} (the fused blocks check them, dynamo guards on that)
+    assert graphs == 7
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        torch.testing.assert_close(_images(pipe, 48, 80), _images(plain, 48, 80), atol=1e-5, rtol=0)
+    assert counters["stats"]["unique_graphs"] == graphs and not counters["graph_break"]
+    restore(pipe)  # unquantised: every step undone, the ControlNet's too
+    assert [type(block) for block in _blocks(pipe.controlnet)] == [FluxTransformerBlock, FluxSingleTransformerBlock]
+    assert pipe.controlnet.transformer_blocks[0]._compiled_call_impl is None
+    assert torch.equal(_images(pipe), _images(plain))
+
+
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        (EngineConfig(compile=CompileConfig(mode="regional", cuda_graphs=True)), "compile.cuda_graphs=True .* "
+         "ControlNet residuals .* Use compile.cuda_graphs=False"),
+        (EngineConfig(offload=OffloadConfig(policy="block")), "offload.policy='block' streams .* Use offload.policy "
+         "'none' or 'model'"),
+        (EngineConfig(offload=OffloadConfig(policy="leaf")), "offload.policy='leaf'"),
+    ],
+)  # fmt: skip
+def test_what_a_config_cannot_do_to_a_controlnet_is_refused_before_anything_changes(config, match):
+    pipe = _pipeline()
+    with pytest.raises(ConfigError, match=match):
+        optimize(pipe, config)
+    assert not hasattr(pipe, "engine_steps")
+    assert [type(block) for block in _blocks(pipe.controlnet)] == [FluxTransformerBlock, FluxSingleTransformerBlock]
+    assert pipe.transformer.transformer_blocks[0].__dict__.get("_compiled_call_impl") is None
+
+
+def test_a_controlnet_that_does_not_fit_the_transformer_is_refused():
+    pipe = _pipeline(nets=2)
+    quantize_model(pipe.controlnet.nets[1], "fp8", "controlnet", record_sqnr=False)
+    int8 = EngineConfig(quant=QuantConfig(transformer="int8-weight"))
+    with pytest.raises(ConfigError, match="pipe.controlnet.nets.1 is already quantised as 'fp8'.*'int8-weight'"):
+        optimize(pipe, int8)
+    assert type(pipe.controlnet.nets[0].transformer_blocks[0].ff.net[2]) is nn.Linear  # nothing was quantised
+    bf16 = _pipeline(dtype=torch.bfloat16)
+    with pytest.raises(
+        ConfigError, match="pipe.controlnet is on cpu in torch.bfloat16, the transformer on cpu in torch.float32"
+    ):
+        optimize(bf16, FUSED)
+    optimize(bf16, "baseline")  # the baseline leaves it to diffusers, as it leaves everything
