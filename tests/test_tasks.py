@@ -328,3 +328,43 @@ def test_the_controlnet_engine_takes_a_synthetic_or_given_controlnet():
     given = FluxEngine.from_pretrained("synthetic:tiny", "baseline", device="cpu", task="controlnet",
                                        controlnet=controlnet)  # fmt: skip
     assert given.controlnet is controlnet and torch.equal(_call(given, **inputs), plain)
+
+
+def _tiny_redux(components: dict):
+    """FluxPriorReduxPipeline with a tiny SigLIP (28 px, 4 image tokens) and Redux embedder, and the tiny text
+    encoders: its prompt embeddings are the T5 tokens and the picture's, side by side."""
+    from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    torch.manual_seed(0)
+    vision = SiglipVisionModel(SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                  num_attention_heads=2, image_size=28, patch_size=14))  # fmt: skip
+    embedder = ReduxImageEncoder(redux_dim=16, txt_in_features=components["transformer"].config.joint_attention_dim)
+    texts = {name: components[name] for name in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")}
+    processor = SiglipImageProcessorPil(size={"height": 28, "width": 28})
+    return diffusers.FluxPriorReduxPipeline(vision, processor, embedder, **texts)
+
+
+def test_redux_embeddings_feed_the_engine_without_recompiling():
+    """FluxPriorReduxPipeline's outputs (T5 tokens + the picture's tokens) into a compiled engine after a plain
+    prompt: the longer text sequence compiles nothing new, and the image is diffusers' with the same embeddings."""
+    from torch._dynamo.utils import counters
+
+    from engine.config import CompileConfig
+
+    components = synthetic_components("tiny", device="cpu", dtype=torch.float32)
+    redux = _tiny_redux(components)(_picture(4), prompt="a red fox")
+    embeds = {"prompt_embeds": redux.prompt_embeds, "pooled_prompt_embeds": redux.pooled_prompt_embeds}
+    assert redux.prompt_embeds.shape[1] == 512 + 4  # Redux encodes the prompt to 512 T5 tokens
+    plain = _call(diffusers.FluxPipeline(**components), prompt=None, **embeds)
+    torch._dynamo.reset()
+    config = EngineConfig(attention=AttentionConfig(backend="auto"),
+                          compile=CompileConfig(mode="regional", backend="aot_eager"))  # fmt: skip
+    engine = FluxEngine.from_pretrained("synthetic:tiny", config, device="cpu")
+    _call(engine)
+    graphs = counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        images = _call(engine, prompt=None, **embeds)
+    assert counters["stats"]["unique_graphs"] == graphs
+    torch.testing.assert_close(images, plain, atol=1e-5, rtol=0)
