@@ -12,6 +12,7 @@ from typing import Literal, get_args
 
 from .errors import ConfigError, ResolutionError
 from .parallel.config import ParallelConfig
+from .stepcache import StepCacheConfig, check_step_cache_fits
 
 IMAGE_MULTIPLE = 16  # VAE factor 8 x 2x2 latent patches
 
@@ -267,6 +268,7 @@ class EngineConfig:
     vae: VaeConfig = field(default_factory=VaeConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    step_cache: StepCacheConfig = field(default_factory=StepCacheConfig)
     name: str = ""
 
     def __post_init__(self):
@@ -278,6 +280,7 @@ class EngineConfig:
             "vae": VaeConfig,
             "cache": CacheConfig,
             "parallel": ParallelConfig,
+            "step_cache": StepCacheConfig,
         }
         for part, cls in expected.items():
             value = getattr(self, part)
@@ -288,13 +291,15 @@ class EngineConfig:
                 f"offload.policy={self.offload.policy!r} streams weights into new GPU memory every step, which a "
                 "captured CUDA graph cannot follow; use compile.cuda_graphs=False or offload.policy 'none'/'model'"
             )
+        check_step_cache_fits(self)
 
     @property
     def label(self) -> str:
         """A short name for tables: the preset name, or the parts that differ from the default."""
         if self.name:
             return self.name
-        parts = [getattr(self, p).label for p in ("attention", "quant", "offload", "compile", "vae", "parallel")]
+        parts = ("attention", "quant", "offload", "compile", "vae", "parallel", "step_cache")
+        parts = [getattr(self, p).label for p in parts]
         return "+".join(p for p in parts if p) or "baseline"
 
     @property
@@ -308,6 +313,7 @@ _REGIONAL = CompileConfig(mode="regional")
 _FP8 = QuantConfig(transformer="fp8")
 _FP8_FAST = QuantConfig(transformer="fp8", fp8_fast_accum=True)
 _VAE_512 = VaeConfig(tiling="auto", tile=512, overlap=64)
+_FASTEST = {"attention": _KERNELS, "quant": _FP8_FAST, "compile": replace(_REGIONAL, cuda_graphs=True)}
 
 
 def _preset(name: str, **parts) -> EngineConfig:
@@ -335,11 +341,14 @@ PRESETS: dict[str, EngineConfig] = {
     "fp8-compile-fastacc": _preset("fp8-compile-fastacc", attention=_KERNELS, quant=_FP8_FAST, compile=_REGIONAL),
     # fp8-compile-fastacc replayed as one CUDA graph per shape: no host launch overhead (the fp8 steps at 1024^2
     # are fast enough for the host's enqueueing to show)
-    "fp8-compile-fastacc-cudagraphs": _preset(
-        "fp8-compile-fastacc-cudagraphs",
-        attention=_KERNELS,
-        quant=_FP8_FAST,
-        compile=replace(_REGIONAL, cuda_graphs=True),
+    "fp8-compile-fastacc-cudagraphs": _preset("fp8-compile-fastacc-cudagraphs", **_FASTEST),
+    # the fastest preset with step caching (engine/stepcache): TaylorSeer's full step every 5 after 3 (8 of 28 full),
+    # or First-Block Cache at 0.08 (its decision between the compiled blocks: no whole-forward CUDA graph)
+    "fp8-compile-fastacc-cudagraphs-taylorseer": _preset(
+        "fp8-compile-fastacc-cudagraphs-taylorseer", **_FASTEST, step_cache=StepCacheConfig("taylorseer", interval=5)
+    ),
+    "fp8-compile-fastacc-fbcache": _preset(
+        "fp8-compile-fastacc-fbcache", **{**_FASTEST, "compile": _REGIONAL}, step_cache=StepCacheConfig("fbcache")
     ),
     # ablation of fp8-compile: the norm kernels write bf16 and each fp8 layer quantises its input itself
     "fp8-compile-unfused-quant": _preset(

@@ -109,6 +109,9 @@ class EngineCalls:
         bound = inspect.signature(type(self).__call__).bind(self, *args, **kwargs)
         bound.apply_defaults()
         self._check_call(bound.arguments)
+        step_cache = getattr(self, "step_cache_state", None)
+        if step_cache is not None:  # a call that failed half-way left its steps counted
+            step_cache.reset()
         parallel = getattr(self, "parallel_state", None)
         try:
             if parallel is None:
@@ -227,6 +230,8 @@ class EngineCalls:
         self._check_embeds(call)
         self._check_latents(call)
         check_task_inputs(self, call)
+        if call["sigmas"] is None:
+            self.engine_config.step_cache.check_steps_exist(steps)
 
     def _check_embeds(self, call: dict) -> None:
         config = self.transformer.config

@@ -27,6 +27,7 @@ STATE_ATTRS = (
     "parallel_state",
     "controlnet_state",
     "compile_state",
+    "step_cache_state",
     "engine_steps",
 )
 
@@ -76,6 +77,7 @@ def optimize(pipe, config: EngineConfig | str | None = None):
     from .offload import apply_offload, remove_offload
     from .parallel.apply import apply_parallel, remove_parallel
     from .quant.apply import apply_quantization
+    from .stepcache.hooks import apply_step_cache
     from .vae import apply_vae, remove_vae_tiling
 
     steps = AppliedSteps()
@@ -112,6 +114,10 @@ def optimize(pipe, config: EngineConfig | str | None = None):
     if pipe.compile_state is not None:
         compile_state = pipe.compile_state
         steps.add("compile", lambda: remove_compile(compile_state))
+    # last on the transformer's forward: a skipped step skips everything under it (compiled blocks, the graph replay)
+    pipe.step_cache_state = apply_step_cache(pipe, config.step_cache)
+    if pipe.step_cache_state is not None:
+        steps.add("step_cache", pipe.step_cache_state.remove)
     from .lora import install_lora_calls, needs_lora_calls
 
     if needs_lora_calls(pipe):  # diffusers' LoRA calls, made to fit what the steps above did (engine/lora.py)

@@ -1,0 +1,228 @@
+"""The step caches on a pipeline's transformer, on diffusers' hook machinery (HookRegistry, per-context state that
+`transformer.cache_context("cond" / "uncond")` selects and the pipeline resets after each call), with the same
+decisions and arithmetic as diffusers' FirstBlockCache and TaylorSeer (lite) hooks, and none of their graph breaks:
+
+- TaylorSeer / static: one hook on the transformer's forward. A full step calls the forward (compiled regions, or
+  the CUDA-graph replay) and updates the Taylor factors from its output; a skipped step returns the extrapolated
+  output and runs nothing at all. The decision is the step index: no device sync.
+- First-Block Cache: the double- and single-stream block lists iterate through `_CachedCall`s (as the offload
+  streamer's lists do), outside the compiled blocks, so no compiled region changes. The first block's call makes
+  the decision (one `.item()`); the other blocks then run, or hand their inputs back untouched, and the last one's
+  residual is kept for the next skipped step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import CacheContext, StateManager
+
+from . import StepCacheConfig, taylorseer_computes
+
+HOOK_NAME = "flux_engine_step_cache"
+# FluxPipeline names its transformer calls ('cond', and 'uncond' under true CFG); the other FLUX.1 classes set no
+# context, which diffusers' own cache hooks fail on: theirs count as this one
+DEFAULT_CONTEXT = "cond"
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class _StepState:
+    """One context's state ('cond', 'uncond') for one pipeline call."""
+
+    def __init__(self) -> None:
+        self.step = -1  # the index of the transformer call in this pipeline call
+        self.computed: list[bool] = []  # per call: whether it ran the transformer fully
+        # TaylorSeer
+        self.last_update_step: int | None = None
+        self.factors: dict[int, torch.Tensor] = {}
+        self.output_dtype: torch.dtype | None = None
+        # First-Block Cache
+        self.head_output: tuple[torch.Tensor, torch.Tensor] | None = None  # (image, text) after the first block
+        self.head_residual: torch.Tensor | None = None
+        self.tail_residuals: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.should_compute = True
+
+    def reset(self) -> None:
+        self.__init__()
+
+
+class StepCacheHook(ModelHook):
+    """On the transformer: counts the steps per context, and for TaylorSeer / static decides and extrapolates."""
+
+    _is_stateful = True
+
+    def __init__(self, config: StepCacheConfig):
+        super().__init__()
+        self.config = config
+        self.state_manager = StateManager(_StepState)
+        self.last_call: dict[str, list[bool]] = {}  # context -> full (True) or skipped, per step, of the last call
+        self._live: dict[str, _StepState] = {}  # this call's states, by context
+
+    def state(self) -> _StepState:
+        """The current context's state (the default context where the pipeline class sets none)."""
+        try:
+            context = self.state_manager.context
+        except ValueError:
+            context = CacheContext(DEFAULT_CONTEXT)
+            self.state_manager.set_context(context)
+        state = self.state_manager.get_state()
+        self._live[context.name] = state
+        return state
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        state = self.state()
+        state.step += 1
+        if self.config.mode == "fbcache":  # the blocks decide (_CachedCall), after the first one ran
+            return self.fn_ref.original_forward(*args, **kwargs)
+        full = self._computes(state.step)
+        state.computed.append(full)
+        if full:
+            output = self.fn_ref.original_forward(*args, **kwargs)
+            sample = output[0] if isinstance(output, tuple) else output.sample
+            self._update(state, sample)
+            return output
+        sample = self._predict(state)
+        if not kwargs.get("return_dict", True):
+            return (sample,)
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        return Transformer2DModelOutput(sample=sample)
+
+    def _computes(self, step: int) -> bool:
+        if self.config.mode == "static":
+            return step in self.config.steps
+        return taylorseer_computes(self.config, step)
+
+    def _update(self, state: _StepState, features: torch.Tensor) -> None:
+        """diffusers' TaylorSeerState.update: divided differences up to the order, kept in factors_dtype."""
+        new = {0: features}
+        if state.last_update_step is not None:
+            delta = state.step - state.last_update_step
+            for order in range(self.config.order):
+                previous = state.factors.get(order)
+                if previous is None or previous.shape != new[order].shape:
+                    break
+                new[order + 1] = (new[order] - previous.to(features.dtype)) / delta
+        kept = DTYPES[self.config.factors_dtype]
+        state.factors = {order: factor.to(kept) for order, factor in new.items()}
+        state.output_dtype = features.dtype
+        state.last_update_step = state.step
+
+    def _predict(self, state: _StepState) -> torch.Tensor:
+        """diffusers' TaylorSeerState.predict: the Taylor series at the steps since the last full one."""
+        offset = state.step - state.last_update_step
+        output = torch.zeros_like(state.factors[0], dtype=state.output_dtype)
+        for order in range(len(state.factors)):
+            output = output + state.factors[order].to(state.output_dtype) * (offset**order / math.factorial(order))
+        return output
+
+    def decide_after_first_block(self, state: _StepState, residual: torch.Tensor) -> bool:
+        """diffusers' FBCHeadBlockHook._should_compute_remaining_blocks, less its graph break."""
+        if state.head_residual is None:
+            full = True
+        else:
+            previous = state.head_residual
+            change = ((residual - previous).abs().mean() / previous.abs().mean()).item()  # the step's one sync
+            full = change > self.config.threshold
+        state.should_compute = full
+        state.computed.append(full)
+        return full
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        """After each pipeline call (diffusers' maybe_free_model_hooks), and before each engine call."""
+        if any(state.computed for state in self._live.values()):
+            self.last_call = {name: list(state.computed) for name, state in self._live.items()}
+        self._live = {}
+        self.state_manager.reset()
+        return module
+
+
+class _CachedCall:
+    """One block's call in a First-Block Cache step (see the module docstring)."""
+
+    __slots__ = ("hook", "block", "role")
+
+    def __init__(self, hook: StepCacheHook, block: torch.nn.Module, role: str):
+        self.hook, self.block, self.role = hook, block, role  # role: 'head', 'tail' or 'middle'
+
+    def __call__(self, *args, **kwargs):
+        state = self.hook.state()
+        if self.role == "head":
+            image_in = kwargs["hidden_states"]
+            text, image = self.block(*args, **kwargs)
+            residual = image - image_in
+            if not self.hook.decide_after_first_block(state, residual):
+                return state.tail_residuals[1] + text, state.tail_residuals[0] + image
+            state.head_output, state.head_residual = (image, text), residual
+            return text, image
+        if not state.should_compute:
+            return kwargs["encoder_hidden_states"], kwargs["hidden_states"]
+        text, image = self.block(*args, **kwargs)
+        if self.role == "tail":
+            state.tail_residuals = (image - state.head_output[0], text - state.head_output[1])
+            # what follows the blocks (norm_out, compiled) then sees a fresh tensor whether the step was full or
+            # not: dynamo guards on a view's base, and a block's output may be one (a recompile otherwise)
+            text, image = (value.clone() if value._base is not None else value for value in (text, image))
+        return text, image
+
+
+class _CachedBlocks(torch.nn.ModuleList):
+    """A block list whose iteration, while a First-Block Cache is installed, yields the blocks as _CachedCalls;
+    indexing, len, named_modules, state_dict and each block's compile see the blocks as they are."""
+
+    def __iter__(self):
+        roles = self.__dict__.get("_step_cache_roles")
+        blocks = list(self._modules.values())
+        if roles is None:
+            return iter(blocks)
+        hook = self.__dict__["_step_cache_hook"]
+        return iter([_CachedCall(hook, block, role) for block, role in zip(blocks, roles, strict=True)])
+
+
+class StepCacheState:
+    """What apply_step_cache installed on a transformer, and its undo."""
+
+    def __init__(self, transformer: torch.nn.Module, hook: StepCacheHook, lists: list):
+        self.transformer, self.hook, self.lists = transformer, hook, lists
+
+    @property
+    def config(self) -> StepCacheConfig:
+        return self.hook.config
+
+    def last_call(self) -> dict[str, list[bool]]:
+        """Per context ('cond', 'uncond'): full (True) or skipped, per step, of the last pipeline call."""
+        return self.hook.last_call
+
+    def reset(self) -> None:
+        self.hook.reset_state(self.transformer)
+
+    def remove(self) -> None:
+        HookRegistry.check_if_exists_or_initialize(self.transformer).remove_hook(HOOK_NAME, recurse=False)
+        for blocks, original_class in self.lists:
+            blocks.__class__ = original_class
+            for name in ("_step_cache_roles", "_step_cache_hook"):
+                blocks.__dict__.pop(name, None)
+
+
+def install_step_cache(transformer: torch.nn.Module, config: StepCacheConfig) -> StepCacheState:
+    """Install `config`'s step cache on a FluxTransformer2DModel (after the other steps: its hook is outermost)."""
+    hook = StepCacheHook(config)
+    HookRegistry.check_if_exists_or_initialize(transformer).register_hook(hook, HOOK_NAME)
+    lists = []
+    if config.mode == "fbcache":
+        double, single = transformer.transformer_blocks, transformer.single_transformer_blocks
+        count = len(double) + len(single)
+        roles = ["head"] + ["middle"] * (count - 2) + ["tail"]
+        for blocks, own in ((double, roles[: len(double)]), (single, roles[len(double) :])):
+            lists.append((blocks, blocks.__class__))
+            blocks.__class__ = _CachedBlocks
+            blocks.__dict__["_step_cache_roles"] = own
+            blocks.__dict__["_step_cache_hook"] = hook
+    return StepCacheState(transformer, hook, lists)
+
+
+def apply_step_cache(pipe, config: StepCacheConfig) -> StepCacheState | None:
+    """optimize()'s step: `config`'s step cache on `pipe.transformer`, or None when it is off."""
+    return install_step_cache(pipe.transformer, config) if config.enabled else None

@@ -1,0 +1,198 @@
+"""Step caching (engine/stepcache) against diffusers' own hooks on the tiny model in fp32 on the CPU: the same steps
+skipped and the same images, on plain diffusers maths and with our blocks, compiled without recompiles, with at most
+one host sync per step; its refusals; and on the GPU with the fastest preset's CUDA graphs."""
+
+from __future__ import annotations
+
+import diffusers
+import pytest
+import torch
+from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig
+
+from engine import EngineConfig, FluxEngine, restore
+from engine.config import AttentionConfig, CompileConfig
+from engine.errors import ConfigError, InputError
+from engine.models import synthetic_components
+from engine.stepcache import StepCacheConfig, parse_step_cache, taylorseer_computes
+
+STEPS = 12
+
+
+def _call(pipe, **overrides) -> torch.Tensor:
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(prompt="a fox", height=64, width=64, num_inference_steps=STEPS, max_sequence_length=32,
+                output_type="pt", generator=torch.Generator().manual_seed(0))  # fmt: skip
+    return pipe(**{**call, **overrides}).images
+
+
+def _diffusers_with(cache_config):
+    """diffusers' FluxPipeline with its own cache hook, and a counter of the last block's full runs."""
+    pipe = diffusers.FluxPipeline(**synthetic_components("tiny", device="cpu", dtype=torch.float32))
+    pipe.transformer.enable_cache(cache_config)
+    runs = []
+    pipe.transformer.single_transformer_blocks[-1].norm.register_forward_pre_hook(lambda *_: runs.append(1))
+    return pipe, runs
+
+
+def _engine(step_cache: StepCacheConfig, **parts) -> FluxEngine:
+    return FluxEngine.from_pretrained("synthetic:tiny", EngineConfig(step_cache=step_cache, **parts), device="cpu")
+
+
+# on the tiny random model the first block's residual changes by 0.3-0.5 a step: 0.3 skips nothing, 0.4 two steps,
+# 0.45 four (measured)
+@pytest.mark.parametrize(("threshold", "skipped"), [(0.0, 0), (0.3, 0), (0.4, 2), (0.45, 4)])
+def test_first_block_cache_skips_diffusers_steps_with_diffusers_images(threshold, skipped):
+    plain, runs = _diffusers_with(FirstBlockCacheConfig(threshold=threshold))
+    expected = _call(plain)
+    engine = _engine(StepCacheConfig("fbcache", threshold=threshold))
+    images = _call(engine)
+    decisions = engine.step_cache_state.last_call()["cond"]
+    assert len(decisions) == STEPS and decisions.count(False) == skipped
+    assert decisions.count(True) == len(runs)  # the steps diffusers ran its last block in
+    assert torch.equal(images, expected)
+
+
+@pytest.mark.parametrize(("interval", "order", "warmup"), [(5, 1, 3), (3, 2, 3), (4, 0, 2)])
+def test_taylorseer_skips_diffusers_steps_with_diffusers_images(interval, order, warmup):
+    """Against diffusers' TaylorSeer in lite mode (the transformer's output extrapolated, every block skipped)."""
+    config = TaylorSeerCacheConfig(cache_interval=interval, max_order=order, disable_cache_before_step=warmup,
+                                   use_lite_mode=True)  # fmt: skip
+    plain, runs = _diffusers_with(config)
+    expected = _call(plain)
+    step_cache = StepCacheConfig("taylorseer", interval=interval, order=order, warmup=warmup)
+    engine = _engine(step_cache)
+    images = _call(engine)
+    decisions = engine.step_cache_state.last_call()["cond"]
+    assert decisions == [taylorseer_computes(step_cache, step) for step in range(STEPS)]
+    assert decisions.count(True) == len(runs) < STEPS
+    assert torch.equal(images, expected)
+
+
+def test_threshold_zero_is_the_uncached_preset_to_the_bit_and_restore_removes_the_cache():
+    uncached = _call(FluxEngine.from_pretrained("synthetic:tiny", "baseline", device="cpu"))
+    engine = _engine(StepCacheConfig("fbcache", threshold=0.0))
+    assert torch.equal(_call(engine), uncached)
+    cached = _engine(StepCacheConfig("fbcache", threshold=0.45))
+    assert not torch.equal(_call(cached), uncached)
+    restore(cached)
+    assert torch.equal(_call(cached), uncached)
+
+
+def test_with_our_blocks_the_decisions_are_the_plain_ones():
+    """The fused blocks differ from diffusers' by fp32 rounding (~1e-6, tests/test_engine_attention.py), far below the
+    distance of any step's change from these thresholds (0.3-0.5 against 0.4 / 0.45): the same steps are skipped."""
+    fused = {"attention": AttentionConfig(backend="auto")}
+    for threshold in (0.4, 0.45):
+        plain = _engine(StepCacheConfig("fbcache", threshold=threshold))
+        expected = _call(plain)
+        engine = _engine(StepCacheConfig("fbcache", threshold=threshold), **fused)
+        images = _call(engine)
+        assert engine.step_cache_state.last_call() == plain.step_cache_state.last_call()
+        torch.testing.assert_close(images, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["fbcache", "taylorseer"])
+def test_compiled_cache_recompiles_nothing_across_steps_and_sizes_and_syncs_at_most_once_a_step(mode, monkeypatch):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    compiled = {"compile": CompileConfig(mode="regional", backend="aot_eager")}
+    step_cache = StepCacheConfig(mode, threshold=0.45) if mode == "fbcache" else StepCacheConfig(mode, interval=3)
+    engine = _engine(step_cache, **compiled)
+    _call(engine, num_inference_steps=2)  # compiles
+    graphs = counters["stats"]["unique_graphs"]
+    syncs = []
+    original_item = torch.Tensor.item
+
+    def counted_item(tensor):
+        syncs.append(1)
+        return original_item(tensor)
+
+    monkeypatch.setattr(torch.Tensor, "item", counted_item)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        cached = _call(engine)
+        _call(engine, height=96, width=128)
+    assert counters["stats"]["unique_graphs"] == graphs
+    cached_syncs = len(syncs)
+    syncs.clear()
+    uncached = _engine(StepCacheConfig(), **compiled)  # the same config without the cache
+    _call(uncached)
+    _call(uncached, height=96, width=128)
+    extra = cached_syncs - len(syncs)  # the cache's syncs, less what the skipped steps did not sync, over 2 calls
+    assert 0 < extra <= 2 * (STEPS - 1) if mode == "fbcache" else extra <= 0  # fbcache: one a step but the first
+    assert engine.step_cache_state.last_call()["cond"].count(False) > 0 and cached.isfinite().all()
+
+
+def test_static_schedule_runs_its_steps_and_refuses_steps_that_do_not_exist():
+    steps = (0, 1, 3, 7)
+    engine = _engine(StepCacheConfig("static", steps=steps, order=0))
+    _call(engine)
+    assert [step for step, full in enumerate(engine.step_cache_state.last_call()["cond"]) if full] == list(steps)
+    calls = []
+    hook = engine.transformer.register_forward_pre_hook(lambda *_: calls.append(1))
+    with pytest.raises(InputError, match=r"step_cache.steps names step\(s\) \[7\] but the call runs 6 steps"):
+        _call(engine, num_inference_steps=6)
+    hook.remove()
+    assert not calls
+
+
+def test_the_cache_works_in_the_other_pipeline_classes():
+    """diffusers' own cache hooks need a cache context that only FluxPipeline sets; ours count img2img's steps too
+    (threshold 0: the uncached image to the bit)."""
+    from engine.tasks import synthetic_inputs
+
+    inputs = synthetic_inputs("img2img", 64, 64)
+    uncached = _call(FluxEngine.from_pretrained("synthetic:tiny", "baseline", device="cpu", task="img2img"), **inputs)
+    config = EngineConfig(step_cache=StepCacheConfig("fbcache", threshold=0.0))
+    engine = FluxEngine.from_pretrained("synthetic:tiny", config, device="cpu", task="img2img")
+    assert torch.equal(_call(engine, **inputs), uncached)
+    # strength 0.6: diffusers skips the first int(12 - 12 * 0.6) = 4 steps, 8 run
+    assert len(engine.step_cache_state.last_call()["cond"]) == STEPS - int(STEPS - STEPS * 0.6) == 8
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: StepCacheConfig("teacache"), "step_cache.mode='teacache' is not one of"),
+        (lambda: StepCacheConfig("fbcache", threshold=1.5), r"threshold=1.5 is outside \[0, 1\]"),
+        (lambda: StepCacheConfig("taylorseer", interval=0), "step_cache.interval=0 must be an integer >= 1"),
+        (lambda: StepCacheConfig("taylorseer", order=3), "step_cache.order=3 must be 0, 1 or 2"),
+        (lambda: StepCacheConfig("static", steps=(1, 2)), "must start with 0"),
+        (lambda: StepCacheConfig("static", steps=(0, 3, 2)), "must be increasing"),
+        (lambda: StepCacheConfig("taylorseer", steps=(0,)), "step_cache.steps is for mode 'static'"),
+        (lambda: EngineConfig(compile=CompileConfig(mode="regional", cuda_graphs=True),
+                              step_cache=StepCacheConfig("fbcache")), "cannot branch.*fp8-compile-fastacc-fbcache"),
+        (lambda: parse_step_cache("fbcache:high"), "--cache 'fbcache:high': could not convert"),
+        (lambda: parse_step_cache("taylorseer"), "--cache 'taylorseer' is not a step cache; use fbcache:THRESHOLD"),
+    ],
+)  # fmt: skip
+def test_bad_step_caches_are_refused_naming_the_fix(make, message):
+    with pytest.raises(ConfigError, match=message):
+        make()
+
+
+def test_parse_step_cache():
+    assert parse_step_cache("fbcache:0.08") == StepCacheConfig("fbcache", threshold=0.08)
+    assert parse_step_cache("taylorseer:5:2") == StepCacheConfig("taylorseer", interval=5, order=2)
+    assert parse_step_cache("static:0,1,2,4,9:0") == StepCacheConfig("static", steps=(0, 1, 2, 4, 9), order=0)
+    assert StepCacheConfig("taylorseer").full_steps(28) == [0, 1, 2, 4, 9, 14, 19, 24]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="our kernels, fp8 and CUDA graphs need CUDA")
+def test_taylorseer_on_the_fastest_preset_keeps_its_cuda_graphs():
+    """fp8-compile-fastacc-cudagraphs-taylorseer: the full steps replay the captured graph, the skipped ones run
+    nothing; no recompile across steps and sizes; the image within fp8's tolerance of diffusers' TaylorSeer."""
+    from engine.measure import psnr
+
+    plain = diffusers.FluxPipeline(**synthetic_components("tiny", device="cuda", dtype=torch.bfloat16))
+    plain.transformer.enable_cache(TaylorSeerCacheConfig(cache_interval=5, use_lite_mode=True))
+    expected = _call(plain)
+    engine = FluxEngine.from_pretrained("synthetic:tiny", "fp8-compile-fastacc-cudagraphs-taylorseer", device="cuda")
+    _call(engine)
+    graphs = engine.compile_state.cuda_graphs
+    captures = graphs.captures
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        images = _call(engine)
+    assert graphs.captures == captures and engine.step_cache_state.last_call()["cond"].count(True) == 4
+    assert psnr(images, expected) >= 35.0  # fp8 weights on the tiny model in bf16 (tests/test_tasks.py)
