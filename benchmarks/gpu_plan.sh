@@ -3,7 +3,8 @@
 # Usage on the GPU machine (repo root): bash benchmarks/gpu_plan.sh STAGE [STAGE ...]
 # Stages: see the case below (tests, kernels, bench-*, ladder, gate-selftest, tests-mem, vae, torchao,
 # bench-memory, planner, ladder-full, main-1024, main-2048, tests-lora, lora-kc, lora-fast, profile-lora, lora-28,
-# tests-tasks, task-TASK for every engine.bench --task). Each stage
+# tests-tasks, task-TASK for every engine.bench --task, tests-cache, cache-taylorseer, cache-fbcache-0,
+# cache-fbcache-008). Each stage
 # has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
@@ -159,6 +160,17 @@ for s in "$@"; do
       # class of the task, same synthetic inputs, 1024^2; the compile cache is shared with the other task stages
       stage "$s" 200 python3 -m engine.bench --task "${s#task-}" --res 1024 --steps 4 --runs 3 --cache-dir /tmp/fe-cache \
         --out "$OUT/bench-$s-$CARD-$DAY.json" ;;
+    tests-cache) stage tests-cache 200 python3 -m pytest -q -m gpu tests/test_step_cache.py ;;
+    cache-taylorseer)
+      # issue "Step caching": 28-step images with TaylorSeer (full steps 0-2, then every 5th: 8 of 28) on the fastest
+      # preset, beside the same preset uncached (same process) and diffusers with its own TaylorSeer (lite)
+      stage "$s" 420 python3 -m engine.bench --res 1024 2048 --steps 28 --runs 2 --preset fp8-compile-fastacc-cudagraphs \
+        --cache taylorseer:5 --cache-dir /tmp/fe-cache --out "$OUT/bench-$s-$CARD-$DAY.json" ;;
+    cache-fbcache-0|cache-fbcache-008)
+      # First-Block Cache at threshold 0 (never skips: the cache's own cost a step) and 0.08, beside diffusers' FBCache
+      T=0; [ "$s" = cache-fbcache-008 ] && T=0.08
+      stage "$s" 300 python3 -m engine.bench --res 1024 --steps 28 --runs 2 --preset fp8-compile-fastacc \
+        --cache "fbcache:$T" --cache-dir /tmp/fe-cache --out "$OUT/bench-$s-$CARD-$DAY.json" ;;
     main-1024|main-2048)
       # the README's main command as a user runs it: no --preset, so diffusers against the fastest config here
       stage "$s" 400 python3 -m engine.bench --res "${s#main-}" --out "$OUT/bench-$s-$CARD-$DAY.json" ;;

@@ -215,6 +215,27 @@ def psnr(image: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0) 
     return 10.0 * math.log10(data_range**2 / mse)
 
 
+def ssim(image: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0) -> float:
+    """Structural similarity (Wang et al. 2004: an 11-px Gaussian window of sigma 1.5, K1 0.01, K2 0.03) of two
+    [batch, channels, height, width] images, averaged over pixels, channels and batch; 1.0 when equal."""
+    if image.shape != reference.shape or image.ndim != 4:
+        raise ValueError(f"ssim needs equal [B, C, H, W] shapes, got {tuple(image.shape)} and {tuple(reference.shape)}")
+    x, y = image.double(), reference.double()
+    channels = x.shape[1]
+    coords = torch.arange(11, dtype=torch.float64) - 5
+    gauss = torch.exp(-(coords**2) / (2 * 1.5**2))
+    window = (gauss[:, None] * gauss[None, :] / gauss.sum() ** 2).expand(channels, 1, 11, 11)
+
+    def blur(values: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(values, window, groups=channels)
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x, var_y, cov = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2, blur(x * y) - mu_x * mu_y
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    score = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return score.mean().item()
+
+
 def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     """||value - reference|| / ||reference|| (Frobenius), 0.0 when equal."""
     if value.shape != reference.shape:

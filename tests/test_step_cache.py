@@ -196,3 +196,33 @@ def test_taylorseer_on_the_fastest_preset_keeps_its_cuda_graphs():
         images = _call(engine)
     assert graphs.captures == captures and engine.step_cache_state.last_call()["cond"].count(True) == 4
     assert psnr(images, expected) >= 35.0  # fp8 weights on the tiny model in bf16 (tests/test_tasks.py)
+
+
+def test_bench_cache_runs_each_config_uncached_then_cached_beside_diffusers_own_hook(tmp_path, capsys):
+    """engine.bench --cache taylorseer:3: the engine config with the cache against diffusers with its own TaylorSeer
+    (the same image to the bit on the baseline maths: an 'inf' PSNR), and against itself uncached (same process)."""
+    import json
+
+    from engine.bench import cli
+
+    out = tmp_path / "cache.json"
+    argv = ["--res", "64", "--steps", "8", "--preset", "baseline", "--cache", "taylorseer:3", "--device", "cpu"]
+    assert cli.main([*argv, "--allow-any-size", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["step_cache"] == result["baseline_cache"] == "taylorseer:3"
+    row = next(row for row in result["rows"] if row["config"] != "diffusers")
+    cache = row["step_cache"]
+    full = sum(taylorseer_computes(StepCacheConfig("taylorseer", interval=3), step) for step in range(8))
+    assert (cache["full_steps"], cache["skipped_steps"]) == (full, 8 - full) == (5, 3)
+    assert row["psnr_db"] == "inf" and 20 < cache["psnr_vs_uncached_db"] < 200 and 0 < cache["ssim_vs_uncached"] < 1
+    assert cache["uncached_total_s"] > 0 and cache["latent_err_vs_uncached"] > 0
+    assert "vs diffusers with its taylorseer:3" in capsys.readouterr().out
+
+
+def test_ssim_is_one_for_equal_images_and_falls_with_noise():
+    from engine.measure import ssim
+
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    noisy = (image + 0.1 * torch.randn(image.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    assert ssim(image, image) == pytest.approx(1.0)
+    assert 0.5 < ssim(noisy, image) < 0.99 and abs(ssim(torch.rand_like(image), image)) < 0.1

@@ -57,6 +57,7 @@ def check_arguments(args) -> None:
     check_positive("batch", args.batch)
     check_gpus(args)
     check_lora_argument(getattr(args, "lora", None))
+    check_cache_argument(args)
     if args.preset is not None:
         parse_presets(args.preset, allow_none=bool(args.vram))
     for text in args.res:
@@ -101,3 +102,16 @@ def check_lora_argument(text: str | None) -> None:
         raise EngineError(
             f"--lora {text!r} is not a file; pass a local .safetensors LoRA or synthetic:RANK (nothing is downloaded)"
         )
+
+
+def check_cache_argument(args) -> None:
+    """--cache's form, and what it is not run with, before anything is built."""
+    text = getattr(args, "cache", None)
+    if text is None:
+        return
+    from ..stepcache import parse_step_cache
+
+    parse_step_cache(text)
+    for flag, value in (("--vram", args.vram), ("--gpus", getattr(args, "gpus", 1) != 1)):
+        if value:
+            raise EngineError(f"--cache is not run with {flag} yet; run the cached configs with --preset alone")

@@ -87,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
         "of its weight's RMS); each config runs without it first; adds the hot-swap time",
     )
     parser.add_argument(
+        "--cache",
+        default=None,
+        help="step caching on every engine config: fbcache:THRESHOLD (First-Block Cache), taylorseer:INTERVAL[:ORDER], "
+        "static:STEP,STEP,...[:ORDER] (the full steps); each config runs uncached first (its fidelity reference), and "
+        "diffusers runs its own hook of the same rule; the speed-up is then per image",
+    )
+    parser.add_argument(
         "--gpus",
         type=int,
         default=1,

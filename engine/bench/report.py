@@ -250,6 +250,9 @@ def verdicts(result: dict) -> list[str]:
         if row["config"] == BASELINE_LABEL or base is None or row.get("error") or not row.get("speedup"):
             continue
         runs = f"{row['runs']} run" + ("s" if row["runs"] > 1 else "")
+        if row.get("step_cache"):
+            lines.append(_cache_verdict(row, base, runs, result.get("baseline_cache")))
+            continue
         parts = [
             f"{row['speedup']:.2f}x per step ({row['ms_per_step']:.0f} vs {base['ms_per_step']:.0f} ms, p20-p80 "
             f"{row['ms_per_step_p20']:.0f}-{row['ms_per_step_p80']:.0f} vs "
@@ -269,6 +272,26 @@ def verdicts(result: dict) -> list[str]:
             f"{runs}: " + ", ".join(parts)
         )
     return lines
+
+
+def _cache_verdict(row: dict, base: dict, runs: str, baseline_cache: str | None) -> str:
+    cache = row["step_cache"]
+    versus = f"diffusers with its {baseline_cache}" if baseline_cache else "diffusers uncached"
+    text = (
+        f"flux-engine {row['config']} vs {versus}, {row['width']}x{row['height']}, {row['steps']} steps x {runs}: "
+        f"{row['total_s']:.2f} vs {base['total_s']:.2f} s per image ({_fmt(row.get('speedup'), '.2f')}x), "
+        f"{cache['full_steps']} steps full, {cache['skipped_steps']} skipped"
+    )
+    if cache.get("uncached_total_s") is not None:
+        text += f"; uncached {cache['uncached_total_s']:.2f} s ({cache['speedup_vs_uncached']:.2f}x)"
+    if cache.get("psnr_vs_uncached_db") is not None:
+        text += (
+            f", vs uncached PSNR {_fmt(cache['psnr_vs_uncached_db'], '.1f')} dB, SSIM {cache['ssim_vs_uncached']:.4f}, "
+            f"latent err {cache['latent_err_vs_uncached']:.2e}"
+        )
+    if cache.get("full_step_overhead") is not None:
+        text += f"; nothing skipped: {cache['full_step_overhead']:.3f}x the uncached ms/step"
+    return text
 
 
 def _lora_figures(row: dict) -> str:

@@ -27,6 +27,7 @@ from .lora import attach, measure_swap, note_lora, prepare_lora
 from .phases import CallTimes, Interval, record_phases, transformer_step_flops
 from .plan import DTYPES, Plan, make_plan
 from .report import BASELINE_LABEL
+from .step_cache import cached_config, enable_diffusers_cache, note_cache, prepare_cache
 
 JSON_VERSION = 1
 
@@ -74,6 +75,7 @@ class Row:
     lora_swap_captures: int | None = None  # CUDA graphs captured again by them (target: 0)
     lora_off_ms_per_step: float | None = None  # --lora: the same config before the adapter was loaded, same process
     lora_off_peak_gib: float | None = None
+    step_cache: dict | None = None  # --cache: full / skipped steps, against the uncached config (bench/step_cache)
 
 
 def compiled_graph_count() -> int:
@@ -300,6 +302,7 @@ def run(args, plan: Plan | None = None) -> dict:
     dtype = DTYPES[args.dtype]
     components = load_components(plan, args, dtype)
     lora = prepare_lora(args.lora, components, args.seed) if args.lora else None
+    cache = prepare_cache(getattr(args, "cache", None))
     if args.max_sequence_length is None:
         args.max_sequence_length = min(512, components["tokenizer_2"].model_max_length)
     if args.guidance is None:
@@ -312,13 +315,13 @@ def run(args, plan: Plan | None = None) -> dict:
         )
         for size in plan.sizes
     }
-    engine_configs = plan.configs
+    engine_configs = [cached_config(c, cache) for c in plan.configs] if cache is not None else plan.configs
     jobs = [Job(config, plan.sizes) for config in engine_configs] + budget_jobs(plan, args)
     configs = list(dict.fromkeys(([] if args.no_baseline else [BASELINE_LABEL]) + [j.config.label for j in jobs]))
     total_calls = sum(len(j.sizes) for j in jobs) * (args.runs + args.warmup)
     total_calls += (0 if args.no_baseline else len(plan.sizes)) * (args.runs + args.warmup)
     total_calls += 2 * sum(j.config.compile.mode != "none" and j.budget_gib is None for j in jobs)  # warm probes
-    total_calls *= 2 if lora is not None else 1  # each config without the adapter, then with it
+    total_calls *= 2 if lora is not None or cache is not None else 1  # each config without the adapter / cache first
     h2d = None
     if plan.device.type == "cuda" and any(j.config.offload.policy != "none" for j in jobs):
         from ..offload import measure_h2d_bandwidth
@@ -335,12 +338,15 @@ def run(args, plan: Plan | None = None) -> dict:
             baseline_pipe = baseline_class(**components_for(baseline_class, components))
             if lora is not None:
                 attach(baseline_pipe, lora)
+            baseline_cache = enable_diffusers_cache(baseline_pipe, cache) if cache is not None else None
             for size in plan.sizes:
                 progress.set_postfix_str(f"{BASELINE_LABEL} {size[1]}x{size[0]}")
                 key = (BASELINE_LABEL, size)
                 rows[key], outputs[key] = run_config(
                     baseline_pipe, BASELINE_LABEL, *size, args, plan.device, flops[size], progress
                 )
+            if baseline_cache is not None:  # its hooks sit on the transformer the first engine config shares
+                baseline_pipe.transformer.disable_cache()
             del baseline_pipe
         for index, job in enumerate(jobs):
             if index > 0 or lora is not None:  # weights are rewritten in place (optimisations, an adapter): fresh ones
@@ -358,6 +364,11 @@ def run(args, plan: Plan | None = None) -> dict:
                 # with --lora, the config without the adapter first: the adapter's cost in one process
                 lora_off = {size: run_job(engine, label, size, args, plan.device, flops[size], progress)[0]
                             for size in (job.sizes if lora is not None else ())}  # fmt: skip
+                cache_off = {}  # with --cache, the same config with the cache paused first: its reference
+                if cache is not None:
+                    with engine.step_cache_state.paused():
+                        cache_off = {size: run_job(engine, label, size, args, plan.device, flops[size], progress)
+                                     for size in job.sizes}  # fmt: skip
                 if lora is not None:
                     attach(engine, lora)
             except Exception as err:  # e.g. out of memory while quantising: record it, go on with the next config
@@ -382,6 +393,9 @@ def run(args, plan: Plan | None = None) -> dict:
                 note_lora(row, lora, lora_off.get(size))
                 if not args.no_baseline and outputs[key] is not None:
                     compare(row, outputs[key], rows[(BASELINE_LABEL, size)], outputs[(BASELINE_LABEL, size)])
+                if cache is not None and outputs[key] is not None:
+                    note_cache(row, engine, *cache_off.get(size, (None, None)), outputs[key],
+                               rows.get((BASELINE_LABEL, size)))  # fmt: skip
             # the warm-compile probe once per compiled preset (a --vram plan reuses the graphs of the presets)
             # (only after a warm-up call: its time, less a timed call's, is the cold compile)
             if lora is not None and outputs[(label, job.sizes[0])] is not None:
@@ -413,6 +427,8 @@ def run(args, plan: Plan | None = None) -> dict:
         "attention_core": attention_cores,
         "quantization": quant_reports,
         "h2d": h2d,
+        "step_cache": cache.label if cache is not None else None,
+        "baseline_cache": baseline_cache if cache is not None and not args.no_baseline else None,
         "plans": [j.explanation for j in jobs if j.explanation],
         "rows": ordered,
     }

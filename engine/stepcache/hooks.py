@@ -13,6 +13,7 @@ decisions and arithmetic as diffusers' FirstBlockCache and TaylorSeer (lite) hoo
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -59,6 +60,7 @@ class StepCacheHook(ModelHook):
         self.state_manager = StateManager(_StepState)
         self.last_call: dict[str, list[bool]] = {}  # context -> full (True) or skipped, per step, of the last call
         self._live: dict[str, _StepState] = {}  # this call's states, by context
+        self.enabled = True  # False: every step full, as without the cache (StepCacheState.paused)
 
     def state(self) -> _StepState:
         """The current context's state (the default context where the pipeline class sets none)."""
@@ -72,6 +74,8 @@ class StepCacheHook(ModelHook):
         return state
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        if not self.enabled:
+            return self.fn_ref.original_forward(*args, **kwargs)
         state = self.state()
         state.step += 1
         if self.config.mode == "fbcache":  # the blocks decide (_CachedCall), after the first one ran
@@ -148,6 +152,9 @@ class _CachedCall:
         self.hook, self.block, self.role = hook, block, role  # role: 'head', 'tail' or 'middle'
 
     def __call__(self, *args, **kwargs):
+        if not self.hook.enabled:  # paused: every block runs; the tail's output fresh as in a cached step's
+            text, image = self.block(*args, **kwargs)
+            return (_fresh(text), _fresh(image)) if self.role == "tail" else (text, image)
         state = self.hook.state()
         if self.role == "head":
             image_in = kwargs["hidden_states"]
@@ -162,10 +169,14 @@ class _CachedCall:
         text, image = self.block(*args, **kwargs)
         if self.role == "tail":
             state.tail_residuals = (image - state.head_output[0], text - state.head_output[1])
-            # what follows the blocks (norm_out, compiled) then sees a fresh tensor whether the step was full or
-            # not: dynamo guards on a view's base, and a block's output may be one (a recompile otherwise)
-            text, image = (value.clone() if value._base is not None else value for value in (text, image))
+            text, image = _fresh(text), _fresh(image)
         return text, image
+
+
+def _fresh(value: torch.Tensor) -> torch.Tensor:
+    """What follows the blocks (norm_out, compiled) then sees a fresh tensor whether the step was full or not:
+    dynamo guards on a view's base, and a block's output may be one (a recompile otherwise)."""
+    return value.clone() if value._base is not None else value
 
 
 class _CachedBlocks(torch.nn.ModuleList):
@@ -197,6 +208,15 @@ class StepCacheState:
 
     def reset(self) -> None:
         self.hook.reset_state(self.transformer)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Every step full inside the block, as without the cache (engine.bench's uncached reference)."""
+        self.hook.enabled = False
+        try:
+            yield
+        finally:
+            self.hook.enabled = True
 
     def remove(self) -> None:
         HookRegistry.check_if_exists_or_initialize(self.transformer).remove_hook(HOOK_NAME, recurse=False)
