@@ -313,10 +313,28 @@ def _fuse_projections(block: nn.Module, block_name: str, fused_name: str, names:
 
 
 def _convert(block: nn.Module, engine_class: type, ops: BlockOps, name: str) -> None:
+    _drop_stale_forward(block, name)
     for fused_name, names in engine_class.fused_projections.items():
         setattr(block, fused_name, _fuse_projections(block, name, fused_name, names))
     block.__class__ = engine_class
     block.flux_ops = ops
+
+
+def _drop_stale_forward(block: nn.Module, name: str) -> None:
+    """A diffusers hook (enable_cache, group offloading) replaces the block's `forward` on the instance; removed, it
+    leaves the class's bound forward there, which would shadow the engine block's. That is dropped; a hook still on
+    the block is refused (it would call diffusers' processors on the fused projections)."""
+    stale = block.__dict__.get("forward")
+    if stale is None:
+        return
+    if getattr(stale, "__func__", None) is type(block).forward:
+        del block.forward
+        return
+    raise ConfigError(
+        f"{name or type(block).__name__} has its forward replaced by a hook ({getattr(stale, '__qualname__', stale)}); "
+        "a diffusers cache or offload hook is still on the transformer: call pipe.transformer.disable_cache() (or "
+        "remove the hook) before optimize(), and use EngineConfig(step_cache=...) for step caching"
+    )
 
 
 def _convert_double(block: FluxTransformerBlock, ops: BlockOps, name: str = "") -> None:
