@@ -54,6 +54,7 @@ def engine_table(files: list[dict]) -> list[str]:
     for data in sorted(files, key=lambda d: d["env"].get("date", "")):
         for row in data["rows"]:
             plain = row.get("budget_gib") is None and "gpus" not in row and not row.get("lora") and not _task(data)
+            plain = plain and not row.get("step_cache")
             if row["config"] != "diffusers" and plain:
                 newest[(_card(data["env"]), row["config"], row["height"], row["width"])] = (data, row)
     lines = [
@@ -262,6 +263,39 @@ def task_table(files: list[dict]) -> list[str]:
     return lines
 
 
+def cache_table(files: list[dict]) -> list[str]:
+    """engine.bench --cache: every row, oldest first: the cached config beside itself uncached (same process) and
+    diffusers with its own hook of the same rule (same run); seconds per image."""
+    lines = [
+        "Step caching (`engine.bench --cache RULE`): each config with the cache beside the same config uncached (same "
+        "process) and diffusers with its own hook of the same rule and parameters (same run); fidelity against the "
+        "uncached config. Synthetic weights make the fidelity a mechanics check: measure a real checkpoint with "
+        "`--model PATH`.",
+        "",
+        "| card | date | commit | size | steps | config | full / skipped steps | s/image | uncached s/image "
+        "| diffusers (its cache) s/image | vs diffusers | PSNR dB / SSIM vs uncached | cost a full step | file |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for data in sorted(files, key=lambda d: d["env"].get("date", "")):
+        env = data["env"]
+        baseline = {(r["height"], r["width"]): r for r in data["rows"] if r["config"] == "diffusers"}
+        for row in data["rows"]:
+            cache = row.get("step_cache")
+            if row["config"] == "diffusers" or not cache:
+                continue
+            base = baseline.get((row["height"], row["width"]), {})
+            overhead = cache.get("full_step_overhead")
+            lines.append(
+                f"| {_card(env)} | {_stamp(env)} | {env.get('commit', '-')} | {row['width']}x{row['height']} "
+                f"| {row['steps']} | {row['config']} | {cache['full_steps']} / {cache['skipped_steps']} "
+                f"| {_num(row['total_s'], '.2f')} | {_num(cache.get('uncached_total_s'), '.2f')} "
+                f"| {_num(base.get('total_s'), '.2f')} | {_num(row.get('speedup'), '.2f')}x "
+                f"| {_num(cache.get('psnr_vs_uncached_db'), '.1f')} / {_num(cache.get('ssim_vs_uncached'), '.4f')} "
+                f"| {f'{overhead:.3f}x' if overhead else '-'} | `{data['_file']}` |"
+            )
+    return lines
+
+
 def lora_table(files: list[dict]) -> list[str]:
     """engine.bench --lora: every row, oldest first (each run's commit differs): the config with the adapter active,
     the same config before it was loaded (same process), and diffusers with the same adapter (same run)."""
@@ -315,6 +349,9 @@ def render() -> str:
     tasks = [d for d in benches if _task(d)]
     if tasks:
         parts += ["", *task_table(tasks)]
+    cached = [d for d in benches if any(r.get("step_cache") for r in d["rows"])]
+    if cached:
+        parts += ["", *cache_table(cached)]
     lora = [d for d in benches if any(r.get("lora") for r in d["rows"])]
     if lora:
         parts += ["", *lora_table(lora)]
