@@ -244,3 +244,36 @@ def test_a_diffusers_cache_disabled_before_optimize_leaves_no_trace_and_one_stil
     hooked.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.1))
     with pytest.raises(ConfigError, match=r"hook .*pipe.transformer.disable_cache\(\).*step_cache"):
         optimize(hooked, fused)
+
+
+def test_a_lora_under_taylorseer_makes_diffusers_image_with_both():
+    """An adapter loaded on the cached engine: the image of diffusers with the same adapter and its own TaylorSeer."""
+    from engine.lora import synthetic_lora
+
+    plain, _ = _diffusers_with(TaylorSeerCacheConfig(cache_interval=3, use_lite_mode=True))
+    lora = synthetic_lora(plain.transformer, 4, seed=1)
+    plain.load_lora_weights(dict(lora), adapter_name="style")
+    engine = _engine(StepCacheConfig("taylorseer", interval=3))
+    engine.load_lora_weights(dict(lora), adapter_name="style")
+    assert torch.equal(_call(engine), _call(plain))
+    assert engine.step_cache_state.last_call()["cond"].count(False) > 0
+
+
+def test_the_controlnet_pipeline_caches_its_steps_too():
+    """FluxControlNetPipeline sets no cache context (diffusers' hooks fail there); ours count its steps, threshold 0
+    is its uncached image to the bit, and a threshold that skips changes it."""
+    from PIL import Image
+
+    control = {"control_image": Image.new("RGB", (64, 64), (90, 160, 40)), "controlnet_conditioning_scale": 0.7}
+
+    def controlnet_engine(threshold):
+        config = EngineConfig(step_cache=StepCacheConfig("fbcache", threshold=threshold))
+        return FluxEngine.from_pretrained("synthetic:tiny", config, device="cpu", task="controlnet",
+                                          controlnet="synthetic:tiny")  # fmt: skip
+
+    uncached = _call(FluxEngine.from_pretrained("synthetic:tiny", "baseline", device="cpu", task="controlnet",
+                                                controlnet="synthetic:tiny"), **control)  # fmt: skip
+    assert torch.equal(_call(controlnet_engine(0.0), **control), uncached)
+    skipping = controlnet_engine(1.0)
+    assert not torch.equal(_call(skipping, **control), uncached)
+    assert skipping.step_cache_state.last_call()["cond"] == [True] + [False] * (STEPS - 1)  # relative change <= 1
