@@ -6,9 +6,11 @@ decisions and arithmetic as diffusers' FirstBlockCache and TaylorSeer (lite) hoo
   the CUDA-graph replay) and updates the Taylor factors from its output; a skipped step returns the extrapolated
   output and runs nothing at all. The decision is the step index: no device sync.
 - First-Block Cache: the double- and single-stream block lists iterate through `_CachedCall`s (as the offload
-  streamer's lists do), outside the compiled blocks, so no compiled region changes. The first block's call makes
-  the decision (one `.item()`); the other blocks then run, or hand their inputs back untouched, and the last one's
-  residual is kept for the next skipped step.
+  streamer's lists do), outside the compiled blocks, so no compiled region changes. The first block's call computes
+  the change of its residual on the device; the second block is launched before the host reads it (the step's one
+  `.item()`), so the GPU is not left idle while the host waits and then launches the rest; a skipped step discards
+  that block's output. The other blocks then run, or hand their inputs back untouched, and the last one's residual
+  is kept for the next skipped step.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import CacheContext, StateManager
 
+from ..errors import ConfigError
 from . import StepCacheConfig, taylorseer_computes
 
 HOOK_NAME = "flux_engine_step_cache"
@@ -44,6 +47,8 @@ class _StepState:
         self.head_residual: torch.Tensor | None = None
         self.tail_residuals: tuple[torch.Tensor, torch.Tensor] | None = None
         self.should_compute = True
+        self.pending: torch.Tensor | None = None  # this step's change of the first block's residual, on the device
+        self.candidate: tuple | None = None  # this step's first block output and residual, until decided
 
     def reset(self) -> None:
         self.__init__()
@@ -122,17 +127,32 @@ class StepCacheHook(ModelHook):
             output = output + state.factors[order].to(state.output_dtype) * (offset**order / math.factorial(order))
         return output
 
-    def decide_after_first_block(self, state: _StepState, residual: torch.Tensor) -> bool:
-        """diffusers' FBCHeadBlockHook._should_compute_remaining_blocks, less its graph break."""
-        if state.head_residual is None:
-            full = True
-        else:
-            previous = state.head_residual
-            change = ((residual - previous).abs().mean() / previous.abs().mean()).item()  # the step's one sync
-            full = change > self.config.threshold
+    def propose_after_first_block(self, state: _StepState, image, text, residual: torch.Tensor) -> None:
+        """diffusers' FBCHeadBlockHook._should_compute_remaining_blocks, less its graph break and its wait: the
+        change is computed on the device and read (`decide`) only after the next block was launched, so the GPU
+        runs that block while the host waits; a skipped step throws that block's output away."""
+        state.candidate = (image, text, residual)
+        if state.head_residual is None:  # the first step: nothing to compare with, a full step
+            state.pending = None
+            self._commit(state, True)
+            return
+        previous = state.head_residual
+        state.pending = (residual - previous).abs().mean() / previous.abs().mean()
+
+    def decide(self, state: _StepState) -> bool:
+        """The step's one sync: whether the blocks after the first run (the change above the threshold)."""
+        if state.pending is not None:
+            change, state.pending = state.pending.item(), None
+            self._commit(state, change > self.config.threshold)
+        return state.should_compute
+
+    def _commit(self, state: _StepState, full: bool) -> None:
         state.should_compute = full
         state.computed.append(full)
-        return full
+        if full:  # diffusers keeps the first block's output and residual of full steps only
+            image, text, residual = state.candidate
+            state.head_output, state.head_residual = (image, text), residual
+        state.candidate = None
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         """After each pipeline call (diffusers' maybe_free_model_hooks), and before each engine call."""
@@ -149,7 +169,8 @@ class _CachedCall:
     __slots__ = ("hook", "block", "role")
 
     def __init__(self, hook: StepCacheHook, block: torch.nn.Module, role: str):
-        self.hook, self.block, self.role = hook, block, role  # role: 'head', 'tail' or 'middle'
+        # role: 'head' (the first block), 'decider' (the second: decides after its launch), 'middle', 'tail' (the last)
+        self.hook, self.block, self.role = hook, block, role
 
     def __call__(self, *args, **kwargs):
         if not self.hook.enabled:  # paused: every block runs; the tail's output fresh as in a cached step's
@@ -159,14 +180,20 @@ class _CachedCall:
         if self.role == "head":
             image_in = kwargs["hidden_states"]
             text, image = self.block(*args, **kwargs)
-            residual = image - image_in
-            if not self.hook.decide_after_first_block(state, residual):
-                return state.tail_residuals[1] + text, state.tail_residuals[0] + image
-            state.head_output, state.head_residual = (image, text), residual
+            self.hook.propose_after_first_block(state, image, text, image - image_in)
             return text, image
-        if not state.should_compute:
+        if self.role == "decider" and state.pending is not None:
+            text, image = self.block(*args, **kwargs)  # launched before the wait: the GPU runs it meanwhile
+            if not self.hook.decide(state):
+                # diffusers' skipped step: the first block's output (here with what came after it, a ControlNet's
+                # residual) plus the blocks' residual of the last full step; the blocks after hand it on untouched
+                return state.tail_residuals[1] + kwargs["encoder_hidden_states"], state.tail_residuals[0] + kwargs[
+                    "hidden_states"
+                ]
+        elif not state.should_compute:
             return kwargs["encoder_hidden_states"], kwargs["hidden_states"]
-        text, image = self.block(*args, **kwargs)
+        else:
+            text, image = self.block(*args, **kwargs)
         if self.role == "tail":
             state.tail_residuals = (image - state.head_output[0], text - state.head_output[1])
             text, image = _fresh(text), _fresh(image)
@@ -234,7 +261,9 @@ def install_step_cache(transformer: torch.nn.Module, config: StepCacheConfig) ->
     if config.mode == "fbcache":
         double, single = transformer.transformer_blocks, transformer.single_transformer_blocks
         count = len(double) + len(single)
-        roles = ["head"] + ["middle"] * (count - 2) + ["tail"]
+        if count < 3:
+            raise ConfigError(f"step_cache fbcache needs 3 or more transformer blocks; this transformer has {count}")
+        roles = ["head", "decider"] + ["middle"] * (count - 3) + ["tail"]
         for blocks, own in ((double, roles[: len(double)]), (single, roles[len(double) :])):
             lists.append((blocks, blocks.__class__))
             blocks.__class__ = _CachedBlocks
