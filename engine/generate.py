@@ -12,6 +12,7 @@ from .cli import add_model_arguments, check_launched, choose_model, default_guid
 from .config import parse_resolution, resolve_config, validate_resolution, validate_steps
 from .errors import EngineError
 from .files import check_writable, write_atomically, write_with_fallback
+from .stepcache import parse_step_cache, with_step_cache
 from .tasks import file_inputs
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
@@ -38,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--control-image", default=None, help="--task control*: the control image (edges, depth)")
     parser.add_argument("--strength", type=float, default=None, help="--task img2img / inpaint / ...: 0..1")
     parser.add_argument(
+        "--cache",
+        default=None,
+        help="step caching: fbcache:THRESHOLD, taylorseer:INTERVAL[:ORDER] or static:STEP,STEP,...[:ORDER] (e.g. "
+        "taylorseer:5: 8 of 28 steps run fully)",
+    )
+    parser.add_argument(
         "--gpus",
         type=int,
         default=1,
@@ -59,6 +66,8 @@ def run(args) -> tuple[Path | None, bool]:
             f"-o {str(output)!r} has no image suffix; use one of {', '.join(IMAGE_SUFFIXES)}, e.g. -o out.png"
         )
     config = resolve_config(args.preset)
+    if args.cache is not None:
+        config = with_step_cache(config, parse_step_cache(args.cache))
     check_launched(args.gpus, "engine.generate")
     if args.gpus != 1:
         from .parallel.apply import with_parallel

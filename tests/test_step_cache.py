@@ -277,3 +277,37 @@ def test_the_controlnet_pipeline_caches_its_steps_too():
     skipping = controlnet_engine(1.0)
     assert not torch.equal(_call(skipping, **control), uncached)
     assert skipping.step_cache_state.last_call()["cond"] == [True] + [False] * (STEPS - 1)  # relative change <= 1
+
+
+@pytest.mark.parametrize("policy", ["block", "leaf"])
+def test_taylorseer_under_streamed_offload_skips_the_same_steps_with_the_same_image(policy):
+    """A skipped step runs nothing, so nothing streams; the full steps stream as without the cache. First-Block Cache
+    is refused there (tests above): it skips blocks the streamer brings in order."""
+    from engine.config import OffloadConfig
+
+    step_cache = StepCacheConfig("taylorseer", interval=3)
+    resident = _engine(step_cache)
+    streamed = _engine(step_cache, offload=OffloadConfig(policy=policy))
+    assert streamed.offload_state is not None
+    assert torch.equal(_call(streamed), _call(resident))
+    assert streamed.step_cache_state.last_call() == resident.step_cache_state.last_call()
+    with pytest.raises(ConfigError, match="fbcache skips blocks that offload.policy"):
+        EngineConfig(offload=OffloadConfig(policy=policy), step_cache=StepCacheConfig("fbcache"))
+
+
+def test_generate_with_a_cache_and_the_fbcache_config_name(tmp_path):
+    """engine.generate --cache: the cached image of the engine; fbcache on a CUDA-graph preset drops the graphs."""
+    import numpy as np
+    from PIL import Image
+
+    from engine import generate
+    from engine.config import PRESETS
+    from engine.stepcache import with_step_cache
+
+    argv = ["a fox", "--res", "64", "--steps", "6", "--device", "cpu", "--cache", "taylorseer:2", "-o"]
+    assert generate.main([*argv, str(tmp_path / "fox.png")]) == 0
+    engine = _engine(StepCacheConfig("taylorseer", interval=2))
+    expected = _call(engine, prompt="a fox", num_inference_steps=6, max_sequence_length=64, output_type="pil")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "fox.png")), np.asarray(expected[0]))
+    config = with_step_cache(PRESETS["fp8-compile-fastacc-cudagraphs"], StepCacheConfig("fbcache", threshold=0.1))
+    assert config.label == "fp8-compile-fastacc+fbcache:0.1" and not config.compile.cuda_graphs

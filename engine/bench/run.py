@@ -21,13 +21,14 @@ from ..measure import (
     synchronize,
     track_peak_memory,
 )
+from ..stepcache import with_step_cache
 from ..tasks import TASKS, components_for, condition_tokens, synthetic_inputs
 from .budget import Job, budget_jobs, emulated_budget, release_cached_memory
 from .lora import attach, measure_swap, note_lora, prepare_lora
 from .phases import CallTimes, Interval, record_phases, transformer_step_flops
 from .plan import DTYPES, Plan, make_plan
 from .report import BASELINE_LABEL
-from .step_cache import cached_config, enable_diffusers_cache, note_cache, prepare_cache
+from .step_cache import enable_diffusers_cache, note_cache, prepare_cache
 
 JSON_VERSION = 1
 
@@ -315,7 +316,7 @@ def run(args, plan: Plan | None = None) -> dict:
         )
         for size in plan.sizes
     }
-    engine_configs = [cached_config(c, cache) for c in plan.configs] if cache is not None else plan.configs
+    engine_configs = [with_step_cache(c, cache) for c in plan.configs] if cache is not None else plan.configs
     jobs = [Job(config, plan.sizes) for config in engine_configs] + budget_jobs(plan, args)
     configs = list(dict.fromkeys(([] if args.no_baseline else [BASELINE_LABEL]) + [j.config.label for j in jobs]))
     total_calls = sum(len(j.sizes) for j in jobs) * (args.runs + args.warmup)

@@ -7,18 +7,7 @@ against the uncached config."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from ..stepcache import StepCacheConfig, parse_step_cache
-
-
-def cached_config(config, cache: StepCacheConfig):
-    """`config` with the step cache; fbcache drops whole-forward CUDA graphs (they cannot branch after a block)."""
-    base = config.label
-    if cache.mode == "fbcache" and config.compile.cuda_graphs:
-        config = replace(config, compile=replace(config.compile, cuda_graphs=False))
-        base = base.removesuffix("-cudagraphs") if config.name else replace(config, name="").label
-    return replace(config, step_cache=cache, name=f"{base}+{cache.label}")
 
 
 def prepare_cache(text: str | None) -> StepCacheConfig | None:

@@ -144,6 +144,18 @@ def check_step_cache_fits(config) -> None:
         )
 
 
+def with_step_cache(config, cache: StepCacheConfig):
+    """An EngineConfig with `cache`, named '<config>+<cache>'; fbcache drops whole-forward CUDA graphs, which cannot
+    branch after a block (fp8-compile-fastacc-cudagraphs becomes fp8-compile-fastacc+fbcache:T)."""
+    from dataclasses import replace
+
+    base = config.label
+    if cache.mode == "fbcache" and config.compile.cuda_graphs:
+        config = replace(config, compile=replace(config.compile, cuda_graphs=False))
+        base = base.removesuffix("-cudagraphs") if config.name else replace(config, name="").label
+    return replace(config, step_cache=cache, name=f"{base}+{cache.label}")
+
+
 def taylorseer_computes(config: StepCacheConfig, step: int) -> bool:
     """diffusers' TaylorSeerCacheHook._measure_should_compute for step index `step` (0-based)."""
     warm = step < config.warmup
