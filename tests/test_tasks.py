@@ -387,3 +387,17 @@ def test_tiled_vae_encodes_a_tasks_input_picture_in_tiles():
     images = _call(engine, **inputs)
     assert (engine.vae_state.tiled_encodes, engine.vae_state.untiled_encodes) == (1, 0)
     assert psnr(images, plain) >= 28.0
+
+
+@pytest.mark.parametrize(("task", "policy"), [("kontext", "block"), ("fill", "leaf"), ("control", "model")])
+def test_each_offload_policy_makes_the_tasks_resident_image(task, policy):
+    """The task engines under offload (blocks or leaves streamed through the device, or whole models visiting it):
+    the image of the same engine with everything resident, to the bit."""
+    from engine.config import OffloadConfig
+
+    variant = f"synthetic:{TASKS[task].tiny}"
+    resident = _call(FluxEngine.from_pretrained(variant, FUSED, device="cpu", task=task), **INPUTS[task])
+    config = EngineConfig(attention=AttentionConfig(backend="auto"), offload=OffloadConfig(policy=policy))
+    engine = FluxEngine.from_pretrained(variant, config, device="cpu", task=task)
+    assert engine.offload_state is not None
+    assert torch.equal(_call(engine, **INPUTS[task]), resident)
