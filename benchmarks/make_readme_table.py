@@ -234,6 +234,15 @@ def _task(data: dict) -> str | None:
     return None if task == "text-to-image" else task
 
 
+def _engine_rows(files: list[dict], keep=lambda row: True):
+    """(file, env, row, its diffusers baseline row or {}) for every engine row `keep` takes, oldest file first."""
+    for data in sorted(files, key=lambda d: d["env"].get("date", "")):
+        baseline = {(r["height"], r["width"]): r for r in data["rows"] if r["config"] == "diffusers"}
+        for row in data["rows"]:
+            if row["config"] != "diffusers" and keep(row):
+                yield data, data["env"], row, baseline.get((row["height"], row["width"]), {})
+
+
 def task_table(files: list[dict]) -> list[str]:
     """engine.bench --task: every row, oldest first, beside diffusers' pipeline class of the task in the same run."""
     lines = [
@@ -245,21 +254,15 @@ def task_table(files: list[dict]) -> list[str]:
         "| s/image | diffusers s/image | peak GiB | PSNR dB | file |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for data in sorted(files, key=lambda d: d["env"].get("date", "")):
-        env = data["env"]
-        baseline = {(r["height"], r["width"]): r for r in data["rows"] if r["config"] == "diffusers"}
-        for row in data["rows"]:
-            if row["config"] == "diffusers":
-                continue
-            base = baseline.get((row["height"], row["width"]), {})
-            lines.append(
-                f"| {_card(env)} | {_stamp(env)} | {env.get('commit', '-')} | {data['task']} "
-                f"| {data['model'].removeprefix('synthetic:')} | {row['width']}x{row['height']} | {row['steps']} "
-                f"| {row['config']} | {_num(row['ms_per_step'], '.1f')} | {_num(base.get('ms_per_step'), '.1f')} "
-                f"| {_num(row.get('speedup'), '.2f')}x | {_num(row['total_s'], '.2f')} "
-                f"| {_num(base.get('total_s'), '.2f')} | {_num(row.get('peak_allocated_gib'), '.2f')} "
-                f"| {_num(row.get('psnr_db'), '.1f')} | `{data['_file']}` |"
-            )
+    for data, env, row, base in _engine_rows(files):
+        lines.append(
+            f"| {_card(env)} | {_stamp(env)} | {env.get('commit', '-')} | {data['task']} "
+            f"| {data['model'].removeprefix('synthetic:')} | {row['width']}x{row['height']} | {row['steps']} "
+            f"| {row['config']} | {_num(row['ms_per_step'], '.1f')} | {_num(base.get('ms_per_step'), '.1f')} "
+            f"| {_num(row.get('speedup'), '.2f')}x | {_num(row['total_s'], '.2f')} "
+            f"| {_num(base.get('total_s'), '.2f')} | {_num(row.get('peak_allocated_gib'), '.2f')} "
+            f"| {_num(row.get('psnr_db'), '.1f')} | `{data['_file']}` |"
+        )
     return lines
 
 
@@ -276,23 +279,17 @@ def cache_table(files: list[dict]) -> list[str]:
         "| diffusers (its cache) s/image | vs diffusers | PSNR dB / SSIM vs uncached | cost a full step | file |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for data in sorted(files, key=lambda d: d["env"].get("date", "")):
-        env = data["env"]
-        baseline = {(r["height"], r["width"]): r for r in data["rows"] if r["config"] == "diffusers"}
-        for row in data["rows"]:
-            cache = row.get("step_cache")
-            if row["config"] == "diffusers" or not cache:
-                continue
-            base = baseline.get((row["height"], row["width"]), {})
-            overhead = cache.get("full_step_overhead")
-            lines.append(
-                f"| {_card(env)} | {_stamp(env)} | {env.get('commit', '-')} | {row['width']}x{row['height']} "
-                f"| {row['steps']} | {row['config']} | {cache['full_steps']} / {cache['skipped_steps']} "
-                f"| {_num(row['total_s'], '.2f')} | {_num(cache.get('uncached_total_s'), '.2f')} "
-                f"| {_num(base.get('total_s'), '.2f')} | {_num(row.get('speedup'), '.2f')}x "
-                f"| {_num(cache.get('psnr_vs_uncached_db'), '.1f')} / {_num(cache.get('ssim_vs_uncached'), '.4f')} "
-                f"| {f'{overhead:.3f}x' if overhead else '-'} | `{data['_file']}` |"
-            )
+    for data, env, row, base in _engine_rows(files, lambda row: row.get("step_cache")):
+        cache = row["step_cache"]
+        overhead = cache.get("full_step_overhead")
+        lines.append(
+            f"| {_card(env)} | {_stamp(env)} | {env.get('commit', '-')} | {row['width']}x{row['height']} "
+            f"| {row['steps']} | {row['config']} | {cache['full_steps']} / {cache['skipped_steps']} "
+            f"| {_num(row['total_s'], '.2f')} | {_num(cache.get('uncached_total_s'), '.2f')} "
+            f"| {_num(base.get('total_s'), '.2f')} | {_num(row.get('speedup'), '.2f')}x "
+            f"| {_num(cache.get('psnr_vs_uncached_db'), '.1f')} / {_num(cache.get('ssim_vs_uncached'), '.4f')} "
+            f"| {f'{overhead:.3f}x' if overhead else '-'} | `{data['_file']}` |"
+        )
     return lines
 
 
@@ -309,26 +306,20 @@ def lora_table(files: list[dict]) -> list[str]:
         "| s/image | peak GiB | without it | hot-swap s | recompiles / captures | PSNR dB | file |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for data in sorted(files, key=lambda d: d["env"].get("date", "")):
-        env = data["env"]
-        baseline = {(r["height"], r["width"]): r for r in data["rows"] if r["config"] == "diffusers"}
-        for row in data["rows"]:
-            if row["config"] == "diffusers" or not row.get("lora"):
-                continue
-            off = row.get("lora_off_ms_per_step")
-            cost = f"{row['ms_per_step'] / off:.3f}x" if off else "-"
-            swap = "-"
-            if row.get("lora_swap_s") is not None:
-                swap = f"{row['lora_swap_recompiles']} / {row['lora_swap_captures']}"
-            lines.append(
-                f"| {_card(env)} | {_stamp(env)} | {env.get('commit', '-')} | {row['width']}x{row['height']} "
-                f"| {row['steps']} | {row['config']} | {row['lora']} | {_num(row['ms_per_step'], '.1f')} "
-                f"| {_num(off, '.1f')} | {cost} "
-                f"| {_num(baseline.get((row['height'], row['width']), {}).get('ms_per_step'), '.1f')} "
-                f"| {_num(row['total_s'], '.2f')} | {_num(row.get('peak_allocated_gib'), '.2f')} "
-                f"| {_num(row.get('lora_off_peak_gib'), '.2f')} | {_num(row.get('lora_swap_s'), '.2f')} | {swap} "
-                f"| {_num(row.get('psnr_db'), '.1f')} | `{data['_file']}` |"
-            )
+    for data, env, row, base in _engine_rows(files, lambda row: row.get("lora")):
+        off = row.get("lora_off_ms_per_step")
+        cost = f"{row['ms_per_step'] / off:.3f}x" if off else "-"
+        swap = "-"
+        if row.get("lora_swap_s") is not None:
+            swap = f"{row['lora_swap_recompiles']} / {row['lora_swap_captures']}"
+        lines.append(
+            f"| {_card(env)} | {_stamp(env)} | {env.get('commit', '-')} | {row['width']}x{row['height']} "
+            f"| {row['steps']} | {row['config']} | {row['lora']} | {_num(row['ms_per_step'], '.1f')} "
+            f"| {_num(off, '.1f')} | {cost} | {_num(base.get('ms_per_step'), '.1f')} "
+            f"| {_num(row['total_s'], '.2f')} | {_num(row.get('peak_allocated_gib'), '.2f')} "
+            f"| {_num(row.get('lora_off_peak_gib'), '.2f')} | {_num(row.get('lora_swap_s'), '.2f')} | {swap} "
+            f"| {_num(row.get('psnr_db'), '.1f')} | `{data['_file']}` |"
+        )
     return lines
 
 
