@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 from .config import PRESETS, parse_resolution, resolve_config, validate_resolution
 from .tasks import TASKS, check_task_name, check_variant_fits_task
 
+SYNTHETIC = "synthetic:"
+
 if TYPE_CHECKING:  # torch and the models load after the arguments are parsed, so that --help answers at once
     import torch
 
@@ -27,10 +29,16 @@ def add_model_arguments(parser: argparse.ArgumentParser, several_presets: bool =
     parser.add_argument(
         "--task",
         default="text-to-image",
-        choices=[name for name in TASKS if name != "controlnet"],
+        choices=list(TASKS),
         help="the FLUX.1 pipeline: text-to-image (FluxPipeline, default), img2img, inpaint, kontext, kontext-inpaint, "
-        "fill, control, control-img2img, control-inpaint (diffusers' class of each); the default --model is the "
-        "synthetic variant of the task's architecture (Fill: 384 input channels, Canny / Depth: 128)",
+        "fill, control, control-img2img, control-inpaint, controlnet (diffusers' class of each); the default --model "
+        "is the synthetic variant of the task's architecture (Fill: 384 input channels, Canny / Depth: 128)",
+    )
+    parser.add_argument(
+        "--controlnet",
+        default=None,
+        help="--task controlnet: a local diffusers-format FluxControlNetModel folder, or synthetic:VARIANT (random "
+        "weights; the default with a synthetic --model)",
     )
     presets = ", ".join(PRESETS)
     if several_presets:
@@ -75,6 +83,7 @@ def choose_model(args, resolutions: list[str]) -> ModelChoice:
     spec = variant_spec(model) if is_variant_name(model) else None
     if spec is not None:
         check_variant_fits_task(model, spec.transformer["in_channels"], task_name)
+    check_controlnet_argument(args, task_name, model if spec is not None else None)
     if args.preset and "," not in args.preset and args.preset != "ladder":
         resolve_config(args.preset)
     sizes = [parse_resolution(r) for r in resolutions]
@@ -85,6 +94,25 @@ def choose_model(args, resolutions: list[str]) -> ModelChoice:
         check_device_fits_variant(spec, device)
         model = SYNTHETIC_PREFIX + spec.name
     return ModelChoice(device, model, spec, sizes, defaulted_to_tiny=args.model is None and device.type != "cuda")
+
+
+def check_controlnet_argument(args, task: str, synthetic_model: str | None) -> None:
+    """--controlnet: only with --task controlnet, where it defaults to the synthetic model's variant."""
+    from pathlib import Path
+
+    from .errors import EngineError
+
+    given = getattr(args, "controlnet", None)
+    if task != "controlnet":
+        if given is not None:
+            raise EngineError(f"--controlnet is for --task controlnet; --task {task} takes none")
+        return
+    if given is None:
+        if synthetic_model is None:
+            raise EngineError("--task controlnet with a local --model needs --controlnet PATH (a ControlNet folder)")
+        args.controlnet = synthetic_model
+    elif not given.startswith(SYNTHETIC) and not Path(given).is_dir():
+        raise EngineError(f"--controlnet {given!r} is not a folder; pass a local FluxControlNetModel folder")
 
 
 def default_guidance(spec: ModelSpec | None) -> float:

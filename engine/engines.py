@@ -21,6 +21,7 @@ import torch
 from .config import EngineConfig, resolve_config
 from .errors import ConfigError, EngineOutOfMemoryError, InputError, ParallelError
 from .models.builders import synthetic_components
+from .models.controlnet import load_controlnet
 from .models.loading import load_local_components
 from .models.variants import SYNTHETIC_PREFIX, is_variant_name, resolve_device, variant_spec
 from .pipeline import ENGINE_CONFIG_ATTR, STATE_ATTRS, default_dtype, engine_config_of, optimize
@@ -78,7 +79,7 @@ class EngineCalls:
             )
             model_name = source
         if cls.task == "controlnet":
-            components["controlnet"] = _controlnet_of(controlnet, device, dtype, seed)
+            components["controlnet"] = load_controlnet(controlnet, device, dtype, seed)
         elif controlnet is not None:
             raise ConfigError(f"controlnet= is for task='controlnet'; {cls.__name__} runs task {cls.task!r}")
         engine = cls(**components_for(cls, components))
@@ -403,24 +404,6 @@ for _engine in ENGINES.values():
             f"A faster `diffusers.{_pipeline_class.__name__}` (task {_engine.task!r}): same call, same outputs within "
             "the config's stated tolerance."
         )
-
-
-def _controlnet_of(controlnet, device: torch.device, dtype: torch.dtype, seed: int):
-    """A ControlNet module as given, or loaded from a local diffusers-format folder (never from a hub)."""
-    if isinstance(controlnet, (diffusers.FluxControlNetModel, diffusers.FluxMultiControlNetModel)):
-        return controlnet
-    if isinstance(controlnet, str) and is_variant_name(controlnet):  # e.g. synthetic:flux-dev, random weights
-        from .models.controlnet import synthetic_controlnet
-
-        return synthetic_controlnet(controlnet, device=device, dtype=dtype, seed=seed)
-    if isinstance(controlnet, (str, Path)) and Path(controlnet).is_dir():
-        model = diffusers.FluxControlNetModel.from_pretrained(controlnet, torch_dtype=dtype, local_files_only=True)
-        return model.to(device)
-    raise ConfigError(
-        f"task='controlnet' needs controlnet=: a FluxControlNetModel, the path of a local ControlNet folder, or "
-        f"'synthetic:<variant>' (random weights); got "
-        f"{controlnet!r}"
-    )
 
 
 def _class_for(cls, task: str | None):

@@ -89,7 +89,13 @@ def run(args) -> tuple[Path | None, bool]:
     ((height, width),) = choice.sizes
     steps = args.steps if args.steps is not None else (spec.default_steps if spec else 28)
     pipe = FluxEngine.from_pretrained(
-        model, config=config, device=device, seed=args.seed, config_folder=args.config_folder, task=args.task
+        model,
+        config=config,
+        device=device,
+        seed=args.seed,
+        config_folder=args.config_folder,
+        task=args.task,
+        controlnet=args.controlnet,
     )
     if loras:
         names = [f"lora{index}" for index in range(len(loras))]

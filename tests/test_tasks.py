@@ -401,3 +401,26 @@ def test_each_offload_policy_makes_the_tasks_resident_image(task, policy):
     engine = FluxEngine.from_pretrained(variant, config, device="cpu", task=task)
     assert engine.offload_state is not None
     assert torch.equal(_call(engine, **INPUTS[task]), resident)
+
+
+def test_bench_and_generate_take_the_controlnet_task(tmp_path):
+    """--task controlnet: the ControlNet of the synthetic model's variant by default (diffusers' pipeline and the
+    engine share it), diffusers' FluxControlNetPipeline as the baseline; generate's image is the engine's."""
+    import json
+
+    from engine import generate
+    from engine.bench import cli
+    from engine.memory.planner import fastest_config
+
+    out = tmp_path / "controlnet.json"
+    argv = ["--task", "controlnet", "--res", "64", "--steps", "2", "--preset", "baseline", "--device", "cpu"]
+    assert cli.main([*argv, "--allow-any-size", "--out", str(out)]) == 0
+    rows = {row["config"]: row for row in json.loads(out.read_text())["rows"]}
+    assert rows["baseline"]["psnr_db"] == "inf"
+    _picture(3).save(tmp_path / "edges.png")
+    argv = ["a fox", "--res", "64", "--steps", "2", "--device", "cpu", "--task", "controlnet"]
+    files = ["--control-image", str(tmp_path / "edges.png"), "-o", str(tmp_path / "fox.png")]
+    assert generate.main([*argv, *files]) == 0
+    assert generate.main([*argv[:-2], "--controlnet", str(tmp_path / "nowhere"), *files]) == 2
+    choice = fastest_config("cuda", [(1024, 1024)], card_gib=80.0, fp8_hardware=True, triton=True, task="controlnet")
+    assert not choice.config.compile.cuda_graphs  # refused with a ControlNet: the next fastest preset

@@ -210,8 +210,15 @@ def load_components(plan: Plan, args, dtype: torch.dtype) -> dict:
     from ..models import is_variant_name, load_local_components, synthetic_components
 
     if is_variant_name(plan.model):
-        return synthetic_components(plan.model, device=plan.device, dtype=dtype, seed=args.seed)
-    return load_local_components(plan.model, device=plan.device, dtype=dtype, config_folder=args.config_folder)
+        components = synthetic_components(plan.model, device=plan.device, dtype=dtype, seed=args.seed)
+    else:
+        folder = args.config_folder
+        components = load_local_components(plan.model, device=plan.device, dtype=dtype, config_folder=folder)
+    if args.task == "controlnet":  # diffusers' pipeline and the engine share it, as they share the transformer
+        from ..models.controlnet import load_controlnet
+
+        components["controlnet"] = load_controlnet(args.controlnet, plan.device, dtype, args.seed)
+    return components
 
 
 def with_compile_cache(config, args):
