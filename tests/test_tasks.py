@@ -424,3 +424,20 @@ def test_bench_and_generate_take_the_controlnet_task(tmp_path):
     assert generate.main([*argv[:-2], "--controlnet", str(tmp_path / "nowhere"), *files]) == 2
     choice = fastest_config("cuda", [(1024, 1024)], card_gib=80.0, fp8_hardware=True, triton=True, task="controlnet")
     assert not choice.config.compile.cuda_graphs  # refused with a ControlNet: the next fastest preset
+
+
+@pytest.mark.parametrize(
+    ("task", "mode"), [("kontext", "int8-weight"), ("fill", "fp8-weight"), ("inpaint", "int8-weight")]
+)
+def test_quantised_task_engines_stay_within_their_modes_tolerance(task, mode):
+    """The weight-only modes (optimum-quanto, CPU too) on the task engines, within the tolerance they have on
+    text-to-image (tests/test_quantize.py: int8-weight 60 dB, fp8-weight 45 dB)."""
+    from engine.config import QuantConfig
+    from engine.measure import psnr
+
+    variant = TINY_OF[TASKS[task].channels]
+    pipeline_class = getattr(diffusers, TASKS[task].pipeline_class)
+    plain = _call(pipeline_class(**synthetic_components(variant, device="cpu", dtype=torch.float32)), **INPUTS[task])
+    config = EngineConfig(attention=AttentionConfig(backend="auto"), quant=QuantConfig(transformer=mode))
+    engine = FluxEngine.from_pretrained(f"synthetic:{variant}", config, device="cpu", task=task)
+    assert psnr(_call(engine, **INPUTS[task]), plain) >= {"int8-weight": 60.0, "fp8-weight": 45.0}[mode]
