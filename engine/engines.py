@@ -68,6 +68,10 @@ class EngineCalls:
             device = init_distributed(parallel.degree, parallel.timeout_s, device).device
         device = resolve_device(device)
         dtype = dtype or torch_dtype or default_dtype(device)
+        if controlnet is not None and cls.task != "controlnet":
+            raise ConfigError(f"controlnet= is for task='controlnet'; {cls.__name__} runs task {cls.task!r}")
+        # before the transformer: a ControlNet argument that does not work fails in seconds, not after the load
+        controlnet = load_controlnet(controlnet, device, dtype, seed) if cls.task == "controlnet" else None
         source = str(path_or_variant)
         if is_variant_name(source):
             components = synthetic_components(source, device=device, dtype=dtype, seed=seed)
@@ -78,10 +82,8 @@ class EngineCalls:
                 source, device=device, dtype=dtype, config_folder=config_folder, quant=resolve_config(config).quant
             )
             model_name = source
-        if cls.task == "controlnet":
-            components["controlnet"] = load_controlnet(controlnet, device, dtype, seed)
-        elif controlnet is not None:
-            raise ConfigError(f"controlnet= is for task='controlnet'; {cls.__name__} runs task {cls.task!r}")
+        if controlnet is not None:
+            components["controlnet"] = controlnet
         engine = cls(**components_for(cls, components))
         engine.model_name = model_name
         return optimize(engine, config)
