@@ -4,7 +4,7 @@
 # Stages: see the case below (tests, kernels, bench-*, ladder, gate-selftest, tests-mem, vae, torchao,
 # bench-memory, planner, ladder-full, main-1024, main-2048, tests-lora, lora-kc, lora-fast, profile-lora, lora-28,
 # tests-tasks, task-TASK for every engine.bench --task, tests-cache, cache-taylorseer, cache-fbcache-0,
-# cache-fbcache-008). Each stage
+# cache-fbcache-008, profile-cache). Each stage
 # has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
@@ -171,6 +171,10 @@ for s in "$@"; do
       T=0; [ "$s" = cache-fbcache-008 ] && T=0.08
       stage "$s" 300 python3 -m engine.bench --res 1024 --steps 28 --runs 2 --preset fp8-compile-fastacc \
         --cache "fbcache:$T" --cache-dir /tmp/fe-cache --out "$OUT/bench-$s-$CARD-$DAY.json" ;;
+    profile-cache)
+      # FBCache's cost per full step: step time against kernel time, paused and cached (benchmarks/profile_cache.py)
+      stage profile-cache 240 python3 -m benchmarks.profile_cache --res 1024 --preset fp8-compile-fastacc \
+        --out "$OUT/profile-cache-$CARD-$DAY.json" ;;
     main-1024|main-2048)
       # the README's main command as a user runs it: no --preset, so diffusers against the fastest config here
       stage "$s" 400 python3 -m engine.bench --res "${s#main-}" --out "$OUT/bench-$s-$CARD-$DAY.json" ;;

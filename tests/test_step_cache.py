@@ -311,3 +311,12 @@ def test_generate_with_a_cache_and_the_fbcache_config_name(tmp_path):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "fox.png")), np.asarray(expected[0]))
     config = with_step_cache(PRESETS["fp8-compile-fastacc-cudagraphs"], StepCacheConfig("fbcache", threshold=0.1))
     assert config.label == "fp8-compile-fastacc+fbcache:0.1" and not config.compile.cuda_graphs
+
+
+def test_the_cache_profile_script_parses_its_arguments():
+    """benchmarks/profile_cache.py (GPU only) imports and answers --help on any machine."""
+    from benchmarks import profile_cache
+
+    with pytest.raises(SystemExit) as exit_info:
+        profile_cache.main(["--help"])
+    assert exit_info.value.code == 0
