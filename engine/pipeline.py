@@ -1,7 +1,8 @@
 """`optimize(pipe, config)` and `restore(pipe)`.
 
 `optimize` applies an EngineConfig to a diffusers FLUX.1 pipeline in place, in the order attention ->
-quantisation -> offload -> VAE -> compile (each step sees the modules the previous one left). FluxEngine and the
+quantisation -> a ControlNet's share of both -> offload -> VAE -> compile -> step cache (each step sees the modules
+the previous one left). FluxEngine and the
 engines of the other FLUX.1 tasks (engine/engines.py) are the diffusers pipeline classes with the same calls and
 outputs, a `from_pretrained` that takes local paths or synthetic variant names, and clear errors where diffusers
 would fail deep inside.
