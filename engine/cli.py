@@ -9,8 +9,6 @@ from typing import TYPE_CHECKING
 from .config import PRESETS, parse_resolution, resolve_config, validate_resolution
 from .tasks import TASKS, check_task_name, check_variant_fits_task
 
-SYNTHETIC = "synthetic:"
-
 if TYPE_CHECKING:  # torch and the models load after the arguments are parsed, so that --help answers at once
     import torch
 
@@ -101,6 +99,7 @@ def check_controlnet_argument(args, task: str, synthetic_model: str | None) -> N
     from pathlib import Path
 
     from .errors import EngineError
+    from .models.variants import is_variant_name
 
     given = getattr(args, "controlnet", None)
     if task != "controlnet":
@@ -111,7 +110,7 @@ def check_controlnet_argument(args, task: str, synthetic_model: str | None) -> N
         if synthetic_model is None:
             raise EngineError("--task controlnet with a local --model needs --controlnet PATH (a ControlNet folder)")
         args.controlnet = synthetic_model
-    elif not given.startswith(SYNTHETIC) and not Path(given).is_dir():
+    elif not is_variant_name(given) and not Path(given).is_dir():
         raise EngineError(f"--controlnet {given!r} is not a folder; pass a local FluxControlNetModel folder")
 
 

@@ -258,11 +258,17 @@ def compile_regions(model: torch.nn.Module, config: CompileConfig, state: Compil
             state.compiled_modules.append(name)
 
 
+def fresh_tensor(value: torch.Tensor) -> torch.Tensor:
+    """`value`, copied if it is a view: dynamo guards on a view's base, so a compiled region fed a view in one call
+    and a fresh tensor in another compiles a variant of its own."""
+    return value.clone() if value._base is not None else value
+
+
 def _as_fresh_tensor(module, args, output):
-    # Linear on a 3-D input returns a view of a 2-D matmul; dynamo guards on view bases, so the first
-    # double block (fed by these) would otherwise compile a variant of its own. One copy of the
-    # embedded tokens (tens of MB, microseconds) saves a graph (~5 s of cold compile on an H100).
-    return output.clone() if output._base is not None else output
+    # Linear on a 3-D input returns a view of a 2-D matmul, which would make the first double block (fed by these)
+    # compile a variant of its own. One copy of the embedded tokens (tens of MB, microseconds) saves a graph (~5 s of
+    # cold compile on an H100).
+    return fresh_tensor(output)
 
 
 def _fresh_block_inputs(transformer) -> list:

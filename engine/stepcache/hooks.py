@@ -22,6 +22,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import CacheContext, StateManager
 
+from ..compile import fresh_tensor
 from ..errors import ConfigError
 from . import StepCacheConfig, taylorseer_computes
 
@@ -175,7 +176,7 @@ class _CachedCall:
     def __call__(self, *args, **kwargs):
         if not self.hook.enabled:  # paused: every block runs; the tail's output fresh as in a cached step's
             text, image = self.block(*args, **kwargs)
-            return (_fresh(text), _fresh(image)) if self.role == "tail" else (text, image)
+            return (fresh_tensor(text), fresh_tensor(image)) if self.role == "tail" else (text, image)
         state = self.hook.state()
         if self.role == "head":
             image_in = kwargs["hidden_states"]
@@ -196,14 +197,9 @@ class _CachedCall:
             text, image = self.block(*args, **kwargs)
         if self.role == "tail":
             state.tail_residuals = (image - state.head_output[0], text - state.head_output[1])
-            text, image = _fresh(text), _fresh(image)
+            # what follows the blocks (norm_out, compiled) sees a fresh tensor whether the step was full or not
+            text, image = fresh_tensor(text), fresh_tensor(image)
         return text, image
-
-
-def _fresh(value: torch.Tensor) -> torch.Tensor:
-    """What follows the blocks (norm_out, compiled) then sees a fresh tensor whether the step was full or not:
-    dynamo guards on a view's base, and a block's output may be one (a recompile otherwise)."""
-    return value.clone() if value._base is not None else value
 
 
 class _CachedBlocks(torch.nn.ModuleList):
