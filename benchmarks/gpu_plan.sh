@@ -4,7 +4,7 @@
 # Stages: see the case below (tests, kernels, bench-*, ladder, gate-selftest, tests-mem, vae, torchao,
 # bench-memory, planner, ladder-full, main-1024, main-2048, tests-lora, lora-kc, lora-fast, profile-lora, lora-28,
 # tests-tasks, task-TASK for every engine.bench --task, tests-cache, cache-taylorseer, cache-fbcache-0,
-# cache-fbcache-008, profile-cache). Each stage
+# cache-fbcache-008, profile-cache, tests-fp8attn, kernels-attention, fp8attn-1024, fp8attn-2048). Each stage
 # has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
@@ -175,6 +175,19 @@ for s in "$@"; do
       # FBCache's cost per full step: step time against kernel time, paused and cached (benchmarks/profile_cache.py)
       stage profile-cache 240 python3 -m benchmarks.profile_cache --res 1024 --preset fp8-compile-fastacc \
         --out "$OUT/profile-cache-$CARD-$DAY.json" ;;
+    tests-fp8attn)
+      stage tests-fp8attn 300 python3 -m pytest -q tests/kernels/test_fp8_attention.py tests/kernels/test_qk_norm_rope.py \
+        tests/kernels/test_flash_attention.py tests/test_engine_attention.py ;;
+    kernels-attention)
+      # issue "Our attention at the top": bf16 and quantised attention beside every SDPA backend, and the quantised
+      # one's accuracy on FLUX-like activations
+      stage kernels-attention 420 python3 -m benchmarks.kernels.bench_flash_attention \
+        --out "$OUT/attention-$CARD-$DAY.json" ;;
+    fp8attn-1024|fp8attn-2048)
+      # the whole step with the quantised attention core, beside the same presets with the bf16 core, and diffusers
+      stage "$s" 420 python3 -m engine.bench --res "${s#fp8attn-}" --steps 4 --runs 3 --cache-dir /tmp/fe-cache \
+        --preset fp8-compile-fastacc-cudagraphs,fp8-compile-fastacc-cudagraphs-fp8attn,kernels-compile,kernels-compile-fp8attn \
+        --out "$OUT/bench-$s-$CARD-$DAY.json" ;;
     main-1024|main-2048)
       # the README's main command as a user runs it: no --preset, so diffusers against the fastest config here
       stage "$s" 400 python3 -m engine.bench --res "${s#main-}" --out "$OUT/bench-$s-$CARD-$DAY.json" ;;

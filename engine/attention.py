@@ -52,7 +52,7 @@ AUTO_PROBE_TOKENS = 4608
 class BlockOps:
     """The functions the fused blocks call, chosen once per pipeline from the AttentionConfig."""
 
-    core: str  # "triton" or "sdpa"
+    core: str  # "triton", "sdpa" or "triton-fp8"
     fused_norms: bool
     qk_norm_rope_fn: Callable
     layernorm_modulate_fn: Callable
@@ -74,8 +74,11 @@ class BlockOps:
         flash = None
         if core == "triton":
             from flux_kernels.flash_attention import flash_attention as flash
+        elif core == "triton-fp8":
+            flash = _quantized_core
         if fused_norms:
-            fns = (qk.qk_norm_rope, norm.layernorm_modulate, norm.gated_residual_layernorm_modulate)
+            qk_fn = _qk_norm_rope_int8 if core == "triton-fp8" else qk.qk_norm_rope
+            fns = (qk_fn, norm.layernorm_modulate, norm.gated_residual_layernorm_modulate)
             from flux_kernels.gelu_fp8 import gelu_concat_fp8
 
             fp8_fns = (norm.layernorm_modulate_fp8, norm.gated_residual_layernorm_modulate_fp8, gelu_concat_fp8)
@@ -93,10 +96,11 @@ class BlockOps:
         return self.qk_norm_rope_fn(qkv, q_weight, k_weight, cos, sin, heads, eps, txt_qkv, txt_q, txt_k)
 
     def attention(self, query, key, value) -> torch.Tensor:
-        """q, k, v: [B, H, L, D] -> [B, L, H*D]."""
+        """q, k, v: [B, H, L, D] -> [B, L, H*D]. For the 'triton-fp8' core after the fused QK-norm, q and k are
+        (int8 codes, scales) pairs (flux_kernels.qk_norm_rope.qk_norm_rope_int8)."""
         if self.shards_id is not None:  # this rank's tokens over the whole split sequence (engine.parallel.exchange)
             return torch.ops.flux_engine.context_parallel_attention(query, key, value, self.shards_id, self.core)
-        batch, heads, tokens, head_dim = query.shape
+        batch, heads, tokens, head_dim = value.shape  # joint attention: as many queries as keys
         if self.flash_attention_fn is not None:
             out = self.flash_attention_fn(query, key, value)  # [B, H, L, D] over [B, L, H, D] memory
         else:
@@ -161,6 +165,24 @@ class BlockOps:
         if tanh_gelu and not _hooked(act) and self._fp8_into(linear, self.gelu_concat_fp8_fn):
             return linear(*self.gelu_concat_fp8_fn(prefix, x), out_dtype=x.dtype)
         return linear(torch.cat([prefix, act(x)], dim=2))
+
+
+def _qk_norm_rope_int8(*args):
+    """qk_norm_rope with int8 q and k: ((q8, q_scale), (k8, k_scale), v) for _quantized_core."""
+    from flux_kernels.qk_norm_rope import qk_norm_rope_int8
+
+    q8, q_scale, k8, k_scale, value = qk_norm_rope_int8(*args)
+    return (q8, q_scale), (k8, k_scale), value
+
+
+def _quantized_core(query, key, value) -> torch.Tensor:
+    """The 'triton-fp8' core: int8 (codes, scales) q and k from _qk_norm_rope_int8, or bf16 ones (the unfused
+    norms) that it quantises itself."""
+    from flux_kernels.fp8_attention import fp8_attention, fp8_attention_qk8
+
+    if isinstance(query, tuple):
+        return fp8_attention_qk8(*query, *key, value)
+    return fp8_attention(query, key, value)
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -392,10 +414,10 @@ def resolve_ops(config: AttentionConfig, transformer) -> BlockOps:
             f"a CUDA GPU (or TRITON_INTERPRET=1 on a CPU, for tests); the model is on {device.type}. Use the "
             "'baseline' preset here"
         )
-    if config.backend == "triton" and dtype not in (torch.bfloat16, torch.float16):
+    if config.backend in ("triton", "triton-fp8") and dtype not in (torch.bfloat16, torch.float16):
         raise ConfigError(
-            f"attention backend='triton' runs in bf16 or fp16, the transformer is {dtype}; load it in bf16, or use "
-            "backend='auto' (it falls back to SDPA)"
+            f"attention backend={config.backend!r} runs in bf16 or fp16, the transformer is {dtype}; load it in bf16, "
+            "or use backend='auto' (it falls back to SDPA)"
         )
     core = config.backend
     if core == "auto":

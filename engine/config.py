@@ -17,7 +17,7 @@ from .stepcache import StepCacheConfig, check_step_cache_fits
 IMAGE_MULTIPLE = 16  # VAE factor 8 x 2x2 latent patches
 
 # The allowed values of each choice, as types (for readers and type checkers) and as tuples (for the checks below)
-AttentionBackend = Literal["sdpa", "triton", "auto"]
+AttentionBackend = Literal["sdpa", "triton", "auto", "triton-fp8"]
 QuantMode = Literal["none", "fp8", "fp8-weight", "int8-weight", "nf4"]
 OffloadPolicy = Literal["none", "model", "block", "leaf"]
 CompileMode = Literal["none", "regional"]
@@ -35,7 +35,8 @@ class AttentionConfig:
     """The transformer's attention blocks.
 
     backend: the attention core. 'sdpa': PyTorch's scaled_dot_product_attention; 'triton': our flash
-        attention kernel; 'auto': the faster of the two on this GPU, measured when the config is applied.
+        attention kernel; 'auto': the faster of the two on this GPU, measured when the config is applied;
+        'triton-fp8': our quantised attention (QK^T in int8, PV in e4m3; lossy, never picked by 'auto').
     fused_norms: QK-RMSNorm + RoPE and LayerNorm + adaLN modulation (+ gated residual) as our Triton kernels.
     Anything but ('sdpa', False) also fuses the QKV projections (weights shared, not copied).
     """
@@ -57,7 +58,7 @@ class AttentionConfig:
     @property
     def needs_triton(self) -> bool:
         """Runs our Triton kernels ('auto' alone can fall back to SDPA)."""
-        return self.fused_norms or self.backend == "triton"
+        return self.fused_norms or self.backend in ("triton", "triton-fp8")
 
     @property
     def label(self) -> str:
@@ -309,6 +310,7 @@ class EngineConfig:
 
 # The parts the presets share: each preset below is a combination of these, and says only what it adds
 _KERNELS = AttentionConfig(backend="auto", fused_norms=True)  # our Triton kernels, attention core by measurement
+_FP8_ATTN = AttentionConfig(backend="triton-fp8", fused_norms=True)
 _REGIONAL = CompileConfig(mode="regional")
 _FP8 = QuantConfig(transformer="fp8")
 _FP8_FAST = QuantConfig(transformer="fp8", fp8_fast_accum=True)
@@ -391,6 +393,11 @@ PRESETS: dict[str, EngineConfig] = {
     "tiled-vae": _preset("tiled-vae", vae=_VAE_512),
     # the same with our flash attention forced (for ablations: attention kernel vs SDPA)
     "kernels-triton-attn": _preset("kernels-triton-attn", attention=replace(_KERNELS, backend="triton")),
+    # the quantised attention core (flux_kernels.fp8_attention; q and k leave the QK-norm kernel as int8)
+    "kernels-compile-fp8attn": _preset("kernels-compile-fp8attn", attention=_FP8_ATTN, compile=_REGIONAL),
+    "fp8-compile-fastacc-cudagraphs-fp8attn": _preset(
+        "fp8-compile-fastacc-cudagraphs-fp8attn", **{**_FASTEST, "attention": _FP8_ATTN}
+    ),
 }
 
 

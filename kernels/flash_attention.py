@@ -222,7 +222,7 @@ def _torch_scratch(size: int, alignment: int, stream: int | None) -> torch.Tenso
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def _ensure_scratch_allocator() -> None:
+def ensure_scratch_allocator() -> None:
     """Device-side tensor descriptors need a Triton allocator; install one backed by PyTorch's, unless the
     process (this context) already set its own."""
     if _allocation is not None:
@@ -374,7 +374,7 @@ def flash_attention_fwd(
 
     with device_guard(q):
         if q.is_cuda:
-            _ensure_scratch_allocator()
+            ensure_scratch_allocator()
         if config is not None:
             _flash_attention_fwd_kernel.fn[grid](*args, HEAD_DIM=head_dim, **config.all_kwargs())
         else:
@@ -414,4 +414,4 @@ def flash_attention(
     return flash_attention_fwd(q, k, v, softmax_scale)
 
 
-__all__ = ["attention_ref", "flash_attention", "flash_attention_fwd"]
+__all__ = ["attention_ref", "ensure_scratch_allocator", "flash_attention", "flash_attention_fwd"]

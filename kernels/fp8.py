@@ -4,6 +4,8 @@ quantize_fp8_rowwise: the per-row quantiser (plain PyTorch) shared by the engine
     and, as their reference, the kernels with fp8 outputs (flux_kernels.layernorm_modulate's *_fp8 ops,
     flux_kernels.gelu_fp8).
 e4m3_scale, e4m3: the same arithmetic as @triton.jit functions, which those kernels call on their fp32 rows.
+quantize_int8_ref / int8_codes: per-row symmetric int8 (amax / 127), in PyTorch and in Triton: the Q and K of the
+    quantised attention (flux_kernels.fp8_attention; written by flux_kernels.qk_norm_rope's int8 variant).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import importlib.util
 import torch
 
 FP8_DTYPE = torch.float8_e4m3fn
+INT8_MAX = 127.0  # int8 codes are symmetric: -127..127
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn; the cast does not saturate (it makes NaN), so we clamp
 # the smallest scale: the smallest normal fp32. A zero row gets q = 0 (no 0/0); rows down to amax ~5e-36 keep full
 # precision (a 1e-12 floor measured: rows of bf16 values ~1e-30 flushed to zero)
@@ -42,6 +45,16 @@ def quantize_fp8_rowwise(
         amax = x32.abs().amax(dim=-1, keepdim=True)
         scale = (amax / E4M3_MAX).clamp(min=MIN_SCALE)
     q = (x32 / scale).clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
+    return q, scale
+
+
+def quantize_int8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (int8 [..., D], fp32 scale [...]) with x ~= q * scale: scale = amax / 127 (floored at the
+    smallest normal fp32), q = x * (1 / scale) rounded half away from zero, as the kernels compute it."""
+    x32 = x.float()
+    scale = (x32.abs().amax(-1) / INT8_MAX).clamp(min=MIN_SCALE)
+    y = x32 * (1.0 / scale)[..., None]
+    q = torch.trunc(y + torch.where(y >= 0, 0.5, -0.5)).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
     return q, scale
 
 
@@ -79,14 +92,27 @@ if importlib.util.find_spec("triton") is not None:
         q = tl.clamp(values * inverse_scale, -TL_E4M3_MAX, TL_E4M3_MAX, propagate_nan=tl.PropagateNan.ALL)
         return q.to(dtype, fp_downcast_rounding="rtne")
 
+    @triton.jit
+    def int8_codes(values, amax):
+        """(int8 codes, fp32 scale) of fp32 rows from their amax, as quantize_int8_ref: scale = amax / 127 floored at
+        the smallest normal fp32, codes = values * (1 / scale) rounded half away from zero."""
+        scale = tl.maximum(tl.math.div_rn(amax, 127.0), FP8_MIN_SCALE)
+        y = values * tl.expand_dims(tl.math.div_rn(1.0, scale), -1)
+        y = tl.where(y >= 0, y + 0.5, y - 0.5)
+        codes = tl.clamp(y, -127.0, 127.0).to(tl.int32).to(tl.int8)  # the cast truncates: half away from zero
+        return codes, scale
+
 
 __all__ = [
     "E4M3_MAX",
     "FP8_DTYPE",
     "FP8_MIN_SCALE",
+    "INT8_MAX",
     "MIN_SCALE",
     "TL_E4M3_MAX",
     "e4m3",
     "e4m3_scale",
+    "int8_codes",
     "quantize_fp8_rowwise",
+    "quantize_int8_ref",
 ]

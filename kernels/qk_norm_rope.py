@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from flux_kernels import TunedLaunch, check_runnable, device_guard, new_output
+from flux_kernels.fp8 import int8_codes, quantize_int8_ref
 from flux_kernels.rowwise import (
     ACTIVATION_DTYPES,
     batch_token_strides,
@@ -151,6 +152,8 @@ def _qk_norm_rope_fwd_kernel(
     Q_OUT,
     K_OUT,
     V_OUT,
+    QS_OUT,
+    KS_OUT,
     stride_img_b,
     stride_img_l,
     stride_txt_b,
@@ -165,6 +168,7 @@ def _qk_norm_rope_fwd_kernel(
     BLOCK_H: tl.constexpr,
     HAS_TXT: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    INT8_QK: tl.constexpr = False,
 ):
     # BLOCK_T whole tokens per program: all H heads of q, k and v of a token are H * D contiguous elements of
     # its fused row, read as one [T, H, D] tile (16-byte vectors along D). Positions are in the joint
@@ -202,12 +206,24 @@ def _qk_norm_rope_fwd_kernel(
     x = tl.load(src, mask=mask, other=0.0).to(tl.float32)
     rstd = tl.math.rsqrt(tl.sum(x * x, axis=2) / HEAD_DIM + eps)[:, :, None]
     q = _norm_rotate(x, rstd, weight_q, cos_even, cos_odd, sin_even, sin_odd, BLOCK_T, BLOCK_H, HEAD_DIM)
-    tl.store(Q_OUT + dst, q.to(Q_OUT.dtype.element_ty), mask=mask)
+    if INT8_QK:  # int8 codes and one fp32 scale per (token, head), [B, H, L_total], for the quantised attention
+        scale_dst = (batch * H + heads)[None, :] * L_total + tokens[:, None]  # [T, H]
+        scale_mask = token_ok[:, None] & (heads < H)[None, :]
+        codes, scale = int8_codes(q, tl.max(tl.abs(q), 2))
+        tl.store(Q_OUT + dst, codes, mask=mask)
+        tl.store(QS_OUT + scale_dst, scale, mask=scale_mask)
+    else:
+        tl.store(Q_OUT + dst, q.to(Q_OUT.dtype.element_ty), mask=mask)
 
     x = tl.load(src + section, mask=mask, other=0.0).to(tl.float32)
     rstd = tl.math.rsqrt(tl.sum(x * x, axis=2) / HEAD_DIM + eps)[:, :, None]
     k = _norm_rotate(x, rstd, weight_k, cos_even, cos_odd, sin_even, sin_odd, BLOCK_T, BLOCK_H, HEAD_DIM)
-    tl.store(K_OUT + dst, k.to(K_OUT.dtype.element_ty), mask=mask)
+    if INT8_QK:
+        codes, scale = int8_codes(k, tl.max(tl.abs(k), 2))
+        tl.store(K_OUT + dst, codes, mask=mask)
+        tl.store(KS_OUT + scale_dst, scale, mask=scale_mask)
+    else:
+        tl.store(K_OUT + dst, k.to(K_OUT.dtype.element_ty), mask=mask)
 
     v = tl.load(src + 2 * section, mask=mask)
     tl.store(V_OUT + dst, v, mask=mask)
@@ -331,14 +347,21 @@ def qk_norm_rope_fwd(
     txt_qkv: torch.Tensor | None = None,
     txt_q_weight: torch.Tensor | None = None,
     txt_k_weight: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Checks, allocates and launches; see qk_norm_rope."""
+    int8_qk: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Checks, allocates and launches; see qk_norm_rope (and qk_norm_rope_int8 for int8_qk=True)."""
     args = (qkv, q_weight, k_weight, cos, sin, heads, txt_qkv, txt_q_weight, txt_k_weight)
     head_dim, text_tokens, image_tokens = _qk_norm_rope_fast_check(*args) or _check_qk_norm_rope_inputs(*args)
     if not qkv.is_cuda:
         check_runnable(qkv.device, "qk_norm_rope")
     batch, total = qkv.shape[0], text_tokens + image_tokens
-    q, k, v = (new_output(batch, heads, total, head_dim, dtype=qkv.dtype, device=qkv.device) for _ in range(3))
+    qk_dtype = torch.int8 if int8_qk else qkv.dtype
+    q, k = (new_output(batch, heads, total, head_dim, dtype=qk_dtype, device=qkv.device) for _ in range(2))
+    v = new_output(batch, heads, total, head_dim, dtype=qkv.dtype, device=qkv.device)
+    if int8_qk:
+        q_scale, k_scale = (new_output(batch, heads, total, dtype=torch.float32, device=qkv.device) for _ in range(2))
+    else:
+        q_scale = k_scale = q  # never written
     has_txt = txt_qkv is not None
     txt = txt_qkv if has_txt else qkv  # never read when has_txt is False
     txt_q_weight, txt_k_weight = (txt_q_weight, txt_k_weight) if has_txt else (q_weight, k_weight)
@@ -346,16 +369,16 @@ def qk_norm_rope_fwd(
     def grid(meta):
         return (triton.cdiv(total, meta["BLOCK_T"]), batch)
 
-    key = (text_tokens, image_tokens, heads, head_dim, qkv.dtype, q_weight.dtype, cos.dtype, sin.dtype)
+    key = (text_tokens, image_tokens, heads, head_dim, qkv.dtype, q_weight.dtype, cos.dtype, sin.dtype, int8_qk)
     with device_guard(qkv):
         _launch_qk_norm_rope(
             key, grid,
-            qkv, txt, q_weight, k_weight, txt_q_weight, txt_k_weight, cos, sin, q, k, v,
+            qkv, txt, q_weight, k_weight, txt_q_weight, txt_k_weight, cos, sin, q, k, v, q_scale, k_scale,
             *batch_token_strides(qkv), *batch_token_strides(txt), cos.stride(0), sin.stride(0),
             text_tokens, image_tokens, heads, eps,
-            HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(heads), HAS_TXT=has_txt,
+            HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(heads), HAS_TXT=has_txt, INT8_QK=int8_qk,
         )  # fmt: skip
-    return q, k, v
+    return (q, q_scale, k, k_scale, v) if int8_qk else (q, k, v)
 
 
 @torch.library.custom_op("flux_kernels::qk_norm_rope", mutates_args=())
@@ -409,4 +432,57 @@ def qk_norm_rope(
     return qk_norm_rope_fwd(qkv, q_weight, k_weight, cos, sin, heads, eps, txt_qkv, txt_q_weight, txt_k_weight)
 
 
-__all__ = ["qk_norm_rope", "qk_norm_rope_fwd", "qk_norm_rope_ref"]
+@torch.library.custom_op("flux_kernels::qk_norm_rope_int8", mutates_args=())
+def _qk_norm_rope_int8_op(
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    heads: int,
+    eps: float = 1e-6,
+    txt_qkv: torch.Tensor | None = None,
+    txt_q_weight: torch.Tensor | None = None,
+    txt_k_weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return qk_norm_rope_fwd(qkv, q_weight, k_weight, cos, sin, heads, eps, txt_qkv, txt_q_weight, txt_k_weight, True)
+
+
+@_qk_norm_rope_int8_op.register_fake
+def _qk_norm_rope_int8_fake(
+    qkv, q_weight, k_weight, cos, sin, heads, eps=1e-6, txt_qkv=None, txt_q_weight=None, txt_k_weight=None
+):
+    q, k, v = _qk_norm_rope_fake(qkv, q_weight, k_weight, cos, sin, heads, eps, txt_qkv, txt_q_weight, txt_k_weight)
+    scale = q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return q.new_empty(q.shape, dtype=torch.int8), scale, k.new_empty(k.shape, dtype=torch.int8), scale.clone(), v
+
+
+def qk_norm_rope_int8(
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    heads: int,
+    eps: float = 1e-6,
+    txt_qkv: torch.Tensor | None = None,
+    txt_q_weight: torch.Tensor | None = None,
+    txt_k_weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qk_norm_rope whose q and k leave as int8 codes with one fp32 scale per (token, head), for the quantised
+    attention (flux_kernels.fp8_attention.fp8_attention_qk8): the normed, rotated fp32 values are quantised in
+    registers, never written in bf16. -> (q8, q_scale, k8, k_scale, v): int8 [B, H, L, D], fp32 [B, H, L], and
+    v as qk_norm_rope's. Reference: qk_norm_rope_int8_ref."""
+    args = (qkv, q_weight, k_weight, cos, sin, heads, eps, txt_qkv, txt_q_weight, txt_k_weight)
+    if torch.compiler.is_compiling():
+        return _qk_norm_rope_int8_op(*args)
+    return qk_norm_rope_fwd(*args, True)
+
+
+def qk_norm_rope_int8_ref(*args, **kwargs) -> tuple[torch.Tensor, ...]:
+    """qk_norm_rope_ref (fp32 throughout: upcast=True) with q and k quantised by quantize_int8_ref."""
+    q, k, v = qk_norm_rope_ref(*args, **kwargs)
+    return (*quantize_int8_ref(q), *quantize_int8_ref(k), v)
+
+
+__all__ = ["qk_norm_rope", "qk_norm_rope_fwd", "qk_norm_rope_int8", "qk_norm_rope_int8_ref", "qk_norm_rope_ref"]

@@ -93,10 +93,33 @@ def test_fused_blocks_reject_ip_adapter_kwargs(device):
         engine(**tiny_call_kwargs(joint_attention_kwargs={"ip_hidden_states": torch.zeros(1)}))
 
 
-def test_fused_block_compiles_fullgraph_without_graph_breaks(device):
+FP8_ATTENTION = EngineConfig(attention=AttentionConfig(backend="triton-fp8", fused_norms=True))
+
+
+@pytest.mark.parametrize("fused_norms", [True, False])
+def test_quantised_attention_core_stays_close_to_diffusers(fused_norms, device):
+    """backend 'triton-fp8': int8 q, k straight from the QK-norm kernel (fused_norms) or quantised by the core from
+    the PyTorch norms' bf16 ones; either way near diffusers' image, and not identical to the bf16 core's."""
+    components = _components(torch.bfloat16, device)
+    baseline = _images(FluxPipeline(**components))
+    config = EngineConfig(attention=AttentionConfig(backend="triton-fp8", fused_norms=fused_norms))
+    engine = FluxEngine.from_pipe(FluxPipeline(**_components(torch.bfloat16, device)), config)
+    assert engine.attention_ops.core == "triton-fp8"
+    images = _images(engine)
+    bf16_config = EngineConfig(attention=AttentionConfig(backend="triton", fused_norms=fused_norms))
+    bf16_core = _images(FluxEngine.from_pipe(FluxPipeline(**_components(torch.bfloat16, device)), bf16_config))
+    assert not torch.equal(images, bf16_core)  # the quantised core ran
+    # the tiny random model's attention is near uniform, where int8/e4m3 lose little: measured PSNR 49.0-49.3 dB
+    # (2026-11-30, interpreter); the issue's bar for real images is 35 dB against the bf16 preset
+    assert psnr(images, baseline) > 35.0
+    assert psnr(images, bf16_core) > 35.0
+
+
+@pytest.mark.parametrize("preset", ["kernels-triton-attn", FP8_ATTENTION])
+def test_fused_block_compiles_fullgraph_without_graph_breaks(preset, device):
     torch._dynamo.reset()
     components = _components(torch.bfloat16, device)
-    engine = FluxEngine.from_pipe(FluxPipeline(**components), "kernels-triton-attn")
+    engine = FluxEngine.from_pipe(FluxPipeline(**components), preset)
     transformer = engine.transformer
     double, single = transformer.transformer_blocks[0], transformer.single_transformer_blocks[0]
 
@@ -124,5 +147,7 @@ def test_triton_core_refuses_fp32_models_and_auto_falls_back(device):
 
     with pytest.raises(ConfigError, match="runs in bf16 or fp16, the transformer is torch.float32"):
         FluxEngine.from_pipe(FluxPipeline(**_components(torch.float32, device)), "kernels-triton-attn")
+    with pytest.raises(ConfigError, match="'triton-fp8' runs in bf16 or fp16"):
+        FluxEngine.from_pipe(FluxPipeline(**_components(torch.float32, device)), FP8_ATTENTION)
     engine = FluxEngine.from_pipe(FluxPipeline(**_components(torch.float32, device)), "kernels")
     assert engine.attention_ops.core == "sdpa"

@@ -1,6 +1,11 @@
-"""Micro-benchmark: flux_kernels.flash_attention.flash_attention against every PyTorch SDPA backend that runs, PyTorch's
-default pick, and torch.compile of attention_ref, at FLUX's attention shapes (B=1, H=24, D=128, bf16;
-L = 1536 / 4608 / 16896 = 512 text + 1024 / 4096 / 16384 image tokens).
+"""Micro-benchmark: flux_kernels.flash_attention.flash_attention and the quantised flux_kernels.fp8_attention against
+every PyTorch SDPA backend that runs, PyTorch's default pick, and torch.compile of attention_ref, at FLUX's attention
+shapes (B=1, H=24, D=128, bf16; L = 1536 / 4608 / 8704 / 16896 = 512 text + 1024 / 4096 / 8192 (Kontext at 1024^2:
+the noise's and the picture's) / 16384 image tokens).
+The quantised attention appears three ways: [core] its attention kernel alone on inputs quantised beforehand,
+[qk8] what the engine runs after the QK-norm kernel wrote int8 q and k (V's quantisation included), [bf16-in] from
+bf16 q, k, v (every quantisation included). Its accuracy: per-head output cosine against bf16 SDPA and fp32 attention
+on FLUX-like activations (benchmarks/kernels/attention_inputs.py, four regimes), in the JSON's "fp8_accuracy".
 
     python -m benchmarks.kernels.bench_flash_attention --out benchmarks/results/attention_<gpu>_<date>.json
 
@@ -23,10 +28,13 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.kernels.attention_inputs import REGIMES, flux_like_qkv, per_head_cosine
 from engine.measure import cudagraph_ms, do_bench_ms, environment_info, host_us_per_call
+from flux_kernels import fp8_attention as fp8
 from flux_kernels.flash_attention import _flash_attention_fwd_kernel, attention_ref, flash_attention
 
-DEFAULT_LENGTHS = (1536, 4608, 16896)
+DEFAULT_LENGTHS = (1536, 4608, 8704, 16896)
+TEXT_TOKENS = 512
 CHECKED_HEADS = 2  # heads compared against the fp32 reference (bounded memory at L = 16896)
 
 
@@ -54,7 +62,19 @@ def implementations(q, k, v, qkv_views):
         return run
 
     compiled_ref = torch.compile(attention_ref, fullgraph=True)
+    q8, q_scale = fp8.quantize_qk(q)
+    k8, k_scale = fp8.quantize_qk(k)
+    vt8, v_scale = fp8.quantize_v(v)
     return {
+        "fp8_attention[core]": (
+            lambda: fp8.fp8_attention_quantized_fwd(q8, q_scale, k8, k_scale, vt8, v_scale),
+            "int8 QK^T, e4m3 PV; inputs quantised beforehand",
+        ),
+        "fp8_attention[qk8]": (
+            lambda: fp8.fp8_attention_qk8(q8, q_scale, k8, k_scale, v),
+            "int8 q, k as the QK-norm kernel writes them; V quantised in the call",
+        ),
+        "fp8_attention[bf16-in]": (lambda: fp8.fp8_attention(q, k, v), "q, k, v quantised in the call"),
         "flux_kernels.flash_attention": (lambda: flash_attention(q, k, v), "autotuned"),
         "flux_kernels.flash_attention[qkv-views]": (
             lambda: flash_attention(*qkv_views),
@@ -68,10 +88,10 @@ def implementations(q, k, v, qkv_views):
     }
 
 
-def autotune_report() -> tuple[str | None, dict | None]:
+def autotune_report(kernel=_flash_attention_fwd_kernel) -> tuple[str | None, dict | None]:
     """The kernel's chosen config and, when it just tuned, every candidate's do_bench time (ms)."""
-    config = getattr(_flash_attention_fwd_kernel, "best_config", None)
-    timings = getattr(_flash_attention_fwd_kernel, "configs_timings", None)
+    config = getattr(kernel, "best_config", None)
+    timings = getattr(kernel, "configs_timings", None)
     candidates = {str(c): t for c, t in timings.items()} if timings else None
     return (str(config) if config is not None else None), candidates
 
@@ -85,16 +105,14 @@ def bench_length(tokens: int, batch: int, heads: int, head_dim: int) -> list[dic
     rows = []
     for name, (fn, note) in implementations(q, k, v, qkv_views).items():
         row = {"impl": name, "tokens": tokens, "batch": batch, "heads": heads, "head_dim": head_dim, "note": note}
+        kernel = fp8._fp8_attention_fwd_kernel if name.startswith("fp8") else _flash_attention_fwd_kernel
         try:
-            tuned_before = getattr(_flash_attention_fwd_kernel, "configs_timings", None)
+            tuned_before = getattr(kernel, "configs_timings", None)
             out = fn()  # first call: autotuning / compilation, outside the timing
             torch.cuda.synchronize()
-            if name.startswith("flux_kernels"):
-                row["config"], candidates = autotune_report()
-                if (
-                    candidates is not None
-                    and getattr(_flash_attention_fwd_kernel, "configs_timings", None) is not tuned_before
-                ):
+            if name.startswith(("flux_kernels", "fp8")):
+                row["config"], candidates = autotune_report(kernel)
+                if candidates is not None and getattr(kernel, "configs_timings", None) is not tuned_before:
                     row["autotune_ms"] = candidates
             row["max_abs_err_vs_fp32"] = reference_head_error(out, q, k, v)
             del out
@@ -110,6 +128,33 @@ def bench_length(tokens: int, batch: int, heads: int, head_dim: int) -> list[dic
             torch.cuda.empty_cache()
         rows.append(row)
         print(f"  {name:42s} {format_row(row)}", flush=True)
+    return rows
+
+
+def fp8_accuracy(lengths, heads: int, head_dim: int) -> list[dict]:
+    """Per-head cosine of fp8_attention's output against bf16 SDPA (PyTorch's pick) and, on two heads, fp32
+    attention, on FLUX-like q, k, v of every regime."""
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    rows = []
+    for tokens in lengths:
+        for regime in REGIMES:
+            q, k, v = flux_like_qkv(TEXT_TOKENS, tokens - TEXT_TOKENS, heads, head_dim, regime, device="cuda")
+            out = fp8.fp8_attention(q, k, v)
+            vs_bf16 = per_head_cosine(out, sdpa(q, k, v))
+            bf16_vs_fp32 = per_head_cosine(
+                sdpa(q[:, :2], k[:, :2], v[:, :2]), attention_ref(q[:, :2], k[:, :2], v[:, :2])
+            )
+            vs_fp32 = per_head_cosine(out[:, :2], attention_ref(q[:, :2], k[:, :2], v[:, :2]))
+            row = {"tokens": tokens, "regime": regime, "cos_vs_bf16_min": vs_bf16.min().item(),
+                   "cos_vs_bf16_mean": vs_bf16.mean().item(), "cos_vs_fp32_min_2heads": vs_fp32.min().item(),
+                   "bf16_sdpa_cos_vs_fp32_min_2heads": bf16_vs_fp32.min().item()}  # fmt: skip
+            rows.append(row)
+            print(f"  fp8 accuracy L={tokens:6d} {regime:9s} cos vs bf16 min {row['cos_vs_bf16_min']:.5f} mean "
+                  f"{row['cos_vs_bf16_mean']:.5f} | vs fp32 (2 heads) {row['cos_vs_fp32_min_2heads']:.5f} "
+                  f"(bf16 SDPA itself {row['bf16_sdpa_cos_vs_fp32_min_2heads']:.5f})", flush=True)  # fmt: skip
+            del q, k, v, out
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -163,10 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     for tokens in args.lengths:
         print(f"L = {tokens}", flush=True)
         rows += bench_length(tokens, args.batch, args.heads, args.head_dim)
+    print("fp8 attention accuracy (FLUX-like activations)", flush=True)
+    accuracy = fp8_accuracy(args.lengths, args.heads, args.head_dim)
     print_summary(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     timing = "tflops from gpu_ms (CUDA graph); eager_tflops from eager_ms (do_bench of the Python call)"
-    args.out.write_text(json.dumps({"env": env, "timing": timing, "rows": rows}, indent=2))
+    result = {"env": env, "timing": timing, "rows": rows, "fp8_accuracy": accuracy}
+    args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
     return 0
 

@@ -106,6 +106,11 @@ def _same_core_everywhere(ops, world: World):
     """`ops` with rank 0's attention core: backend 'auto' times the cores on each rank, and ranks that chose
     differently would attend with different rounding per head group (an image that depends on the rank layout)."""
     cores = ("sdpa", "triton")
+    if ops.core not in cores:
+        raise ConfigError(
+            f"attention backend {ops.core!r} is not supported with a parallel config yet (its int8 q and k carry "
+            f"per-token scales the token exchange does not move); use backend 'auto' or one of {cores} under parallel"
+        )
     choice = torch.tensor([cores.index(ops.core)], device=world.comm_device)
     dist.broadcast(choice, 0)
     core = cores[int(choice)]

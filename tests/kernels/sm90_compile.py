@@ -33,7 +33,8 @@ def compile_case(kernel, signature: dict, constexprs: dict, num_warps: int) -> d
         return {"compiled": False, "error": f"{type(err).__name__}: {err}"[:2000]}
     ptx = asm["ptx"]
     return {"compiled": bool(asm.get("cubin")), "rne_fp8_cast": FP8_CAST in ptx,
-            "nan_clamp": "min.NaN" in ptx or "max.NaN" in ptx}  # fmt: skip
+            "nan_clamp": "min.NaN" in ptx or "max.NaN" in ptx,
+            "wgmma": sorted({line.split()[0] for line in ptx.splitlines() if "wgmma.mma_async" in line})}  # fmt: skip
 
 
 def cases() -> dict:
@@ -66,14 +67,39 @@ def cases() -> dict:
             layernorm_modulate._gated_residual_layernorm_modulate_fwd_kernel, gated, constexprs, 4
         )
     qk = {name: "*bf16" for name in ("IMG", "TXT", "Q_W", "K_W", "TXT_Q_W", "TXT_K_W")}
-    qk.update({"COS": "*fp32", "SIN": "*fp32", "Q_OUT": "*bf16", "K_OUT": "*bf16", "V_OUT": "*bf16"})
+    qk.update({"COS": "*fp32", "SIN": "*fp32", "Q_OUT": "*bf16", "K_OUT": "*bf16", "V_OUT": "*bf16",
+               "QS_OUT": "*fp32", "KS_OUT": "*fp32"})  # fmt: skip
     qk.update({name: "i64" for name in ("stride_img_b", "stride_img_l", "stride_txt_b", "stride_txt_l",
                                          "stride_cos_l", "stride_sin_l")})  # fmt: skip
     qk.update({"L_txt": "i32", "L_img": "i32", "H": "i32", "eps": "fp32", "HEAD_DIM": "constexpr",
-               "BLOCK_H": "constexpr", "HAS_TXT": "constexpr", "BLOCK_T": "constexpr"})  # fmt: skip
+               "BLOCK_H": "constexpr", "HAS_TXT": "constexpr", "BLOCK_T": "constexpr",
+               "INT8_QK": "constexpr"})  # fmt: skip
     for has_txt in (True, False):  # FLUX: 24 heads of 128 (a block of 32 heads), one token per program
-        constexprs = {"HEAD_DIM": 128, "BLOCK_H": 32, "HAS_TXT": has_txt, "BLOCK_T": 1}
+        constexprs = {"HEAD_DIM": 128, "BLOCK_H": 32, "HAS_TXT": has_txt, "BLOCK_T": 1, "INT8_QK": False}
         results[f"qk_norm_rope/txt={has_txt}"] = compile_case(qk_norm_rope._qk_norm_rope_fwd_kernel, qk, constexprs, 8)
+    from flux_kernels import fp8_attention
+
+    qk["Q_OUT"] = qk["K_OUT"] = "*i8"
+    constexprs = {"HEAD_DIM": 128, "BLOCK_H": 32, "HAS_TXT": True, "BLOCK_T": 1, "INT8_QK": True}
+    results["qk_norm_rope/int8"] = compile_case(qk_norm_rope._qk_norm_rope_fwd_kernel, qk, constexprs, 8)
+    strides = [f"stride_{name}" for name in ("qb", "qh", "qm", "kb", "kh", "kn", "vb", "vh", "vd", "qsb", "qsh", "ksb",
+                                              "ksh", "vsb", "vsh", "ob", "oh", "om")]  # fmt: skip
+    attn = {"Q": "*i8", "QS": "*fp32", "K": "*i8", "KS": "*fp32", "VT": "*fp8e4nv", "VS": "*fp32", "Out": "*bf16",
+            "qk_scale": "fp32", **dict.fromkeys(strides, "i32"), "H": "i32", "Lq": "i32", "Lk": "i32",
+            "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}  # fmt: skip
+    for config in fp8_attention._HOPPER_CONFIGS:
+        name = "fp8_attention/{BLOCK_M}x{BLOCK_N}".format(**config.kwargs) + f"/w{config.num_warps}s{config.num_stages}"
+        results[name] = compile_case(fp8_attention._fp8_attention_fwd_kernel, attn, {"HEAD_DIM": 128, **config.kwargs},
+                                     config.num_warps)  # fmt: skip
+    quant = {"X": "*bf16", "OUT": "*i8", "SCALE": "*fp32", **dict.fromkeys(
+        ("stride_xb", "stride_xh", "stride_xl", "stride_ob", "stride_oh", "stride_ol", "stride_od", "stride_s", "H",
+         "L"), "i32"), "HEAD_DIM": "constexpr", "BLOCK_L": "constexpr", "V_E4M3": "constexpr"}  # fmt: skip
+    for v_e4m3 in (False, True):
+        quant["OUT"] = "*fp8e4nv" if v_e4m3 else "*i8"
+        constexprs = {"HEAD_DIM": 128, "BLOCK_L": 32, "V_E4M3": v_e4m3}
+        results[f"fp8_attention_quantize/v={v_e4m3}"] = compile_case(
+            fp8_attention._quantize_kernel, quant, constexprs, 4
+        )
     return results
 
 

@@ -30,7 +30,7 @@ def compiled() -> dict:
 
 
 def test_every_case_compiles_to_a_cubin(compiled):
-    assert len(compiled) == 8
+    assert len(compiled) == 8 + 1 + 5 + 2  # + qk_norm_rope int8, the fp8 attention's Hopper configs, its quantisers
     failed = {name: case.get("error") for name, case in compiled.items() if not case["compiled"]}
     assert not failed, failed
 
@@ -42,3 +42,12 @@ def test_fp8_outputs_round_to_nearest_even_and_keep_nan(compiled):
     for name, case in fp8.items():
         assert case["rne_fp8_cast"], f"{name}: no cvt.rn.satfinite e4m3 conversion in the PTX"
         assert case["nan_clamp"], f"{name}: the clamp does not propagate NaN"
+
+
+def test_quantised_attention_runs_on_int8_and_fp8_tensor_cores(compiled):
+    """Every Hopper config's QK^T is an int8 wgmma and its PV an e4m3 one (no silent upcast to bf16 MMAs)."""
+    attention = {name: case for name, case in compiled.items() if name.startswith("fp8_attention/")}
+    assert len(attention) == 5
+    for name, case in attention.items():
+        kinds = " ".join(case["wgmma"])
+        assert ".s8.s8" in kinds and ".e4m3.e4m3" in kinds, f"{name}: {case['wgmma']}"

@@ -1,0 +1,427 @@
+"""Quantised flash attention (SageAttention2's recipe): S = Q K^T in int8, P V in float8 e4m3, fp32 softmax.
+
+- Q and K: int8, one fp32 scale per (token, head) (amax / 127, round half away from zero). int8 rather than e4m3
+  because it measured more accurate on FLUX-like activations (post-RMSNorm + RoPE, channel outliers), as
+  SageAttention2 found: per-head output cosine against fp32 attention 0.9990-0.9997 where e4m3 gave 0.992-0.999
+  (2026-11-30, benchmarks/NOTES.md). The QK-norm + RoPE kernel (flux_kernels.qk_norm_rope, `int8_qk=True`) writes
+  them directly; `quantize_qk` does it for other callers.
+- V: e4m3, one fp32 scale per (token, head), stored transposed ([B, H, D, L]): Hopper's fp8 MMA reads its B
+  operand K-major, so P V needs V^T in memory (Triton's own fp8 attention does the same).
+- P: the softmax probabilities of a key block, times the block's V scales relative to the block's largest one (so
+  that V's per-token scale rides in P and P's largest value is 448), cast to e4m3; the block's product P8 V8 is
+  accumulated in a fresh fp32 tile and added to the running output (two-level accumulation: the MMA's own
+  accumulator is narrower than fp32 for fp8, SageAttention2's observation).
+- softmax in exp2 with the running max in fp32, as flux_kernels.flash_attention; the output is bf16 in
+  [B, Lq, H, D] memory returned as a [B, H, Lq, D] view (the transpose to the block's layout is free).
+Tuned for: B=1, H=24, D=128 at L = 1536 / 4608 / 8704 / 16896 on H100/H200 (configs below).
+Limits: forward only; head_dim 64 or 128; any B, H; Lq, Lk >= 1; outputs bf16 or fp16.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from flux_kernels import TunedLaunch, check_runnable, device_guard, new_output, triton_interpreting
+from flux_kernels.flash_attention import ensure_scratch_allocator
+from flux_kernels.fp8 import (
+    E4M3_MAX,
+    FP8_DTYPE,
+    FP8_MIN_SCALE,
+    MIN_SCALE,
+    e4m3,
+    e4m3_scale,
+    int8_codes,
+    quantize_int8_ref,
+)
+
+HEAD_DIMS = (64, 128)
+LOG2E = 1.4426950408889634
+# V^T's token stride is rounded up to this many elements: a tensor descriptor (TMA) needs 16-byte strides
+TOKEN_ALIGN = 16
+
+# ----------------------------------------------------------------------------- references (PyTorch)
+
+
+def quantize_v_ref(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """v [B, H, L, D] -> (e4m3 V^T [B, H, D, L], fp32 scale [B, H, L]): one scale per token and head."""
+    x32 = v.float()
+    scale = (x32.abs().amax(-1) / E4M3_MAX).clamp(min=MIN_SCALE)
+    q = (x32 * (1.0 / scale)[..., None]).clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
+    return q.transpose(-1, -2), scale
+
+
+def fp8_attention_ref(q8, q_scale, k8, k_scale, vt8, v_scale, softmax_scale=None, block_n: int = 64) -> torch.Tensor:
+    """The kernel's arithmetic in PyTorch (fp32), key block by key block: the yardstick of the kernel tests.
+    q8, k8: int8 [B, H, L, D]; vt8: e4m3 [B, H, D, >= Lk]; scales fp32 [B, H, L] -> fp32 [B, H, Lq, D]."""
+    head_dim, key_len = q8.shape[-1], k8.shape[-2]
+    scale = (head_dim**-0.5 if softmax_scale is None else softmax_scale) * LOG2E
+    scores = (q8.float() @ k8.float().transpose(-1, -2)) * k_scale[..., None, :]  # int8 products are exact in fp32
+    row_scale = q_scale[..., None] * scale
+    v8 = vt8[..., :key_len].float().transpose(-1, -2)  # [B, H, Lk, D]
+    shape = scores.shape[:-1]
+    m_i = torch.full(shape, -math.inf, device=q8.device)
+    l_i = torch.zeros(shape, device=q8.device)
+    acc = torch.zeros(*shape, head_dim, device=q8.device)
+    for start in range(0, key_len, block_n):
+        s = scores[..., start : start + block_n]
+        m_new = torch.maximum(m_i, s.amax(-1) * row_scale[..., 0])
+        p = torch.exp2(s * row_scale - m_new[..., None])
+        alpha = torch.exp2(m_i - m_new)
+        l_i = l_i * alpha + p.sum(-1)
+        vs = v_scale[..., start : start + block_n]
+        vmax = vs.amax(-1, keepdim=True).clamp(min=MIN_SCALE)
+        p8 = (p * (vs * (E4M3_MAX / vmax))[..., None, :]).to(FP8_DTYPE).float()
+        acc = acc * alpha[..., None] + (p8 @ v8[..., start : start + block_n, :]) * (vmax / E4M3_MAX)[..., None]
+        m_i = m_new
+    return acc / l_i[..., None]
+
+
+# ----------------------------------------------------------------------------- quantisers (Triton)
+
+
+@triton.jit
+def _quantize_kernel(
+    X,
+    OUT,
+    SCALE,
+    stride_xb,
+    stride_xh,
+    stride_xl,
+    stride_ob,
+    stride_oh,
+    stride_ol,
+    stride_od,
+    stride_s,
+    H,
+    L,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    V_E4M3: tl.constexpr,
+):
+    # One [BLOCK_L, D] tile of one head: per-token scales over D. V_E4M3: e4m3 codes (V, written transposed through
+    # the output strides), else int8 (Q, K). Scales: rows of [B * H, L_alloc].
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    offs_l = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = offs_l < L
+    src = X + off_b * stride_xb + off_h * stride_xh + offs_l[:, None].to(tl.int64) * stride_xl + offs_d[None, :]
+    x = tl.load(src, mask=rows[:, None], other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), 1)
+    if V_E4M3:
+        scale, inverse = e4m3_scale(amax)
+        codes = e4m3(x, inverse[:, None], OUT.dtype.element_ty)
+    else:
+        codes, scale = int8_codes(x, amax)
+    dst = OUT + off_b * stride_ob + off_h * stride_oh + offs_l[:, None].to(tl.int64) * stride_ol
+    tl.store(dst + offs_d[None, :] * stride_od, codes, mask=rows[:, None])
+    tl.store(SCALE + off_bh.to(tl.int64) * stride_s + offs_l, scale, mask=rows)
+
+
+def _padded(tokens: int) -> int:
+    return -(-tokens // TOKEN_ALIGN) * TOKEN_ALIGN
+
+
+def _quantize(x: torch.Tensor, v_e4m3: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, heads, tokens, head_dim = x.shape
+    padded = _padded(tokens)
+    scale = torch.zeros(batch, heads, padded, dtype=torch.float32, device=x.device)
+    if v_e4m3:  # V^T [B, H, D, L_pad]; the pad columns are never read (the descriptor's shape stops at L)
+        out = torch.empty(batch, heads, head_dim, padded, dtype=FP8_DTYPE, device=x.device)
+        out_strides = (out.stride(0), out.stride(1), 1, out.stride(2))
+    else:
+        out = torch.empty(batch, heads, tokens, head_dim, dtype=torch.int8, device=x.device)
+        out_strides = (out.stride(0), out.stride(1), out.stride(2), 1)
+    if not x.is_cuda:
+        check_runnable(x.device, "fp8_attention")
+    block = 16 if triton_interpreting() else 32  # 64 rows with 4 warps spilled registers (int8 path)
+    with device_guard(x):
+        _quantize_kernel[(triton.cdiv(tokens, block), batch * heads)](
+            x, out, scale, x.stride(0), x.stride(1), x.stride(2), *out_strides, padded, heads, tokens,
+            HEAD_DIM=head_dim, BLOCK_L=block, V_E4M3=v_e4m3, num_warps=4,
+        )  # fmt: skip
+    return out, scale[..., :tokens]
+
+
+def quantize_qk(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q or k [B, H, L, D] (stride(-1) == 1) -> (int8 [B, H, L, D], fp32 scales [B, H, L])."""
+    return _quantize(x, v_e4m3=False)
+
+
+def quantize_v(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """v [B, H, L, D] (stride(-1) == 1) -> (e4m3 V^T [B, H, D, L] (a view of a token-padded buffer), fp32 scales
+    [B, H, L])."""
+    vt, scale = _quantize(v, v_e4m3=True)
+    return vt[..., : v.shape[2]], scale
+
+
+# ----------------------------------------------------------------------------- attention kernel
+
+
+@triton.jit
+def _key_block(acc, l_i, m_i, v_gain, q, row_scale, desc_k, desc_v, k_scales, v_scales, start_n, Lk,
+               BLOCK_N: tl.constexpr, MASK_TAIL: tl.constexpr):  # fmt: skip
+    # One key block's online-softmax update. acc is kept in units of the last block's V gain (vmax / 448), so the
+    # change of unit rides in the row rescale: acc <- acc * alpha * (gain_old / gain_new) + P8 V8.
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if MASK_TAIL:
+        ks = tl.load(k_scales + offs_n, mask=offs_n < Lk, other=0.0)
+        vs = tl.load(v_scales + offs_n, mask=offs_n < Lk, other=0.0)
+    else:
+        ks = tl.load(k_scales + offs_n)
+        vs = tl.load(v_scales + offs_n)
+    k = desc_k.load([start_n, 0])  # [BLOCK_N, D] int8
+    s = tl.dot(q, k.T).to(tl.float32) * ks[None, :]  # exact int32 products, then K's scales
+    if MASK_TAIL:  # keys past Lk load as zeros (the descriptor pads); their scores must be -inf, not 0
+        s = tl.where(offs_n[None, :] < Lk, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * row_scale)  # row_scale >= 0: max(S) * scale = max(S * scale)
+    p = tl.math.exp2(s * row_scale[:, None] - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    vmax = tl.maximum(tl.max(vs, 0), FP8_MIN_SCALE)
+    p8 = (p * (vs * (448.0 / vmax))[None, :]).to(tl.float8e4nv)  # <= 448: no clamp needed
+    v = desc_v.load([0, start_n])  # [D, BLOCK_N] e4m3 (V^T)
+    gain = vmax / 448.0
+    acc = acc * (alpha * (v_gain / gain))[:, None] + tl.dot(p8, v.T)
+    return acc, l_i, m_new, gain
+
+
+def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+# Hopper candidates (sm90), each compiled ahead of time without register spills (ptxas -v, 2026-11-30): 128 x 128
+# with 8 warps (two warpgroups, 255 registers) and 2-4 stages; 64 x 128 with 4 warps; 128 x 64 with 8 warps (195
+# registers). 128 x 64 and 256 x 64 tiles with 4 / 8 warps spilled (~900 bytes), so they are not candidates.
+_HOPPER_CONFIGS = [
+    _config(128, 128, 8, 3),
+    _config(128, 128, 8, 2),
+    _config(128, 128, 8, 4),
+    _config(64, 128, 4, 3),
+    _config(128, 64, 8, 3),
+]
+_INTERPRETER_CONFIGS = [_config(32, 32, 4, 1)]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    fitting = [c for c in configs if c.kwargs["BLOCK_M"] <= max(args["Lq"], 64)]
+    return fitting or configs[:1]
+
+
+@triton.autotune(
+    configs=_INTERPRETER_CONFIGS if triton_interpreting() else _HOPPER_CONFIGS,
+    key=["Lq", "Lk", "HEAD_DIM"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)
+@triton.jit
+def _fp8_attention_fwd_kernel(
+    Q,
+    QS,
+    K,
+    KS,
+    VT,
+    VS,
+    Out,
+    qk_scale,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vd,
+    stride_qsb,
+    stride_qsh,
+    stride_ksb,
+    stride_ksh,
+    stride_vsb,
+    stride_vsh,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    H,
+    Lq,
+    Lk,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    desc_q = tl.make_tensor_descriptor(
+        Q + off_b * stride_qb + off_h * stride_qh, shape=[Lq, HEAD_DIM], strides=[stride_qm, 1],
+        block_shape=[BLOCK_M, HEAD_DIM],
+    )  # fmt: skip
+    desc_k = tl.make_tensor_descriptor(
+        K + off_b * stride_kb + off_h * stride_kh, shape=[Lk, HEAD_DIM], strides=[stride_kn, 1],
+        block_shape=[BLOCK_N, HEAD_DIM],
+    )  # fmt: skip
+    desc_v = tl.make_tensor_descriptor(
+        VT + off_b * stride_vb + off_h * stride_vh, shape=[HEAD_DIM, Lk], strides=[stride_vd, 1],
+        block_shape=[HEAD_DIM, BLOCK_N],
+    )  # fmt: skip
+    desc_o = tl.make_tensor_descriptor(
+        Out + off_b * stride_ob + off_h * stride_oh, shape=[Lq, HEAD_DIM], strides=[stride_om, 1],
+        block_shape=[BLOCK_M, HEAD_DIM],
+    )  # fmt: skip
+    k_scales = KS + off_b * stride_ksb + off_h * stride_ksh
+    v_scales = VS + off_b * stride_vsb + off_h * stride_vsh
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_scale = tl.load(QS + off_b * stride_qsb + off_h * stride_qsh + offs_m, mask=offs_m < Lq, other=1.0)
+    row_scale = q_scale * qk_scale  # softmax scale * log2(e) * Q's scale: scores in log2 units
+
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    v_gain = 1.0
+    q = desc_q.load([start_m * BLOCK_M, 0])  # [BLOCK_M, D] int8, stays on chip
+
+    full_end = (Lk // BLOCK_N) * BLOCK_N
+    for start_n in tl.range(0, full_end, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        acc, l_i, m_i, v_gain = _key_block(acc, l_i, m_i, v_gain, q, row_scale, desc_k, desc_v, k_scales, v_scales,
+                                           start_n, Lk, BLOCK_N, False)  # fmt: skip
+    if full_end < Lk:  # the partial last key block: the only masked one
+        acc, l_i, m_i, v_gain = _key_block(acc, l_i, m_i, v_gain, q, row_scale, desc_k, desc_v, k_scales, v_scales,
+                                           full_end, Lk, BLOCK_N, True)  # fmt: skip
+    acc = acc * (v_gain / l_i)[:, None]
+    desc_o.store([start_m * BLOCK_M, 0], acc.to(Out.dtype.element_ty))
+
+
+_launch_fp8_attention = TunedLaunch(_fp8_attention_fwd_kernel)
+
+
+# ----------------------------------------------------------------------------- launcher
+
+
+def _check_quantized(q8, q_scale, k8, k_scale, vt8, v_scale, out_dtype) -> None:
+    def fail(message: str):
+        raise ValueError(f"fp8_attention_quantized: {message}")
+
+    if q8.dim() != 4 or k8.dim() != 4 or vt8.dim() != 4:
+        fail(f"q8 {tuple(q8.shape)}, k8 {tuple(k8.shape)}, vt8 {tuple(vt8.shape)} must be 4-D ([B, H, L, D], V^T "
+             "[B, H, D, L]); make them with quantize_qk / quantize_v")  # fmt: skip
+    batch, heads, q_len, head_dim = q8.shape
+    key_len = k8.shape[2]
+    if head_dim not in HEAD_DIMS:
+        fail(f"head_dim {head_dim} is not supported; allowed: {HEAD_DIMS} (use flash_attention for other sizes)")
+    if k8.shape != (batch, heads, key_len, head_dim) or vt8.shape != (batch, heads, head_dim, key_len):
+        fail(f"shapes do not fit: q8 {tuple(q8.shape)}, k8 {tuple(k8.shape)}, vt8 {tuple(vt8.shape)} (V^T must be "
+             "[B, H, D, Lk])")  # fmt: skip
+    if q8.dtype != torch.int8 or k8.dtype != torch.int8 or vt8.dtype != FP8_DTYPE:
+        fail(f"dtypes q8 {q8.dtype}, k8 {k8.dtype}, vt8 {vt8.dtype}; expected int8, int8, {FP8_DTYPE}")
+    for name, s, tokens in (("q_scale", q_scale, q_len), ("k_scale", k_scale, key_len), ("v_scale", v_scale, key_len)):
+        if s.shape != (batch, heads, tokens) or s.dtype != torch.float32 or s.stride(-1) != 1:
+            fail(f"{name} has shape {tuple(s.shape)} {s.dtype} stride {s.stride()}; expected fp32 "
+                 f"{(batch, heads, tokens)} with stride(-1) == 1")  # fmt: skip
+    for name, x in (("q8", q8), ("k8", k8), ("vt8", vt8)):
+        if x.stride(-1) != 1 or x.data_ptr() % 16 or any(st % 16 for st in x.stride()[:-1]):
+            fail(f"{name} strides {x.stride()} (base {x.data_ptr() % 16} mod 16): tensor descriptors need a 16-byte "
+                 "aligned base and 16-byte multiple strides; make it with quantize_qk / quantize_v")  # fmt: skip
+    if min(batch, heads, q_len, key_len) < 1 or batch * heads > 65535:
+        fail(f"B={batch} H={heads} Lq={q_len} Lk={key_len}: each must be >= 1 and B * H <= 65535")
+    if out_dtype not in (torch.bfloat16, torch.float16):
+        fail(f"out_dtype {out_dtype}; allowed: torch.bfloat16, torch.float16")
+
+
+def fp8_attention_quantized_fwd(q8, q_scale, k8, k_scale, vt8, v_scale, softmax_scale=None,
+                                out_dtype=torch.bfloat16, *, config: triton.Config | None = None):  # fmt: skip
+    """Checks, allocates and launches; see fp8_attention_quantized."""
+    _check_quantized(q8, q_scale, k8, k_scale, vt8, v_scale, out_dtype)
+    if not q8.is_cuda:
+        check_runnable(q8.device, "fp8_attention")
+    batch, heads, q_len, head_dim = q8.shape
+    key_len = k8.shape[2]
+    if softmax_scale is not None and not (math.isfinite(softmax_scale) and softmax_scale > 0):
+        raise ValueError(f"fp8_attention: softmax_scale {softmax_scale} must be a finite number > 0 (or None)")
+    qk_scale = (head_dim**-0.5 if softmax_scale is None else float(softmax_scale)) * LOG2E
+    out = new_output(batch, q_len, heads, head_dim, dtype=out_dtype, device=q8.device).transpose(1, 2)
+
+    def grid(meta):
+        return (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)
+
+    args = (
+        q8, q_scale, k8, k_scale, vt8, v_scale, out, qk_scale,
+        *q8.stride()[:3], *k8.stride()[:3], *vt8.stride()[:3],
+        *q_scale.stride()[:2], *k_scale.stride()[:2], *v_scale.stride()[:2],
+        out.stride(0), out.stride(1), out.stride(2), heads, q_len, key_len,
+    )  # fmt: skip
+    with device_guard(q8):
+        if q8.is_cuda:
+            ensure_scratch_allocator()
+        if config is not None:
+            _fp8_attention_fwd_kernel.fn[grid](*args, HEAD_DIM=head_dim, **config.all_kwargs())
+        else:
+            _launch_fp8_attention((q_len, key_len, head_dim), grid, *args, HEAD_DIM=head_dim)
+    return out
+
+
+@torch.library.custom_op("flux_kernels::fp8_attention_quantized", mutates_args=())
+def _fp8_attention_quantized_op(
+    q8: torch.Tensor,
+    q_scale: torch.Tensor,
+    k8: torch.Tensor,
+    k_scale: torch.Tensor,
+    v: torch.Tensor,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    vt8, v_scale = quantize_v(v)
+    return fp8_attention_quantized_fwd(q8, q_scale, k8, k_scale, vt8, v_scale, softmax_scale, v.dtype)
+
+
+@_fp8_attention_quantized_op.register_fake
+def _fp8_attention_quantized_fake(q8, q_scale, k8, k_scale, v, softmax_scale=None):
+    batch, heads, q_len, head_dim = q8.shape
+    return v.new_empty(batch, q_len, heads, head_dim).transpose(1, 2)
+
+
+def fp8_attention_qk8(q8, q_scale, k8, k_scale, v, softmax_scale=None) -> torch.Tensor:
+    """Attention over int8 Q, K (with their [B, H, L] fp32 scales, e.g. from qk_norm_rope(int8_qk=True)) and a
+    bf16/fp16 V [B, H, Lk, D], which is quantised here (e4m3, transposed). -> [B, H, Lq, D] in V's dtype, a view of
+    [B, Lq, H, D] memory. The custom op `flux_kernels::fp8_attention_quantized` under torch.compile."""
+    if v.dim() != 4 or v.stride(-1) != 1 or v.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"fp8_attention: v has shape {tuple(v.shape)}, dtype {v.dtype}, strides {v.stride()}; expected a bf16 "
+            "or fp16 [B, H, Lk, D] tensor with stride(-1) == 1"
+        )
+    if torch.compiler.is_compiling():
+        return _fp8_attention_quantized_op(q8, q_scale, k8, k_scale, v, softmax_scale)
+    vt8, v_scale = quantize_v(v)
+    return fp8_attention_quantized_fwd(q8, q_scale, k8, k_scale, vt8, v_scale, softmax_scale, v.dtype)
+
+
+def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None):
+    """softmax(Q K^T * scale) V with Q, K quantised to int8 and P, V to e4m3 here. q: [B, H, Lq, D], k, v:
+    [B, H, Lk, D] (bf16/fp16, D 64/128, stride(-1) == 1) -> [B, H, Lq, D] view of [B, Lq, H, D] memory. Lossy:
+    per-head cosine >= 0.999 against fp32 attention on FLUX-like activations (see the module docstring)."""
+    for name, x in (("q", q), ("k", k)):
+        if x.dim() != 4 or x.stride(-1) != 1 or x.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(
+                f"fp8_attention: {name} has shape {tuple(x.shape)}, dtype {x.dtype}, strides {x.stride()}; expected "
+                "a bf16 or fp16 [B, H, L, D] tensor with stride(-1) == 1"
+            )
+    q8, q_scale = quantize_qk(q)
+    k8, k_scale = quantize_qk(k)
+    return fp8_attention_qk8(q8, q_scale, k8, k_scale, v, softmax_scale)
+
+
+__all__ = [
+    "fp8_attention",
+    "fp8_attention_qk8",
+    "fp8_attention_quantized_fwd",
+    "fp8_attention_ref",
+    "quantize_int8_ref",
+    "quantize_qk",
+    "quantize_v",
+    "quantize_v_ref",
+]
