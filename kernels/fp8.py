@@ -52,7 +52,9 @@ def quantize_int8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., D] -> (int8 [..., D], fp32 scale [...]) with x ~= q * scale: scale = amax / 127 (floored at the
     smallest normal fp32), q = x * (1 / scale) rounded half away from zero, as the kernels compute it."""
     x32 = x.float()
-    scale = (x32.abs().amax(-1) / INT8_MAX).clamp(min=MIN_SCALE)
+    amax = x32.abs().amax(-1)
+    # a tensor divisor: PyTorch divides by a Python scalar as a product with its reciprocal (1 ulp off div_rn)
+    scale = (amax / torch.full_like(amax, INT8_MAX)).clamp(min=MIN_SCALE)
     y = x32 * (1.0 / scale)[..., None]
     q = torch.trunc(y + torch.where(y >= 0, 0.5, -0.5)).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
     return q, scale

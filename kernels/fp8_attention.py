@@ -5,12 +5,16 @@
   SageAttention2 found: per-head output cosine against fp32 attention 0.9990-0.9997 where e4m3 gave 0.992-0.999
   (2026-11-30, benchmarks/NOTES.md). The QK-norm + RoPE kernel (flux_kernels.qk_norm_rope, `int8_qk=True`) writes
   them directly; `quantize_qk` does it for other callers.
-- V: e4m3, one fp32 scale per (token, head), stored transposed ([B, H, D, L]): Hopper's fp8 MMA reads its B
-  operand K-major, so P V needs V^T in memory (Triton's own fp8 attention does the same).
-- P: the softmax probabilities of a key block, times the block's V scales relative to the block's largest one (so
-  that V's per-token scale rides in P and P's largest value is 448), cast to e4m3; the block's product P8 V8 is
-  accumulated in a fresh fp32 tile and added to the running output (two-level accumulation: the MMA's own
-  accumulator is narrower than fp32 for fp8, SageAttention2's observation).
+- V: e4m3, one fp32 scale per (head, channel) over all tokens (SageAttention2's choice), stored transposed
+  ([B, H, D, L]): Hopper's fp8 MMA reads its B operand K-major, so P V needs V^T in memory (Triton's own fp8
+  attention does the same). The scales are applied once, to the finished output.
+- P: the softmax probabilities times 448 (folded into the exp2's offset: no extra instruction), cast to e4m3; the
+  row sums take the same scaled values, so the 448 cancels. A block's P8 V8 is accumulated in a fresh fp32 tile and
+  added to the running output (two-level accumulation: the MMA's own accumulator is narrower than fp32 for fp8,
+  SageAttention2's observation).
+- S's int32 -> fp32 conversion is an integer add and a float FMA (the 1.5 * 2^23 magic number: exact for
+  |S| < 2^22, and |S| <= 128 * 127^2 ~ 2^21): the I2F instruction runs at the exp2 unit's rate (16 a cycle per SM)
+  and cost as much as the exponential itself (first H200 run, 2026-11-30 01:37 UTC).
 - softmax in exp2 with the running max in fp32, as flux_kernels.flash_attention; the output is bf16 in
   [B, Lq, H, D] memory returned as a [B, H, Lq, D] view (the transpose to the block's layout is free).
 Tuned for: B=1, H=24, D=128 at L = 1536 / 4608 / 8704 / 16896 on H100/H200 (configs below).
@@ -30,10 +34,8 @@ from flux_kernels.flash_attention import ensure_scratch_allocator
 from flux_kernels.fp8 import (
     E4M3_MAX,
     FP8_DTYPE,
-    FP8_MIN_SCALE,
     MIN_SCALE,
     e4m3,
-    e4m3_scale,
     int8_codes,
     quantize_int8_ref,
 )
@@ -46,17 +48,24 @@ TOKEN_ALIGN = 16
 # ----------------------------------------------------------------------------- references (PyTorch)
 
 
+def v_channel_scale(v: torch.Tensor) -> torch.Tensor:
+    """v [B, H, L, D] -> fp32 [B, H, D]: each (head, channel)'s amax over the tokens / 448, floored at the smallest
+    normal fp32 (a tensor divisor: PyTorch divides by a Python scalar as a product with its reciprocal)."""
+    amax = v.abs().amax(2).float()
+    return (amax / torch.full_like(amax, E4M3_MAX)).clamp(min=MIN_SCALE)
+
+
 def quantize_v_ref(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """v [B, H, L, D] -> (e4m3 V^T [B, H, D, L], fp32 scale [B, H, L]): one scale per token and head."""
-    x32 = v.float()
-    scale = (x32.abs().amax(-1) / E4M3_MAX).clamp(min=MIN_SCALE)
-    q = (x32 * (1.0 / scale)[..., None]).clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
+    """v [B, H, L, D] -> (e4m3 V^T [B, H, D, L], fp32 scale [B, H, D]): one scale per (head, channel)."""
+    scale = v_channel_scale(v)
+    q = (v.float() * (1.0 / scale)[..., None, :]).clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
     return q.transpose(-1, -2), scale
 
 
 def fp8_attention_ref(q8, q_scale, k8, k_scale, vt8, v_scale, softmax_scale=None, block_n: int = 64) -> torch.Tensor:
     """The kernel's arithmetic in PyTorch (fp32), key block by key block: the yardstick of the kernel tests.
-    q8, k8: int8 [B, H, L, D]; vt8: e4m3 [B, H, D, >= Lk]; scales fp32 [B, H, L] -> fp32 [B, H, Lq, D]."""
+    q8, k8: int8 [B, H, L, D]; vt8: e4m3 [B, H, D, >= Lk]; q/k scales fp32 [B, H, L], v's [B, H, D]
+    -> fp32 [B, H, Lq, D]."""
     head_dim, key_len = q8.shape[-1], k8.shape[-2]
     scale = (head_dim**-0.5 if softmax_scale is None else softmax_scale) * LOG2E
     scores = (q8.float() @ k8.float().transpose(-1, -2)) * k_scale[..., None, :]  # int8 products are exact in fp32
@@ -69,15 +78,12 @@ def fp8_attention_ref(q8, q_scale, k8, k_scale, vt8, v_scale, softmax_scale=None
     for start in range(0, key_len, block_n):
         s = scores[..., start : start + block_n]
         m_new = torch.maximum(m_i, s.amax(-1) * row_scale[..., 0])
-        p = torch.exp2(s * row_scale - m_new[..., None])
+        p = torch.exp2(s * row_scale - (m_new - math.log2(E4M3_MAX))[..., None])  # P * 448, <= 448
         alpha = torch.exp2(m_i - m_new)
         l_i = l_i * alpha + p.sum(-1)
-        vs = v_scale[..., start : start + block_n]
-        vmax = vs.amax(-1, keepdim=True).clamp(min=MIN_SCALE)
-        p8 = (p * (vs * (E4M3_MAX / vmax))[..., None, :]).to(FP8_DTYPE).float()
-        acc = acc * alpha[..., None] + (p8 @ v8[..., start : start + block_n, :]) * (vmax / E4M3_MAX)[..., None]
+        acc = acc * alpha[..., None] + p.to(FP8_DTYPE).float() @ v8[..., start : start + block_n, :]
         m_i = m_new
-    return acc / l_i[..., None]
+    return acc / l_i[..., None] * v_scale[..., None, :]
 
 
 # ----------------------------------------------------------------------------- quantisers (Triton)
@@ -102,8 +108,8 @@ def _quantize_kernel(
     BLOCK_L: tl.constexpr,
     V_E4M3: tl.constexpr,
 ):
-    # One [BLOCK_L, D] tile of one head: per-token scales over D. V_E4M3: e4m3 codes (V, written transposed through
-    # the output strides), else int8 (Q, K). Scales: rows of [B * H, L_alloc].
+    # One [BLOCK_L, D] tile of one head. V_E4M3: e4m3 codes with the given (head, channel) scales (V, written
+    # transposed through the output strides); else int8 codes with per-token scales over D (Q, K).
     off_bh = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
@@ -112,15 +118,15 @@ def _quantize_kernel(
     rows = offs_l < L
     src = X + off_b * stride_xb + off_h * stride_xh + offs_l[:, None].to(tl.int64) * stride_xl + offs_d[None, :]
     x = tl.load(src, mask=rows[:, None], other=0.0).to(tl.float32)
-    amax = tl.max(tl.abs(x), 1)
-    if V_E4M3:
-        scale, inverse = e4m3_scale(amax)
-        codes = e4m3(x, inverse[:, None], OUT.dtype.element_ty)
-    else:
-        codes, scale = int8_codes(x, amax)
     dst = OUT + off_b * stride_ob + off_h * stride_oh + offs_l[:, None].to(tl.int64) * stride_ol
-    tl.store(dst + offs_d[None, :] * stride_od, codes, mask=rows[:, None])
-    tl.store(SCALE + off_bh.to(tl.int64) * stride_s + offs_l, scale, mask=rows)
+    if V_E4M3:  # SCALE holds the (head, channel) scales [B * H, D], computed beforehand
+        scale = tl.load(SCALE + off_bh.to(tl.int64) * stride_s + offs_d)
+        codes = e4m3(x, tl.math.div_rn(1.0, scale)[None, :], OUT.dtype.element_ty)
+        tl.store(dst + offs_d[None, :] * stride_od, codes, mask=rows[:, None])
+    else:  # per-token scales, written to SCALE [B * H, L_alloc]
+        codes, scale = int8_codes(x, tl.max(tl.abs(x), 1))
+        tl.store(dst + offs_d[None, :] * stride_od, codes, mask=rows[:, None])
+        tl.store(SCALE + off_bh.to(tl.int64) * stride_s + offs_l, scale, mask=rows)
 
 
 def _padded(tokens: int) -> int:
@@ -130,11 +136,12 @@ def _padded(tokens: int) -> int:
 def _quantize(x: torch.Tensor, v_e4m3: bool) -> tuple[torch.Tensor, torch.Tensor]:
     batch, heads, tokens, head_dim = x.shape
     padded = _padded(tokens)
-    scale = torch.zeros(batch, heads, padded, dtype=torch.float32, device=x.device)
     if v_e4m3:  # V^T [B, H, D, L_pad]; the pad columns are never read (the descriptor's shape stops at L)
+        scale = v_channel_scale(x)  # one PyTorch reduction over the tokens: ~1% of the attention's time
         out = torch.empty(batch, heads, head_dim, padded, dtype=FP8_DTYPE, device=x.device)
         out_strides = (out.stride(0), out.stride(1), 1, out.stride(2))
     else:
+        scale = torch.empty(batch, heads, padded, dtype=torch.float32, device=x.device)
         out = torch.empty(batch, heads, tokens, head_dim, dtype=torch.int8, device=x.device)
         out_strides = (out.stride(0), out.stride(1), out.stride(2), 1)
     if not x.is_cuda:
@@ -142,10 +149,10 @@ def _quantize(x: torch.Tensor, v_e4m3: bool) -> tuple[torch.Tensor, torch.Tensor
     block = 16 if triton_interpreting() else 32  # 64 rows with 4 warps spilled registers (int8 path)
     with device_guard(x):
         _quantize_kernel[(triton.cdiv(tokens, block), batch * heads)](
-            x, out, scale, x.stride(0), x.stride(1), x.stride(2), *out_strides, padded, heads, tokens,
+            x, out, scale, x.stride(0), x.stride(1), x.stride(2), *out_strides, scale.shape[-1], heads, tokens,
             HEAD_DIM=head_dim, BLOCK_L=block, V_E4M3=v_e4m3, num_warps=4,
         )  # fmt: skip
-    return out, scale[..., :tokens]
+    return out, (scale if v_e4m3 else scale[..., :tokens])
 
 
 def quantize_qk(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,7 +162,7 @@ def quantize_qk(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_v(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """v [B, H, L, D] (stride(-1) == 1) -> (e4m3 V^T [B, H, D, L] (a view of a token-padded buffer), fp32 scales
-    [B, H, L])."""
+    [B, H, D], one per head and channel)."""
     vt, scale = _quantize(v, v_e4m3=True)
     return vt[..., : v.shape[2]], scale
 
@@ -164,31 +171,28 @@ def quantize_v(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @triton.jit
-def _key_block(acc, l_i, m_i, v_gain, q, row_scale, desc_k, desc_v, k_scales, v_scales, start_n, Lk,
-               BLOCK_N: tl.constexpr, MASK_TAIL: tl.constexpr):  # fmt: skip
-    # One key block's online-softmax update. acc is kept in units of the last block's V gain (vmax / 448), so the
-    # change of unit rides in the row rescale: acc <- acc * alpha * (gain_old / gain_new) + P8 V8.
+def _key_block(acc, l_i, m_i, q, row_scale, desc_k, desc_v, k_scales, start_n, Lk, BLOCK_N: tl.constexpr,
+               MASK_TAIL: tl.constexpr):  # fmt: skip
+    # One key block's online-softmax update; m_i in log2 units, P scaled by 448 through the exp2's offset.
     offs_n = start_n + tl.arange(0, BLOCK_N)
     if MASK_TAIL:
         ks = tl.load(k_scales + offs_n, mask=offs_n < Lk, other=0.0)
-        vs = tl.load(v_scales + offs_n, mask=offs_n < Lk, other=0.0)
     else:
         ks = tl.load(k_scales + offs_n)
-        vs = tl.load(v_scales + offs_n)
     k = desc_k.load([start_n, 0])  # [BLOCK_N, D] int8
-    s = tl.dot(q, k.T).to(tl.float32) * ks[None, :]  # exact int32 products, then K's scales
+    # S in fp32 without I2F: the int32 plus 1.5 * 2^23 read as fp32 is 1.5 * 2^23 + S exactly (|S| < 2^22), so
+    # S * ks = bits * ks - 1.5 * 2^23 * ks: one integer add and one FMA per score
+    s_int = tl.dot(q, k.T)
+    s = (s_int + 0x4B400000).to(tl.float32, bitcast=True) * ks[None, :] - (12582912.0 * ks)[None, :]
     if MASK_TAIL:  # keys past Lk load as zeros (the descriptor pads); their scores must be -inf, not 0
         s = tl.where(offs_n[None, :] < Lk, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1) * row_scale)  # row_scale >= 0: max(S) * scale = max(S * scale)
-    p = tl.math.exp2(s * row_scale[:, None] - m_new[:, None])
+    p = tl.math.exp2(s * row_scale[:, None] - (m_new - 8.807354922057604)[:, None])  # log2(448): P * 448 <= 448
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    vmax = tl.maximum(tl.max(vs, 0), FP8_MIN_SCALE)
-    p8 = (p * (vs * (448.0 / vmax))[None, :]).to(tl.float8e4nv)  # <= 448: no clamp needed
     v = desc_v.load([0, start_n])  # [D, BLOCK_N] e4m3 (V^T)
-    gain = vmax / 448.0
-    acc = acc * (alpha * (v_gain / gain))[:, None] + tl.dot(p8, v.T)
-    return acc, l_i, m_new, gain
+    acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), v.T)
+    return acc, l_i, m_new
 
 
 def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
@@ -275,7 +279,6 @@ def _fp8_attention_fwd_kernel(
         block_shape=[BLOCK_M, HEAD_DIM],
     )  # fmt: skip
     k_scales = KS + off_b * stride_ksb + off_h * stride_ksh
-    v_scales = VS + off_b * stride_vsb + off_h * stride_vsh
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     q_scale = tl.load(QS + off_b * stride_qsb + off_h * stride_qsh + offs_m, mask=offs_m < Lq, other=1.0)
     row_scale = q_scale * qk_scale  # softmax scale * log2(e) * Q's scale: scores in log2 units
@@ -283,18 +286,16 @@ def _fp8_attention_fwd_kernel(
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    v_gain = 1.0
     q = desc_q.load([start_m * BLOCK_M, 0])  # [BLOCK_M, D] int8, stays on chip
 
     full_end = (Lk // BLOCK_N) * BLOCK_N
     for start_n in tl.range(0, full_end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
-        acc, l_i, m_i, v_gain = _key_block(acc, l_i, m_i, v_gain, q, row_scale, desc_k, desc_v, k_scales, v_scales,
-                                           start_n, Lk, BLOCK_N, False)  # fmt: skip
+        acc, l_i, m_i = _key_block(acc, l_i, m_i, q, row_scale, desc_k, desc_v, k_scales, start_n, Lk, BLOCK_N, False)
     if full_end < Lk:  # the partial last key block: the only masked one
-        acc, l_i, m_i, v_gain = _key_block(acc, l_i, m_i, v_gain, q, row_scale, desc_k, desc_v, k_scales, v_scales,
-                                           full_end, Lk, BLOCK_N, True)  # fmt: skip
-    acc = acc * (v_gain / l_i)[:, None]
+        acc, l_i, m_i = _key_block(acc, l_i, m_i, q, row_scale, desc_k, desc_v, k_scales, full_end, Lk, BLOCK_N, True)
+    v_scale = tl.load(VS + off_b * stride_vsb + off_h * stride_vsh + tl.arange(0, HEAD_DIM))
+    acc = acc / l_i[:, None] * v_scale[None, :]
     desc_o.store([start_m * BLOCK_M, 0], acc.to(Out.dtype.element_ty))
 
 
@@ -320,10 +321,10 @@ def _check_quantized(q8, q_scale, k8, k_scale, vt8, v_scale, out_dtype) -> None:
              "[B, H, D, Lk])")  # fmt: skip
     if q8.dtype != torch.int8 or k8.dtype != torch.int8 or vt8.dtype != FP8_DTYPE:
         fail(f"dtypes q8 {q8.dtype}, k8 {k8.dtype}, vt8 {vt8.dtype}; expected int8, int8, {FP8_DTYPE}")
-    for name, s, tokens in (("q_scale", q_scale, q_len), ("k_scale", k_scale, key_len), ("v_scale", v_scale, key_len)):
-        if s.shape != (batch, heads, tokens) or s.dtype != torch.float32 or s.stride(-1) != 1:
+    for name, s, last in (("q_scale", q_scale, q_len), ("k_scale", k_scale, key_len), ("v_scale", v_scale, head_dim)):
+        if s.shape != (batch, heads, last) or s.dtype != torch.float32 or s.stride(-1) != 1:
             fail(f"{name} has shape {tuple(s.shape)} {s.dtype} stride {s.stride()}; expected fp32 "
-                 f"{(batch, heads, tokens)} with stride(-1) == 1")  # fmt: skip
+                 f"{(batch, heads, last)} with stride(-1) == 1")  # fmt: skip
     for name, x in (("q8", q8), ("k8", k8), ("vt8", vt8)):
         if x.stride(-1) != 1 or x.data_ptr() % 16 or any(st % 16 for st in x.stride()[:-1]):
             fail(f"{name} strides {x.stride()} (base {x.data_ptr() % 16} mod 16): tensor descriptors need a 16-byte "
@@ -424,4 +425,5 @@ __all__ = [
     "quantize_qk",
     "quantize_v",
     "quantize_v_ref",
+    "v_channel_scale",
 ]
