@@ -85,11 +85,14 @@ def test_fp8_attention_from_bf16_inputs_is_close_to_exact_attention(device):
 @pytest.mark.parametrize("regime", sorted(REGIMES))
 def test_accuracy_on_flux_like_activations(regime, device):
     """The issue's accuracy bar, at a small FLUX-like shape (64 text + 256 image tokens, 4 heads of 128): per-head
-    cosine >= 0.999 against bf16 attention (the GPU benchmark measures the full shapes: bench_flash_attention)."""
+    cosine >= 0.999 against attention of the same bf16 inputs, computed in fp32 (stricter than a bf16 kernel's
+    output; a plain bf16 PyTorch attention rounds the scores and softmax to bf16 and is itself off by more on a GPU).
+    The GPU benchmark measures the full shapes against cuDNN too: bench_flash_attention's "fp8_accuracy"."""
     q, k, v = flux_like_qkv(64, 256, 4, 128, regime, device=device)
     out = fa.fp8_attention(q, k, v)
-    bf16 = attention_ref(q, k, v, upcast=False)
-    assert per_head_cosine(out, bf16).min() >= 0.999
+    with full_fp32_matmul():
+        exact = attention_ref(q, k, v)
+    assert per_head_cosine(out, exact).min() >= 0.999
 
 
 def test_qk_norm_rope_int8_matches_its_reference(device):
