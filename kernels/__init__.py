@@ -5,14 +5,16 @@ other), because the import name `kernels` belongs to Hugging Face's `kernels` di
 diffusers import.
 
     flux_kernels.flash_attention     flash_attention (+ attention_ref)
+    flux_kernels.fp8_attention       fp8_attention: QK^T in int8, PV in e4m3 (quantisers, + fp8_attention_ref)
     flux_kernels.qk_norm_rope        qk_norm_rope: q/k RMSNorm + rotary + [text, image] concat + head-major layout
-                                     (+ qk_norm_rope_ref)
+                                     (+ qk_norm_rope_ref); qk_norm_rope_int8 writes q, k as int8 + scales
     flux_kernels.layernorm_modulate  layernorm_modulate, gated_residual_layernorm_modulate, both also with fp8
                                      outputs for an fp8 GEMM (*_fp8) (+ *_ref)
     flux_kernels.gelu_fp8            gelu_concat_fp8: an MLP's tanh GELU (after an optional copied prefix) quantised
                                      per token to e4m3 for the fp8 projection after it (+ _ref)
     flux_kernels.fp8                 quantize_fp8_rowwise: the per-row e4m3 quantiser (plain PyTorch), the *_fp8
-                                     ops' reference; e4m3_scale / e4m3: its arithmetic as Triton functions
+                                     ops' reference; e4m3_scale / e4m3: its arithmetic as Triton functions;
+                                     quantize_int8_ref / int8_codes: the same for symmetric int8
     flux_kernels.rowwise             what the row-wise ops share: input checks, autotune configs, dtypes
 
 Importing a submodule registers its ops as `torch.ops.flux_kernels.*` custom ops; this package itself
