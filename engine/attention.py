@@ -75,9 +75,9 @@ class BlockOps:
         if core == "triton":
             from flux_kernels.flash_attention import flash_attention as flash
         elif core == "triton-fp8":
-            flash = _quantized_core
+            from flux_kernels.fp8_attention import quantized_attention as flash
         if fused_norms:
-            qk_fn = _qk_norm_rope_int8 if core == "triton-fp8" else qk.qk_norm_rope
+            qk_fn = qk.qk_norm_rope_int8_pairs if core == "triton-fp8" else qk.qk_norm_rope
             fns = (qk_fn, norm.layernorm_modulate, norm.gated_residual_layernorm_modulate)
             from flux_kernels.gelu_fp8 import gelu_concat_fp8
 
@@ -165,24 +165,6 @@ class BlockOps:
         if tanh_gelu and not _hooked(act) and self._fp8_into(linear, self.gelu_concat_fp8_fn):
             return linear(*self.gelu_concat_fp8_fn(prefix, x), out_dtype=x.dtype)
         return linear(torch.cat([prefix, act(x)], dim=2))
-
-
-def _qk_norm_rope_int8(*args):
-    """qk_norm_rope with int8 q and k: ((q8, q_scale), (k8, k_scale), v) for _quantized_core."""
-    from flux_kernels.qk_norm_rope import qk_norm_rope_int8
-
-    q8, q_scale, k8, k_scale, value = qk_norm_rope_int8(*args)
-    return (q8, q_scale), (k8, k_scale), value
-
-
-def _quantized_core(query, key, value) -> torch.Tensor:
-    """The 'triton-fp8' core: int8 (codes, scales) q and k from _qk_norm_rope_int8, or bf16 ones (the unfused
-    norms) that it quantises itself."""
-    from flux_kernels.fp8_attention import fp8_attention, fp8_attention_qk8
-
-    if isinstance(query, tuple):
-        return fp8_attention_qk8(*query, *key, value)
-    return fp8_attention(query, key, value)
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -419,6 +401,13 @@ def resolve_ops(config: AttentionConfig, transformer) -> BlockOps:
             f"attention backend={config.backend!r} runs in bf16 or fp16, the transformer is {dtype}; load it in bf16, "
             "or use backend='auto' (it falls back to SDPA)"
         )
+    if (
+        config.backend == "triton-fp8"
+        and device.type == "cuda"
+        and (major := torch.cuda.get_device_capability(device)[0]) != 9
+    ):
+        raise ConfigError(f"attention backend='triton-fp8' is tuned and tested on Hopper (sm 9.x) only, this GPU is sm "
+                          f"{major}.x; use backend 'auto' or a preset without 'fp8attn'")  # fmt: skip
     core = config.backend
     if core == "auto":
         first = transformer.transformer_blocks[0].attn

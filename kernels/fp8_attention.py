@@ -416,6 +416,14 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
     return fp8_attention_qk8(q8, q_scale, k8, k_scale, v, softmax_scale)
 
 
+def quantized_attention(query, key, value, softmax_scale: float | None = None) -> torch.Tensor:
+    """fp8_attention_qk8 for (int8 codes, scales) pairs of q and k (qk_norm_rope_int8_pairs), fp8_attention for bf16
+    ones: the engine's 'triton-fp8' core, whichever QK-norm ran before it."""
+    if isinstance(query, tuple):
+        return fp8_attention_qk8(*query, *key, value, softmax_scale)
+    return fp8_attention(query, key, value, softmax_scale)
+
+
 __all__ = [
     "fp8_attention",
     "fp8_attention_qk8",
@@ -425,5 +433,6 @@ __all__ = [
     "quantize_qk",
     "quantize_v",
     "quantize_v_ref",
+    "quantized_attention",
     "v_channel_scale",
 ]

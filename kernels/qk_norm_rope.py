@@ -479,10 +479,26 @@ def qk_norm_rope_int8(
     return qk_norm_rope_fwd(*args, True)
 
 
+def qk_norm_rope_int8_pairs(
+    *args,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """qk_norm_rope_int8 as ((q8, q_scale), (k8, k_scale), v): the shape of qk_norm_rope's result, for callers that
+    pass q, k, v on to an attention core (flux_kernels.fp8_attention.quantized_attention)."""
+    q8, q_scale, k8, k_scale, v = qk_norm_rope_int8(*args)
+    return (q8, q_scale), (k8, k_scale), v
+
+
 def qk_norm_rope_int8_ref(*args, **kwargs) -> tuple[torch.Tensor, ...]:
     """qk_norm_rope_ref (fp32 throughout: upcast=True) with q and k quantised by quantize_int8_ref."""
     q, k, v = qk_norm_rope_ref(*args, **kwargs)
     return (*quantize_int8_ref(q), *quantize_int8_ref(k), v)
 
 
-__all__ = ["qk_norm_rope", "qk_norm_rope_fwd", "qk_norm_rope_int8", "qk_norm_rope_int8_ref", "qk_norm_rope_ref"]
+__all__ = [
+    "qk_norm_rope",
+    "qk_norm_rope_fwd",
+    "qk_norm_rope_int8",
+    "qk_norm_rope_int8_pairs",
+    "qk_norm_rope_int8_ref",
+    "qk_norm_rope_ref",
+]
