@@ -3,8 +3,8 @@
 - Q and K: int8, one fp32 scale per (token, head) (amax / 127, round half away from zero). int8 rather than e4m3
   because it measured more accurate on FLUX-like activations (post-RMSNorm + RoPE, channel outliers), as
   SageAttention2 found: per-head output cosine against fp32 attention 0.9990-0.9997 where e4m3 gave 0.992-0.999
-  (2026-11-30, benchmarks/NOTES.md). The QK-norm + RoPE kernel (flux_kernels.qk_norm_rope, `int8_qk=True`) writes
-  them directly; `quantize_qk` does it for other callers.
+  (2026-11-30, benchmarks/NOTES.md). The QK-norm + RoPE kernel writes them directly
+  (flux_kernels.qk_norm_rope.qk_norm_rope_int8); `quantize_qk` does it for other callers.
 - V: e4m3, one fp32 scale per (head, channel) over all tokens (SageAttention2's choice), stored transposed
   ([B, H, D, L]): Hopper's fp8 MMA reads its B operand K-major, so P V needs V^T in memory (Triton's own fp8
   attention does the same). The scales are applied once, to the finished output.
@@ -17,7 +17,10 @@
   and cost as much as the exponential itself (first H200 run, 2026-11-30 01:37 UTC).
 - softmax in exp2 with the running max in fp32, as flux_kernels.flash_attention; the output is bf16 in
   [B, Lq, H, D] memory returned as a [B, H, Lq, D] view (the transpose to the block's layout is free).
-Tuned for: B=1, H=24, D=128 at L = 1536 / 4608 / 8704 / 16896 on H100/H200 (configs below).
+Tuned for: B=1, H=24, D=128 at L = 1536 / 4608 / 8704 / 16896 on an H200 (configs below; 64 x 128 tiles with 4
+warps won at every length). Measured (H200, 2026-11-30, benchmarks/results/attention-h200-20261130-0144.json, CUDA
+graph device time, inputs quantised beforehand): 406 / 589 / 635 / 663 TFLOP/s; cuDNN's bf16 SDPA 459 / 582 / 599 /
+612. Sm 9.x only in the engine (other cards: untested).
 Limits: forward only; head_dim 64 or 128; any B, H; Lq, Lk >= 1; outputs bf16 or fp16.
 """
 
