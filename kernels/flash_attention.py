@@ -87,6 +87,15 @@ def _full_blocks(acc, l_i, m_i, q, desc_k, desc_v, full_end, Lk, qk_scale, BLOCK
     return acc, l_i, m_i
 
 
+@triton.jit
+def head_descriptor(base, rows, cols, row_stride, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """A tensor descriptor (TMA on Hopper) of one (batch, head)'s [rows, cols] matrix with unit column stride, read
+    and written in [BLOCK_ROWS, BLOCK_COLS] tiles (past the shape: zero-filled on load, dropped on store)."""
+    return tl.make_tensor_descriptor(
+        base, shape=[rows, cols], strides=[row_stride, 1], block_shape=[BLOCK_ROWS, BLOCK_COLS]
+    )
+
+
 def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
@@ -170,30 +179,10 @@ def _flash_attention_fwd_kernel(
 
     # One 2-D descriptor per (batch, head): arbitrary batch/head/token strides, and rows past Lq / Lk are
     # zero-filled on load and dropped on store by the descriptor itself.
-    desc_q = tl.make_tensor_descriptor(
-        Q + off_b * stride_qb + off_h * stride_qh,
-        shape=[Lq, HEAD_DIM],
-        strides=[stride_qm, 1],
-        block_shape=[BLOCK_M, HEAD_DIM],
-    )
-    desc_k = tl.make_tensor_descriptor(
-        K + off_b * stride_kb + off_h * stride_kh,
-        shape=[Lk, HEAD_DIM],
-        strides=[stride_kn, 1],
-        block_shape=[BLOCK_N, HEAD_DIM],
-    )
-    desc_v = tl.make_tensor_descriptor(
-        V + off_b * stride_vb + off_h * stride_vh,
-        shape=[Lk, HEAD_DIM],
-        strides=[stride_vn, 1],
-        block_shape=[BLOCK_N, HEAD_DIM],
-    )
-    desc_o = tl.make_tensor_descriptor(
-        Out + off_b * stride_ob + off_h * stride_oh,
-        shape=[Lq, HEAD_DIM],
-        strides=[stride_om, 1],
-        block_shape=[BLOCK_M, HEAD_DIM],
-    )
+    desc_q = head_descriptor(Q + off_b * stride_qb + off_h * stride_qh, Lq, HEAD_DIM, stride_qm, BLOCK_M, HEAD_DIM)
+    desc_k = head_descriptor(K + off_b * stride_kb + off_h * stride_kh, Lk, HEAD_DIM, stride_kn, BLOCK_N, HEAD_DIM)
+    desc_v = head_descriptor(V + off_b * stride_vb + off_h * stride_vh, Lk, HEAD_DIM, stride_vn, BLOCK_N, HEAD_DIM)
+    desc_o = head_descriptor(Out + off_b * stride_ob + off_h * stride_oh, Lq, HEAD_DIM, stride_om, BLOCK_M, HEAD_DIM)
 
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -414,4 +403,10 @@ def flash_attention(
     return flash_attention_fwd(q, k, v, softmax_scale)
 
 
-__all__ = ["attention_ref", "ensure_scratch_allocator", "flash_attention", "flash_attention_fwd"]
+__all__ = [
+    "attention_ref",
+    "ensure_scratch_allocator",
+    "flash_attention",
+    "flash_attention_fwd",
+    "head_descriptor",
+]

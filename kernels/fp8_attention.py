@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from flux_kernels import TunedLaunch, check_runnable, device_guard, new_output, triton_interpreting
-from flux_kernels.flash_attention import ensure_scratch_allocator
+from flux_kernels.flash_attention import ensure_scratch_allocator, head_descriptor
 from flux_kernels.fp8 import (
     E4M3_MAX,
     FP8_DTYPE,
@@ -265,22 +265,10 @@ def _fp8_attention_fwd_kernel(
     off_bh = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
-    desc_q = tl.make_tensor_descriptor(
-        Q + off_b * stride_qb + off_h * stride_qh, shape=[Lq, HEAD_DIM], strides=[stride_qm, 1],
-        block_shape=[BLOCK_M, HEAD_DIM],
-    )  # fmt: skip
-    desc_k = tl.make_tensor_descriptor(
-        K + off_b * stride_kb + off_h * stride_kh, shape=[Lk, HEAD_DIM], strides=[stride_kn, 1],
-        block_shape=[BLOCK_N, HEAD_DIM],
-    )  # fmt: skip
-    desc_v = tl.make_tensor_descriptor(
-        VT + off_b * stride_vb + off_h * stride_vh, shape=[HEAD_DIM, Lk], strides=[stride_vd, 1],
-        block_shape=[HEAD_DIM, BLOCK_N],
-    )  # fmt: skip
-    desc_o = tl.make_tensor_descriptor(
-        Out + off_b * stride_ob + off_h * stride_oh, shape=[Lq, HEAD_DIM], strides=[stride_om, 1],
-        block_shape=[BLOCK_M, HEAD_DIM],
-    )  # fmt: skip
+    desc_q = head_descriptor(Q + off_b * stride_qb + off_h * stride_qh, Lq, HEAD_DIM, stride_qm, BLOCK_M, HEAD_DIM)
+    desc_k = head_descriptor(K + off_b * stride_kb + off_h * stride_kh, Lk, HEAD_DIM, stride_kn, BLOCK_N, HEAD_DIM)
+    desc_v = head_descriptor(VT + off_b * stride_vb + off_h * stride_vh, HEAD_DIM, Lk, stride_vd, HEAD_DIM, BLOCK_N)
+    desc_o = head_descriptor(Out + off_b * stride_ob + off_h * stride_oh, Lq, HEAD_DIM, stride_om, BLOCK_M, HEAD_DIM)
     k_scales = KS + off_b * stride_ksb + off_h * stride_ksh
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     q_scale = tl.load(QS + off_b * stride_qsb + off_h * stride_qsh + offs_m, mask=offs_m < Lq, other=1.0)
