@@ -4,7 +4,8 @@
 # Stages: see the case below (tests, kernels, bench-*, ladder, gate-selftest, tests-mem, vae, torchao,
 # bench-memory, planner, ladder-full, main-1024, main-2048, tests-lora, lora-kc, lora-fast, profile-lora, lora-28,
 # tests-tasks, task-TASK for every engine.bench --task, tests-cache, cache-taylorseer, cache-fbcache-0,
-# cache-fbcache-008, profile-cache, tests-fp8attn, kernels-attention, fp8attn-1024, fp8attn-2048). Each stage
+# cache-fbcache-008, profile-cache, tests-fp8attn, kernels-attention, fp8attn-1024, fp8attn-2048, tune-table,
+# startup, startup-nographs). Each stage
 # has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
@@ -188,6 +189,21 @@ for s in "$@"; do
       stage "$s" 420 python3 -m engine.bench --res "${s#fp8attn-}" --steps 4 --runs 3 --cache-dir /tmp/fe-cache \
         --preset fp8-compile-fastacc-cudagraphs,fp8-compile-fastacc-cudagraphs-fp8attn,kernels-compile,kernels-compile-fp8attn \
         --out "$OUT/bench-$s-$CARD-$DAY.json" ;;
+    tune-table)
+      # flux_kernels.tuning's table for this card: every size class of FLUX's token counts (256 .. 32768 tokens) timed
+      # again by the presets whose kernels the fast presets run; kept in $OUT/tuned/ and, for the stages after this
+      # one, in kernels/tuned/ (commit it from $OUT)
+      rm -rf /tmp/fe-tune && mkdir -p "$OUT/tuned" kernels/tuned
+      stage tune-table 300 env FLUX_KERNELS_TUNING=retune FLUX_KERNELS_TUNING_DIR=/tmp/fe-tune/kernel-tuning \
+        python3 -m engine.bench --res 256 512 640 1024 1152 1536 2048 --steps 1 --runs 1 --warmup 0 --no-baseline \
+        --cache-dir /tmp/fe-tune --preset kernels,fp8,kernels-compile-fp8attn --out "$OUT/tune-table-$CARD-$DAY.json"
+      cp /tmp/fe-tune/kernel-tuning/*.json "$OUT/tuned/" && cp /tmp/fe-tune/kernel-tuning/*.json kernels/tuned/ ;;
+    startup|startup-nographs)
+      # cold start, warm start and each new size's first call, each run a fresh process, tuning per process (as
+      # before flux_kernels.tuning) against the tables (benchmarks/startup.py)
+      preset=fp8-compile-fastacc-cudagraphs
+      [ "$s" = startup-nographs ] && preset=fp8-compile-fastacc
+      stage "$s" 480 python3 -m benchmarks.startup --preset "$preset" --out "$OUT/$s-$CARD-$DAY.json" ;;
     main-1024|main-2048)
       # the README's main command as a user runs it: no --preset, so diffusers against the fastest config here
       stage "$s" 400 python3 -m engine.bench --res "${s#main-}" --out "$OUT/bench-$s-$CARD-$DAY.json" ;;

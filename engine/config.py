@@ -241,7 +241,8 @@ class CacheConfig:
     """Persistent compile cache (used when compile is on).
 
     directory: where compiled graphs and kernels are kept; None: $FLUX_ENGINE_CACHE_DIR, else
-        ~/.cache/flux-engine. enabled=False compiles from scratch and keeps nothing.
+        ~/.cache/flux-engine. enabled=False compiles from scratch and keeps nothing. A directory given here also
+        holds the Triton kernels' tuning choices (kernel-tuning/, see flux_kernels.tuning), for every preset.
     """
 
     directory: str | None = None

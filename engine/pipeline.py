@@ -81,6 +81,12 @@ def optimize(pipe, config: EngineConfig | str | None = None):
     from .stepcache.hooks import apply_step_cache
     from .vae import apply_vae, remove_vae_tiling
 
+    if config.cache.enabled and config.cache.directory:  # the kernels' tuning tables beside the compile cache
+        from flux_kernels.tuning import set_tuning_directory
+
+        from .compile import cache_root
+
+        set_tuning_directory(cache_root(config.cache) / "kernel-tuning")
     steps = AppliedSteps()
     pipe.attention_ops = apply_attention(pipe, config.attention, force=config.parallel.enabled)
     if pipe.attention_ops is not None:

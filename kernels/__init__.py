@@ -16,6 +16,8 @@ diffusers import.
                                      ops' reference; e4m3_scale / e4m3: its arithmetic as Triton functions;
                                      quantize_int8_ref / int8_codes: the same for symmetric int8
     flux_kernels.rowwise             what the row-wise ops share: input checks, autotune configs, dtypes
+    flux_kernels.tuning              TunedLaunch: autotuned launches that tune once per card and size class
+                                     (tables shipped in tuned/, and this machine's own)
 
 Importing a submodule registers its ops as `torch.ops.flux_kernels.*` custom ops; this package itself
 imports none of them, so `import flux_kernels` stays cheap. Nothing here imports `engine`.
@@ -155,28 +157,6 @@ def device_guard(tensor: torch.Tensor):
     return _NO_GUARD
 
 
-class TunedLaunch:
-    """Launches a @triton.autotune kernel and remembers its choice per caller-computed key, so that later calls
-    go straight to the compiled kernel's launcher, skipping Autotuner.run's per-call argument dicts and key
-    building (several microseconds for ~20 arguments).
-
-    The key must separate what the autotuner's key separates (its key arguments and the tensors' dtypes); were
-    it coarser, a call would only run a config tuned for a neighbouring shape: still correct, maybe slower.
-    """
-
-    def __init__(self, autotuned) -> None:
-        self.autotuned = autotuned
-        self.chosen: dict = {}  # key -> the chosen config's launch kwargs
-
-    def __call__(self, key, grid, *args, **kwargs) -> None:
-        meta = self.chosen.get(key)
-        if meta is None:
-            self.autotuned[grid](*args, **kwargs)  # tunes on the first call of a key
-            self.chosen[key] = self.autotuned.best_config.all_kwargs()
-        else:
-            self.autotuned.fn.run(*args, grid=grid, warmup=False, **kwargs, **meta)
-
-
 @functools.cache
 def _cuda_multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -197,7 +177,6 @@ def new_output(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.T
 
 __all__ = [
     "POISON_OUTPUTS",
-    "TunedLaunch",
     "check_runnable",
     "device_guard",
     "interpreter_fixes",

@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from flux_kernels import TunedLaunch, check_runnable, device_guard, new_output, triton_interpreting
+from flux_kernels import check_runnable, device_guard, new_output, triton_interpreting
+from flux_kernels.tuning import TunedLaunch
 
 try:  # private: lets the launcher see whether the process already installed a Triton allocator
     from triton.runtime import _allocation
@@ -203,7 +204,7 @@ def _flash_attention_fwd_kernel(
 
 # ----------------------------------------------------------------------------- launcher
 
-_launch_flash_attention = TunedLaunch(_flash_attention_fwd_kernel)
+_launch_flash_attention = TunedLaunch(_flash_attention_fwd_kernel, tokens=(0, 1))
 
 
 def _torch_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:

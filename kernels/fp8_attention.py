@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flux_kernels import TunedLaunch, check_runnable, device_guard, new_output, triton_interpreting
+from flux_kernels import check_runnable, device_guard, new_output, triton_interpreting
 from flux_kernels.flash_attention import ensure_scratch_allocator, head_descriptor
 from flux_kernels.fp8 import (
     E4M3_MAX,
@@ -42,6 +42,7 @@ from flux_kernels.fp8 import (
     int8_codes,
     quantize_int8_ref,
 )
+from flux_kernels.tuning import TunedLaunch
 
 HEAD_DIMS = (64, 128)
 LOG2E = 1.4426950408889634
@@ -290,7 +291,7 @@ def _fp8_attention_fwd_kernel(
     desc_o.store([start_m * BLOCK_M, 0], acc.to(Out.dtype.element_ty))
 
 
-_launch_fp8_attention = TunedLaunch(_fp8_attention_fwd_kernel)
+_launch_fp8_attention = TunedLaunch(_fp8_attention_fwd_kernel, tokens=(0, 1))
 
 
 # ----------------------------------------------------------------------------- launcher

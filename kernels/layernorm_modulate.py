@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from flux_kernels import TunedLaunch, check_runnable, device_guard, multiprocessor_count, new_output
+from flux_kernels import check_runnable, device_guard, multiprocessor_count, new_output
 from flux_kernels.fp8 import FP8_DTYPE, e4m3, e4m3_scale, quantize_fp8_rowwise
 from flux_kernels.rowwise import (
     ACTIVATION_DTYPES,
@@ -33,6 +33,7 @@ from flux_kernels.rowwise import (
     check_last_dim_contiguous,
     configs,
 )
+from flux_kernels.tuning import TunedLaunch
 
 
 def layernorm_modulate_ref(
@@ -257,8 +258,8 @@ def _layernorm_fast_check(x: torch.Tensor, *modulation: torch.Tensor) -> bool:
     return True
 
 
-_launch_layernorm_modulate = TunedLaunch(_layernorm_modulate_fwd_kernel)
-_launch_gated_residual_layernorm_modulate = TunedLaunch(_gated_residual_layernorm_modulate_fwd_kernel)
+_launch_layernorm_modulate = TunedLaunch(_layernorm_modulate_fwd_kernel, tokens=(1,))
+_launch_gated_residual_layernorm_modulate = TunedLaunch(_gated_residual_layernorm_modulate_fwd_kernel, tokens=(1,))
 
 
 def _normed_outputs(x: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flux_kernels import TunedLaunch, check_runnable, device_guard, new_output
+from flux_kernels import check_runnable, device_guard, new_output
 from flux_kernels.fp8 import int8_codes, quantize_int8_ref
 from flux_kernels.rowwise import (
     ACTIVATION_DTYPES,
@@ -29,6 +29,7 @@ from flux_kernels.rowwise import (
     check_last_dim_contiguous,
     configs,
 )
+from flux_kernels.tuning import TunedLaunch
 
 
 def _rms_norm_like_diffusers(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -229,7 +230,7 @@ def _qk_norm_rope_fwd_kernel(
     tl.store(V_OUT + dst, v, mask=mask)
 
 
-_launch_qk_norm_rope = TunedLaunch(_qk_norm_rope_fwd_kernel)
+_launch_qk_norm_rope = TunedLaunch(_qk_norm_rope_fwd_kernel, tokens=(0, 1))
 
 
 def _check_qk_norm_rope_inputs(qkv, q_weight, k_weight, cos, sin, heads, txt_qkv, txt_q_weight, txt_k_weight):

@@ -6,6 +6,7 @@ kernel runs under TRITON_INTERPRET=1 on CPU tensors.
 """
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# the kernels' tuning choices (flux_kernels.tuning) of a test run stay out of the user's own tables
+os.environ.setdefault("FLUX_KERNELS_TUNING_DIR", tempfile.mkdtemp(prefix="flux-kernels-tuning-"))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,0 +1,155 @@
+"""Where a preset's start-up seconds go: cold start, warm start and the first call at each new size, each in a
+fresh process (issue "Our attention at the top", deliverable 4).
+
+    python -m benchmarks.startup --preset fp8-compile-fastacc-cudagraphs --out results/startup.json
+
+Each run is a child process of its own with its own cache folder (the engine's compile cache, Triton's kernel
+cache and the kernels' tuning tables: $FLUX_ENGINE_CACHE_DIR, $TRITON_CACHE_DIR):
+- cold: an empty folder; warm: the folder the cold run of the same mode filled;
+- per tuning mode (FLUX_KERNELS_TUNING): `per-process` (every exact key timed in every process: the behaviour
+  before flux_kernels.tuning) and `tables` (size classes, this card's shipped table, the machine's own).
+A child calls the first size (compiling: its first call), then once more warm; then each further size once
+(its first call) and once warm. Per call it reports seconds, and what happened inside: keys the kernels tuned and
+their seconds, keys read from tables, graphs dynamo compiled and its compile seconds, CUDA graphs captured.
+Start-up = a first call's seconds minus the warm call's at the same size (the engine.bench definition).
+Synthetic FLUX.1-dev weights: start-up does not depend on the weights' values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEFAULT_SIZES = ["1024", "1360x768", "512", "832x1216", "2048"]
+RUNS = [("per-process", "cold"), ("per-process", "warm"), ("tables", "cold"), ("tables", "warm")]
+
+
+def _dynamo_seconds() -> float:
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return float(sum(compilation_time_metrics.get("_compile.compile_inner", [])))
+
+
+def child(args) -> dict:
+    start = time.perf_counter()
+    import torch
+    from torch._dynamo.utils import counters
+
+    from engine import FluxEngine, preset
+    from engine.config import parse_resolution
+    from engine.models import synthetic_components
+    from flux_kernels.tuning import tuning_stats
+
+    imported = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    components = synthetic_components(args.variant, device=device, dtype=dtype, seed=0)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    built = time.perf_counter()
+    pipe = FluxEngine.from_pipe(FluxEngine(**components), preset(args.preset))
+    pipe.set_progress_bar_config(disable=True)
+    optimised = time.perf_counter()
+    graphs = getattr(getattr(pipe, "compile_state", None), "cuda_graphs", None)
+
+    def call(height: int, width: int) -> dict:
+        captures = graphs.captures if graphs else 0
+        before = (tuning_stats(), int(counters["stats"]["unique_graphs"]), _dynamo_seconds(), captures)
+        sync()
+        t0 = time.perf_counter()
+        pipe("a photograph of an astronaut riding a horse", height=height, width=width, output_type="pt",
+             num_inference_steps=args.steps, generator=torch.Generator().manual_seed(0))  # fmt: skip
+        sync()
+        seconds = time.perf_counter() - t0
+        tuned = tuning_stats()
+        return {
+            "s": round(seconds, 3),
+            "keys_tuned": tuned["tuned"] - before[0]["tuned"],
+            "tuning_s": round(tuned["tuning_s"] - before[0]["tuning_s"], 3),
+            "keys_from_tables": tuned["from_tables"] - before[0]["from_tables"],
+            "graphs_compiled": int(counters["stats"]["unique_graphs"]) - before[1],
+            "dynamo_compile_s": round(_dynamo_seconds() - before[2], 3),
+            "cuda_graph_captures": (graphs.captures if graphs else 0) - before[3],
+        }
+
+    sizes = []
+    for text in args.sizes:
+        height, width = parse_resolution(text)
+        first, warm = call(height, width), call(height, width)
+        sizes.append({"size": f"{width}x{height}", "first": first, "warm": warm,
+                      "extra_s": round(first["s"] - warm["s"], 3)})  # fmt: skip
+    return {
+        "preset": args.preset, "mode": os.environ.get("FLUX_KERNELS_TUNING", "tables"), "steps": args.steps,
+        "import_s": round(imported - start, 2), "build_s": round(built - imported, 2),
+        "optimize_s": round(optimised - built, 2), "sizes": sizes, "variant": args.variant,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    }  # fmt: skip
+
+
+def run_child(preset: str, mode: str, folder: Path, args) -> dict:
+    env = {**os.environ, "FLUX_ENGINE_CACHE_DIR": str(folder), "TRITON_CACHE_DIR": str(folder / "triton"),
+           "TORCHINDUCTOR_CACHE_DIR": str(folder / "inductor"), "FLUX_KERNELS_TUNING": mode}  # fmt: skip
+    env.pop("FLUX_KERNELS_TUNING_DIR", None)
+    command = [sys.executable, "-m", "benchmarks.startup", "--child", "--preset", preset, "--steps", str(args.steps),
+               "--variant", args.variant, "--sizes", *args.sizes]  # fmt: skip
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        return {"preset": preset, "mode": mode, "error": proc.stderr[-3000:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| preset | tuning | start | size | first call s | warm s | extra s | keys tuned (s) | from tables | "
+             "graphs | dynamo s | captures |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for result in results:
+        if "error" in result:
+            lines.append(f"| {result['preset']} | {result['mode']} | {result['start']} | failed | | | | | | | | |")
+            continue
+        for row in result["sizes"]:
+            first = row["first"]
+            lines.append(
+                f"| {result['preset']} | {result['mode']} | {result['start']} | {row['size']} | {first['s']:.2f} | "
+                f"{row['warm']['s']:.2f} | {row['extra_s']:.2f} | {first['keys_tuned']} ({first['tuning_s']:.2f}) | "
+                f"{first['keys_from_tables']} | {first['graphs_compiled']} | {first['dynamo_compile_s']:.1f} | "
+                f"{first['cuda_graph_captures']} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="fp8-compile-fastacc-cudagraphs", help="one or more, comma-separated")
+    parser.add_argument("--sizes", nargs="+", default=DEFAULT_SIZES, help="the first is the cold/warm start's")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--variant", default="flux-dev", help="synthetic model (tiny: a CPU check of this script)")
+    parser.add_argument("--runs", default=",".join(f"{mode}:{start}" for mode, start in RUNS),
+                        help="MODE:START pairs, comma-separated; a warm run reuses its mode's cold folder")  # fmt: skip
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args)))
+        return 0
+    results = []
+    with tempfile.TemporaryDirectory(prefix="flux-startup-") as scratch:
+        for preset in args.preset.split(","):
+            for pair in args.runs.split(","):
+                mode, start = pair.split(":")
+                folder = Path(scratch) / preset / mode
+                results.append({**run_child(preset, mode, folder, args), "start": start})
+                print(table(results[-1:]), flush=True)
+                if args.out:  # after each run: a stage cut short by its time limit keeps what it measured
+                    args.out.parent.mkdir(parents=True, exist_ok=True)
+                    commit = os.environ.get("FLUX_ENGINE_COMMIT")
+                    args.out.write_text(json.dumps({"commit": commit, "runs": results}, indent=1))
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""benchmarks/startup.py on the tiny model (CPU): each run is a fresh process whose first call compiles, its warm
+call compiles nothing, and a new size compiles nothing either (dynamic shapes); the JSON holds every call."""
+
+import json
+
+import pytest
+
+from benchmarks import startup
+
+
+@pytest.mark.slow
+def test_startup_runs_fresh_processes_and_reports_each_call(tmp_path):
+    out = tmp_path / "startup.json"
+    argv = ["--variant", "tiny", "--preset", "compile", "--sizes", "64", "64x96", "--steps", "1"]
+    assert startup.main([*argv, "--runs", "tables:cold,tables:warm", "--out", str(out)]) == 0
+    cold, warm = json.loads(out.read_text())["runs"]
+    assert "error" not in cold, cold.get("error")
+    assert [row["size"] for row in cold["sizes"]] == ["64x64", "64x96"]
+    first, new_size = cold["sizes"]
+    assert first["first"]["graphs_compiled"] > 0 and first["warm"]["graphs_compiled"] == 0
+    assert new_size["first"]["graphs_compiled"] == 0
+    # the warm run starts from the cold run's cache folder: dynamo traces again, inductor loads what it compiled
+    assert warm["start"] == "warm" and warm["sizes"][0]["first"]["graphs_compiled"] > 0
