@@ -5,7 +5,7 @@
 # bench-memory, planner, ladder-full, main-1024, main-2048, tests-lora, lora-kc, lora-fast, profile-lora, lora-28,
 # tests-tasks, task-TASK for every engine.bench --task, tests-cache, cache-taylorseer, cache-fbcache-0,
 # cache-fbcache-008, profile-cache, tests-fp8attn, kernels-attention, fp8attn-1024, fp8attn-2048, tune-table,
-# startup, startup-nographs). Each stage
+# startup, startup-tables, startup-nographs, tests-startup). Each stage
 # has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
@@ -198,12 +198,18 @@ for s in "$@"; do
         python3 -m engine.bench --res 256 512 640 1024 1152 1536 2048 --steps 1 --runs 1 --warmup 0 --no-baseline \
         --cache-dir /tmp/fe-tune --preset kernels,fp8,kernels-compile-fp8attn --out "$OUT/tune-table-$CARD-$DAY.json"
       cp /tmp/fe-tune/kernel-tuning/*.json "$OUT/tuned/" && cp /tmp/fe-tune/kernel-tuning/*.json kernels/tuned/ ;;
-    startup|startup-nographs)
+    startup|startup-tables|startup-nographs)
       # cold start, warm start and each new size's first call, each run a fresh process, tuning per process (as
-      # before flux_kernels.tuning) against the tables (benchmarks/startup.py)
-      preset=fp8-compile-fastacc-cudagraphs
-      [ "$s" = startup-nographs ] && preset=fp8-compile-fastacc
-      stage "$s" 480 python3 -m benchmarks.startup --preset "$preset" --out "$OUT/$s-$CARD-$DAY.json" ;;
+      # before flux_kernels.tuning) against the tables (benchmarks/startup.py); startup-tables: the tables only;
+      # startup-nographs: the case (fp8-compile-fastacc, no CUDA graph), cold, per process and tables
+      preset=fp8-compile-fastacc-cudagraphs runs=per-process:cold,per-process:warm,tables:cold,tables:warm
+      [ "$s" = startup-tables ] && runs=tables:cold,tables:warm
+      [ "$s" = startup-nographs ] && preset=fp8-compile-fastacc runs=per-process:cold,tables:cold
+      stage "$s" 480 python3 -m benchmarks.startup --preset "$preset" --runs "$runs" --out "$OUT/$s-$CARD-$DAY.json" ;;
+    tests-startup)
+      stage tests-tuning 100 python3 -m pytest -q tests/kernels/test_tuning.py
+      stage tests-graphs 200 python3 -m pytest -q -m gpu tests/test_compile.py tests/test_step_cache.py tests/test_lora.py \
+        tests/test_tasks.py ;;
     main-1024|main-2048)
       # the README's main command as a user runs it: no --preset, so diffusers against the fastest config here
       stage "$s" 400 python3 -m engine.bench --res "${s#main-}" --out "$OUT/bench-$s-$CARD-$DAY.json" ;;

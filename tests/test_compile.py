@@ -176,3 +176,20 @@ def test_cuda_graphs_replay_the_transformer_per_shape(mode):
         expected = reference(**tiny_call_kwargs(height=height, width=width)).images
         torch.testing.assert_close(images, expected, rtol=0, atol=0)
     assert graphs.captures == 2  # one per shape: the repeated size and every step replay
+
+
+@pytest.mark.gpu
+def test_a_new_size_runs_eagerly_once_then_is_captured():
+    # the first call of a signature is its own warm-up (no forward spent on warming up alone); the next captures
+    attention = AttentionConfig(backend="auto", fused_norms=True)
+    config = EngineConfig(attention=attention, compile=CompileConfig(mode="none", cuda_graphs=True))
+    engine = _engine(config, dtype=torch.bfloat16, device="cuda")
+    graphs = engine.compile_state.cuda_graphs
+    first = engine(**tiny_call_kwargs(num_inference_steps=1)).images
+    assert graphs.captures == 0
+    again = engine(**tiny_call_kwargs(num_inference_steps=1)).images
+    assert graphs.captures == 1
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    graphs.clear()  # modules changed: the next call warms up again instead of capturing
+    engine(**tiny_call_kwargs(num_inference_steps=1))
+    assert graphs.captures == 1 and len(graphs.warmed) == 1

@@ -89,7 +89,7 @@ def measure_warm_compile(pipe, row: Row, args, device: torch.device, progress) -
     """Drop every compiled graph (torch._dynamo.reset) and time one call: the warm start from the cache."""
     torch._dynamo.reset()
     if pipe.compile_state.cuda_graphs is not None:
-        pipe.compile_state.cuda_graphs.graphs.clear()  # or the replay would skip the compile
+        pipe.compile_state.cuda_graphs.clear()  # or the replay would skip the compile
     warm_args = argparse.Namespace(**{**vars(args), "warmup": 1, "runs": 1})
     warm, _ = run_config(pipe, row.config, row.height, row.width, warm_args, device, 0, progress)
     row.compile_warm_s = max(0.0, warm.first_call_s - warm_call_seconds(row, args.warmup_steps))
