@@ -323,6 +323,34 @@ def lora_table(files: list[dict]) -> list[str]:
     return lines
 
 
+def startup_table(files: list[dict]) -> list[str]:
+    """benchmarks/startup.py: every run, oldest file first: a fresh process's start-up and each new size's first call,
+    as seconds more than the warm call at the same size."""
+    lines = [
+        "Start-up (`python -m benchmarks.startup`): each row a fresh process with its own cache folder (cold: empty; "
+        "warm: filled by the cold row above it); seconds a first call takes more than the warm call at its size; "
+        "kernel tuning per process (before `flux_kernels.tuning`) or from the tables.",
+        "",
+        "| card | date | commit | preset | tuning | process | start-up s (size) | dynamo s | new sizes: extra s "
+        "(keys tuned) | file |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for data in sorted(files, key=lambda d: d["env"].get("date", "")):
+        env = data["env"]
+        for run in data["runs"]:
+            if "sizes" not in run:
+                continue
+            first, *later = run["sizes"]
+            dynamo = first["first"]["dynamo_compile_s"]
+            extras = ", ".join(f"{r['size']} {r['extra_s']:.2f} ({r['first']['keys_tuned']})" for r in later)
+            lines.append(
+                f"| {_card(env)} | {_stamp(env)} | {env.get('commit') or '-'} | {run['preset']} | {run['mode']} "
+                f"| {run['start']} | {first['extra_s']:.2f} ({first['size']}) | {dynamo:.1f} "
+                f"| {extras} | `{data['_file']}` |"
+            )
+    return lines
+
+
 def render() -> str:
     benches = _gpu_results("bench-*.json")
     if not benches:
@@ -361,6 +389,9 @@ def render() -> str:
     norm = newest("norm-*.json")
     if norm:
         parts += ["", *norm_table(norm)]
+    startup = _gpu_results("startup*.json")
+    if startup:
+        parts += ["", *startup_table(startup)]
     return "\n".join(parts)
 
 

@@ -103,6 +103,13 @@ def run_child(preset: str, mode: str, folder: Path, args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _env(results: list[dict]) -> dict:
+    """What benchmarks/make_readme_table.py reads of a result file: the card (None on a CPU), date, commit."""
+    devices = [r["device"] for r in results if r.get("device") not in (None, "cpu")]
+    date = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
+    return {"gpu": devices[0] if devices else None, "date": date, "commit": os.environ.get("FLUX_ENGINE_COMMIT")}
+
+
 def table(results: list[dict]) -> str:
     lines = ["| preset | tuning | start | size | first call s | warm s | extra s | keys tuned (s) | from tables | "
              "graphs | dynamo s | captures |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -145,8 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(table(results[-1:]), flush=True)
                 if args.out:  # after each run: a stage cut short by its time limit keeps what it measured
                     args.out.parent.mkdir(parents=True, exist_ok=True)
-                    commit = os.environ.get("FLUX_ENGINE_COMMIT")
-                    args.out.write_text(json.dumps({"commit": commit, "runs": results}, indent=1))
+                    args.out.write_text(json.dumps({"env": _env(results), "runs": results}, indent=1))
     print(table(results))
     return 0
 
