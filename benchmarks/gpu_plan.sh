@@ -5,7 +5,7 @@
 # bench-memory, planner, ladder-full, main-1024, main-2048, tests-lora, lora-kc, lora-fast, profile-lora, lora-28,
 # tests-tasks, task-TASK for every engine.bench --task, tests-cache, cache-taylorseer, cache-fbcache-0,
 # cache-fbcache-008, profile-cache, tests-fp8attn, kernels-attention, fp8attn-1024, fp8attn-2048, tune-table,
-# startup, startup-tables, startup-nographs, tests-startup). Each stage
+# startup, startup-tables, startup-nographs, tests-startup, cache-fbcache-graphs, tests-fbcache-graphs). Each stage
 # has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
@@ -172,6 +172,15 @@ for s in "$@"; do
       T=0; [ "$s" = cache-fbcache-008 ] && T=0.08
       stage "$s" 300 python3 -m engine.bench --res 1024 --steps 28 --runs 2 --preset fp8-compile-fastacc \
         --cache "fbcache:$T" --cache-dir /tmp/fe-cache --out "$OUT/bench-$s-$CARD-$DAY.json" ;;
+    cache-fbcache-graphs)
+      # First-Block Cache at threshold 0 on the fastest preset (the blocks after the second replayed as a CUDA graph):
+      # its cost a full step against itself paused and, in a second process, against the whole-forward graph
+      stage "$s" 300 python3 -m engine.bench --res 1024 --steps 28 --runs 2 --preset fp8-compile-fastacc-cudagraphs \
+        --cache fbcache:0 --cache-dir /tmp/fe-cache --out "$OUT/bench-$s-$CARD-$DAY.json"
+      stage "$s-plain" 200 python3 -m engine.bench --res 1024 --steps 28 --runs 2 --no-baseline \
+        --preset fp8-compile-fastacc-cudagraphs --cache-dir /tmp/fe-cache --out "$OUT/bench-$s-plain-$CARD-$DAY.json" ;;
+    tests-fbcache-graphs)
+      stage "$s" 150 python3 -m pytest -q -m gpu tests/test_step_cache.py tests/test_compile.py ;;
     profile-cache)
       # FBCache's cost per full step: step time against kernel time, paused and cached (benchmarks/profile_cache.py)
       stage profile-cache 240 python3 -m benchmarks.profile_cache --res 1024 --preset fp8-compile-fastacc \

@@ -217,7 +217,11 @@ def apply_compile(pipe, config) -> CompileState | None:
             f"compile.cuda_graphs needs the transformer on a CUDA GPU, it is on {pipe.transformer.device.type}; "
             "turn cuda_graphs off"
         )
+    # First-Block Cache branches after the first block: its step cache captures the blocks after the second instead
+    whole_graph = compile_config.cuda_graphs and config.step_cache.mode != "fbcache"
     if compile_config.mode == "none":
+        if not whole_graph:
+            return None
         graphs = TransformerGraphs(pipe.transformer)
         graphs.install()
         return CompileState(cache_dir=None, artifact_path=None, cuda_graphs=graphs)
@@ -235,7 +239,7 @@ def apply_compile(pipe, config) -> CompileState | None:
     if state.cache_dir is not None:
         # after the save hook: it saves inside the scope
         state.handles += scope_caches_to_forward(transformer, state.cache_dir)
-    if compile_config.cuda_graphs:
+    if whole_graph:
         state.cuda_graphs = TransformerGraphs(transformer)
         state.cuda_graphs.install()
     return state

@@ -346,9 +346,13 @@ PRESETS: dict[str, EngineConfig] = {
     # are fast enough for the host's enqueueing to show)
     "fp8-compile-fastacc-cudagraphs": _preset("fp8-compile-fastacc-cudagraphs", **_FASTEST),
     # the fastest preset with step caching (engine/stepcache): TaylorSeer's full step every 5 after 3 (8 of 28 full),
-    # or First-Block Cache at 0.08 (its decision between the compiled blocks: no whole-forward CUDA graph)
+    # or First-Block Cache at 0.08 (its decision between the compiled blocks; under CUDA graphs the blocks after the
+    # second replay as one graph, without them each block is launched)
     "fp8-compile-fastacc-cudagraphs-taylorseer": _preset(
         "fp8-compile-fastacc-cudagraphs-taylorseer", **_FASTEST, step_cache=StepCacheConfig("taylorseer", interval=5)
+    ),
+    "fp8-compile-fastacc-cudagraphs-fbcache": _preset(
+        "fp8-compile-fastacc-cudagraphs-fbcache", **_FASTEST, step_cache=StepCacheConfig("fbcache")
     ),
     "fp8-compile-fastacc-fbcache": _preset(
         "fp8-compile-fastacc-fbcache", **{**_FASTEST, "compile": _REGIONAL}, step_cache=StepCacheConfig("fbcache")

@@ -99,6 +99,9 @@ def _transformer_output(sample: torch.Tensor):
 def drop_captured_graphs(pipe) -> None:
     """Forget the CUDA graphs captured on `pipe` (if any); the next call captures again. For what a graph cannot
     follow (new adapter weights, scales baked in) or must not outlive (NCCL's communicator at exit)."""
-    graphs = getattr(getattr(pipe, "compile_state", None), "cuda_graphs", None)
-    if graphs is not None:
-        graphs.clear()
+    for graphs in (
+        getattr(getattr(pipe, "compile_state", None), "cuda_graphs", None),
+        getattr(getattr(pipe, "step_cache_state", None), "tail_graphs", None),  # First-Block Cache's (stepcache)
+    ):
+        if graphs is not None:
+            graphs.clear()

@@ -122,7 +122,7 @@ def optimize(pipe, config: EngineConfig | str | None = None):
         compile_state = pipe.compile_state
         steps.add("compile", lambda: remove_compile(compile_state))
     # last on the transformer's forward: a skipped step skips everything under it (compiled blocks, the graph replay)
-    pipe.step_cache_state = apply_step_cache(pipe, config.step_cache)
+    pipe.step_cache_state = apply_step_cache(pipe, config.step_cache, graphs=config.compile.cuda_graphs)
     if pipe.step_cache_state is not None:
         steps.add("step_cache", pipe.step_cache_state.remove)
     from .lora import install_lora_calls, needs_lora_calls

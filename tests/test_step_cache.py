@@ -160,8 +160,6 @@ def test_the_cache_works_in_the_other_pipeline_classes():
         (lambda: StepCacheConfig("static", steps=(1, 2)), "must start with 0"),
         (lambda: StepCacheConfig("static", steps=(0, 3, 2)), "must be increasing"),
         (lambda: StepCacheConfig("taylorseer", steps=(0,)), "step_cache.steps is for mode 'static'"),
-        (lambda: EngineConfig(compile=CompileConfig(mode="regional", cuda_graphs=True),
-                              step_cache=StepCacheConfig("fbcache")), "cannot branch.*fp8-compile-fastacc-fbcache"),
         (lambda: parse_step_cache("fbcache:high"), "--cache 'fbcache:high': could not convert"),
         (lambda: parse_step_cache("taylorseer"), "--cache 'taylorseer' is not a step cache; use fbcache:THRESHOLD"),
     ],
@@ -197,6 +195,38 @@ def test_taylorseer_on_the_fastest_preset_keeps_its_cuda_graphs():
     full = sum(taylorseer_computes(StepCacheConfig("taylorseer", interval=5), step) for step in range(STEPS))
     assert graphs.captures == captures and engine.step_cache_state.last_call()["cond"].count(True) == full == 5
     assert psnr(images, expected) >= 35.0  # fp8 weights on the tiny model in bf16 (tests/test_tasks.py)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+@pytest.mark.parametrize("threshold", [0.0, 0.45])
+def test_first_block_cache_under_cuda_graphs_replays_the_blocks_after_the_decider(threshold):
+    """fbcache with compile.cuda_graphs: the blocks after the second replay as one graph per size on full steps and
+    give the bits of the same config without graphs (the same kernels), the same decisions; no recompile, no new
+    capture once a size was seen; no whole-forward graph."""
+    cache = StepCacheConfig("fbcache", threshold=threshold)
+    parts = dict(attention=AttentionConfig(backend="auto", fused_norms=True), step_cache=cache)
+    plain = FluxEngine.from_pretrained("synthetic:tiny", EngineConfig(**parts), device="cuda")
+    engine = FluxEngine.from_pretrained(
+        "synthetic:tiny", EngineConfig(compile=CompileConfig(mode="regional", cuda_graphs=True), **parts), device="cuda"
+    )
+    assert engine.compile_state.cuda_graphs is None
+    graphs = engine.step_cache_state.tail_graphs
+    sizes = [(64, 64), (48, 80), (64, 64)]
+    for index, (height, width) in enumerate(sizes):
+        expected = _call(plain, height=height, width=width)
+        if index == len(sizes) - 1:
+            captures = graphs.captures
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                images = _call(engine, height=height, width=width)
+            assert graphs.captures == captures  # a size seen before: replays only
+        else:
+            images = _call(engine, height=height, width=width)
+        torch.testing.assert_close(images, expected, rtol=0, atol=0)
+        assert engine.step_cache_state.last_call() == plain.step_cache_state.last_call()
+    assert graphs.captures == 2 and len(graphs.graphs) == 2
+    full = engine.step_cache_state.last_call()["cond"].count(True)
+    assert full == STEPS if threshold == 0.0 else 2 <= full < STEPS
 
 
 def test_bench_cache_runs_each_config_uncached_then_cached_beside_diffusers_own_hook(tmp_path, capsys):
@@ -296,7 +326,8 @@ def test_taylorseer_under_streamed_offload_skips_the_same_steps_with_the_same_im
 
 
 def test_generate_with_a_cache_and_the_fbcache_config_name(tmp_path):
-    """engine.generate --cache: the cached image of the engine; fbcache on a CUDA-graph preset drops the graphs."""
+    """engine.generate --cache: the cached image of the engine; fbcache on a CUDA-graph preset keeps the graphs (those
+    of the blocks after the decider)."""
     import numpy as np
     from PIL import Image
 
@@ -310,7 +341,7 @@ def test_generate_with_a_cache_and_the_fbcache_config_name(tmp_path):
     expected = _call(engine, prompt="a fox", num_inference_steps=6, max_sequence_length=64, output_type="pil")
     assert np.array_equal(np.asarray(Image.open(tmp_path / "fox.png")), np.asarray(expected[0]))
     config = with_step_cache(PRESETS["fp8-compile-fastacc-cudagraphs"], StepCacheConfig("fbcache", threshold=0.1))
-    assert config.label == "fp8-compile-fastacc+fbcache:0.1" and not config.compile.cuda_graphs
+    assert config.label == "fp8-compile-fastacc-cudagraphs+fbcache:0.1" and config.compile.cuda_graphs
 
 
 def test_the_cache_profile_script_parses_its_arguments():

@@ -87,9 +87,10 @@ def compiled_graph_count() -> int:
 
 def measure_warm_compile(pipe, row: Row, args, device: torch.device, progress) -> None:
     """Drop every compiled graph (torch._dynamo.reset) and time one call: the warm start from the cache."""
+    from ..cuda_graphs import drop_captured_graphs
+
     torch._dynamo.reset()
-    if pipe.compile_state.cuda_graphs is not None:
-        pipe.compile_state.cuda_graphs.clear()  # or the replay would skip the compile
+    drop_captured_graphs(pipe)  # or the replay would skip the compile (and a capture would compile)
     warm_args = argparse.Namespace(**{**vars(args), "warmup": 1, "runs": 1})
     warm, _ = run_config(pipe, row.config, row.height, row.width, warm_args, device, 0, progress)
     row.compile_warm_s = max(0.0, warm.first_call_s - warm_call_seconds(row, args.warmup_steps))

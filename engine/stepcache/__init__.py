@@ -6,7 +6,8 @@ Three rules, each deciding the same steps as diffusers' own hooks with the same 
 - 'fbcache' (First-Block Cache, diffusers' FirstBlockCacheConfig): every step runs the first double block; when its
   image residual changed by at most `threshold` (mean |r - r_prev| / mean |r_prev|, r_prev of the last full step)
   the other 56 blocks are skipped and their residual of the last full step is added instead. One host sync per step
-  (the comparison), none of diffusers' graph breaks: the decision sits between compiled regions.
+  (the comparison), none of diffusers' graph breaks: the decision sits between compiled regions; under CUDA graphs
+  the blocks after the second replay as one graph on full steps (graphs.py).
 - 'taylorseer' (TaylorSeer, diffusers' TaylorSeerCacheConfig(use_lite_mode=True)): full steps for the first
   `warmup` steps, then one every `interval`; the steps between get the transformer's output extrapolated from the
   last full steps by a Taylor series of `order` (divided differences). No sync; the skipped steps run nothing, so it
@@ -126,12 +127,6 @@ def check_step_cache_fits(config) -> None:
     cache = config.step_cache
     if not cache.enabled:
         return
-    if cache.mode == "fbcache" and config.compile.cuda_graphs:
-        raise ConfigError(
-            "step_cache fbcache decides after the first block whether the other 56 run; a CUDA graph of the whole "
-            "forward cannot branch. Use compile.cuda_graphs=False (preset fp8-compile-fastacc-fbcache), or "
-            "step_cache taylorseer / static, which skip whole steps and keep the graphs"
-        )
     if cache.mode == "fbcache" and config.offload.streams:
         raise ConfigError(
             f"step_cache fbcache skips blocks that offload.policy={config.offload.policy!r} streams in order; use "
@@ -145,15 +140,11 @@ def check_step_cache_fits(config) -> None:
 
 
 def with_step_cache(config, cache: StepCacheConfig):
-    """An EngineConfig with `cache`, named '<config>+<cache>'; fbcache drops whole-forward CUDA graphs, which cannot
-    branch after a block (fp8-compile-fastacc-cudagraphs becomes fp8-compile-fastacc+fbcache:T)."""
+    """An EngineConfig with `cache`, named '<config>+<cache>' (under CUDA graphs, fbcache captures the blocks after
+    the second one instead of the whole forward, which cannot branch after a block)."""
     from dataclasses import replace
 
-    base = config.label
-    if cache.mode == "fbcache" and config.compile.cuda_graphs:
-        config = replace(config, compile=replace(config.compile, cuda_graphs=False))
-        base = base.removesuffix("-cudagraphs") if config.name else replace(config, name="").label
-    return replace(config, step_cache=cache, name=f"{base}+{cache.label}")
+    return replace(config, step_cache=cache, name=f"{config.label}+{cache.label}")
 
 
 def taylorseer_computes(config: StepCacheConfig, step: int) -> bool:

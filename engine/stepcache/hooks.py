@@ -10,7 +10,8 @@ decisions and arithmetic as diffusers' FirstBlockCache and TaylorSeer (lite) hoo
   the change of its residual on the device; the second block is launched before the host reads it (the step's one
   `.item()`), so the GPU is not left idle while the host waits and then launches the rest; a skipped step discards
   that block's output. The other blocks then run, or hand their inputs back untouched, and the last one's residual
-  is kept for the next skipped step.
+  is kept for the next skipped step. Under CUDA graphs (compile.cuda_graphs), the blocks after the second replay
+  as one graph on full steps (graphs.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ HOOK_NAME = "flux_engine_step_cache"
 # context, which diffusers' own cache hooks fail on: theirs count as this one
 DEFAULT_CONTEXT = "cond"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# the transformer forward's arguments that add tensors between the blocks: a tail graph would bake in one step's
+_BETWEEN_BLOCKS = ("controlnet_block_samples", "controlnet_single_block_samples")
 
 
 class _StepState:
@@ -67,6 +70,8 @@ class StepCacheHook(ModelHook):
         self.last_call: dict[str, list[bool]] = {}  # context -> full (True) or skipped, per step, of the last call
         self._live: dict[str, _StepState] = {}  # this call's states, by context
         self.enabled = True  # False: every step full, as without the cache (StepCacheState.paused)
+        self.tail_graphs = None  # fbcache under CUDA graphs: the blocks after the decider as a graph (graphs.py)
+        self.plain_forward = True  # this forward adds nothing between the blocks (no ControlNet residuals)
 
     def state(self) -> _StepState:
         """The current context's state (the default context where the pipeline class sets none)."""
@@ -80,6 +85,7 @@ class StepCacheHook(ModelHook):
         return state
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        self.plain_forward = all(kwargs.get(name) is None for name in _BETWEEN_BLOCKS)
         if not self.enabled:
             return self.fn_ref.original_forward(*args, **kwargs)
         state = self.state()
@@ -167,15 +173,16 @@ class StepCacheHook(ModelHook):
 class _CachedCall:
     """One block's call in a First-Block Cache step (see the module docstring)."""
 
-    __slots__ = ("hook", "block", "role")
+    __slots__ = ("hook", "block", "role", "index")
 
-    def __init__(self, hook: StepCacheHook, block: torch.nn.Module, role: str):
+    def __init__(self, hook: StepCacheHook, block: torch.nn.Module, role: str, index: int):
         # role: 'head' (the first block), 'decider' (the second: decides after its launch), 'middle', 'tail' (the last)
-        self.hook, self.block, self.role = hook, block, role
+        # index: the position among the blocks after the decider (the tail graph's segment), -1 for head and decider
+        self.hook, self.block, self.role, self.index = hook, block, role, index
 
     def __call__(self, *args, **kwargs):
         if not self.hook.enabled:  # paused: every block runs; the tail's output fresh as in a cached step's
-            text, image = self.block(*args, **kwargs)
+            text, image = self._full(args, kwargs)
             return (fresh_tensor(text), fresh_tensor(image)) if self.role == "tail" else (text, image)
         state = self.hook.state()
         if self.role == "head":
@@ -194,12 +201,21 @@ class _CachedCall:
         elif not state.should_compute:
             return kwargs["encoder_hidden_states"], kwargs["hidden_states"]
         else:
-            text, image = self.block(*args, **kwargs)
+            text, image = self._full(args, kwargs)
         if self.role == "tail":
             state.tail_residuals = (image - state.head_output[0], text - state.head_output[1])
             # what follows the blocks (norm_out, compiled) sees a fresh tensor whether the step was full or not
             text, image = fresh_tensor(text), fresh_tensor(image)
         return text, image
+
+    def _full(self, args, kwargs):
+        """The block on a full step: the blocks after the decider through the tail graph, where there is one."""
+        graphs = self.hook.tail_graphs
+        if graphs is None or self.index < 0 or args:
+            return self.block(*args, **kwargs)
+        if self.index == 0:
+            return graphs.first(self.block, kwargs, graphs.usable(kwargs, self.hook.plain_forward))
+        return graphs.next(self.block, kwargs, self.index)
 
 
 class _CachedBlocks(torch.nn.ModuleList):
@@ -212,7 +228,7 @@ class _CachedBlocks(torch.nn.ModuleList):
         if roles is None:
             return iter(blocks)
         hook = self.__dict__["_step_cache_hook"]
-        return iter([_CachedCall(hook, block, role) for block, role in zip(blocks, roles, strict=True)])
+        return iter([_CachedCall(hook, block, *role) for block, role in zip(blocks, roles, strict=True)])
 
 
 class StepCacheState:
@@ -224,6 +240,11 @@ class StepCacheState:
     @property
     def config(self) -> StepCacheConfig:
         return self.hook.config
+
+    @property
+    def tail_graphs(self):
+        """fbcache under CUDA graphs: the TailGraphs of the blocks after the decider (graphs.py); else None."""
+        return self.hook.tail_graphs
 
     def last_call(self) -> dict[str, list[bool]]:
         """Per context ('cond', 'uncond'): full (True) or skipped, per step, of the last pipeline call."""
@@ -249,8 +270,9 @@ class StepCacheState:
                 blocks.__dict__.pop(name, None)
 
 
-def install_step_cache(transformer: torch.nn.Module, config: StepCacheConfig) -> StepCacheState:
-    """Install `config`'s step cache on a FluxTransformer2DModel (after the other steps: its hook is outermost)."""
+def install_step_cache(transformer: torch.nn.Module, config: StepCacheConfig, graphs: bool = False) -> StepCacheState:
+    """Install `config`'s step cache on a FluxTransformer2DModel (after the other steps: its hook is outermost);
+    `graphs` (the config's compile.cuda_graphs): fbcache replays the blocks after the decider as a CUDA graph."""
     hook = StepCacheHook(config)
     HookRegistry.check_if_exists_or_initialize(transformer).register_hook(hook, HOOK_NAME)
     lists = []
@@ -259,7 +281,12 @@ def install_step_cache(transformer: torch.nn.Module, config: StepCacheConfig) ->
         count = len(double) + len(single)
         if count < 3:
             raise ConfigError(f"step_cache fbcache needs 3 or more transformer blocks; this transformer has {count}")
-        roles = ["head", "decider"] + ["middle"] * (count - 3) + ["tail"]
+        names = ["head", "decider"] + ["middle"] * (count - 3) + ["tail"]
+        roles = [(name, position - 2) for position, name in enumerate(names)]
+        if graphs:
+            from .graphs import TailGraphs
+
+            hook.tail_graphs = TailGraphs(count - 2)
         for blocks, own in ((double, roles[: len(double)]), (single, roles[len(double) :])):
             lists.append((blocks, blocks.__class__))
             blocks.__class__ = _CachedBlocks
@@ -268,6 +295,6 @@ def install_step_cache(transformer: torch.nn.Module, config: StepCacheConfig) ->
     return StepCacheState(transformer, hook, lists)
 
 
-def apply_step_cache(pipe, config: StepCacheConfig) -> StepCacheState | None:
+def apply_step_cache(pipe, config: StepCacheConfig, graphs: bool = False) -> StepCacheState | None:
     """optimize()'s step: `config`'s step cache on `pipe.transformer`, or None when it is off."""
-    return install_step_cache(pipe.transformer, config) if config.enabled else None
+    return install_step_cache(pipe.transformer, config, graphs) if config.enabled else None
