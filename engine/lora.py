@@ -11,9 +11,11 @@ projections view (or, quantised, whose rows FusedAway placeholders record). PEFT
 - quantised layers (fp8, int8 / fp8 weight-only, nf4) get PEFT layers of engine.quant.lora: the update beside the
   quantised base, merges quantised once from the original codes;
 - captured CUDA graphs bake the adapters' weights and scales in: every LoRA call drops them (captured again on the
-  next call), except a hot-swap with tensor scales, which writes into the tensors the graphs read.
-What does not work yet is refused before anything changes: transformers whose blocks stream from the host (offload
-block / leaf).
+  next call), except a hot-swap with tensor scales, which writes into the tensors the graphs read;
+- blocks that stream from host memory (offload block / leaf): the adapters' factors stay resident on the GPU beside
+  the streamed blocks (a rank-64 adapter on every projection is ~0.5 GB, a twentieth of the weights); each LoRA call
+  runs where the base weights live (the factors visit the host for it: a merge writes into the pinned host copy of
+  the weights, which the blocks then stream) and puts the factors back on the GPU.
 """
 
 from __future__ import annotations
@@ -97,20 +99,27 @@ def needs_lora_calls(pipe) -> bool:
     return (
         getattr(pipe, "attention_ops", None) is not None
         or getattr(compile_state, "cuda_graphs", None) is not None
+        or getattr(getattr(pipe, "step_cache_state", None), "tail_graphs", None) is not None
         or _is_quantized(getattr(pipe, "transformer", None))
-        or bool(lora_blocker(pipe))
+        or streamed_device(pipe) is not None
     )
 
 
-def lora_blocker(pipe) -> str:
-    """Why adapters cannot be loaded on `pipe` as optimised ('' when they can)."""
+def streamed_device(pipe) -> torch.device | None:
+    """Where a transformer whose blocks stream from host memory (offload block / leaf) computes; None otherwise."""
     offload = getattr(pipe, "offload_state", None)
-    if offload is not None and offload.policy in ("block", "leaf"):
-        return (
-            f"its transformer blocks stream from host memory (offload '{offload.policy}'), and the adapters' "
-            "weights would not travel with them; use offload 'none' or 'model'"
-        )
-    return ""
+    return offload.device if offload is not None and offload.policy in ("block", "leaf") else None
+
+
+def place_factors(transformer, device: torch.device) -> None:
+    """Every adapter's own tensors (PEFT's lora_A / lora_B, embeddings, DoRA magnitudes) onto `device`; the base
+    layers they wrap stay where they are."""
+    for module in transformer.modules():
+        if is_lora_layer(module):
+            for name in dict.fromkeys((*module.adapter_layer_names, "lora_magnitude_vector")):
+                layer = getattr(module, name, None)
+                if isinstance(layer, nn.Module):
+                    layer.to(device)
 
 
 def install_lora_calls(pipe) -> Callable[[], None]:
@@ -133,6 +142,9 @@ def install_lora_calls(pipe) -> Callable[[], None]:
 
 def _lora_call(pipe, name: str, method: Callable, *args, **kwargs):
     hotswap = name == "load_lora_weights" and bool(kwargs.get("hotswap"))
+    streamed = streamed_device(pipe)
+    if streamed is not None:  # the call runs where the streamed base weights live: host memory
+        place_factors(pipe.transformer, torch.device("cpu"))
     try:
         if name == "enable_lora_hotswap":
             setattr(pipe, _HOTSWAP_RANK_ATTR, kwargs.get("target_rank", args[0] if args else 128))
@@ -154,6 +166,9 @@ def _lora_call(pipe, name: str, method: Callable, *args, **kwargs):
         # every scale is a tensor (enable_lora_hotswap makes them so; a float one is baked into the graph)
         if not (hotswap and _scales_are_tensors(pipe.transformer)):
             drop_captured_graphs(pipe)
+        if streamed is not None:
+            place_factors(pipe.transformer, streamed)
+            pipe.offload_state.reset()  # the ring prefetches across calls: a merge must not meet a stale device copy
 
 
 def _scales_are_tensors(transformer) -> bool:
@@ -193,9 +208,6 @@ def _adapter_names(pipe) -> set[str]:
 def _load(pipe, load: Callable, *args, **kwargs):
     """load_lora_weights, with what diffusers would answer obscurely (or by trying a hub download) answered first,
     and a failed load leaving no adapter behind."""
-    why = lora_blocker(pipe)
-    if why:
-        raise ConfigError(f"cannot load LoRA weights on this pipeline: {why}. Nothing was loaded")
     source = args[0] if args else kwargs.get("pretrained_model_name_or_path_or_dict")
     is_path = isinstance(source, str | os.PathLike)
     if is_path and not Path(source).exists():

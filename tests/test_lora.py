@@ -14,7 +14,7 @@ from diffusers import FluxPipeline
 
 from engine import EngineConfig, FluxEngine, restore
 from engine.config import AttentionConfig, CompileConfig, OffloadConfig
-from engine.errors import CheckpointError, ConfigError, InputError
+from engine.errors import CheckpointError, InputError
 from engine.lora import synthetic_lora
 from engine.models import synthetic_components
 
@@ -30,10 +30,10 @@ def lora_state_dict(transformer, rank: int = 4, seed: int = 1) -> dict:
     return synthetic_lora(transformer, rank, seed, std=0.1)
 
 
-def _pipes(config=FUSED):
-    reference = FluxPipeline(**synthetic_components("tiny", device="cpu", dtype=torch.float32, seed=0))
+def _pipes(config=FUSED, device="cpu"):
+    reference = FluxPipeline(**synthetic_components("tiny", device=device, dtype=torch.float32, seed=0))
     engine = FluxEngine.from_pipe(
-        FluxPipeline(**synthetic_components("tiny", device="cpu", dtype=torch.float32, seed=0)), config
+        FluxPipeline(**synthetic_components("tiny", device=device, dtype=torch.float32, seed=0)), config
     )
     return reference, engine
 
@@ -56,8 +56,31 @@ def adapters():
 
 def test_every_lora_call_gives_diffusers_images_on_the_fused_blocks(adapters):
     """The same sequence of LoRA calls on both pipelines; after each, the same image."""
+    _every_call(*_pipes(), adapters)
+
+
+@pytest.mark.parametrize("policy", ["block", "leaf"])
+def test_every_lora_call_on_streamed_blocks_gives_diffusers_images(adapters, policy):
+    """Offload block / leaf: the blocks stream from host memory, the adapters' factors stay beside them on the
+    device, merges write into the host copy that streams (on the CPU both are host memory: the GPU twin below)."""
+    config = EngineConfig(attention=AttentionConfig(backend="auto"), offload=OffloadConfig(policy))
+    _every_call(*_pipes(config), adapters)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="streaming to a GPU needs CUDA")
+@pytest.mark.parametrize("policy", ["block", "leaf"])
+def test_every_lora_call_on_streamed_blocks_on_the_gpu(adapters, policy):
+    config = EngineConfig(attention=AttentionConfig(backend="auto"), offload=OffloadConfig(policy))
+    reference, engine = _pipes(config, device="cuda")
+    _every_call(reference, engine, adapters)
+    engine.load_lora_weights(dict(adapters[0]), adapter_name="again")
+    factors = [p for n, p in engine.transformer.named_parameters() if "lora_" in n]
+    assert factors and all(p.is_cuda for p in factors)  # resident beside the streamed blocks
+
+
+def _every_call(reference, engine, adapters) -> None:
     first, second = adapters
-    reference, engine = _pipes()
     plain = _same(reference, engine)
     for pipe in (reference, engine):
         pipe.load_lora_weights(dict(first), adapter_name="first")
@@ -117,18 +140,6 @@ def test_restore_with_an_adapter_loaded(adapters):
     restore(engine)
     assert "load_lora_weights" not in vars(engine)  # diffusers' own method again
     _same(reference, engine)
-
-
-def test_streamed_blocks_refuse_lora_before_loading_anything(adapters):
-    first, _ = adapters
-    engine = FluxEngine.from_pipe(
-        FluxPipeline(**synthetic_components("tiny", device="cpu", dtype=torch.float32, seed=0)),
-        EngineConfig(attention=AttentionConfig(backend="auto"), offload=OffloadConfig("block")),
-    )
-    with pytest.raises(ConfigError, match="stream from host memory.*offload 'none' or 'model'.*Nothing was loaded"):
-        engine.load_lora_weights(dict(first), adapter_name="first")
-    assert getattr(engine.transformer, "peft_config", None) in (None, {})
-    assert not any("lora" in name for name, _ in engine.transformer.named_modules())
 
 
 def test_lora_from_a_local_safetensors_file(adapters, tmp_path):
