@@ -15,7 +15,7 @@ from conftest import fp8_inputs_fed, swap_without_recompiling, tiny_call_kwargs,
 from diffusers import FluxPipeline
 
 from engine import EngineConfig, FluxEngine
-from engine.config import AttentionConfig, CompileConfig, QuantConfig
+from engine.config import AttentionConfig, CompileConfig, OffloadConfig, QuantConfig
 from engine.errors import ConfigError, InputError
 from engine.lora import synthetic_lora
 from engine.measure import psnr
@@ -62,11 +62,13 @@ def reference_images(adapters):
     return plain, with_first, _image(reference)
 
 
-@pytest.mark.parametrize("mode", ["fp8", "fp8-weight", "int8-weight"])
-def test_lora_calls_on_a_quantised_transformer_give_diffusers_images(mode, adapters, reference_images):
+# fp8 also with its blocks streamed from host memory (quanto's fp8-weight / int8-weight cannot stream)
+@pytest.mark.parametrize(("mode", "offload"), [("fp8", "none"), ("fp8-weight", "none"), ("int8-weight", "none"),
+                                               ("fp8", "block")])  # fmt: skip
+def test_lora_calls_on_a_quantised_transformer_give_diffusers_images(mode, offload, adapters, reference_images):
     first, second = adapters
     plain, with_first, with_both = reference_images
-    engine = FluxEngine.from_pipe(_tiny(), _config(mode))
+    engine = FluxEngine.from_pipe(_tiny(), _config(mode, offload=OffloadConfig(offload)))
     bare = _image(engine)
     assert psnr(bare, plain) >= MIN_PSNR[mode]
     assert psnr(bare, with_first) < MIN_PSNR[mode]  # the adapter matters beyond the tolerance
@@ -207,8 +209,8 @@ def test_unsupported_adapters_on_quantised_layers_are_refused_and_nothing_stays(
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="nf4 and fp8 tensor cores need CUDA")
-@pytest.mark.parametrize("mode", ["nf4", "fp8"])
-def test_lora_on_a_quantised_transformer_on_the_gpu(mode):
+@pytest.mark.parametrize(("mode", "offload"), [("nf4", "none"), ("fp8", "none"), ("nf4", "block"), ("fp8", "leaf")])
+def test_lora_on_a_quantised_transformer_on_the_gpu(mode, offload):
     """bf16 on the GPU: bitsandbytes' nf4 layers and fp8 on the tensor cores, with an adapter, against diffusers with
     it; fuse and unfuse give the unmerged image back exactly."""
     components = synthetic_components("tiny", device="cuda", dtype=torch.bfloat16, seed=0)
@@ -218,7 +220,7 @@ def test_lora_on_a_quantised_transformer_on_the_gpu(mode):
     expected = _image(reference, generator=torch.Generator().manual_seed(0))
     engine = FluxEngine.from_pipe(
         FluxPipeline(**synthetic_components("tiny", device="cuda", dtype=torch.bfloat16, seed=0)),
-        EngineConfig(quant=QuantConfig(transformer=mode)),
+        EngineConfig(quant=QuantConfig(transformer=mode), offload=OffloadConfig(offload)),
     )
     engine.load_lora_weights(dict(lora), adapter_name="a")
     with_lora = _image(engine)
