@@ -143,6 +143,13 @@ def install_lora_calls(pipe) -> Callable[[], None]:
 def _lora_call(pipe, name: str, method: Callable, *args, **kwargs):
     hotswap = name == "load_lora_weights" and bool(kwargs.get("hotswap"))
     streamed = streamed_device(pipe)
+    if streamed is not None and name in ("fuse_lora", "unfuse_lora") and _quant_mode(pipe.transformer) == "nf4":
+        raise ConfigError(
+            f"{name} on an nf4 transformer whose blocks stream from host memory (offload "
+            f"'{pipe.offload_state.policy}'): a merge re-quantises with bitsandbytes' CUDA kernels, and the streamed "
+            "weights live in host memory. Keep the adapter unfused (it runs beside the streamed nf4 blocks), or use "
+            "offload 'none' / 'model'. Nothing was changed"
+        )
     if streamed is not None:  # the call runs where the streamed base weights live: host memory
         place_factors(pipe.transformer, torch.device("cpu"))
     try:
@@ -252,10 +259,14 @@ def _load(pipe, load: Callable, *args, **kwargs):
         raise
 
 
-def _is_quantized(transformer) -> bool:
+def _quant_mode(transformer) -> str | None:
     from .quant.apply import quant_mode_of
 
-    return quant_mode_of(transformer) is not None
+    return quant_mode_of(transformer)
+
+
+def _is_quantized(transformer) -> bool:
+    return _quant_mode(transformer) is not None
 
 
 def resync_fused_views(transformer) -> None:

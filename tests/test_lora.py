@@ -71,9 +71,13 @@ def test_every_lora_call_on_streamed_blocks_gives_diffusers_images(adapters, pol
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="streaming to a GPU needs CUDA")
 @pytest.mark.parametrize("policy", ["block", "leaf"])
 def test_every_lora_call_on_streamed_blocks_on_the_gpu(adapters, policy):
+    # against the same engine with resident blocks: on the GPU the fused GEMMs round apart from diffusers' split
+    # ones by up to 2.3e-5 (measured on an H200, fp32, no adapter), over the CPU's 1e-5; with the same GEMMs only
+    # the merges differ (on the host here, on the GPU there)
     config = EngineConfig(attention=AttentionConfig(backend="auto"), offload=OffloadConfig(policy))
-    reference, engine = _pipes(config, device="cuda")
-    _every_call(reference, engine, adapters)
+    _, resident = _pipes(device="cuda")
+    _, engine = _pipes(config, device="cuda")
+    _every_call(resident, engine, adapters)
     engine.load_lora_weights(dict(adapters[0]), adapter_name="again")
     factors = [p for n, p in engine.transformer.named_parameters() if "lora_" in n]
     assert factors and all(p.is_cuda for p in factors)  # resident beside the streamed blocks
