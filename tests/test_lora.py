@@ -42,9 +42,9 @@ def _image(pipe, **overrides) -> torch.Tensor:
     return pipe(**tiny_call_kwargs(**overrides)).images.float()
 
 
-def _same(reference, engine, **overrides) -> torch.Tensor:
+def _same(reference, engine, atol: float = ATOL, **overrides) -> torch.Tensor:
     expected = _image(reference, **overrides)
-    torch.testing.assert_close(_image(engine, **overrides), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(_image(engine, **overrides), expected, atol=atol, rtol=0)
     return expected
 
 
@@ -77,13 +77,15 @@ def test_every_lora_call_on_streamed_blocks_on_the_gpu(adapters, policy):
     config = EngineConfig(attention=AttentionConfig(backend="auto"), offload=OffloadConfig(policy))
     _, resident = _pipes(device="cuda")
     _, engine = _pipes(config, device="cuda")
-    _every_call(resident, engine, adapters)
+    # after a merge: the streamed engine computes B @ A on the host, the resident one on the GPU: 3.6e-5 apart
+    # (measured on an H200), and the unmerge subtracts a host-rounded delta again
+    _every_call(resident, engine, adapters, merged_atol=1e-4)
     engine.load_lora_weights(dict(adapters[0]), adapter_name="again")
     factors = [p for n, p in engine.transformer.named_parameters() if "lora_" in n]
     assert factors and all(p.is_cuda for p in factors)  # resident beside the streamed blocks
 
 
-def _every_call(reference, engine, adapters) -> None:
+def _every_call(reference, engine, adapters, merged_atol: float = ATOL) -> None:
     first, second = adapters
     plain = _same(reference, engine)
     for pipe in (reference, engine):
@@ -101,14 +103,14 @@ def _every_call(reference, engine, adapters) -> None:
     for pipe in (reference, engine):
         pipe.enable_lora()
         pipe.fuse_lora(lora_scale=0.8)
-    _same(reference, engine)
+    _same(reference, engine, atol=merged_atol)
     for pipe in (reference, engine):
         pipe.unfuse_lora()
         pipe.delete_adapters("first")
-    _same(reference, engine)
+    _same(reference, engine, atol=merged_atol)
     for pipe in (reference, engine):
         pipe.unload_lora_weights()
-    torch.testing.assert_close(_same(reference, engine), plain, atol=ATOL, rtol=0)
+    torch.testing.assert_close(_same(reference, engine, atol=merged_atol), plain, atol=merged_atol, rtol=0)
 
 
 def test_safe_fusing_reaches_the_fused_weight(adapters):
