@@ -346,8 +346,7 @@ PRESETS: dict[str, EngineConfig] = {
     # are fast enough for the host's enqueueing to show)
     "fp8-compile-fastacc-cudagraphs": _preset("fp8-compile-fastacc-cudagraphs", **_FASTEST),
     # the fastest preset with step caching (engine/stepcache): TaylorSeer's full step every 5 after 3 (8 of 28 full),
-    # or First-Block Cache at 0.08 (its decision between the compiled blocks; under CUDA graphs the blocks after the
-    # second replay as one graph, without them each block is launched)
+    # or First-Block Cache at 0.08 (the blocks after the second as one CUDA graph; or without graphs, each launched)
     "fp8-compile-fastacc-cudagraphs-taylorseer": _preset(
         "fp8-compile-fastacc-cudagraphs-taylorseer", **_FASTEST, step_cache=StepCacheConfig("taylorseer", interval=5)
     ),
