@@ -11,7 +11,8 @@ transformer, so it gets what the config gives the transformer (`apply_controlnet
 - quantisation: its Linears in the transformer's mode (`quant.transformer`), keeping its input embedders and the
   residual projections (engine.quant.policy KEEP['controlnet']);
 - compile: its blocks and time/text embedder as regions, as the transformer's (the same block classes and widths
-  share the transformer's graphs).
+  share the transformer's graphs);
+- offload block / leaf: its blocks stream from host memory as the transformer's do (engine.offload.policies).
 
 A FluxMultiControlNetModel gets the same for each of its nets. What a config cannot do to a ControlNet is refused
 before anything changes (`check_controlnet`): see there.
@@ -55,8 +56,6 @@ def check_controlnet(pipe, config: EngineConfig) -> None:
     - compile.cuda_graphs: the capture replays the transformer's forward for fixed inputs; the ControlNet's
       residuals are inputs it does not take (the transformer runs uncaptured with them), and the ControlNet would
       not be captured at all: the config would not do what it says.
-    - offload 'block' / 'leaf': they stream the transformer's weights to keep them off the GPU; the ControlNet's
-      (6.6 GB in bf16 for InstantX's) would stay resident, past the budget the policy was chosen for.
     - a ControlNet already quantised in another mode than the transformer's, or on another device or in another
       dtype than the transformer (the ControlNet's outputs are added into the transformer's hidden states).
     """
@@ -69,12 +68,6 @@ def check_controlnet(pipe, config: EngineConfig) -> None:
             f"{type(pipe).__name__} feeds it ControlNet residuals every step, which the capture does not take, and "
             "the ControlNet is not captured. Use compile.cuda_graphs=False (preset 'kernels-compile' or "
             "'fp8-compile-fastacc' instead of their '-cudagraphs' forms)"
-        )
-    if config.offload.streams:
-        raise ConfigError(
-            f"offload.policy={config.offload.policy!r} streams the transformer's weights from host memory; "
-            f"{type(pipe).__name__}'s ControlNet would stay whole on the GPU, past the memory the policy is for. "
-            "Use offload.policy 'none' or 'model' (fp8 quantises the ControlNet too: preset 'fp8')"
         )
     if not _touches_controlnet(config):
         return

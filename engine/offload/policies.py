@@ -235,6 +235,12 @@ def apply_offload(pipe, config: OffloadConfig, device: torch.device | None = Non
         build = _blocks_streamer if config.policy == "block" else _leaf_streamer
         state.streamers["transformer"] = build(transformer, lists, device, config.blocks_resident, "transformer", pin)
         move_unpacked(transformer, device, [state.streamers["transformer"].host])
+        from ..controlnet import controlnets_of
+
+        for name, net in controlnets_of(pipe).items():  # a ControlNet's blocks are the transformer's classes: alike
+            lists = transformer_block_lists(net)
+            state.streamers[name] = build(net, lists, device, config.blocks_resident, name, pin)
+            move_unpacked(net, device, [state.streamers[name].host])
     else:
         pipe.transformer.to(device)
     pipe.vae.to(device)
