@@ -354,3 +354,16 @@ def test_the_cache_profile_script_parses_its_arguments():
     with pytest.raises(SystemExit) as exit_info:
         profile_cache.main(["--help"])
     assert exit_info.value.code == 0
+
+
+def test_a_call_whose_blocks_a_tail_graph_would_bake_in_is_marked_so():
+    """First-Block Cache's tail graph (CUDA only) must not replay a call with a LoRA scale (diffusers multiplies it into
+    PEFT's float scales before the blocks run) or ControlNet residuals: the hook marks such a call, on any device."""
+    engine = _engine(StepCacheConfig("fbcache", threshold=0.0))
+    hook = engine.step_cache_state.hook
+    _call(engine, num_inference_steps=2)
+    assert hook.plain_forward
+    _call(engine, num_inference_steps=2, joint_attention_kwargs={"scale": 0.5})
+    assert not hook.plain_forward  # TailGraphs.usable refuses the step's graph then
+    _call(engine, num_inference_steps=2)
+    assert hook.plain_forward

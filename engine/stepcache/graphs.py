@@ -68,8 +68,9 @@ class TailGraphs:
 
     @staticmethod
     def usable(kwargs: dict, forward_kwargs_plain: bool) -> bool:
-        """A CUDA transformer, no autograd, no attention kwargs inside the blocks, and (`forward_kwargs_plain`) no
-        ControlNet residuals added between them by the transformer's forward; not inside another capture."""
+        """A CUDA transformer, no autograd, no attention kwargs inside the blocks, and (`forward_kwargs_plain`)
+        nothing in the transformer's call that a graph would bake in (ControlNet residuals, a LoRA scale); not
+        inside another capture."""
         hidden = kwargs.get("hidden_states")
         return (
             forward_kwargs_plain

@@ -32,8 +32,10 @@ HOOK_NAME = "flux_engine_step_cache"
 # context, which diffusers' own cache hooks fail on: theirs count as this one
 DEFAULT_CONTEXT = "cond"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-# the transformer forward's arguments that add tensors between the blocks: a tail graph would bake in one step's
-_BETWEEN_BLOCKS = ("controlnet_block_samples", "controlnet_single_block_samples")
+# the transformer forward's arguments a tail graph would bake in: tensors added between the blocks (one step's), and
+# joint_attention_kwargs, whose LoRA "scale" diffusers multiplies into PEFT's float scales before the blocks run (as
+# the whole-forward graphs, engine/cuda_graphs.py, a call with them runs its blocks as launched)
+_BAKED_IN = ("controlnet_block_samples", "controlnet_single_block_samples", "joint_attention_kwargs")
 
 
 class _StepState:
@@ -71,7 +73,7 @@ class StepCacheHook(ModelHook):
         self._live: dict[str, _StepState] = {}  # this call's states, by context
         self.enabled = True  # False: every step full, as without the cache (StepCacheState.paused)
         self.tail_graphs = None  # fbcache under CUDA graphs: the blocks after the decider as a graph (graphs.py)
-        self.plain_forward = True  # this forward adds nothing between the blocks (no ControlNet residuals)
+        self.plain_forward = True  # this forward's call has nothing a tail graph would bake in (_BAKED_IN)
 
     def state(self) -> _StepState:
         """The current context's state (the default context where the pipeline class sets none)."""
@@ -85,7 +87,7 @@ class StepCacheHook(ModelHook):
         return state
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
-        self.plain_forward = all(kwargs.get(name) is None for name in _BETWEEN_BLOCKS)
+        self.plain_forward = not any(kwargs.get(name) for name in _BAKED_IN)
         if not self.enabled:
             return self.fn_ref.original_forward(*args, **kwargs)
         state = self.state()
