@@ -22,6 +22,7 @@ of a kernel's config list is skipped for the keys it no longer fits).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -70,7 +71,7 @@ def tuning_directory() -> Path:
 
 
 def set_tuning_directory(path: str | Path | None) -> None:
-    """Keep this machine's choices in `path` (None: back to the default); tables already read stay in memory."""
+    """Keep this machine's choices in `path` (None: back to the default); the tables are read again from there."""
     global _directory
     _directory = None if path is None else Path(path).expanduser()
     _TABLES.clear()
@@ -132,17 +133,22 @@ def _save_choice(card: str, kernel: str, key: str, identity: dict) -> None:
     whole to a temporary file and renamed, so a reader never sees half a table."""
     _table(card).setdefault(kernel, {})[key] = identity
     folder = tuning_directory()
-    path = folder / f"{card}.json"
+    path, temporary = folder / f"{card}.json", None
     try:
         folder.mkdir(parents=True, exist_ok=True)
         kernels = _read_table(path)
         kernels.setdefault(kernel, {})[key] = identity
         text = json.dumps({"card": card, "triton": _triton_version(), "kernels": kernels}, indent=1, sort_keys=True)
         with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as handle:
+            temporary = Path(handle.name)
             handle.write(text)
-        os.replace(handle.name, path)
+        temporary.chmod(0o644)  # as the engine's other files: readable by whoever shares the cache folder
+        os.replace(temporary, path)
     except OSError as err:  # a read-only home must not stop a launch: the choice stays for this process
         logger.warning("could not keep the kernel tuning choice in %s: %s", path, err)
+        if temporary is not None:
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)
 
 
 def _triton_version() -> str:
