@@ -43,6 +43,7 @@ def child(args) -> dict:
 
     from engine import FluxEngine, preset
     from engine.config import parse_resolution
+    from engine.measure import environment_info
     from engine.models import synthetic_components
     from flux_kernels.tuning import tuning_stats
 
@@ -88,6 +89,7 @@ def child(args) -> dict:
         "import_s": round(imported - start, 2), "build_s": round(built - imported, 2),
         "optimize_s": round(optimised - built, 2), "sizes": sizes, "variant": args.variant,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "env": environment_info(device),  # card, driver, versions, commit, date: as every result file carries
     }  # fmt: skip
 
 
@@ -101,13 +103,6 @@ def run_child(preset: str, mode: str, folder: Path, args) -> dict:
     if proc.returncode != 0:
         return {"preset": preset, "mode": mode, "error": proc.stderr[-3000:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _env(results: list[dict]) -> dict:
-    """What benchmarks/make_readme_table.py reads of a result file: the card (None on a CPU), date, commit."""
-    devices = [r["device"] for r in results if r.get("device") not in (None, "cpu")]
-    date = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
-    return {"gpu": devices[0] if devices else None, "date": date, "commit": os.environ.get("FLUX_ENGINE_COMMIT")}
 
 
 def table(results: list[dict]) -> str:
@@ -142,17 +137,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(child(args)))
         return 0
-    results = []
+    results, env = [], None  # env: the first child's (card, versions, commit, date)
     with tempfile.TemporaryDirectory(prefix="flux-startup-") as scratch:
         for preset in args.preset.split(","):
             for pair in args.runs.split(","):
                 mode, start = pair.split(":")
-                folder = Path(scratch) / preset / mode
-                results.append({**run_child(preset, mode, folder, args), "start": start})
+                run = run_child(preset, mode, Path(scratch) / preset / mode, args)
+                env = env or run.pop("env", None)
+                run.pop("env", None)
+                results.append({**run, "start": start})
                 print(table(results[-1:]), flush=True)
                 if args.out:  # after each run: a stage cut short by its time limit keeps what it measured
                     args.out.parent.mkdir(parents=True, exist_ok=True)
-                    args.out.write_text(json.dumps({"env": _env(results), "runs": results}, indent=1))
+                    args.out.write_text(json.dumps({"env": env or {"gpu": None}, "runs": results}, indent=1))
     print(table(results))
     return 0
 

@@ -13,7 +13,9 @@ def test_startup_runs_fresh_processes_and_reports_each_call(tmp_path):
     out = tmp_path / "startup.json"
     argv = ["--variant", "tiny", "--preset", "compile", "--sizes", "64", "64x96", "--steps", "1"]
     assert startup.main([*argv, "--runs", "tables:cold,tables:warm", "--out", str(out)]) == 0
-    cold, warm = json.loads(out.read_text())["runs"]
+    data = json.loads(out.read_text())
+    assert data["env"]["gpu"] is None and data["env"]["commit"]  # a CPU run: no card, and the environment's facts
+    cold, warm = data["runs"]
     assert "error" not in cold, cold.get("error")
     assert [row["size"] for row in cold["sizes"]] == ["64x64", "64x96"]
     first, new_size = cold["sizes"]
