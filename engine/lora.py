@@ -102,7 +102,12 @@ def needs_lora_calls(pipe) -> bool:
         or getattr(getattr(pipe, "step_cache_state", None), "tail_graphs", None) is not None
         or _is_quantized(getattr(pipe, "transformer", None))
         or streamed_device(pipe) is not None
+        or _compiled(pipe)
     )
+
+
+def _compiled(pipe) -> bool:
+    return bool(getattr(getattr(pipe, "compile_state", None), "modules", None))
 
 
 def streamed_device(pipe) -> torch.device | None:
@@ -129,6 +134,8 @@ def install_lora_calls(pipe) -> Callable[[], None]:
     shadowed = {name: pipe.__dict__[name] for name in methods if name in pipe.__dict__}
     for name in methods:
         setattr(pipe, name, functools.partial(_lora_call, pipe, name, getattr(pipe, name)))
+    if _compiled(pipe):  # adapters loaded before optimize()
+        scalings_as_tensors(pipe.transformer)
 
     def undo() -> None:
         for name in methods:
@@ -176,11 +183,47 @@ def _lora_call(pipe, name: str, method: Callable, *args, **kwargs):
         if streamed is not None:
             place_factors(pipe.transformer, streamed)
             pipe.offload_state.reset()  # the ring prefetches across calls: a merge must not meet a stale device copy
+        if _compiled(pipe):
+            scalings_as_tensors(pipe.transformer, device=None if hasattr(pipe, _HOTSWAP_RANK_ATTR) else "cpu")
 
 
 def _scales_are_tensors(transformer) -> bool:
+    """Whether every adapter scale is a tensor in device memory, which captured CUDA graphs read at each replay (a
+    host tensor's value is baked into the graph as a float is)."""
     layers = [m for m in transformer.modules() if is_lora_layer(m)]
-    return all(isinstance(value, torch.Tensor) for layer in layers for value in layer.scaling.values())
+    return all(
+        isinstance(value, torch.Tensor) and value.device.type != "cpu"
+        for layer in layers
+        for value in layer.scaling.values()
+    )
+
+
+_SCALING_TENSORS = "_engine_scaling_tensors"  # a PEFT layer's scale tensors by adapter, kept across float writes
+
+
+def scalings_as_tensors(transformer, device: str | None = "cpu") -> None:
+    """Every adapter scale that is a Python float becomes a 0-dim tensor, the same tensor for an adapter each time.
+
+    Under compile, dynamo treats the floats a region reads as constants (engine.compile.dynamo_settings): a float
+    scale would recompile the blocks for each new value (`set_adapters` weights, `joint_attention_kwargs` scale).
+    A tensor is an input of the graph instead. device "cpu": float64 on the host, which CUDA kernels read as a
+    Python number (the same arithmetic as PEFT's float, to the bit); None: on the adapter's device, in float32,
+    as PEFT's `enable_lora_hotswap` makes them (a hot-swap writes into them, and captured graphs read them)."""
+    for layer in transformer.modules():
+        if not is_lora_layer(layer):
+            continue
+        kept = layer.__dict__.setdefault(_SCALING_TENSORS, {})
+        for name, value in layer.scaling.items():
+            if isinstance(value, torch.Tensor):
+                kept[name] = value
+                continue
+            tensor = kept.get(name)
+            if tensor is None:
+                where = device or layer.lora_A[name].weight.device
+                dtype = torch.float64 if str(where) == "cpu" else torch.float32
+                tensor = kept[name] = torch.zeros((), dtype=dtype, device=where)
+            tensor.fill_(value)
+            layer.scaling[name] = tensor
 
 
 def lora_rank(source) -> int | None:

@@ -26,11 +26,11 @@ REPO = Path(__file__).resolve().parent.parent
 TINY_SEQUENCE = [(64, 64), (48, 80), (32, 32), (80, 48), (128, 128)]
 
 # Graphs per compile: the double-stream block, the single-stream block, time_text_embed and
-# norm_out, plus one variant of the single block for the first one (its inputs are fresh tensors;
-# later ones get slices of the joint sequence, and dynamo guards on strides and view bases). Five,
-# whatever the resolution. (The double block's first-block variant is removed by making the
-# embedders' outputs fresh tensors: engine/compile.py `_fresh_block_inputs`.)
-DESIGNED_GRAPHS = 5
+# norm_out. Four, whatever the resolution. Two first-block variants are designed away
+# (engine/compile.py): the double block's by making the embedders' outputs fresh tensors
+# (`_fresh_block_inputs`), the single block's by laying its inputs out as the later ones'
+# (`_joint_views`: dynamo guards on strides and view bases).
+DESIGNED_GRAPHS = 4
 
 
 def _engine(config: EngineConfig, dtype=torch.float32, device="cpu") -> FluxEngine:

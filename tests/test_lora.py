@@ -204,6 +204,29 @@ def test_hotswap_into_compiled_blocks_recompiles_nothing(adapters):
     torch.testing.assert_close(swapped, _image(reference), atol=ATOL, rtol=0)
 
 
+def test_new_adapter_scales_on_compiled_blocks_recompile_nothing(adapters):
+    """Dynamo reads the floats of the compiled blocks as constants (engine.compile.dynamo_settings), so the adapters'
+    scales are tensors under compile: new set_adapters weights and joint_attention_kwargs scales give diffusers'
+    images without compiling anything again (with float scales, the first new weight recompiles the blocks)."""
+    first, second = adapters
+    config = EngineConfig(attention=AttentionConfig(backend="auto"), compile=CompileConfig("regional", backend="eager"))
+    reference, engine = _pipes(config)
+    for pipe in (reference, engine):
+        pipe.load_lora_weights(dict(first), adapter_name="first")
+        pipe.load_lora_weights(dict(second), adapter_name="second")
+        pipe.set_adapters(["first", "second"], [1.0, 1.0])  # which adapters act is structure: it may recompile
+    _same(reference, engine)  # compiles
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for weights in ([0.5, 1.0], [1.3, -0.2]):
+            for pipe in (reference, engine):
+                pipe.set_adapters(["first", "second"], weights)
+            _same(reference, engine)
+        for scale in (0.7, 0.25):
+            _same(reference, engine, joint_attention_kwargs={"scale": scale})
+    scales = [value for module in engine.transformer.modules() for value in getattr(module, "scaling", {}).values()]
+    assert scales and all(isinstance(value, torch.Tensor) and value.dtype == torch.float64 for value in scales)
+
+
 def test_hotswap_above_the_target_rank_is_refused(adapters, tmp_path):
     """diffusers swaps a rank-16 adapter into a target of 8 without a word and makes another image (measured 0.115
     from loading it directly); the engine refuses it, from a state dict or a file, and keeps the adapter it had."""
