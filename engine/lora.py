@@ -134,8 +134,10 @@ def install_lora_calls(pipe) -> Callable[[], None]:
     shadowed = {name: pipe.__dict__[name] for name in methods if name in pipe.__dict__}
     for name in methods:
         setattr(pipe, name, functools.partial(_lora_call, pipe, name, getattr(pipe, name)))
-    if _compiled(pipe):  # adapters loaded before optimize()
-        scalings_as_tensors(pipe.transformer)
+    handles = []
+    if _compiled(pipe):
+        scalings_as_tensors(pipe.transformer)  # adapters loaded before optimize()
+        handles.append(pipe.transformer.register_forward_hook(_scalings_back_to_tensors, always_call=True))
 
     def undo() -> None:
         for name in methods:
@@ -143,6 +145,8 @@ def install_lora_calls(pipe) -> Callable[[], None]:
                 setattr(pipe, name, shadowed[name])
             elif name in pipe.__dict__:
                 delattr(pipe, name)
+        for handle in handles:
+            handle.remove()
 
     return undo
 
@@ -199,6 +203,7 @@ def _scales_are_tensors(transformer) -> bool:
 
 
 _SCALING_TENSORS = "_engine_scaling_tensors"  # a PEFT layer's scale tensors by adapter, kept across float writes
+_LORA_LAYERS = "_engine_lora_layers"  # the transformer's PEFT layers when scalings_as_tensors last ran
 
 
 def scalings_as_tensors(transformer, device: str | None = "cpu") -> None:
@@ -209,9 +214,8 @@ def scalings_as_tensors(transformer, device: str | None = "cpu") -> None:
     A tensor is an input of the graph instead. device "cpu": float64 on the host, which CUDA kernels read as a
     Python number (the same arithmetic as PEFT's float, to the bit); None: on the adapter's device, in float32,
     as PEFT's `enable_lora_hotswap` makes them (a hot-swap writes into them, and captured graphs read them)."""
-    for layer in transformer.modules():
-        if not is_lora_layer(layer):
-            continue
+    layers = transformer.__dict__[_LORA_LAYERS] = [m for m in transformer.modules() if is_lora_layer(m)]
+    for layer in layers:
         kept = layer.__dict__.setdefault(_SCALING_TENSORS, {})
         for name, value in layer.scaling.items():
             if isinstance(value, torch.Tensor):
@@ -224,6 +228,15 @@ def scalings_as_tensors(transformer, device: str | None = "cpu") -> None:
                 tensor = kept[name] = torch.zeros((), dtype=dtype, device=where)
             tensor.fill_(value)
             layer.scaling[name] = tensor
+
+
+def _scalings_back_to_tensors(transformer, args, output) -> None:
+    """After each forward: diffusers' `joint_attention_kwargs={"scale": 0}` resets the scales with PEFT's set_scale,
+    which writes floats (any other scale is undone in place); they go back into their tensors before the next call
+    would compile the blocks again for them."""
+    layers = transformer.__dict__.get(_LORA_LAYERS)
+    if layers and not all(isinstance(value, torch.Tensor) for layer in layers for value in layer.scaling.values()):
+        scalings_as_tensors(transformer)
 
 
 def lora_rank(source) -> int | None:
