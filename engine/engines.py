@@ -321,7 +321,7 @@ def _device_budget_gib(device: torch.device) -> float | None:
     """The memory this process may use on `device`: the card's, times a set_per_process_memory_fraction."""
     if device.type != "cuda":
         return None
-    from .memory.planner import budget_gib
+    from .memory.budget import budget_gib
 
     return budget_gib(device)
 

@@ -246,7 +246,7 @@ def test_gpu_nf4_blocks_stream():
 
 @pytest.mark.gpu
 def test_gpu_real_out_of_memory_under_an_emulated_budget_recovers():
-    from engine.memory.planner import emulate_budget
+    from engine.memory.budget import emulate_budget
 
     device = torch.device("cuda")
     engine = FluxEngine.from_pretrained("synthetic:tiny", config="baseline", device=device, dtype=torch.bfloat16)

@@ -161,3 +161,42 @@ def test_a_preset_is_skipped_when_a_size_asked_for_does_not_fit():
 def test_on_a_cpu_the_fastest_preset_is_the_tiled_vae():
     choice = fastest_config("cpu", [(2048, 2048)], variant="tiny")
     assert choice.config.name == "tiled-vae" and choice.config.vae.tiling == "auto"
+
+
+@pytest.mark.parametrize("mode", ["none", "fp8"])
+def test_controlnet_bytes_agree_with_quantize_accounting(mode):
+    """FluxControlNetPipeline's ControlNet (the real 5 + 10 block layout) counted as the engine quantises it."""
+    expected = weight_bytes(meta_component("flux-dev", "controlnet"), mode, "controlnet")
+    counted = component_bytes("flux-dev", "controlnet", mode)
+    assert counted.total == expected
+    # 5 double + 10 single blocks of flux-dev's: 5 x 648 MiB + 10 x ~270 MiB in bf16, ~6 GiB in all
+    assert 0 < counted.largest_block < counted.blocks < counted.total
+    assert 5.5 * GIB < component_bytes("flux-dev", "controlnet", "none").total < 7 * GIB
+
+
+@pytest.mark.parametrize("policy", ["none", "block"])
+def test_a_controlnet_task_holds_the_controlnet_and_its_residuals(policy):
+    """The planner used to predict FluxControlNetPipeline as text-to-image: ~6 GiB short in bf16 without offload."""
+    config = EngineConfig(offload=OffloadConfig(policy))
+    plain = predict(config, "flux-dev", 1024, 1024)
+    control = predict(config, "flux-dev", 1024, 1024, task="controlnet")
+    net = component_bytes("flux-dev", "controlnet", "none")
+    streamed = net.blocks - config.offload.blocks_resident * net.largest_block
+    resident = net.total if policy == "none" else net.total - streamed
+    residuals = 15 * 4096 * 3072 * 2  # one [4096 image tokens, 3072] bf16 sample per ControlNet block
+    assert control.parts["denoise"] - plain.parts["denoise"] == resident + residuals
+    # 15 blocks beside the transformer's 57, weighed by their bytes: 26% more compute per step
+    assert 1.2 < control.seconds_per_image / plain.seconds_per_image < 1.35
+
+
+def test_the_planner_fits_a_controlnet_where_text_to_image_would_not_need_it():
+    """At a budget where text-to-image fits a resident fp8 transformer, the ControlNet's weights push the plan to a
+    leaner one, and every plan still fits."""
+    for budget in (24, 32):
+        plain = plan(budget, 1024, 1024, variant="flux-dev")
+        control = plan(budget, 1024, 1024, variant="flux-dev", task="controlnet")
+        assert control.chosen.peak_gib <= budget - RESERVE_GIB
+        assert control.chosen.seconds_per_image >= plain.chosen.seconds_per_image
+    configs = {task: [plan(b, 1024, 1024, variant="flux-dev", task=task).config for b in BUDGETS]
+               for task in ("text-to-image", "controlnet")}  # fmt: skip
+    assert configs["controlnet"] != configs["text-to-image"]

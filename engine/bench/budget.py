@@ -65,7 +65,7 @@ def emulated_budget(budget_gib: float | None, device: torch.device):
     if budget_gib is None or device.type != "cuda":
         yield
         return
-    from ..memory.planner import emulate_budget
+    from ..memory.budget import emulate_budget
 
     release_cached_memory(device)
     emulate_budget(budget_gib, device)

@@ -76,11 +76,18 @@ class ComponentBytes:
 
 
 def _block_prefixes(component: str) -> tuple[str, ...]:
-    if component == "transformer":
+    if component in ("transformer", "controlnet"):
         return ("transformer_blocks.", "single_transformer_blocks.")
     if component == "text_encoder_2":
         return ("encoder.block.",)
     return ("text_model.encoder.layers.",)
+
+
+def _resident(net: ComponentBytes, policy: str, slots: int) -> int:
+    """What of a block-streamed network stays on the device under an offload policy."""
+    if policy in ("none", "model"):
+        return net.total
+    return net.total - net.blocks + slots * (net.largest_block if policy == "block" else net.largest_leaf)
 
 
 @functools.lru_cache(maxsize=64)
@@ -180,7 +187,9 @@ def predict(
     task: str = "text-to-image",
 ) -> Prediction:
     """Peak device bytes and seconds per image of `config` (see the module docstring). `task`: Kontext's sequence
-    holds its picture's tokens too; a task with an input image VAE-encodes it at the output's size."""
+    holds its picture's tokens too; a task with an input image VAE-encodes it at the output's size; 'controlnet' adds a
+    ControlNet: its weights, the residuals it hands the transformer and its blocks' compute (and copies, streamed)."""
+    from ..models.controlnet import controlnet_config
     from ..models.variants import variant_spec
     from ..tasks import check_task_name, condition_tokens
     from .vae_peaks import decode_peak_bytes, encode_peak_bytes, tiling_in_force
@@ -201,12 +210,14 @@ def predict(
     # what stays on the device, per policy
     # T5's non-block weights (its token embedding) stay resident under every policy; its blocks stream
     encoders_resident = t5.total + clip.total if offload.policy == "none" else t5.total - t5.blocks
-    if offload.policy in ("none", "model"):
-        dit_resident = dit.total
-    elif offload.policy == "block":
-        dit_resident = dit.total - dit.blocks + slots * dit.largest_block
-    else:  # leaf
-        dit_resident = dit.total - dit.blocks + slots * dit.largest_leaf
+    # FluxControlNetPipeline: a ControlNet (the real layout, 5 + 10 blocks) in the transformer's mode, streamed as
+    # the transformer is (engine/controlnet.py), and its residuals (one per block) held for the transformer's step
+    nets = [dit]
+    if task == "controlnet":
+        nets.append(component_bytes(variant, "controlnet", quant.transformer, dq))
+        residuals = sum(controlnet_config(variant)[key] for key in ("num_layers", "num_single_layers"))
+        act += batch * residuals * transformer_tokens(spec, height, width, 0) * hidden * 2
+    dit_resident = sum(_resident(net, offload.policy, slots) for net in nets)
     embeds = batch * (text_tokens * spec.t5["d_model"] + spec.clip["projection_dim"]) * 2
     resident = dit_resident + encoders_resident + vae + embeds
     if offload.policy == "none":
@@ -220,10 +231,12 @@ def predict(
     parts = {"encode": resident + encode_extra, "denoise": resident + act, "decode": resident + decode_extra}
     peak = max(parts.values())
     # time per image
-    compute_ms = step_compute_ms(tokens * batch, quant.transformer, compiled)
+    # a ControlNet's blocks cost per token what the transformer's cost per byte of block weights
+    compute_ms = step_compute_ms(tokens * batch, quant.transformer, compiled) * sum(n.blocks for n in nets) / dit.blocks
     copy_ms = 0.0
     if offload.streams:
-        copy_ms = dit.blocks / (h2d_gbps * 1e9) * 1e3 * (LEAF_EXTRA if offload.policy == "leaf" else 1.0)
+        streamed = sum(net.blocks for net in nets)
+        copy_ms = streamed / (h2d_gbps * 1e9) * 1e3 * (LEAF_EXTRA if offload.policy == "leaf" else 1.0)
     step_ms = max(compute_ms, copy_ms) + 0.02 * min(compute_ms, copy_ms)  # the overlap is not perfect
     encode_s = 0.0 if offload.policy == "none" else (t5.total + clip.total) / (h2d_gbps * 1e9)
     tiled = tiling_in_force(config.vae, height, width)
@@ -428,37 +441,3 @@ def for_budget(vram_gib: float, height: int = 1024, width: int = 1024, **kwargs)
     batch, fp8_hardware). Exported as `engine.for_budget`; it lives here, not on EngineConfig, so that the config
     does not import the planner that imports it."""
     return plan(vram_gib, height, width, **kwargs).config
-
-
-# ----------------------------------------------------------------------------- emulating a smaller card
-
-_BUDGETS: dict[int, float] = {}
-
-
-def emulate_budget(vram_gib: float | None, device=None) -> None:
-    """Cap this process's CUDA allocator at `vram_gib` GiB (torch.cuda.set_per_process_memory_fraction), as if
-    the card had that much memory; None lifts the cap. The planner's budget checks and the out-of-memory
-    advice use the capped figure."""
-    import torch
-
-    device = torch.device(device or "cuda")
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    total_gib = torch.cuda.get_device_properties(index).total_memory / GIB
-    if vram_gib is None:
-        torch.cuda.set_per_process_memory_fraction(1.0, index)
-        _BUDGETS.pop(index, None)
-        return
-    if not 0 < vram_gib <= total_gib:
-        raise ConfigError(f"budget {vram_gib:g} GiB is outside 0..{total_gib:.1f} GiB, this card's memory")
-    torch.cuda.set_per_process_memory_fraction(vram_gib / total_gib, index)
-    _BUDGETS[index] = vram_gib
-
-
-def budget_gib(device) -> float:
-    """The memory this process may use on `device`: an emulated budget, else the card's total."""
-    import torch
-
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index in _BUDGETS:
-        return _BUDGETS[index]
-    return torch.cuda.get_device_properties(index).total_memory / GIB

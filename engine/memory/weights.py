@@ -113,4 +113,10 @@ def meta_component(variant: str, component: str, dtype: torch.dtype = torch.bflo
             return build_t5(spec, dtype)
         if component == "text_encoder":
             return build_clip(spec, dtype)
-    raise ConfigError(f"component {component!r} is not one of {', '.join(COMPONENTS)}")
+        if component == "controlnet":  # a FLUX.1 ControlNet of the real layout for the variant (5 + 10 blocks)
+            from diffusers import FluxControlNetModel
+
+            from ..models.controlnet import controlnet_config
+
+            return FluxControlNetModel(**controlnet_config(variant))
+    raise ConfigError(f"component {component!r} is not one of {', '.join((*COMPONENTS, 'controlnet'))}")
