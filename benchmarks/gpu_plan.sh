@@ -5,7 +5,8 @@
 # bench-memory, planner, ladder-full, main-1024, main-2048, tests-lora, lora-kc, lora-fast, profile-lora, lora-28,
 # tests-tasks, task-TASK for every engine.bench --task, tests-cache, cache-taylorseer, cache-fbcache-0,
 # cache-fbcache-008, profile-cache, tests-fp8attn, kernels-attention, fp8attn-1024, fp8attn-2048, tune-table,
-# startup, startup-tables, startup-nographs, tests-startup, cache-fbcache-graphs, tests-fbcache-graphs). Each stage
+# startup, startup-tables, startup-nographs, tests-startup, cache-fbcache-graphs, tests-fbcache-graphs,
+# tests-controlnet-graphs). Each stage
 # has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
@@ -219,6 +220,10 @@ for s in "$@"; do
       stage tests-tuning 100 python3 -m pytest -q tests/kernels/test_tuning.py
       stage tests-graphs 200 python3 -m pytest -q -m gpu tests/test_compile.py tests/test_step_cache.py tests/test_lora.py \
         tests/test_tasks.py ;;
+    tests-controlnet-graphs)
+      # FluxControlNetPipeline under compile.cuda_graphs: the residuals as inputs of the transformer's graph
+      stage tests-controlnet-graphs 150 python3 -m pytest -q -m gpu tests/test_controlnet.py tests/test_compile.py \
+        -k "cuda_graph or new_size" ;;
     main-1024|main-2048)
       # the README's main command as a user runs it: no --preset, so diffusers against the fastest config here
       stage "$s" 400 python3 -m engine.bench --res "${s#main-}" --out "$OUT/bench-$s-$CARD-$DAY.json" ;;

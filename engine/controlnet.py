@@ -12,7 +12,9 @@ transformer, so it gets what the config gives the transformer (`apply_controlnet
   residual projections (engine.quant.policy KEEP['controlnet']);
 - compile: its blocks and time/text embedder as regions, as the transformer's (the same block classes and widths
   share the transformer's graphs);
-- offload block / leaf: its blocks stream from host memory as the transformer's do (engine.offload.policies).
+- offload block / leaf: its blocks stream from host memory as the transformer's do (engine.offload.policies);
+- CUDA graphs: the transformer's graph takes the ControlNet's residuals as inputs, copied in before each replay as the
+  latents are (engine/cuda_graphs.py); the ControlNet itself runs before it, compiled, not captured.
 
 A FluxMultiControlNetModel gets the same for each of its nets. What a config cannot do to a ControlNet is refused
 before anything changes (`check_controlnet`): see there.
@@ -53,22 +55,12 @@ def _touches_controlnet(config: EngineConfig) -> bool:
 def check_controlnet(pipe, config: EngineConfig) -> None:
     """Refuse, before any step runs, a config that cannot do to `pipe`'s ControlNet what it does to the transformer.
 
-    - compile.cuda_graphs: the capture replays the transformer's forward for fixed inputs; the ControlNet's
-      residuals are inputs it does not take (the transformer runs uncaptured with them), and the ControlNet would
-      not be captured at all: the config would not do what it says.
     - a ControlNet already quantised in another mode than the transformer's, or on another device or in another
       dtype than the transformer (the ControlNet's outputs are added into the transformer's hidden states).
     """
     nets = controlnets_of(pipe)
     if not nets:
         return
-    if config.compile.cuda_graphs:
-        raise ConfigError(
-            f"compile.cuda_graphs=True ({config.label!r}) captures the transformer's forward for fixed inputs; "
-            f"{type(pipe).__name__} feeds it ControlNet residuals every step, which the capture does not take, and "
-            "the ControlNet is not captured. Use compile.cuda_graphs=False (preset 'kernels-compile' or "
-            "'fp8-compile-fastacc' instead of their '-cudagraphs' forms)"
-        )
     if not _touches_controlnet(config):
         return
     from .quant.apply import quant_mode_of

@@ -21,6 +21,9 @@ class TransformerGraphs:
 
     TENSOR_ARGS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
     ID_ARGS = ("img_ids", "txt_ids")
+    # FluxControlNetPipeline's residuals, new every step: inputs of the graph as the latents are (the ControlNet
+    # itself runs before the replay, compiled as the config says, not captured)
+    SAMPLE_ARGS = ("controlnet_block_samples", "controlnet_single_block_samples")
 
     def __init__(self, transformer: torch.nn.Module, max_graphs: int = 4):
         self.transformer = transformer
@@ -47,12 +50,28 @@ class TransformerGraphs:
 
     def _signature(self, kwargs: dict) -> tuple:
         def describe(value):
+            if isinstance(value, list | tuple):
+                return tuple(describe(item) for item in value)
             return (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else value
 
-        return tuple((name, describe(kwargs.get(name))) for name in (*self.TENSOR_ARGS, *self.ID_ARGS))
+        names = (*self.TENSOR_ARGS, *self.ID_ARGS, *self.SAMPLE_ARGS, "controlnet_blocks_repeat")
+        return tuple((name, describe(kwargs.get(name))) for name in names)
+
+    def _inputs(self, kwargs: dict) -> dict:
+        """The call's tensors by name, the ControlNet residuals one by one ("controlnet_block_samples.0", ...)."""
+        tensors = {name: kwargs[name] for name in (*self.TENSOR_ARGS, *self.ID_ARGS)
+                   if isinstance(kwargs.get(name), torch.Tensor)}  # fmt: skip
+        for name in self.SAMPLE_ARGS:
+            tensors.update({f"{name}.{index}": sample for index, sample in enumerate(kwargs.get(name) or ())})
+        return tensors
 
     def __call__(self, *args, **kwargs):
-        unsupported = args or kwargs.get("joint_attention_kwargs") or kwargs.get("controlnet_block_samples")
+        samples = [sample for name in self.SAMPLE_ARGS for sample in kwargs.get(name) or ()]
+        unsupported = (
+            args
+            or kwargs.get("joint_attention_kwargs")
+            or not all(isinstance(sample, torch.Tensor) for sample in samples)
+        )
         if unsupported or torch.is_grad_enabled() or self.transformer.device.type != "cuda":
             return self.forward(*args, **kwargs)
         key = self._signature(kwargs)
@@ -63,8 +82,8 @@ class TransformerGraphs:
                 return self.forward(*args, **kwargs)  # the warm-up, and this call's result
             entry = self._capture(kwargs)
         graph, static_inputs, static_output = entry
-        for name, value in static_inputs.items():
-            value.copy_(kwargs[name], non_blocking=True)
+        for name, value in self._inputs(kwargs).items():
+            static_inputs[name].copy_(value, non_blocking=True)
         graph.replay()
         sample = static_output.clone()  # the next replay reuses the buffer (true CFG calls twice per step)
         return (sample,) if not kwargs.get("return_dict", True) else _transformer_output(sample)
@@ -72,12 +91,14 @@ class TransformerGraphs:
     def _capture(self, kwargs: dict) -> tuple:
         if len(self.graphs) >= self.max_graphs:
             self.graphs.pop(next(iter(self.graphs)))
-        static_inputs = {
-            name: kwargs[name].clone()
-            for name in (*self.TENSOR_ARGS, *self.ID_ARGS)
-            if isinstance(kwargs.get(name), torch.Tensor)
-        }
-        call_kwargs = {**kwargs, **static_inputs, "return_dict": False}
+        static_inputs = {name: value.clone() for name, value in self._inputs(kwargs).items()}
+        call_kwargs = {**kwargs, "return_dict": False}
+        for name in (*self.TENSOR_ARGS, *self.ID_ARGS):
+            if name in static_inputs:
+                call_kwargs[name] = static_inputs[name]
+        for name in self.SAMPLE_ARGS:
+            if kwargs.get(name) is not None:
+                call_kwargs[name] = [static_inputs[f"{name}.{index}"] for index in range(len(kwargs[name]))]
         graph = torch.cuda.CUDAGraph()
         # under torch.distributed, NCCL's watchdog thread queries events while this thread captures the collectives
         # of context parallelism: capture errors are this thread's only ("global" would fail on the watchdog's)

@@ -178,22 +178,6 @@ def test_compiled_controlnet_holds_fullgraph_without_recompiles_and_restores():
     assert torch.equal(_images(pipe), _images(plain))
 
 
-@pytest.mark.parametrize(
-    ("config", "match"),
-    [
-        (EngineConfig(compile=CompileConfig(mode="regional", cuda_graphs=True)), "compile.cuda_graphs=True .* "
-         "ControlNet residuals .* Use compile.cuda_graphs=False"),
-    ],
-)  # fmt: skip
-def test_what_a_config_cannot_do_to_a_controlnet_is_refused_before_anything_changes(config, match):
-    pipe = _pipeline()
-    with pytest.raises(ConfigError, match=match):
-        optimize(pipe, config)
-    assert not hasattr(pipe, "engine_steps")
-    assert [type(block) for block in _blocks(pipe.controlnet)] == [FluxTransformerBlock, FluxSingleTransformerBlock]
-    assert pipe.transformer.transformer_blocks[0].__dict__.get("_compiled_call_impl") is None
-
-
 def test_a_controlnet_that_does_not_fit_the_transformer_is_refused():
     pipe = _pipeline(nets=2)
     quantize_model(pipe.controlnet.nets[1], "fp8", "controlnet", record_sqnr=False)
@@ -207,3 +191,37 @@ def test_a_controlnet_that_does_not_fit_the_transformer_is_refused():
     ):
         optimize(bf16, FUSED)
     optimize(bf16, "baseline")  # the baseline leaves it to diffusers, as it leaves everything
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+@pytest.mark.parametrize("nets", [1, 2])
+def test_the_controlnet_residuals_enter_the_cuda_graph_on_the_gpu(nets):
+    """compile.cuda_graphs with a ControlNet (or two): the transformer's graph takes their residuals as inputs, copied
+    in before each replay. Against the same config without graphs (the same kernels and compiled regions, so the
+    same bits, as tests/test_compile.py's replay test), over two sizes and a changed conditioning scale; one capture
+    per size, and a repeated call captures nothing new."""
+
+    def pipeline(cuda_graphs: bool) -> FluxControlNetPipeline:
+        nets_ = [synthetic_controlnet("tiny", device="cuda", dtype=torch.bfloat16, seed=1 + i) for i in range(nets)]
+        components = synthetic_components("tiny", device="cuda", dtype=torch.bfloat16, seed=0)
+        pipe = FluxControlNetPipeline(**components, controlnet=nets_[0] if nets == 1 else nets_)
+        attention = AttentionConfig(backend="auto", fused_norms=True)
+        optimize(pipe, EngineConfig(attention=attention, compile=CompileConfig("regional", cuda_graphs=cuda_graphs)))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    engine, reference = pipeline(True), pipeline(False)
+    graphs = engine.compile_state.cuda_graphs
+    for height, width in [(64, 64), (64, 64), (48, 80)]:
+        torch.testing.assert_close(_images(engine, height, width), _images(reference, height, width), rtol=0, atol=0)
+    assert graphs.captures == 2
+    # the residuals are inputs, not constants: a new conditioning scale changes the image, as without graphs
+    call = dict(prompt="a red fox", height=SIZE, width=SIZE, num_inference_steps=2, max_sequence_length=32,
+                output_type="pt", control_image=[_picture(3)] * nets if nets > 1 else _picture(3))  # fmt: skip
+    scale = [0.2] * nets if nets > 1 else 0.2
+    images = [pipe(**call, generator=torch.Generator().manual_seed(0), controlnet_conditioning_scale=scale).images
+              for pipe in (engine, reference)]  # fmt: skip
+    torch.testing.assert_close(images[0], images[1], rtol=0, atol=0)
+    assert not torch.equal(images[0].float(), _images(engine).float())
+    assert graphs.captures == 2

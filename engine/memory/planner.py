@@ -416,8 +416,6 @@ def fastest_config(
         if config.attention.needs_triton and not triton:
             skipped.append(f"{name} (needs Triton)")
             continue
-        if task == "controlnet" and config.compile.cuda_graphs:  # refused there (engine/controlnet.py)
-            continue
         peak_gib = max(predict(config, variant, h, w, batch, steps, task=task).peak_gib for h, w in sizes)
         if peak_gib > usable_gib:
             skipped.append(f"{name} (needs {peak_gib + RESERVE_GIB:.1f} GiB)")
