@@ -125,6 +125,10 @@ def place_factors(transformer, device: torch.device) -> None:
                 layer = getattr(module, name, None)
                 if isinstance(layer, nn.Module):
                     layer.to(device)
+            kept = module.__dict__.get(_SCALING_TENSORS, {})
+            for name, value in module.scaling.items():  # tensor scales (scalings_as_tensors) go with the factors
+                if isinstance(value, torch.Tensor):
+                    module.scaling[name] = kept[name] = value.to(device)
 
 
 def install_lora_calls(pipe) -> Callable[[], None]:
@@ -188,7 +192,7 @@ def _lora_call(pipe, name: str, method: Callable, *args, **kwargs):
             place_factors(pipe.transformer, streamed)
             pipe.offload_state.reset()  # the ring prefetches across calls: a merge must not meet a stale device copy
         if _compiled(pipe):
-            scalings_as_tensors(pipe.transformer, device=None if hasattr(pipe, _HOTSWAP_RANK_ATTR) else "cpu")
+            scalings_as_tensors(pipe.transformer)
 
 
 def _scales_are_tensors(transformer) -> bool:
@@ -206,14 +210,17 @@ _SCALING_TENSORS = "_engine_scaling_tensors"  # a PEFT layer's scale tensors by 
 _LORA_LAYERS = "_engine_lora_layers"  # the transformer's PEFT layers when scalings_as_tensors last ran
 
 
-def scalings_as_tensors(transformer, device: str | None = "cpu") -> None:
-    """Every adapter scale that is a Python float becomes a 0-dim tensor, the same tensor for an adapter each time.
+def scalings_as_tensors(transformer) -> None:
+    """Every adapter scale that is a Python float becomes a 0-dim float64 tensor beside the adapter's factors, the
+    same tensor for an adapter each time.
 
     Under compile, dynamo treats the floats a region reads as constants (engine.compile.dynamo_settings): a float
     scale would recompile the blocks for each new value (`set_adapters` weights, `joint_attention_kwargs` scale).
-    A tensor is an input of the graph instead. device "cpu": float64 on the host, which CUDA kernels read as a
-    Python number (the same arithmetic as PEFT's float, to the bit); None: on the adapter's device, in float32,
-    as PEFT's `enable_lora_hotswap` makes them (a hot-swap writes into them, and captured graphs read them)."""
+    A tensor is an input of the graph instead, read from device memory (captured CUDA graphs read it at each replay,
+    and a hot-swap writes into it, as into the float32 ones of PEFT's `enable_lora_hotswap`). float64 keeps PEFT's
+    float arithmetic when diffusers scales and unscales it; the engine's updates multiply in fp32 as with a float
+    (engine.lora_update.scaled). PEFT's own forward (compiled presets without the engine's fused blocks) rounds a
+    tensor scale to the activations' dtype first, as it does under enable_lora_hotswap: at most 2^-9 of the update."""
     layers = transformer.__dict__[_LORA_LAYERS] = [m for m in transformer.modules() if is_lora_layer(m)]
     for layer in layers:
         kept = layer.__dict__.setdefault(_SCALING_TENSORS, {})
@@ -223,9 +230,9 @@ def scalings_as_tensors(transformer, device: str | None = "cpu") -> None:
                 continue
             tensor = kept.get(name)
             if tensor is None:
-                where = device or layer.lora_A[name].weight.device
-                dtype = torch.float64 if str(where) == "cpu" else torch.float32
-                tensor = kept[name] = torch.zeros((), dtype=dtype, device=where)
+                factors = layer.lora_A[name] if name in layer.lora_A else layer.get_base_layer()
+                device = next(factors.parameters()).device
+                tensor = kept[name] = torch.zeros((), dtype=torch.float64, device=device)
             tensor.fill_(value)
             layer.scaling[name] = tensor
 

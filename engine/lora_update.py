@@ -55,7 +55,16 @@ def down_projection(
     return list(hidden.split([down.out_features for down in downs], dim=-1))
 
 
+def scaled(update: torch.Tensor, scaling) -> torch.Tensor:
+    """update * scaling with PEFT's arithmetic for a float scale (a bf16 tensor times a Python float computes in
+    fp32 and rounds once), also when the scale is a tensor (a float64 one under compile, engine.lora
+    .scalings_as_tensors), which a plain product would first round to the update's dtype."""
+    if isinstance(scaling, torch.Tensor):
+        return update.float() * scaling
+    return update * scaling
+
+
 def add_update(out: torch.Tensor, start: int, layer: nn.Module, name: str, low: torch.Tensor) -> None:
     """out[..., start : start + width] += B(low) * scaling, as PEFT adds it (in place, into the fused output)."""
     up = layer.lora_B[name]
-    out[..., start : start + up.out_features].add_((up(low) * layer.scaling[name]).to(out.dtype))
+    out[..., start : start + up.out_features].add_(scaled(up(low), layer.scaling[name]).to(out.dtype))

@@ -85,6 +85,33 @@ def test_every_lora_call_on_streamed_blocks_on_the_gpu(adapters, policy):
     assert factors and all(p.is_cuda for p in factors)  # resident beside the streamed blocks
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's CUDA kernels and CUDA graphs need CUDA")
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_new_adapter_scales_on_compiled_blocks_on_the_gpu(adapters, cuda_graphs):
+    """The CPU test above with inductor's CUDA kernels (and the whole forward captured): the scales are float64 device
+    tensors, inputs of the compiled regions and of the captured graph. Against the same fused engine uncompiled
+    (fp32; inductor's fusions round apart from eager by ~1e-6 on the tiny model, within ATOL)."""
+    first, second = adapters
+    compiled = CompileConfig("regional", cuda_graphs=cuda_graphs)
+    _, reference = _pipes(device="cuda")
+    _, engine = _pipes(EngineConfig(attention=AttentionConfig(backend="auto"), compile=compiled), device="cuda")
+    for pipe in (reference, engine):
+        pipe.load_lora_weights(dict(first), adapter_name="first")
+        pipe.load_lora_weights(dict(second), adapter_name="second")
+        pipe.set_adapters(["first", "second"], [1.0, 1.0])
+    _same(reference, engine)
+    _same(reference, engine)  # with cuda_graphs: this call captures
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for weights in ([0.5, 1.0], [1.3, -0.2]):
+            for pipe in (reference, engine):
+                pipe.set_adapters(["first", "second"], weights)
+            _same(reference, engine)
+            _same(reference, engine)
+        for scale in (0.7, 0.0, 0.5):
+            _same(reference, engine, joint_attention_kwargs={"scale": scale})
+
+
 def _every_call(reference, engine, adapters, merged_atol: float = ATOL) -> None:
     first, second = adapters
     plain = _same(reference, engine)
