@@ -89,9 +89,10 @@ def test_every_lora_call_on_streamed_blocks_on_the_gpu(adapters, policy):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's CUDA kernels and CUDA graphs need CUDA")
 @pytest.mark.parametrize("cuda_graphs", [False, True])
 def test_new_adapter_scales_on_compiled_blocks_on_the_gpu(adapters, cuda_graphs):
-    """The CPU test above with inductor's CUDA kernels (and the whole forward captured): the scales are float64 device
-    tensors, inputs of the compiled regions and of the captured graph. Against the same fused engine uncompiled
-    (fp32; inductor's fusions round apart from eager by ~1e-6 on the tiny model, within ATOL)."""
+    """test_new_adapter_scales_on_compiled_blocks_recompile_nothing with inductor's CUDA kernels (and the whole forward
+    captured): the scales are float64 device tensors, inputs of the compiled regions and of the captured graph.
+    Against the same fused engine uncompiled, fp32, both with the same fused GEMMs: ATOL is the CPU's (written
+    2026-11-30 without device time left: not yet run on a GPU; measure the gap before loosening it)."""
     first, second = adapters
     compiled = CompileConfig("regional", cuda_graphs=cuda_graphs)
     _, reference = _pipes(device="cuda")
