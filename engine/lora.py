@@ -141,7 +141,8 @@ def install_lora_calls(pipe) -> Callable[[], None]:
     handles = []
     if _compiled(pipe):
         scalings_as_tensors(pipe.transformer)  # adapters loaded before optimize()
-        handles.append(pipe.transformer.register_forward_hook(_scalings_back_to_tensors, always_call=True))
+        hook = pipe.transformer.register_forward_hook(_scalings_back_to_tensors, with_kwargs=True, always_call=True)
+        handles.append(hook)
 
     def undo() -> None:
         for name in methods:
@@ -237,12 +238,11 @@ def scalings_as_tensors(transformer) -> None:
             layer.scaling[name] = tensor
 
 
-def _scalings_back_to_tensors(transformer, args, output) -> None:
-    """After each forward: diffusers' `joint_attention_kwargs={"scale": 0}` resets the scales with PEFT's set_scale,
-    which writes floats (any other scale is undone in place); they go back into their tensors before the next call
-    would compile the blocks again for them."""
-    layers = transformer.__dict__.get(_LORA_LAYERS)
-    if layers and not all(isinstance(value, torch.Tensor) for layer in layers for value in layer.scaling.values()):
+def _scalings_back_to_tensors(transformer, args, kwargs, output) -> None:
+    """After a forward called with `joint_attention_kwargs={"scale": 0}`: diffusers then resets the scales with PEFT's
+    set_scale, which writes floats (any other scale is undone in place); they go back into their tensors before the
+    next call would compile the blocks again for them. Other forwards cost one dict lookup."""
+    if (kwargs.get("joint_attention_kwargs") or {}).get("scale", 1.0) == 0 and transformer.__dict__.get(_LORA_LAYERS):
         scalings_as_tensors(transformer)
 
 
