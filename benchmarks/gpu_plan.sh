@@ -6,7 +6,7 @@
 # tests-tasks, task-TASK for every engine.bench --task, tests-cache, cache-taylorseer, cache-fbcache-0,
 # cache-fbcache-008, profile-cache, tests-fp8attn, kernels-attention, fp8attn-1024, fp8attn-2048, tune-table,
 # startup, startup-tables, startup-nographs, tests-startup, cache-fbcache-graphs, tests-fbcache-graphs,
-# tests-controlnet-graphs, tests-gelu, gelu-ab). Each stage
+# tests-controlnet-graphs). Each stage
 # has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
@@ -224,25 +224,6 @@ for s in "$@"; do
       # FluxControlNetPipeline under compile.cuda_graphs: the residuals as inputs of the transformer's graph
       stage tests-controlnet-graphs 150 python3 -m pytest -q -m gpu tests/test_controlnet.py tests/test_compile.py \
         -k "cuda_graph or new_size" ;;
-    tests-gelu)
-      stage tests-gelu 200 python3 -m pytest -q -m gpu tests/kernels/test_gelu_fp8.py tests/test_lora.py \
-        -k "flux_shapes or compiled_blocks_on_the_gpu" ;;
-    gelu-ab)
-      # gelu_concat_fp8's launch configs (one-pass row kernel, two-pass chunks), then the fastest preset's step with
-      # the one-pass kernel and with the sweep's fastest bit-identical config, one process each, both orders
-      stage gelu-sweep 150 python3 -m benchmarks.kernels.bench_gelu_fp8 --sweep --out "$OUT/gelu-fp8-$CARD-$DAY.json"
-      BEST=$(python3 -c "import json,sys; rows=[r for r in json.load(open(sys.argv[1]))['rows'] if r.get('same_bits') \
-and r['tokens']==16896 and 'cat' in r['op']]; c=min(rows,key=lambda r:r['us'])['config']; \
-print('row' if c['kernel']=='row' else f\"chunks,{c['BLOCK']},{c['num_warps']}\")" "$OUT/gelu-fp8-$CARD-$DAY.json")
-      echo "gelu-ab: fastest config at 16896 tokens: ${BEST:=row}" | tee -a "$LOG"
-      mkdir -p /tmp/gelu-ab
-      for run in "row 1" "$BEST 2" "$BEST 3" "row 4"; do
-        cfg=${run% *}; n=${run#* }; base=--no-baseline; [ "$n" = 3 ] && base=  # diffusers beside the third run
-        stage "gelu-step-$n-$cfg" 240 env FLUX_KERNELS_GELU_CONFIG="$cfg" python3 -m engine.bench --res 1024 2048 \
-          --steps 4 --runs 3 --preset fp8-compile-fastacc-cudagraphs $base --cache-dir /tmp/fe-cache \
-          --out "/tmp/gelu-ab/gelu-step-$n-${cfg//,/-}-$CARD-$DAY.json"
-      done
-      cp /tmp/gelu-ab/*.json "$OUT"/ ;;
     main-1024|main-2048)
       # the README's main command as a user runs it: no --preset, so diffusers against the fastest config here
       stage "$s" 400 python3 -m engine.bench --res "${s#main-}" --out "$OUT/bench-$s-$CARD-$DAY.json" ;;

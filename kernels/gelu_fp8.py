@@ -19,7 +19,6 @@ is a slice); the last dim must be contiguous. bf16, fp16 or fp32 inputs. Under t
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
@@ -44,13 +43,6 @@ def gelu_concat_fp8_ref(prefix: torch.Tensor | None, x: torch.Tensor) -> tuple[t
 
 
 @triton.jit
-def _gelu(x):
-    # the tensor first: Triton 3.7's interpreter turns `constexpr * tensor` into a constexpr holding a tensor, which
-    # tl.sigmoid then cannot take ("cannot convert ... to tensor"); the compiled code is the same either way
-    return x * tl.sigmoid((x + 0.044715 * x * x * x) * GELU_TANH_2C)  # gelu(0) = 0: masked columns stay 0
-
-
-@triton.jit
 def _gelu_concat_fp8_kernel(
     PREFIX,
     X,
@@ -67,13 +59,14 @@ def _gelu_concat_fp8_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """One pass: the whole row in registers (BLOCK_K >= K, BLOCK_P >= KP)."""
     token = tl.program_id(0).to(tl.int64)
     batch = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK_K)
     mask = cols < K
     x = tl.load(X + batch * stride_x_b + token * stride_x_l + cols, mask=mask, other=0.0).to(tl.float32)
-    hidden = _gelu(x)
+    # the tensor first: Triton 3.7's interpreter turns `constexpr * tensor` into a constexpr holding a tensor, which
+    # tl.sigmoid then cannot take ("cannot convert ... to tensor"); the compiled code is the same either way
+    hidden = x * tl.sigmoid((x + 0.044715 * x * x * x) * GELU_TANH_2C)  # gelu(0) = 0: masked columns stay 0
     amax = tl.max(tl.abs(hidden), axis=0)
     if HAS_PREFIX:
         prefix_cols = tl.arange(0, BLOCK_P)
@@ -86,52 +79,6 @@ def _gelu_concat_fp8_kernel(
     if HAS_PREFIX:
         tl.store(OUT + row + prefix_cols, e4m3(prefix, inverse, OUT.dtype.element_ty), mask=prefix_mask)
     tl.store(OUT + row + KP + cols, e4m3(hidden, inverse, OUT.dtype.element_ty), mask=mask)
-    tl.store(OUT_SCALE + batch * L + token, scale)
-
-
-@triton.jit
-def _gelu_concat_fp8_chunked_kernel(
-    PREFIX,
-    X,
-    OUT,
-    OUT_SCALE,
-    stride_p_b,
-    stride_p_l,
-    stride_x_b,
-    stride_x_l,
-    L,
-    KP,
-    K,
-    HAS_PREFIX: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """Two passes over the row in BLOCK-wide chunks: the amax (the row's inputs kept in L2), then the quantised
-    stores (the inputs read again, the GELU recomputed). The same fp32 arithmetic per value as the one-pass kernel,
-    so the same bits; a small program per token, so more tokens in flight per SM."""
-    token = tl.program_id(0).to(tl.int64)
-    batch = tl.program_id(1).to(tl.int64)
-    x_row = X + batch * stride_x_b + token * stride_x_l
-    p_row = PREFIX + batch * stride_p_b + token * stride_p_l
-    cols = tl.arange(0, BLOCK)
-    amax = tl.zeros((BLOCK,), dtype=tl.float32)
-    for start in range(0, K, BLOCK):
-        x = tl.load(x_row + start + cols, mask=start + cols < K, other=0.0, eviction_policy="evict_last")
-        amax = tl.maximum(amax, tl.abs(_gelu(x.to(tl.float32))))
-    if HAS_PREFIX:
-        for start in range(0, KP, BLOCK):
-            p = tl.load(p_row + start + cols, mask=start + cols < KP, other=0.0, eviction_policy="evict_last")
-            amax = tl.maximum(amax, tl.abs(p.to(tl.float32)))
-    scale, inverse = e4m3_scale(tl.max(amax, axis=0))
-    out_row = OUT + (batch * L + token) * (KP + K)
-    if HAS_PREFIX:
-        for start in range(0, KP, BLOCK):
-            mask = start + cols < KP
-            p = tl.load(p_row + start + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-            tl.store(out_row + start + cols, e4m3(p, inverse, OUT.dtype.element_ty), mask=mask)
-    for start in range(0, K, BLOCK):
-        mask = start + cols < K
-        x = tl.load(x_row + start + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-        tl.store(out_row + KP + start + cols, e4m3(_gelu(x), inverse, OUT.dtype.element_ty), mask=mask)
     tl.store(OUT_SCALE + batch * L + token, scale)
 
 
@@ -165,55 +112,8 @@ def _num_warps(block_k: int) -> int:
     return 4 if triton_interpreting() else max(4, min(16, block_k // 1024))
 
 
-def row_config(num_warps: int | None = None) -> dict:
-    """The one-pass kernel's launch: the whole row in registers (num_warps None: ~32 values a thread)."""
-    return {"kernel": "row", "num_warps": num_warps}
-
-
-def chunk_config(block: int, num_warps: int, num_stages: int = 1) -> dict:
-    """The two-pass kernel's launch: BLOCK-wide chunks, num_warps per token."""
-    return {"kernel": "chunks", "BLOCK": block, "num_warps": num_warps, "num_stages": num_stages}
-
-
-# the benchmark's configs (benchmarks/kernels/bench_gelu_fp8.py times each at FLUX's shapes)
-SWEEP = (
-    row_config(),
-    row_config(32),
-    *(chunk_config(block, warps) for block in (1024, 2048, 4096) for warps in (2, 4, 8) if block // (32 * warps) <= 32),
-)
-FORCED_CONFIG_ENV = "FLUX_KERNELS_GELU_CONFIG"
-
-
-@functools.cache
-def forced_config(text: str) -> dict:
-    """'row' or 'row,WARPS' -> row_config; 'chunks,BLOCK,WARPS' -> chunk_config (ablations: one config for a whole
-    process)."""
-    kind, *numbers = text.split(",")
-    try:
-        values = [int(n) for n in numbers]
-        if kind == "row" and len(values) <= 1:
-            return row_config(*values)
-        if kind == "chunks" and len(values) == 2 and values[0] & (values[0] - 1) == 0:
-            return chunk_config(*values)
-    except ValueError:
-        pass
-    raise ValueError(
-        f"{FORCED_CONFIG_ENV}={text!r} is not 'row', 'row,WARPS' or 'chunks,BLOCK,WARPS' with BLOCK a power of two "
-        "(e.g. 'chunks,2048,4'); unset it for the measured default"
-    )
-
-
-def default_config(width: int) -> dict:
-    if FORCED_CONFIG_ENV in os.environ:
-        return forced_config(os.environ[FORCED_CONFIG_ENV])
-    return row_config()
-
-
-def gelu_concat_fp8_fwd(
-    prefix: torch.Tensor | None, x: torch.Tensor, config: dict | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Checks, allocates and launches; see gelu_concat_fp8. config: row_config() or chunk_config(...) (default: the
-    measured choice for the row's width)."""
+def gelu_concat_fp8_fwd(prefix: torch.Tensor | None, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checks, allocates and launches; see gelu_concat_fp8."""
     _check_inputs(prefix, x)
     if not x.is_cuda:
         check_runnable(x.device, "gelu_concat_fp8")
@@ -222,20 +122,13 @@ def gelu_concat_fp8_fwd(
     out = new_output(batch, tokens, prefix_width + width, dtype=FP8_DTYPE, device=x.device)
     scale = new_output(batch, tokens, 1, dtype=torch.float32, device=x.device)
     p = x if prefix is None else prefix  # a placeholder pointer when there is no prefix
-    config = config or default_config(prefix_width + width)
-    args = (p, x, out, scale, p.stride(0), p.stride(1), x.stride(0), x.stride(1), tokens, prefix_width, width)
+    block_k = triton.next_power_of_2(width)
     with device_guard(x):
-        if config["kernel"] == "row":
-            block_k = triton.next_power_of_2(width)
-            _gelu_concat_fp8_kernel[(tokens, batch)](
-                *args, HAS_PREFIX=prefix is not None, BLOCK_P=triton.next_power_of_2(max(prefix_width, 1)),
-                BLOCK_K=block_k, num_warps=config["num_warps"] or _num_warps(block_k),
-            )  # fmt: skip
-        else:
-            _gelu_concat_fp8_chunked_kernel[(tokens, batch)](
-                *args, HAS_PREFIX=prefix is not None, BLOCK=config["BLOCK"], num_warps=config["num_warps"],
-                num_stages=config["num_stages"],
-            )  # fmt: skip
+        _gelu_concat_fp8_kernel[(tokens, batch)](
+            p, x, out, scale, p.stride(0), p.stride(1), x.stride(0), x.stride(1), tokens, prefix_width, width,
+            HAS_PREFIX=prefix is not None, BLOCK_P=triton.next_power_of_2(max(prefix_width, 1)), BLOCK_K=block_k,
+            num_warps=_num_warps(block_k),
+        )  # fmt: skip
     return out, scale
 
 

@@ -1,10 +1,8 @@
 """Micro-benchmark: flux_kernels.gelu_fp8.gelu_concat_fp8 (an MLP's tanh GELU, after an optional copied prefix,
 quantised per token to e4m3 for the next fp8 GEMM) against the same work compiled by inductor (GELU, concatenation,
-quantiser), device time from CUDA graphs with inputs rotated out of L2, at FLUX's token counts (CUDA only); and
-every launch config of flux_kernels.gelu_fp8.SWEEP (the one-pass row kernel and the two-pass chunked one), each
-checked bit for bit against the one-pass kernel, with its bandwidth (bytes read and written per second).
+quantiser), device time from CUDA graphs with inputs rotated out of L2, at FLUX's token counts (CUDA only).
 
-    python -m benchmarks.kernels.bench_gelu_fp8 --out benchmarks/results/gelu-fp8-<gpu>-<date>.json [--sweep]
+    python -m benchmarks.kernels.bench_gelu_fp8 --out benchmarks/results/gelu-fp8-<gpu>-<date>.json
 
 benchmarks/bench_fp8_fusion.py runs the same rows beside the norm kernels' fp8 outputs and a profiled forward.
 """
@@ -63,38 +61,6 @@ def gelu_rows(tokens: int) -> list[dict]:
     return rows
 
 
-def sweep_rows(tokens: int) -> list[dict]:
-    """Each launch config of gelu_fp8.SWEEP at FLUX's two shapes: us, GB/s, and whether its bits equal the one-pass
-    kernel's."""
-    from flux_kernels.gelu_fp8 import SWEEP, gelu_concat_fp8_fwd, row_config
-
-    rows = []
-    for op, prefix_width in (("gelu -> fp8 (double-stream MLP)", 0), ("cat + gelu -> fp8 (single proj_out)", HIDDEN)):
-        inputs = []
-        for seed in range(SETS):
-            generator = torch.Generator(device="cuda").manual_seed(seed)
-            fused = torch.randn(1, tokens, 7 * HIDDEN, device="cuda", dtype=torch.bfloat16, generator=generator)
-            prefix = None
-            if prefix_width:
-                prefix = torch.randn(1, tokens, prefix_width, device="cuda", dtype=torch.bfloat16, generator=generator)
-            inputs.append((prefix, fused[..., 3 * HIDDEN :]))
-        width = prefix_width + 4 * HIDDEN
-        moved = tokens * width * 3 + tokens * 4  # bf16 in, e4m3 and the scales out
-        reference = gelu_concat_fp8_fwd(*inputs[0], config=row_config())
-        for config in SWEEP:
-            label = ",".join(f"{k}={v}" for k, v in config.items())
-            row = time_variant(op, tokens, label, [functools.partial(gelu_concat_fp8_fwd, *args, config=config)
-                                                   for args in inputs])  # fmt: skip
-            out = gelu_concat_fp8_fwd(*inputs[0], config=config)
-            row["config"] = config
-            row["same_bits"] = bool(torch.equal(out[0].view(torch.uint8), reference[0].view(torch.uint8))
-                                    and torch.equal(out[1], reference[1]))  # fmt: skip
-            row["gbps"] = moved / (row["us"] * 1e-6) / 1e9
-            log(f"    {row['gbps']:7.0f} GB/s, same bits as the one-pass kernel: {row['same_bits']}")
-            rows.append(row)
-    return rows
-
-
 def time_variant(op: str, tokens: int, label: str, calls: list) -> dict:
     row = {"op": op, "tokens": tokens, "variant": label}
     try:
@@ -113,20 +79,12 @@ def time_variant(op: str, tokens: int, label: str, calls: list) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--sweep", action="store_true", help="time every launch config of gelu_fp8.SWEEP too")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_gelu_fp8 needs a CUDA GPU")
-    from benchmarks.kernels.bench_norm_ops import copy_ceiling
-
     rows = [row for tokens in TOKENS for row in gelu_rows(tokens)]
-    if args.sweep:
-        rows += [row for tokens in TOKENS for row in sweep_rows(tokens)]
-    ceiling = copy_ceiling()
-    log(f"device copy: {ceiling['gbps']:.0f} GB/s")
-    result = {"environment": environment_info(torch.device("cuda")), "copy": ceiling, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    args.out.write_text(json.dumps({"environment": environment_info(torch.device("cuda")), "rows": rows}, indent=1))
     log(f"wrote {args.out}")
     return 0
 

@@ -39,7 +39,7 @@ def compile_case(kernel, signature: dict, constexprs: dict, num_warps: int) -> d
 
 def cases() -> dict:
     from flux_kernels import layernorm_modulate, qk_norm_rope
-    from flux_kernels.gelu_fp8 import _gelu_concat_fp8_chunked_kernel, _gelu_concat_fp8_kernel
+    from flux_kernels.gelu_fp8 import _gelu_concat_fp8_kernel
 
     results = {}
     gelu = {"PREFIX": "*bf16", "X": "*bf16", "OUT": "*fp8e4nv", "OUT_SCALE": "*fp32", "stride_p_b": "i64",
@@ -48,10 +48,6 @@ def cases() -> dict:
     for has_prefix in (True, False):
         constexprs = {"HAS_PREFIX": has_prefix, "BLOCK_P": 4096, "BLOCK_K": 16384}
         results[f"gelu_concat_fp8/prefix={has_prefix}"] = compile_case(_gelu_concat_fp8_kernel, gelu, constexprs, 16)
-        chunked = {name: kind for name, kind in gelu.items() if not name.startswith("BLOCK")} | {"BLOCK": "constexpr"}
-        results[f"gelu_concat_fp8_chunked/prefix={has_prefix}"] = compile_case(
-            _gelu_concat_fp8_chunked_kernel, chunked, {"HAS_PREFIX": has_prefix, "BLOCK": 2048}, 4
-        )
     tail = {"B": "i32", "L": "i32", "C": "i32", "eps": "fp32", "BLOCK_C": "constexpr", "BLOCK_ROWS": "constexpr",
             "PROGRAMS_PER_SM": "constexpr", "QUANT_FP8": "constexpr"}  # fmt: skip
     for quant_fp8 in (True, False):

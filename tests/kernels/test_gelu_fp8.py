@@ -12,16 +12,7 @@ from kernel_tolerance import assert_fp8_rows_match
 import flux_kernels
 from flux_kernels import gelu_fp8 as gelu_module
 from flux_kernels.fp8 import E4M3_MAX
-from flux_kernels.gelu_fp8 import (
-    FORCED_CONFIG_ENV,
-    SWEEP,
-    chunk_config,
-    default_config,
-    gelu_concat_fp8,
-    gelu_concat_fp8_fwd,
-    gelu_concat_fp8_ref,
-    row_config,
-)
+from flux_kernels.gelu_fp8 import gelu_concat_fp8, gelu_concat_fp8_ref
 
 
 @pytest.fixture(autouse=True)
@@ -51,34 +42,6 @@ def test_gelu_concat_fp8_matches_quantized_reference(batch, tokens, width, prefi
     prefix, x = make_inputs(batch, tokens, width, prefix_width, dtype, device, strided)
     q, scale = gelu_concat_fp8(prefix, x)
     assert_fp8_rows_match(q, scale, *gelu_concat_fp8_ref(prefix, x), (batch, tokens, prefix_width + width))
-
-
-def same_bits(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> bool:
-    return torch.equal(a[0].view(torch.uint8), b[0].view(torch.uint8)) and torch.equal(a[1], b[1])
-
-
-# small chunks too, so that the two-pass kernel loops over several chunks, the last one partial, on the prefix too
-CONFIGS = [*SWEEP, chunk_config(64, 2), chunk_config(128, 4)]
-
-
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(str(v) for v in c.values()))
-def test_every_launch_config_gives_the_one_pass_kernels_bits(config, device):
-    """The two-pass kernel does the same fp32 arithmetic per value as the one-pass one: the same codes and scales,
-    at any chunk width, with and without a prefix, on strided inputs."""
-    for batch, tokens, width, prefix_width in [(2, 5, 1000, 96), (1, 3, 200, 0)]:
-        prefix, x = make_inputs(batch, tokens, width, prefix_width, torch.bfloat16, device, strided=True)
-        assert same_bits(gelu_concat_fp8_fwd(prefix, x, config=config), gelu_concat_fp8_fwd(prefix, x, row_config()))
-
-
-def test_the_config_forced_by_the_environment(monkeypatch):
-    monkeypatch.setenv(FORCED_CONFIG_ENV, "chunks,2048,4")
-    assert default_config(15360) == chunk_config(2048, 4)
-    monkeypatch.setenv(FORCED_CONFIG_ENV, "row,32")
-    assert default_config(15360) == row_config(32)
-    for bad in ("chunks,2000,4", "chunks,2048", "rows", "row,x"):
-        monkeypatch.setenv(FORCED_CONFIG_ENV, bad)
-        with pytest.raises(ValueError, match=f"{FORCED_CONFIG_ENV}='{bad}' is not 'row', 'row,WARPS' or"):
-            default_config(15360)
 
 
 def test_gelu_concat_fp8_is_tanh_gelu_then_the_prefix_first(device):
@@ -148,5 +111,3 @@ def test_gelu_concat_fp8_flux_shapes(tokens, device):
         prefix, x = make_inputs(1, tokens, 12288, prefix_width, torch.bfloat16, device, strided=True)
         q, scale = gelu_concat_fp8(prefix, x)
         assert_fp8_rows_match(q, scale, *gelu_concat_fp8_ref(prefix, x), (1, tokens, prefix_width + 12288))
-        for config in SWEEP:
-            assert same_bits(gelu_concat_fp8_fwd(prefix, x, config=config), (q, scale)), config
