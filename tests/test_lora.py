@@ -91,11 +91,12 @@ def test_every_lora_call_on_streamed_blocks_on_the_gpu(adapters, policy):
 def test_new_adapter_scales_on_compiled_blocks_on_the_gpu(adapters, cuda_graphs):
     """test_new_adapter_scales_on_compiled_blocks_recompile_nothing with inductor's CUDA kernels (and the whole forward
     captured): the scales are float64 device tensors, inputs of the compiled regions and of the captured graph.
-    Against the same fused engine uncompiled, fp32, both with the same fused GEMMs. GPU_ATOL: inductor's fused fp32
-    kernels against eager CUDA ops differ by up to 2.0e-5 (H200, 2026-11-30, the first call, before any scale
-    changed; 1e-5 failed there, with and without graphs); 1e-4 leaves 5x room and still sees a stale scale, which
-    moves the image by more than 1e-3 (asserted below)."""
-    gpu_atol = 1e-4
+    Against the same fused engine uncompiled, fp32, both with the same fused GEMMs. gpu_atol: inductor's fused fp32
+    kernels against eager CUDA ops, measured on an H200 (2026-11-30, with and without graphs): 2.0e-5 at the first
+    call, 1.46e-4 (2 of 12288 values) after scale 0 then 0.5; 1e-3 leaves ~7x room. A stale scale or weight would
+    still fail it: each change in this sequence moves the image by 0.023-0.145 (max) and 0.002-0.011 (mean) on the
+    CPU, so each is asserted to move it by more than 1e-2."""
+    gpu_atol = 1e-3
     first, second = adapters
     compiled = CompileConfig("regional", cuda_graphs=cuda_graphs)
     _, reference = _pipes(device="cuda")
@@ -111,11 +112,11 @@ def test_new_adapter_scales_on_compiled_blocks_on_the_gpu(adapters, cuda_graphs)
             for pipe in (reference, engine):
                 pipe.set_adapters(["first", "second"], weights)
             image = _same(reference, engine, gpu_atol)
-            assert (image - before).abs().max() > 1e-3  # the new weights do change the image
+            assert (image - before).abs().max() > 1e-2  # the new weights do change the image
             before = _same(reference, engine, gpu_atol)
         for scale in (0.7, 0.0, 0.5):
             image = _same(reference, engine, gpu_atol, joint_attention_kwargs={"scale": scale})
-            assert (image - before).abs().max() > 1e-3
+            assert (image - before).abs().max() > 1e-2
             before = image
 
 
