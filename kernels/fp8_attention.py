@@ -27,6 +27,7 @@ Limits: forward only; head_dim 64 or 128; any B, H; Lq, Lk >= 1; outputs bf16 or
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -46,6 +47,7 @@ from flux_kernels.tuning import TunedLaunch
 
 HEAD_DIMS = (64, 128)
 LOG2E = 1.4426950408889634
+CORE_ENV = "FLUX_KERNELS_FP8_ATTENTION_CORE"
 # V^T's token stride is rounded up to this many elements: a tensor descriptor (TMA) needs 16-byte strides
 TOKEN_ALIGN = 16
 
@@ -297,7 +299,7 @@ _launch_fp8_attention = TunedLaunch(_fp8_attention_fwd_kernel, tokens=(0, 1))
 # ----------------------------------------------------------------------------- launcher
 
 
-def _check_quantized(q8, q_scale, k8, k_scale, vt8, v_scale, out_dtype) -> None:
+def check_quantized(q8, q_scale, k8, k_scale, vt8, v_scale, out_dtype) -> None:
     def fail(message: str):
         raise ValueError(f"fp8_attention_quantized: {message}")
 
@@ -329,8 +331,9 @@ def _check_quantized(q8, q_scale, k8, k_scale, vt8, v_scale, out_dtype) -> None:
 
 def fp8_attention_quantized_fwd(q8, q_scale, k8, k_scale, vt8, v_scale, softmax_scale=None,
                                 out_dtype=torch.bfloat16, *, config: triton.Config | None = None):  # fmt: skip
-    """Checks, allocates and launches; see fp8_attention_quantized."""
-    _check_quantized(q8, q_scale, k8, k_scale, vt8, v_scale, out_dtype)
+    """Checks, allocates and launches; see fp8_attention_quantized. FLUX_KERNELS_FP8_ATTENTION_CORE=gluon sends the
+    calls without a `config` to flux_kernels.fp8_attention_gluon (Hopper) instead, for a whole process (A/B runs)."""
+    check_quantized(q8, q_scale, k8, k_scale, vt8, v_scale, out_dtype)
     if not q8.is_cuda:
         check_runnable(q8.device, "fp8_attention")
     batch, heads, q_len, head_dim = q8.shape
@@ -349,6 +352,12 @@ def fp8_attention_quantized_fwd(q8, q_scale, k8, k_scale, vt8, v_scale, softmax_
         *q_scale.stride()[:2], *k_scale.stride()[:2], *v_scale.stride()[:2],
         out.stride(0), out.stride(1), out.stride(2), heads, q_len, key_len,
     )  # fmt: skip
+    if config is None and os.environ.get(CORE_ENV, "triton") != "triton":
+        if os.environ[CORE_ENV] != "gluon":
+            raise ValueError(f"{CORE_ENV}={os.environ[CORE_ENV]!r}: allowed 'triton' (the default) or 'gluon'")
+        from flux_kernels.fp8_attention_gluon import fp8_attention_gluon_fwd
+
+        return fp8_attention_gluon_fwd(q8, q_scale, k8, k_scale, vt8, v_scale, softmax_scale, out_dtype)
     with device_guard(q8):
         if q8.is_cuda:
             ensure_scratch_allocator()

@@ -22,6 +22,7 @@ Needs CUDA: exits 2 without it.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -32,6 +33,7 @@ from benchmarks.kernels.attention_inputs import REGIMES, flux_like_qkv, per_head
 from engine.measure import cudagraph_ms, do_bench_ms, environment_info, host_us_per_call
 from flux_kernels import fp8_attention as fp8
 from flux_kernels.flash_attention import _flash_attention_fwd_kernel, attention_ref, flash_attention
+from flux_kernels.fp8_attention_gluon import GLUON, fp8_attention_gluon_fwd
 
 DEFAULT_LENGTHS = (1536, 4608, 8704, 16896)
 TEXT_TOKENS = 512
@@ -75,6 +77,14 @@ def implementations(q, k, v, qkv_views):
             "int8 q, k as the QK-norm kernel writes them; V quantised in the call",
         ),
         "fp8_attention[bf16-in]": (lambda: fp8.fp8_attention(q, k, v), "q, k, v quantised in the call"),
+        **{
+            f"fp8_attention[gluon core, {stages} stages]": (
+                functools.partial(fp8_attention_gluon_fwd, q8, q_scale, k8, k_scale, vt8, v_scale, stages=stages),
+                "the Gluon kernel (MMA and softmax overlapped); inputs quantised beforehand",
+            )
+            for stages in (3, 2)
+            if GLUON and torch.cuda.get_device_capability()[0] == 9 and q.shape[-1] == 128
+        },
         "flux_kernels.flash_attention": (lambda: flash_attention(q, k, v), "autotuned"),
         "flux_kernels.flash_attention[qkv-views]": (
             lambda: flash_attention(*qkv_views),

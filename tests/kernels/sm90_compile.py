@@ -22,19 +22,21 @@ H100 = GPUTarget("cuda", 90, 32)
 FP8_CAST = "cvt.rn.satfinite.e4m3x2.f32"  # fp32 -> e4m3 with round to nearest even, as torch's cast
 
 
-def compile_case(kernel, signature: dict, constexprs: dict, num_warps: int) -> dict:
+def compile_case(kernel, signature: dict, constexprs: dict, num_warps: int, source=ASTSource, attrs=None) -> dict:
     fn = kernel
     while not isinstance(fn, JITFunction):  # an autotuned kernel wraps the jit function
         fn = fn.fn
     try:
-        asm = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=H100,
+        asm = triton.compile(source(fn, signature, constexprs=constexprs, attrs=attrs), target=H100,
                              options={"num_warps": num_warps}).asm  # fmt: skip
     except Exception as err:  # noqa: BLE001 - reported to the test, which fails on it
         return {"compiled": False, "error": f"{type(err).__name__}: {err}"[:2000]}
     ptx = asm["ptx"]
     return {"compiled": bool(asm.get("cubin")), "rne_fp8_cast": FP8_CAST in ptx,
             "nan_clamp": "min.NaN" in ptx or "max.NaN" in ptx,
-            "wgmma": sorted({line.split()[0] for line in ptx.splitlines() if "wgmma.mma_async" in line})}  # fmt: skip
+            "wgmma": sorted({line.split()[0] for line in ptx.splitlines() if "wgmma.mma_async" in line}),
+            "wgmma_waits": sorted({line.split()[1].rstrip(";") for line in ptx.splitlines()
+                                   if line.strip().startswith("wgmma.wait_group")})}  # fmt: skip
 
 
 def cases() -> dict:
@@ -91,6 +93,21 @@ def cases() -> dict:
         name = "fp8_attention/{BLOCK_M}x{BLOCK_N}".format(**config.kwargs) + f"/w{config.num_warps}s{config.num_stages}"
         results[name] = compile_case(fp8_attention._fp8_attention_fwd_kernel, attn, {"HEAD_DIM": 128, **config.kwargs},
                                      config.num_warps)  # fmt: skip
+    from flux_kernels import fp8_attention_gluon
+
+    if fp8_attention_gluon.GLUON:  # the Gluon core: the runtime's 16-byte divisibility of pointers and row strides
+        from triton.experimental.gluon._runtime import GluonASTSource
+
+        gluon_sig = {**attn, "STAGES": "constexpr"}
+        aligned = {"stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh", "stride_kn", "stride_vb",
+                   "stride_vh", "stride_vd", "stride_ob", "stride_oh", "stride_om"}  # fmt: skip
+        attrs = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(gluon_sig.items())
+                 if kind.startswith("*") or name in aligned}  # fmt: skip
+        for stages in (3, 2):
+            results[f"fp8_attention_gluon/64x128/s{stages}"] = compile_case(
+                fp8_attention_gluon._fp8_attention_gluon_kernel, gluon_sig,
+                {"HEAD_DIM": 128, "BLOCK_M": 64, "BLOCK_N": 128, "STAGES": stages}, 4, GluonASTSource, attrs,
+            )  # fmt: skip
     quant = {"X": "*bf16", "OUT": "*i8", "SCALE": "*fp32", **dict.fromkeys(
         ("stride_xb", "stride_xh", "stride_xl", "stride_ob", "stride_oh", "stride_ol", "stride_od", "stride_s", "H",
          "L"), "i32"), "HEAD_DIM": "constexpr", "BLOCK_L": "constexpr", "V_E4M3": "constexpr"}  # fmt: skip

@@ -30,7 +30,8 @@ def compiled() -> dict:
 
 
 def test_every_case_compiles_to_a_cubin(compiled):
-    assert len(compiled) == 8 + 1 + 5 + 2  # + qk_norm_rope int8, the fp8 attention's Hopper configs, its quantisers
+    # + qk_norm_rope int8, the fp8 attention's Hopper configs, its Gluon core (2 stage counts), its quantisers
+    assert len(compiled) == 8 + 1 + 5 + 2 + 2
     failed = {name: case.get("error") for name, case in compiled.items() if not case["compiled"]}
     assert not failed, failed
 
@@ -51,3 +52,17 @@ def test_quantised_attention_runs_on_int8_and_fp8_tensor_cores(compiled):
     for name, case in attention.items():
         kinds = " ".join(case["wgmma"])
         assert ".s8.s8" in kinds and ".e4m3.e4m3" in kinds, f"{name}: {case['wgmma']}"
+
+
+def test_the_gluon_attention_core_overlaps_the_softmax_with_an_mma(compiled):
+    """The Gluon core (kernels/fp8_attention_gluon.py) runs int8 and e4m3 wgmmas, and waits for S_j with one MMA
+    still in flight (`wgmma.wait_group 1`: P_{j-1} V_{j-1} runs beside the softmax), which is why it exists: the
+    Triton kernel only ever waits for all of them (`wait_group 0`)."""
+    gluon = {name: case for name, case in compiled.items() if name.startswith("fp8_attention_gluon/")}
+    assert len(gluon) == 2
+    for name, case in gluon.items():
+        kinds = " ".join(case["wgmma"])
+        assert ".s8.s8" in kinds and ".e4m3.e4m3" in kinds, f"{name}: {case['wgmma']}"
+        assert case["wgmma_waits"] == ["0", "1"], f"{name}: waits {case['wgmma_waits']}"
+    triton_core = {name: case for name, case in compiled.items() if name.startswith("fp8_attention/")}
+    assert all(case["wgmma_waits"] == ["0"] for case in triton_core.values())
