@@ -6,7 +6,7 @@
 # tests-tasks, task-TASK for every engine.bench --task, tests-cache, cache-taylorseer, cache-fbcache-0,
 # cache-fbcache-008, profile-cache, tests-fp8attn, kernels-attention, fp8attn-1024, fp8attn-2048, tune-table,
 # startup, startup-tables, startup-nographs, tests-startup, cache-fbcache-graphs, tests-fbcache-graphs,
-# tests-controlnet-graphs, gluon-ab). Each stage
+# tests-controlnet-graphs, gluon-kernels, gluon-step). Each stage
 # has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
@@ -224,16 +224,17 @@ for s in "$@"; do
       # FluxControlNetPipeline under compile.cuda_graphs: the residuals as inputs of the transformer's graph
       stage tests-controlnet-graphs 150 python3 -m pytest -q -m gpu tests/test_controlnet.py tests/test_compile.py \
         -k "cuda_graph or new_size" ;;
-    gluon-ab)
-      # the Gluon attention core (issue "Our attention at the top"): its GPU tests, the kernel table (with the Gluon
-      # rows), then the whole step with the quantised core on Gluon (beside diffusers and the bf16-core preset) and
-      # on the Triton kernel, one process each
-      mkdir -p /tmp/gluon-ab
+    gluon-kernels)
+      # the Gluon attention core (issue "Our attention at the top"): its GPU tests, the kernel table with its rows
       stage tests-gluon 150 python3 -m pytest -q -m gpu tests/kernels/test_fp8_attention_gluon.py
-      stage gluon-kernels 200 python3 -m benchmarks.kernels.bench_flash_attention --out "$OUT/attention-gluon-$CARD-$DAY.json"
-      stage gluon-step 200 env FLUX_KERNELS_FP8_ATTENTION_CORE=gluon python3 -m engine.bench --res 1024 2048 --steps 4 \
-        --runs 3 --preset fp8-compile-fastacc-cudagraphs,fp8-compile-fastacc-cudagraphs-fp8attn --cache-dir /tmp/fe-cache \
-        --out "/tmp/gluon-ab/gluon-step-gluon-$CARD-$DAY.json"
+      stage gluon-kernels 200 python3 -m benchmarks.kernels.bench_flash_attention --out "$OUT/attention-gluon-$CARD-$DAY.json" ;;
+    gluon-step)
+      # the whole step with the quantised core on Gluon (GLUON_CORE, default 'gluon'; beside diffusers and the
+      # bf16-core preset) and on the Triton kernel, one process each
+      mkdir -p /tmp/gluon-ab
+      stage gluon-step 200 env FLUX_KERNELS_FP8_ATTENTION_CORE="${GLUON_CORE:-gluon}" python3 -m engine.bench --res 1024 2048 \
+        --steps 4 --runs 3 --preset fp8-compile-fastacc-cudagraphs,fp8-compile-fastacc-cudagraphs-fp8attn \
+        --cache-dir /tmp/fe-cache --out "/tmp/gluon-ab/gluon-step-gluon-$CARD-$DAY.json"
       stage triton-step 150 env FLUX_KERNELS_FP8_ATTENTION_CORE=triton python3 -m engine.bench --res 1024 2048 --steps 4 \
         --runs 3 --preset fp8-compile-fastacc-cudagraphs-fp8attn --no-baseline --cache-dir /tmp/fe-cache \
         --out "/tmp/gluon-ab/gluon-step-triton-$CARD-$DAY.json"

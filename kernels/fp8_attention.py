@@ -329,10 +329,25 @@ def check_quantized(q8, q_scale, k8, k_scale, vt8, v_scale, out_dtype) -> None:
         fail(f"out_dtype {out_dtype}; allowed: torch.bfloat16, torch.float16")
 
 
+def gluon_core_options(text: str) -> dict:
+    """FLUX_KERNELS_FP8_ATTENTION_CORE's value -> fp8_attention_gluon_fwd's options: 'gluon' (its defaults) or
+    'gluon,STAGES,regs|smem' (pipeline stages; P to the P V MMA from registers or from shared memory)."""
+    parts = text.split(",")
+    if parts[0] == "gluon" and len(parts) == 1:
+        return {}
+    if parts[0] == "gluon" and len(parts) == 3 and parts[1] in ("2", "3", "4") and parts[2] in ("regs", "smem"):
+        return {"stages": int(parts[1]), "p_smem": parts[2] == "smem"}
+    raise ValueError(
+        f"{CORE_ENV}={text!r}: allowed 'triton' (the default), 'gluon' or 'gluon,STAGES,regs|smem' with STAGES 2-4 "
+        "(e.g. 'gluon,2,smem')"
+    )
+
+
 def fp8_attention_quantized_fwd(q8, q_scale, k8, k_scale, vt8, v_scale, softmax_scale=None,
                                 out_dtype=torch.bfloat16, *, config: triton.Config | None = None):  # fmt: skip
-    """Checks, allocates and launches; see fp8_attention_quantized. FLUX_KERNELS_FP8_ATTENTION_CORE=gluon sends the
-    calls without a `config` to flux_kernels.fp8_attention_gluon (Hopper) instead, for a whole process (A/B runs)."""
+    """Checks, allocates and launches; see fp8_attention_quantized. FLUX_KERNELS_FP8_ATTENTION_CORE=gluon[,...] sends
+    the calls without a `config` to flux_kernels.fp8_attention_gluon (Hopper) instead, for a whole process (A/B runs;
+    see gluon_core_options)."""
     check_quantized(q8, q_scale, k8, k_scale, vt8, v_scale, out_dtype)
     if not q8.is_cuda:
         check_runnable(q8.device, "fp8_attention")
@@ -353,11 +368,10 @@ def fp8_attention_quantized_fwd(q8, q_scale, k8, k_scale, vt8, v_scale, softmax_
         out.stride(0), out.stride(1), out.stride(2), heads, q_len, key_len,
     )  # fmt: skip
     if config is None and os.environ.get(CORE_ENV, "triton") != "triton":
-        if os.environ[CORE_ENV] != "gluon":
-            raise ValueError(f"{CORE_ENV}={os.environ[CORE_ENV]!r}: allowed 'triton' (the default) or 'gluon'")
         from flux_kernels.fp8_attention_gluon import fp8_attention_gluon_fwd
 
-        return fp8_attention_gluon_fwd(q8, q_scale, k8, k_scale, vt8, v_scale, softmax_scale, out_dtype)
+        return fp8_attention_gluon_fwd(q8, q_scale, k8, k_scale, vt8, v_scale, softmax_scale, out_dtype,
+                                       **gluon_core_options(os.environ[CORE_ENV]))  # fmt: skip
     with device_guard(q8):
         if q8.is_cuda:
             ensure_scratch_allocator()

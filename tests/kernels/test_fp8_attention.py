@@ -128,3 +128,12 @@ def test_bad_inputs_name_the_fix(device):
         fa.fp8_attention_qk8(q8, qs, q8, qs, q.float())
     with pytest.raises(ValueError, match="softmax_scale -1"):
         fa.fp8_attention(q, q, q, softmax_scale=-1.0)
+
+
+def test_the_gluon_core_switch_names_its_values():
+    assert fa.gluon_core_options("gluon") == {}
+    assert fa.gluon_core_options("gluon,2,smem") == {"stages": 2, "p_smem": True}
+    assert fa.gluon_core_options("gluon,3,regs") == {"stages": 3, "p_smem": False}
+    for bad in ("cudnn", "gluon,5,smem", "gluon,2", "gluon,2,shared"):
+        with pytest.raises(ValueError, match=f"FLUX_KERNELS_FP8_ATTENTION_CORE='{bad}': allowed 'triton'"):
+            fa.gluon_core_options(bad)
