@@ -331,15 +331,15 @@ def check_quantized(q8, q_scale, k8, k_scale, vt8, v_scale, out_dtype) -> None:
 
 def gluon_core_options(text: str) -> dict:
     """FLUX_KERNELS_FP8_ATTENTION_CORE's value -> fp8_attention_gluon_fwd's options: 'gluon' (its defaults) or
-    'gluon,STAGES,regs|smem' (pipeline stages; P to the P V MMA from registers or from shared memory)."""
+    'gluon,STAGES' (its pipeline stages, 2-4)."""
     parts = text.split(",")
     if parts[0] == "gluon" and len(parts) == 1:
         return {}
-    if parts[0] == "gluon" and len(parts) == 3 and parts[1] in ("2", "3", "4") and parts[2] in ("regs", "smem"):
-        return {"stages": int(parts[1]), "p_smem": parts[2] == "smem"}
+    if parts[0] == "gluon" and len(parts) == 2 and parts[1] in ("2", "3", "4"):
+        return {"stages": int(parts[1])}
     raise ValueError(
-        f"{CORE_ENV}={text!r}: allowed 'triton' (the default), 'gluon' or 'gluon,STAGES,regs|smem' with STAGES 2-4 "
-        "(e.g. 'gluon,2,smem')"
+        f"{CORE_ENV}={text!r}: allowed 'triton' (the default), 'gluon' or 'gluon,STAGES' with STAGES 2-4 "
+        "(e.g. 'gluon,2')"
     )
 
 

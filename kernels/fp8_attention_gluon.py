@@ -29,7 +29,6 @@ try:  # Gluon is experimental: present in Triton 3.6 and 3.7, its API may move
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
-        fence_async_shared,
         mbarrier,
         tma,
         warpgroup_mma,
@@ -42,19 +41,14 @@ GLUON = gluon is not None
 
 
 if GLUON:
-    # the CTA-wide barrier: gl.thread_barrier in Triton 3.6, gl.barrier from 3.7
-    _cta_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
     LOG2_E4M3_MAX = gl.constexpr(8.807354922057604)  # log2(448): P * 448 <= 448, the e4m3 range used to its top
 
     @gluon.jit
-    def _softmax_block(s_int, ks, row_scale, m_i, l_i, start_n, Lk, BLOCK_N: gl.constexpr, col_layout: gl.constexpr,
-                       MASK: gl.constexpr):  # fmt: skip
-        # The Triton kernel's arithmetic (flux_kernels.fp8_attention._softmax_pv): S in fp32 without I2F (the
-        # int32 plus 1.5 * 2^23 read as fp32 is 1.5 * 2^23 + S exactly), P scaled by 448 through the exp2's offset.
-        s = (s_int + 0x4B400000).to(gl.float32, bitcast=True) * ks[None, :] - (12582912.0 * ks)[None, :]
-        if MASK:  # the last, partial key block: padding keys score -inf
-            offs_n = start_n + gl.arange(0, BLOCK_N, layout=col_layout)
-            s = gl.where(offs_n[None, :] < Lk, s, float("-inf"))
+    def _softmax_block(s_int, ks, bias, row_scale, m_i, l_i):
+        # The Triton kernel's arithmetic (flux_kernels.fp8_attention._softmax_pv): S in fp32 without I2F (the int32
+        # plus 1.5 * 2^23 read as fp32 is 1.5 * 2^23 + S exactly), S * ks = that * ks + bias with bias =
+        # -1.5 * 2^23 * ks (-inf for keys past Lk: no per-score mask), P scaled by 448 through the exp2's offset.
+        s = (s_int + 0x4B400000).to(gl.float32, bitcast=True) * ks[None, :] + bias[None, :]
         m_new = gl.maximum(m_i, gl.max(s, 1) * row_scale)
         p = gl.exp2(s * row_scale[:, None] - (m_new - LOG2_E4M3_MAX)[:, None])
         alpha = gl.exp2(m_i - m_new)
@@ -62,51 +56,36 @@ if GLUON:
         return p, m_new, l_i, alpha
 
     @gluon.jit
-    def _key_scales(k_scales, start_n, Lk, BLOCK_N: gl.constexpr, col_layout: gl.constexpr, MASK: gl.constexpr):
-        # one coalesced load (a scale a thread), then spread to the MMA layout's columns: loading in that layout
-        # directly made 32 scalar loads a thread per block
+    def _key_scales(k_scales, start_n, Lk, BLOCK_N: gl.constexpr, col_layout: gl.constexpr):
+        # a block's K scales and score offsets, one coalesced load (a scale a thread) spread to the MMA layout's
+        # columns (loading in that layout directly made 32 scalar loads a thread a block)
         offs = start_n + gl.arange(0, BLOCK_N, layout=gl.BlockedLayout([1], [32], [gl.num_warps()], [0]))
-        if MASK:
-            ks = gl.load(k_scales + offs, mask=offs < Lk, other=0.0)
-        else:
-            ks = gl.load(k_scales + offs)
-        return gl.convert_layout(ks, col_layout)
+        ks = gl.load(k_scales + offs, mask=offs < Lk, other=0.0)
+        bias = gl.where(offs < Lk, ks * -12582912.0, float("-inf"))
+        return gl.convert_layout(ks, col_layout), gl.convert_layout(bias, col_layout)
 
     @gluon.jit
-    def _stage_p(p, p_smem):
-        # P for a shared-memory A operand: stored, made visible to the async proxy, and complete in every warp
-        p_smem.store(p.to(gl.float8e4nv))
-        fence_async_shared()
-        _cta_barrier()
-
-    @gluon.jit
-    def _iteration(j, q_smem, k_smem, v_smem, p_smem, bars, desc_k, desc_v, k_scales, s_zero, p8, acc, m_i, l_i,
+    def _iteration(j, q_smem, k_smem, v_smem, bars, desc_k, desc_v, k_scales, s_zero, p16, acc, m_i, l_i,
                    row_scale, n_blocks, Lk, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, col_s: gl.constexpr,
-                   row_o: gl.constexpr, p_layout: gl.constexpr, P_SMEM: gl.constexpr,
-                   MASK: gl.constexpr):  # fmt: skip
-        # S_j and P_{j-1} V_{j-1} issued back to back; S_j's softmax while the second runs (see the docstring).
-        # P_SMEM: P goes to the MMA through shared memory (stored after P_{j-1} V_{j-1} is done with it), else
-        # from registers (p8, converted to the MMA's operand layout in registers)
+                   row_o: gl.constexpr, p_layout: gl.constexpr):  # fmt: skip
+        # S_j and P_{j-1} V_{j-1} issued back to back; S_j's softmax while the second runs. P crosses the loop's
+        # back edge as fp16 (pairs packed in 32-bit registers) and becomes e4m3 in the MMA's operand layout here,
+        # where the MMA takes it: carried as e4m3 it was unpacked to a byte a register and packed again (~110
+        # instructions a thread a block, 2026-11-30)
         slot = j % STAGES
-        prev = (j - 1) % STAGES
         mbarrier.wait(bars.index(slot), (j // STAGES) & 1)
         s_tok = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        if P_SMEM:
-            o_tok = warpgroup_mma(p_smem, v_smem.index(prev).permute((1, 0)), acc, is_async=True)
-        else:
-            o_tok = warpgroup_mma(p8, v_smem.index(prev).permute((1, 0)), acc, is_async=True)
-        ks = _key_scales(k_scales, j * BLOCK_N, Lk, BLOCK_N, col_s, MASK)
+        p8 = gl.convert_layout(p16.to(gl.float8e4nv), p_layout)
+        o_tok = warpgroup_mma(p8, v_smem.index((j - 1) % STAGES).permute((1, 0)), acc, is_async=True)
+        ks, bias = _key_scales(k_scales, j * BLOCK_N, Lk, BLOCK_N, col_s)
         s_int = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))  # S_j (issued first) is done
-        p, m_i, l_i, alpha = _softmax_block(s_int, ks, row_scale, m_i, l_i, j * BLOCK_N, Lk, BLOCK_N, col_s, MASK)
-        if not P_SMEM:
-            p8 = gl.convert_layout(p.to(gl.float8e4nv), p_layout)
+        p, m_i, l_i, alpha = _softmax_block(s_int, ks, bias, row_scale, m_i, l_i)
+        p16 = p.to(gl.float16)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok,))
-        if P_SMEM:
-            _stage_p(p, p_smem)
         acc = acc * gl.convert_layout(alpha, row_o)[:, None]
         if j - 1 + STAGES < n_blocks:  # the slot P_{j-1} V_{j-1} read is free again
             _load_block(desc_k, desc_v, k_smem, v_smem, bars, j - 1 + STAGES, BLOCK_N, STAGES)
-        return p8, acc, m_i, l_i
+        return p16, acc, m_i, l_i
 
     @gluon.jit
     def _load_block(desc_k, desc_v, k_smem, v_smem, bars, block, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
@@ -123,7 +102,6 @@ if GLUON:
         stride_qsb, stride_qsh, stride_ksb, stride_ksh, stride_vsb, stride_vsh, stride_ob, stride_oh, stride_om,
         H, Lq, Lk,
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-        P_SMEM: gl.constexpr,
     ):  # fmt: skip
         start_m = gl.program_id(0)
         off_bh = gl.program_id(1)
@@ -157,8 +135,6 @@ if GLUON:
         q_smem = gl.allocate_shared_memory(gl.int8, [BLOCK_M, HEAD_DIM], q_smem_layout)
         k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, HEAD_DIM], qk_smem_layout)
         v_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, HEAD_DIM, BLOCK_N], v_smem_layout)
-        p_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], gl.float8e4nv)
-        p_smem = gl.allocate_shared_memory(gl.float8e4nv, [BLOCK_M if P_SMEM else 16, BLOCK_N], p_smem_layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
@@ -182,37 +158,18 @@ if GLUON:
         l_i = gl.zeros([BLOCK_M], gl.float32, row_s)
         mbarrier.wait(q_bar, 0)
 
-        # block 0: its scores and softmax, nothing to overlap with yet
-        n_full = Lk // BLOCK_N
-        mbarrier.wait(bars.index(0), 0)
+        mbarrier.wait(bars.index(0), 0)  # block 0: its scores and softmax, nothing to overlap with yet
         s_tok = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        ks, bias = _key_scales(k_scales, 0, Lk, BLOCK_N, col_s)
         s_int = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,))
-        if n_full == 0:
-            ks = _key_scales(k_scales, 0, Lk, BLOCK_N, col_s, True)
-            p, m_i, l_i, alpha = _softmax_block(s_int, ks, row_scale, m_i, l_i, 0, Lk, BLOCK_N, col_s, True)
-        else:
-            ks = _key_scales(k_scales, 0, Lk, BLOCK_N, col_s, False)
-            p, m_i, l_i, alpha = _softmax_block(s_int, ks, row_scale, m_i, l_i, 0, Lk, BLOCK_N, col_s, False)
-        if P_SMEM:
-            _stage_p(p, p_smem)
-            p8 = m_i  # unused: P is in p_smem
-        else:
-            p8 = gl.convert_layout(p.to(gl.float8e4nv), p_layout)
-
-        for j in range(1, n_full):  # full key blocks: no masks
-            p8, acc, m_i, l_i = _iteration(j, q_smem, k_smem, v_smem, p_smem, bars, desc_k, desc_v, k_scales, s_zero,
-                                           p8, acc, m_i, l_i, row_scale, n_blocks, Lk, BLOCK_N, STAGES, col_s, row_o,
-                                           p_layout, P_SMEM, False)  # fmt: skip
-        if n_full >= 1 and n_blocks > n_full:  # the partial last block, after at least one full one
-            p8, acc, m_i, l_i = _iteration(n_full, q_smem, k_smem, v_smem, p_smem, bars, desc_k, desc_v, k_scales,
-                                           s_zero, p8, acc, m_i, l_i, row_scale, n_blocks, Lk, BLOCK_N, STAGES, col_s,
-                                           row_o, p_layout, P_SMEM, True)  # fmt: skip
-
-        last = (n_blocks - 1) % STAGES
-        if P_SMEM:
-            o_tok = warpgroup_mma(p_smem, v_smem.index(last).permute((1, 0)), acc, is_async=True)
-        else:
-            o_tok = warpgroup_mma(p8, v_smem.index(last).permute((1, 0)), acc, is_async=True)
+        p, m_i, l_i, alpha = _softmax_block(s_int, ks, bias, row_scale, m_i, l_i)
+        p16 = p.to(gl.float16)
+        for j in range(1, n_blocks):
+            p16, acc, m_i, l_i = _iteration(j, q_smem, k_smem, v_smem, bars, desc_k, desc_v, k_scales, s_zero, p16,
+                                            acc, m_i, l_i, row_scale, n_blocks, Lk, BLOCK_N, STAGES, col_s, row_o,
+                                            p_layout)  # fmt: skip
+        p8 = gl.convert_layout(p16.to(gl.float8e4nv), p_layout)
+        o_tok = warpgroup_mma(p8, v_smem.index((n_blocks - 1) % STAGES).permute((1, 0)), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok,))
         mbarrier.invalidate(q_bar)
         for i in gl.static_range(STAGES):
@@ -227,8 +184,7 @@ if GLUON:
 
 
 def fp8_attention_gluon_fwd(q8, q_scale, k8, k_scale, vt8, v_scale, softmax_scale=None, out_dtype=torch.bfloat16,
-                            *, block_m: int = 64, block_n: int = 128, stages: int = 3,
-                            p_smem: bool = False):  # fmt: skip
+                            *, block_m: int = 64, block_n: int = 128, stages: int = 3):  # fmt: skip
     """flux_kernels.fp8_attention.fp8_attention_quantized_fwd's contract (the same inputs, made by quantize_qk /
     quantize_v, and the same output layout) through the Gluon kernel. CUDA sm 9.x only."""
     if not GLUON:
@@ -251,7 +207,7 @@ def fp8_attention_gluon_fwd(q8, q_scale, k8, k_scale, vt8, v_scale, softmax_scal
             *q8.stride()[:3], *k8.stride()[:3], *vt8.stride()[:3],
             *q_scale.stride()[:2], *k_scale.stride()[:2], *v_scale.stride()[:2],
             out.stride(0), out.stride(1), out.stride(2), heads, q_len, key_len,
-            HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, P_SMEM=p_smem, num_warps=4,
+            HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, num_warps=4,
         )  # fmt: skip
     return out
 

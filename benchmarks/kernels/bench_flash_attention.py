@@ -78,13 +78,11 @@ def implementations(q, k, v, qkv_views):
         ),
         "fp8_attention[bf16-in]": (lambda: fp8.fp8_attention(q, k, v), "q, k, v quantised in the call"),
         **{
-            f"fp8_attention[gluon core, {stages} stages, P from {'smem' if p_smem else 'registers'}]": (
-                functools.partial(
-                    fp8_attention_gluon_fwd, q8, q_scale, k8, k_scale, vt8, v_scale, stages=stages, p_smem=p_smem
-                ),  # fmt: skip
+            f"fp8_attention[gluon core, {stages} stages]": (
+                functools.partial(fp8_attention_gluon_fwd, q8, q_scale, k8, k_scale, vt8, v_scale, stages=stages),
                 "the Gluon kernel (MMA and softmax overlapped); inputs quantised beforehand",
             )
-            for stages, p_smem in ((3, False), (2, False), (2, True))
+            for stages in (3, 2)
             if GLUON and torch.cuda.get_device_capability()[0] == 9 and q.shape[-1] == 128
         },
         "flux_kernels.flash_attention": (lambda: flash_attention(q, k, v), "autotuned"),

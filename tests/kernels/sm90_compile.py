@@ -98,16 +98,15 @@ def cases() -> dict:
     if fp8_attention_gluon.GLUON:  # the Gluon core: the runtime's 16-byte divisibility of pointers and row strides
         from triton.experimental.gluon._runtime import GluonASTSource
 
-        gluon_sig = {**attn, "STAGES": "constexpr", "P_SMEM": "constexpr"}
+        gluon_sig = {**attn, "STAGES": "constexpr"}
         aligned = {"stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh", "stride_kn", "stride_vb",
                    "stride_vh", "stride_vd", "stride_ob", "stride_oh", "stride_om"}  # fmt: skip
         attrs = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(gluon_sig.items())
                  if kind.startswith("*") or name in aligned}  # fmt: skip
-        for stages, p_smem in ((3, False), (2, True)):  # P to the MMA from registers / from shared memory
-            results[f"fp8_attention_gluon/64x128/s{stages}/p_smem={p_smem}"] = compile_case(
+        for stages in (3, 2):
+            results[f"fp8_attention_gluon/64x128/s{stages}"] = compile_case(
                 fp8_attention_gluon._fp8_attention_gluon_kernel, gluon_sig,
-                {"HEAD_DIM": 128, "BLOCK_M": 64, "BLOCK_N": 128, "STAGES": stages, "P_SMEM": p_smem}, 4,
-                GluonASTSource, attrs,
+                {"HEAD_DIM": 128, "BLOCK_M": 64, "BLOCK_N": 128, "STAGES": stages}, 4, GluonASTSource, attrs,
             )  # fmt: skip
     quant = {"X": "*bf16", "OUT": "*i8", "SCALE": "*fp32", **dict.fromkeys(
         ("stride_xb", "stride_xh", "stride_xl", "stride_ob", "stride_oh", "stride_ol", "stride_od", "stride_s", "H",
