@@ -4,7 +4,7 @@ asynchronous warpgroup MMAs, so that one key block's softmax runs while the tens
 P V (FA3's intra-warpgroup overlap). The Triton kernel cannot express this: Triton 3.6 waits for every outstanding
 MMA at once (flux_kernels.flash_attention says what was tried), so its softmax and its MMAs take turns.
 
-Per iteration j of one program (BLOCK_M query rows, one warpgroup):
+Per iteration j of one program (BLOCK_M query rows; a warp per 16 of them, one warpgroup for 64):
     issue S_j = Q K_j^T                      (tensor cores)
     issue O += P_{j-1} V_{j-1}               (tensor cores, after S_j)
     wait for S_j; softmax of S_j -> P_j      (ALU / exp2 units, beside P_{j-1} V_{j-1})
@@ -108,10 +108,10 @@ if GLUON:
         off_b = (off_bh // H).to(gl.int64)
         off_h = (off_bh % H).to(gl.int64)
 
-        # one warpgroup: S [BLOCK_M, BLOCK_N] (int8 MMA, k = 32) and O [BLOCK_M, HEAD_DIM] (e4m3 MMA, k = 32)
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+        # S [BLOCK_M, BLOCK_N] (int8 MMA, k = 32) and O [BLOCK_M, HEAD_DIM] (e4m3 MMA, k = 32), a warp per 16 rows
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[BLOCK_M // 16, 1],
                                                            instr_shape=[16, BLOCK_N, 32])  # fmt: skip
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[BLOCK_M // 16, 1],
                                                            instr_shape=[16, HEAD_DIM, 32])  # fmt: skip
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
@@ -207,7 +207,7 @@ def fp8_attention_gluon_fwd(q8, q_scale, k8, k_scale, vt8, v_scale, softmax_scal
             *q8.stride()[:3], *k8.stride()[:3], *vt8.stride()[:3],
             *q_scale.stride()[:2], *k_scale.stride()[:2], *v_scale.stride()[:2],
             out.stride(0), out.stride(1), out.stride(2), heads, q_len, key_len,
-            HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, num_warps=4,
+            HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, num_warps=block_m // 16,
         )  # fmt: skip
     return out
 

@@ -37,7 +37,9 @@ from flux_kernels.fp8_attention_gluon import GLUON, fp8_attention_gluon_fwd
 
 DEFAULT_LENGTHS = (1536, 4608, 8704, 16896)
 TEXT_TOKENS = 512
-CHECKED_HEADS = 2  # heads compared against the fp32 reference (bounded memory at L = 16896)
+CHECKED_HEADS = 2
+# the Gluon core's tiles timed: (BLOCK_M, BLOCK_N, stages); 64-row tiles run one warpgroup, 128-row ones two
+GLUON_TILES = ((64, 128, 3), (64, 64, 4), (64, 64, 3), (128, 128, 3))  # heads compared against the fp32 reference (bounded memory at L = 16896)
 
 
 def reference_head_error(out: torch.Tensor, q, k, v) -> float:
@@ -78,11 +80,12 @@ def implementations(q, k, v, qkv_views):
         ),
         "fp8_attention[bf16-in]": (lambda: fp8.fp8_attention(q, k, v), "q, k, v quantised in the call"),
         **{
-            f"fp8_attention[gluon core, {stages} stages]": (
-                functools.partial(fp8_attention_gluon_fwd, q8, q_scale, k8, k_scale, vt8, v_scale, stages=stages),
+            f"fp8_attention[gluon core, {block_m}x{block_n}, {stages} stages]": (
+                functools.partial(fp8_attention_gluon_fwd, q8, q_scale, k8, k_scale, vt8, v_scale, block_m=block_m,
+                                  block_n=block_n, stages=stages),  # fmt: skip
                 "the Gluon kernel (MMA and softmax overlapped); inputs quantised beforehand",
             )
-            for stages in (3, 2)
+            for block_m, block_n, stages in GLUON_TILES
             if GLUON and torch.cuda.get_device_capability()[0] == 9 and q.shape[-1] == 128
         },
         "flux_kernels.flash_attention": (lambda: flash_attention(q, k, v), "autotuned"),

@@ -103,10 +103,11 @@ def cases() -> dict:
                    "stride_vh", "stride_vd", "stride_ob", "stride_oh", "stride_om"}  # fmt: skip
         attrs = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(gluon_sig.items())
                  if kind.startswith("*") or name in aligned}  # fmt: skip
-        for stages in (3, 2):
-            results[f"fp8_attention_gluon/64x128/s{stages}"] = compile_case(
+        for block_m, block_n, stages in ((64, 128, 3), (64, 64, 4)):
+            results[f"fp8_attention_gluon/{block_m}x{block_n}/s{stages}"] = compile_case(
                 fp8_attention_gluon._fp8_attention_gluon_kernel, gluon_sig,
-                {"HEAD_DIM": 128, "BLOCK_M": 64, "BLOCK_N": 128, "STAGES": stages}, 4, GluonASTSource, attrs,
+                {"HEAD_DIM": 128, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages}, block_m // 16,
+                GluonASTSource, attrs,
             )  # fmt: skip
     quant = {"X": "*bf16", "OUT": "*i8", "SCALE": "*fp32", **dict.fromkeys(
         ("stride_xb", "stride_xh", "stride_xl", "stride_ob", "stride_oh", "stride_ol", "stride_od", "stride_s", "H",

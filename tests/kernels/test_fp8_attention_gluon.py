@@ -32,13 +32,13 @@ def quantized(q_len: int, k_len: int, batch: int = 2, heads: int = 3, seed: int 
 
 # one partial block, one full block, a partial last block, more blocks than stages (with a partial last one)
 @pytest.mark.parametrize(("q_len", "k_len"), [(45, 70), (64, 128), (100, 300), (17, 513), (300, 1100)])
-@pytest.mark.parametrize("stages", [3, 2])
-def test_gluon_core_matches_its_blockwise_reference(q_len, k_len, stages):
+@pytest.mark.parametrize(("block_m", "block_n", "stages"), [(64, 128, 3), (64, 128, 2), (64, 64, 4), (128, 128, 3)])
+def test_gluon_core_matches_its_blockwise_reference(q_len, k_len, block_m, block_n, stages):
     inputs = quantized(q_len, k_len)
-    out = fp8_attention_gluon_fwd(*inputs, stages=stages)
+    out = fp8_attention_gluon_fwd(*inputs, block_m=block_m, block_n=block_n, stages=stages)
     assert out.shape == (2, 3, q_len, 128) and out.transpose(1, 2).is_contiguous()
     with full_fp32_matmul():
-        ref = fa.fp8_attention_ref(*inputs, block_n=128)
+        ref = fa.fp8_attention_ref(*inputs, block_n=block_n)
     assert torch.isfinite(out).all()
     # the Triton kernel's tolerance against the same reference (tests/kernels/test_fp8_attention.py): P's e4m3
     # rounding where the GPU's exp2 and PyTorch's land either side of a boundary (here also P's rounding to fp16

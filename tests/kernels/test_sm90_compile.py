@@ -30,7 +30,7 @@ def compiled() -> dict:
 
 
 def test_every_case_compiles_to_a_cubin(compiled):
-    # + qk_norm_rope int8, the fp8 attention's Hopper configs, its Gluon core (3 and 2 stages),
+    # + qk_norm_rope int8, the fp8 attention's Hopper configs, its Gluon core (two tiles),
     # its quantisers
     assert len(compiled) == 8 + 1 + 5 + 2 + 2
     failed = {name: case.get("error") for name, case in compiled.items() if not case["compiled"]}
