@@ -81,8 +81,18 @@ def implementations(q, k, v, qkv_views):
         "fp8_attention[bf16-in]": (lambda: fp8.fp8_attention(q, k, v), "q, k, v quantised in the call"),
         **{
             f"fp8_attention[gluon core, {block_m}x{block_n}, {stages} stages]": (
-                functools.partial(fp8_attention_gluon_fwd, q8, q_scale, k8, k_scale, vt8, v_scale, block_m=block_m,
-                                  block_n=block_n, stages=stages),  # fmt: skip
+                functools.partial(
+                    fp8_attention_gluon_fwd,
+                    q8,
+                    q_scale,
+                    k8,
+                    k_scale,
+                    vt8,
+                    v_scale,
+                    block_m=block_m,
+                    block_n=block_n,
+                    stages=stages,
+                ),  # fmt: skip
                 "the Gluon kernel (MMA and softmax overlapped); inputs quantised beforehand",
             )
             for block_m, block_n, stages in GLUON_TILES
