@@ -14,6 +14,16 @@ O holds the blocks before j - 1 scaled to the running max m_{j-1} at the start o
 after the wait is the usual one. Keys past Lk (the last block's padding, zeros from TMA) get -inf scores.
 Sm 9.x only (wgmma, TMA); no interpreter: the CPU tests compile it for sm_90 ahead of time
 (tests/kernels/sm90_compile.py), the GPU tests run it against fp8_attention_ref.
+
+Status (H200, 2026-11-30, benchmarks/NOTES.md 07:38-07:54; CUDA-graph device time, B=1, H=24, D=128): correct (its
+GPU tests, the same accuracy as the Triton kernel on FLUX-like activations), but not faster, so no preset uses it
+(FLUX_KERNELS_FP8_ATTENTION_CORE=gluon selects it for A/B runs). TFLOP/s at L = 1536 / 4608 / 8704 / 16896:
+64 x 128 tiles, 3 stages: 399 / 554 / 593 / 596; 64 x 64, 4 stages (168 registers, 3 programs an SM): 407 / 544 /
+583 / 606; the Triton kernel in the same runs: 405 / 588 / 633 / 668; cuDNN's bf16: 459 / 587 / 602 / 623. With two
+or three programs an SM, the Triton kernel's softmax already overlaps another program's MMAs; the overlap inside one
+warpgroup adds nothing measurable on top, and this kernel pays more per block (255 registers at 64 x 128). Next, if
+this road is taken again: two consumer warpgroups that take turns (FA3's ping-pong, named barriers) with a producer
+warp for the loads (gl.warp_specialize), and a profile (ncu) before guessing further.
 """
 
 from __future__ import annotations
