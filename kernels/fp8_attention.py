@@ -355,6 +355,11 @@ def fp8_attention_quantized_fwd(q8, q_scale, k8, k_scale, vt8, v_scale, softmax_
     key_len = k8.shape[2]
     if softmax_scale is not None and not (math.isfinite(softmax_scale) and softmax_scale > 0):
         raise ValueError(f"fp8_attention: softmax_scale {softmax_scale} must be a finite number > 0 (or None)")
+    if config is None and os.environ.get(CORE_ENV, "triton") != "triton":
+        from flux_kernels.fp8_attention_gluon import fp8_attention_gluon_fwd
+
+        return fp8_attention_gluon_fwd(q8, q_scale, k8, k_scale, vt8, v_scale, softmax_scale, out_dtype,
+                                       **gluon_core_options(os.environ[CORE_ENV]))  # fmt: skip
     qk_scale = (head_dim**-0.5 if softmax_scale is None else float(softmax_scale)) * LOG2E
     out = new_output(batch, q_len, heads, head_dim, dtype=out_dtype, device=q8.device).transpose(1, 2)
 
@@ -367,11 +372,6 @@ def fp8_attention_quantized_fwd(q8, q_scale, k8, k_scale, vt8, v_scale, softmax_
         *q_scale.stride()[:2], *k_scale.stride()[:2], *v_scale.stride()[:2],
         out.stride(0), out.stride(1), out.stride(2), heads, q_len, key_len,
     )  # fmt: skip
-    if config is None and os.environ.get(CORE_ENV, "triton") != "triton":
-        from flux_kernels.fp8_attention_gluon import fp8_attention_gluon_fwd
-
-        return fp8_attention_gluon_fwd(q8, q_scale, k8, k_scale, vt8, v_scale, softmax_scale, out_dtype,
-                                       **gluon_core_options(os.environ[CORE_ENV]))  # fmt: skip
     with device_guard(q8):
         if q8.is_cuda:
             ensure_scratch_allocator()
