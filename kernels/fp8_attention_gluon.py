@@ -33,7 +33,7 @@ import triton
 
 from flux_kernels import device_guard, new_output
 from flux_kernels.flash_attention import ensure_scratch_allocator
-from flux_kernels.fp8_attention import LOG2E, check_quantized
+from flux_kernels.fp8_attention_inputs import LOG2E, check_quantized
 
 try:  # Gluon is experimental: present in Triton 3.6 and 3.7, its API may move
     from triton.experimental import gluon
