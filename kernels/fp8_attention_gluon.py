@@ -203,8 +203,6 @@ def fp8_attention_gluon_fwd(q8, q_scale, k8, k_scale, vt8, v_scale, softmax_scal
         raise RuntimeError(f"fp8_attention_gluon: this Triton ({triton.__version__}) has no Gluon; use the Triton "
                            "kernel, flux_kernels.fp8_attention.fp8_attention_quantized_fwd")  # fmt: skip
     check_quantized(q8, q_scale, k8, k_scale, vt8, v_scale, out_dtype)
-    if not q8.is_cuda or torch.cuda.get_device_capability(q8.device)[0] != 9:
-        raise RuntimeError(f"fp8_attention_gluon: needs a Hopper GPU (sm 9.x); got {q8.device}")
     if q8.shape[-1] != 128:
         raise ValueError(f"fp8_attention_gluon: head_dim {q8.shape[-1]}; this kernel is built for 128")
     if block_m not in (64, 128) or block_n not in (64, 128) or stages not in (2, 3, 4):
@@ -212,6 +210,8 @@ def fp8_attention_gluon_fwd(q8, q_scale, k8, k_scale, vt8, v_scale, softmax_scal
                          "block_n 64 or 128 (a warpgroup takes 64 rows), stages 2-4")  # fmt: skip
     if softmax_scale is not None and not (math.isfinite(softmax_scale) and softmax_scale > 0):
         raise ValueError(f"fp8_attention_gluon: softmax_scale {softmax_scale} must be a finite number > 0 (or None)")
+    if not q8.is_cuda or torch.cuda.get_device_capability(q8.device)[0] != 9:
+        raise RuntimeError(f"fp8_attention_gluon: needs a Hopper GPU (sm 9.x); got {q8.device}")
     batch, heads, q_len, head_dim = q8.shape
     key_len = k8.shape[2]
     qk_scale = (head_dim**-0.5 if softmax_scale is None else float(softmax_scale)) * LOG2E

@@ -136,3 +136,21 @@ def test_the_gluon_core_switch_names_its_values():
     for bad in ("cudnn", "gluon,5", "gluon,2,smem", "gluon,"):
         with pytest.raises(ValueError, match=f"FLUX_KERNELS_FP8_ATTENTION_CORE='{bad}': allowed 'triton'"):
             fa.gluon_core_options(bad)
+
+
+def test_the_gluon_core_refuses_what_it_cannot_run():
+    """Checked before any launch (so on any machine): tiles other than 64 / 128, stages outside 2-4, a non-finite
+    softmax scale, and a device that is not a Hopper GPU."""
+    from flux_kernels.fp8_attention_gluon import fp8_attention_gluon_fwd
+
+    inputs = (torch.zeros(1, 1, 64, 128, dtype=torch.int8), torch.ones(1, 1, 64),
+              torch.zeros(1, 1, 128, 128, dtype=torch.int8), torch.ones(1, 1, 128),
+              torch.zeros(1, 1, 128, 128, dtype=fa.FP8_DTYPE), torch.ones(1, 1, 128))  # fmt: skip
+    with pytest.raises(ValueError, match=r"tile 32 x 128 with 3 stages; allowed: block_m and block_n 64 or 128"):
+        fp8_attention_gluon_fwd(*inputs, block_m=32)
+    with pytest.raises(ValueError, match=r"tile 64 x 128 with 5 stages"):
+        fp8_attention_gluon_fwd(*inputs, stages=5)
+    with pytest.raises(ValueError, match=r"softmax_scale nan must be a finite number > 0"):
+        fp8_attention_gluon_fwd(*inputs, float("nan"))
+    with pytest.raises(RuntimeError, match=r"needs a Hopper GPU \(sm 9.x\); got cpu"):
+        fp8_attention_gluon_fwd(*inputs)
