@@ -93,7 +93,7 @@ def implementations(q, k, v, qkv_views):
                     block_m=block_m,
                     block_n=block_n,
                     stages=stages,
-                ),  # fmt: skip
+                ),
                 "the Gluon kernel (MMA and softmax overlapped); inputs quantised beforehand",
             )
             for block_m, block_n, stages in GLUON_TILES
