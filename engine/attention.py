@@ -63,8 +63,11 @@ class BlockOps:
     layernorm_modulate_fp8_fn: Callable | None = None
     gated_residual_layernorm_modulate_fp8_fn: Callable | None = None
     gelu_concat_fp8_fn: Callable | None = None
-    # context parallelism (engine/parallel/): the id of the SequenceShards that attention exchanges tokens through
+    # context parallelism (engine/parallel/): the id of the SequenceShards that attention exchanges tokens through,
+    # and, under Ulysses, its (groups, slices) of heads: q, k and v are then written in the exchange's own layout
     shards_id: int | None = None
+    exchange_groups: tuple[int, int] | None = None
+    qk_norm_rope_grouped_fn: Callable | None = None
 
     @classmethod
     def build(cls, core: str, fused_norms: bool) -> BlockOps:
@@ -82,6 +85,7 @@ class BlockOps:
             from flux_kernels.gelu_fp8 import gelu_concat_fp8
 
             fp8_fns = (norm.layernorm_modulate_fp8, norm.gated_residual_layernorm_modulate_fp8, gelu_concat_fp8)
+            grouped = qk.qk_norm_rope_grouped
         else:  # the same math as diffusers, in PyTorch, in the activations' dtype
             fns = (
                 functools.partial(qk.qk_norm_rope_ref, upcast=False),
@@ -89,15 +93,27 @@ class BlockOps:
                 functools.partial(norm.gated_residual_layernorm_modulate_ref, upcast=False),
             )
             fp8_fns = (None, None, None)
-        return cls(core, fused_norms, *fns, flash, *fp8_fns)
+            grouped = functools.partial(qk.qk_norm_rope_grouped_ref, upcast=False)
+        return cls(core, fused_norms, *fns, flash, *fp8_fns, qk_norm_rope_grouped_fn=grouped)
 
     def qk_norm_rope(self, qkv, q_weight, k_weight, rotary, heads, eps, txt_qkv=None, txt_q=None, txt_k=None):
+        """-> (q, k, v) [B, H, L, D]; under a Ulysses exchange (packed, None, None): q, k, v packed for it."""
         cos, sin = rotary
-        return self.qk_norm_rope_fn(qkv, q_weight, k_weight, cos, sin, heads, eps, txt_qkv, txt_q, txt_k)
+        args = (qkv, q_weight, k_weight, cos, sin, heads, eps, txt_qkv, txt_q, txt_k)
+        if self.exchange_groups is not None:
+            groups, slices = self.exchange_groups
+            return self.qk_norm_rope_grouped_fn(*args, groups=groups, slices=slices), None, None
+        return self.qk_norm_rope_fn(*args)
 
     def attention(self, query, key, value) -> torch.Tensor:
         """q, k, v: [B, H, L, D] -> [B, L, H*D]. For the 'triton-fp8' core after the fused QK-norm, q and k are
-        (int8 codes, scales) pairs (flux_kernels.qk_norm_rope.qk_norm_rope_int8)."""
+        (int8 codes, scales) pairs (flux_kernels.qk_norm_rope.qk_norm_rope_int8); under a Ulysses exchange, query
+        is qk_norm_rope's packed q, k, v (key and value None)."""
+        if self.exchange_groups is not None:  # the packed heads sent as they are (engine.parallel.exchange)
+            from .parallel.exchange import unpack_heads
+
+            back = torch.ops.flux_engine.context_parallel_grouped_attention(query, self.shards_id, self.core)
+            return unpack_heads(back)  # [B, L_local, H*D]; under compile, written by the next kernel's reads
         if self.shards_id is not None:  # this rank's tokens over the whole split sequence (engine.parallel.exchange)
             return torch.ops.flux_engine.context_parallel_attention(query, key, value, self.shards_id, self.core)
         batch, heads, tokens, head_dim = value.shape  # joint attention: as many queries as keys

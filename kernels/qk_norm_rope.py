@@ -6,6 +6,9 @@ heads of q, k, v are H * D contiguous elements, read as one [T, H, D] tile (16-b
 comes from tl.split/tl.join of the same registers, not a second load.
 Tuned for: H = 24 heads of D = 128, bf16, on H100 (L_txt = 512, L_img = 1024 / 4096 / 16384). Eager calls launch
 directly (the custom op `flux_kernels::qk_norm_rope` only under torch.compile).
+qk_norm_rope_grouped writes q, k and v instead in one tensor laid out for a Ulysses all-to-all ([slices, groups, L,
+3, B, H'', D]: each group's heads of each slice one contiguous block), so that context parallelism sends them as
+they are instead of copying them into that layout (engine/parallel/exchange.py).
 Limits: the last dim of every input must be contiguous (stride 1); head_dim a power of two in [16, 256]; bf16,
 fp16 or fp32 activations.
 Measured (H100 80GB HBM3, 2026-11-26, benchmarks/results/norm-h100-80gb-hbm3-20261126-1800.json; GB/s from
@@ -161,6 +164,12 @@ def _qk_norm_rope_fwd_kernel(
     stride_txt_l,
     stride_cos_l,
     stride_sin_l,
+    stride_out_b,
+    stride_out_l,
+    stride_out_group,
+    stride_out_slice,
+    heads_per_group,
+    heads_per_slice,
     L_txt,
     L_img,
     H,
@@ -170,6 +179,7 @@ def _qk_norm_rope_fwd_kernel(
     HAS_TXT: tl.constexpr,
     BLOCK_T: tl.constexpr,
     INT8_QK: tl.constexpr = False,
+    GROUPED_OUT: tl.constexpr = False,
 ):
     # BLOCK_T whole tokens per program: all H heads of q, k and v of a token are H * D contiguous elements of
     # its fused row, read as one [T, H, D] tile (16-byte vectors along D). Positions are in the joint
@@ -201,8 +211,21 @@ def _qk_norm_rope_fwd_kernel(
     cos_even, cos_odd = _pair_halves(cos.to(tl.float32), BLOCK_T, HEAD_DIM)
     sin_even, sin_odd = _pair_halves(sin.to(tl.float32), BLOCK_T, HEAD_DIM)
 
-    # outputs [B, H, L_total, D]: each head of a token is one contiguous D-row
-    dst = ((batch * H + heads)[None, :, None] * L_total + tokens[:, None, None]) * HEAD_DIM + offs_d[None, None, :]
+    if GROUPED_OUT:  # head h at group h // heads_per_group, its slice, and head h % heads_per_slice of the slice
+        within = heads.to(tl.int64) % heads_per_group
+        head_offset = (
+            (heads.to(tl.int64) // heads_per_group) * stride_out_group
+            + (within // heads_per_slice) * stride_out_slice
+            + (within % heads_per_slice) * HEAD_DIM
+        )  # [H]
+        dst = (
+            batch * stride_out_b
+            + tokens[:, None, None] * stride_out_l
+            + head_offset[None, :, None]
+            + offs_d[None, None, :]
+        )
+    else:  # outputs [B, H, L_total, D]: each head of a token is one contiguous D-row
+        dst = ((batch * H + heads)[None, :, None] * L_total + tokens[:, None, None]) * HEAD_DIM + offs_d[None, None, :]
 
     x = tl.load(src, mask=mask, other=0.0).to(tl.float32)
     rstd = tl.math.rsqrt(tl.sum(x * x, axis=2) / HEAD_DIM + eps)[:, :, None]
@@ -349,16 +372,27 @@ def qk_norm_rope_fwd(
     txt_q_weight: torch.Tensor | None = None,
     txt_k_weight: torch.Tensor | None = None,
     int8_qk: bool = False,
+    grouped: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """Checks, allocates and launches; see qk_norm_rope (and qk_norm_rope_int8 for int8_qk=True)."""
+    """Checks, allocates and launches; see qk_norm_rope (and qk_norm_rope_int8 for int8_qk=True, and
+    qk_norm_rope_grouped for grouped=(groups, slices), which returns (packed,))."""
     args = (qkv, q_weight, k_weight, cos, sin, heads, txt_qkv, txt_q_weight, txt_k_weight)
     head_dim, text_tokens, image_tokens = _qk_norm_rope_fast_check(*args) or _check_qk_norm_rope_inputs(*args)
     if not qkv.is_cuda:
         check_runnable(qkv.device, "qk_norm_rope")
     batch, total = qkv.shape[0], text_tokens + image_tokens
-    qk_dtype = torch.int8 if int8_qk else qkv.dtype
-    q, k = (new_output(batch, heads, total, head_dim, dtype=qk_dtype, device=qkv.device) for _ in range(2))
-    v = new_output(batch, heads, total, head_dim, dtype=qkv.dtype, device=qkv.device)
+    if grouped is not None:
+        groups, slices = grouped
+        _check_grouping(heads, groups, slices, int8_qk)
+        packed = qkv.new_empty(slices, groups, total, 3, batch, heads // (groups * slices), head_dim)
+        q, k, v = packed.unbind(3)  # [C, G, L, B, H'', D] views, one q | k | v section apart
+        # (b, l, group, slice) strides; heads of a slice are contiguous D-rows
+        out_strides = (q.stride(3), q.stride(2), q.stride(1), q.stride(0), heads // groups, heads // (groups * slices))
+    else:
+        qk_dtype = torch.int8 if int8_qk else qkv.dtype
+        q, k = (new_output(batch, heads, total, head_dim, dtype=qk_dtype, device=qkv.device) for _ in range(2))
+        v = new_output(batch, heads, total, head_dim, dtype=qkv.dtype, device=qkv.device)
+        out_strides = (0, 0, 0, 0, heads, heads)  # unused: [B, H, L, D] addressing
     if int8_qk:
         q_scale, k_scale = (new_output(batch, heads, total, dtype=torch.float32, device=qkv.device) for _ in range(2))
     else:
@@ -375,11 +409,24 @@ def qk_norm_rope_fwd(
         _launch_qk_norm_rope(
             key, grid,
             qkv, txt, q_weight, k_weight, txt_q_weight, txt_k_weight, cos, sin, q, k, v, q_scale, k_scale,
-            *batch_token_strides(qkv), *batch_token_strides(txt), cos.stride(0), sin.stride(0),
+            *batch_token_strides(qkv), *batch_token_strides(txt), cos.stride(0), sin.stride(0), *out_strides,
             text_tokens, image_tokens, heads, eps,
             HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(heads), HAS_TXT=has_txt, INT8_QK=int8_qk,
+            GROUPED_OUT=grouped is not None,
         )  # fmt: skip
+    if grouped is not None:
+        return (packed,)
     return (q, q_scale, k, k_scale, v) if int8_qk else (q, k, v)
+
+
+def _check_grouping(heads: int, groups: int, slices: int, int8_qk: bool = False) -> None:
+    if groups < 1 or slices < 1 or heads % (groups * slices):
+        raise ValueError(
+            f"qk_norm_rope_grouped: {heads} heads do not split into {groups} groups of {slices} equal slices; "
+            f"groups * slices must divide the heads (here one of {[d for d in range(1, heads + 1) if heads % d == 0]})"
+        )
+    if int8_qk:
+        raise ValueError("qk_norm_rope_grouped: int8 q and k have no grouped layout; call qk_norm_rope_int8")
 
 
 @torch.library.custom_op("flux_kernels::qk_norm_rope", mutates_args=())
@@ -431,6 +478,78 @@ def qk_norm_rope(
     if torch.compiler.is_compiling():
         return _qk_norm_rope_op(qkv, q_weight, k_weight, cos, sin, heads, eps, txt_qkv, txt_q_weight, txt_k_weight)
     return qk_norm_rope_fwd(qkv, q_weight, k_weight, cos, sin, heads, eps, txt_qkv, txt_q_weight, txt_k_weight)
+
+
+def pack_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, groups: int, slices: int) -> torch.Tensor:
+    """q, k, v [B, H, L, D] -> qk_norm_rope_grouped's layout [slices, groups, L, 3, B, H / (groups * slices), D]
+    (head h = (group * slices + slice) * H'' + i), by copies: the reference of the kernel's grouped stores."""
+    batch, heads, tokens, head_dim = query.shape
+    _check_grouping(heads, groups, slices)
+    per_slice = heads // (groups * slices)
+    # each [B, G, C, H'', L, D] -> [C, G, L, B, H'', D], stacked on a new dim 3
+    parts = [t.reshape(batch, groups, slices, per_slice, tokens, head_dim).permute(2, 1, 4, 0, 3, 5) for t in
+             (query, key, value)]  # fmt: skip
+    return torch.stack(parts, dim=3).contiguous()
+
+
+def qk_norm_rope_grouped_ref(*args, groups: int, slices: int, **kwargs) -> torch.Tensor:
+    """qk_norm_rope_ref's q, k and v in qk_norm_rope_grouped's layout (pack_heads)."""
+    return pack_heads(*qk_norm_rope_ref(*args, **kwargs), groups, slices)
+
+
+@torch.library.custom_op("flux_kernels::qk_norm_rope_grouped", mutates_args=())
+def _qk_norm_rope_grouped_op(
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    heads: int,
+    eps: float,
+    txt_qkv: torch.Tensor | None,
+    txt_q_weight: torch.Tensor | None,
+    txt_k_weight: torch.Tensor | None,
+    groups: int,
+    slices: int,
+) -> torch.Tensor:
+    args = (qkv, q_weight, k_weight, cos, sin, heads, eps, txt_qkv, txt_q_weight, txt_k_weight)
+    return qk_norm_rope_fwd(*args, grouped=(groups, slices))[0]
+
+
+@_qk_norm_rope_grouped_op.register_fake
+def _qk_norm_rope_grouped_fake(
+    qkv, q_weight, k_weight, cos, sin, heads, eps, txt_qkv, txt_q_weight, txt_k_weight, groups, slices
+):
+    q, _, _ = _qk_norm_rope_fake(qkv, q_weight, k_weight, cos, sin, heads, eps, txt_qkv, txt_q_weight, txt_k_weight)
+    _check_grouping(heads, groups, slices)
+    batch, _, tokens, head_dim = q.shape
+    return q.new_empty(slices, groups, tokens, 3, batch, heads // (groups * slices), head_dim)
+
+
+def qk_norm_rope_grouped(
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    heads: int,
+    eps: float = 1e-6,
+    txt_qkv: torch.Tensor | None = None,
+    txt_q_weight: torch.Tensor | None = None,
+    txt_k_weight: torch.Tensor | None = None,
+    *,
+    groups: int,
+    slices: int = 1,
+) -> torch.Tensor:
+    """qk_norm_rope with q, k and v written in one tensor laid out for sending head groups to other ranks:
+    [slices, groups, L, 3, B, H'', D] with H'' = H / (groups * slices) and head h = (group * slices + slice) * H''
+    + i. Slice s of group g is then one contiguous [L, 3, B, H'', D] block and the groups of a slice are
+    consecutive, so a Ulysses all-to-all sends packed[s] as it is (engine/parallel/exchange.py): the layout copies
+    the exchange would otherwise make are these stores. Reference: qk_norm_rope_grouped_ref (pack_heads)."""
+    args = (qkv, q_weight, k_weight, cos, sin, heads, eps, txt_qkv, txt_q_weight, txt_k_weight)
+    if torch.compiler.is_compiling():
+        return _qk_norm_rope_grouped_op(*args, groups, slices)
+    return qk_norm_rope_fwd(*args, grouped=(groups, slices))[0]
 
 
 @torch.library.custom_op("flux_kernels::qk_norm_rope_int8", mutates_args=())
@@ -496,8 +615,11 @@ def qk_norm_rope_int8_ref(*args, **kwargs) -> tuple[torch.Tensor, ...]:
 
 
 __all__ = [
+    "pack_heads",
     "qk_norm_rope",
     "qk_norm_rope_fwd",
+    "qk_norm_rope_grouped",
+    "qk_norm_rope_grouped_ref",
     "qk_norm_rope_int8",
     "qk_norm_rope_int8_pairs",
     "qk_norm_rope_int8_ref",

@@ -71,8 +71,9 @@ def main() -> int:
             time.sleep(args.timeout * 3)
         if rank == args.hang_in_attention:  # past the call's first collectives, inside the exchange's own groups
             shards = pipe.parallel_state.shards
-            attend = shards.attention
-            shards.attention = lambda *a: (time.sleep(args.timeout * 3), attend(*a))[1]
+            for name in ("attention", "grouped_attention"):  # q, k, v as they are, or packed by the QK-norm
+                attend = getattr(shards, name)
+                setattr(shards, name, lambda *a, attend=attend: (time.sleep(args.timeout * 3), attend(*a))[1])
         height = args.height
         if args.rank_height and int(args.rank_height.split(":")[0]) == rank:
             height = int(args.rank_height.split(":")[1])
@@ -102,6 +103,7 @@ def main() -> int:
         facts.update(
             returned=None if output is None else type(output).__name__,
             exchanges=state.shards.exchanges if state is not None else 0,
+            exchange_groups=pipe.transformer.transformer_blocks[0].flux_ops.exchange_groups,
             seconds=time.perf_counter() - started,
         )
         if output is not None:

@@ -284,6 +284,9 @@ class Case:
     flags: list[str]  # everything else, shared with the single-process reference
     steps: tuple[str, ...] = ("attention", "parallel", "lora")  # the engine steps each rank applied
     min_psnr_db: float | None = None  # judged by PSNR (fp16) instead of FP32_ATOL
+    # the QK-norm writes q, k, v in the exchange's layout, (groups, slices) of heads: the tiny model's 2 heads over
+    # 2 Ulysses ranks are 2 groups of one head (one slice); None: copied into it by the exchange (heads padded)
+    exchange_groups: tuple[int, int] | None = (2, 1)
 
     @property
     def parallel_flags(self) -> list[str]:
@@ -297,7 +300,7 @@ CASES = [
     # whose groups hold 17 and 16 tokens
     Case("u2r2-uneven", 4, ["--ulysses", "2", "--ring", "2"], ODD),
     # the tiny model has 2 heads: 4 Ulysses ranks pad them to 4 (the 2 empty ones dropped), over uneven shares too
-    Case("u4-padded-heads-uneven", 4, ["--ulysses", "4"], ODD),
+    Case("u4-padded-heads-uneven", 4, ["--ulysses", "4"], ODD, exchange_groups=None),
     # regional aot_eager: the exchange is an opaque custom op inside the compiled blocks. The single process's
     # compiled image equals its eager one bit for bit (measured), so the eager reference serves
     Case(
@@ -333,6 +336,7 @@ def test_parallel_ranks_facts(runs, case):
         facts = run.facts(rank)
         assert facts["returned"] == ("FluxPipelineOutput" if rank == 0 else None), facts
         assert facts["exchanges"] == BLOCKS * STEPS, facts
+        assert facts["exchange_groups"] == (None if case.exchange_groups is None else list(case.exchange_groups))
         assert facts["steps"] == list(case.steps), facts
     assert sorted(path.name for path in run.out.glob("rank*.json")) == [f"rank{r}.json" for r in range(case.ranks)]
 

@@ -75,7 +75,9 @@ def apply_parallel(pipe, config: ParallelConfig, ops) -> ParallelState | None:
     shards = SequenceShards.create(world.rank, config.ulysses, config.ring, config.chunks, timeout_s)
     shards_id = register_shards(shards)
     state = ParallelState(config, world, shards, shards_id, ops)
-    parallel_ops = replace(_same_core_everywhere(ops, world), shards_id=shards_id)
+    heads = pipe.transformer.config.num_attention_heads
+    groups = shards.grouped_layout(heads) if config.ulysses > 1 and heads % config.ulysses == 0 else None
+    parallel_ops = replace(_same_core_everywhere(ops, world), shards_id=shards_id, exchange_groups=groups)
     for block in (*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks):
         block.flux_ops = parallel_ops
     install_split(pipe.transformer, shards, world)

@@ -6,6 +6,11 @@ differ by at most one token). The shares' lengths are set per forward by the spl
 on the SequenceShards object, so the collectives use exact, uneven split sizes: no padded tokens, no masks, no host
 synchronisation to learn the sizes, and a captured CUDA graph holds the sizes of its own input signature.
 
+Under Ulysses, the engine's blocks hand q, k and v over already in the exchange's send layout (the QK-norm + RoPE
+kernel writes them so: flux_kernels.qk_norm_rope.qk_norm_rope_grouped) and take the output back in the layout it
+arrives in (unpack_heads, a view change that the compiled region's next kernel reads through): no layout copies of
+their own, which on two H200s at 2048^2 were 20 ms of a 311 ms step (benchmarks/NOTES.md, 2026-11-29 19:14).
+
 Attention is invariant to the order of the keys, and each query's output goes back to the rank that owns it, so
 tokens may travel in any order as long as keys and values travel together: the result equals one GPU's attention
 up to the cores' own summation order.
@@ -76,24 +81,74 @@ class SequenceShards:
 
     def attention(self, core: Callable, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """core(q, k, v) over the whole sequence for this rank's tokens. q, k, v: [B, H, L_local, D] (any strides,
-        last one 1) -> [B, L_local, H * D]."""
+        last one 1) -> [B, L_local, H * D]. Under Ulysses, q, k and v are first copied into the exchange's layout
+        (grouped_layout); callers that can write that layout directly call grouped_attention instead."""
         batch, heads, tokens, head_dim = query.shape
+        self._check_share(tokens)
+        padded_heads = math.ceil(heads / self.ulysses) * self.ulysses
+        qkv = [query, key, value]
+        if padded_heads != heads:  # empty heads: zero queries, keys and values; their outputs are dropped
+            qkv = [torch.nn.functional.pad(t, (0, 0, 0, 0, 0, padded_heads - heads)) for t in qkv]
+        if self.ulysses == 1:
+            self.exchanges += 1
+            out = self._attend(core, *qkv).transpose(1, 2)  # [B, L_local, H, D]
+            return out[:, :, :heads].reshape(batch, tokens, heads * head_dim)
+        from flux_kernels.qk_norm_rope import pack_heads
+
+        groups, slices = self.grouped_layout(padded_heads)
+        back = self.grouped_attention(core, pack_heads(*qkv, groups, slices))
+        out = unpack_heads(back).unflatten(-1, (padded_heads, head_dim))  # [B, L_local, H_padded, D]
+        return out[:, :, :heads].reshape(batch, tokens, heads * head_dim)
+
+    def grouped_layout(self, heads: int) -> tuple[int, int]:
+        """(groups, slices) of the Ulysses exchange of `heads` heads (which the Ulysses degree divides): rank j of the
+        group attends over heads [j H/u, (j+1) H/u), sent in `chunks` slices if they divide its heads, else one."""
+        group_heads = heads // self.ulysses
+        return self.ulysses, (self.chunks if group_heads % self.chunks == 0 else 1)
+
+    def grouped_attention(self, core: Callable, packed: torch.Tensor) -> torch.Tensor:
+        """Ulysses: heads for tokens and back, pipelined over the slices of each rank's heads: the exchange of one
+        slice runs (on NCCL's stream) while attention computes another, and the return of the first slice's output
+        while the second computes. packed: q, k, v in the layout of flux_kernels.qk_norm_rope.qk_norm_rope_grouped,
+        [C, u, L_local, 3, B, H'', D] (slice s of group j: this rank's tokens of the heads rank j attends over,
+        contiguous, so it is sent as it is) -> the output in the same grouping, [C, u, L_local, B, H'', D]
+        (unpack_heads: [B, L_local, H * D])."""
+        slices, groups, tokens, _, batch, slice_heads, head_dim = packed.shape
+        if groups != self.ulysses:
+            raise RuntimeError(f"q, k, v were packed in {groups} head groups for a Ulysses degree of {self.ulysses}")
+        self._check_share(tokens)
+        self.exchanges += 1
+        group_lengths = self.lengths[self.ring_index * self.ulysses : (self.ring_index + 1) * self.ulysses]
+        incoming = []
+        for send in packed:  # [u, L_local, 3, B, H'', D]: the part for rank j contiguous, split sizes in rows
+            received = packed.new_empty(sum(group_lengths), 3, batch, slice_heads, head_dim)
+            work = dist.all_to_all_single(
+                received, send.view(groups * tokens, 3, batch, slice_heads, head_dim),
+                output_split_sizes=group_lengths, input_split_sizes=[tokens] * groups,
+                group=self.ulysses_group, async_op=True,
+            )  # fmt: skip
+            incoming.append((work, received))
+        back = packed.new_empty(slices, groups * tokens, batch, slice_heads, head_dim)
+        returning = []
+        for (work, received), slot in zip(incoming, back, strict=True):
+            work.wait()  # the compute stream waits for this slice (the host does not, on GPUs)
+            query, key, value = received.permute(1, 2, 3, 0, 4)  # [B, H'', L_group, D] each
+            out = self._attend(core, query, key, value).permute(2, 0, 1, 3).contiguous()  # [L_group, B, H'', D]
+            returning.append(dist.all_to_all_single(
+                slot, out, output_split_sizes=[tokens] * groups, input_split_sizes=group_lengths,
+                group=self.ulysses_group, async_op=True,
+            ))  # fmt: skip
+        for work in returning:
+            work.wait()
+        return back.view(slices, groups, tokens, batch, slice_heads, head_dim)
+
+    def _check_share(self, tokens: int) -> None:
         if not self.lengths or self.lengths[self.rank] != tokens:
             raise RuntimeError(
                 f"rank {self.rank} attends over {tokens} tokens but its share is "
                 f"{self.lengths[self.rank] if self.lengths else 'unset'}: the transformer was called without the "
                 "context-parallel split hook (engine.parallel)"
             )
-        self.exchanges += 1
-        padded_heads = math.ceil(heads / self.ulysses) * self.ulysses
-        qkv = [query, key, value]
-        if padded_heads != heads:  # empty heads: zero queries, keys and values; their outputs are dropped
-            qkv = [torch.nn.functional.pad(t, (0, 0, 0, 0, 0, padded_heads - heads)) for t in qkv]
-        if self.ulysses == 1:
-            out = self._attend(core, *qkv).transpose(1, 2)  # [B, L_local, H, D]
-        else:
-            out = self._ulysses(core, qkv)  # [B, L_local, H_padded, D]
-        return out[:, :, :heads].reshape(batch, tokens, heads * head_dim)
 
     def _attend(self, core: Callable, query, key, value) -> torch.Tensor:
         """core over this rank's queries and the keys and values of its whole ring ([B, H', L_group, D] each)."""
@@ -101,52 +156,6 @@ class SequenceShards:
             return core(query, key, value)
         kv = self._gather_ring(torch.stack([key, value]))  # [2, B, H', L, D]
         return core(query, kv[0], kv[1])
-
-    def _ulysses(self, core: Callable, qkv: list[torch.Tensor]) -> torch.Tensor:
-        """Heads for tokens and back, pipelined over `chunks` slices of each rank's heads: the exchange of one slice
-        runs (on NCCL's stream) while attention computes another, and the return of the first slice's output
-        while the second computes. q, k, v [B, H, L_local, D] -> [B, L_local, H, D].
-
-        Rank j of the Ulysses group attends over heads [j H/u, (j+1) H/u) of every rank's tokens (in rank order)."""
-        batch, heads, tokens, head_dim = qkv[0].shape
-        group_heads = heads // self.ulysses
-        chunks = self.chunks if group_heads % self.chunks == 0 else 1
-        slice_heads = group_heads // chunks
-        group_lengths = self.lengths[self.ring_index * self.ulysses : (self.ring_index + 1) * self.ulysses]
-        incoming = []
-        for chunk in range(chunks):
-            # [u, L_local, 3, B, H', D]: the part for rank j is contiguous, split sizes in rows of L_local; q, k, v
-            # are copied into it once each, from whatever strides they have
-            send = qkv[0].new_empty(self.ulysses, tokens, 3, batch, slice_heads, head_dim)
-            slots = send.permute(2, 3, 0, 4, 1, 5)  # [3, B, u, H', L_local, D]
-            for slot, tensor in zip(slots, qkv, strict=True):
-                slot.copy_(tensor.unflatten(1, (self.ulysses, chunks, slice_heads))[:, :, chunk])
-            received = send.new_empty(sum(group_lengths), 3, batch, slice_heads, head_dim)
-            work = dist.all_to_all_single(
-                received, send.view(self.ulysses * tokens, 3, batch, slice_heads, head_dim),
-                output_split_sizes=group_lengths, input_split_sizes=[tokens] * self.ulysses,
-                group=self.ulysses_group, async_op=True,
-            )  # fmt: skip
-            incoming.append((work, received))
-        returning = []
-        for work, received in incoming:
-            work.wait()  # the compute stream waits for this slice (the host does not, on GPUs)
-            query, key, value = received.permute(1, 2, 3, 0, 4)  # [B, H', L_group, D] each
-            out = self._attend(core, query, key, value).permute(2, 0, 1, 3).contiguous()  # [L_group, B, H', D]
-            back = out.new_empty(self.ulysses * tokens, batch, slice_heads, head_dim)
-            work = dist.all_to_all_single(
-                back, out, output_split_sizes=[tokens] * self.ulysses, input_split_sizes=group_lengths,
-                group=self.ulysses_group, async_op=True,
-            )  # fmt: skip
-            returning.append((work, back))
-        result = qkv[0].new_empty(batch, tokens, self.ulysses, chunks, slice_heads, head_dim)
-        for chunk, (work, back) in enumerate(returning):
-            work.wait()
-            # [u, L_local, B, H', D] -> [B, L_local, u, H', D]: heads j H/u + chunk H' + i, their original order
-            result[:, :, :, chunk].copy_(
-                back.view(self.ulysses, tokens, batch, slice_heads, head_dim).permute(2, 1, 0, 3, 4)
-            )
-        return result.view(batch, tokens, heads, head_dim)
 
     def _gather_ring(self, kv: torch.Tensor) -> torch.Tensor:
         """Keys and values of every ring member: [2, B, H', L_group, D] -> [2, B, H', L, D]. Members' shares differ
@@ -163,6 +172,13 @@ class SequenceShards:
         dist.all_gather(gathered, mine, group=self.ring_group)
         whole = torch.cat([part[:length] for part, length in zip(gathered, member_lengths, strict=True)])
         return whole.permute(1, 2, 3, 0, 4)  # [2, B, H', L, D]
+
+
+def unpack_heads(back: torch.Tensor) -> torch.Tensor:
+    """grouped_attention's output [C, u, L, B, H'', D] -> [B, L, H * D] in the heads' order (h = (j C + c) H'' + i).
+    A copy; inside a compiled region inductor writes it in the kernel that reads the result next."""
+    slices, groups, tokens, batch, slice_heads, head_dim = back.shape
+    return back.permute(3, 2, 1, 0, 4, 5).reshape(batch, tokens, groups * slices * slice_heads * head_dim)
 
 
 # ----------------------------------------------------------------------------- the op compiled regions call
@@ -208,3 +224,16 @@ def context_parallel_attention(
 def _(query, key, value, shards_id, core):
     batch, heads, tokens, head_dim = query.shape
     return query.new_empty(batch, tokens, heads * head_dim)
+
+
+@torch.library.custom_op("flux_engine::context_parallel_grouped_attention", mutates_args=())
+def context_parallel_grouped_attention(packed: torch.Tensor, shards_id: int, core: str) -> torch.Tensor:
+    """SequenceShards.grouped_attention as an op opaque to torch.compile: q, k, v packed by
+    qk_norm_rope_grouped [C, u, L_local, 3, B, H'', D] -> the output [C, u, L_local, B, H'', D] (unpack_heads)."""
+    return _SHARDS[shards_id].grouped_attention(_core(core), packed)
+
+
+@context_parallel_grouped_attention.register_fake
+def _(packed, shards_id, core):
+    slices, groups, tokens, _, batch, slice_heads, head_dim = packed.shape
+    return packed.new_empty(slices, groups, tokens, batch, slice_heads, head_dim)

@@ -34,6 +34,7 @@ def compile_case(kernel, signature: dict, constexprs: dict, num_warps: int, sour
     ptx = asm["ptx"]
     return {"compiled": bool(asm.get("cubin")), "rne_fp8_cast": FP8_CAST in ptx,
             "nan_clamp": "min.NaN" in ptx or "max.NaN" in ptx,
+            "stores": {kind: ptx.count(kind) for kind in ("st.global.v4", "st.global.v2", "st.global.b16")},
             "wgmma": sorted({line.split()[0] for line in ptx.splitlines() if "wgmma.mma_async" in line}),
             "wgmma_waits": sorted({line.split()[1].rstrip(";") for line in ptx.splitlines()
                                    if line.strip().startswith("wgmma.wait_group")})}  # fmt: skip
@@ -73,16 +74,29 @@ def cases() -> dict:
                "QS_OUT": "*fp32", "KS_OUT": "*fp32"})  # fmt: skip
     qk.update({name: "i64" for name in ("stride_img_b", "stride_img_l", "stride_txt_b", "stride_txt_l",
                                          "stride_cos_l", "stride_sin_l")})  # fmt: skip
-    qk.update({"L_txt": "i32", "L_img": "i32", "H": "i32", "eps": "fp32", "HEAD_DIM": "constexpr",
-               "BLOCK_H": "constexpr", "HAS_TXT": "constexpr", "BLOCK_T": "constexpr",
-               "INT8_QK": "constexpr"})  # fmt: skip
+    out_strides = ("stride_out_b", "stride_out_l", "stride_out_group", "stride_out_slice")
+    qk.update({name: "i64" for name in out_strides})
+    qk.update({"heads_per_group": "i32", "heads_per_slice": "i32", "L_txt": "i32", "L_img": "i32", "H": "i32",
+               "eps": "fp32", "HEAD_DIM": "constexpr", "BLOCK_H": "constexpr", "HAS_TXT": "constexpr",
+               "BLOCK_T": "constexpr", "INT8_QK": "constexpr", "GROUPED_OUT": "constexpr"})  # fmt: skip
+    # pointers and output strides 16-aligned, as the runtime specialises them on a GPU (torch's allocations are, and
+    # the grouped layout's strides are multiples of D): the facts the stores' vector width depends on
+    aligned = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(qk.items())
+               if kind.startswith("*") or name in out_strides}  # fmt: skip
     for has_txt in (True, False):  # FLUX: 24 heads of 128 (a block of 32 heads), one token per program
-        constexprs = {"HEAD_DIM": 128, "BLOCK_H": 32, "HAS_TXT": has_txt, "BLOCK_T": 1, "INT8_QK": False}
-        results[f"qk_norm_rope/txt={has_txt}"] = compile_case(qk_norm_rope._qk_norm_rope_fwd_kernel, qk, constexprs, 8)
+        constexprs = {"HEAD_DIM": 128, "BLOCK_H": 32, "HAS_TXT": has_txt, "BLOCK_T": 1, "INT8_QK": False,
+                      "GROUPED_OUT": False}  # fmt: skip
+        results[f"qk_norm_rope/txt={has_txt}"] = compile_case(
+            qk_norm_rope._qk_norm_rope_fwd_kernel, qk, constexprs, 8, attrs=aligned
+        )
+    constexprs = {"HEAD_DIM": 128, "BLOCK_H": 32, "HAS_TXT": True, "BLOCK_T": 1, "INT8_QK": False, "GROUPED_OUT": True}
+    results["qk_norm_rope/grouped"] = compile_case(
+        qk_norm_rope._qk_norm_rope_fwd_kernel, qk, constexprs, 8, attrs=aligned
+    )
     from flux_kernels import fp8_attention
 
     qk["Q_OUT"] = qk["K_OUT"] = "*i8"
-    constexprs = {"HEAD_DIM": 128, "BLOCK_H": 32, "HAS_TXT": True, "BLOCK_T": 1, "INT8_QK": True}
+    constexprs = {"HEAD_DIM": 128, "BLOCK_H": 32, "HAS_TXT": True, "BLOCK_T": 1, "INT8_QK": True, "GROUPED_OUT": False}
     results["qk_norm_rope/int8"] = compile_case(qk_norm_rope._qk_norm_rope_fwd_kernel, qk, constexprs, 8)
     strides = [f"stride_{name}" for name in ("qb", "qh", "qm", "kb", "kh", "kn", "vb", "vh", "vd", "qsb", "qsh", "ksb",
                                               "ksh", "vsb", "vsh", "ob", "oh", "om")]  # fmt: skip

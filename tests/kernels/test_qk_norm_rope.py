@@ -15,7 +15,7 @@ from kernel_tolerance import assert_within_pytorch_error
 
 import flux_kernels
 from flux_kernels import qk_norm_rope as qk_module
-from flux_kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_ref
+from flux_kernels.qk_norm_rope import pack_heads, qk_norm_rope, qk_norm_rope_grouped, qk_norm_rope_ref
 
 DTYPES = [torch.bfloat16, torch.float16]
 AXES_DIM = {128: [16, 56, 56], 64: [8, 28, 28]}  # FLUX's split of head_dim over (index, row, col) ids
@@ -156,6 +156,59 @@ def test_qk_norm_rope_bad_inputs(change, message, device):
 @pytest.mark.parametrize("text_tokens, image_tokens", [(512, 4096), (0, 4608)], ids=["double", "single"])
 def test_qk_norm_rope_flux_shapes(text_tokens, image_tokens, device):
     check_qk_norm_rope(make_qk_norm_rope_inputs(1, text_tokens, image_tokens, 24, 128, torch.bfloat16, device))
+
+
+# ----------------------------------------------------------------------------- the grouped layout (Ulysses)
+
+
+@pytest.mark.parametrize(
+    "heads, groups, slices",
+    [(4, 1, 1), (4, 2, 1), (4, 2, 2), (4, 4, 1), (6, 3, 2), (6, 1, 3)],
+)
+@pytest.mark.parametrize("text_tokens", [0, 7])
+def test_qk_norm_rope_grouped_stores_are_the_default_outputs_moved(heads, groups, slices, text_tokens, device):
+    """Each value lands where pack_heads puts the default layout's: bit for bit (the same arithmetic, other
+    addresses), every element written (outputs are poisoned)."""
+    inputs = make_qk_norm_rope_inputs(2, text_tokens, 9, heads, 64, torch.bfloat16, device, strided=True)
+    packed = qk_norm_rope_grouped(**inputs, groups=groups, slices=slices)
+    per_slice = heads // (groups * slices)
+    assert packed.shape == (slices, groups, text_tokens + 9, 3, 2, per_slice, 64) and packed.is_contiguous()
+    assert torch.equal(packed, pack_heads(*qk_norm_rope(**inputs), groups, slices))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("groups, slices", [(2, 2), (4, 1)])
+def test_qk_norm_rope_grouped_at_flux_shapes(groups, slices, device):
+    """The compiled kernel (not the interpreter) with the runtime's stride specialisations, at 2048^2's share of one
+    rank on two GPUs: the same bits as the default layout moved."""
+    inputs = make_qk_norm_rope_inputs(1, 256, 8192, 24, 128, torch.bfloat16, device)
+    packed = qk_norm_rope_grouped(**inputs, groups=groups, slices=slices)
+    assert torch.equal(packed, pack_heads(*qk_norm_rope(**inputs), groups, slices))
+
+
+def test_pack_heads_puts_each_head_of_a_group_slice_together():
+    """pack_heads' layout, spelled out on labelled values: slice s of group g holds heads (g * C + s) * H'' + i."""
+    batch, heads, tokens, head_dim, groups, slices = 2, 8, 3, 1, 2, 2
+    label = torch.arange(batch * heads * tokens, dtype=torch.float32).reshape(batch, heads, tokens, head_dim)
+    packed = pack_heads(label, label + 1000, label + 2000, groups, slices)  # [C, G, L, 3, B, H'', D]
+    per_slice = heads // (groups * slices)
+    for s, g, t, part, b, i in torch.cartesian_prod(*(torch.arange(n) for n in packed.shape[:6])).tolist():
+        head = (g * slices + s) * per_slice + i
+        assert packed[s, g, t, part, b, i, 0] == label[b, head, t, 0] + 1000 * part
+
+
+@pytest.mark.parametrize("groups, slices", [(5, 1), (2, 3), (0, 1)])
+def test_qk_norm_rope_grouped_refuses_groups_that_do_not_divide_the_heads(groups, slices, device):
+    inputs = make_qk_norm_rope_inputs(1, 2, 8, 4, 64, torch.bfloat16, device)
+    with pytest.raises(ValueError, match=rf"4 heads do not split into {groups} groups of {slices} equal slices"):
+        qk_norm_rope_grouped(**inputs, groups=groups, slices=slices)
+
+
+def test_grouped_custom_op_registration(device):
+    inputs = make_qk_norm_rope_inputs(1, 3, 5, 4, 64, torch.bfloat16, device, strided=True)
+    args = [inputs[name] for name in ("qkv", "q_weight", "k_weight", "cos", "sin", "heads")]
+    args += [1e-6, inputs["txt_qkv"], inputs["txt_q_weight"], inputs["txt_k_weight"], 2, 2]
+    torch.library.opcheck(torch.ops.flux_kernels.qk_norm_rope_grouped.default, args)
 
 
 # ----------------------------------------------------------------------------- custom op / torch.compile

@@ -30,9 +30,9 @@ def compiled() -> dict:
 
 
 def test_every_case_compiles_to_a_cubin(compiled):
-    # + qk_norm_rope int8, the fp8 attention's Hopper configs, its Gluon core (two tiles),
+    # + qk_norm_rope int8 and grouped, the fp8 attention's Hopper configs, its Gluon core (two tiles),
     # its quantisers
-    assert len(compiled) == 8 + 1 + 5 + 2 + 2
+    assert len(compiled) == 8 + 2 + 5 + 2 + 2
     failed = {name: case.get("error") for name, case in compiled.items() if not case["compiled"]}
     assert not failed, failed
 
@@ -44,6 +44,15 @@ def test_fp8_outputs_round_to_nearest_even_and_keep_nan(compiled):
     for name, case in fp8.items():
         assert case["rne_fp8_cast"], f"{name}: no cvt.rn.satfinite e4m3 conversion in the PTX"
         assert case["nan_clamp"], f"{name}: the clamp does not propagate NaN"
+
+
+def test_qk_norm_rope_stores_16_byte_vectors_in_both_layouts(compiled):
+    """The grouped (Ulysses) layout's runtime strides keep the default layout's stores: q, k and v leave in 16-byte
+    vectors (st.global.v4), none element by element, given the alignment the runtime specialises on."""
+    for name in ("qk_norm_rope/txt=True", "qk_norm_rope/txt=False", "qk_norm_rope/grouped"):
+        stores = compiled[name]["stores"]
+        assert stores["st.global.v4"] > 0 and stores["st.global.b16"] == 0, f"{name}: {stores}"
+    assert compiled["qk_norm_rope/grouped"]["stores"] == compiled["qk_norm_rope/txt=True"]["stores"]
 
 
 def test_quantised_attention_runs_on_int8_and_fp8_tensor_cores(compiled):
