@@ -6,7 +6,7 @@
 # tests-tasks, task-TASK for every engine.bench --task, tests-cache, cache-taylorseer, cache-fbcache-0,
 # cache-fbcache-008, profile-cache, tests-fp8attn, kernels-attention, fp8attn-1024, fp8attn-2048, tune-table,
 # startup, startup-tables, startup-nographs, tests-startup, cache-fbcache-graphs, tests-fbcache-graphs,
-# tests-controlnet-graphs, gluon-kernels, gluon-step). Each stage
+# tests-controlnet-graphs, gluon-kernels, gluon-step, profile-cp-2, tests-cp). Each stage
 # has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
@@ -134,6 +134,12 @@ for s in "$@"; do
       stage "$s" 420 env NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
         python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m engine.bench --gpus 2 --res 1024 2048 \
         --steps 28 --runs 2 --preset "$P" "${EXTRA[@]}" --out "$OUT/bench-$s-$CARD-$DAY.json" ;;
+    profile-cp-2)
+      # where a 2-GPU step's time goes beside one GPU's (kernel time per category, rank 0; eager regional compile)
+      stage profile-cp-2 300 env NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
+        python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m benchmarks.profile_parallel --res 2048 \
+        --out "$OUT/profile-cp-2-$CARD-$DAY.json" ;;
+    tests-cp) stage tests-cp 150 python3 -m pytest -q -m gpu tests/kernels/test_qk_norm_rope.py ;;
     cp-2-smoke)
       # the final code on 2 GPUs, quickly: the bench (4 steps, 1 run) and engine.generate, each must exit 0
       stage cp-2-smoke-bench 240 env NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
