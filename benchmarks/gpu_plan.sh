@@ -6,7 +6,7 @@
 # tests-tasks, task-TASK for every engine.bench --task, tests-cache, cache-taylorseer, cache-fbcache-0,
 # cache-fbcache-008, profile-cache, tests-fp8attn, kernels-attention, fp8attn-1024, fp8attn-2048, tune-table,
 # startup, startup-tables, startup-nographs, tests-startup, cache-fbcache-graphs, tests-fbcache-graphs,
-# tests-controlnet-graphs, gluon-kernels, gluon-step, profile-cp-2, tests-cp). Each stage
+# tests-controlnet-graphs, gluon-kernels, gluon-step, profile-cp-2, tests-cp, cp-2-chunks). Each stage
 # has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
@@ -134,6 +134,17 @@ for s in "$@"; do
       stage "$s" 420 env NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
         python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m engine.bench --gpus 2 --res 1024 2048 \
         --steps 28 --runs 2 --preset "$P" "${EXTRA[@]}" --out "$OUT/bench-$s-$CARD-$DAY.json" ;;
+    cp-2-chunks)
+      # the exchange in more head slices (issue "Several GPUs"): chunks 4 at both sizes beside one GPU, then chunks 3
+      # and 6 at 2048^2 on 2 GPUs alone (one process each, so each row is its own compile)
+      for c in 4 3 6; do
+        EXTRA=(--res 1024 2048); [ "$c" != 4 ] && EXTRA=(--res 2048 --no-single)
+        stage "cp-2-c$c" 300 env NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
+          python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m engine.bench --gpus 2 "${EXTRA[@]}" \
+          --steps 28 --runs 2 --preset fp8-compile-fastacc-cudagraphs --cp-chunks "$c" \
+          --out "/tmp/bench-cp-2-c$c.json"
+        cp "/tmp/bench-cp-2-c$c.json" "$OUT/bench-cp-2-c$c-$CARD-$DAY.json"
+      done ;;
     profile-cp-2)
       # where a 2-GPU step's time goes beside one GPU's (kernel time per category, rank 0; eager regional compile)
       stage profile-cp-2 300 env NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \

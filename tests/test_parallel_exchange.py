@@ -46,6 +46,7 @@ def _whole(heads: int = HEADS) -> torch.Tensor:
         (2, 2, 1, 2, HEADS),  # Ulysses, each rank's 4 heads in 2 pipelined slices
         (2, 2, 1, 1, HEADS),  # Ulysses in one exchange
         (3, 3, 1, 2, HEADS),  # 8 heads over 3 ranks: padded to 9; 3 per rank do not split in 2, so one exchange
+        (2, 2, 1, 3, HEADS),  # 4 heads a rank in at most 3 slices: 2 slices of 2
         (2, 1, 2, 2, HEADS),  # ring alone
         (4, 2, 2, 2, HEADS),  # both: Ulysses pairs, keys and values all-gathered across the pairs
     ],
@@ -56,3 +57,15 @@ def test_exchange_equals_attention_over_the_whole_sequence(tmp_path, ranks, ulys
     # fp32: the only differences are the order of the keys (each rank's share travels in rank order) and SDPA's own
     # blocking over other lengths: rounding, ~1e-7 measured
     torch.testing.assert_close(torch.cat(shares, dim=1), _whole(heads), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "ulysses, chunks, slices",
+    [(2, 2, 2), (2, 4, 4), (4, 4, 3), (2, 5, 4), (8, 2, 1), (2, 1, 1), (2, 12, 12), (2, 30, 12)],
+)
+def test_grouped_layout_takes_the_most_equal_slices_up_to_chunks(ulysses, chunks, slices):
+    """FLUX's 24 heads: a rank's 24 / ulysses heads in the most equal slices that `chunks` allows."""
+    from engine.parallel.exchange import SequenceShards
+
+    shards = SequenceShards(rank=0, ulysses=ulysses, ring=1, chunks=chunks)
+    assert shards.grouped_layout(24) == (ulysses, slices)

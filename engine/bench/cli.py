@@ -105,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--cp-chunks",
         type=int,
         default=None,
-        help="--gpus: slices of each rank's heads whose exchanges overlap attention (ParallelConfig.chunks; default "
-        "2; 1: no overlap)",
+        help="--gpus: at most this many slices of each rank's heads, whose exchanges overlap attention "
+        "(ParallelConfig.chunks; default 2; 1: no overlap)",
     )
     parser.add_argument(
         "--parallel-timeout",

@@ -22,8 +22,9 @@ class ParallelConfig:
     ring: groups of ranks that also share keys and values (all-gathered), each attending with its own queries over
         all of them: for degrees past the head count, or to keep all-to-alls inside a machine.
     timeout_s: a collective that waits longer than this (a rank failed or hangs) ends the run with an error.
-    chunks: Ulysses exchanges each rank's heads in this many slices, so that one slice travels while attention
-        computes another (1: one exchange, no overlap; a count that does not divide the heads per rank means 1).
+    chunks: Ulysses exchanges each rank's heads in at most this many slices, so that one slice travels while
+        attention computes another (1: one exchange, no overlap); the most equal slices of the rank's heads up to
+        this count (12 heads a rank: 4 slices of 3; 6 heads a rank: 3 slices of 2).
     """
 
     ulysses: int = 1

@@ -102,9 +102,10 @@ class SequenceShards:
 
     def grouped_layout(self, heads: int) -> tuple[int, int]:
         """(groups, slices) of the Ulysses exchange of `heads` heads (which the Ulysses degree divides): rank j of the
-        group attends over heads [j H/u, (j+1) H/u), sent in `chunks` slices if they divide its heads, else one."""
+        group attends over heads [j H/u, (j+1) H/u), sent in at most `chunks` slices of equal size (the most that
+        divide its heads: 6 heads a rank and chunks 4 make 3 slices)."""
         group_heads = heads // self.ulysses
-        return self.ulysses, (self.chunks if group_heads % self.chunks == 0 else 1)
+        return self.ulysses, max(d for d in range(1, min(self.chunks, group_heads) + 1) if group_heads % d == 0)
 
     def grouped_attention(self, core: Callable, packed: torch.Tensor) -> torch.Tensor:
         """Ulysses: heads for tokens and back, pipelined over the slices of each rank's heads: the exchange of one
