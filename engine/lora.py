@@ -80,7 +80,7 @@ def add_fused_lora(
         offset += part.out_features
     lows = down_projection(updates, x, x_scale, fp8)
     for (layer, name), start, low in zip(updates, starts, lows, strict=True):
-        add_update(out, start, layer, name, low)
+        add_update(out, start, layer, name, low, in_place=x_scale is not None)
     return out
 
 

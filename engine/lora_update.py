@@ -64,7 +64,31 @@ def scaled(update: torch.Tensor, scaling) -> torch.Tensor:
     return update * scaling
 
 
-def add_update(out: torch.Tensor, start: int, layer: nn.Module, name: str, low: torch.Tensor) -> None:
-    """out[..., start : start + width] += B(low) * scaling, as PEFT adds it (in place, into the fused output)."""
+@torch.library.custom_op("flux_engine::lora_addmm_", mutates_args=("out",))
+def lora_addmm_(out: torch.Tensor, low: torch.Tensor, up: torch.Tensor, start: int) -> None:
+    """out[..., start : start + up rows] += low @ up.T in place, one cuBLAS GEMM with beta = 1 (fp32 accumulation,
+    one rounding). out: contiguous [..., N]; low: [..., r] in out's dtype; up: [n, r]."""
+    columns = out.view(-1, out.shape[-1])[:, start : start + up.shape[0]]
+    columns.addmm_(low.reshape(-1, low.shape[-1]), up.t().to(out.dtype))
+
+
+@lora_addmm_.register_fake
+def _(out, low, up, start):
+    return None
+
+
+def add_update(
+    out: torch.Tensor, start: int, layer: nn.Module, name: str, low: torch.Tensor, in_place: bool = False
+) -> torch.Tensor:
+    """out[..., start : start + width] += B(low) * scaling, into the fused output; returns out. in_place (beside
+    an fp8 base, whose e4m3 input the update shares): B's product accumulated into out by one cuBLAS GEMM
+    (lora_addmm_), so out is read and written once instead of an update being written, read back and added; it
+    rounds once where PEFT rounds B(low) first. Measured on an H200 (NOTES, 2026-11-29 evening, run 3): 3.5 ms a step
+    faster at 1024^2, 20 at 2048^2 on the fastest fp8 preset, but ~20 ms slower under bf16 kernels-compile, so the
+    bf16 projections keep PEFT's add."""
     up = layer.lora_B[name]
+    if in_place and out.is_contiguous() and up.bias is None:
+        lora_addmm_(out, scaled(low, layer.scaling[name]).to(out.dtype), up.weight, start)
+        return out
     out[..., start : start + up.out_features].add_(scaled(up(low), layer.scaling[name]).to(out.dtype))
+    return out

@@ -233,3 +233,45 @@ def test_lora_on_a_quantised_transformer_on_the_gpu(mode, offload):
     engine.fuse_lora()
     engine.unfuse_lora()
     assert torch.equal(_image(engine), with_lora)
+
+
+class _Adapted(torch.nn.Module):
+    """What add_update reads of a PEFT layer: its B factors and scalings."""
+
+    def __init__(self, rank: int, width: int, scaling: float):
+        super().__init__()
+        self.lora_B = torch.nn.ModuleDict({"a": torch.nn.Linear(rank, width, bias=False)})
+        self.scaling = {"a": scaling}
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "aot_eager"])
+def test_in_place_update_beside_fp8_adds_b_into_its_columns_only(compiled):
+    """add_update's in-place path (lora_addmm_, beside fp8 bases): B(low) * scaling lands in the adapter's columns of
+    the fused output, rounded once (within one bf16 rounding of PEFT's add), and no other column moves, also as a
+    mutating op inside a compiled graph."""
+    from engine.lora_update import add_update
+
+    generator = torch.Generator().manual_seed(0)
+    layer = _Adapted(rank=8, width=6, scaling=0.5).to(torch.bfloat16)
+    out = torch.randn(2, 5, 16, generator=generator).to(torch.bfloat16)
+    low = torch.randn(2, 5, 8, generator=generator).to(torch.bfloat16)
+    exact = out.float()
+    exact[..., 4:10] += (low.float() @ layer.lora_B["a"].weight.float().t()) * 0.5
+
+    def update(out, low, in_place):
+        return add_update(out.clone(), 4, layer, "a", low, in_place=in_place)
+
+    run = torch.compile(update, backend="aot_eager", fullgraph=True) if compiled else update
+    fused, peft = run(out, low, True), update(out, low, False)
+    assert torch.equal(fused[..., :4], out[..., :4]) and torch.equal(fused[..., 10:], out[..., 10:])
+    bf16_step = exact[..., 4:10].abs() * 2**-7 + 1e-6  # one rounding to bf16
+    assert ((fused[..., 4:10].float() - exact[..., 4:10]).abs() <= bf16_step).all()
+    assert ((fused.float() - peft.float()).abs() <= 2 * bf16_step.max()).all()
+    assert not torch.equal(fused, out)
+
+
+def test_lora_addmm_op_registration():
+    from engine.lora_update import lora_addmm_
+
+    out, low, up = torch.randn(6, 10), torch.randn(6, 3), torch.randn(4, 3)
+    torch.library.opcheck(lora_addmm_._opoverload, (out, low, up, 5))

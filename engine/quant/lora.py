@@ -30,7 +30,7 @@ from torch import nn
 from flux_kernels.fp8 import quantize_fp8_rowwise
 
 from ..errors import ConfigError, InputError
-from ..lora_update import acting_adapters, down_projection, plain_adapters, scaled
+from ..lora_update import acting_adapters, add_update, down_projection, plain_adapters
 from .fp8 import Fp8Linear, FusedAway
 from .layers import compute_dtype_of, device_of, plain_qbytes, quantized_kind, quantized_linear
 
@@ -75,7 +75,7 @@ class QuantizedLoraLinear(peft_lora.Linear):
         result = base(x, x_scale, out_dtype=out_dtype)
         updates = [(self, name) for name in acting_adapters(self)]
         for (_, name), low in zip(updates, down_projection(updates, x, x_scale, base), strict=True):
-            result = result + scaled(self.lora_B[name](low), self.scaling[name]).to(result.dtype)
+            result = add_update(result, 0, self, name, low, in_place=True)
         return result
 
     def update_layer(self, adapter_name: str, r: int, *args, config=None, **kwargs):
