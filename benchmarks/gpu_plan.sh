@@ -148,8 +148,9 @@ for s in "$@"; do
     cp-2-nccl)
       # NCCL's SM share (issue "Several GPUs"): fewer channels (CTAs) for the exchange's kernels leave more SMs to the
       # attention and GEMMs they overlap, at a lower link rate; 2048^2 on 2 GPUs alone, the default first
-      for n in default 8 4; do
+      for n in ${NCCL_CHANNELS:-default 8 4}; do  # min32: at least 32 channels instead of at most n
         CH=(); [ "$n" != default ] && CH=(NCCL_MAX_NCHANNELS="$n" NCCL_MAX_P2P_NCHANNELS="$n")
+        [ "$n" = min32 ] && CH=(NCCL_MIN_NCHANNELS=32 NCCL_MIN_P2P_NCHANNELS=32)
         stage "cp-2-nccl-$n" 240 env NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
           "${CH[@]}" python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m engine.bench --gpus 2 \
           --res 2048 --no-single --steps 28 --runs 2 --preset fp8-compile-fastacc-cudagraphs \
