@@ -4,8 +4,10 @@ out[..., columns] += B(A(x)) * scaling, for each acting adapter, in PEFT's order
 - beside an fp8 projection that takes the norm / GELU kernel's e4m3 activations, A reads those same activations
   through the same fp8 path as the base GEMM (A quantised per row, as a base weight is): the blocks keep their fused
   fp8 kernels with an adapter acting, and the update sees the activations the base sees;
-- B's product added into its columns of the fused output (an in-place cuBLAS addmm on the column slice, tried as a
-  custom op, measured slower under kernels-compile at 1024^2: 163 against 143 ms per step).
+- B's product added into its columns of the output: beside an fp8 base, accumulated in place by one cuBLAS GEMM
+  (lora_addmm_: 3.9 ms a step faster at 1024^2, 12 at 2048^2 on the fastest preset, NOTES 2026-11-30 09:50); beside
+  a bf16 base, PEFT's add (the in-place GEMM measured slower there under kernels-compile: 163 against 143 ms a step
+  at 1024^2, NOTES 2026-11-29 evening).
 Measured on an H200 (benchmarks/NOTES.md, 2026-11-29 evening): without the fp8 input, the fp8 preset's rank-64
 adapter cost 27 ms of a 85 ms step at 1024^2, 17 of them in the fp8 fusions the adapted projections lost.
 """
@@ -82,12 +84,12 @@ def add_update(
 ) -> torch.Tensor:
     """out[..., start : start + width] += B(low) * scaling, into the fused output; returns out. in_place (beside
     an fp8 base, whose e4m3 input the update shares): B's product accumulated into out by one cuBLAS GEMM
-    (lora_addmm_), so out is read and written once instead of an update being written, read back and added; it
-    rounds once where PEFT rounds B(low) first. Measured on an H200 (NOTES, 2026-11-29 evening, run 3): 3.5 ms a step
-    faster at 1024^2, 20 at 2048^2 on the fastest fp8 preset, but ~20 ms slower under bf16 kernels-compile, so the
-    bf16 projections keep PEFT's add."""
+    (lora_addmm_), so out is read and written once instead of an update being written, read back and added. The
+    scaled low-rank activations are rounded to out's dtype before it, and the product is not rounded on its own
+    before the sum (PEFT rounds B(low) first): the same values within a rounding of out's dtype. Only without
+    autograd (inference): the op has no backward, so a forward that records gradients keeps PEFT's add."""
     up = layer.lora_B[name]
-    if in_place and out.is_contiguous() and up.bias is None:
+    if in_place and out.is_contiguous() and up.bias is None and not torch.is_grad_enabled():
         lora_addmm_(out, scaled(low, layer.scaling[name]).to(out.dtype), up.weight, start)
         return out
     out[..., start : start + up.out_features].add_(scaled(up(low), layer.scaling[name]).to(out.dtype))

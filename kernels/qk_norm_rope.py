@@ -384,7 +384,8 @@ def qk_norm_rope_fwd(
     if grouped is not None:
         groups, slices = grouped
         _check_grouping(heads, groups, slices, int8_qk)
-        packed = qkv.new_empty(slices, groups, total, 3, batch, heads // (groups * slices), head_dim)
+        per_slice = heads // (groups * slices)
+        packed = new_output(slices, groups, total, 3, batch, per_slice, head_dim, dtype=qkv.dtype, device=qkv.device)
         q, k, v = packed.unbind(3)  # [C, G, L, B, H'', D] views, one q | k | v section apart
         # (b, l, group, slice) strides; heads of a slice are contiguous D-rows
         out_strides = (q.stride(3), q.stride(2), q.stride(1), q.stride(0), heads // groups, heads // (groups * slices))
@@ -405,6 +406,8 @@ def qk_norm_rope_fwd(
         return (triton.cdiv(total, meta["BLOCK_T"]), batch)
 
     key = (text_tokens, image_tokens, heads, head_dim, qkv.dtype, q_weight.dtype, cos.dtype, sin.dtype, int8_qk)
+    if grouped is not None:  # its own choice (other stores); the default layout's keys, and tables, stay as they were
+        key += (f"grouped{groups}x{slices}",)
     with device_guard(qkv):
         _launch_qk_norm_rope(
             key, grid,
@@ -419,14 +422,14 @@ def qk_norm_rope_fwd(
     return (q, q_scale, k, k_scale, v) if int8_qk else (q, k, v)
 
 
-def _check_grouping(heads: int, groups: int, slices: int, int8_qk: bool = False) -> None:
+def _check_grouping(heads: int, groups: int, slices: int, int8_qk: bool = False, op: str = "qk_norm_rope_grouped"):
     if groups < 1 or slices < 1 or heads % (groups * slices):
         raise ValueError(
-            f"qk_norm_rope_grouped: {heads} heads do not split into {groups} groups of {slices} equal slices; "
+            f"{op}: {heads} heads do not split into {groups} groups of {slices} equal slices; "
             f"groups * slices must divide the heads (here one of {[d for d in range(1, heads + 1) if heads % d == 0]})"
         )
     if int8_qk:
-        raise ValueError("qk_norm_rope_grouped: int8 q and k have no grouped layout; call qk_norm_rope_int8")
+        raise ValueError(f"{op}: int8 q and k have no grouped layout; call qk_norm_rope_int8")
 
 
 @torch.library.custom_op("flux_kernels::qk_norm_rope", mutates_args=())
@@ -484,7 +487,7 @@ def pack_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, grou
     """q, k, v [B, H, L, D] -> qk_norm_rope_grouped's layout [slices, groups, L, 3, B, H / (groups * slices), D]
     (head h = (group * slices + slice) * H'' + i), by copies: the reference of the kernel's grouped stores."""
     batch, heads, tokens, head_dim = query.shape
-    _check_grouping(heads, groups, slices)
+    _check_grouping(heads, groups, slices, op="pack_heads")
     per_slice = heads // (groups * slices)
     # each [B, G, C, H'', L, D] -> [C, G, L, B, H'', D], stacked on a new dim 3
     parts = [t.reshape(batch, groups, slices, per_slice, tokens, head_dim).permute(2, 1, 4, 0, 3, 5) for t in

@@ -103,7 +103,7 @@ def main() -> int:
         facts.update(
             returned=None if output is None else type(output).__name__,
             exchanges=state.shards.exchanges if state is not None else 0,
-            exchange_groups=pipe.transformer.transformer_blocks[0].flux_ops.exchange_groups,
+            exchange_groups=_exchange_groups(pipe),
             seconds=time.perf_counter() - started,
         )
         if output is not None:
@@ -118,6 +118,13 @@ def main() -> int:
             )
     _write_facts(out, facts)
     return 0
+
+
+def _exchange_groups(pipe):
+    """The (groups, slices) the engine's blocks write q, k, v in for the exchange; None without the engine's blocks
+    (a preset without the attention step) or without a grouped exchange."""
+    ops = getattr(pipe.transformer.transformer_blocks[0], "flux_ops", None)
+    return None if ops is None else ops.exchange_groups
 
 
 def _write_facts(out: Path, facts: dict) -> None:

@@ -262,7 +262,8 @@ def test_in_place_update_beside_fp8_adds_b_into_its_columns_only(compiled):
         return add_update(out.clone(), 4, layer, "a", low, in_place=in_place)
 
     run = torch.compile(update, backend="aot_eager", fullgraph=True) if compiled else update
-    fused, peft = run(out, low, True), update(out, low, False)
+    with torch.no_grad():  # inference, as the pipelines call it
+        fused, peft = run(out, low, True), update(out, low, False)
     assert torch.equal(fused[..., :4], out[..., :4]) and torch.equal(fused[..., 10:], out[..., 10:])
     bf16_step = exact[..., 4:10].abs() * 2**-7 + 1e-6  # one rounding to bf16
     assert ((fused[..., 4:10].float() - exact[..., 4:10]).abs() <= bf16_step).all()
@@ -275,3 +276,14 @@ def test_lora_addmm_op_registration():
 
     out, low, up = torch.randn(6, 10), torch.randn(6, 3), torch.randn(4, 3)
     torch.library.opcheck(lora_addmm_._opoverload, (out, low, up, 5))
+
+
+def test_in_place_update_steps_aside_when_gradients_are_recorded():
+    """lora_addmm_ has no backward: with autograd recording, the update is PEFT's add, and B gets its gradient."""
+    from engine.lora_update import add_update
+
+    layer = _Adapted(rank=4, width=3, scaling=2.0)
+    out, low = torch.randn(5, 8), torch.randn(5, 4)
+    add_update(out.clone(), 2, layer, "a", low, in_place=True).sum().backward()
+    assert layer.lora_B["a"].weight.grad is not None
+    torch.testing.assert_close(layer.lora_B["a"].weight.grad, 2.0 * low.sum(0).expand(3, 4))

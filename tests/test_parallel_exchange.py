@@ -69,3 +69,10 @@ def test_grouped_layout_takes_the_most_equal_slices_up_to_chunks(ulysses, chunks
 
     shards = SequenceShards(rank=0, ulysses=ulysses, ring=1, chunks=chunks)
     assert shards.grouped_layout(24) == (ulysses, slices)
+
+
+def test_grouped_layout_refuses_a_degree_that_does_not_divide_the_heads():
+    from engine.parallel.exchange import SequenceShards
+
+    with pytest.raises(ValueError, match=r"24 heads do not split over a Ulysses degree of 5.*one of \[1, 2, 3, 4, 6"):
+        SequenceShards(rank=0, ulysses=5, ring=1).grouped_layout(24)

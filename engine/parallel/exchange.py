@@ -8,7 +8,8 @@ synchronisation to learn the sizes, and a captured CUDA graph holds the sizes of
 
 Under Ulysses, the engine's blocks hand q, k and v over already in the exchange's send layout (the QK-norm + RoPE
 kernel writes them so: flux_kernels.qk_norm_rope.qk_norm_rope_grouped) and take the output back in the layout it
-arrives in (unpack_heads, a view change that the compiled region's next kernel reads through): no layout copies of
+arrives in (unpack_heads: inside a compiled region, inductor writes that permutation in the kernel that reads the
+output next, or in one copy kernel of its own before an opaque op; eagerly, a torch copy): no strided copies of
 their own, which on two H200s at 2048^2 were 20 ms of a 311 ms step (benchmarks/NOTES.md, 2026-11-29 19:14).
 
 Attention is invariant to the order of the keys, and each query's output goes back to the rank that owns it, so
@@ -104,6 +105,12 @@ class SequenceShards:
         """(groups, slices) of the Ulysses exchange of `heads` heads (which the Ulysses degree divides): rank j of the
         group attends over heads [j H/u, (j+1) H/u), sent in at most `chunks` slices of equal size (the most that
         divide its heads: 6 heads a rank and chunks 4 make 3 slices)."""
+        if heads % self.ulysses:
+            raise ValueError(
+                f"{heads} heads do not split over a Ulysses degree of {self.ulysses}; the grouped layout needs a "
+                f"degree that divides the heads (one of {[d for d in range(1, heads + 1) if heads % d == 0]}); other "
+                "degrees take SequenceShards.attention, which pads the heads"
+            )
         group_heads = heads // self.ulysses
         return self.ulysses, max(d for d in range(1, min(self.chunks, group_heads) + 1) if group_heads % d == 0)
 
@@ -116,7 +123,10 @@ class SequenceShards:
         (unpack_heads: [B, L_local, H * D])."""
         slices, groups, tokens, _, batch, slice_heads, head_dim = packed.shape
         if groups != self.ulysses:
-            raise RuntimeError(f"q, k, v were packed in {groups} head groups for a Ulysses degree of {self.ulysses}")
+            raise RuntimeError(
+                f"q, k, v were packed in {groups} head groups for a Ulysses degree of {self.ulysses}; pack them with "
+                "groups, slices = grouped_layout(heads) of this SequenceShards"
+            )
         self._check_share(tokens)
         self.exchanges += 1
         group_lengths = self.lengths[self.ring_index * self.ulysses : (self.ring_index + 1) * self.ulysses]
