@@ -6,7 +6,7 @@
 # tests-tasks, task-TASK for every engine.bench --task, tests-cache, cache-taylorseer, cache-fbcache-0,
 # cache-fbcache-008, profile-cache, tests-fp8attn, kernels-attention, fp8attn-1024, fp8attn-2048, tune-table,
 # startup, startup-tables, startup-nographs, tests-startup, cache-fbcache-graphs, tests-fbcache-graphs,
-# tests-controlnet-graphs, gluon-kernels, gluon-step, profile-cp-2, tests-cp, cp-2-chunks, cp-2-nccl). Each stage
+# tests-controlnet-graphs, gluon-kernels, gluon-step, profile-cp-2, tests-cp, cp-2-chunks, cp-2-nccl, timeline-cp-2). Each stage
 # has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
@@ -157,6 +157,14 @@ for s in "$@"; do
           --out "/tmp/bench-cp-2-nccl-$n.json"
         cp "/tmp/bench-cp-2-nccl-$n.json" "$OUT/bench-cp-2-nccl-$n-$CARD-$DAY.json"
       done ;;
+    timeline-cp-2)
+      # each rank's compute / communication / idle time per step under the fastest preset's CUDA graphs, beside one
+      # GPU's, and the ranks' Chrome traces (gzipped): what the 2-GPU step waits for (NOTES 2026-11-30 09:30)
+      stage timeline-cp-2 300 env NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
+        python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m benchmarks.profile_parallel --timeline \
+        --preset fp8-compile-fastacc-cudagraphs --res 2048 --out "$OUT/timeline-cp-2-$CARD-$DAY.json" \
+        --trace-dir /tmp/traces
+      for r in rank0 rank1; do [ -f "/tmp/traces/$r.json" ] && gzip -c "/tmp/traces/$r.json" > "$OUT/trace-cp-2-$r.json.gz"; done ;;
     profile-cp-2)
       # where a 2-GPU step's time goes beside one GPU's (kernel time per category, rank 0; eager regional compile)
       stage profile-cp-2 300 env NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \

@@ -1,4 +1,5 @@
-"""One pipeline call's GPU kernel time per kernel name, from torch.profiler (shared by the profile_* scripts)."""
+"""One pipeline call's GPU kernel time per kernel name, and its kernels' timeline (what ran beside what, and when
+the GPU stood idle), from torch.profiler (shared by the profile_* scripts)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,10 @@ import torch
 
 def kernel_times(pipe, height: int, width: int, steps: int) -> dict[str, tuple[float, int]]:
     """{kernel name (100 characters): (ms per step, launches per step)} of one call, after a warm-up call."""
-
-    def call():
-        pipe("a photograph of an astronaut", height=height, width=width, num_inference_steps=steps,
-             generator=torch.Generator().manual_seed(0), output_type="latent")  # fmt: skip
-
-    call()
+    _call(pipe, height, width, steps)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        call()
+        _call(pipe, height, width, steps)
         torch.cuda.synchronize()
     found: dict[str, list] = defaultdict(lambda: [0.0, 0])
     for event in prof.key_averages():
@@ -26,3 +22,58 @@ def kernel_times(pipe, height: int, width: int, steps: int) -> dict[str, tuple[f
             found[event.key[:100]][0] += device_us / 1e3 / steps
             found[event.key[:100]][1] += event.count // steps
     return {name: (ms, count) for name, (ms, count) in found.items()}
+
+
+def _call(pipe, height: int, width: int, steps: int) -> None:
+    pipe("a photograph of an astronaut", height=height, width=width, num_inference_steps=steps,
+         generator=torch.Generator().manual_seed(0), output_type="latent")  # fmt: skip
+
+
+def kernel_intervals(pipe, height: int, width: int, steps: int, trace: str | None = None) -> list[tuple[str, int, int]]:
+    """(name, start ns, end ns) of every GPU kernel of one call, after a warm-up call (which captures the CUDA graphs
+    of a graph preset: CUPTI reports the kernels a graph replay runs too). trace: also write a Chrome trace there."""
+    _call(pipe, height, width, steps)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        _call(pipe, height, width, steps)
+        torch.cuda.synchronize()
+    if trace:
+        prof.export_chrome_trace(trace)
+    return [
+        (event.name(), event.start_ns(), event.end_ns())
+        for event in prof.profiler.kineto_results.events()
+        if event.device_type() == torch.autograd.DeviceType.CUDA and "kernel" in str(event.activity_type()).lower()
+    ]
+
+
+def _union_ns(spans: list[tuple[int, int]]) -> int:
+    """The length of the union of [start, end) spans."""
+    total, reach = 0, None
+    for start, end in sorted(spans):
+        if reach is None or start > reach:
+            total, reach = total + end - start, end
+        elif end > reach:
+            total, reach = total + end - reach, end
+    return total
+
+
+def timeline(kernels: list[tuple[str, int, int]], steps: int, comm=("nccl",)) -> dict[str, float]:
+    """Where one call's GPU time went, per step (ms): its span from the first kernel's start to the last one's end;
+    compute (any non-communication kernel running), communication kernels, the part of those with no compute beside
+    them (exposed), and idle (no kernel at all). span = compute + exposed + idle."""
+    if not kernels:
+        return {}
+    is_comm = [any(key in name.lower() for key in comm) for name, _, _ in kernels]
+    compute = [(start, end) for (_, start, end), c in zip(kernels, is_comm, strict=True) if not c]
+    communication = [(start, end) for (_, start, end), c in zip(kernels, is_comm, strict=True) if c]
+    every = compute + communication
+    span = max(end for _, end in every) - min(start for start, _ in every)
+    busy, computing, talking = _union_ns(every), _union_ns(compute), _union_ns(communication)
+    per_step_ms = 1e-6 / steps
+    return {
+        "span": span * per_step_ms,
+        "compute": computing * per_step_ms,
+        "communication": talking * per_step_ms,
+        "exposed_communication": (busy - computing) * per_step_ms,
+        "idle": (span - busy) * per_step_ms,
+    }

@@ -1,0 +1,31 @@
+"""benchmarks/profiling.py's timeline arithmetic on hand-made kernel spans (the GPU part runs on the device)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.profiling import timeline
+
+MS = 1_000_000  # ns
+
+
+def test_timeline_splits_the_span_into_compute_exposed_communication_and_idle():
+    kernels = [
+        ("gemm", 0 * MS, 4 * MS),
+        ("ncclDevKernel_SendRecv", 3 * MS, 6 * MS),  # 1 ms beside the GEMM, 2 ms exposed
+        ("attention", 6 * MS, 9 * MS),
+        ("attention", 8 * MS, 10 * MS),  # overlapping compute counts once
+        ("ncclDevKernel_AllGather", 12 * MS, 13 * MS),  # after 2 ms with nothing running
+    ]
+    parts = timeline(kernels, steps=1)
+    assert parts == pytest.approx(
+        {"span": 13.0, "compute": 8.0, "communication": 4.0, "exposed_communication": 3.0, "idle": 2.0}
+    )
+    assert parts["compute"] + parts["exposed_communication"] + parts["idle"] == pytest.approx(parts["span"])
+
+
+def test_timeline_is_per_step_and_empty_without_kernels():
+    assert timeline([("k", 0, 4 * MS)], steps=2) == pytest.approx(
+        {"span": 2.0, "compute": 2.0, "communication": 0.0, "exposed_communication": 0.0, "idle": 0.0}
+    )
+    assert timeline([], steps=1) == {}
