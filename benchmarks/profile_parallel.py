@@ -69,21 +69,8 @@ def main() -> int:
 
         return end_parallel_run(main_timeline(args))  # the CUDA graphs' NCCL resources released before teardown
     height, width = parse_resolution(args.res)
-    gpus = int(os.environ.get("WORLD_SIZE", "1"))
-    world = init_distributed(gpus)
-    config = with_parallel(preset(args.preset), gpus)
-    result = {"preset": config.label, "size": f"{width}x{height}", "gpus": gpus}
-    if world.is_main:  # one GPU first, the other ranks wait
-        single = FluxEngine.from_pretrained("synthetic:flux-dev", config=preset(args.preset), device=world.device)
-        single.set_progress_bar_config(disable=True)
-        result["one_gpu"] = profile(single, height, width, args.steps)
-        del single
-        torch._dynamo.reset()
-        torch.cuda.empty_cache()
-    dist.barrier()
-    pipe = FluxEngine.from_pretrained("synthetic:flux-dev", config=config, device=world.device)
-    pipe.set_progress_bar_config(disable=True)
-    result["parallel"] = profile(pipe, height, width, args.steps)
+    result, parallel, world = _one_gpu_then_parallel(args, lambda pipe, _: profile(pipe, height, width, args.steps))
+    result["parallel"] = parallel
     if world.is_main:
         Path(args.out).write_text(json.dumps(result, indent=1))
         for name in ("one_gpu", "parallel"):
@@ -94,31 +81,39 @@ def main() -> int:
     return 0
 
 
-def main_timeline(args) -> int:
-    """Each rank's timeline of one call of args.preset (per step, ms), beside one GPU's; rank 0 writes them all."""
+def _one_gpu_then_parallel(args, measure):
+    """measure(pipe, name) of args.preset on one GPU (rank 0, the other ranks waiting), then of it split over every
+    rank -> (result with the one-GPU measure, this rank's parallel measure, the World)."""
     height, width = parse_resolution(args.res)
     gpus = int(os.environ.get("WORLD_SIZE", "1"))
     world = init_distributed(gpus)
     config = with_parallel(preset(args.preset), gpus)
     result = {"preset": config.label, "size": f"{width}x{height}", "gpus": gpus, "steps": args.steps}
-
-    def trace(name: str) -> str | None:
-        if args.trace_dir is None:
-            return None
-        Path(args.trace_dir).mkdir(parents=True, exist_ok=True)
-        return str(Path(args.trace_dir) / f"{name}.json")
-
-    if world.is_main:  # one GPU first, the other ranks wait
+    if world.is_main:
         single = FluxEngine.from_pretrained("synthetic:flux-dev", config=preset(args.preset), device=world.device)
         single.set_progress_bar_config(disable=True)
-        result["one_gpu"] = timeline(kernel_intervals(single, height, width, args.steps, trace("one-gpu")), args.steps)
+        result["one_gpu"] = measure(single, "one-gpu")
         del single
         torch._dynamo.reset()
         torch.cuda.empty_cache()
     dist.barrier()
     pipe = FluxEngine.from_pretrained("synthetic:flux-dev", config=config, device=world.device)
     pipe.set_progress_bar_config(disable=True)
-    mine = timeline(kernel_intervals(pipe, height, width, args.steps, trace(f"rank{world.rank}")), args.steps)
+    return result, measure(pipe, f"rank{world.rank}"), world
+
+
+def main_timeline(args) -> int:
+    """Each rank's timeline of one call of args.preset (per step, ms), beside one GPU's; rank 0 writes them all."""
+    height, width = parse_resolution(args.res)
+
+    def measure(pipe, name: str) -> dict:
+        trace = None
+        if args.trace_dir is not None:
+            Path(args.trace_dir).mkdir(parents=True, exist_ok=True)
+            trace = str(Path(args.trace_dir) / f"{name}.json")
+        return timeline(kernel_intervals(pipe, height, width, args.steps, trace), args.steps)
+
+    result, mine, world = _one_gpu_then_parallel(args, measure)
     ranks = [None] * world.size
     dist.all_gather_object(ranks, mine)
     result["ranks"] = ranks
