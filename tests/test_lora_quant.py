@@ -264,6 +264,9 @@ def test_in_place_update_beside_fp8_adds_b_into_its_columns_only(compiled):
     run = torch.compile(update, backend="aot_eager", fullgraph=True) if compiled else update
     with torch.no_grad():  # inference, as the pipelines call it
         fused, peft = run(out, low, True), update(out, low, False)
+        one_gemm = out.clone()  # what lora_addmm_ computes: one addmm into the columns
+        one_gemm.view(-1, 16)[:, 4:10].addmm_((low * 0.5).reshape(-1, 8), layer.lora_B["a"].weight.t())
+    assert torch.equal(fused, one_gemm) and not torch.equal(fused, peft)  # the in-place path ran, not PEFT's add
     assert torch.equal(fused[..., :4], out[..., :4]) and torch.equal(fused[..., 10:], out[..., 10:])
     bf16_step = exact[..., 4:10].abs() * 2**-7 + 1e-6  # one rounding to bf16
     assert ((fused[..., 4:10].float() - exact[..., 4:10]).abs() <= bf16_step).all()
