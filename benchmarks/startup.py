@@ -5,7 +5,9 @@ fresh process (issue "Our attention at the top", deliverable 4).
 
 Each run is a child process of its own with its own cache folder (the engine's compile cache, Triton's kernel
 cache and the kernels' tuning tables: $FLUX_ENGINE_CACHE_DIR, $TRITON_CACHE_DIR):
-- cold: an empty folder; warm: the folder the cold run of the same mode filled;
+- cold: an empty folder; warm: the folder the cold run of the same mode filled; shipped: an empty folder, with the
+  compile artefacts the cold run of the same mode saved found as shipped ones ($FLUX_ENGINE_SHIPPED_ARTIFACTS): a
+  fresh machine's first process if the package shipped this card's artefacts (engine/compile.py);
 - per tuning mode (FLUX_KERNELS_TUNING): `per-process` (every exact key timed in every process: the behaviour
   before flux_kernels.tuning) and `tables` (size classes, this card's shipped table, the machine's own).
 A child calls the first size (compiling: its first call), then once more warm; then each further size once
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -60,7 +63,8 @@ def child(args) -> dict:
 
     def call(height: int, width: int) -> dict:
         captures = graphs.captures if graphs else 0
-        before = (tuning_stats(), int(counters["stats"]["unique_graphs"]), _dynamo_seconds(), captures)
+        before = (tuning_stats(), int(counters["stats"]["unique_graphs"]), _dynamo_seconds(), captures,
+                  int(counters["inductor"]["fxgraph_cache_miss"]))  # fmt: skip
         sync()
         t0 = time.perf_counter()
         pipe("a photograph of an astronaut riding a horse", height=height, width=width, output_type="pt",
@@ -76,6 +80,8 @@ def child(args) -> dict:
             "graphs_compiled": int(counters["stats"]["unique_graphs"]) - before[1],
             "dynamo_compile_s": round(_dynamo_seconds() - before[2], 3),
             "cuda_graph_captures": (graphs.captures if graphs else 0) - before[3],
+            # graphs inductor generated code for (not found in its cache, nor in loaded artefacts)
+            "inductor_cache_misses": int(counters["inductor"]["fxgraph_cache_miss"]) - before[4],
         }
 
     sizes = []
@@ -84,8 +90,13 @@ def child(args) -> dict:
         first, warm = call(height, width), call(height, width)
         sizes.append({"size": f"{width}x{height}", "first": first, "warm": warm,
                       "extra_s": round(first["s"] - warm["s"], 3)})  # fmt: skip
+    state = getattr(pipe, "compile_state", None)
+    artifacts = None  # which compile artefacts the engine loaded: this machine's own, shipped ones, or none
+    if state is not None and (state.loaded_artifacts or state.loaded_shipped):
+        artifacts = "machine" if state.loaded_artifacts else "shipped"
     return {
         "preset": args.preset, "mode": os.environ.get("FLUX_KERNELS_TUNING", "tables"), "steps": args.steps,
+        "artifacts_loaded": artifacts,
         "import_s": round(imported - start, 2), "build_s": round(built - imported, 2),
         "optimize_s": round(optimised - built, 2), "sizes": sizes, "variant": args.variant,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -93,10 +104,13 @@ def child(args) -> dict:
     }  # fmt: skip
 
 
-def run_child(preset: str, mode: str, folder: Path, args) -> dict:
+def run_child(preset: str, mode: str, folder: Path, args, shipped: Path | None = None) -> dict:
     env = {**os.environ, "FLUX_ENGINE_CACHE_DIR": str(folder), "TRITON_CACHE_DIR": str(folder / "triton"),
            "TORCHINDUCTOR_CACHE_DIR": str(folder / "inductor"), "FLUX_KERNELS_TUNING": mode}  # fmt: skip
     env.pop("FLUX_KERNELS_TUNING_DIR", None)
+    env.pop("FLUX_ENGINE_SHIPPED_ARTIFACTS", None)
+    if shipped is not None:
+        env["FLUX_ENGINE_SHIPPED_ARTIFACTS"] = str(shipped)
     command = [sys.executable, "-m", "benchmarks.startup", "--child", "--preset", preset, "--steps", str(args.steps),
                "--variant", args.variant, "--sizes", *args.sizes]  # fmt: skip
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
@@ -132,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default=",".join(f"{mode}:{start}" for mode, start in RUNS),
                         help="MODE:START pairs, comma-separated; a warm run reuses its mode's cold folder")  # fmt: skip
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--artifacts-out", type=Path, help="copy each cold run's compile artefacts here (to ship)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -142,7 +157,15 @@ def main(argv: list[str] | None = None) -> int:
         for preset in args.preset.split(","):
             for pair in args.runs.split(","):
                 mode, start = pair.split(":")
-                run = run_child(preset, mode, Path(scratch) / preset / mode, args)
+                folder = Path(scratch) / preset / mode  # the cold run's, reused warm
+                shipped = None
+                if start == "shipped":  # a fresh folder; the cold run's artefacts as the shipped ones
+                    folder, shipped = Path(scratch) / preset / f"{mode}-shipped", folder / "artifacts"
+                run = run_child(preset, mode, folder, args, shipped)
+                if start == "cold" and args.artifacts_out:
+                    args.artifacts_out.mkdir(parents=True, exist_ok=True)
+                    for artifact in (folder / "artifacts").glob("*.bin"):
+                        shutil.copy2(artifact, args.artifacts_out / artifact.name)
                 env = env or run.pop("env", None)
                 run.pop("env", None)
                 results.append({**run, "start": start})

@@ -14,7 +14,8 @@ Cache: inductor's and Triton's on-disk caches are pointed at the engine's cache 
 forward only (torch reads them from environment variables, which are put back after the forward), and after
 the first compiled call the compile artefacts (`torch.compiler.save_cache_artifacts`) are written
 there under a key of the versions, the device and the config; a later process on the same machine
-and versions loads them before its first call and compiles from the cache.
+and versions loads them before its first call and compiles from the cache. Where the machine has none for the key,
+artefacts shipped with the package for that key are loaded instead (shipped_artifacts_dir).
 
 Inductor settings live in `inductor_options()` and nowhere else; they are passed per compile
 call (`torch.compile(options=...)`), never set globally.
@@ -41,6 +42,10 @@ from .errors import ConfigError
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "FLUX_ENGINE_CACHE_DIR"
+# Compile artefacts shipped with the package, per card and versions (written on a GPU by `benchmarks/gpu_plan.sh
+# artifacts`), found when the machine's own cache has none for a key: a first process on a new machine then starts
+# from them. Inductor's caches are keyed by content, so a stale file only misses, it never serves another graph.
+SHIPPED_ARTIFACTS_ENV = "FLUX_ENGINE_SHIPPED_ARTIFACTS"
 # Modules around the blocks worth a graph (they fuse: sinusoidal embedding + SiLU + Linear; SiLU + Linear +
 # LayerNorm + modulation). Bare Linears (x_embedder, context_embedder, proj_out) gain nothing: cuBLAS either way.
 _AROUND_BLOCKS = ("time_text_embed", "norm_out")
@@ -165,12 +170,18 @@ class CompileState:
 
     cache_dir: Path | None
     artifact_path: Path | None
-    loaded_artifacts: bool = False
+    loaded_artifacts: bool = False  # from this machine's cache
+    loaded_shipped: bool = False  # from shipped_artifacts_dir() (the machine's cache had none for the key)
     saved_artifacts: bool = False
     compiled_modules: list[str] = field(default_factory=list)
     cuda_graphs: TransformerGraphs | None = None
     modules: list = field(default_factory=list)  # the compiled modules themselves, for remove_compile
     handles: list = field(default_factory=list)  # the hooks the step registered, for remove_compile
+
+
+def shipped_artifacts_dir() -> Path:
+    """Where shipped compile artefacts are looked for: $FLUX_ENGINE_SHIPPED_ARTIFACTS, else the package's compiled/."""
+    return Path(os.environ.get(SHIPPED_ARTIFACTS_ENV) or Path(__file__).with_name("compiled"))
 
 
 def load_artifacts(path: Path) -> bool:
@@ -248,6 +259,8 @@ def apply_compile(pipe, config) -> CompileState | None:
         state.artifact_path = root / "artifacts" / f"{artifact_key(pipe, config)}.bin"
         with compiler_caches(root):
             state.loaded_artifacts = load_artifacts(state.artifact_path)
+            if not state.loaded_artifacts:  # the machine then saves its own copy after the first call, as cold
+                state.loaded_shipped = load_artifacts(shipped_artifacts_dir() / state.artifact_path.name)
     transformer = pipe.transformer
     compile_regions(transformer, compile_config, state)
     if state.artifact_path is not None and not state.loaded_artifacts:

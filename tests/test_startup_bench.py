@@ -1,5 +1,6 @@
 """benchmarks/startup.py on the tiny model (CPU): each run is a fresh process whose first call compiles, its warm
-call compiles nothing, and a new size compiles nothing either (dynamic shapes); the JSON holds every call."""
+call compiles nothing, and a new size compiles nothing either (dynamic shapes); the JSON holds every call. A fresh
+folder with the cold run's compile artefacts found as shipped ones (engine/compile.py) generates no code."""
 
 import json
 
@@ -12,10 +13,12 @@ from benchmarks import startup
 def test_startup_runs_fresh_processes_and_reports_each_call(tmp_path):
     out = tmp_path / "startup.json"
     argv = ["--variant", "tiny", "--preset", "compile", "--sizes", "64", "64x96", "--steps", "1"]
-    assert startup.main([*argv, "--runs", "tables:cold,tables:warm", "--out", str(out)]) == 0
+    runs = ["--runs", "tables:cold,tables:warm,tables:shipped", "--artifacts-out", str(tmp_path / "ship")]
+    assert startup.main([*argv, *runs, "--out", str(out)]) == 0
+    assert len(list((tmp_path / "ship").glob("*.bin"))) == 1  # the cold run's artefacts, kept to ship
     data = json.loads(out.read_text())
     assert data["env"]["gpu"] is None and data["env"]["commit"]  # a CPU run: no card, and the environment's facts
-    cold, warm = data["runs"]
+    cold, warm, shipped = data["runs"]
     assert "error" not in cold, cold.get("error")
     assert [row["size"] for row in cold["sizes"]] == ["64x64", "64x96"]
     first, new_size = cold["sizes"]
@@ -23,3 +26,8 @@ def test_startup_runs_fresh_processes_and_reports_each_call(tmp_path):
     assert new_size["first"]["graphs_compiled"] == 0
     # the warm run starts from the cold run's cache folder: dynamo traces again, inductor loads what it compiled
     assert warm["start"] == "warm" and warm["sizes"][0]["first"]["graphs_compiled"] > 0
+    assert cold["artifacts_loaded"] is None and warm["artifacts_loaded"] == "machine"
+    assert cold["sizes"][0]["first"]["inductor_cache_misses"] > 0
+    # an empty cache folder: only the shipped artefacts can have served inductor's graphs
+    assert shipped["start"] == "shipped" and shipped["artifacts_loaded"] == "shipped", shipped.get("error")
+    assert shipped["sizes"][0]["first"]["inductor_cache_misses"] == 0
