@@ -42,9 +42,10 @@ from .errors import ConfigError
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "FLUX_ENGINE_CACHE_DIR"
-# Compile artefacts shipped with the package, per card and versions (written on a GPU by `benchmarks/gpu_plan.sh
-# artifacts`), found when the machine's own cache has none for a key: a first process on a new machine then starts
-# from them. Inductor's caches are keyed by content, so a stale file only misses, it never serves another graph.
+# Compile artefacts shipped with the package, per card and versions (measured and written out on a GPU by
+# `benchmarks/gpu_plan.sh startup-shipped`), found when the machine's own cache has none for a key: a first process
+# on a new machine then starts from them. Inductor's caches are keyed by content, so a stale file only misses, it
+# never serves another graph.
 SHIPPED_ARTIFACTS_ENV = "FLUX_ENGINE_SHIPPED_ARTIFACTS"
 # Modules around the blocks worth a graph (they fuse: sinusoidal embedding + SiLU + Linear; SiLU + Linear +
 # LayerNorm + modulation). Bare Linears (x_embedder, context_embedder, proj_out) gain nothing: cuBLAS either way.
