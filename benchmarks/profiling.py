@@ -3,6 +3,9 @@ the GPU stood idle), from torch.profiler (shared by the profile_* scripts)."""
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from collections import defaultdict
 
 import torch
@@ -31,19 +34,31 @@ def _call(pipe, height: int, width: int, steps: int) -> None:
 
 def kernel_intervals(pipe, height: int, width: int, steps: int, trace: str | None = None) -> list[tuple[str, int, int]]:
     """(name, start ns, end ns) of every GPU kernel of one call, after a warm-up call (which captures the CUDA graphs
-    of a graph preset: CUPTI reports the kernels a graph replay runs too). trace: also write a Chrome trace there."""
+    of a graph preset: CUPTI reports the kernels a graph replay runs too). trace: keep the Chrome trace there.
+
+    Read from the exported Chrome trace, whose format is the same on every torch release (the profiler's event
+    objects are not: torch 2.11's have no activity_type())."""
     _call(pipe, height, width, steps)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         _call(pipe, height, width, steps)
         torch.cuda.synchronize()
-    if trace:
-        prof.export_chrome_trace(trace)
-    return [
-        (event.name(), event.start_ns(), event.end_ns())
-        for event in prof.profiler.kineto_results.events()
-        if event.device_type() == torch.autograd.DeviceType.CUDA and "kernel" in str(event.activity_type()).lower()
+    with tempfile.TemporaryDirectory() as folder:
+        path = trace or os.path.join(folder, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as file:
+            return chrome_kernels(json.load(file))
+
+
+def chrome_kernels(trace: dict) -> list[tuple[str, int, int]]:
+    """(name, start ns, end ns) of the GPU kernels in a Chrome trace (complete events of category "kernel"; times
+    in microseconds there), in start order."""
+    found = [
+        (event["name"], round(event["ts"] * 1000), round((event["ts"] + event["dur"]) * 1000))
+        for event in trace.get("traceEvents", [])
+        if event.get("ph") == "X" and event.get("cat") == "kernel"
     ]
+    return sorted(found, key=lambda kernel: kernel[1])
 
 
 def _union_ns(spans: list[tuple[int, int]]) -> int:

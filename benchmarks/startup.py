@@ -20,8 +20,11 @@ Synthetic FLUX.1-dev weights: start-up does not depend on the weights' values.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
 import json
 import os
+import pstats
 import shutil
 import subprocess
 import sys
@@ -61,16 +64,20 @@ def child(args) -> dict:
     optimised = time.perf_counter()
     graphs = getattr(getattr(pipe, "compile_state", None), "cuda_graphs", None)
 
-    def call(height: int, width: int) -> dict:
+    def call(height: int, width: int, profile: Path | None = None) -> dict:
         captures = graphs.captures if graphs else 0
         before = (tuning_stats(), int(counters["stats"]["unique_graphs"]), _dynamo_seconds(), captures,
                   int(counters["inductor"]["fxgraph_cache_miss"]))  # fmt: skip
         sync()
+        profiler = cProfile.Profile() if profile is not None else None
         t0 = time.perf_counter()
-        pipe("a photograph of an astronaut riding a horse", height=height, width=width, output_type="pt",
-             num_inference_steps=args.steps, generator=torch.Generator().manual_seed(0))  # fmt: skip
-        sync()
+        with profiler or contextlib.nullcontext():
+            pipe("a photograph of an astronaut riding a horse", height=height, width=width, output_type="pt",
+                 num_inference_steps=args.steps, generator=torch.Generator().manual_seed(0))  # fmt: skip
+            sync()
         seconds = time.perf_counter() - t0
+        if profiler is not None:
+            write_profile(profiler, profile)
         tuned = tuning_stats()
         return {
             "s": round(seconds, 3),
@@ -85,9 +92,10 @@ def child(args) -> dict:
         }
 
     sizes = []
-    for text in args.sizes:
+    for index, text in enumerate(args.sizes):
         height, width = parse_resolution(text)
-        first, warm = call(height, width), call(height, width)
+        profile = args.profile if index == 0 else None  # the start's first call only
+        first, warm = call(height, width, profile), call(height, width)
         sizes.append({"size": f"{width}x{height}", "first": first, "warm": warm,
                       "extra_s": round(first["s"] - warm["s"], 3)})  # fmt: skip
     state = getattr(pipe, "compile_state", None)
@@ -104,7 +112,15 @@ def child(args) -> dict:
     }  # fmt: skip
 
 
-def run_child(preset: str, mode: str, folder: Path, args, shipped: Path | None = None) -> dict:
+def write_profile(profiler: cProfile.Profile, path: Path, top: int = 60) -> None:
+    """The profiled call's functions by cumulative and by own time, as pstats prints them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as file:
+        for order in ("cumulative", "tottime"):
+            pstats.Stats(profiler, stream=file).sort_stats(order).print_stats(top)
+
+
+def run_child(preset: str, mode: str, folder: Path, args, shipped: Path | None = None, start: str = "") -> dict:
     env = {**os.environ, "FLUX_ENGINE_CACHE_DIR": str(folder), "TRITON_CACHE_DIR": str(folder / "triton"),
            "TORCHINDUCTOR_CACHE_DIR": str(folder / "inductor"), "FLUX_KERNELS_TUNING": mode}  # fmt: skip
     env.pop("FLUX_KERNELS_TUNING_DIR", None)
@@ -113,6 +129,8 @@ def run_child(preset: str, mode: str, folder: Path, args, shipped: Path | None =
         env["FLUX_ENGINE_SHIPPED_ARTIFACTS"] = str(shipped)
     command = [sys.executable, "-m", "benchmarks.startup", "--child", "--preset", preset, "--steps", str(args.steps),
                "--variant", args.variant, "--sizes", *args.sizes]  # fmt: skip
+    if args.profile_dir is not None:
+        command += ["--profile", str(args.profile_dir / f"first-call-{preset}-{mode}-{start}.txt")]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         return {"preset": preset, "mode": mode, "error": proc.stderr[-3000:]}
@@ -147,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="MODE:START pairs, comma-separated; a warm run reuses its mode's cold folder")  # fmt: skip
     parser.add_argument("--out", type=Path)
     parser.add_argument("--artifacts-out", type=Path, help="copy each cold run's compile artefacts here (to ship)")
+    parser.add_argument("--profile-dir", type=Path, help="write each start's first call under cProfile here (text)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--profile", type=Path, help=argparse.SUPPRESS)  # the child's: its profile's file
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(args)))
@@ -161,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                 shipped = None
                 if start == "shipped":  # a fresh folder; the cold run's artefacts as the shipped ones
                     folder, shipped = Path(scratch) / preset / f"{mode}-shipped", folder / "artifacts"
-                run = run_child(preset, mode, folder, args, shipped)
+                run = run_child(preset, mode, folder, args, shipped, start)
                 if start == "cold" and args.artifacts_out:
                     args.artifacts_out.mkdir(parents=True, exist_ok=True)
                     for artifact in (folder / "artifacts").glob("*.bin"):

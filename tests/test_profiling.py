@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.profiling import timeline
+from benchmarks.profiling import chrome_kernels, timeline
 
 MS = 1_000_000  # ns
 
@@ -29,3 +29,17 @@ def test_timeline_is_per_step_and_empty_without_kernels():
         {"span": 2.0, "compute": 2.0, "communication": 0.0, "exposed_communication": 0.0, "idle": 0.0}
     )
     assert timeline([], steps=1) == {}
+
+
+def test_chrome_kernels_reads_the_kernel_events_of_a_trace_in_start_order():
+    trace = {
+        "traceEvents": [
+            {"ph": "X", "cat": "kernel", "name": "nccl", "ts": 12.5, "dur": 2.0},
+            {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 1.0, "dur": 30.0},  # host side: not a kernel
+            {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy DtoD", "ts": 3.0, "dur": 1.0},
+            {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 10.0, "dur": 2.25},
+            {"ph": "i", "cat": "kernel", "name": "marker", "ts": 11.0},
+        ]
+    }
+    assert chrome_kernels(trace) == [("gemm", 10_000, 12_250), ("nccl", 12_500, 14_500)]
+    assert chrome_kernels({}) == []

@@ -14,6 +14,7 @@ def test_startup_runs_fresh_processes_and_reports_each_call(tmp_path):
     out = tmp_path / "startup.json"
     argv = ["--variant", "tiny", "--preset", "compile", "--sizes", "64", "64x96", "--steps", "1"]
     runs = ["--runs", "tables:cold,tables:warm,tables:shipped", "--artifacts-out", str(tmp_path / "ship")]
+    runs += ["--profile-dir", str(tmp_path / "profiles")]
     assert startup.main([*argv, *runs, "--out", str(out)]) == 0
     assert len(list((tmp_path / "ship").glob("*.bin"))) == 1  # the cold run's artefacts, kept to ship
     data = json.loads(out.read_text())
@@ -31,3 +32,7 @@ def test_startup_runs_fresh_processes_and_reports_each_call(tmp_path):
     # an empty cache folder: only the shipped artefacts can have served inductor's graphs
     assert shipped["start"] == "shipped" and shipped["artifacts_loaded"] == "shipped", shipped.get("error")
     assert shipped["sizes"][0]["first"]["inductor_cache_misses"] == 0
+    # each start's first call profiled: the pipeline's own call is among the functions listed
+    for start in ("cold", "warm", "shipped"):
+        text = (tmp_path / "profiles" / f"first-call-compile-tables-{start}.txt").read_text()
+        assert "function calls" in text and "__call__" in text
