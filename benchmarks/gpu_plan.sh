@@ -6,7 +6,7 @@
 # tests-tasks, task-TASK for every engine.bench --task, tests-cache, cache-taylorseer, cache-fbcache-0,
 # cache-fbcache-008, profile-cache, tests-fp8attn, kernels-attention, fp8attn-1024, fp8attn-2048, tune-table,
 # startup, startup-tables, startup-nographs, tests-startup, cache-fbcache-graphs, tests-fbcache-graphs,
-# tests-controlnet-graphs, gluon-kernels, gluon-step, profile-cp-2, tests-cp, cp-2-chunks, cp-2-nccl, timeline-cp-2, startup-shipped). Each stage
+# tests-controlnet-graphs, gluon-kernels, gluon-step, profile-cp-2, tests-cp, cp-2-chunks, cp-2-nccl, cp-2-prio, timeline-cp-2, startup-shipped). Each stage
 # has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
@@ -145,6 +145,13 @@ for s in "$@"; do
           --out "/tmp/bench-cp-2-c$c.json"
         cp "/tmp/bench-cp-2-c$c.json" "$OUT/bench-cp-2-c$c-$CARD-$DAY.json"
       done ;;
+    cp-2-prio)
+      # the A/B of ParallelConfig.comm_priority (issue "Several GPUs"): the exchanges on torch's default
+      # (normal-priority) NCCL streams, 2048^2 on 2 GPUs alone; run after cp-2 (high priority, the default)
+      stage cp-2-prio 240 env NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
+        python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m engine.bench --gpus 2 --res 2048 \
+        --no-single --steps 28 --runs 2 --preset fp8-compile-fastacc-cudagraphs --cp-priority normal \
+        --out "$OUT/bench-cp-2-normal-$CARD-$DAY.json" ;;
     cp-2-nccl)
       # NCCL's SM share (issue "Several GPUs"): fewer channels (CTAs) for the exchange's kernels leave more SMs to the
       # attention and GEMMs they overlap, at a lower link rate; 2048^2 on 2 GPUs alone, the default first

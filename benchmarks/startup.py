@@ -124,9 +124,8 @@ def run_child(preset: str, mode: str, folder: Path, args, shipped: Path | None =
     env = {**os.environ, "FLUX_ENGINE_CACHE_DIR": str(folder), "TRITON_CACHE_DIR": str(folder / "triton"),
            "TORCHINDUCTOR_CACHE_DIR": str(folder / "inductor"), "FLUX_KERNELS_TUNING": mode}  # fmt: skip
     env.pop("FLUX_KERNELS_TUNING_DIR", None)
-    env.pop("FLUX_ENGINE_SHIPPED_ARTIFACTS", None)
-    if shipped is not None:
-        env["FLUX_ENGINE_SHIPPED_ARTIFACTS"] = str(shipped)
+    # cold and warm starts find no shipped artefacts (not even the package's own, engine/compiled/): an empty place
+    env["FLUX_ENGINE_SHIPPED_ARTIFACTS"] = str(shipped if shipped is not None else folder / "none-shipped")
     command = [sys.executable, "-m", "benchmarks.startup", "--child", "--preset", preset, "--steps", str(args.steps),
                "--variant", args.variant, "--sizes", *args.sizes]  # fmt: skip
     if args.profile_dir is not None:

@@ -1,3 +1,4 @@
+import argparse
 import json
 import math
 import os
@@ -391,3 +392,19 @@ def test_lora_with_gpus_is_refused_rather_than_left_out(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun --nproc-per-node 2 sets it
     assert cli.main(["--gpus", "2", "--lora", "synthetic:4", "--device", "cpu"]) == 2
     assert "--lora is not run with --gpus yet" in capsys.readouterr().err
+
+
+def test_a_fresh_compile_cache_looks_for_no_shipped_artefacts(monkeypatch, tmp_path):
+    """The bench's cold compile is cold: artefacts shipped with the package (engine/compiled/) are not looked for
+    then; a place the user names for them stays theirs."""
+    from engine import preset
+    from engine.compile import SHIPPED_ARTIFACTS_ENV, shipped_artifacts_dir
+
+    monkeypatch.delenv(SHIPPED_ARTIFACTS_ENV, raising=False)
+    assert shipped_artifacts_dir().name == "compiled"  # the package's own, before the bench
+    config = measurement.with_compile_cache(preset("compile"), argparse.Namespace(cache_dir=None))
+    place = shipped_artifacts_dir()
+    assert Path(config.cache.directory) in place.parents and not place.exists()
+    monkeypatch.setenv(SHIPPED_ARTIFACTS_ENV, str(tmp_path))
+    measurement.with_compile_cache(preset("compile"), argparse.Namespace(cache_dir=None))
+    assert shipped_artifacts_dir() == tmp_path

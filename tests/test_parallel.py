@@ -57,6 +57,8 @@ RUN_COLLECTIVE_TIMEOUT_S = 120
         ({"ring": 0}, "parallel.ring=0"),
         ({"ring": "2"}, "parallel.ring='2'"),
         ({"chunks": 0}, "parallel.chunks=0"),
+        ({"comm_priority": "low"}, "parallel.comm_priority='low'"),
+        ({"comm_priority": None}, "parallel.comm_priority=None"),
         ({"timeout_s": 0}, "parallel.timeout_s=0"),
         ({"timeout_s": -1.5}, "parallel.timeout_s=-1.5"),
         ({"timeout_s": math.nan}, "parallel.timeout_s=nan"),
@@ -115,6 +117,11 @@ def test_with_parallel_splits_and_tiles():
     assert config.vae.tiling == "auto"  # the decode of a large image is split across the ranks by tiles
     assert config.name.startswith("baseline+") and config.name.endswith("cp=u8r2")  # a named config says what was added
     assert with_parallel(preset("baseline"), 1) == preset("baseline")
+    # the bench's --cp-chunks / --cp-priority: fields changed where given, the label says so
+    changed = with_parallel(preset("baseline"), 2, chunks=None, comm_priority="normal")
+    assert changed.parallel == ParallelConfig(ulysses=2, comm_priority="normal")
+    assert changed.name.endswith("cp=u2-normal")
+    assert ParallelConfig(ulysses=2).comm_priority == "high"
 
 
 # ----------------------------------------------------------------------------- split sizes and the environment

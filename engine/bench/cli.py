@@ -109,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(ParallelConfig.chunks; default 2; 1: no overlap)",
     )
     parser.add_argument(
+        "--cp-priority",
+        choices=("high", "normal"),
+        default=None,
+        help="--gpus: the exchanges' NCCL stream priority (ParallelConfig.comm_priority; default high)",
+    )
+    parser.add_argument(
         "--parallel-timeout",
         type=float,
         default=1800.0,

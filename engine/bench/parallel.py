@@ -47,7 +47,7 @@ def run_parallel(args) -> dict | None:
         raise EngineError(f"--gpus runs one config beside itself on one GPU; got {len(plan.configs)} (--preset A,B)")
     # the one-GPU reference decodes with the VAE tiling the parallel run uses (with_parallel tiles large images so the
     # ranks share the decode), so that the PSNR between the two measures the parallelism alone
-    parallel_config = with_parallel(plan.configs[0], args.gpus, args.cp_chunks)
+    parallel_config = with_parallel(plan.configs[0], args.gpus, chunks=args.cp_chunks, comm_priority=args.cp_priority)
     parallel = parallel_config.parallel
     config = plan.configs[0]
     if config.vae != parallel_config.vae:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, replace
@@ -224,11 +225,16 @@ def load_components(plan: Plan, args, dtype: torch.dtype) -> dict:
 
 def with_compile_cache(config, args):
     """The bench measures a cold compile: unless --cache-dir names one, compile into a fresh, empty cache
-    (inductor, Triton and the engine's artefacts), which the warm measurement then reuses."""
+    (inductor, Triton and the engine's artefacts), which the warm measurement then reuses. A cold compile is cold:
+    compile artefacts shipped with the package are not looked for then ($FLUX_ENGINE_SHIPPED_ARTIFACTS, unless set,
+    names an empty place; benchmarks/startup.py's `shipped` start measures them)."""
+    from ..compile import SHIPPED_ARTIFACTS_ENV
     from ..config import CacheConfig
 
     directory = Path(args.cache_dir) if args.cache_dir else Path(tempfile.mkdtemp(prefix="flux-engine-cache-"))
     print(f"compile cache: {directory}" + ("" if args.cache_dir else " (fresh: the first compile is cold)"))
+    if not args.cache_dir:
+        os.environ.setdefault(SHIPPED_ARTIFACTS_ENV, str(directory / "none-shipped"))
     return replace(config, cache=CacheConfig(directory=str(directory)))
 
 

@@ -72,7 +72,9 @@ def apply_parallel(pipe, config: ParallelConfig, ops) -> ParallelState | None:
     check_rank_device(pipe.transformer, world)
     # the exchange's groups wait as long as the default group does (timeout_s, or the launcher's own timeout)
     timeout_s = world.timeout_s if world.timeout_s is not None else config.timeout_s
-    shards = SequenceShards.create(world.rank, config.ulysses, config.ring, config.chunks, timeout_s)
+    shards = SequenceShards.create(
+        world.rank, config.ulysses, config.ring, config.chunks, timeout_s, high_priority=config.comm_priority == "high"
+    )
     shards_id = register_shards(shards)
     state = ParallelState(config, world, shards, shards_id, ops)
     heads = pipe.transformer.config.num_attention_heads
@@ -158,16 +160,15 @@ def _same_latents(prepare_latents, world: World, *args, **kwargs):
     return shared.to(latents.device), image_ids
 
 
-def with_parallel(config, gpus: int, chunks: int | None = None):
-    """`config` (an EngineConfig) run on `gpus` GPUs: parallel_for(gpus) (with `chunks` head slices, if given), and,
+def with_parallel(config, gpus: int, **changes):
+    """`config` (an EngineConfig) run on `gpus` GPUs: parallel_for(gpus) (with the ParallelConfig fields in `changes`
+    that are not None: chunks=4, comm_priority="normal"), and,
     if the config does not tile the VAE, tiling 'auto' (1024-px tiles) so that the decode of a large image is shared
     by the ranks too. A named config keeps its name, with what was added."""
     from ..config import VaeConfig
     from .config import parallel_for
 
-    parallel = parallel_for(gpus)
-    if chunks is not None:
-        parallel = replace(parallel, chunks=chunks)
+    parallel = replace(parallel_for(gpus), **{name: value for name, value in changes.items() if value is not None})
     if not parallel.enabled:
         return config
     vae = config.vae if config.vae.tiling != "off" else VaeConfig(tiling="auto")

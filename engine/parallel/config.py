@@ -8,6 +8,7 @@ from ..errors import ConfigError
 
 # FLUX.1's joint attention has 24 heads: Ulysses degrees that divide them need no padded heads
 FLUX_HEADS = 24
+COMM_PRIORITIES = ("high", "normal")
 
 
 @dataclass(frozen=True)
@@ -25,12 +26,17 @@ class ParallelConfig:
     chunks: Ulysses exchanges each rank's heads in at most this many slices, so that one slice travels while
         attention computes another (1: one exchange, no overlap); the most equal slices of the rank's heads up to
         this count (12 heads a rank: 4 slices of 3; 6 heads a rank: 3 slices of 2).
+    comm_priority: "high" (default): the exchanges run on high-priority NCCL streams, so that a slice's exchange,
+        once ready, takes SMs as the attention kernel beside it frees them (at the same priority it waited for that
+        whole kernel to drain: the overlap above did not happen, 2026-11-30 11:20 timeline in benchmarks/NOTES.md);
+        "normal": torch's default streams. Only NCCL has stream priorities (gloo: no effect).
     """
 
     ulysses: int = 1
     ring: int = 1
     timeout_s: float = 600.0
     chunks: int = 2
+    comm_priority: str = "high"
 
     def __post_init__(self):
         for name in ("ulysses", "ring", "chunks"):
@@ -40,6 +46,11 @@ class ParallelConfig:
                     f"parallel.{name}={value!r} must be an integer >= 1 (ulysses, ring 1: that split is off; "
                     "chunks 1: no overlap)"
                 )
+        if self.comm_priority not in COMM_PRIORITIES:
+            raise ConfigError(
+                f"parallel.comm_priority={self.comm_priority!r} is not one of {', '.join(COMM_PRIORITIES)} (high: the "
+                "exchanges' NCCL streams at high priority, the default; normal: torch's default streams)"
+            )
         timeout = self.timeout_s
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < float("inf"):
             raise ConfigError(f"parallel.timeout_s={self.timeout_s!r} must be a number of seconds > 0 (default 600)")
@@ -59,7 +70,8 @@ class ParallelConfig:
             return ""
         parts = [f"u{self.ulysses}" if self.ulysses > 1 else "", f"r{self.ring}" if self.ring > 1 else ""]
         overlap = f"c{self.chunks}" if self.chunks != 2 and self.ulysses > 1 else ""
-        return "cp=" + "".join(parts) + overlap
+        priority = "" if self.comm_priority == "high" else f"-{self.comm_priority}"
+        return "cp=" + "".join(parts) + overlap + priority
 
 
 def parallel_for(gpus: int) -> ParallelConfig:

@@ -54,18 +54,29 @@ class SequenceShards:
 
     @classmethod
     def create(
-        cls, rank: int, ulysses: int, ring: int, chunks: int = 2, timeout_s: float | None = None
+        cls,
+        rank: int,
+        ulysses: int,
+        ring: int,
+        chunks: int = 2,
+        timeout_s: float | None = None,
+        high_priority: bool = False,
     ) -> SequenceShards:
         """Make the groups; every rank must call this, in the same order (dist.new_group is collective). timeout_s:
-        their collectives' timeout (None: torch's default, 10 min on NCCL, 30 on gloo)."""
+        their collectives' timeout (None: torch's default, 10 min on NCCL, 30 on gloo). high_priority: on NCCL, the
+        groups' streams at high priority (ParallelConfig.comm_priority); CUDA graphs keep a kernel's captured
+        priority (torch instantiates them with per-node priorities)."""
         shards = cls(rank=rank, ulysses=ulysses, ring=ring, chunks=chunks)
         timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
+        options = nccl_options(high_priority)
         for ring_index in range(ring):
-            group = dist.new_group([ring_index * ulysses + u for u in range(ulysses)], timeout=timeout)
+            ranks = [ring_index * ulysses + u for u in range(ulysses)]
+            group = dist.new_group(ranks, timeout=timeout, pg_options=options)
             if ring_index == rank // ulysses:
                 shards.ulysses_group = group
         for ulysses_index in range(ulysses):
-            group = dist.new_group([r * ulysses + ulysses_index for r in range(ring)], timeout=timeout)
+            ranks = [r * ulysses + ulysses_index for r in range(ring)]
+            group = dist.new_group(ranks, timeout=timeout, pg_options=options)
             if ulysses_index == rank % ulysses:
                 shards.ring_group = group
         return shards
@@ -183,6 +194,16 @@ class SequenceShards:
         dist.all_gather(gathered, mine, group=self.ring_group)
         whole = torch.cat([part[:length] for part, length in zip(gathered, member_lengths, strict=True)])
         return whole.permute(1, 2, 3, 0, 4)  # [2, B, H', L, D]
+
+
+def nccl_options(high_priority: bool):
+    """The new groups' backend options: NCCL's with high-priority streams when asked and the default group runs
+    NCCL, else None (torch's defaults; gloo has no stream priorities)."""
+    if not high_priority or dist.get_backend() != "nccl":
+        return None
+    options = dist.ProcessGroupNCCL.Options()
+    options.is_high_priority_stream = True
+    return options
 
 
 def unpack_heads(back: torch.Tensor) -> torch.Tensor:
