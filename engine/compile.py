@@ -149,17 +149,27 @@ def artifact_key(pipe, config) -> str:
             return None
 
     device = pipe.transformer.device
+    return key_of(
+        {"torch": torch.__version__, "triton": version("triton"), "diffusers": version("diffusers")},
+        torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        pipe.transformer.dtype,
+        pipe.transformer.config,
+        config,
+    )
+
+
+def key_of(versions: dict, device: str, dtype: torch.dtype, transformer_config, config) -> str:
+    """artifact_key from its parts (the shipped files' names are checked against it: tests/test_compile.py). The
+    parallel config counts only when it splits the work: its fields change no graph of a single-GPU run."""
     parts = {
-        "torch": torch.__version__,
-        "triton": version("triton"),
-        "diffusers": version("diffusers"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "dtype": str(pipe.transformer.dtype),
-        "transformer": {k: v for k, v in dict(pipe.transformer.config).items() if not k.startswith("_")},
+        **versions,
+        "device": device,
+        "dtype": str(dtype),
+        "transformer": {k: v for k, v in dict(transformer_config).items() if not k.startswith("_")},
         "attention": repr(config.attention),
         "compile": repr(config.compile),
         "quant": repr(config.quant),
-        "parallel": repr(config.parallel),
+        "parallel": repr(config.parallel) if config.parallel.enabled else "off",
     }
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
     return digest[:20]

@@ -193,3 +193,40 @@ def test_a_new_size_runs_eagerly_once_then_is_captured():
     graphs.clear()  # modules changed: the next call warms up again instead of capturing
     engine(**tiny_call_kwargs(num_inference_steps=1))
     assert graphs.captures == 1 and len(graphs.warmed) == 1
+
+
+def test_shipped_artefacts_are_named_by_the_key_their_manifest_describes():
+    """engine/compiled/: each shipped file's name is the key the engine computes for the card, versions, model and
+    preset its MANIFEST.json entry names; a change to what the key covers (a config field) would otherwise orphan the
+    file without a word (it would only miss)."""
+    from engine import preset
+    from engine.compile import key_of
+    from engine.models.builders import build_transformer
+    from engine.models.variants import variant_spec
+
+    folder = Path(__file__).resolve().parents[1] / "engine" / "compiled"
+    manifest = json.loads((folder / "MANIFEST.json").read_text())
+    assert sorted(manifest) == sorted(path.name for path in folder.glob("*.bin")), "a file without an entry or back"
+    for name, entry in manifest.items():
+        with torch.device("meta"):
+            transformer = build_transformer(variant_spec(entry["model"]))
+        dtype = getattr(torch, entry["dtype"])
+        key = key_of(entry["versions"], entry["device"], dtype, transformer.config, preset(entry["preset"]))
+        assert name == f"{key}.bin", entry
+
+
+def test_the_key_counts_the_parallel_config_only_when_it_splits_the_work():
+    from dataclasses import replace
+
+    from engine import preset
+    from engine.compile import key_of
+    from engine.parallel import ParallelConfig
+
+    config = preset("compile")
+
+    def key(parallel):
+        return key_of({"torch": "t"}, "cpu", torch.float32, {"in_channels": 64}, replace(config, parallel=parallel))
+
+    assert key(ParallelConfig()) == key(ParallelConfig(chunks=4, comm_priority="normal"))
+    assert key(ParallelConfig(ulysses=2)) != key(ParallelConfig())
+    assert key(ParallelConfig(ulysses=2)) != key(ParallelConfig(ulysses=2, chunks=4))
