@@ -6,7 +6,7 @@
 # tests-tasks, task-TASK for every engine.bench --task, tests-cache, cache-taylorseer, cache-fbcache-0,
 # cache-fbcache-008, profile-cache, tests-fp8attn, kernels-attention, fp8attn-1024, fp8attn-2048, tune-table,
 # startup, startup-tables, startup-nographs, tests-startup, cache-fbcache-graphs, tests-fbcache-graphs,
-# tests-controlnet-graphs, gluon-kernels, gluon-step, profile-cp-2, tests-cp, cp-2-chunks, cp-2-nccl, cp-2-prio, timeline-cp-2, startup-shipped). Each stage
+# tests-controlnet-graphs, gluon-kernels, gluon-step, profile-cp-2, tests-cp, cp-2-chunks, cp-2-nccl, cp-2-prio, timeline-cp-2, startup-shipped, startup-package). Each stage
 # has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
@@ -171,6 +171,10 @@ for s in "$@"; do
       stage startup-shipped 420 python3 -m benchmarks.startup --preset fp8-compile-fastacc-cudagraphs --sizes 1024 \
         1360x768 --runs tables:cold,tables:warm,tables:shipped --artifacts-out "$OUT/artifacts" \
         --out "$OUT/startup-shipped-$CARD-$DAY.json" ;;
+    startup-package)
+      # a fresh machine's first process today: an empty cache and the artefacts the package ships (engine/compiled/)
+      stage startup-package 200 python3 -m benchmarks.startup --preset fp8-compile-fastacc-cudagraphs --sizes 1024 \
+        1360x768 --runs tables:package --out "$OUT/startup-package-$CARD-$DAY.json" ;;
     timeline-cp-2)
       # each rank's compute / communication / idle time per step under the fastest preset's CUDA graphs, beside one
       # GPU's, and the ranks' Chrome traces (gzipped): what the 2-GPU step waits for (NOTES 2026-11-30 09:30)

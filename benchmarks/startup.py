@@ -7,7 +7,8 @@ Each run is a child process of its own with its own cache folder (the engine's c
 cache and the kernels' tuning tables: $FLUX_ENGINE_CACHE_DIR, $TRITON_CACHE_DIR):
 - cold: an empty folder; warm: the folder the cold run of the same mode filled; shipped: an empty folder, with the
   compile artefacts the cold run of the same mode saved found as shipped ones ($FLUX_ENGINE_SHIPPED_ARTIFACTS): a
-  fresh machine's first process if the package shipped this card's artefacts (engine/compile.py);
+  fresh machine's first process if the package shipped this card's artefacts (engine/compile.py); package: an empty
+  folder and the artefacts the package ships (engine/compiled/): what a fresh machine's first process gets today;
 - per tuning mode (FLUX_KERNELS_TUNING): `per-process` (every exact key timed in every process: the behaviour
   before flux_kernels.tuning) and `tables` (size classes, this card's shipped table, the machine's own).
 A child calls the first size (compiling: its first call), then once more warm; then each further size once
@@ -33,6 +34,7 @@ import time
 from pathlib import Path
 
 DEFAULT_SIZES = ["1024", "1360x768", "512", "832x1216", "2048"]
+PACKAGE_ARTIFACTS = Path(__file__).resolve().parents[1] / "engine" / "compiled"  # engine.compile.shipped_artifacts_dir
 RUNS = [("per-process", "cold"), ("per-process", "warm"), ("tables", "cold"), ("tables", "warm")]
 
 
@@ -180,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                 shipped = None
                 if start == "shipped":  # a fresh folder; the cold run's artefacts as the shipped ones
                     folder, shipped = Path(scratch) / preset / f"{mode}-shipped", folder / "artifacts"
+                elif start == "package":  # a fresh folder; the package's own shipped artefacts
+                    folder, shipped = Path(scratch) / preset / f"{mode}-package", PACKAGE_ARTIFACTS
                 run = run_child(preset, mode, folder, args, shipped, start)
                 if start == "cold" and args.artifacts_out:
                     args.artifacts_out.mkdir(parents=True, exist_ok=True)

@@ -13,13 +13,14 @@ from benchmarks import startup
 def test_startup_runs_fresh_processes_and_reports_each_call(tmp_path):
     out = tmp_path / "startup.json"
     argv = ["--variant", "tiny", "--preset", "compile", "--sizes", "64", "64x96", "--steps", "1"]
-    runs = ["--runs", "tables:cold,tables:warm,tables:shipped", "--artifacts-out", str(tmp_path / "ship")]
+    runs = ["--runs", "tables:cold,tables:warm,tables:shipped,tables:package"]
+    runs += ["--artifacts-out", str(tmp_path / "ship")]
     runs += ["--profile-dir", str(tmp_path / "profiles")]
     assert startup.main([*argv, *runs, "--out", str(out)]) == 0
     assert len(list((tmp_path / "ship").glob("*.bin"))) == 1  # the cold run's artefacts, kept to ship
     data = json.loads(out.read_text())
     assert data["env"]["gpu"] is None and data["env"]["commit"]  # a CPU run: no card, and the environment's facts
-    cold, warm, shipped = data["runs"]
+    cold, warm, shipped, package = data["runs"]
     assert "error" not in cold, cold.get("error")
     assert [row["size"] for row in cold["sizes"]] == ["64x64", "64x96"]
     first, new_size = cold["sizes"]
@@ -32,6 +33,9 @@ def test_startup_runs_fresh_processes_and_reports_each_call(tmp_path):
     # an empty cache folder: only the shipped artefacts can have served inductor's graphs
     assert shipped["start"] == "shipped" and shipped["artifacts_loaded"] == "shipped", shipped.get("error")
     assert shipped["sizes"][0]["first"]["inductor_cache_misses"] == 0
+    # the package ships artefacts for GPUs only (engine/compiled/MANIFEST.json): none serves this CPU key
+    assert package["start"] == "package" and package["artifacts_loaded"] is None, package.get("error")
+    assert package["sizes"][0]["first"]["inductor_cache_misses"] > 0
     # each start's first call profiled: the pipeline's own call is among the functions listed
     for start in ("cold", "warm", "shipped"):
         text = (tmp_path / "profiles" / f"first-call-compile-tables-{start}.txt").read_text()
