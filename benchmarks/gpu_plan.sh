@@ -146,12 +146,12 @@ for s in "$@"; do
         cp "/tmp/bench-cp-2-c$c.json" "$OUT/bench-cp-2-c$c-$CARD-$DAY.json"
       done ;;
     cp-2-prio)
-      # the A/B of ParallelConfig.comm_priority (issue "Several GPUs"): the exchanges on torch's default
-      # (normal-priority) NCCL streams, 2048^2 on 2 GPUs alone; run after cp-2 (high priority, the default)
+      # the A/B of ParallelConfig.comm_priority (issue "Several GPUs"): the exchanges on high-priority NCCL streams,
+      # 2048^2 on 2 GPUs alone; run after cp-2 (normal priority, the default since 2026-11-30 11:45)
       stage cp-2-prio 240 env NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
         python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m engine.bench --gpus 2 --res 2048 \
-        --no-single --steps 28 --runs 2 --preset fp8-compile-fastacc-cudagraphs --cp-priority normal \
-        --out "$OUT/bench-cp-2-normal-$CARD-$DAY.json" ;;
+        --no-single --steps 28 --runs 2 --preset fp8-compile-fastacc-cudagraphs --cp-priority high \
+        --out "$OUT/bench-cp-2-high-$CARD-$DAY.json" ;;
     cp-2-nccl)
       # NCCL's SM share (issue "Several GPUs"): fewer channels (CTAs) for the exchange's kernels leave more SMs to the
       # attention and GEMMs they overlap, at a lower link rate; 2048^2 on 2 GPUs alone, the default first

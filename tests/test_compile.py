@@ -227,6 +227,6 @@ def test_the_key_counts_the_parallel_config_only_when_it_splits_the_work():
     def key(parallel):
         return key_of({"torch": "t"}, "cpu", torch.float32, {"in_channels": 64}, replace(config, parallel=parallel))
 
-    assert key(ParallelConfig()) == key(ParallelConfig(chunks=4, comm_priority="normal"))
+    assert key(ParallelConfig()) == key(ParallelConfig(chunks=4, comm_priority="high"))
     assert key(ParallelConfig(ulysses=2)) != key(ParallelConfig())
     assert key(ParallelConfig(ulysses=2)) != key(ParallelConfig(ulysses=2, chunks=4))

@@ -118,10 +118,10 @@ def test_with_parallel_splits_and_tiles():
     assert config.name.startswith("baseline+") and config.name.endswith("cp=u8r2")  # a named config says what was added
     assert with_parallel(preset("baseline"), 1) == preset("baseline")
     # the bench's --cp-chunks / --cp-priority: fields changed where given, the label says so
-    changed = with_parallel(preset("baseline"), 2, chunks=None, comm_priority="normal")
-    assert changed.parallel == ParallelConfig(ulysses=2, comm_priority="normal")
-    assert changed.name.endswith("cp=u2-normal")
-    assert ParallelConfig(ulysses=2).comm_priority == "high"
+    changed = with_parallel(preset("baseline"), 2, chunks=None, comm_priority="high")
+    assert changed.parallel == ParallelConfig(ulysses=2, comm_priority="high")
+    assert changed.name.endswith("cp=u2-high")
+    assert ParallelConfig(ulysses=2).comm_priority == "normal"
 
 
 # ----------------------------------------------------------------------------- split sizes and the environment

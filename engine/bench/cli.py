@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cp-priority",
         choices=("high", "normal"),
         default=None,
-        help="--gpus: the exchanges' NCCL stream priority (ParallelConfig.comm_priority; default high)",
+        help="--gpus: the exchanges' NCCL stream priority (ParallelConfig.comm_priority; default normal)",
     )
     parser.add_argument(
         "--parallel-timeout",

@@ -25,18 +25,20 @@ class ParallelConfig:
     timeout_s: a collective that waits longer than this (a rank failed or hangs) ends the run with an error.
     chunks: Ulysses exchanges each rank's heads in at most this many slices, so that one slice travels while
         attention computes another (1: one exchange, no overlap); the most equal slices of the rank's heads up to
-        this count (12 heads a rank: 4 slices of 3; 6 heads a rank: 3 slices of 2).
-    comm_priority: "high" (default): the exchanges run on high-priority NCCL streams, so that a slice's exchange,
-        once ready, takes SMs as the attention kernel beside it frees them (at the same priority it waited for that
-        whole kernel to drain: the overlap above did not happen, 2026-11-30 11:20 timeline in benchmarks/NOTES.md);
-        "normal": torch's default streams. Only NCCL has stream priorities (gloo: no effect).
+        this count (12 heads a rank: 4 slices of 3; 6 heads a rank: 3 slices of 2). Measured on 2 H200s, the exchange
+        of one slice waits for the attention kernel beside it to drain instead of overlapping it (NOTES 2026-11-30
+        11:45): the slices pay off less than they were meant to.
+    comm_priority: "normal" (default): torch's default NCCL streams; "high": the exchanges on high-priority streams,
+        so that a ready exchange takes SMs as the attention kernel beside it frees them instead of waiting for its
+        whole grid (the 2-GPU timeline showed every exchange waiting so). Measured on 2 H200s at 2048^2: no faster
+        (308.3 ms a step against 306.0; benchmarks/NOTES.md 2026-11-30 11:45), so it stays off. NCCL only.
     """
 
     ulysses: int = 1
     ring: int = 1
     timeout_s: float = 600.0
     chunks: int = 2
-    comm_priority: str = "high"
+    comm_priority: str = "normal"
 
     def __post_init__(self):
         for name in ("ulysses", "ring", "chunks"):
@@ -48,8 +50,8 @@ class ParallelConfig:
                 )
         if self.comm_priority not in COMM_PRIORITIES:
             raise ConfigError(
-                f"parallel.comm_priority={self.comm_priority!r} is not one of {', '.join(COMM_PRIORITIES)} (high: the "
-                "exchanges' NCCL streams at high priority, the default; normal: torch's default streams)"
+                f"parallel.comm_priority={self.comm_priority!r} is not one of {', '.join(COMM_PRIORITIES)} "
+                "(normal: torch's default streams, the default; high: the exchanges' NCCL streams at high priority)"
             )
         timeout = self.timeout_s
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < float("inf"):
@@ -70,7 +72,7 @@ class ParallelConfig:
             return ""
         parts = [f"u{self.ulysses}" if self.ulysses > 1 else "", f"r{self.ring}" if self.ring > 1 else ""]
         overlap = f"c{self.chunks}" if self.chunks != 2 and self.ulysses > 1 else ""
-        priority = "" if self.comm_priority == "high" else f"-{self.comm_priority}"
+        priority = "" if self.comm_priority == "normal" else f"-{self.comm_priority}"
         return "cp=" + "".join(parts) + overlap + priority
 
 

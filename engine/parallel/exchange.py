@@ -131,7 +131,8 @@ class SequenceShards:
         while the second computes. packed: q, k, v in the layout of flux_kernels.qk_norm_rope.qk_norm_rope_grouped,
         [C, u, L_local, 3, B, H'', D] (slice s of group j: this rank's tokens of the heads rank j attends over,
         contiguous, so it is sent as it is) -> the output in the same grouping, [C, u, L_local, B, H'', D]
-        (unpack_heads: [B, L_local, H * D])."""
+        (unpack_heads: [B, L_local, H * D]). Measured on 2 H200s, a ready exchange kernel waits for the attention
+        grid beside it to drain, so the overlap is smaller than meant (benchmarks/NOTES.md 2026-11-30 11:45)."""
         slices, groups, tokens, _, batch, slice_heads, head_dim = packed.shape
         if groups != self.ulysses:
             raise RuntimeError(
