@@ -166,11 +166,12 @@ for s in "$@"; do
       done ;;
     startup-shipped)
       # the cold start of a fresh machine if the package shipped this card's compile artefacts (issue "Our attention at
-      # the top", item 4): cold, warm, then a fresh folder with the cold run's artefacts as shipped ones; the artefacts
-      # come back under $OUT/artifacts to be committed into engine/compiled/ if they pay
+      # the top", item 4): cold, warm, then a fresh folder with the cold run's artefacts as shipped ones (inductor's
+      # <key>.bin and our Triton kernels' <key>.triton.zip); they come back under $OUT/artifacts to be committed into
+      # engine/compiled/ if they pay, and each start's first call under cProfile under $OUT/profiles
       stage startup-shipped 420 python3 -m benchmarks.startup --preset fp8-compile-fastacc-cudagraphs --sizes 1024 \
         1360x768 --runs tables:cold,tables:warm,tables:shipped --artifacts-out "$OUT/artifacts" \
-        --out "$OUT/startup-shipped-$CARD-$DAY.json" ;;
+        --profile-dir "$OUT/profiles" --out "$OUT/startup-shipped-$CARD-$DAY.json" ;;
     startup-package)
       # a fresh machine's first process today: an empty cache and the artefacts the package ships (engine/compiled/)
       stage startup-package 200 python3 -m benchmarks.startup --preset fp8-compile-fastacc-cudagraphs --sizes 1024 \

@@ -104,9 +104,10 @@ def child(args) -> dict:
     artifacts = None  # which compile artefacts the engine loaded: this machine's own, shipped ones, or none
     if state is not None and (state.loaded_artifacts or state.loaded_shipped):
         artifacts = "machine" if state.loaded_artifacts else "shipped"
+    shipped_kernels = state.shipped_kernels if state is not None else 0
     return {
         "preset": args.preset, "mode": os.environ.get("FLUX_KERNELS_TUNING", "tables"), "steps": args.steps,
-        "artifacts_loaded": artifacts,
+        "artifacts_loaded": artifacts, "shipped_kernels": shipped_kernels,
         "import_s": round(imported - start, 2), "build_s": round(built - imported, 2),
         "optimize_s": round(optimised - built, 2), "sizes": sizes, "variant": args.variant,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -185,9 +186,14 @@ def main(argv: list[str] | None = None) -> int:
                 elif start == "package":  # a fresh folder; the package's own shipped artefacts
                     folder, shipped = Path(scratch) / preset / f"{mode}-package", PACKAGE_ARTIFACTS
                 run = run_child(preset, mode, folder, args, shipped, start)
+                if start == "cold":  # our Triton kernels as the package would ship them, beside the artefacts
+                    from engine.triton_bundle import pack_triton_kernels
+
+                    for artifact in (folder / "artifacts").glob("*.bin"):
+                        pack_triton_kernels(folder / "triton", artifact.with_suffix(".triton.zip"))
                 if start == "cold" and args.artifacts_out:
                     args.artifacts_out.mkdir(parents=True, exist_ok=True)
-                    for artifact in (folder / "artifacts").glob("*.bin"):
+                    for artifact in (folder / "artifacts").glob("*.*"):
                         shutil.copy2(artifact, args.artifacts_out / artifact.name)
                 env = env or run.pop("env", None)
                 run.pop("env", None)

@@ -15,7 +15,8 @@ forward only (torch reads them from environment variables, which are put back af
 the first compiled call the compile artefacts (`torch.compiler.save_cache_artifacts`) are written
 there under a key of the versions, the device and the config; a later process on the same machine
 and versions loads them before its first call and compiles from the cache. Where the machine has none for the key,
-artefacts shipped with the package for that key are loaded instead (shipped_artifacts_dir).
+artefacts shipped with the package for that key are loaded instead (shipped_artifacts_dir), with our own Triton
+kernels compiled for it (<key>.triton.zip, engine.triton_bundle).
 
 Inductor settings live in `inductor_options()` and nowhere else; they are passed per compile
 call (`torch.compile(options=...)`), never set globally.
@@ -38,6 +39,7 @@ import torch
 from .config import CacheConfig, CompileConfig
 from .cuda_graphs import TransformerGraphs
 from .errors import ConfigError
+from .triton_bundle import unpack_triton_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +185,7 @@ class CompileState:
     artifact_path: Path | None
     loaded_artifacts: bool = False  # from this machine's cache
     loaded_shipped: bool = False  # from shipped_artifacts_dir() (the machine's cache had none for the key)
+    shipped_kernels: int = 0  # our Triton kernels unpacked from the shipped <key>.triton.zip (engine.triton_bundle)
     saved_artifacts: bool = False
     compiled_modules: list[str] = field(default_factory=list)
     cuda_graphs: TransformerGraphs | None = None
@@ -271,7 +274,11 @@ def apply_compile(pipe, config) -> CompileState | None:
         with compiler_caches(root):
             state.loaded_artifacts = load_artifacts(state.artifact_path)
             if not state.loaded_artifacts:  # the machine then saves its own copy after the first call, as cold
-                state.loaded_shipped = load_artifacts(shipped_artifacts_dir() / state.artifact_path.name)
+                shipped = shipped_artifacts_dir() / state.artifact_path.name
+                state.loaded_shipped = load_artifacts(shipped)
+                if state.loaded_shipped:  # and our own kernels, compiled, into the Triton cache of the forward
+                    bundle = shipped.with_suffix(".triton.zip")
+                    state.shipped_kernels = unpack_triton_kernels(bundle, Path(os.environ["TRITON_CACHE_DIR"]))
     transformer = pipe.transformer
     compile_regions(transformer, compile_config, state)
     if state.artifact_path is not None and not state.loaded_artifacts:
