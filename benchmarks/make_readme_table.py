@@ -329,7 +329,8 @@ def startup_table(files: list[dict]) -> list[str]:
     lines = [
         "Start-up (`python -m benchmarks.startup`): each row a fresh process with its own cache folder (cold: empty; "
         "warm: filled by the cold row above it); seconds a first call takes more than the warm call at its size; "
-        "kernel tuning per process (before `flux_kernels.tuning`) or from the tables.",
+        "kernel tuning per process (before `flux_kernels.tuning`) or from the tables; a process marked "
+        '"(profiled)" ran its first call under cProfile, which inflates it: a profile, not a start-up figure.',
         "",
         "| card | date | commit | preset | tuning | process | start-up s (size) | dynamo s | new sizes: extra s "
         "(keys tuned) | file |",
@@ -345,7 +346,8 @@ def startup_table(files: list[dict]) -> list[str]:
             extras = ", ".join(f"{r['size']} {r['extra_s']:.2f} ({r['first']['keys_tuned']})" for r in later)
             lines.append(
                 f"| {_card(env)} | {_stamp(env)} | {env.get('commit') or '-'} | {run['preset']} | {run['mode']} "
-                f"| {run['start']} | {first['extra_s']:.2f} ({first['size']}) | {dynamo:.1f} "
+                f"| {run['start']}{' (profiled)' if run.get('profiled') else ''} | {first['extra_s']:.2f} "
+                f"({first['size']}) | {dynamo:.1f} "
                 f"| {extras} | `{data['_file']}` |"
             )
     return lines

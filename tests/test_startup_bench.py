@@ -40,3 +40,4 @@ def test_startup_runs_fresh_processes_and_reports_each_call(tmp_path):
     for start in ("cold", "warm", "shipped"):
         text = (tmp_path / "profiles" / f"first-call-compile-tables-{start}.txt").read_text()
         assert "function calls" in text and "__call__" in text
+    assert all(run["profiled"] for run in data["runs"])  # marked: a profiled first call is no start-up figure
