@@ -1,12 +1,13 @@
 """engine/triton_bundle.py: our compiled Triton kernels packed from one Triton cache and unpacked into another, where
 Triton itself finds them (a kernel compiled for an H100 ahead of time on this machine, as tests/kernels/
-sm90_compile.py does); inductor's kernels and launcher libraries stay behind; a hostile bundle writes nothing outside
-the cache."""
+sm90_compile.py does); launcher libraries travel only where they load; inductor's kernels stay behind; a hostile
+bundle writes nothing outside the cache."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -48,13 +49,11 @@ def test_a_packed_kernel_is_found_by_triton_in_another_cache(tmp_path):
     source, target = tmp_path / "machine-a", tmp_path / "machine-b"
     assert compile_into(source)["compiled"]
     (kernel,) = groups(source).values()
-    # beside it, an inductor kernel (its artefacts carry those) and a launcher library (built for one machine)
+    # beside it, an inductor kernel (its artefacts carry those)
     inductor = source / "INDUCTORKEY" / "__grp__triton_poi_fused_add_0.json"
     inductor.parent.mkdir()
     (inductor.parent / "triton_poi_fused_add_0.cubin").write_bytes(b"cubin")
     inductor.write_text(json.dumps({"child_paths": {"c": str(inductor.parent / "triton_poi_fused_add_0.cubin")}}))
-    (source / "LAUNCHERKEY").mkdir()
-    (source / "LAUNCHERKEY" / "__triton_launcher.so").write_bytes(b"elf")
 
     bundle = tmp_path / "key.triton.zip"
     assert pack_triton_kernels(source, bundle) == 1
@@ -88,3 +87,27 @@ def test_a_hostile_or_broken_bundle_writes_nothing_outside_the_cache(tmp_path):
     assert unpack_triton_kernels(tmp_path / "broken.triton.zip", cache) == 0
     assert unpack_triton_kernels(tmp_path / "missing.triton.zip", cache) == 0
     assert pack_triton_kernels(tmp_path / "empty", tmp_path / "none.zip") == 0 and not (tmp_path / "none.zip").exists()
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="builds a shared library with gcc")
+def test_launchers_travel_only_where_they_load(tmp_path):
+    """Triton's launcher libraries (built by the machine's C compiler) are packed, and unpacked only if they load
+    here: one built on this machine does, a library for another machine (here: not a library at all) does not, and
+    Triton then builds its own instead of failing on it."""
+    source, target = tmp_path / "a", tmp_path / "b"
+    good = source / ("1" * 64) / "__triton_launcher.cpython-312-x86_64-linux-gnu.so"
+    foreign = source / ("2" * 64) / "cuda_utils.cpython-312-x86_64-linux-gnu.so"
+    other = source / ("3" * 64) / "libsomething.so"  # not Triton's: stays behind
+    for path in (good, foreign, other):
+        path.parent.mkdir(parents=True)
+    (tmp_path / "f.c").write_text("int flux_engine_probe(void) { return 7; }\n")
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(good), str(tmp_path / "f.c")], check=True)
+    foreign.write_bytes(b"\x7fELF not really")
+    other.write_bytes(good.read_bytes())
+
+    bundle = tmp_path / "key.triton.zip"
+    assert pack_triton_kernels(source, bundle) == 2
+    assert unpack_triton_kernels(bundle, target) == 1
+    landed = target / good.parent.name / good.name
+    assert landed.read_bytes() == good.read_bytes()
+    assert [path for path in target.rglob("*") if path.is_file()] == [landed]  # no foreign library, no temporary file
