@@ -185,7 +185,7 @@ class CompileState:
     artifact_path: Path | None
     loaded_artifacts: bool = False  # from this machine's cache
     loaded_shipped: bool = False  # from shipped_artifacts_dir() (the machine's cache had none for the key)
-    shipped_kernels: int = 0  # our Triton kernels unpacked from the shipped <key>.triton.zip (engine.triton_bundle)
+    shipped_kernels: int = 0  # our Triton kernels and launchers from the shipped <key>.triton.zip (triton_bundle)
     saved_artifacts: bool = False
     compiled_modules: list[str] = field(default_factory=list)
     cuda_graphs: TransformerGraphs | None = None

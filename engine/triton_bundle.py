@@ -56,16 +56,20 @@ def pack_triton_kernels(cache_dir: Path, out: Path) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name, suffix=".tmp")
     os.close(fd)
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
-        for group, children, files in groups:
-            key = group.parent.name
-            relative = {name: Path(path).name for name, path in children.items()}  # made absolute again on unpacking
-            archive.writestr(f"{key}/{group.name}", json.dumps({"child_paths": relative}))
-            for file in files:
-                archive.write(file, f"{key}/{file.name}")
-        for library in launchers:
-            archive.write(library, f"{library.parent.name}/{library.name}")
-    os.replace(tmp, out)
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+            for group, children, files in groups:
+                key = group.parent.name
+                relative = {name: Path(path).name for name, path in children.items()}  # absolute again on unpacking
+                archive.writestr(f"{key}/{group.name}", json.dumps({"child_paths": relative}))
+                for file in files:
+                    archive.write(file, f"{key}/{file.name}")
+            for library in launchers:
+                archive.write(library, f"{library.parent.name}/{library.name}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return len(groups) + len(launchers)
 
 
@@ -100,7 +104,7 @@ def unpack_triton_kernels(bundle: Path, cache_dir: Path) -> int:
                 key, name = member.split("/")
                 if name.endswith(".so") and name.startswith(LAUNCHERS):
                     added += _add_launcher(Path(cache_dir) / key / name, archive.read(member))
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as err:  # a broken bundle
         logger.warning("ignoring the unreadable Triton kernel bundle %s: %s", bundle, err)
     return added
 

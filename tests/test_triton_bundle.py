@@ -83,6 +83,10 @@ def test_a_hostile_or_broken_bundle_writes_nothing_outside_the_cache(tmp_path):
     cache = tmp_path / "cache"
     assert unpack_triton_kernels(bundle, cache) == 0
     assert not (tmp_path / "escaped").exists() and not list(cache.glob("**/*.cubin"))
+    with zipfile.ZipFile(tmp_path / "odd.triton.zip", "w") as archive:  # a group whose child_paths is no mapping
+        archive.writestr("KEY/__grp__k.json", json.dumps({"child_paths": ["k.cubin"]}))
+        archive.writestr("KEY/k.cubin", b"x")
+    assert unpack_triton_kernels(tmp_path / "odd.triton.zip", cache) == 0
     (tmp_path / "broken.triton.zip").write_bytes(b"not a zip")
     assert unpack_triton_kernels(tmp_path / "broken.triton.zip", cache) == 0
     assert unpack_triton_kernels(tmp_path / "missing.triton.zip", cache) == 0

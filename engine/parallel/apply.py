@@ -162,7 +162,7 @@ def _same_latents(prepare_latents, world: World, *args, **kwargs):
 
 def with_parallel(config, gpus: int, **changes):
     """`config` (an EngineConfig) run on `gpus` GPUs: parallel_for(gpus) (with the ParallelConfig fields in `changes`
-    that are not None: chunks=4, comm_priority="normal"), and,
+    that are not None: chunks=4, comm_priority="high"), and,
     if the config does not tile the VAE, tiling 'auto' (1024-px tiles) so that the decode of a large image is shared
     by the ranks too. A named config keeps its name, with what was added."""
     from ..config import VaeConfig
