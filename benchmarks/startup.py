@@ -108,6 +108,7 @@ def child(args) -> dict:
     return {
         "preset": args.preset, "mode": os.environ.get("FLUX_KERNELS_TUNING", "tables"), "steps": args.steps,
         "artifacts_loaded": artifacts, "shipped_kernels": shipped_kernels,
+        "dtype": str(pipe.transformer.dtype).removeprefix("torch."),  # as the compile key saw it
         "profiled": args.profile is not None,  # the first call ran under cProfile: inflated, not a start-up figure
         "import_s": round(imported - start, 2), "build_s": round(built - imported, 2),
         "optimize_s": round(optimised - built, 2), "sizes": sizes, "variant": args.variant,
@@ -122,6 +123,28 @@ def write_profile(profiler: cProfile.Profile, path: Path, top: int = 60) -> None
     with path.open("w") as file:
         for order in ("cumulative", "tottime"):
             pstats.Stats(profiler, stream=file).sort_stats(order).print_stats(top)
+
+
+def write_manifest(out: Path, artifacts: Path, run: dict, env: dict) -> None:
+    """Add each artefact's entry to out/MANIFEST.json, as engine/compiled/MANIFEST.json keeps them: what it was made
+    for (engine.compile.manifest_key recomputes its name from this), and by what."""
+    path = out / "MANIFEST.json"
+    manifest = json.loads(path.read_text()) if path.is_file() else {}
+    for artifact in sorted(artifacts.glob("*.bin")):
+        manifest[artifact.name] = {
+            "versions": {name: env.get(name) for name in ("torch", "triton", "diffusers")},
+            "device": env.get("gpu") or "cpu",
+            "dtype": run["dtype"],
+            "model": run["variant"],
+            "preset": run["preset"],
+            "made_by": "python -m benchmarks.startup --artifacts-out (its cold run; bash benchmarks/gpu_plan.sh "
+            "startup-shipped on a GPU)",
+            "commit": env.get("commit"),
+        }
+        bundle = artifact.with_suffix(".triton.zip")
+        if bundle.is_file():
+            manifest[artifact.name]["triton_kernels"] = bundle.name
+    path.write_text(json.dumps(manifest, indent=1) + "\n")
 
 
 def run_child(preset: str, mode: str, folder: Path, args, shipped: Path | None = None, start: str = "") -> dict:
@@ -192,12 +215,13 @@ def main(argv: list[str] | None = None) -> int:
 
                     for artifact in (folder / "artifacts").glob("*.bin"):
                         pack_triton_kernels(folder / "triton", artifact.with_suffix(".triton.zip"))
-                if start == "cold" and args.artifacts_out:
+                run_env = run.pop("env", None)
+                env = env or run_env
+                if start == "cold" and args.artifacts_out and run_env is not None:
                     args.artifacts_out.mkdir(parents=True, exist_ok=True)
                     for artifact in (folder / "artifacts").glob("*.*"):
                         shutil.copy2(artifact, args.artifacts_out / artifact.name)
-                env = env or run.pop("env", None)
-                run.pop("env", None)
+                    write_manifest(args.artifacts_out, folder / "artifacts", run, run_env)
                 results.append({**run, "start": start})
                 print(table(results[-1:]), flush=True)
                 if args.out:  # after each run: a stage cut short by its time limit keeps what it measured

@@ -177,6 +177,19 @@ def key_of(versions: dict, device: str, dtype: torch.dtype, transformer_config, 
     return digest[:20]
 
 
+def manifest_key(entry: dict) -> str:
+    """The key of a shipped file from its engine/compiled/MANIFEST.json entry: the model variant, preset, versions,
+    device and dtype it was made for (the transformer built on the meta device: its config, no weights)."""
+    from .config import preset
+    from .models.builders import build_transformer
+    from .models.variants import variant_spec
+
+    with torch.device("meta"):
+        transformer = build_transformer(variant_spec(entry["model"]))
+    dtype = getattr(torch, entry["dtype"])
+    return key_of(entry["versions"], entry["device"], dtype, transformer.config, preset(entry["preset"]))
+
+
 @dataclass
 class CompileState:
     """What the compile step did, for reports: where the cache is and whether artefacts were loaded/saved."""

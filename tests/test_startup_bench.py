@@ -7,6 +7,7 @@ import json
 import pytest
 
 from benchmarks import startup
+from engine.compile import manifest_key
 
 
 @pytest.mark.slow
@@ -17,7 +18,11 @@ def test_startup_runs_fresh_processes_and_reports_each_call(tmp_path):
     runs += ["--artifacts-out", str(tmp_path / "ship")]
     runs += ["--profile-dir", str(tmp_path / "profiles")]
     assert startup.main([*argv, *runs, "--out", str(out)]) == 0
-    assert len(list((tmp_path / "ship").glob("*.bin"))) == 1  # the cold run's artefacts, kept to ship
+    (artifact,) = (tmp_path / "ship").glob("*.bin")  # the cold run's artefacts, kept to ship
+    # with the manifest entry that names what they are for: the engine's key recomputed from it is their name
+    manifest = json.loads((tmp_path / "ship" / "MANIFEST.json").read_text())
+    assert list(manifest) == [artifact.name] and manifest[artifact.name]["model"] == "tiny"
+    assert manifest_key(manifest[artifact.name]) == artifact.stem
     data = json.loads(out.read_text())
     assert data["env"]["gpu"] is None and data["env"]["commit"]  # a CPU run: no card, and the environment's facts
     cold, warm, shipped, package = data["runs"]
