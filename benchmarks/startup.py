@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import dataclasses
 import json
 import os
 import pstats
@@ -61,7 +62,10 @@ def child(args) -> dict:
     components = synthetic_components(args.variant, device=device, dtype=dtype, seed=0)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     built = time.perf_counter()
-    pipe = FluxEngine.from_pipe(FluxEngine(**components), preset(args.preset))
+    config = preset(args.preset)
+    if args.no_frames:  # every frame traced in every process, as before engine.frames
+        config = dataclasses.replace(config, cache=dataclasses.replace(config.cache, frames=False))
+    pipe = FluxEngine.from_pipe(FluxEngine(**components), config)
     pipe.set_progress_bar_config(disable=True)
     optimised = time.perf_counter()
     graphs = getattr(getattr(pipe, "compile_state", None), "cuda_graphs", None)
@@ -74,8 +78,14 @@ def child(args) -> dict:
         profiler = cProfile.Profile() if profile is not None else None
         t0 = time.perf_counter()
         with profiler or contextlib.nullcontext():
-            pipe("a photograph of an astronaut riding a horse", height=height, width=width, output_type="pt",
-                 num_inference_steps=args.steps, generator=torch.Generator().manual_seed(0))  # fmt: skip
+            image = pipe(
+                "a photograph of an astronaut riding a horse",
+                height=height,
+                width=width,
+                output_type="pt",
+                num_inference_steps=args.steps,
+                generator=torch.Generator().manual_seed(0),
+            ).images
             sync()
         seconds = time.perf_counter() - t0
         if profiler is not None:
@@ -91,6 +101,8 @@ def child(args) -> dict:
             "cuda_graph_captures": (graphs.captures if graphs else 0) - before[3],
             # graphs inductor generated code for (not found in its cache, nor in loaded artefacts)
             "inductor_cache_misses": int(counters["inductor"]["fxgraph_cache_miss"]) - before[4],
+            # the image's sum in float64: starts that ran the same compiled code make the same bits
+            "checksum": image.double().sum().item(),
         }
 
     sizes = []
@@ -105,7 +117,9 @@ def child(args) -> dict:
     if state is not None and (state.loaded_artifacts or state.loaded_shipped):
         artifacts = "machine" if state.loaded_artifacts else "shipped"
     shipped_kernels = state.shipped_kernels if state is not None else 0
+    frames = state.frames.stats() if state is not None and state.frames is not None else None
     return {
+        "frames": frames, "frames_saved": bool(state is not None and state.saved_frames),
         "preset": args.preset, "mode": os.environ.get("FLUX_KERNELS_TUNING", "tables"), "steps": args.steps,
         "artifacts_loaded": artifacts, "shipped_kernels": shipped_kernels,
         "dtype": str(pipe.transformer.dtype).removeprefix("torch."),  # as the compile key saw it
@@ -141,9 +155,9 @@ def write_manifest(out: Path, artifacts: Path, run: dict, env: dict) -> None:
             "startup-shipped on a GPU)",
             "commit": env.get("commit"),
         }
-        bundle = artifact.with_suffix(".triton.zip")
-        if bundle.is_file():
-            manifest[artifact.name]["triton_kernels"] = bundle.name
+        for field, suffix in (("triton_kernels", ".triton.zip"), ("frames", ".frames")):
+            if artifact.with_suffix(suffix).is_file():
+                manifest[artifact.name][field] = artifact.with_suffix(suffix).name
     path.write_text(json.dumps(manifest, indent=1) + "\n")
 
 
@@ -155,6 +169,8 @@ def run_child(preset: str, mode: str, folder: Path, args, shipped: Path | None =
     env["FLUX_ENGINE_SHIPPED_ARTIFACTS"] = str(shipped if shipped is not None else folder / "none-shipped")
     command = [sys.executable, "-m", "benchmarks.startup", "--child", "--preset", preset, "--steps", str(args.steps),
                "--variant", args.variant, "--sizes", *args.sizes]  # fmt: skip
+    if args.no_frames:
+        command.append("--no-frames")
     if args.profile_dir is not None:
         command += ["--profile", str(args.profile_dir / f"first-call-{preset}-{mode}-{start}.txt")]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
@@ -163,12 +179,20 @@ def run_child(preset: str, mode: str, folder: Path, args, shipped: Path | None =
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _frames_origin(frames: dict | None) -> str:
+    """'file 4', 'made 2 / usual 2': where a start's frames came from (engine.frames), '-' with frames off."""
+    if not frames:
+        return "-"
+    origins = [stats["from"] for stats in frames.values()]
+    return " / ".join(f"{origin} {origins.count(origin)}" for origin in sorted(set(origins)))
+
+
 def table(results: list[dict]) -> str:
     lines = ["| preset | tuning | start | size | first call s | warm s | extra s | keys tuned (s) | from tables | "
-             "graphs | dynamo s | captures |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "graphs | dynamo s | captures | frames |", "|---" * 13 + "|"]  # fmt: skip
     for result in results:
         if "error" in result:
-            lines.append(f"| {result['preset']} | {result['mode']} | {result['start']} | failed | | | | | | | | |")
+            lines.append(f"| {result['preset']} | {result['mode']} | {result['start']} | failed | | | | | | | | | |")
             continue
         for row in result["sizes"]:
             first = row["first"]
@@ -176,7 +200,7 @@ def table(results: list[dict]) -> str:
                 f"| {result['preset']} | {result['mode']} | {result['start']} | {row['size']} | {first['s']:.2f} | "
                 f"{row['warm']['s']:.2f} | {row['extra_s']:.2f} | {first['keys_tuned']} ({first['tuning_s']:.2f}) | "
                 f"{first['keys_from_tables']} | {first['graphs_compiled']} | {first['dynamo_compile_s']:.1f} | "
-                f"{first['cuda_graph_captures']} |"
+                f"{first['cuda_graph_captures']} | {_frames_origin(result.get('frames'))} |"
             )
     return "\n".join(lines)
 
@@ -192,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--artifacts-out", type=Path, help="copy each cold run's compile artefacts here (to ship)")
     parser.add_argument("--profile-dir", type=Path, help="write each start's first call under cProfile here (text)")
+    parser.add_argument("--no-frames", action="store_true", help="trace every frame in each process (no engine.frames)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--profile", type=Path, help=argparse.SUPPRESS)  # the child's: its profile's file
     args = parser.parse_args(argv)

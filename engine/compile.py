@@ -39,6 +39,7 @@ import torch
 from .config import CacheConfig, CompileConfig
 from .cuda_graphs import TransformerGraphs
 from .errors import ConfigError
+from .frames import Frames, read_frames
 from .triton_bundle import unpack_triton_kernels
 
 logger = logging.getLogger(__name__)
@@ -201,6 +202,9 @@ class CompileState:
     shipped_kernels: int = 0  # our Triton kernels and launchers from the shipped <key>.triton.zip (triton_bundle)
     saved_artifacts: bool = False
     compiled_modules: list[str] = field(default_factory=list)
+    frames: Frames | None = None  # the regions' frames ahead of time (engine.frames), saved beside the artefacts
+    frames_path: Path | None = None
+    saved_frames: bool = False
     cuda_graphs: TransformerGraphs | None = None
     modules: list = field(default_factory=list)  # the compiled modules themselves, for remove_compile
     handles: list = field(default_factory=list)  # the hooks the step registered, for remove_compile
@@ -242,7 +246,10 @@ def _compile_module(module: torch.nn.Module, config: CompileConfig, state: Compi
     kwargs = {"fullgraph": True, "dynamic": config.dynamic, "backend": config.backend}
     if config.backend == "inductor":
         kwargs["options"] = inductor_options(config)
-    module.compile(**kwargs)
+    if state.frames is not None:
+        state.frames.install(module, kwargs)
+    else:
+        module.compile(**kwargs)
     state.modules.append(module)
 
 
@@ -251,6 +258,8 @@ def remove_compile(state: CompileState) -> None:
     compiled graphs stay in dynamo's cache, unused)."""
     for module in state.modules:
         module._compiled_call_impl = None  # what nn.Module.compile set
+    if state.frames is not None:
+        state.frames.uninstall()
     for handle in state.handles:
         handle.remove()
     if state.cuda_graphs is not None:
@@ -292,10 +301,16 @@ def apply_compile(pipe, config) -> CompileState | None:
                 if state.loaded_shipped:  # and our own kernels, compiled, into the Triton cache of the forward
                     bundle = shipped.with_suffix(".triton.zip")
                     state.shipped_kernels = unpack_triton_kernels(bundle, Path(os.environ["TRITON_CACHE_DIR"]))
+        if config.cache.frames:
+            state.frames_path = state.artifact_path.with_suffix(".frames")
+            shipped_frames = shipped_artifacts_dir() / state.frames_path.name
+            state.frames = Frames(read_frames(state.frames_path) or read_frames(shipped_frames))
     transformer = pipe.transformer
     compile_regions(transformer, compile_config, state)
     if state.artifact_path is not None and not state.loaded_artifacts:
         state.handles.append(_save_after_first_call(transformer, state))
+    if state.frames is not None:
+        state.handles.append(_save_frames_after_first_call(transformer, state))
     if state.cache_dir is not None:
         # after the save hook: it saves inside the scope
         state.handles += scope_caches_to_forward(transformer, state.cache_dir)
@@ -373,6 +388,22 @@ def _joint_views(module, args, kwargs):
         else:
             kwargs[name] = views[name]
     return tuple(args), kwargs
+
+
+def _save_frames_after_first_call(transformer: torch.nn.Module, state: CompileState):
+    """The frames made by the first forward (engine.frames) into the cache, beside the artefacts."""
+
+    def hook(module, args, output):
+        handle.remove()
+        if not state.frames.unsaved():
+            return
+        try:
+            state.saved_frames = state.frames.save(state.frames_path)
+        except OSError as err:
+            logger.warning("could not write the compiled frames %s: %s", state.frames_path, err)
+
+    handle = transformer.register_forward_hook(hook)
+    return handle
 
 
 def _save_after_first_call(transformer: torch.nn.Module, state: CompileState):

@@ -243,16 +243,21 @@ class CacheConfig:
     directory: where compiled graphs and kernels are kept; None: $FLUX_ENGINE_CACHE_DIR, else
         ~/.cache/flux-engine. enabled=False compiles from scratch and keeps nothing. A directory given here also
         holds the Triton kernels' tuning choices (kernel-tuning/, see flux_kernels.tuning), for every preset.
+    frames: the compiled regions' traced frames are saved there too and loaded by the next process, which then
+        does not trace them again (engine.frames; a warm start's largest cost). False: traced in every process.
     """
 
     directory: str | None = None
     enabled: bool = True
+    frames: bool = True
 
     def __post_init__(self):
         if self.directory is not None and not str(self.directory).strip():
             raise ConfigError("cache.directory is an empty string; pass a folder path or None for the default")
         if not isinstance(self.enabled, bool):
             raise ConfigError(f"cache.enabled={self.enabled!r} must be True or False")
+        if not isinstance(self.frames, bool):
+            raise ConfigError(f"cache.frames={self.frames!r} must be True or False")
 
     @property
     def label(self) -> str:

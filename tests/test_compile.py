@@ -97,7 +97,8 @@ _PROBE = textwrap.dedent(
     from engine.models import synthetic_components
 
     cache_dir = sys.argv[1]
-    config = EngineConfig(compile=CompileConfig(mode="regional"), cache=CacheConfig(directory=cache_dir))
+    # frames=False: this probes inductor's artefacts (with the frames loaded, inductor's cache is not asked)
+    config = EngineConfig(compile=CompileConfig(mode="regional"), cache=CacheConfig(directory=cache_dir, frames=False))
     components = synthetic_components("tiny", device="cpu", dtype=torch.float32, seed=0)
     eager = FluxPipeline(**components)(**KWARGS).images
     engine = FluxEngine.from_pipe(FluxPipeline(**components), config)

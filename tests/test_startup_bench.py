@@ -23,6 +23,7 @@ def test_startup_runs_fresh_processes_and_reports_each_call(tmp_path):
     manifest = json.loads((tmp_path / "ship" / "MANIFEST.json").read_text())
     assert list(manifest) == [artifact.name] and manifest[artifact.name]["model"] == "tiny"
     assert manifest_key(manifest[artifact.name]) == artifact.stem
+    assert manifest[artifact.name]["frames"] == artifact.with_suffix(".frames").name  # engine.frames, shipped too
     data = json.loads(out.read_text())
     assert data["env"]["gpu"] is None and data["env"]["commit"]  # a CPU run: no card, and the environment's facts
     cold, warm, shipped, package = data["runs"]
@@ -41,6 +42,12 @@ def test_startup_runs_fresh_processes_and_reports_each_call(tmp_path):
     # the package ships artefacts for GPUs only (engine/compiled/MANIFEST.json): none serves this CPU key
     assert package["start"] == "package" and package["artifacts_loaded"] is None, package.get("error")
     assert package["sizes"][0]["first"]["inductor_cache_misses"] > 0
+    # the regions' frames (engine.frames): made by the cold run, loaded by the warm and the shipped one; diffusers'
+    # attention dispatch (this preset's) guards an enum's identity, so the blocks' frames are traced as before
+    for run, origin in ((cold, "made"), (warm, "file"), (shipped, "file"), (package, "made")):
+        origins = {name.split(":")[-1]: stats["from"] for name, stats in run["frames"].items()}
+        assert origins["AdaLayerNormContinuous"] == origin and origins["FluxTransformerBlock"] == "usual", origins
+    assert warm["sizes"][0]["first"]["checksum"] == cold["sizes"][0]["first"]["checksum"]  # the same code, bits
     # each start's first call profiled: the pipeline's own call is among the functions listed
     for start in ("cold", "warm", "shipped"):
         text = (tmp_path / "profiles" / f"first-call-compile-tables-{start}.txt").read_text()

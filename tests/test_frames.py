@@ -1,0 +1,187 @@
+"""The compiled regions' frames saved ahead of time (engine.frames): a warm process traces nothing and makes the same
+image; a frame whose traced sources changed, or whose guards fail, is not used, and the usual compile answers."""
+
+import importlib
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch._dynamo.types import GuardFilterEntry
+
+from engine.frames import FrameRefused, Frames, keep_guard, read_frames
+
+REPO = Path(__file__).resolve().parent.parent
+
+_PROBE = textwrap.dedent(
+    """
+    import json, os, sys, torch
+    import flux_kernels
+    from diffusers import FluxPipeline
+    from torch._dynamo.utils import counters
+    from engine import FluxEngine, preset
+    from engine.config import CacheConfig
+    from engine.models import synthetic_components
+    import dataclasses
+
+    cache_dir, name = sys.argv[1], sys.argv[2]
+    config = dataclasses.replace(preset(name), cache=CacheConfig(directory=cache_dir))
+    kwargs = dict(prompt="a fox", height=64, width=64, num_inference_steps=2, max_sequence_length=32,
+                  output_type="pt", generator=torch.Generator().manual_seed(0))
+    with flux_kernels.interpreter_fixes():
+        engine = FluxEngine.from_pipe(FluxPipeline(**synthetic_components("tiny", device="cpu", seed=0)), config)
+        engine.set_progress_bar_config(disable=True)
+        first = engine(**kwargs).images
+        kwargs.update(height=48, width=80, generator=torch.Generator().manual_seed(0))
+        other = engine(**kwargs).images
+    state = engine.compile_state
+    print(json.dumps({
+        "frames": state.frames.stats(),
+        "saved": state.saved_frames,
+        "dynamo_frames": counters["stats"]["unique_graphs"],
+        "images": [first.double().flatten().tolist()[:4096], other.double().flatten().tolist()[:4096]],
+    }))
+    """
+)
+
+
+def _probe(cache_dir: Path, preset: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE, str(cache_dir), preset],
+        cwd=REPO,
+        env={**__import__("os").environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_warm_process_loads_every_frame_and_traces_nothing(tmp_path):
+    # the fastest preset's code path on the CPU (fp8 emulated, our kernels in Triton's interpreter)
+    cold = _probe(tmp_path, "fp8-compile-fastacc")
+    assert cold["saved"]
+    assert {stats["from"] for stats in cold["frames"].values()} == {"made"}, cold["frames"]
+    (path,) = (tmp_path / "artifacts").glob("*.frames")
+    assert set(read_frames(path)) == set(cold["frames"])
+
+    warm = _probe(tmp_path, "fp8-compile-fastacc")
+    assert {stats["from"] for stats in warm["frames"].values()} == {"file"}, warm["frames"]
+    assert warm["dynamo_frames"] == 0  # dynamo traced nothing: no frame, no size
+    assert all(stats["runs"] > 0 and stats["fallbacks"] == 0 for stats in warm["frames"].values())
+    # the same compiled code: the same bits, at the first size and at another
+    assert warm["images"] == cold["images"]
+
+
+# --------------------------------------------------------------------- a small module, in a file the test edits
+
+_MODULE = """
+import torch
+
+
+class Shift(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 8))
+        self.offset = 1.0
+        self.squared = False
+
+    def forward(self, x):
+        y = torch.relu(x * self.weight) + self.offset
+        return y * y if self.squared else y
+"""
+
+
+def _shift_module(folder: Path, source: str):
+    (folder / "frames_shift.py").write_text(source)
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    if "frames_shift" in sys.modules:
+        return importlib.reload(sys.modules["frames_shift"])
+    return importlib.import_module("frames_shift")
+
+
+def _compile_kwargs():
+    return {"fullgraph": True, "dynamic": True, "backend": "inductor"}
+
+
+@pytest.fixture
+def shift(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    yield lambda source=_MODULE: _shift_module(tmp_path, source)
+    sys.modules.pop("frames_shift", None)
+    if str(tmp_path) in sys.path:
+        sys.path.remove(str(tmp_path))
+
+
+def _made(module_source, tmp_path) -> tuple[dict, Path]:
+    frames = Frames()
+    model = module_source.Shift()
+    frames.install(model, _compile_kwargs())
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(model(x), torch.relu(x * model.weight) + 1.0)
+    path = tmp_path / "shift.frames"
+    assert frames.save(path)
+    frames.uninstall()
+    assert "forward" not in model.__dict__  # the module runs its own forward again
+    return read_frames(path), path
+
+
+def test_frame_with_changed_source_is_not_used(shift, tmp_path):
+    saved, _ = _made(shift(), tmp_path)
+    edited = shift(_MODULE.replace("torch.relu(x * self.weight)", "torch.relu(x * self.weight) * 2"))
+    frames = Frames(saved)
+    model = edited.Shift()
+    frames.install(model, _compile_kwargs())
+    x = torch.randn(5, 8)
+    # the edited code runs, not the saved frame
+    torch.testing.assert_close(model(x), torch.relu(x * model.weight) * 2 + 1.0)
+    (stats,) = frames.stats().values()
+    assert stats["from"] == "made" and "traced sources changed" in stats["refused"], stats
+
+
+def test_frame_whose_guards_fail_runs_the_usual_compile(shift, tmp_path):
+    module_source = shift()
+    saved, _ = _made(module_source, tmp_path)
+    frames = Frames(saved)
+    model = module_source.Shift()
+    frames.install(model, _compile_kwargs())
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(model(x), torch.relu(x * model.weight) + 1.0)
+    model.offset = 3.0  # a float the trace took as an input: the same frame runs
+    torch.testing.assert_close(model(x), torch.relu(x * model.weight) + 3.0)
+    model.squared = True  # a branch the trace took: its guard fails
+    torch.testing.assert_close(model(x), (torch.relu(x * model.weight) + 3.0) ** 2)
+    (stats,) = frames.stats().values()
+    assert stats["from"] == "file" and stats["runs"] == 2 and stats["fallbacks"] == 1, stats
+
+
+def _entry(guard_type: str, value, derived=()) -> GuardFilterEntry:
+    return GuardFilterEntry(
+        name="G['x']", has_value=True, value=value, guard_type=guard_type, derived_guard_types=derived,
+        is_global=True, orig_guard=None,
+    )  # fmt: skip
+
+
+def test_identity_guards_are_dropped_only_for_code():
+    kept = keep_guard(
+        [
+            _entry("TENSOR_MATCH", torch.zeros(1)),
+            _entry("ID_MATCH", len),
+            _entry("CLOSURE_MATCH", keep_guard),
+            _entry("CONSTANT_MATCH", keep_guard.__code__, derived=("ID_MATCH",)),
+            _entry("MODULE_MATCH", torch),
+            _entry("BUILTIN_MATCH", torch.ops.aten.add.Tensor, derived=("ID_MATCH",)),
+        ]
+    )
+    assert kept == [True, False, False, False, False, False]
+
+    class Mode:  # an object's identity is not code: a frame that needs it is not made
+        pass
+
+    with pytest.raises(FrameRefused, match="ID_MATCH guard on G\\['x'\\] \\(the identity of Mode\\)"):
+        keep_guard([_entry("ID_MATCH", Mode())])
