@@ -7,7 +7,7 @@
 # cache-fbcache-008, profile-cache, tests-fp8attn, kernels-attention, fp8attn-1024, fp8attn-2048, tune-table,
 # startup, startup-tables, startup-nographs, tests-startup, cache-fbcache-graphs, tests-fbcache-graphs,
 # tests-controlnet-graphs, gluon-kernels, gluon-step, profile-cp-2, tests-cp, cp-2-chunks, cp-2-nccl, cp-2-prio, timeline-cp-2, startup-shipped,
-# startup-package, startup-profile, startup-frames). Each stage
+# startup-package, startup-profile, startup-frames, startup-frames-only, startup-noframes). Each stage
 # has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
@@ -178,7 +178,7 @@ for s in "$@"; do
       # times (dynamo is Python), so the JSON marks them profiled and they are no start-up figures
       stage startup-profile 300 python3 -m benchmarks.startup --preset fp8-compile-fastacc-cudagraphs --sizes 1024 \
         --runs tables:cold,tables:warm --profile-dir "$OUT/profiles" --out "$OUT/startup-profile-$CARD-$DAY.json" ;;
-    startup-frames)
+    startup-frames|startup-frames-only)
       # engine.frames on one machine (issue "Our attention at the top", item 4): cold, warm and shipped starts with the
       # regions' frames saved and loaded, then cold and warm tracing every frame as before (--no-frames); each first
       # call's image checksum says whether two starts ran the same code. Artefacts (with <key>.frames) under
@@ -186,6 +186,8 @@ for s in "$@"; do
       stage startup-frames 420 python3 -m benchmarks.startup --preset fp8-compile-fastacc-cudagraphs --sizes 1024 \
         1360x768 --runs tables:cold,tables:warm,tables:shipped --artifacts-out "$OUT/artifacts" \
         --out "$OUT/startup-frames-$CARD-$DAY.json"
+      [ "$s" = startup-frames ] || continue ;&
+    startup-noframes)
       stage startup-noframes 300 python3 -m benchmarks.startup --preset fp8-compile-fastacc-cudagraphs --sizes 1024 \
         1360x768 --runs tables:cold,tables:warm --no-frames --out "$OUT/startup-noframes-$CARD-$DAY.json" ;;
     startup-package)

@@ -1,6 +1,7 @@
 """Regional compile of the tiny model: fullgraph, the designed graph count, no recompile across
 resolutions, numerics vs eager, and the persistent cache across processes (by counters, not time)."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -201,12 +202,20 @@ def test_shipped_artefacts_are_named_by_the_key_their_manifest_describes():
     preset its MANIFEST.json entry names; a change to what the key covers (a config field) would otherwise orphan the
     file without a word (it would only miss)."""
     from engine.compile import manifest_key
+    from engine.frames import read_frames
 
     folder = Path(__file__).resolve().parents[1] / "engine" / "compiled"
     manifest = json.loads((folder / "MANIFEST.json").read_text())
     assert sorted(manifest) == sorted(path.name for path in folder.glob("*.bin")), "a file without an entry or back"
     for name, entry in manifest.items():
         assert name == f"{manifest_key(entry)}.bin", entry
+    # engine.frames: each frames file beside its artefact, holding frames of classes that still exist (a renamed
+    # class would only miss: the frame is looked up by its class's module and name)
+    for path in folder.glob("*.frames"):
+        assert f"{path.stem}.bin" in manifest and manifest[f"{path.stem}.bin"]["frames"].startswith(path.name)
+        for frame in read_frames(path):
+            module, _, qualname = frame.partition(":")
+            assert isinstance(getattr(importlib.import_module(module), qualname), type), frame
 
 
 def test_the_key_counts_the_parallel_config_only_when_it_splits_the_work():

@@ -185,3 +185,17 @@ def test_identity_guards_are_dropped_only_for_code():
 
     with pytest.raises(FrameRefused, match="ID_MATCH guard on G\\['x'\\] \\(the identity of Mode\\)"):
         keep_guard([_entry("ID_MATCH", Mode())])
+
+
+def test_unreadable_frames_are_ignored(shift, tmp_path):
+    (tmp_path / "broken.frames").write_bytes(b"not a zip")
+    assert read_frames(tmp_path / "broken.frames") == {}
+    assert read_frames(tmp_path / "missing.frames") == {}
+    module_source = shift()
+    frames = Frames({"frames_shift:Shift": b"not a frame"})  # a readable file, a corrupt entry
+    model = module_source.Shift()
+    frames.install(model, _compile_kwargs())
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(model(x), torch.relu(x * model.weight) + 1.0)
+    (stats,) = frames.stats().values()
+    assert stats["from"] == "made" and stats["refused"], stats
