@@ -7,7 +7,8 @@
 # cache-fbcache-008, profile-cache, tests-fp8attn, kernels-attention, fp8attn-1024, fp8attn-2048, tune-table,
 # startup, startup-tables, startup-nographs, tests-startup, cache-fbcache-graphs, tests-fbcache-graphs,
 # tests-controlnet-graphs, gluon-kernels, gluon-step, profile-cp-2, tests-cp, cp-2-chunks, cp-2-nccl, cp-2-prio, timeline-cp-2, startup-shipped,
-# startup-package, startup-profile, startup-frames, startup-frames-only, startup-noframes). Each stage
+# startup-package, startup-profile, startup-frames, startup-frames-only, startup-noframes,
+# startup-frames-nographs, tests-frames). Each stage
 # has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
@@ -190,6 +191,17 @@ for s in "$@"; do
     startup-noframes)
       stage startup-noframes 300 python3 -m benchmarks.startup --preset fp8-compile-fastacc-cudagraphs --sizes 1024 \
         1360x768 --runs tables:cold,tables:warm --no-frames --out "$OUT/startup-noframes-$CARD-$DAY.json" ;;
+    startup-frames-nographs)
+      # engine.frames on the fp8 preset without CUDA graphs (the host launches every block: the frames' dispatch is
+      # on its path), 20 steps a call: warm calls with and without frames, no frames first
+      for f in noframes frames; do
+        stage "startup-nographs-$f" 240 python3 -m benchmarks.startup --preset fp8-compile-fastacc --sizes 1024 \
+          --steps 20 --runs tables:cold,tables:warm $([ $f = noframes ] && echo --no-frames) \
+          --out "$OUT/startup-nographs-$f-$CARD-$DAY.json"
+      done ;;
+    tests-frames)
+      stage tests-frames 400 python3 -m pytest -q -x -m gpu tests/test_frames.py tests/test_compile.py \
+        tests/test_lora.py tests/test_step_cache.py tests/test_tasks.py tests/test_startup_bench.py ;;
     startup-package)
       # a fresh machine's first process today: an empty cache and the artefacts the package ships (engine/compiled/)
       stage startup-package 200 python3 -m benchmarks.startup --preset fp8-compile-fastacc-cudagraphs --sizes 1024 \

@@ -3,6 +3,7 @@ image; a frame whose traced sources changed, or whose guards fail, is not used, 
 
 import importlib
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -27,12 +28,14 @@ _PROBE = textwrap.dedent(
     from engine.models import synthetic_components
     import dataclasses
 
-    cache_dir, name = sys.argv[1], sys.argv[2]
+    cache_dir, name, device = sys.argv[1], sys.argv[2], sys.argv[3]
     config = dataclasses.replace(preset(name), cache=CacheConfig(directory=cache_dir))
+    dtype = torch.bfloat16
     kwargs = dict(prompt="a fox", height=64, width=64, num_inference_steps=2, max_sequence_length=32,
                   output_type="pt", generator=torch.Generator().manual_seed(0))
     with flux_kernels.interpreter_fixes():
-        engine = FluxEngine.from_pipe(FluxPipeline(**synthetic_components("tiny", device="cpu", seed=0)), config)
+        components = synthetic_components("tiny", device=device, dtype=dtype, seed=0)
+        engine = FluxEngine.from_pipe(FluxPipeline(**components), config)
         engine.set_progress_bar_config(disable=True)
         first = engine(**kwargs).images
         kwargs.update(height=48, width=80, generator=torch.Generator().manual_seed(0))
@@ -48,11 +51,12 @@ _PROBE = textwrap.dedent(
 )
 
 
-def _probe(cache_dir: Path, preset: str) -> dict:
+def _probe(cache_dir: Path, preset: str, device: str = "cpu") -> dict:
+    env = {**os.environ, "TRITON_INTERPRET": "1"} if device == "cpu" else dict(os.environ)
     proc = subprocess.run(
-        [sys.executable, "-c", _PROBE, str(cache_dir), preset],
+        [sys.executable, "-c", _PROBE, str(cache_dir), preset, device],
         cwd=REPO,
-        env={**__import__("os").environ, "TRITON_INTERPRET": "1"},
+        env=env,
         capture_output=True,
         text=True,
         timeout=1200,
@@ -74,6 +78,18 @@ def test_warm_process_loads_every_frame_and_traces_nothing(tmp_path):
     assert warm["dynamo_frames"] == 0  # dynamo traced nothing: no frame, no size
     assert all(stats["runs"] > 0 and stats["fallbacks"] == 0 for stats in warm["frames"].values())
     # the same compiled code: the same bits, at the first size and at another
+    assert warm["images"] == cold["images"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fastest preset needs CUDA")
+def test_warm_process_loads_the_fastest_presets_frames_on_the_gpu(tmp_path):
+    # fp8 on the tensor cores, our kernels compiled by Triton, the whole forward in CUDA graphs
+    cold = _probe(tmp_path, "fp8-compile-fastacc-cudagraphs", "cuda")
+    warm = _probe(tmp_path, "fp8-compile-fastacc-cudagraphs", "cuda")
+    assert {stats["from"] for stats in cold["frames"].values()} == {"made"}, cold["frames"]
+    assert {stats["from"] for stats in warm["frames"].values()} == {"file"}, warm["frames"]
+    assert warm["dynamo_frames"] == 0
     assert warm["images"] == cold["images"]
 
 
