@@ -200,7 +200,7 @@ for s in "$@"; do
           --out "$OUT/startup-nographs-$f-$CARD-$DAY.json"
       done ;;
     tests-frames)
-      stage tests-frames 400 python3 -m pytest -q -x -m gpu tests/test_frames.py tests/test_compile.py \
+      stage tests-frames 400 python3 -m pytest -q -m gpu tests/test_frames.py tests/test_compile.py \
         tests/test_lora.py tests/test_step_cache.py tests/test_tasks.py tests/test_startup_bench.py ;;
     startup-package)
       # a fresh machine's first process today: an empty cache and the artefacts the package ships (engine/compiled/)

@@ -28,6 +28,18 @@ _PROBE = textwrap.dedent(
     from engine.models import synthetic_components
     import dataclasses
 
+    import logging
+
+    traced = []  # the frames dynamo traced in this process, by its log
+
+    class Traced(logging.Handler):
+        def emit(self, record):
+            message = record.getMessage()
+            if "start tracing" in message:
+                traced.append(message.split(",")[0])
+
+    torch._logging.set_logs(dynamo=logging.INFO)
+    logging.getLogger("torch._dynamo").addHandler(Traced())
     cache_dir, name, device = sys.argv[1], sys.argv[2], sys.argv[3]
     config = dataclasses.replace(preset(name), cache=CacheConfig(directory=cache_dir))
     dtype = torch.bfloat16
@@ -45,6 +57,7 @@ _PROBE = textwrap.dedent(
         "frames": state.frames.stats(),
         "saved": state.saved_frames,
         "dynamo_frames": counters["stats"]["unique_graphs"],
+        "traced": traced,
         "images": [first.double().flatten().tolist()[:4096], other.double().flatten().tolist()[:4096]],
     }))
     """
@@ -75,7 +88,8 @@ def test_warm_process_loads_every_frame_and_traces_nothing(tmp_path):
 
     warm = _probe(tmp_path, "fp8-compile-fastacc")
     assert {stats["from"] for stats in warm["frames"].values()} == {"file"}, warm["frames"]
-    assert warm["dynamo_frames"] == 0  # dynamo traced nothing: no frame, no size
+    assert warm["dynamo_frames"] == 0, warm["traced"]  # dynamo traced nothing: no frame, no size
+    assert cold["traced"]  # (the log this reads names what it traces)
     assert all(stats["runs"] > 0 and stats["fallbacks"] == 0 for stats in warm["frames"].values())
     # the same compiled code: the same bits, at the first size and at another
     assert warm["images"] == cold["images"]
@@ -89,7 +103,8 @@ def test_warm_process_loads_the_fastest_presets_frames_on_the_gpu(tmp_path):
     warm = _probe(tmp_path, "fp8-compile-fastacc-cudagraphs", "cuda")
     assert {stats["from"] for stats in cold["frames"].values()} == {"made"}, cold["frames"]
     assert {stats["from"] for stats in warm["frames"].values()} == {"file"}, warm["frames"]
-    assert warm["dynamo_frames"] == 0
+    assert all(stats["runs"] > 0 and stats["fallbacks"] == 0 for stats in warm["frames"].values()), warm["frames"]
+    assert warm["dynamo_frames"] == 0, (warm["traced"], cold["traced"])
     assert warm["images"] == cold["images"]
 
 
