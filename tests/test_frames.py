@@ -104,8 +104,11 @@ def test_warm_process_loads_the_fastest_presets_frames_on_the_gpu(tmp_path):
     assert {stats["from"] for stats in cold["frames"].values()} == {"made"}, cold["frames"]
     assert {stats["from"] for stats in warm["frames"].values()} == {"file"}, warm["frames"]
     assert all(stats["runs"] > 0 and stats["fallbacks"] == 0 for stats in warm["frames"].values()), warm["frames"]
-    assert warm["dynamo_frames"] == 0, (warm["traced"], cold["traced"])
     assert warm["images"] == cold["images"]
+    # no region traced; the one frame dynamo traces in a warm process is the eager fp8 activation quantiser of the tiny
+    # model's Fp8Linears outside the regions (engine.quant.fp8, compiled once per process; seen on an H200)
+    regions = [name for name in warm["traced"] if "quantize_fp8_rowwise" not in name]
+    assert regions == [], (warm["traced"], cold["traced"])
 
 
 # --------------------------------------------------------------------- a small module, in a file the test edits
