@@ -390,6 +390,13 @@ def _joint_views(module, args, kwargs):
     return tuple(args), kwargs
 
 
+def reload_frames(state: CompileState | None) -> None:
+    """The compile state's frames forgotten, to be loaded from the cache by their next call, as in a new process
+    (engine.bench's warm start: torch._dynamo.reset() does not reach them)."""
+    if state is not None and state.frames is not None:
+        state.frames.reload(read_frames(state.frames_path))
+
+
 def _save_frames_after_first_call(transformer: torch.nn.Module, state: CompileState):
     """The frames made by the first forward (engine.frames) into the cache, beside the artefacts."""
 

@@ -206,6 +206,14 @@ class Frames:
         module.forward = functools.partial(frame, module)
         self.modules.append(module)
 
+    def reload(self, saved: dict[str, bytes]) -> None:
+        """Forget every frame loaded or made in this process: the next call of each loads it from `saved` (a new
+        process's warm start, for engine.bench's warm-compile figure; torch._dynamo.reset does not reach them)."""
+        self.saved = dict(saved)
+        for name, frame in self.frames.items():
+            frame.saved, frame.compiled, frame.data = self.saved.get(name), None, None
+            frame.first, frame.origin, frame.refused = True, "usual", ""
+
     def uninstall(self) -> None:
         for module in self.modules:
             forward = module.__dict__.get("forward")

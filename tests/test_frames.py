@@ -233,3 +233,18 @@ def test_unreadable_frames_are_ignored(shift, tmp_path):
     torch.testing.assert_close(model(x), torch.relu(x * model.weight) + 1.0)
     (stats,) = frames.stats().values()
     assert stats["from"] == "made" and stats["refused"], stats
+
+
+def test_reload_forgets_the_frames_until_their_next_call_loads_them(shift, tmp_path):
+    # engine.bench's warm start in one process: torch._dynamo.reset() does not reach the frames, reload does
+    module_source = shift()
+    frames = Frames()
+    model = module_source.Shift()
+    frames.install(model, _compile_kwargs())
+    x = torch.randn(3, 8)
+    model(x)
+    assert frames.save(tmp_path / "shift.frames")
+    frames.reload(read_frames(tmp_path / "shift.frames"))
+    assert [stats["from"] for stats in frames.stats().values()] == ["usual"]  # forgotten
+    torch.testing.assert_close(model(x), torch.relu(x * model.weight) + 1.0)
+    assert [stats["from"] for stats in frames.stats().values()] == ["file"]

@@ -87,10 +87,13 @@ def compiled_graph_count() -> int:
 
 
 def measure_warm_compile(pipe, row: Row, args, device: torch.device, progress) -> None:
-    """Drop every compiled graph (torch._dynamo.reset) and time one call: the warm start from the cache."""
+    """Drop every compiled graph (torch._dynamo.reset, and the regions' frames: engine.frames) and time one call: the
+    warm start from the cache."""
+    from ..compile import reload_frames
     from ..cuda_graphs import drop_captured_graphs
 
     torch._dynamo.reset()
+    reload_frames(getattr(pipe, "compile_state", None))
     drop_captured_graphs(pipe)  # or the replay would skip the compile (and a capture would compile)
     warm_args = argparse.Namespace(**{**vars(args), "warmup": 1, "runs": 1})
     warm, _ = run_config(pipe, row.config, row.height, row.width, warm_args, device, 0, progress)
