@@ -310,7 +310,7 @@ def apply_compile(pipe, config) -> CompileState | None:
     if state.artifact_path is not None and not state.loaded_artifacts:
         state.handles.append(_save_after_first_call(transformer, state))
     if state.frames is not None:
-        state.handles.append(_save_frames_after_first_call(transformer, state))
+        state.handles.append(_save_new_frames(transformer, state))
     if state.cache_dir is not None:
         # after the save hook: it saves inside the scope
         state.handles += scope_caches_to_forward(transformer, state.cache_dir)
@@ -397,17 +397,18 @@ def reload_frames(state: CompileState | None) -> None:
         state.frames.reload(read_frames(state.frames_path))
 
 
-def _save_frames_after_first_call(transformer: torch.nn.Module, state: CompileState):
-    """The frames made by the first forward (engine.frames) into the cache, beside the artefacts."""
+def _save_new_frames(transformer: torch.nn.Module, state: CompileState):
+    """After each forward that made a frame (engine.frames: the first, or one that met adapters or another structure
+    the saved variants' guards refuse), the frames into the cache, beside the artefacts."""
 
     def hook(module, args, output):
-        handle.remove()
         if not state.frames.unsaved():
             return
         try:
             state.saved_frames = state.frames.save(state.frames_path)
-        except OSError as err:
+        except OSError as err:  # said once: this process keeps its frames in memory
             logger.warning("could not write the compiled frames %s: %s", state.frames_path, err)
+            handle.remove()
 
     handle = transformer.register_forward_hook(hook)
     return handle

@@ -13,14 +13,16 @@ A loaded frame runs only where
   an edited engine, diffusers or PEFT function makes the file stale, and it is ignored;
 - its guards pass on each call (tensor sizes, dtypes and strides, module types, the attributes the trace read).
   torch cannot save guards on an object's identity; they are left out only where the object is code (a function,
-  method, class or module, whose lines the checksums cover), and a frame that needs any other is not made.
-Anything else (a guard failing, adapters wrapping the layers, another size class) runs the frame compiled the usual
-way, as `nn.Module.compile` would: the module's hooks run around either.
+  method, class or module, whose lines the checksums cover), and a frame that needs any other is not made (the file
+  says so, and later processes compile that class the usual way without trying).
+Where no saved frame's guards pass (adapters wrapping the layers, another structure), the call makes another variant
+of the frame, saved beside the first (up to MAX_VARIANTS a class), so a server that loads a LoRA before its first call
+starts warm too; past that, the frame compiles the usual way, as `nn.Module.compile` would. The module's hooks run
+around either.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib
 import inspect
@@ -129,70 +131,155 @@ def _deserialize(data: bytes, forward):
     return _checked_once(compiled)
 
 
-class Frame:
-    """One module class's forward, compiled: the ahead-of-time frame where one was loaded or made and its guards pass,
-    else compiled the usual way (`fallback`: dynamo's cache, recompiling as it would). The saved frame is loaded on
-    the first call (inside the forward's compiler caches, and counted in the first call's time, as tracing was)."""
+MAX_VARIANTS = 4  # frames kept per class (the plain blocks, the blocks with adapters, ...); past it the usual compile
+REFUSED = "!refused"  # the entry that says a class's frame cannot be made (and why): later processes do not try
 
-    def __init__(self, forward, compile_kwargs: dict, saved: bytes | None = None):
+
+class Frame:
+    """One module class's forward, compiled: the first ahead-of-time variant whose guards pass (loaded from a file or
+    made here), else a new variant made from the call (up to `max_variants`), else compiled the usual way
+    (`fallback`: dynamo's cache, recompiling as it would). Saved variants load on the first call (inside the forward's
+    compiler caches, and counted in the first call's time, as tracing was)."""
+
+    def __init__(self, forward, compile_kwargs: dict, saved: list[bytes] = (), refused: str = "", max_variants=None):
         self.forward = forward  # the class's function: its frame is the one compiled
         self.compile_kwargs = compile_kwargs
-        self.saved = saved  # the frame as read from a file, loaded on the first call
-        self.compiled = None  # torch's AOTCompiledFunction
-        self.origin = "usual"  # 'file' or 'made' once the first call loaded or made it
-        self.refused = ""  # why the saved frame was not used
-        self.data: bytes | None = None  # the saved form of a frame made here, for the file
-        self.first = True
+        self.max_variants = MAX_VARIANTS if max_variants is None else max_variants
         self.fallback = torch.compile(forward, **compile_kwargs)
-        self.runs = 0  # calls the ahead-of-time frame ran
-        self.fallbacks = 0  # calls it could not take
+        self.reset(saved, refused)
+
+    def reset(self, saved: list[bytes] = (), refused: str = "") -> None:
+        """As a new process finds it: `saved` variants to load on the first call, a refusal an earlier one met."""
+        self.saved = list(saved)
+        self.variants: list = []  # torch's AOTCompiledFunction, each with its guards
+        self.kept: list[bytes] = []  # the saved forms of the variants loaded from the file
+        self.new: list[bytes] = []  # the saved forms of the variants made here, for the file
+        self.refused = refused  # why a variant cannot be made for this class (then none is tried)
+        self.lasting = bool(refused)  # a refusal of the code itself (guards torch cannot save): kept in the file
+        self.refused_here = False  # a lasting refusal found in this process: to be written to the file
+        self.stale = ""  # why a saved variant was not used
+        self.first = True
+        self.runs = 0  # calls an ahead-of-time variant ran
+        self.fallbacks = 0  # calls none could take
+        self.tries = 0  # variants this process tried to make
+        self.loaded = 0  # variants loaded from the file
+        self.made = 0  # variants made here
+
+    @property
+    def origin(self) -> str:
+        """'file' (a variant loaded), 'made' (variants made here only) or 'usual' (compiled as nn.Module.compile)."""
+        return "file" if self.loaded else "made" if self.made else "usual"
 
     def __call__(self, module, *args, **kwargs):
         if self.first:
             self.first = False
-            if self.saved is not None:
-                self._load()
-            if self.compiled is None:
-                self._make(module, args, kwargs)
-        if self.compiled is not None and self.compiled.guard_check(module, *args, **kwargs):
-            self.runs += 1
-            return self.compiled(module, *args, **kwargs)
+            for data in self.saved:
+                self._load(data)
+        for variant in self.variants:
+            if variant.guard_check(module, *args, **kwargs):
+                self.runs += 1
+                return variant(module, *args, **kwargs)
+        if not self.refused and len(self.variants) < self.max_variants and self._make(module, args, kwargs):
+            variant = self.variants[-1]
+            if variant.guard_check(module, *args, **kwargs):  # made from these inputs: its guards hold
+                self.runs += 1
+                return variant(module, *args, **kwargs)
         self.fallbacks += 1
         return self.fallback(module, *args, **kwargs)
 
-    def _load(self) -> None:
+    def _load(self, data: bytes) -> None:
         try:
-            self.compiled = _deserialize(self.saved, self.forward)
+            variant = _deserialize(data, self.forward)
         except Exception as err:  # noqa: BLE001 - a stale or foreign frame must never stop the engine
-            self.refused = str(err)
+            self.stale = str(err)
             logger.info("saved frame %s not used: %s", self.forward.__qualname__, err)
             return
-        self.origin = "file"
+        self.variants.append(variant)
+        self.kept.append(data)
+        self.loaded += 1
 
-    def _make(self, module, args: tuple, kwargs: dict) -> None:
+    def _make(self, module, args: tuple, kwargs: dict) -> bool:
+        self.tries += 1
         options = {**self.compile_kwargs.get("options", {}), "guard_filter_fn": keep_guard}
         try:
-            with _aot_enabled():
-                compiled = torch.compile(self.forward, **{**self.compile_kwargs, "options": options}).aot_compile(
-                    ((module, *args), kwargs)
-                )
-        except Exception as err:  # noqa: BLE001 - the usual compile takes over; the reason is logged
-            self.refused = self.refused or str(err)
+            compiled = _aot_compile(self.forward, {**self.compile_kwargs, "options": options}, module, args, kwargs)
+        except Exception as err:  # noqa: BLE001 - the usual compile takes over; the reason is logged and kept
+            self.refused = str(err) or type(err).__name__
+            self.lasting = self.refused_here = _lasting(err)
             logger.info("frame %s compiled the usual way, not ahead of time: %s", self.forward.__qualname__, err)
-            return
-        self.compiled = _checked_once(compiled)
-        self.origin = "made"
+            return False
+        self.variants.append(_checked_once(compiled))
+        self.made += 1
         try:
-            self.data = _serialize(compiled)
+            self.new.append(_serialize(compiled))
         except Exception as err:  # noqa: BLE001 - used in this process, not saved
             logger.info("frame %s not saved: %s", self.forward.__qualname__, err)
+        return True
+
+    def entries(self, name: str) -> dict[str, bytes]:
+        """The file's entries of this class: its variants (name, name#1, ...) and the refusal it met, if any."""
+        entries = {name if index == 0 else f"{name}#{index}": data for index, data in enumerate(self.kept + self.new)}
+        if self.lasting:
+            entries[name + REFUSED] = self.refused.encode()
+        return entries
+
+
+def _aot_compile(forward, compile_kwargs: dict, module, args: tuple, kwargs: dict, attempts: int = 3):
+    """torch's aot_compile of `forward` on these inputs. Dynamo's usual compile traces a frame again when its analysis
+    asks to restart (a float it first made symbolic to be a constant, with the LoRA scales' arithmetic); aot_compile
+    does not, so the restart is made here (what dynamo learned in the failed trace is kept for the next)."""
+    for attempt in range(attempts):
+        try:
+            with _aot_enabled():
+                return torch.compile(forward, **compile_kwargs).aot_compile(((module, *args), kwargs))
+        except torch._dynamo.exc.RestartAnalysis:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _lasting(err: BaseException) -> bool:
+    """Whether a frame could not be made because of what the code guards (an identity torch cannot save): it would be
+    refused again in every process. Anything else (memory, a compiler error) is tried again by the next one."""
+    unsaveable = getattr(torch._dynamo.exc, "PackageError", FrameRefused)  # torch's "guard cannot be serialized"
+    while err is not None:
+        if isinstance(err, (FrameRefused, unsaveable)):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+class BoundFrame:
+    """A module's `forward` while its class's Frame compiles it. Dynamo pickles the module with a frame's guards (the
+    module's own attributes), and a frame holds torch's guard managers, which do not pickle: this pickles as the
+    class's own forward instead."""
+
+    __slots__ = ("frame", "module")
+
+    def __init__(self, frame: Frame, module: torch.nn.Module):
+        self.frame, self.module = frame, module
+
+    def __call__(self, *args, **kwargs):
+        return self.frame(self.module, *args, **kwargs)
+
+    def __reduce__(self):
+        return getattr, (type(self.module), "forward")
+
+
+def _split(saved: dict[str, bytes], name: str) -> tuple[list[bytes], str]:
+    """A class's saved variants in their order, and the refusal an earlier process met, from a file's entries."""
+    variants = [saved[key] for key in sorted((k for k in saved if k == name or k.startswith(name + "#")),
+                                             key=lambda k: int(k.partition("#")[2] or 0))]  # fmt: skip
+    refused = saved.get(name + REFUSED, b"").decode(errors="replace")
+    return variants, refused
 
 
 class Frames:
     """The ahead-of-time frames of one compile state: read from a `.frames` file, made on first calls, saved."""
 
-    def __init__(self, saved: dict[str, bytes] | None = None):
-        self.saved = dict(saved or {})  # name -> bytes, as read from the file
+    def __init__(self, saved: dict[str, bytes] | None = None, max_variants: int | None = None):
+        self.saved = dict(saved or {})  # entry -> bytes, as read from the file
+        self.max_variants = max_variants
         self.frames: dict[str, Frame] = {}
         self.modules: list[torch.nn.Module] = []
 
@@ -202,8 +289,9 @@ class Frames:
         name = frame_name(cls)
         frame = self.frames.get(name)
         if frame is None:
-            frame = self.frames[name] = Frame(cls.forward, compile_kwargs, self.saved.get(name))
-        module.forward = functools.partial(frame, module)
+            variants, refused = _split(self.saved, name)
+            frame = self.frames[name] = Frame(cls.forward, compile_kwargs, variants, refused, self.max_variants)
+        module.forward = BoundFrame(frame, module)
         self.modules.append(module)
 
     def reload(self, saved: dict[str, bytes]) -> None:
@@ -211,32 +299,38 @@ class Frames:
         process's warm start, for engine.bench's warm-compile figure; torch._dynamo.reset does not reach them)."""
         self.saved = dict(saved)
         for name, frame in self.frames.items():
-            frame.saved, frame.compiled, frame.data = self.saved.get(name), None, None
-            frame.first, frame.origin, frame.refused = True, "usual", ""
+            frame.reset(*_split(self.saved, name))
 
     def uninstall(self) -> None:
         for module in self.modules:
             forward = module.__dict__.get("forward")
-            if isinstance(forward, functools.partial) and isinstance(forward.func, Frame):
+            if isinstance(forward, BoundFrame):
                 del module.forward
         self.modules.clear()
 
     def stats(self) -> dict:
-        """Per frame: where it came from ('file', 'made' here, 'usual': compiled as nn.Module.compile would), why a
-        saved or made frame was not used, and how many calls ran it or fell back to the usual compile."""
+        """Per class: where its frames came from ('file', 'made' here, 'usual': compiled as nn.Module.compile would),
+        how many variants it loaded and made, why one was refused or not used, and the calls each way."""
         return {
-            name: {"from": f.origin, "refused": f.refused, "runs": f.runs, "fallbacks": f.fallbacks}
+            name: {"from": f.origin, "loaded": f.loaded, "made": f.made, "tries": f.tries,
+                   "refused": f.refused or f.stale, "runs": f.runs, "fallbacks": f.fallbacks}
             for name, f in self.frames.items()
-        }
+        }  # fmt: skip
 
     def unsaved(self) -> bool:
-        return any(f.data is not None for f in self.frames.values())
+        return any(f.new or f.refused_here for f in self.frames.values())
 
     def save(self, path: Path) -> bool:
-        """Every frame with a saved form into `path` (a zip, one entry a frame), written whole or not at all."""
-        stale = {name for name, f in self.frames.items() if not f.first and f.origin != "file"}
-        entries = {name: data for name, data in self.saved.items() if name not in stale}
-        entries.update({name: f.data for name, f in self.frames.items() if f.data is not None})
+        """Every class's variants (and refusal) into `path` (a zip, one entry each), written whole or not at all;
+        the classes this process did not run keep their entries."""
+        entries = {}
+        for key, data in self.saved.items():
+            frame = self.frames.get(key.split("#")[0].split("!")[0])
+            if frame is None or frame.first:
+                entries[key] = data
+        for name, frame in self.frames.items():
+            if not frame.first:
+                entries.update(frame.entries(name))
         if not entries:
             return False
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -247,7 +341,7 @@ class Frames:
         os.replace(tmp, path)
         self.saved = entries
         for frame in self.frames.values():
-            frame.data = None
+            frame.kept, frame.new, frame.refused_here = frame.kept + frame.new, [], False
         return True
 
 

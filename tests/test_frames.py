@@ -40,7 +40,7 @@ _PROBE = textwrap.dedent(
 
     torch._logging.set_logs(dynamo=logging.INFO)
     logging.getLogger("torch._dynamo").addHandler(Traced())
-    cache_dir, name, device = sys.argv[1], sys.argv[2], sys.argv[3]
+    cache_dir, name, device, adapter = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "lora"
     config = dataclasses.replace(preset(name), cache=CacheConfig(directory=cache_dir))
     dtype = torch.bfloat16
     kwargs = dict(prompt="a fox", height=64, width=64, num_inference_steps=2, max_sequence_length=32,
@@ -49,6 +49,10 @@ _PROBE = textwrap.dedent(
         components = synthetic_components("tiny", device=device, dtype=dtype, seed=0)
         engine = FluxEngine.from_pipe(FluxPipeline(**components), config)
         engine.set_progress_bar_config(disable=True)
+        if adapter:  # loaded before the first call, as a server would
+            from engine.lora import synthetic_lora
+
+            engine.load_lora_weights(synthetic_lora(engine.transformer, 4, 1, std=0.1))
         first = engine(**kwargs).images
         kwargs.update(height=48, width=80, generator=torch.Generator().manual_seed(0))
         other = engine(**kwargs).images
@@ -64,10 +68,10 @@ _PROBE = textwrap.dedent(
 )
 
 
-def _probe(cache_dir: Path, preset: str, device: str = "cpu") -> dict:
+def _probe(cache_dir: Path, preset: str, device: str = "cpu", adapter: str = "none") -> dict:
     env = {**os.environ, "TRITON_INTERPRET": "1"} if device == "cpu" else dict(os.environ)
     proc = subprocess.run(
-        [sys.executable, "-c", _PROBE, str(cache_dir), preset, device],
+        [sys.executable, "-c", _PROBE, str(cache_dir), preset, device, adapter],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -93,6 +97,21 @@ def test_warm_process_loads_every_frame_and_traces_nothing(tmp_path):
     assert all(stats["runs"] > 0 and stats["fallbacks"] == 0 for stats in warm["frames"].values())
     # the same compiled code: the same bits, at the first size and at another
     assert warm["images"] == cold["images"]
+
+
+def test_a_process_with_an_adapter_adds_its_variants_and_the_next_loads_them(tmp_path):
+    # a server that loads a LoRA before its first call: the plain frames' guards refuse PEFT's layers, so the blocks
+    # get a variant of their own, saved beside the plain one; the next such process traces no region
+    _probe(tmp_path, "fp8-compile-fastacc")
+    first = _probe(tmp_path, "fp8-compile-fastacc", adapter="lora")
+    later = _probe(tmp_path, "fp8-compile-fastacc", adapter="lora")
+    for name, stats in first["frames"].items():
+        block = "Block" in name  # the adapter is on the blocks' projections only
+        assert (stats["loaded"], stats["made"], stats["fallbacks"]) == (1, int(block), 0), (name, stats)
+    for name, stats in later["frames"].items():
+        assert (stats["loaded"], stats["made"], stats["fallbacks"]) == (1 + ("Block" in name), 0, 0), (name, stats)
+    assert later["dynamo_frames"] == 0, later["traced"]
+    assert later["images"] == first["images"]
 
 
 @pytest.mark.gpu
@@ -178,9 +197,9 @@ def test_frame_with_changed_source_is_not_used(shift, tmp_path):
     assert stats["from"] == "made" and "traced sources changed" in stats["refused"], stats
 
 
-def test_frame_whose_guards_fail_runs_the_usual_compile(shift, tmp_path):
+def test_a_structure_the_guards_refuse_gets_a_variant_of_its_own(shift, tmp_path):
     module_source = shift()
-    saved, _ = _made(module_source, tmp_path)
+    saved, _ = _made(module_source, tmp_path)  # made with squared=False
     frames = Frames(saved)
     model = module_source.Shift()
     frames.install(model, _compile_kwargs())
@@ -188,10 +207,66 @@ def test_frame_whose_guards_fail_runs_the_usual_compile(shift, tmp_path):
     torch.testing.assert_close(model(x), torch.relu(x * model.weight) + 1.0)
     model.offset = 3.0  # a float the trace took as an input: the same frame runs
     torch.testing.assert_close(model(x), torch.relu(x * model.weight) + 3.0)
-    model.squared = True  # a branch the trace took: its guard fails
+    model.squared = True  # a branch the trace took: its guard fails, a second variant is made
     torch.testing.assert_close(model(x), (torch.relu(x * model.weight) + 3.0) ** 2)
     (stats,) = frames.stats().values()
-    assert stats["from"] == "file" and stats["runs"] == 2 and stats["fallbacks"] == 1, stats
+    assert (stats["loaded"], stats["made"], stats["runs"], stats["fallbacks"]) == (1, 1, 3, 0), stats
+    assert frames.save(tmp_path / "both.frames")
+    assert sorted(read_frames(tmp_path / "both.frames")) == ["frames_shift:Shift", "frames_shift:Shift#1"]
+
+    # a later process loads both variants and makes none, whichever branch it takes
+    later = Frames(read_frames(tmp_path / "both.frames"))
+    model = module_source.Shift()
+    later.install(model, _compile_kwargs())
+    for squared in (True, False):
+        model.squared = squared
+        y = torch.relu(x * model.weight) + 1.0
+        torch.testing.assert_close(model(x), y * y if squared else y)
+    (stats,) = later.stats().values()
+    assert (stats["loaded"], stats["made"], stats["runs"], stats["fallbacks"]) == (2, 0, 2, 0), stats
+
+
+def test_past_its_variants_a_frame_runs_the_usual_compile(shift, tmp_path):
+    module_source = shift()
+    saved, _ = _made(module_source, tmp_path)
+    frames = Frames(saved, max_variants=1)
+    model = module_source.Shift()
+    frames.install(model, _compile_kwargs())
+    model.squared = True
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(model(x), (torch.relu(x * model.weight) + 1.0) ** 2)
+    (stats,) = frames.stats().values()
+    assert (stats["loaded"], stats["made"], stats["runs"], stats["fallbacks"]) == (1, 0, 0, 1), stats
+    assert not frames.unsaved()
+
+
+_ENUM_HEADER = "import enum\n\nimport torch\n\nKind = enum.Enum('Kind', 'PLAIN')\nKIND = Kind.PLAIN\n"
+_ENUM_MODULE = _MODULE.replace("import torch\n", _ENUM_HEADER, 1).replace(
+    "        return y * y if self.squared else y", "        return y if KIND is Kind.PLAIN else y * y"
+)
+
+
+def test_a_refused_frame_is_not_tried_again(shift, tmp_path):
+    # the forward reads an enum member's identity: a guard torch cannot save, so no frame is made, and the refusal
+    # is kept in the file for the next process, which compiles the usual way without trying
+    module_source = shift(_ENUM_MODULE)
+    x = torch.randn(4, 8)
+    first = Frames()
+    model = module_source.Shift()
+    first.install(model, _compile_kwargs())
+    torch.testing.assert_close(model(x), torch.relu(x * model.weight) + 1.0)
+    (stats,) = first.stats().values()
+    assert (stats["from"], stats["tries"], stats["fallbacks"]) == ("usual", 1, 1), stats
+    assert "identity of Kind" in stats["refused"]
+    assert first.save(tmp_path / "refused.frames")
+
+    later = Frames(read_frames(tmp_path / "refused.frames"))
+    model = module_source.Shift()
+    later.install(model, _compile_kwargs())
+    torch.testing.assert_close(model(x), torch.relu(x * model.weight) + 1.0)
+    (stats,) = later.stats().values()
+    assert (stats["from"], stats["tries"], stats["fallbacks"]) == ("usual", 0, 1), stats
+    assert "identity of Kind" in stats["refused"]
 
 
 def _entry(guard_type: str, value, derived=()) -> GuardFilterEntry:
