@@ -99,19 +99,31 @@ def test_warm_process_loads_every_frame_and_traces_nothing(tmp_path):
     assert warm["images"] == cold["images"]
 
 
-def test_a_process_with_an_adapter_adds_its_variants_and_the_next_loads_them(tmp_path):
+def _adapter_processes(tmp_path, preset: str, device: str) -> tuple[dict, dict]:
+    _probe(tmp_path, preset, device)
+    return _probe(tmp_path, preset, device, adapter="lora"), _probe(tmp_path, preset, device, adapter="lora")
+
+
+@pytest.mark.parametrize(
+    "preset, device",
+    [
+        ("fp8-compile-fastacc", "cpu"),
+        pytest.param("fp8-compile-fastacc-cudagraphs", "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+            not torch.cuda.is_available(), reason="the fastest preset needs CUDA")]),
+    ],
+)  # fmt: skip
+def test_a_process_with_an_adapter_adds_its_variants_and_the_next_loads_them(tmp_path, preset, device):
     # a server that loads a LoRA before its first call: the plain frames' guards refuse PEFT's layers, so the blocks
     # get a variant of their own, saved beside the plain one; the next such process traces no region
-    _probe(tmp_path, "fp8-compile-fastacc")
-    first = _probe(tmp_path, "fp8-compile-fastacc", adapter="lora")
-    later = _probe(tmp_path, "fp8-compile-fastacc", adapter="lora")
+    first, later = _adapter_processes(tmp_path, preset, device)
     for name, stats in first["frames"].items():
         block = "Block" in name  # the adapter is on the blocks' projections only
         assert (stats["loaded"], stats["made"], stats["fallbacks"]) == (1, int(block), 0), (name, stats)
     for name, stats in later["frames"].items():
         assert (stats["loaded"], stats["made"], stats["fallbacks"]) == (1 + ("Block" in name), 0, 0), (name, stats)
-    assert later["dynamo_frames"] == 0, later["traced"]
     assert later["images"] == first["images"]
+    # (on the GPU, the eager fp8 quantiser outside the regions is traced in every process: not a region)
+    assert [name for name in later["traced"] if "quantize_fp8_rowwise" not in name] == [], later["traced"]
 
 
 @pytest.mark.gpu
