@@ -158,6 +158,7 @@ class Frame:
         self.lasting = bool(refused)  # a refusal of the code itself (guards torch cannot save): kept in the file
         self.refused_here = False  # a lasting refusal found in this process: to be written to the file
         self.stale = ""  # why a saved variant was not used
+        self.unsaved = ""  # why a variant made here could not be saved
         self.first = True
         self.runs = 0  # calls an ahead-of-time variant ran
         self.fallbacks = 0  # calls none could take
@@ -213,6 +214,7 @@ class Frame:
         try:
             self.new.append(_serialize(compiled))
         except Exception as err:  # noqa: BLE001 - used in this process, not saved
+            self.unsaved = str(err) or type(err).__name__
             logger.info("frame %s not saved: %s", self.forward.__qualname__, err)
         return True
 
@@ -310,10 +312,11 @@ class Frames:
 
     def stats(self) -> dict:
         """Per class: where its frames came from ('file', 'made' here, 'usual': compiled as nn.Module.compile would),
-        how many variants it loaded and made, why one was refused or not used, and the calls each way."""
+        how many variants it loaded and made, why one was refused or not used or could not be saved, and the calls
+        each way."""
         return {
             name: {"from": f.origin, "loaded": f.loaded, "made": f.made, "tries": f.tries,
-                   "refused": f.refused or f.stale, "runs": f.runs, "fallbacks": f.fallbacks}
+                   "refused": f.refused or f.stale, "unsaved": f.unsaved, "runs": f.runs, "fallbacks": f.fallbacks}
             for name, f in self.frames.items()
         }  # fmt: skip
 
