@@ -244,9 +244,11 @@ def _lasting(err: BaseException) -> bool:
     """Whether a frame could not be made because of what the code guards (an identity torch cannot save): it would be
     refused again in every process. Anything else (memory, a compiler error) is tried again by the next one."""
     unsaveable = getattr(torch._dynamo.exc, "PackageError", FrameRefused)  # torch's "guard cannot be serialized"
-    while err is not None:
+    seen = set()
+    while err is not None and id(err) not in seen:
         if isinstance(err, (FrameRefused, unsaveable)):
             return True
+        seen.add(id(err))
         err = err.__cause__ or err.__context__
     return False
 
