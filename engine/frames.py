@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from .files import write_atomically
+
 logger = logging.getLogger(__name__)
 
 # torch._dynamo.guards.CheckFunctionManager.UNSUPPORTED_SERIALIZATION_GUARD_TYPES: guards on identities
@@ -338,12 +340,13 @@ class Frames:
                 entries.update(frame.entries(name))
         if not entries:
             return False
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as bundle:
-            for name, data in sorted(entries.items()):
-                bundle.writestr(name, data)
-        os.replace(tmp, path)
+
+        def write(tmp: Path) -> None:
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as bundle:
+                for name, data in sorted(entries.items()):
+                    bundle.writestr(name, data)
+
+        write_atomically(path, write)
         self.saved = entries
         for frame in self.frames.values():
             frame.kept, frame.new, frame.refused_here = frame.kept + frame.new, [], False

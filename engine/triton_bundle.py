@@ -20,11 +20,11 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
-import os
 import re
-import tempfile
 import zipfile
 from pathlib import Path
+
+from .files import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +53,8 @@ def pack_triton_kernels(cache_dir: Path, out: Path) -> int:
     launchers = [path for path in sorted(Path(cache_dir).glob("*/*.so")) if path.name.startswith(LAUNCHERS)]
     if not groups and not launchers:
         return 0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name, suffix=".tmp")
-    os.close(fd)
-    try:
+
+    def write(tmp: Path) -> None:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
             for group, children, files in groups:
                 key = group.parent.name
@@ -66,10 +64,8 @@ def pack_triton_kernels(cache_dir: Path, out: Path) -> int:
                     archive.write(file, f"{key}/{file.name}")
             for library in launchers:
                 archive.write(library, f"{library.parent.name}/{library.name}")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    write_atomically(out, write)
     return len(groups) + len(launchers)
 
 
@@ -113,25 +109,20 @@ def _add_launcher(path: Path, data: bytes) -> int:
     """Write a launcher library to `path` if it is not there and it loads here (1), else leave it out (0)."""
     if path.exists():
         return 0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "wb") as file:
-        file.write(data)
+
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(data)
+        ctypes.CDLL(str(tmp))  # resolves every symbol now: another C library or no libcuda fails here, not in Triton
+
     try:
-        ctypes.CDLL(tmp)  # resolves every symbol now: another C library or no libcuda fails here, not in Triton
+        write_atomically(path, write)
     except OSError as err:
-        os.unlink(tmp)
         logger.info("a shipped Triton launcher does not load here, Triton will build it: %s", err)
         return 0
-    os.replace(tmp, path)
     return 1
 
 
 def _write_new(path: Path, data: bytes) -> None:
     """Write `path` whole (a temporary file renamed into place), unless it exists."""
-    if path.exists():
-        return
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "wb") as file:
-        file.write(data)
-    os.replace(tmp, path)
+    if not path.exists():
+        write_atomically(path, lambda tmp: tmp.write_bytes(data))
