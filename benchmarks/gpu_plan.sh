@@ -8,7 +8,7 @@
 # startup, startup-tables, startup-nographs, tests-startup, cache-fbcache-graphs, tests-fbcache-graphs,
 # tests-controlnet-graphs, gluon-kernels, gluon-step, profile-cp-2, tests-cp, cp-2-chunks, cp-2-nccl, cp-2-prio, timeline-cp-2, startup-shipped,
 # startup-package, startup-profile, startup-frames, startup-frames-only, startup-noframes,
-# startup-frames-nographs, tests-frames). Each stage
+# startup-frames-nographs, tests-frames, cudnn-attention). Each stage
 # has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
@@ -280,6 +280,11 @@ for s in "$@"; do
       # one's accuracy on FLUX-like activations
       stage kernels-attention 420 python3 -m benchmarks.kernels.bench_flash_attention \
         --out "$OUT/attention-$CARD-$DAY.json" ;;
+    cudnn-attention)
+      # issue "Our attention at the top": cuDNN's fp8 SDPA (flux_kernels.cudnn_attention) beside our cores and
+      # cuDNN's bf16 one at FLUX's long lengths, and its accuracy on FLUX-like activations
+      stage cudnn-attention 420 python3 -m benchmarks.kernels.bench_flash_attention --lengths 4608 8704 16896 \
+        --out "$OUT/attention-cudnn-$CARD-$DAY.json" ;;
     fp8attn-1024|fp8attn-2048)
       # the whole step with the quantised attention core, beside the same presets with the bf16 core, and diffusers
       stage "$s" 420 python3 -m engine.bench --res "${s#fp8attn-}" --steps 4 --runs 3 --cache-dir /tmp/fe-cache \

@@ -31,6 +31,7 @@ import torch
 
 from benchmarks.kernels.attention_inputs import REGIMES, flux_like_qkv, per_head_cosine
 from engine.measure import cudagraph_ms, do_bench_ms, environment_info, host_us_per_call
+from flux_kernels import cudnn_attention as cudnn_fp8
 from flux_kernels import fp8_attention as fp8
 from flux_kernels.flash_attention import _flash_attention_fwd_kernel, attention_ref, flash_attention
 from flux_kernels.fp8_attention_gluon import GLUON, fp8_attention_gluon_fwd
@@ -70,7 +71,22 @@ def implementations(q, k, v, qkv_views):
     q8, q_scale = fp8.quantize_qk(q)
     k8, k_scale = fp8.quantize_qk(k)
     vt8, v_scale = fp8.quantize_v(v)
+    cudnn_core = cudnn_fp8.unavailable_reason() is None
+    if cudnn_core:
+        cq8, cq_descale = cudnn_fp8.quantize_tensor(q)
+        ck8, ck_descale = cudnn_fp8.quantize_tensor(k)
+        cv8, cv_descale = cudnn_fp8.quantize_tensor(v)
     return {
+        "cudnn_fp8[core]": (
+            (lambda: cudnn_fp8.cudnn_fp8_attention_quantized(cq8, ck8, cv8, cq_descale, ck_descale, cv_descale))
+            if cudnn_core
+            else functools.partial(cudnn_fp8.cudnn_fp8_attention, q, k, v),  # raises, saying why
+            "cuDNN's fp8 SDPA, e4m3 Q, K, V with one scale each; inputs quantised beforehand",
+        ),
+        "cudnn_fp8[bf16-in]": (
+            functools.partial(cudnn_fp8.cudnn_fp8_attention, q, k, v),
+            "q, k, v quantised in the call (V per channel, its scales applied to the output)",
+        ),
         "fp8_attention[core]": (
             lambda: fp8.fp8_attention_quantized_fwd(q8, q_scale, k8, k_scale, vt8, v_scale),
             "int8 QK^T, e4m3 PV; inputs quantised beforehand",
@@ -165,7 +181,8 @@ def fp8_accuracy(lengths, heads: int, head_dim: int) -> list[dict]:
         for regime in REGIMES:
             q, k, v = flux_like_qkv(TEXT_TOKENS, tokens - TEXT_TOKENS, heads, head_dim, regime, device="cuda")
             out = fp8.fp8_attention(q, k, v)
-            vs_bf16 = per_head_cosine(out, sdpa(q, k, v))
+            reference = sdpa(q, k, v)
+            vs_bf16 = per_head_cosine(out, reference)
             bf16_vs_fp32 = per_head_cosine(
                 sdpa(q[:, :2], k[:, :2], v[:, :2]), attention_ref(q[:, :2], k[:, :2], v[:, :2])
             )
@@ -173,6 +190,16 @@ def fp8_accuracy(lengths, heads: int, head_dim: int) -> list[dict]:
             row = {"tokens": tokens, "regime": regime, "cos_vs_bf16_min": vs_bf16.min().item(),
                    "cos_vs_bf16_mean": vs_bf16.mean().item(), "cos_vs_fp32_min_2heads": vs_fp32.min().item(),
                    "bf16_sdpa_cos_vs_fp32_min_2heads": bf16_vs_fp32.min().item()}  # fmt: skip
+            if cudnn_fp8.unavailable_reason() is None:
+                for scaling in ("channel", "tensor"):
+                    cudnn_out = cudnn_fp8.cudnn_fp8_attention(q, k, v, v_scaling=scaling)
+                    row[f"cudnn_v_{scaling}_cos_vs_bf16_min"] = per_head_cosine(cudnn_out, reference).min().item()
+                    row[f"cudnn_v_{scaling}_cos_vs_fp32_min_2heads"] = (
+                        per_head_cosine(cudnn_out[:, :2], attention_ref(q[:, :2], k[:, :2], v[:, :2])).min().item()
+                    )
+                print(f"  cudnn fp8 accuracy L={tokens:6d} {regime:9s} cos vs bf16 min: V per channel "
+                      f"{row['cudnn_v_channel_cos_vs_bf16_min']:.5f}, V per tensor "
+                      f"{row['cudnn_v_tensor_cos_vs_bf16_min']:.5f}", flush=True)  # fmt: skip
             rows.append(row)
             print(f"  fp8 accuracy L={tokens:6d} {regime:9s} cos vs bf16 min {row['cos_vs_bf16_min']:.5f} mean "
                   f"{row['cos_vs_bf16_mean']:.5f} | vs fp32 (2 heads) {row['cos_vs_fp32_min_2heads']:.5f} "

@@ -1,0 +1,224 @@
+"""FP8 attention through cuDNN's fused SDPA (the `sdpa_fp8` operation of NVIDIA's cudnn-frontend graph API).
+
+Not a Triton kernel: cuDNN's own Hopper kernel, built once per shape through the `nvidia-cudnn-frontend` Python
+package (an optional dependency: `pip install "nvidia-cudnn-frontend==1.16.0"`, or the `cudnn` extra) over the
+cuDNN library PyTorch already loads. Why here: our Triton fp8 core is bound by its softmax's issue slots without
+warp specialisation (589-663 TFLOP/s on an H200, benchmarks/NOTES.md 2026-11-30 01:37 and 07:38), and cuDNN's
+kernel overlaps the softmax with the MMAs as FA3 does.
+
+Number formats (cuDNN's fp8 SDPA takes one fp32 scale per tensor):
+- Q and K: e4m3, one scale per tensor (amax / 448). e4m3 is a float: its relative precision (2^-4) does not depend
+  on the scale as long as the values stay within its 2^17 range, which post-RMSNorm q and k do.
+- V: e4m3 with one scale per (head, channel) over all tokens (as flux_kernels.fp8_attention): V is divided by its
+  channel scales before the cast, cuDNN runs with descale_v = 1 and the output's channels are multiplied back
+  (O = P V is linear in each channel of V). `v_scaling="tensor"` takes one scale for all of V instead (no multiply).
+- P: cuDNN quantises the softmax probabilities to e4m3 with scale_s = 448 (P <= 1).
+- O: bf16 or fp16, [B, Lq, H, D] memory returned as a [B, H, Lq, D] view (the block's next layout).
+Limits: forward only, no mask, sm_90+ with cuDNN >= 9.14 (cuDNN's own requirement for this graph).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+
+import torch
+
+FP8 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+MIN_SCALE = 1e-12
+FRONTEND_PIN = "nvidia-cudnn-frontend==1.16.0"
+MIN_CUDNN = (9, 14)
+
+# graph tensor uids (any distinct integers)
+_Q, _K, _V, _O, _DQ, _DK, _DV, _DS, _SS, _SO, _AMAX_S, _AMAX_O = range(1, 13)
+
+
+class CudnnAttentionUnavailable(RuntimeError):
+    """cuDNN's fp8 attention cannot run here; the message says why and what to do."""
+
+
+def _import_cudnn():
+    try:
+        import cudnn
+    except ImportError as error:
+        raise CudnnAttentionUnavailable(
+            f"cuDNN fp8 attention needs the cudnn-frontend Python package, which is not installed ({error}); "
+            f'install it with `pip install "{FRONTEND_PIN}"` or use the attention backend "triton-fp8"'
+        ) from error
+    return cudnn
+
+
+def unavailable_reason(device: torch.device | str | None = None) -> str | None:
+    """None when cuDNN's fp8 attention can run on `device` (default: the current CUDA device), else why not."""
+    if not torch.cuda.is_available():
+        return "cuDNN fp8 attention needs a CUDA GPU; none is visible to PyTorch"
+    device = torch.device("cuda" if device is None else device)
+    if device.type != "cuda":
+        return f"cuDNN fp8 attention runs on CUDA tensors, got device {device}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 9:
+        return f"cuDNN fp8 attention needs compute capability >= 9.0 (Hopper), this GPU has {major}.{minor}"
+    try:
+        cudnn = _import_cudnn()
+    except CudnnAttentionUnavailable as error:
+        return str(error)
+    version = cudnn.backend_version()  # e.g. 91500 for 9.15.0
+    found = (version // 10000, version // 100 % 100)
+    if found < MIN_CUDNN:
+        return (
+            f"cuDNN fp8 attention needs cuDNN >= {MIN_CUDNN[0]}.{MIN_CUDNN[1]}, PyTorch loaded "
+            f"{found[0]}.{found[1]}; install a PyTorch build with a newer cuDNN or use the backend 'triton-fp8'"
+        )
+    return None
+
+
+_local = threading.local()
+
+
+def _handle(device: torch.device):
+    cudnn = _import_cudnn()
+    handles = getattr(_local, "handles", None)
+    if handles is None:
+        handles = _local.handles = {}
+    if device.index not in handles:
+        with torch.cuda.device(device):
+            handles[device.index] = cudnn.create_handle()
+    return handles[device.index]
+
+
+@functools.cache
+def _constants(device: torch.device, dtype_name: str) -> dict[int, torch.Tensor]:
+    """The graph's fixed scalars on `device`: descale_s, scale_s, scale_o, and two amax outputs nobody reads."""
+
+    def scalar(value: float) -> torch.Tensor:
+        return torch.full((1, 1, 1, 1), value, dtype=torch.float32, device=device)
+
+    return {_DS: scalar(1.0 / E4M3_MAX), _SS: scalar(E4M3_MAX), _SO: scalar(1.0), _AMAX_S: scalar(0.0),
+            _AMAX_O: scalar(0.0)}  # fmt: skip
+
+
+@functools.cache
+def _graph(device: torch.device, q_shape, q_stride, k_shape, k_stride, v_stride, o_stride, softmax_scale, out_dtype):
+    """A built cuDNN graph for these shapes and strides (cached: building costs ~10-100 ms)."""
+    cudnn = _import_cudnn()
+    handle = _handle(device)
+    out_type = {torch.bfloat16: cudnn.data_type.BFLOAT16, torch.float16: cudnn.data_type.HALF}[out_dtype]
+    graph = cudnn.pygraph(
+        io_data_type=cudnn.data_type.FP8_E4M3,
+        intermediate_data_type=cudnn.data_type.FLOAT,
+        compute_data_type=cudnn.data_type.FLOAT,
+        handle=handle,
+    )
+    e4m3 = cudnn.data_type.FP8_E4M3
+    q = graph.tensor(uid=_Q, dim=q_shape, stride=q_stride, data_type=e4m3)
+    k = graph.tensor(uid=_K, dim=k_shape, stride=k_stride, data_type=e4m3)
+    v = graph.tensor(uid=_V, dim=k_shape, stride=v_stride, data_type=e4m3)
+
+    def scalar(uid):
+        return graph.tensor(uid=uid, dim=(1, 1, 1, 1), stride=(1, 1, 1, 1), data_type=cudnn.data_type.FLOAT)
+
+    o, _stats, amax_s, amax_o = graph.sdpa_fp8(
+        q=q, k=k, v=v, descale_q=scalar(_DQ), descale_k=scalar(_DK), descale_v=scalar(_DV), descale_s=scalar(_DS),
+        scale_s=scalar(_SS), scale_o=scalar(_SO), is_inference=True, attn_scale=softmax_scale,
+        use_causal_mask=False,
+    )  # fmt: skip
+    o.set_uid(_O).set_output(True).set_dim(q_shape).set_stride(o_stride).set_data_type(out_type)
+    for tensor, uid in ((amax_s, _AMAX_S), (amax_o, _AMAX_O)):
+        tensor.set_uid(uid).set_output(True).set_dim((1, 1, 1, 1)).set_stride((1, 1, 1, 1))
+        tensor.set_data_type(cudnn.data_type.FLOAT)
+    graph.validate()
+    graph.build_operation_graph()
+    graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    graph.check_support()
+    graph.build_plans()
+    return graph, graph.get_workspace_size()
+
+
+def check_inputs(q8, k8, v8, q_descale, k_descale, v_descale, out_dtype) -> None:
+    for name, x in (("q8", q8), ("k8", k8), ("v8", v8)):
+        if x.dim() != 4 or x.dtype != FP8 or x.stride(-1) != 1 or not x.is_cuda:
+            raise ValueError(
+                f"cudnn_fp8_attention: {name} has shape {tuple(x.shape)}, dtype {x.dtype}, strides {x.stride()}, "
+                f"device {x.device}; expected a CUDA float8_e4m3fn [B, H, L, D] tensor with stride(-1) == 1"
+            )
+    if k8.shape != v8.shape or q8.shape[:2] != k8.shape[:2] or q8.shape[3] != k8.shape[3]:
+        raise ValueError(
+            f"cudnn_fp8_attention: q8 {tuple(q8.shape)}, k8 {tuple(k8.shape)}, v8 {tuple(v8.shape)}: expected q "
+            "[B, H, Lq, D] and k, v [B, H, Lk, D] with the same B, H, D"
+        )
+    for name, s in (("q_descale", q_descale), ("k_descale", k_descale), ("v_descale", v_descale)):
+        if s.numel() != 1 or s.dtype != torch.float32 or s.device != q8.device:
+            raise ValueError(
+                f"cudnn_fp8_attention: {name} has shape {tuple(s.shape)}, dtype {s.dtype}, device {s.device}; "
+                f"expected one float32 value on {q8.device}"
+            )
+    if out_dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"cudnn_fp8_attention: out_dtype {out_dtype}; allowed torch.bfloat16 or torch.float16")
+
+
+def cudnn_fp8_attention_quantized(q8, k8, v8, q_descale, k_descale, v_descale, softmax_scale=None,
+                                  out_dtype=torch.bfloat16) -> torch.Tensor:  # fmt: skip
+    """softmax(descale_q descale_k Q8 K8^T * scale) descale_v V8 on e4m3 inputs [B, H, L, D] (any strides with
+    stride(-1) == 1) with one fp32 descale each -> out_dtype [B, H, Lq, D], a view of [B, Lq, H, D] memory.
+    Runs on PyTorch's current stream (CUDA-graph capturable)."""
+    check_inputs(q8, k8, v8, q_descale, k_descale, v_descale, out_dtype)
+    reason = unavailable_reason(q8.device)
+    if reason is not None:
+        raise CudnnAttentionUnavailable(reason)
+    batch, heads, q_len, head_dim = q8.shape
+    scale = float(head_dim**-0.5 if softmax_scale is None else softmax_scale)
+    out = torch.empty(batch, q_len, heads, head_dim, dtype=out_dtype, device=q8.device).transpose(1, 2)
+    graph, workspace_size = _graph(q8.device, tuple(q8.shape), q8.stride(), tuple(k8.shape), k8.stride(),
+                                   v8.stride(), out.stride(), scale, out_dtype)  # fmt: skip
+    cudnn = _import_cudnn()
+    handle = _handle(q8.device)
+    cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(q8.device).cuda_stream)
+    pack = {_Q: q8, _K: k8, _V: v8, _O: out, _DQ: q_descale, _DK: k_descale, _DV: v_descale,
+            **_constants(q8.device, str(out_dtype))}  # fmt: skip
+    workspace = torch.empty(max(workspace_size, 1), dtype=torch.uint8, device=q8.device)
+    graph.execute(pack, workspace, handle=handle)
+    return out
+
+
+def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x -> (e4m3 codes, fp32 descale [1, 1, 1, 1]) with one scale for the whole tensor: amax / 448."""
+    amax = x.abs().amax().float().clamp(min=MIN_SCALE * E4M3_MAX)
+    descale = (amax / E4M3_MAX).reshape(1, 1, 1, 1)
+    return (x.float() / descale).to(FP8), descale
+
+
+def quantize_v_channels(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """v [B, H, L, D] -> (e4m3 codes of v / scale, fp32 scale [B, H, 1, D]): one scale per (head, channel)."""
+    scale = (v.abs().amax(2, keepdim=True).float() / E4M3_MAX).clamp(min=MIN_SCALE)
+    return (v.float() / scale).to(FP8), scale
+
+
+@functools.cache
+def _one(device: torch.device) -> torch.Tensor:
+    return torch.ones(1, 1, 1, 1, dtype=torch.float32, device=device)
+
+
+def cudnn_fp8_attention(q, k, v, softmax_scale=None, v_scaling: str = "channel") -> torch.Tensor:
+    """Attention of bf16/fp16 q [B, H, Lq, D], k, v [B, H, Lk, D], quantised here (see the module docstring) and
+    run through cuDNN's fp8 SDPA -> [B, H, Lq, D] in q's dtype, a view of [B, Lq, H, D] memory."""
+    if v_scaling not in ("channel", "tensor"):
+        raise ValueError(f"cudnn_fp8_attention: v_scaling {v_scaling!r}; allowed 'channel' or 'tensor'")
+    q8, q_descale = quantize_tensor(q)
+    k8, k_descale = quantize_tensor(k)
+    if v_scaling == "tensor":
+        v8, v_descale = quantize_tensor(v)
+        return cudnn_fp8_attention_quantized(q8, k8, v8, q_descale, k_descale, v_descale, softmax_scale, q.dtype)
+    v8, v_scale = quantize_v_channels(v)
+    out = cudnn_fp8_attention_quantized(q8, k8, v8, q_descale, k_descale, _one(q.device), softmax_scale, q.dtype)
+    return out.mul_(v_scale)
+
+
+__all__ = [
+    "CudnnAttentionUnavailable",
+    "cudnn_fp8_attention",
+    "cudnn_fp8_attention_quantized",
+    "quantize_tensor",
+    "quantize_v_channels",
+    "unavailable_reason",
+]
