@@ -13,7 +13,9 @@ Number formats (cuDNN's fp8 SDPA takes one fp32 scale per tensor):
   channel scales before the cast, cuDNN runs with descale_v = 1 and the output's channels are multiplied back
   (O = P V is linear in each channel of V). `v_scaling="tensor"` takes one scale for all of V instead (no multiply).
 - P: cuDNN quantises the softmax probabilities to e4m3 with scale_s = 448 (P <= 1).
-- O: bf16 or fp16, [B, Lq, H, D] memory returned as a [B, H, Lq, D] view (the block's next layout).
+- O: e4m3 with scale_o = 1 (cuDNN on Hopper writes fp8 only; bf16 output needs Blackwell, cudnn-frontend 1.16-1.32),
+  [B, Lq, H, D] memory returned as a [B, H, Lq, D] view (the block's next layout). O is a convex combination of
+  V's rows, so |O| <= max|V8| <= 448 always fits; `cudnn_fp8_attention` multiplies it back to bf16 with V's scales.
 Limits: forward only, no mask, sm_90+ with cuDNN >= 9.14 (cuDNN's own requirement for this graph).
 """
 
@@ -88,7 +90,12 @@ def _handle(device: torch.device):
 
 
 @functools.cache
-def _constants(device: torch.device, dtype_name: str) -> dict[int, torch.Tensor]:
+def _one(device: torch.device) -> torch.Tensor:
+    return torch.ones(1, 1, 1, 1, dtype=torch.float32, device=device)
+
+
+@functools.cache
+def _constants(device: torch.device) -> dict[int, torch.Tensor]:
     """The graph's fixed scalars on `device`: descale_s, scale_s, scale_o, and two amax outputs nobody reads."""
 
     def scalar(value: float) -> torch.Tensor:
@@ -99,11 +106,10 @@ def _constants(device: torch.device, dtype_name: str) -> dict[int, torch.Tensor]
 
 
 @functools.cache
-def _graph(device: torch.device, q_shape, q_stride, k_shape, k_stride, v_stride, o_stride, softmax_scale, out_dtype):
+def _graph(device: torch.device, q_shape, q_stride, k_shape, k_stride, v_stride, o_stride, softmax_scale):
     """A built cuDNN graph for these shapes and strides (cached: building costs ~10-100 ms)."""
     cudnn = _import_cudnn()
     handle = _handle(device)
-    out_type = {torch.bfloat16: cudnn.data_type.BFLOAT16, torch.float16: cudnn.data_type.HALF}[out_dtype]
     graph = cudnn.pygraph(
         io_data_type=cudnn.data_type.FP8_E4M3,
         intermediate_data_type=cudnn.data_type.FLOAT,
@@ -123,7 +129,7 @@ def _graph(device: torch.device, q_shape, q_stride, k_shape, k_stride, v_stride,
         scale_s=scalar(_SS), scale_o=scalar(_SO), is_inference=True, attn_scale=softmax_scale,
         use_causal_mask=False,
     )  # fmt: skip
-    o.set_uid(_O).set_output(True).set_dim(q_shape).set_stride(o_stride).set_data_type(out_type)
+    o.set_uid(_O).set_output(True).set_dim(q_shape).set_stride(o_stride).set_data_type(e4m3)
     for tensor, uid in ((amax_s, _AMAX_S), (amax_o, _AMAX_O)):
         tensor.set_uid(uid).set_output(True).set_dim((1, 1, 1, 1)).set_stride((1, 1, 1, 1))
         tensor.set_data_type(cudnn.data_type.FLOAT)
@@ -135,7 +141,7 @@ def _graph(device: torch.device, q_shape, q_stride, k_shape, k_stride, v_stride,
     return graph, graph.get_workspace_size()
 
 
-def check_inputs(q8, k8, v8, q_descale, k_descale, v_descale, out_dtype) -> None:
+def check_inputs(q8, k8, v8, q_descale, k_descale) -> None:
     for name, x in (("q8", q8), ("k8", k8), ("v8", v8)):
         if x.dim() != 4 or x.dtype != FP8 or x.stride(-1) != 1 or not x.is_cuda:
             raise ValueError(
@@ -147,35 +153,33 @@ def check_inputs(q8, k8, v8, q_descale, k_descale, v_descale, out_dtype) -> None
             f"cudnn_fp8_attention: q8 {tuple(q8.shape)}, k8 {tuple(k8.shape)}, v8 {tuple(v8.shape)}: expected q "
             "[B, H, Lq, D] and k, v [B, H, Lk, D] with the same B, H, D"
         )
-    for name, s in (("q_descale", q_descale), ("k_descale", k_descale), ("v_descale", v_descale)):
+    for name, s in (("q_descale", q_descale), ("k_descale", k_descale)):
         if s.numel() != 1 or s.dtype != torch.float32 or s.device != q8.device:
             raise ValueError(
                 f"cudnn_fp8_attention: {name} has shape {tuple(s.shape)}, dtype {s.dtype}, device {s.device}; "
                 f"expected one float32 value on {q8.device}"
             )
-    if out_dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"cudnn_fp8_attention: out_dtype {out_dtype}; allowed torch.bfloat16 or torch.float16")
 
 
-def cudnn_fp8_attention_quantized(q8, k8, v8, q_descale, k_descale, v_descale, softmax_scale=None,
-                                  out_dtype=torch.bfloat16) -> torch.Tensor:  # fmt: skip
-    """softmax(descale_q descale_k Q8 K8^T * scale) descale_v V8 on e4m3 inputs [B, H, L, D] (any strides with
-    stride(-1) == 1) with one fp32 descale each -> out_dtype [B, H, Lq, D], a view of [B, Lq, H, D] memory.
-    Runs on PyTorch's current stream (CUDA-graph capturable)."""
-    check_inputs(q8, k8, v8, q_descale, k_descale, v_descale, out_dtype)
+def cudnn_fp8_attention_quantized(q8, k8, v8, q_descale, k_descale, softmax_scale=None) -> torch.Tensor:
+    """softmax(q_descale k_descale Q8 K8^T * scale) V8 on e4m3 inputs [B, H, L, D] (any strides with
+    stride(-1) == 1; q_descale, k_descale: one fp32 value each) -> e4m3 [B, H, Lq, D], a view of [B, Lq, H, D]
+    memory, in V8's units: multiply by V's scale(s) for the attention output. Runs on PyTorch's current stream
+    (CUDA-graph capturable)."""
+    check_inputs(q8, k8, v8, q_descale, k_descale)
     reason = unavailable_reason(q8.device)
     if reason is not None:
         raise CudnnAttentionUnavailable(reason)
     batch, heads, q_len, head_dim = q8.shape
     scale = float(head_dim**-0.5 if softmax_scale is None else softmax_scale)
-    out = torch.empty(batch, q_len, heads, head_dim, dtype=out_dtype, device=q8.device).transpose(1, 2)
+    out = torch.empty(batch, q_len, heads, head_dim, dtype=FP8, device=q8.device).transpose(1, 2)
     graph, workspace_size = _graph(q8.device, tuple(q8.shape), q8.stride(), tuple(k8.shape), k8.stride(),
-                                   v8.stride(), out.stride(), scale, out_dtype)  # fmt: skip
+                                   v8.stride(), out.stride(), scale)  # fmt: skip
     cudnn = _import_cudnn()
     handle = _handle(q8.device)
     cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(q8.device).cuda_stream)
-    pack = {_Q: q8, _K: k8, _V: v8, _O: out, _DQ: q_descale, _DK: k_descale, _DV: v_descale,
-            **_constants(q8.device, str(out_dtype))}  # fmt: skip
+    pack = {_Q: q8, _K: k8, _V: v8, _O: out, _DQ: q_descale, _DK: k_descale, _DV: _one(q8.device),
+            **_constants(q8.device)}  # fmt: skip
     workspace = torch.empty(max(workspace_size, 1), dtype=torch.uint8, device=q8.device)
     graph.execute(pack, workspace, handle=handle)
     return out
@@ -194,11 +198,6 @@ def quantize_v_channels(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (v.float() / scale).to(FP8), scale
 
 
-@functools.cache
-def _one(device: torch.device) -> torch.Tensor:
-    return torch.ones(1, 1, 1, 1, dtype=torch.float32, device=device)
-
-
 def cudnn_fp8_attention(q, k, v, softmax_scale=None, v_scaling: str = "channel") -> torch.Tensor:
     """Attention of bf16/fp16 q [B, H, Lq, D], k, v [B, H, Lk, D], quantised here (see the module docstring) and
     run through cuDNN's fp8 SDPA -> [B, H, Lq, D] in q's dtype, a view of [B, Lq, H, D] memory."""
@@ -206,12 +205,9 @@ def cudnn_fp8_attention(q, k, v, softmax_scale=None, v_scaling: str = "channel")
         raise ValueError(f"cudnn_fp8_attention: v_scaling {v_scaling!r}; allowed 'channel' or 'tensor'")
     q8, q_descale = quantize_tensor(q)
     k8, k_descale = quantize_tensor(k)
-    if v_scaling == "tensor":
-        v8, v_descale = quantize_tensor(v)
-        return cudnn_fp8_attention_quantized(q8, k8, v8, q_descale, k_descale, v_descale, softmax_scale, q.dtype)
-    v8, v_scale = quantize_v_channels(v)
-    out = cudnn_fp8_attention_quantized(q8, k8, v8, q_descale, k_descale, _one(q.device), softmax_scale, q.dtype)
-    return out.mul_(v_scale)
+    v8, v_scale = quantize_v_channels(v) if v_scaling == "channel" else quantize_tensor(v)
+    out8 = cudnn_fp8_attention_quantized(q8, k8, v8, q_descale, k_descale, softmax_scale)
+    return (out8.float() * v_scale).to(q.dtype)
 
 
 __all__ = [

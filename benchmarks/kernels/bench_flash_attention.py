@@ -75,13 +75,13 @@ def implementations(q, k, v, qkv_views):
     if cudnn_core:
         cq8, cq_descale = cudnn_fp8.quantize_tensor(q)
         ck8, ck_descale = cudnn_fp8.quantize_tensor(k)
-        cv8, cv_descale = cudnn_fp8.quantize_tensor(v)
+        cv8, _ = cudnn_fp8.quantize_v_channels(v)
     return {
         "cudnn_fp8[core]": (
-            (lambda: cudnn_fp8.cudnn_fp8_attention_quantized(cq8, ck8, cv8, cq_descale, ck_descale, cv_descale))
+            (lambda: cudnn_fp8.cudnn_fp8_attention_quantized(cq8, ck8, cv8, cq_descale, ck_descale))
             if cudnn_core
             else functools.partial(cudnn_fp8.cudnn_fp8_attention, q, k, v),  # raises, saying why
-            "cuDNN's fp8 SDPA, e4m3 Q, K, V with one scale each; inputs quantised beforehand",
+            "cuDNN's fp8 SDPA, e4m3 Q, K (one scale each), V (per channel), e4m3 out; inputs quantised beforehand",
         ),
         "cudnn_fp8[bf16-in]": (
             functools.partial(cudnn_fp8.cudnn_fp8_attention, q, k, v),
