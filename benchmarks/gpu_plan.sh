@@ -8,7 +8,7 @@
 # startup, startup-tables, startup-nographs, tests-startup, cache-fbcache-graphs, tests-fbcache-graphs,
 # tests-controlnet-graphs, gluon-kernels, gluon-step, profile-cp-2, tests-cp, cp-2-chunks, cp-2-nccl, cp-2-prio, timeline-cp-2, startup-shipped,
 # startup-package, startup-profile, startup-frames, startup-frames-only, startup-noframes,
-# startup-frames-nographs, tests-frames, cudnn-attention). Each stage
+# startup-frames-nographs, tests-frames, cudnn-attention, tests-cudnn, cudnn-1024, cudnn-2048, cudnn-kontext). Each stage
 # has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
@@ -285,6 +285,17 @@ for s in "$@"; do
       # cuDNN's bf16 one at FLUX's long lengths, and its accuracy on FLUX-like activations
       stage cudnn-attention 420 python3 -m benchmarks.kernels.bench_flash_attention --lengths 4608 8704 16896 \
         --out "$OUT/attention-cudnn-$CARD-$DAY.json" ;;
+    tests-cudnn) stage tests-cudnn 240 python3 -m pytest -q -m gpu tests/kernels/test_cudnn_attention.py ;;
+    cudnn-1024|cudnn-2048)
+      # the fastest preset with cuDNN's fp8 attention core beside the fastest preset and diffusers, same process
+      stage "$s" 420 python3 -m engine.bench --res "${s#cudnn-}" --steps 4 --runs 3 --cache-dir /tmp/fe-cache \
+        --preset fp8-compile-fastacc-cudagraphs,fp8-compile-fastacc-cudagraphs-cudnnattn \
+        --out "$OUT/bench-$s-$CARD-$DAY.json" ;;
+    cudnn-kontext)
+      # the same two presets on the Kontext edit (8704 tokens at 1024^2) beside diffusers' FluxKontextPipeline
+      stage "$s" 300 python3 -m engine.bench --task kontext --res 1024 --steps 4 --runs 3 --cache-dir /tmp/fe-cache \
+        --preset fp8-compile-fastacc-cudagraphs,fp8-compile-fastacc-cudagraphs-cudnnattn \
+        --out "$OUT/bench-$s-$CARD-$DAY.json" ;;
     fp8attn-1024|fp8attn-2048)
       # the whole step with the quantised attention core, beside the same presets with the bf16 core, and diffusers
       stage "$s" 420 python3 -m engine.bench --res "${s#fp8attn-}" --steps 4 --runs 3 --cache-dir /tmp/fe-cache \

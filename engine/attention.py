@@ -52,7 +52,7 @@ AUTO_PROBE_TOKENS = 4608
 class BlockOps:
     """The functions the fused blocks call, chosen once per pipeline from the AttentionConfig."""
 
-    core: str  # "triton", "sdpa" or "triton-fp8"
+    core: str  # "triton", "sdpa", "triton-fp8" or "cudnn-fp8"
     fused_norms: bool
     qk_norm_rope_fn: Callable
     layernorm_modulate_fn: Callable
@@ -79,6 +79,8 @@ class BlockOps:
             from flux_kernels.flash_attention import flash_attention as flash
         elif core == "triton-fp8":
             from flux_kernels.fp8_attention import quantized_attention as flash
+        elif core == "cudnn-fp8":
+            from flux_kernels.cudnn_attention import cudnn_fp8_attention_pairs as flash
         if fused_norms:
             qk_fn = qk.qk_norm_rope_int8_pairs if core == "triton-fp8" else qk.qk_norm_rope
             fns = (qk_fn, norm.layernorm_modulate, norm.gated_residual_layernorm_modulate)
@@ -94,6 +96,10 @@ class BlockOps:
             )
             fp8_fns = (None, None, None)
             grouped = functools.partial(qk.qk_norm_rope_grouped_ref, upcast=False)
+        if core == "cudnn-fp8":  # q and k leave as e4m3 with static scales (flux_kernels.cudnn_attention)
+            from flux_kernels.cudnn_attention import quantize_qk_bounded
+
+            fns = (functools.partial(quantize_qk_bounded, fns[0]), *fns[1:])
         return cls(core, fused_norms, *fns, flash, *fp8_fns, qk_norm_rope_grouped_fn=grouped)
 
     def qk_norm_rope(self, qkv, q_weight, k_weight, rotary, heads, eps, txt_qkv=None, txt_q=None, txt_k=None):
@@ -107,7 +113,8 @@ class BlockOps:
 
     def attention(self, query, key, value) -> torch.Tensor:
         """q, k, v: [B, H, L, D] -> [B, L, H*D]. For the 'triton-fp8' core after the fused QK-norm, q and k are
-        (int8 codes, scales) pairs (flux_kernels.qk_norm_rope.qk_norm_rope_int8); under a Ulysses exchange, query
+        (int8 codes, scales) pairs (flux_kernels.qk_norm_rope.qk_norm_rope_int8), for 'cudnn-fp8' (e4m3 codes,
+        descale) pairs (flux_kernels.cudnn_attention.quantize_qk_bounded); under a Ulysses exchange, query
         is qk_norm_rope's packed q, k, v (key and value None)."""
         if self.exchange_groups is not None:  # the packed heads sent as they are (engine.parallel.exchange)
             from .parallel.exchange import unpack_heads
@@ -402,6 +409,12 @@ def pick_attention_core(heads: int, head_dim: int, dtype: torch.dtype, device: t
     return min(timings, key=timings.get), timings
 
 
+def _cudnn_fp8_unavailable(device: torch.device) -> str | None:
+    from flux_kernels.cudnn_attention import unavailable_reason
+
+    return unavailable_reason(device) if device.type == "cuda" else f"the model is on {device.type}, not a CUDA GPU"
+
+
 def resolve_ops(config: AttentionConfig, transformer) -> BlockOps:
     from flux_kernels import triton_runnable
 
@@ -412,7 +425,7 @@ def resolve_ops(config: AttentionConfig, transformer) -> BlockOps:
             f"a CUDA GPU (or TRITON_INTERPRET=1 on a CPU, for tests); the model is on {device.type}. Use the "
             "'baseline' preset here"
         )
-    if config.backend in ("triton", "triton-fp8") and dtype not in (torch.bfloat16, torch.float16):
+    if config.backend in ("triton", "triton-fp8", "cudnn-fp8") and dtype not in (torch.bfloat16, torch.float16):
         raise ConfigError(
             f"attention backend={config.backend!r} runs in bf16 or fp16, the transformer is {dtype}; load it in bf16, "
             "or use backend='auto' (it falls back to SDPA)"
@@ -424,6 +437,9 @@ def resolve_ops(config: AttentionConfig, transformer) -> BlockOps:
     ):
         raise ConfigError(f"attention backend='triton-fp8' is tuned and tested on Hopper (sm 9.x) only, this GPU is sm "
                           f"{major}.x; use backend 'auto' or a preset without 'fp8attn'")  # fmt: skip
+    if config.backend == "cudnn-fp8" and (reason := _cudnn_fp8_unavailable(device)) is not None:
+        raise ConfigError(f"attention backend='cudnn-fp8' cannot run here: {reason}; use backend 'auto' (a preset "
+                          "without 'cudnnattn')")  # fmt: skip
     core = config.backend
     if core == "auto":
         first = transformer.transformer_blocks[0].attn

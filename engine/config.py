@@ -17,7 +17,7 @@ from .stepcache import StepCacheConfig, check_step_cache_fits
 IMAGE_MULTIPLE = 16  # VAE factor 8 x 2x2 latent patches
 
 # The allowed values of each choice, as types (for readers and type checkers) and as tuples (for the checks below)
-AttentionBackend = Literal["sdpa", "triton", "auto", "triton-fp8"]
+AttentionBackend = Literal["sdpa", "triton", "auto", "triton-fp8", "cudnn-fp8"]
 QuantMode = Literal["none", "fp8", "fp8-weight", "int8-weight", "nf4"]
 OffloadPolicy = Literal["none", "model", "block", "leaf"]
 CompileMode = Literal["none", "regional"]
@@ -36,7 +36,9 @@ class AttentionConfig:
 
     backend: the attention core. 'sdpa': PyTorch's scaled_dot_product_attention; 'triton': our flash
         attention kernel; 'auto': the faster of the two on this GPU, measured when the config is applied;
-        'triton-fp8': our quantised attention (QK^T in int8, PV in e4m3; lossy, never picked by 'auto').
+        'triton-fp8': our quantised attention (QK^T in int8, PV in e4m3; lossy, never picked by 'auto');
+        'cudnn-fp8': cuDNN's fp8 attention (Q, K, V, P and O in e4m3; lossier, faster; sm_90+ with the
+        nvidia-cudnn-frontend package; never picked by 'auto').
     fused_norms: QK-RMSNorm + RoPE and LayerNorm + adaLN modulation (+ gated residual) as our Triton kernels.
     Anything but ('sdpa', False) also fuses the QKV projections (weights shared, not copied).
     """
@@ -317,6 +319,7 @@ class EngineConfig:
 # The parts the presets share: each preset below is a combination of these, and says only what it adds
 _KERNELS = AttentionConfig(backend="auto", fused_norms=True)  # our Triton kernels, attention core by measurement
 _FP8_ATTN = AttentionConfig(backend="triton-fp8", fused_norms=True)
+_CUDNN_ATTN = AttentionConfig(backend="cudnn-fp8", fused_norms=True)
 _REGIONAL = CompileConfig(mode="regional")
 _FP8 = QuantConfig(transformer="fp8")
 _FP8_FAST = QuantConfig(transformer="fp8", fp8_fast_accum=True)
@@ -406,6 +409,10 @@ PRESETS: dict[str, EngineConfig] = {
     "kernels-compile-fp8attn": _preset("kernels-compile-fp8attn", attention=_FP8_ATTN, compile=_REGIONAL),
     "fp8-compile-fastacc-cudagraphs-fp8attn": _preset(
         "fp8-compile-fastacc-cudagraphs-fp8attn", **{**_FASTEST, "attention": _FP8_ATTN}
+    ),
+    # cuDNN's fp8 attention core (flux_kernels.cudnn_attention: e4m3 Q, K, V, P, O), needs nvidia-cudnn-frontend
+    "fp8-compile-fastacc-cudagraphs-cudnnattn": _preset(
+        "fp8-compile-fastacc-cudagraphs-cudnnattn", **{**_FASTEST, "attention": _CUDNN_ATTN}
     ),
 }
 

@@ -58,14 +58,19 @@ def unavailable_reason(device: torch.device | str | None = None) -> str | None:
     device = torch.device("cuda" if device is None else device)
     if device.type != "cuda":
         return f"cuDNN fp8 attention runs on CUDA tensors, got device {device}"
-    major, minor = torch.cuda.get_device_capability(device)
+    return _cuda_unavailable_reason(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.cache
+def _cuda_unavailable_reason(index: int) -> str | None:
+    major, minor = torch.cuda.get_device_capability(index)
     if major < 9:
         return f"cuDNN fp8 attention needs compute capability >= 9.0 (Hopper), this GPU has {major}.{minor}"
     try:
         cudnn = _import_cudnn()
     except CudnnAttentionUnavailable as error:
         return str(error)
-    version = cudnn.backend_version()  # e.g. 91500 for 9.15.0
+    version = cudnn.backend_version()  # e.g. 91900 for 9.19.0
     found = (version // 10000, version // 100 % 100)
     if found < MIN_CUDNN:
         return (
@@ -185,17 +190,88 @@ def cudnn_fp8_attention_quantized(q8, k8, v8, q_descale, k_descale, softmax_scal
     return out
 
 
+def cudnn_fp8_attention_ref(q8, k8, v8, q_descale, k_descale, softmax_scale=None) -> torch.Tensor:
+    """cudnn_fp8_attention_quantized's arithmetic in PyTorch (fp32, any device): S from the e4m3 Q, K and their
+    descales, P = exp(S - rowmax) times 448 cast to e4m3 for the P V product, the row sums from P before the cast,
+    O cast to e4m3 (scale_o = 1). cuDNN keeps a running max over key blocks instead of the whole row's, so its P
+    codes differ in rounding, not in scale. -> e4m3 [B, H, Lq, D] (contiguous)."""
+    head_dim = q8.shape[-1]
+    scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
+    scores = (q8.float() * q_descale.float()) @ (k8.float() * k_descale.float()).transpose(-1, -2) * scale
+    p = torch.exp(scores - scores.amax(-1, keepdim=True))
+    p8 = (p * E4M3_MAX).to(FP8).float() / E4M3_MAX
+    out = (p8 @ v8.float()) / p.sum(-1, keepdim=True)
+    return out.clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
+
+
 def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x -> (e4m3 codes, fp32 descale [1, 1, 1, 1]) with one scale for the whole tensor: amax / 448."""
     amax = x.abs().amax().float().clamp(min=MIN_SCALE * E4M3_MAX)
-    descale = (amax / E4M3_MAX).reshape(1, 1, 1, 1)
-    return (x.float() / descale).to(FP8), descale
+    descale = amax / E4M3_MAX
+    return (x.float() / descale).to(FP8), descale.reshape(1, 1, 1, 1)
 
 
 def quantize_v_channels(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """v [B, H, L, D] -> (e4m3 codes of v / scale, fp32 scale [B, H, 1, D]): one scale per (head, channel)."""
     scale = (v.abs().amax(2, keepdim=True).float() / E4M3_MAX).clamp(min=MIN_SCALE)
     return (v.float() / scale).to(FP8), scale
+
+
+def quantize_bounded(x: torch.Tensor, bound: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x -> (e4m3 codes, fp32 descale [1, 1, 1, 1]) with the scale bound / 448 for a known bound on |x| (a
+    0-dim tensor; no pass over x to find its amax). Values past the bound saturate at +-448."""
+    descale = bound.float().clamp(min=MIN_SCALE * E4M3_MAX) / E4M3_MAX
+    return (x.float() / descale).clamp(-E4M3_MAX, E4M3_MAX).to(FP8), descale.reshape(1, 1, 1, 1)
+
+
+def qk_bound(head_dim: int, weight: torch.Tensor, txt_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """A bound on |q| (or |k|) after RMSNorm with these weights and the rotary embedding: each normalised element is
+    at most sqrt(D) in size (x_c^2 <= sum x^2 = D rms^2), times the largest |weight|; a rotation keeps each pair's
+    length, which the same bound holds for. 1% over, for bf16's rounding of the normalised values. -> 0-dim fp32."""
+    largest = weight.detach().abs().amax().float()
+    if txt_weight is not None:
+        largest = torch.maximum(largest, txt_weight.detach().abs().amax().float())
+    return largest * (head_dim**0.5 * 1.01)
+
+
+def quantize_qk_bounded(qk_fn, qkv, q_weight, k_weight, cos, sin, heads, eps, txt_qkv=None, txt_q=None,
+                        txt_k=None):  # fmt: skip
+    """qk_fn (flux_kernels.qk_norm_rope or its reference: -> bf16 q, k, v [B, H, L, D]) with q and k then quantised
+    to e4m3 with the static scales of `qk_bound` -> ((q8, q_descale), (k8, k_descale), v)."""
+    q, k, v = qk_fn(qkv, q_weight, k_weight, cos, sin, heads, eps, txt_qkv, txt_q, txt_k)
+    head_dim = q.shape[-1]
+    q8 = quantize_bounded(q, qk_bound(head_dim, q_weight, txt_q))
+    k8 = quantize_bounded(k, qk_bound(head_dim, k_weight, txt_k))
+    return q8, k8, v
+
+
+@torch.library.custom_op("flux_kernels::cudnn_fp8_attention", mutates_args=())
+def _cudnn_fp8_attention_op(
+    q8: torch.Tensor,
+    k8: torch.Tensor,
+    v8: torch.Tensor,
+    q_descale: torch.Tensor,
+    k_descale: torch.Tensor,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    return cudnn_fp8_attention_quantized(q8, k8, v8, q_descale, k_descale, softmax_scale)
+
+
+@_cudnn_fp8_attention_op.register_fake
+def _cudnn_fp8_attention_fake(q8, k8, v8, q_descale, k_descale, softmax_scale=None):
+    batch, heads, q_len, head_dim = q8.shape
+    return q8.new_empty(batch, q_len, heads, head_dim).transpose(1, 2)
+
+
+def cudnn_fp8_attention_pairs(query, key, value, softmax_scale=None) -> torch.Tensor:
+    """The engine's 'cudnn-fp8' core: query, key as (e4m3 codes, descale) pairs (quantize_qk_bounded), value bf16
+    [B, H, Lk, D], quantised here per (head, channel) -> [B, H, Lq, D] in value's dtype, a view of [B, Lq, H, D]
+    memory. The custom op `flux_kernels::cudnn_fp8_attention` under torch.compile (the quantisers around it are
+    compiled with their neighbours)."""
+    (q8, q_descale), (k8, k_descale) = query, key
+    v8, v_scale = quantize_v_channels(value)
+    out8 = _cudnn_fp8_attention_op(q8, k8, v8, q_descale, k_descale, softmax_scale)
+    return (out8.float() * v_scale).to(value.dtype)
 
 
 def cudnn_fp8_attention(q, k, v, softmax_scale=None, v_scaling: str = "channel") -> torch.Tensor:
@@ -213,7 +289,12 @@ def cudnn_fp8_attention(q, k, v, softmax_scale=None, v_scaling: str = "channel")
 __all__ = [
     "CudnnAttentionUnavailable",
     "cudnn_fp8_attention",
+    "cudnn_fp8_attention_pairs",
     "cudnn_fp8_attention_quantized",
+    "cudnn_fp8_attention_ref",
+    "qk_bound",
+    "quantize_bounded",
+    "quantize_qk_bounded",
     "quantize_tensor",
     "quantize_v_channels",
     "unavailable_reason",
