@@ -97,9 +97,10 @@ class BlockOps:
             fp8_fns = (None, None, None)
             grouped = functools.partial(qk.qk_norm_rope_grouped_ref, upcast=False)
         if core == "cudnn-fp8":  # q and k leave as e4m3 with static scales (flux_kernels.cudnn_attention)
-            from flux_kernels.cudnn_attention import quantize_qk_bounded
+            from flux_kernels import cudnn_attention as ca
 
-            fns = (functools.partial(quantize_qk_bounded, fns[0]), *fns[1:])
+            fns = (ca.qk_norm_rope_e4m3_pairs if fused_norms else functools.partial(ca.quantize_qk_bounded, fns[0]),
+                   *fns[1:])  # fmt: skip
         return cls(core, fused_norms, *fns, flash, *fp8_fns, qk_norm_rope_grouped_fn=grouped)
 
     def qk_norm_rope(self, qkv, q_weight, k_weight, rotary, heads, eps, txt_qkv=None, txt_q=None, txt_k=None):

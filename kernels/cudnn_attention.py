@@ -219,30 +219,83 @@ def quantize_v_channels(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_bounded(x: torch.Tensor, bound: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x -> (e4m3 codes, fp32 descale [1, 1, 1, 1]) with the scale bound / 448 for a known bound on |x| (a
-    0-dim tensor; no pass over x to find its amax). Values past the bound saturate at +-448."""
-    descale = bound.float().clamp(min=MIN_SCALE * E4M3_MAX) / E4M3_MAX
-    return (x.float() / descale).clamp(-E4M3_MAX, E4M3_MAX).to(FP8), descale.reshape(1, 1, 1, 1)
+    0-dim tensor; no pass over x to find its amax). Values past the bound saturate at +-448. The arithmetic of the
+    QK-norm kernel's e4m3 outputs: the descale floored at the smallest normal fp32, x times its reciprocal."""
+    descale = (bound.float() / E4M3_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    codes = (x.float() * (1.0 / descale)).clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
+    return codes, descale.reshape(1, 1, 1, 1)
+
+
+def bound_factor(head_dim: int) -> float:
+    """qk_bound's factor on the largest |weight|: sqrt(D), 1% over for the rounding of the normalised values."""
+    return head_dim**0.5 * 1.01
 
 
 def qk_bound(head_dim: int, weight: torch.Tensor, txt_weight: torch.Tensor | None = None) -> torch.Tensor:
     """A bound on |q| (or |k|) after RMSNorm with these weights and the rotary embedding: each normalised element is
     at most sqrt(D) in size (x_c^2 <= sum x^2 = D rms^2), times the largest |weight|; a rotation keeps each pair's
-    length, which the same bound holds for. 1% over, for bf16's rounding of the normalised values. -> 0-dim fp32."""
+    length, which the same bound holds for. -> 0-dim fp32."""
     largest = weight.detach().abs().amax().float()
     if txt_weight is not None:
         largest = torch.maximum(largest, txt_weight.detach().abs().amax().float())
-    return largest * (head_dim**0.5 * 1.01)
+    return largest * bound_factor(head_dim)
 
 
 def quantize_qk_bounded(qk_fn, qkv, q_weight, k_weight, cos, sin, heads, eps, txt_qkv=None, txt_q=None,
                         txt_k=None):  # fmt: skip
-    """qk_fn (flux_kernels.qk_norm_rope or its reference: -> bf16 q, k, v [B, H, L, D]) with q and k then quantised
-    to e4m3 with the static scales of `qk_bound` -> ((q8, q_descale), (k8, k_descale), v)."""
+    """qk_fn (qk_norm_rope or its reference: -> bf16 q, k, v [B, H, L, D]) with q and k then quantised to e4m3 with
+    the static scales of `qk_bound` -> ((q8, q_descale), (k8, k_descale), v). qk_norm_rope_e4m3_pairs does the same
+    in the QK-norm kernel's registers."""
     q, k, v = qk_fn(qkv, q_weight, k_weight, cos, sin, heads, eps, txt_qkv, txt_q, txt_k)
     head_dim = q.shape[-1]
     q8 = quantize_bounded(q, qk_bound(head_dim, q_weight, txt_q))
     k8 = quantize_bounded(k, qk_bound(head_dim, k_weight, txt_k))
     return q8, k8, v
+
+
+@torch.library.custom_op("flux_kernels::qk_norm_rope_e4m3", mutates_args=())
+def _qk_norm_rope_e4m3_op(
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    heads: int,
+    eps: float = 1e-6,
+    txt_qkv: torch.Tensor | None = None,
+    txt_q_weight: torch.Tensor | None = None,
+    txt_k_weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from flux_kernels.qk_norm_rope import qk_norm_rope_fwd
+
+    bound = bound_factor(q_weight.shape[-1])
+    return qk_norm_rope_fwd(qkv, q_weight, k_weight, cos, sin, heads, eps, txt_qkv, txt_q_weight, txt_k_weight,
+                            e4m3_bound=bound)  # fmt: skip
+
+
+@_qk_norm_rope_e4m3_op.register_fake
+def _qk_norm_rope_e4m3_fake(qkv, q_weight, k_weight, cos, sin, heads, eps=1e-6, txt_qkv=None, txt_q_weight=None,
+                            txt_k_weight=None):  # fmt: skip
+    from flux_kernels.qk_norm_rope import _qk_norm_rope_fake
+
+    q, k, v = _qk_norm_rope_fake(qkv, q_weight, k_weight, cos, sin, heads, eps, txt_qkv, txt_q_weight, txt_k_weight)
+    descale = q.new_empty(1, 1, 1, 1, dtype=torch.float32)
+    return q.new_empty(q.shape, dtype=FP8), descale, k.new_empty(k.shape, dtype=FP8), descale.clone(), v
+
+
+def qk_norm_rope_e4m3_pairs(qkv, q_weight, k_weight, cos, sin, heads, eps=1e-6, txt_qkv=None, txt_q=None,
+                            txt_k=None):  # fmt: skip
+    """flux_kernels.qk_norm_rope with q and k written as e4m3 codes with the static scales of `qk_bound`, computed
+    in the kernel from the weights (no bf16 q, k in memory) -> ((q8, q_descale), (k8, k_descale), v); reference:
+    quantize_qk_bounded around qk_norm_rope_ref (within one code where a product sits on a rounding boundary)."""
+    args = (qkv, q_weight, k_weight, cos, sin, heads, eps, txt_qkv, txt_q, txt_k)
+    if torch.compiler.is_compiling():
+        q8, q_descale, k8, k_descale, v = _qk_norm_rope_e4m3_op(*args)
+    else:
+        from flux_kernels.qk_norm_rope import qk_norm_rope_fwd
+
+        q8, q_descale, k8, k_descale, v = qk_norm_rope_fwd(*args, e4m3_bound=bound_factor(q_weight.shape[-1]))
+    return (q8, q_descale), (k8, k_descale), v
 
 
 @torch.library.custom_op("flux_kernels::cudnn_fp8_attention", mutates_args=())
@@ -292,7 +345,9 @@ __all__ = [
     "cudnn_fp8_attention_pairs",
     "cudnn_fp8_attention_quantized",
     "cudnn_fp8_attention_ref",
+    "bound_factor",
     "qk_bound",
+    "qk_norm_rope_e4m3_pairs",
     "quantize_bounded",
     "quantize_qk_bounded",
     "quantize_tensor",

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from flux_kernels import check_runnable, device_guard, new_output
-from flux_kernels.fp8 import int8_codes, quantize_int8_ref
+from flux_kernels.fp8 import FP8_MIN_SCALE, TL_E4M3_MAX, e4m3, int8_codes, quantize_int8_ref
 from flux_kernels.rowwise import (
     ACTIVATION_DTYPES,
     batch_token_strides,
@@ -180,6 +180,8 @@ def _qk_norm_rope_fwd_kernel(
     BLOCK_T: tl.constexpr,
     INT8_QK: tl.constexpr = False,
     GROUPED_OUT: tl.constexpr = False,
+    E4M3_QK: tl.constexpr = False,
+    E4M3_BOUND: tl.constexpr = 1.0,
 ):
     # BLOCK_T whole tokens per program: all H heads of q, k and v of a token are H * D contiguous elements of
     # its fused row, read as one [T, H, D] tile (16-byte vectors along D). Positions are in the joint
@@ -194,14 +196,18 @@ def _qk_norm_rope_fwd_kernel(
     mask = token_ok[:, None, None] & (heads < H)[None, :, None]  # [T, H, 1]
 
     row = IMG + batch * stride_img_b + (tokens - L_txt) * stride_img_l  # [T] row starts
-    weight_q = tl.load(Q_W + offs_d).to(tl.float32)[None, None, :]
-    weight_k = tl.load(K_W + offs_d).to(tl.float32)[None, None, :]
+    weight_q = tl.load(Q_W + offs_d).to(tl.float32)
+    weight_k = tl.load(K_W + offs_d).to(tl.float32)
+    q_wmax, k_wmax = tl.max(tl.abs(weight_q), 0), tl.max(tl.abs(weight_k), 0)  # for E4M3_QK's static scales
+    weight_q, weight_k = weight_q[None, None, :], weight_k[None, None, :]
     if HAS_TXT:
         is_txt = tokens < L_txt
         row = tl.where(is_txt, TXT + batch * stride_txt_b + tokens * stride_txt_l, row)
         is_txt = is_txt[:, None, None]
-        weight_q = tl.where(is_txt, tl.load(TXT_Q_W + offs_d).to(tl.float32)[None, None, :], weight_q)
-        weight_k = tl.where(is_txt, tl.load(TXT_K_W + offs_d).to(tl.float32)[None, None, :], weight_k)
+        txt_q, txt_k = tl.load(TXT_Q_W + offs_d).to(tl.float32), tl.load(TXT_K_W + offs_d).to(tl.float32)
+        q_wmax, k_wmax = tl.maximum(q_wmax, tl.max(tl.abs(txt_q), 0)), tl.maximum(k_wmax, tl.max(tl.abs(txt_k), 0))
+        weight_q = tl.where(is_txt, txt_q[None, None, :], weight_q)
+        weight_k = tl.where(is_txt, txt_k[None, None, :], weight_k)
     src = row[:, None, None] + (heads * HEAD_DIM)[None, :, None] + offs_d[None, None, :]  # [T, H, D] of q
     section = H * HEAD_DIM  # q | k | v sections of a fused row
 
@@ -236,6 +242,10 @@ def _qk_norm_rope_fwd_kernel(
         codes, scale = int8_codes(q, tl.max(tl.abs(q), 2))
         tl.store(Q_OUT + dst, codes, mask=mask)
         tl.store(QS_OUT + scale_dst, scale, mask=scale_mask)
+    elif E4M3_QK:  # e4m3 with one static scale per tensor from the weights (flux_kernels.cudnn_attention.qk_bound)
+        descale = tl.maximum(tl.math.div_rn(q_wmax * E4M3_BOUND, TL_E4M3_MAX), FP8_MIN_SCALE)
+        tl.store(Q_OUT + dst, e4m3(q, tl.math.div_rn(1.0, descale), Q_OUT.dtype.element_ty), mask=mask)
+        tl.store(QS_OUT, descale, mask=(tl.program_id(0) == 0) & (batch == 0))
     else:
         tl.store(Q_OUT + dst, q.to(Q_OUT.dtype.element_ty), mask=mask)
 
@@ -246,6 +256,10 @@ def _qk_norm_rope_fwd_kernel(
         codes, scale = int8_codes(k, tl.max(tl.abs(k), 2))
         tl.store(K_OUT + dst, codes, mask=mask)
         tl.store(KS_OUT + scale_dst, scale, mask=scale_mask)
+    elif E4M3_QK:
+        descale = tl.maximum(tl.math.div_rn(k_wmax * E4M3_BOUND, TL_E4M3_MAX), FP8_MIN_SCALE)
+        tl.store(K_OUT + dst, e4m3(k, tl.math.div_rn(1.0, descale), K_OUT.dtype.element_ty), mask=mask)
+        tl.store(KS_OUT, descale, mask=(tl.program_id(0) == 0) & (batch == 0))
     else:
         tl.store(K_OUT + dst, k.to(K_OUT.dtype.element_ty), mask=mask)
 
@@ -373,9 +387,15 @@ def qk_norm_rope_fwd(
     txt_k_weight: torch.Tensor | None = None,
     int8_qk: bool = False,
     grouped: tuple[int, int] | None = None,
+    e4m3_bound: float | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Checks, allocates and launches; see qk_norm_rope (and qk_norm_rope_int8 for int8_qk=True, and
-    qk_norm_rope_grouped for grouped=(groups, slices), which returns (packed,))."""
+    qk_norm_rope_grouped for grouped=(groups, slices), which returns (packed,)). e4m3_bound=F: q and k leave as
+    e4m3 codes with the static descale max|weight| * F / 448 each (flux_kernels.cudnn_attention.qk_norm_rope_e4m3):
+    -> (q8, q_descale, k8, k_descale, v), the descales fp32 [1, 1, 1, 1]."""
+    e4m3_qk = e4m3_bound is not None
+    if e4m3_qk and (int8_qk or grouped is not None):
+        raise ValueError("qk_norm_rope: e4m3 q and k have neither int8 codes nor a grouped layout")
     args = (qkv, q_weight, k_weight, cos, sin, heads, txt_qkv, txt_q_weight, txt_k_weight)
     head_dim, text_tokens, image_tokens = _qk_norm_rope_fast_check(*args) or _check_qk_norm_rope_inputs(*args)
     if not qkv.is_cuda:
@@ -390,12 +410,14 @@ def qk_norm_rope_fwd(
         # (b, l, group, slice) strides; heads of a slice are contiguous D-rows
         out_strides = (q.stride(3), q.stride(2), q.stride(1), q.stride(0), heads // groups, heads // (groups * slices))
     else:
-        qk_dtype = torch.int8 if int8_qk else qkv.dtype
+        qk_dtype = torch.int8 if int8_qk else torch.float8_e4m3fn if e4m3_qk else qkv.dtype
         q, k = (new_output(batch, heads, total, head_dim, dtype=qk_dtype, device=qkv.device) for _ in range(2))
         v = new_output(batch, heads, total, head_dim, dtype=qkv.dtype, device=qkv.device)
         out_strides = (0, 0, 0, 0, heads, heads)  # unused: [B, H, L, D] addressing
     if int8_qk:
         q_scale, k_scale = (new_output(batch, heads, total, dtype=torch.float32, device=qkv.device) for _ in range(2))
+    elif e4m3_qk:
+        q_scale, k_scale = (new_output(1, 1, 1, 1, dtype=torch.float32, device=qkv.device) for _ in range(2))
     else:
         q_scale = k_scale = q  # never written
     has_txt = txt_qkv is not None
@@ -406,6 +428,8 @@ def qk_norm_rope_fwd(
         return (triton.cdiv(total, meta["BLOCK_T"]), batch)
 
     key = (text_tokens, image_tokens, heads, head_dim, qkv.dtype, q_weight.dtype, cos.dtype, sin.dtype, int8_qk)
+    if e4m3_qk:  # its own choice (other stores); the other keys, and tables, stay as they were
+        key += ("e4m3",)
     if grouped is not None:  # its own choice (other stores); the default layout's keys, and tables, stay as they were
         key += (f"grouped{groups}x{slices}",)
     with device_guard(qkv):
@@ -415,11 +439,11 @@ def qk_norm_rope_fwd(
             *batch_token_strides(qkv), *batch_token_strides(txt), cos.stride(0), sin.stride(0), *out_strides,
             text_tokens, image_tokens, heads, eps,
             HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(heads), HAS_TXT=has_txt, INT8_QK=int8_qk,
-            GROUPED_OUT=grouped is not None,
+            GROUPED_OUT=grouped is not None, E4M3_QK=e4m3_qk, E4M3_BOUND=float(e4m3_bound or 1.0),
         )  # fmt: skip
     if grouped is not None:
         return (packed,)
-    return (q, q_scale, k, k_scale, v) if int8_qk else (q, k, v)
+    return (q, q_scale, k, k_scale, v) if int8_qk or e4m3_qk else (q, k, v)
 
 
 def _check_grouping(heads: int, groups: int, slices: int, int8_qk: bool = False, op: str = "qk_norm_rope_grouped"):

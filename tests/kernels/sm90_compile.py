@@ -78,26 +78,32 @@ def cases() -> dict:
     qk.update({name: "i64" for name in out_strides})
     qk.update({"heads_per_group": "i32", "heads_per_slice": "i32", "L_txt": "i32", "L_img": "i32", "H": "i32",
                "eps": "fp32", "HEAD_DIM": "constexpr", "BLOCK_H": "constexpr", "HAS_TXT": "constexpr",
-               "BLOCK_T": "constexpr", "INT8_QK": "constexpr", "GROUPED_OUT": "constexpr"})  # fmt: skip
+               "BLOCK_T": "constexpr", "INT8_QK": "constexpr", "GROUPED_OUT": "constexpr", "E4M3_QK": "constexpr",
+               "E4M3_BOUND": "constexpr"})  # fmt: skip
     # pointers and output strides 16-aligned, as the runtime specialises them on a GPU (torch's allocations are, and
     # the grouped layout's strides are multiples of D): the facts the stores' vector width depends on
     aligned = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(qk.items())
                if kind.startswith("*") or name in out_strides}  # fmt: skip
     for has_txt in (True, False):  # FLUX: 24 heads of 128 (a block of 32 heads), one token per program
         constexprs = {"HEAD_DIM": 128, "BLOCK_H": 32, "HAS_TXT": has_txt, "BLOCK_T": 1, "INT8_QK": False,
-                      "GROUPED_OUT": False}  # fmt: skip
+                      "GROUPED_OUT": False, "E4M3_QK": False, "E4M3_BOUND": 1.0}  # fmt: skip
         results[f"qk_norm_rope/txt={has_txt}"] = compile_case(
             qk_norm_rope._qk_norm_rope_fwd_kernel, qk, constexprs, 8, attrs=aligned
         )
-    constexprs = {"HEAD_DIM": 128, "BLOCK_H": 32, "HAS_TXT": True, "BLOCK_T": 1, "INT8_QK": False, "GROUPED_OUT": True}
+    constexprs = {"HEAD_DIM": 128, "BLOCK_H": 32, "HAS_TXT": True, "BLOCK_T": 1, "INT8_QK": False, "GROUPED_OUT": True,
+                  "E4M3_QK": False, "E4M3_BOUND": 1.0}  # fmt: skip
     results["qk_norm_rope/grouped"] = compile_case(
         qk_norm_rope._qk_norm_rope_fwd_kernel, qk, constexprs, 8, attrs=aligned
     )
     from flux_kernels import fp8_attention
 
     qk["Q_OUT"] = qk["K_OUT"] = "*i8"
-    constexprs = {"HEAD_DIM": 128, "BLOCK_H": 32, "HAS_TXT": True, "BLOCK_T": 1, "INT8_QK": True, "GROUPED_OUT": False}
+    constexprs = {"HEAD_DIM": 128, "BLOCK_H": 32, "HAS_TXT": True, "BLOCK_T": 1, "INT8_QK": True, "GROUPED_OUT": False,
+                  "E4M3_QK": False, "E4M3_BOUND": 1.0}  # fmt: skip
     results["qk_norm_rope/int8"] = compile_case(qk_norm_rope._qk_norm_rope_fwd_kernel, qk, constexprs, 8)
+    qk["Q_OUT"] = qk["K_OUT"] = "*fp8e4nv"  # e4m3 with static scales (flux_kernels.cudnn_attention)
+    constexprs = {**constexprs, "INT8_QK": False, "E4M3_QK": True, "E4M3_BOUND": 128**0.5 * 1.01}
+    results["qk_norm_rope/e4m3"] = compile_case(qk_norm_rope._qk_norm_rope_fwd_kernel, qk, constexprs, 8)
     strides = [f"stride_{name}" for name in ("qb", "qh", "qm", "kb", "kh", "kn", "vb", "vh", "vd", "qsb", "qsh", "ksb",
                                               "ksh", "vsb", "vsh", "ob", "oh", "om")]  # fmt: skip
     attn = {"Q": "*i8", "QS": "*fp32", "K": "*i8", "KS": "*fp32", "VT": "*fp8e4nv", "VS": "*fp32", "Out": "*bf16",

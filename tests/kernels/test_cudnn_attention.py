@@ -47,6 +47,34 @@ def test_quantize_bounded_keeps_e4m3_precision_and_saturates():
     assert back[4] == 200 and back[5] == -200 and torch.isfinite(back).all()  # past the bound: saturated
 
 
+def test_qk_norm_rope_e4m3_matches_its_reference(device):
+    """The QK-norm kernel's e4m3 outputs (static scales computed in the kernel from the weights) against the
+    reference: the bf16-free fp32 values quantised by quantize_bounded with qk_bound's scale."""
+    generator = torch.Generator().manual_seed(0)
+    heads, head_dim, text, image = 3, 64, 5, 12
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(device, torch.bfloat16)
+
+    qkv, txt = randn(1, image, 3 * heads * head_dim), randn(1, text, 3 * heads * head_dim)
+    weights = [(torch.rand(head_dim, generator=generator) * (i + 1) + 0.5).to(device, torch.bfloat16)
+               for i in range(4)]  # fmt: skip
+    cos, sin = (torch.randn(text + image, head_dim, generator=generator).to(device) for _ in range(2))
+    args = (qkv, weights[0], weights[1], cos, sin, heads, 1e-6, txt, weights[2], weights[3])
+    (q8, q_descale), (k8, k_descale), v = ca.qk_norm_rope_e4m3_pairs(*args)
+    q, k, v_ref = qk_norm_rope_ref(*args, upcast=True)
+    for got, descale, x, w, tw in ((q8, q_descale, q, weights[0], weights[2]), (k8, k_descale, k, weights[1],
+                                                                               weights[3])):  # fmt: skip
+        want, want_descale = ca.quantize_bounded(x, ca.qk_bound(head_dim, w, tw))
+        assert got.dtype == ca.FP8 and descale.shape == (1, 1, 1, 1)
+        torch.testing.assert_close(descale.cpu(), want_descale.cpu(), rtol=1e-6, atol=0)
+        got_values, want_values = got.float().cpu(), want.float().cpu()
+        # fp32 norm + rotary in another order than PyTorch's: a value may sit on a rounding boundary (one code off)
+        assert (got_values - want_values).abs().le(want_values.abs() * 2**-3 + 2**-9).all()
+        assert (got_values == want_values).float().mean() > 0.99
+    torch.testing.assert_close(v.float(), v_ref.to(v.dtype).float(), rtol=0, atol=0)
+
+
 def test_emulation_matches_exact_attention_within_e4m3():
     q, k, v = flux_like_qkv(16, 48, 2, 64, "offsets", device="cpu")
     q8, qd = ca.quantize_tensor(q)
@@ -85,14 +113,15 @@ def test_refused_without_a_gpu_or_the_package(monkeypatch, device):
         ca._cuda_unavailable_reason.cache_clear()
 
 
-def test_engine_wiring_on_cpu_with_the_emulated_core(monkeypatch):
+@pytest.mark.parametrize("fused_norms", [True, False])
+def test_engine_wiring_on_cpu_with_the_emulated_core(fused_norms, monkeypatch, device):
     """The 'cudnn-fp8' core in the engine's blocks on the tiny model, with the cuDNN call replaced by its PyTorch
     emulation (the kernel itself is tested on a GPU below): the static q/k scales, V's channel scales and the output
     multiply make an image near diffusers', and not the bf16 core's."""
     from engine.models import synthetic_components
 
     def components():
-        return synthetic_components("tiny", device="cpu", dtype=torch.bfloat16, seed=0)
+        return synthetic_components("tiny", device=device, dtype=torch.bfloat16, seed=0)
 
     def emulated(q8, k8, v8, q_descale, k_descale, softmax_scale=None):
         out = ca.cudnn_fp8_attention_ref(q8, k8, v8, q_descale, k_descale, softmax_scale)
@@ -101,7 +130,8 @@ def test_engine_wiring_on_cpu_with_the_emulated_core(monkeypatch):
     monkeypatch.setattr(ca, "_cudnn_fp8_attention_op", emulated)
     monkeypatch.setattr("engine.attention._cudnn_fp8_unavailable", lambda device: None)
     baseline = FluxPipeline(**components())(**tiny_call_kwargs()).images.float()
-    engine = FluxEngine.from_pipe(FluxPipeline(**components()), CUDNN)
+    config = EngineConfig(attention=AttentionConfig(backend="cudnn-fp8", fused_norms=fused_norms))
+    engine = FluxEngine.from_pipe(FluxPipeline(**components()), config)
     assert engine.attention_ops.core == "cudnn-fp8"
     images = engine(**tiny_call_kwargs()).images.float()
     bf16 = FluxEngine.from_pipe(FluxPipeline(**components()), EngineConfig(attention=AttentionConfig("sdpa", False)))
