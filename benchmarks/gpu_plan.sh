@@ -8,7 +8,8 @@
 # startup, startup-tables, startup-nographs, tests-startup, cache-fbcache-graphs, tests-fbcache-graphs,
 # tests-controlnet-graphs, gluon-kernels, gluon-step, profile-cp-2, tests-cp, cp-2-chunks, cp-2-nccl, cp-2-prio, timeline-cp-2, startup-shipped,
 # startup-package, startup-profile, startup-frames, startup-frames-only, startup-noframes,
-# startup-frames-nographs, tests-frames, cudnn-attention, tests-cudnn, cudnn-1024, cudnn-2048, cudnn-kontext). Each stage
+# startup-frames-nographs, tests-frames, cudnn-attention, tests-cudnn, cudnn-1024, cudnn-2048, cudnn-kontext,
+# cudnn-taylorseer, cudnn-lora-28). Each stage
 # has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
@@ -293,6 +294,16 @@ for s in "$@"; do
       [ "$s" = cudnn-2048 ] && presets=fp8-compile-fastacc-cudagraphs-cudnnattn,fp8-compile-fastacc-cudagraphs
       stage "$s" 420 python3 -m engine.bench --res "${s#cudnn-}" --steps 4 --runs 3 --cache-dir /tmp/fe-cache \
         --preset "$presets" --out "$OUT/bench-$s-$CARD-$DAY.json" ;;
+    cudnn-taylorseer)
+      # issue "Step caching" with cuDNN's attention core: 28-step images, TaylorSeer interval 5 (8 of 28 full), beside
+      # the same preset uncached (same process) and diffusers with its own TaylorSeer
+      stage "$s" 420 python3 -m engine.bench --res 1024 2048 --steps 28 --runs 2 \
+        --preset fp8-compile-fastacc-cudagraphs-cudnnattn --cache taylorseer:5 --cache-dir /tmp/fe-cache \
+        --out "$OUT/bench-$s-$CARD-$DAY.json" ;;
+    cudnn-lora-28)
+      # issue "LoRA": the 28-step 1024x1024 image with the rank-64 adapter active on the cuDNN-attention preset
+      stage "$s" 240 python3 -m engine.bench --res 1024 --steps 28 --runs 2 --lora synthetic:64 \
+        --preset fp8-compile-fastacc-cudagraphs-cudnnattn --cache-dir /tmp/fe-cache --out "$OUT/bench-$s-$CARD-$DAY.json" ;;
     cudnn-kontext)
       # the same two presets on the Kontext edit (8704 tokens at 1024^2) beside diffusers' FluxKontextPipeline
       stage "$s" 300 python3 -m engine.bench --task kontext --res 1024 --steps 4 --runs 3 --cache-dir /tmp/fe-cache \
