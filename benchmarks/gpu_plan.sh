@@ -9,7 +9,7 @@
 # tests-controlnet-graphs, gluon-kernels, gluon-step, profile-cp-2, tests-cp, cp-2-chunks, cp-2-nccl, cp-2-prio, timeline-cp-2, startup-shipped,
 # startup-package, startup-profile, startup-frames, startup-frames-only, startup-noframes,
 # startup-frames-nographs, tests-frames, cudnn-attention, tests-cudnn, cudnn-1024, cudnn-2048, cudnn-kontext,
-# cudnn-taylorseer, cudnn-lora-28). Each stage
+# cudnn-taylorseer, cudnn-lora-28, cudnn-startup). Each stage
 # has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
@@ -304,6 +304,11 @@ for s in "$@"; do
       # issue "LoRA": the 28-step 1024x1024 image with the rank-64 adapter active on the cuDNN-attention preset
       stage "$s" 240 python3 -m engine.bench --res 1024 --steps 28 --runs 2 --lora synthetic:64 \
         --preset fp8-compile-fastacc-cudagraphs-cudnnattn --cache-dir /tmp/fe-cache --out "$OUT/bench-$s-$CARD-$DAY.json" ;;
+    cudnn-startup)
+      # the cuDNN-attention preset's start: cold and warm processes, then the next size (issue "Our attention at the
+      # top", item 4); its artefacts under $OUT/artifacts, to ship in engine/compiled/ beside the fastest preset's
+      stage "$s" 330 python3 -m benchmarks.startup --preset fp8-compile-fastacc-cudagraphs-cudnnattn --sizes 1024 \
+        1360x768 --runs tables:cold,tables:warm --artifacts-out "$OUT/artifacts" --out "$OUT/startup-$s-$CARD-$DAY.json" ;;
     cudnn-kontext)
       # the same two presets on the Kontext edit (8704 tokens at 1024^2) beside diffusers' FluxKontextPipeline
       stage "$s" 300 python3 -m engine.bench --task kontext --res 1024 --steps 4 --runs 3 --cache-dir /tmp/fe-cache \
