@@ -276,11 +276,11 @@ def _qk_norm_rope_e4m3_op(
 @_qk_norm_rope_e4m3_op.register_fake
 def _qk_norm_rope_e4m3_fake(qkv, q_weight, k_weight, cos, sin, heads, eps=1e-6, txt_qkv=None, txt_q_weight=None,
                             txt_k_weight=None):  # fmt: skip
-    from flux_kernels.qk_norm_rope import _qk_norm_rope_fake
-
-    q, k, v = _qk_norm_rope_fake(qkv, q_weight, k_weight, cos, sin, heads, eps, txt_qkv, txt_q_weight, txt_k_weight)
-    descale = q.new_empty(1, 1, 1, 1, dtype=torch.float32)
-    return q.new_empty(q.shape, dtype=FP8), descale, k.new_empty(k.shape, dtype=FP8), descale.clone(), v
+    tokens = qkv.shape[1] + (0 if txt_qkv is None else txt_qkv.shape[1])  # [text, image], as the kernel writes
+    shape = (qkv.shape[0], heads, tokens, q_weight.shape[-1])
+    descale = qkv.new_empty(1, 1, 1, 1, dtype=torch.float32)
+    q8, k8 = qkv.new_empty(shape, dtype=FP8), qkv.new_empty(shape, dtype=FP8)
+    return q8, descale, k8, descale.clone(), qkv.new_empty(shape)
 
 
 def qk_norm_rope_e4m3_pairs(qkv, q_weight, k_weight, cos, sin, heads, eps=1e-6, txt_qkv=None, txt_q=None,

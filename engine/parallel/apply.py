@@ -120,7 +120,7 @@ def _same_core_everywhere(ops, world: World):
     core = cores[int(choice)]
     if core == ops.core:
         return ops
-    from ..attention import BlockOps
+    from ..block_ops import BlockOps
 
     return BlockOps.build(core, ops.fused_norms)
 

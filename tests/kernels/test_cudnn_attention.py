@@ -73,6 +73,13 @@ def test_qk_norm_rope_e4m3_matches_its_reference(device):
         assert (got_values - want_values).abs().le(want_values.abs() * 2**-3 + 2**-9).all()
         assert (got_values == want_values).float().mean() > 0.99
     torch.testing.assert_close(v.float(), v_ref.to(v.dtype).float(), rtol=0, atol=0)
+    # the custom op's fake (what torch.compile traces with) describes the same outputs
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake = torch.ops.flux_kernels.qk_norm_rope_e4m3(*args)
+    for got, want in zip(fake, (q8, q_descale, k8, k_descale, v), strict=True):
+        assert (got.shape, got.dtype, got.stride()) == (want.shape, want.dtype, want.stride())
 
 
 def test_emulation_matches_exact_attention_within_e4m3():
@@ -83,6 +90,12 @@ def test_emulation_matches_exact_attention_within_e4m3():
     out = ca.cudnn_fp8_attention_ref(q8, k8, v8, qd, kd).float() * vs
     exact = torch.softmax(q.float() @ k.float().transpose(-1, -2) / 8, -1) @ v.float()
     assert per_head_cosine(out, exact).min() > 0.995
+    # the custom op's fake: e4m3 [B, H, Lq, D] over [B, Lq, H, D] memory, as cudnn_fp8_attention_quantized returns
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake = torch.ops.flux_kernels.cudnn_fp8_attention(q8, k8, v8, qd, kd)
+    assert fake.shape == q.shape and fake.dtype == ca.FP8 and fake.transpose(1, 2).is_contiguous()
 
 
 def test_refused_without_a_gpu_or_the_package(monkeypatch, device):
