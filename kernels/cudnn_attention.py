@@ -7,8 +7,10 @@ warp specialisation (589-663 TFLOP/s on an H200, benchmarks/NOTES.md 2026-11-30 
 kernel overlaps the softmax with the MMAs as FA3 does.
 
 Number formats (cuDNN's fp8 SDPA takes one fp32 scale per tensor):
-- Q and K: e4m3, one scale per tensor (amax / 448). e4m3 is a float: its relative precision (2^-4) does not depend
-  on the scale as long as the values stay within its 2^17 range, which post-RMSNorm q and k do.
+- Q and K: e4m3, one scale per tensor: amax / 448 (quantize_tensor), or in the engine a static bound / 448 where the
+  bound follows from the RMSNorm weights (qk_bound; written so by the QK-norm kernel, qk_norm_rope_e4m3_pairs: no
+  pass over q and k). e4m3 is a float: its relative precision (2^-4) does not depend on the scale as long as the
+  values stay within its normal range (2^-6 .. 448 times the scale), which post-RMSNorm q and k do.
 - V: e4m3 with one scale per (head, channel) over all tokens (as flux_kernels.fp8_attention): V is divided by its
   channel scales before the cast, cuDNN runs with descale_v = 1 and the output's channels are multiplied back
   (O = P V is linear in each channel of V). `v_scaling="tensor"` takes one scale for all of V instead (no multiply).

@@ -4,8 +4,10 @@ shapes (B=1, H=24, D=128, bf16; L = 1536 / 4608 / 8704 / 16896 = 512 text + 1024
 the noise's and the picture's) / 16384 image tokens).
 The quantised attention appears three ways: [core] its attention kernel alone on inputs quantised beforehand,
 [qk8] what the engine runs after the QK-norm kernel wrote int8 q and k (V's quantisation included), [bf16-in] from
-bf16 q, k, v (every quantisation included). Its accuracy: per-head output cosine against bf16 SDPA and fp32 attention
-on FLUX-like activations (benchmarks/kernels/attention_inputs.py, four regimes), in the JSON's "fp8_accuracy".
+bf16 q, k, v (every quantisation included). cuDNN's fp8 SDPA (flux_kernels.cudnn_attention, when the cudnn-frontend
+package is installed) appears as [core] (e4m3 inputs quantised beforehand, e4m3 output) and [bf16-in]. Their
+accuracy: per-head output cosine against bf16 SDPA and fp32 attention on FLUX-like activations
+(benchmarks/kernels/attention_inputs.py, four regimes), in the JSON's "fp8_accuracy".
 
     python -m benchmarks.kernels.bench_flash_attention --out benchmarks/results/attention_<gpu>_<date>.json
 
