@@ -428,3 +428,15 @@ def test_ranks_called_differently_raise_input_error_naming_both(tmp_path, flag, 
         assert facts["error"] == "InputError", facts
         assert listing in facts["message"], facts
         assert facts["seconds"] < 60, facts  # no collective timed out (the timeout is 120 s)
+
+
+@pytest.mark.parametrize("core", ["triton-fp8", "cudnn-fp8"])
+def test_quantised_attention_cores_are_refused_under_parallel_before_any_exchange(core):
+    """The quantised cores' q and k carry scales the token exchange does not move: refused by name, with the cores
+    that work, before a collective is called (no process group here)."""
+    import types
+
+    from engine.parallel.apply import _same_core_everywhere
+
+    with pytest.raises(ConfigError, match=rf"backend '{core}' is not supported with a parallel config.*'auto'"):
+        _same_core_everywhere(types.SimpleNamespace(core=core, fused_norms=True), world=None)

@@ -112,8 +112,9 @@ def _same_core_everywhere(ops, world: World):
     cores = ("sdpa", "triton")
     if ops.core not in cores:
         raise ConfigError(
-            f"attention backend {ops.core!r} is not supported with a parallel config yet (its int8 q and k carry "
-            f"per-token scales the token exchange does not move); use backend 'auto' or one of {cores} under parallel"
+            f"attention backend {ops.core!r} is not supported with a parallel config yet (its quantised q and k "
+            "carry scales the token exchange does not move: per token for 'triton-fp8', per tensor and rank for "
+            f"'cudnn-fp8'); use backend 'auto' or one of {cores} under parallel"
         )
     choice = torch.tensor([cores.index(ops.core)], device=world.comm_device)
     dist.broadcast(choice, 0)
