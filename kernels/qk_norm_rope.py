@@ -391,7 +391,7 @@ def qk_norm_rope_fwd(
 ) -> tuple[torch.Tensor, ...]:
     """Checks, allocates and launches; see qk_norm_rope (and qk_norm_rope_int8 for int8_qk=True, and
     qk_norm_rope_grouped for grouped=(groups, slices), which returns (packed,)). e4m3_bound=F: q and k leave as
-    e4m3 codes with the static descale max|weight| * F / 448 each (flux_kernels.cudnn_attention.qk_norm_rope_e4m3):
+    e4m3 codes with the static descale max|weight| * F / 448 each (cudnn_attention.qk_norm_rope_e4m3_pairs):
     -> (q8, q_descale, k8, k_descale, v), the descales fp32 [1, 1, 1, 1]."""
     e4m3_qk = e4m3_bound is not None
     if e4m3_qk and (int8_qk or grouped is not None):
