@@ -28,9 +28,10 @@ import threading
 
 import torch
 
-FP8 = torch.float8_e4m3fn
-E4M3_MAX = 448.0
-MIN_SCALE = 1e-12
+from flux_kernels.fp8 import E4M3_MAX, MIN_SCALE
+from flux_kernels.fp8 import FP8_DTYPE as FP8
+from flux_kernels.fp8_attention import v_channel_scale
+
 FRONTEND_PIN = "nvidia-cudnn-frontend==1.16.0"
 MIN_CUDNN = (9, 14)
 
@@ -214,8 +215,9 @@ def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_v_channels(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """v [B, H, L, D] -> (e4m3 codes of v / scale, fp32 scale [B, H, 1, D]): one scale per (head, channel)."""
-    scale = (v.abs().amax(2, keepdim=True).float() / E4M3_MAX).clamp(min=MIN_SCALE)
+    """v [B, H, L, D] -> (e4m3 codes of v / scale, fp32 scale [B, H, 1, D]): one scale per (head, channel), as
+    flux_kernels.fp8_attention scales V (v_channel_scale)."""
+    scale = v_channel_scale(v).unsqueeze(2)
     return (v.float() / scale).to(FP8), scale
 
 
@@ -223,7 +225,7 @@ def quantize_bounded(x: torch.Tensor, bound: torch.Tensor) -> tuple[torch.Tensor
     """x -> (e4m3 codes, fp32 descale [1, 1, 1, 1]) with the scale bound / 448 for a known bound on |x| (a
     0-dim tensor; no pass over x to find its amax). Values past the bound saturate at +-448. The arithmetic of the
     QK-norm kernel's e4m3 outputs: the descale floored at the smallest normal fp32, x times its reciprocal."""
-    descale = (bound.float() / E4M3_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    descale = (bound.float() / E4M3_MAX).clamp(min=MIN_SCALE)
     codes = (x.float() * (1.0 / descale)).clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
     return codes, descale.reshape(1, 1, 1, 1)
 
