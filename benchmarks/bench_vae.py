@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-diffusers", action="store_true", help="skip diffusers' enable_tiling() rows")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="also run with channels_last weights (default: on CUDA)")  # fmt: skip
+    parser.add_argument("--compile", action="store_true",
+                        help="also run the decoder under torch.compile (NCHW, then channels_last weights and input); "
+                             "the first call's seconds are its compile time")  # fmt: skip
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON")
     return parser
 
@@ -241,7 +244,35 @@ def run_resolution(args, vae, vae_config, device, dtype, height: int, width: int
                 *tile_grid(latent_h, latent_w, tile, overlap, scale))  # fmt: skip
         finally:
             vae.to(memory_format=torch.contiguous_format)
+    if args.compile:
+        compiled_rows(row, vae, latents, device, untiled_flops, f"{width}x{height}")
     return rows
+
+
+def compiled_rows(row, vae, latents: torch.Tensor, device: torch.device, flops: int, size: str) -> None:
+    """The untiled decode with vae.decoder under torch.compile (static shapes), in NCHW and in channels_last (weights
+    and input): inductor writes its own GroupNorm / SiLU / upsampling kernels in either layout, which eager
+    channels_last lacks (eager GroupNorm copies NHWC back to NCHW: 1.6x slower, NOTES 2026-11-26)."""
+    original = vae.decoder
+    for layout in (torch.contiguous_format, torch.channels_last):
+        name = "untiled compiled" + (" channels_last" if layout is torch.channels_last else "")
+        vae.to(memory_format=layout)
+        torch._dynamo.reset()
+        vae.decoder = torch.compile(original, dynamic=False)
+        inputs = latents.contiguous(memory_format=layout)
+        try:
+            started = time.perf_counter()
+            with torch.no_grad():
+                vae.decode(inputs)
+            synchronize(device)
+            compile_s = time.perf_counter() - started
+            print(f"# {size} {name}: first call {compile_s:.1f} s", flush=True)
+            row(name, lambda x=inputs: vae.decode(x).sample, flops, None, 1, size, compile_s=compile_s)
+        except RuntimeError as err:  # a compile failure: reported, the other rows go on
+            print(f"# {size} {name}: failed: {str(err).splitlines()[0][:200]}", flush=True)
+        finally:
+            vae.decoder = original
+            vae.to(memory_format=torch.contiguous_format)
 
 
 def _fmt(value, spec: str) -> str:

@@ -8,7 +8,7 @@
 # startup, startup-tables, startup-nographs, tests-startup, cache-fbcache-graphs, tests-fbcache-graphs,
 # tests-controlnet-graphs, gluon-kernels, gluon-step, profile-cp-2, tests-cp, cp-2-chunks, cp-2-nccl, cp-2-prio, timeline-cp-2, startup-shipped,
 # startup-package, startup-profile, startup-frames, startup-frames-only, startup-noframes,
-# startup-frames-nographs, tests-frames, cudnn-attention, tests-cudnn, cudnn-1024, cudnn-2048, cudnn-kontext,
+# startup-frames-nographs, tests-frames, profile-cudnn, profile-cudnn-nographs, vae-compile, cudnn-attention, tests-cudnn, cudnn-1024, cudnn-2048, cudnn-kontext,
 # cudnn-taylorseer, cudnn-lora-28, cudnn-startup). Each stage
 # has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
@@ -236,6 +236,13 @@ for s in "$@"; do
       P=kernels-compile; [ "$s" = lora-fast ] && P=fp8-compile-fastacc-cudagraphs
       stage "$s" 330 python3 -m engine.bench --res 1024 2048 --steps 4 --runs 2 --preset "$P" --lora synthetic:64 \
         --cache-dir /tmp/fe-cache --out "$OUT/bench-$s-$CARD-$DAY.json" ;;
+    profile-cudnn|profile-cudnn-nographs)
+      # where the cuDNN preset's step goes at 1024^2 (largest kernels), and what a rank-64 adapter adds to it
+      EXTRA=(); [ "$s" = profile-cudnn-nographs ] && EXTRA=(--no-cuda-graphs)
+      stage "$s" 240 python3 -m benchmarks.profile_lora --res 1024 --rank 64 \
+        --preset fp8-compile-fastacc-cudagraphs-cudnnattn "${EXTRA[@]}" --out "$OUT/$s-$CARD-$DAY.json" ;;
+    vae-compile) stage vae-compile 300 python3 -m benchmarks.bench_vae --res 1024,2048 --tiles 1024/128 --no-diffusers \
+      --no-channels-last --compile --out "$OUT" ;;
     profile-lora)
       stage profile-lora 240 python3 -m benchmarks.profile_lora --res 1024 --rank 64 --preset fp8-compile-fastacc \
         --out "$OUT/profile-lora-$CARD-$DAY.json" ;;
