@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="also run with channels_last weights (default: on CUDA)")  # fmt: skip
     parser.add_argument("--compile", action="store_true",
-                        help="also run the decoder under torch.compile (NCHW, then channels_last weights and input); "
-                             "the first call's seconds are its compile time")  # fmt: skip
+                        help="also decode with the VAE compiled as the engine compiles it (engine.vae_compile), "
+                             "every size in turn after one compile: first-call seconds, graphs made")  # fmt: skip
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON")
     return parser
 
@@ -244,35 +244,56 @@ def run_resolution(args, vae, vae_config, device, dtype, height: int, width: int
                 *tile_grid(latent_h, latent_w, tile, overlap, scale))  # fmt: skip
         finally:
             vae.to(memory_format=torch.contiguous_format)
-    if args.compile:
-        compiled_rows(row, vae, latents, device, untiled_flops, f"{width}x{height}")
     return rows
 
 
-def compiled_rows(row, vae, latents: torch.Tensor, device: torch.device, flops: int, size: str) -> None:
-    """The untiled decode with vae.decoder under torch.compile (static shapes), in NCHW and in channels_last (weights
-    and input): inductor writes its own GroupNorm / SiLU / upsampling kernels in either layout, which eager
-    channels_last lacks (eager GroupNorm copies NHWC back to NCHW: 1.6x slower, NOTES 2026-11-26)."""
-    original = vae.decoder
-    for layout in (torch.contiguous_format, torch.channels_last):
-        name = "untiled compiled" + (" channels_last" if layout is torch.channels_last else "")
-        vae.to(memory_format=layout)
-        torch._dynamo.reset()
-        vae.decoder = torch.compile(original, dynamic=False)
-        inputs = latents.contiguous(memory_format=layout)
-        try:
+def compiled_rows(args, vae, vae_config: dict, device: torch.device, dtype: torch.dtype, sizes) -> list[dict]:
+    """The untiled decode with the VAE compiled as the engine compiles it (engine.vae_compile: dynamic sizes,
+    channels_last), once for every size in turn: each size's first call (the first: the compile; a later one: a
+    recompile, if any), its timed calls, and its PSNR against the eager decode of the same latents."""
+    from types import SimpleNamespace
+
+    from engine.config import EngineConfig
+    from engine.vae_compile import compile_vae
+
+    scale = vae_scale_factor(vae_config)
+    cases = []
+    for height, width in sizes:
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+        latents = torch.randn(args.batch, vae_config["latent_channels"], height // scale, width // scale,
+                              generator=generator, device=device, dtype=dtype)  # fmt: skip
+        with torch.no_grad():
+            reference = vae.decode(latents).sample.float().clamp(-1, 1)
+        cases.append((height, width, latents, reference))
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    state = compile_vae(SimpleNamespace(vae=vae), EngineConfig(vae=VaeConfig(compile=True)), None)
+    rows = []
+    try:
+        for height, width, latents, reference in cases:
             started = time.perf_counter()
             with torch.no_grad():
-                vae.decode(inputs)
+                vae.decode(latents)
             synchronize(device)
-            compile_s = time.perf_counter() - started
-            print(f"# {size} {name}: first call {compile_s:.1f} s", flush=True)
-            row(name, lambda x=inputs: vae.decode(x).sample, flops, None, 1, size, compile_s=compile_s)
-        except RuntimeError as err:  # a compile failure: reported, the other rows go on
-            print(f"# {size} {name}: failed: {str(err).splitlines()[0][:200]}", flush=True)
-        finally:
-            vae.decoder = original
-            vae.to(memory_format=torch.contiguous_format)
+            first_s = time.perf_counter() - started
+            with torch.no_grad():
+                result, output = measure(lambda x=latents: vae.decode(x).sample, device, args.runs, args.warmup)
+            ms = result["ms"]["median"]
+            flops = decoder_flops(vae_config, *latents.shape[-2:], args.batch)
+            entry = {"height": height, "width": width, "batch": args.batch, "dtype": str(dtype).removeprefix("torch."),
+                     "config": "untiled compiled (engine)", "flops": flops, "tiles": 1, "tile_px": f"{width}x{height}",
+                     "predicted_gib": None, **result, "tflops": flops / (ms * 1e-3) / 1e12,
+                     "psnr_db": psnr(output.float().clamp(-1, 1), reference, data_range=2.0), "x_untiled": None,
+                     "first_call_s": first_s, "graphs_so_far": counters["stats"]["unique_graphs"]}  # fmt: skip
+            entry["note"] = f"first call {first_s:.1f} s, {entry['graphs_so_far']} graph(s) so far"
+            rows.append(entry)
+            print(format_row(entry), flush=True)
+    finally:
+        from engine.compile import remove_compile
+
+        remove_compile(state)
+    return rows
 
 
 def _fmt(value, spec: str) -> str:
@@ -336,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += run_resolution(args, vae, vae_config, device, dtype, height, width, tilings)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if args.compile:
+        rows += compiled_rows(args, vae, vae_config, device, dtype, sizes)
     payload = {
         "benchmark": "vae-decode",
         "env": env,

@@ -8,7 +8,7 @@
 # startup, startup-tables, startup-nographs, tests-startup, cache-fbcache-graphs, tests-fbcache-graphs,
 # tests-controlnet-graphs, gluon-kernels, gluon-step, profile-cp-2, tests-cp, cp-2-chunks, cp-2-nccl, cp-2-prio, timeline-cp-2, startup-shipped,
 # startup-package, startup-profile, startup-frames, startup-frames-only, startup-noframes,
-# startup-frames-nographs, tests-frames, profile-cudnn, profile-cudnn-nographs, vae-compile, cudnn-attention, tests-cudnn, cudnn-1024, cudnn-2048, cudnn-kontext,
+# startup-frames-nographs, tests-frames, profile-cudnn, profile-cudnn-nographs, vae-compile, pack-artifacts, cudnn-attention, tests-cudnn, cudnn-1024, cudnn-2048, cudnn-kontext,
 # cudnn-taylorseer, cudnn-lora-28, cudnn-startup). Each stage
 # has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
@@ -241,8 +241,16 @@ for s in "$@"; do
       EXTRA=(); [ "$s" = profile-cudnn-nographs ] && EXTRA=(--no-cuda-graphs)
       stage "$s" 240 python3 -m benchmarks.profile_lora --res 1024 --rank 64 \
         --preset fp8-compile-fastacc-cudagraphs-cudnnattn "${EXTRA[@]}" --out "$OUT/$s-$CARD-$DAY.json" ;;
-    vae-compile) stage vae-compile 300 python3 -m benchmarks.bench_vae --res 1024,2048 --tiles 1024/128 --no-diffusers \
+    vae-compile) stage vae-compile 300 python3 -m benchmarks.bench_vae --res 1024,1360x768,2048 --tiles 1024/128 --no-diffusers \
       --no-channels-last --compile --out "$OUT" ;;
+    pack-artifacts)
+      # the start-up stages' $OUT/artifacts as one tar per key (the device brings back at most 8 files)
+      for bin in "$OUT"/artifacts/*.bin; do
+        [ -e "$bin" ] || continue
+        key=$(basename "$bin" .bin)
+        tar -C "$OUT/artifacts" -cf "$OUT/artifacts-$key.tar" $(cd "$OUT/artifacts" && ls "$key".*) && rm -f "$OUT/artifacts/$key".*
+      done
+      ls -la "$OUT" ;;
     profile-lora)
       stage profile-lora 240 python3 -m benchmarks.profile_lora --res 1024 --rank 64 --preset fp8-compile-fastacc \
         --out "$OUT/profile-lora-$CARD-$DAY.json" ;;

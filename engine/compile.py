@@ -174,6 +174,8 @@ def key_of(versions: dict, device: str, dtype: torch.dtype, transformer_config, 
         "quant": repr(config.quant),
         "parallel": repr(config.parallel) if config.parallel.enabled else "off",
     }
+    if config.vae.compile:  # the VAE's graphs are in the artefacts too (only then: the other keys stay as they were)
+        parts["vae"] = "compiled"
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
     return digest[:20]
 
@@ -271,7 +273,7 @@ def remove_compile(state: CompileState) -> None:
 
 def apply_compile(pipe, config) -> CompileState | None:
     """Compile `pipe.transformer` regionally per `config.compile` (and capture it in CUDA graphs when asked);
-    None when both are off."""
+    None when both are off. The VAE (`config.vae.compile`): engine.vae_compile, after this."""
     compile_config: CompileConfig = config.compile
     if compile_config.mode == "none" and not compile_config.cuda_graphs:
         return None

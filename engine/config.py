@@ -212,11 +212,14 @@ class VaeConfig:
         than one tile (or when the planner asks for it under a memory budget).
     tile: the side of a tile in image pixels (a multiple of 64); overlap: pixels shared by neighbouring
         tiles and blended (a multiple of 8, less than half a tile).
+    compile: the decoder and encoder under torch.compile (engine.compile.compile_vae: one graph for every size;
+        H200 decode 87 -> 36 ms at 1024^2, benchmarks/NOTES.md 2026-11-30 18:20).
     """
 
     tiling: VaeTiling = "off"
     tile: int = 1024
     overlap: int = 128
+    compile: bool = False
 
     TILINGS = get_args(VaeTiling)
 
@@ -229,13 +232,14 @@ class VaeConfig:
                 f"vae.overlap={self.overlap!r} must be a multiple of 8 in 0..{self.tile // 2 - 8} "
                 f"(less than half of vae.tile={self.tile})"
             )
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"vae.compile={self.compile!r} must be True or False")
 
     @property
     def label(self) -> str:
-        if self.tiling == "off":
-            return ""
         size = "" if (self.tile, self.overlap) == (1024, 128) else f"{self.tile}/{self.overlap}"
-        return f"vae={self.tiling}{size}"
+        parts = ([] if self.tiling == "off" else [f"{self.tiling}{size}"]) + (["compiled"] if self.compile else [])
+        return f"vae={'+'.join(parts)}" if parts else ""
 
 
 @dataclass(frozen=True)
@@ -324,7 +328,12 @@ _REGIONAL = CompileConfig(mode="regional")
 _FP8 = QuantConfig(transformer="fp8")
 _FP8_FAST = QuantConfig(transformer="fp8", fp8_fast_accum=True)
 _VAE_512 = VaeConfig(tiling="auto", tile=512, overlap=64)
-_FASTEST = {"attention": _KERNELS, "quant": _FP8_FAST, "compile": replace(_REGIONAL, cuda_graphs=True)}
+_FASTEST = {
+    "attention": _KERNELS,
+    "quant": _FP8_FAST,
+    "compile": replace(_REGIONAL, cuda_graphs=True),
+    "vae": VaeConfig(compile=True),
+}
 
 
 def _preset(name: str, **parts) -> EngineConfig:

@@ -107,7 +107,9 @@ def needs_lora_calls(pipe) -> bool:
 
 
 def _compiled(pipe) -> bool:
-    return bool(getattr(getattr(pipe, "compile_state", None), "modules", None))
+    """Whether the transformer has compiled regions (a compiled VAE alone, engine.vae_compile, does not count)."""
+    names = getattr(getattr(pipe, "compile_state", None), "compiled_modules", None) or []
+    return any(not name.startswith("vae.") for name in names)
 
 
 def streamed_device(pipe) -> torch.device | None:

@@ -118,6 +118,10 @@ def optimize(pipe, config: EngineConfig | str | None = None):
         parallel_state = pipe.parallel_state
         steps.add("parallel", lambda: remove_parallel(pipe, parallel_state))
     pipe.compile_state = apply_compile(pipe, config)
+    if config.vae.compile:
+        from .vae_compile import compile_vae
+
+        pipe.compile_state = compile_vae(pipe, config, pipe.compile_state)
     if pipe.compile_state is not None:
         compile_state = pipe.compile_state
         steps.add("compile", lambda: remove_compile(compile_state))
