@@ -570,3 +570,49 @@ def test_compiled_vae_matches_eager_one_graph_for_every_size_and_restores(tiny_c
     assert pipe.vae.decoder._compiled_call_impl is None and pipe.vae.encoder._compiled_call_impl is None
     assert pipe.vae.decoder.conv_in.weight.is_contiguous()
     assert torch.equal(pipe(**tiny_call_kwargs(height=32, width=64)).images, reference[0])
+
+
+def test_compiled_vae_frames_are_saved_and_a_new_process_runs_them_without_tracing(tiny_vae, tmp_path):
+    """Under a compile step that keeps frames (engine.frames), the decoder is a frame ahead of time: made and saved
+    by the first decode, loaded by a later process, which then decodes without tracing (no graph made) and equals
+    the first process's decode."""
+    from types import SimpleNamespace
+
+    from engine.compile import CompileState, remove_compile
+    from engine.config import EngineConfig
+    from engine.frames import Frames, read_frames
+    from engine.vae_compile import compile_vae
+
+    config = EngineConfig(vae=VaeConfig(compile=True))
+    path = tmp_path / "key.frames"
+    latents = [randn(1, 16, 4, 8), randn(1, 16, 6, 6, seed=2)]  # one side of the CPU's backend thresholds (above)
+    with torch.no_grad():
+        eager = [tiny_vae.decode(z).sample for z in latents]
+
+    def process(saved: dict) -> tuple[list[torch.Tensor], dict, int]:
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        state = CompileState(cache_dir=tmp_path / "cache", artifact_path=None, frames=Frames(saved), frames_path=path)
+        vae = copy.deepcopy(tiny_vae)
+        compile_vae(SimpleNamespace(vae=vae), config, state)
+        with torch.no_grad():
+            images = [vae.decode(z.clone()).sample for z in latents]  # a new process's own tensors
+        assert not any(hasattr(z, "_dynamo_weak_dynamic_indices") for z in latents)  # the caller's left unmarked
+        stats = state.frames.stats()
+        remove_compile(state)
+        assert "forward" not in vae.decoder.__dict__ and vae.decoder._compiled_call_impl is None
+        return images, stats, torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+    first, stats, _ = process({})
+    decoder = next(value for name, value in stats.items() if name.endswith("Decoder"))
+    assert (decoder["from"], decoder["made"], decoder["fallbacks"], decoder["refused"]) == ("made", 1, 0, "")
+    assert decoder["runs"] == 2  # both sizes ran the one variant: dynamic height and width
+    assert any(name.endswith("Decoder") for name in read_frames(path))
+    for image, expected in zip(first, eager, strict=True):
+        assert (image - expected).abs().max().item() < 1e-4  # fp32; measured ~1e-6
+    second, stats, graphs = process(read_frames(path))
+    decoder = next(value for name, value in stats.items() if name.endswith("Decoder"))
+    assert (decoder["from"], decoder["loaded"], decoder["made"], decoder["runs"]) == ("file", 1, 0, 2)
+    assert graphs == 0  # nothing traced
+    for image, expected in zip(second, first, strict=True):
+        assert torch.equal(image, expected)
