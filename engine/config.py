@@ -212,8 +212,8 @@ class VaeConfig:
         than one tile (or when the planner asks for it under a memory budget).
     tile: the side of a tile in image pixels (a multiple of 64); overlap: pixels shared by neighbouring
         tiles and blended (a multiple of 8, less than half a tile).
-    compile: the decoder and encoder under torch.compile (engine.compile.compile_vae: one graph for every size;
-        H200 decode 87 -> 36 ms at 1024^2, benchmarks/NOTES.md 2026-11-30 18:20).
+    compile: the decoder and encoder under torch.compile (engine.vae_compile: one graph for every size; H200 decode
+        87 -> 46 ms at 1024^2, but ~45 s more cold start and ~20 s more warm start).
     """
 
     tiling: VaeTiling = "off"
@@ -328,12 +328,7 @@ _REGIONAL = CompileConfig(mode="regional")
 _FP8 = QuantConfig(transformer="fp8")
 _FP8_FAST = QuantConfig(transformer="fp8", fp8_fast_accum=True)
 _VAE_512 = VaeConfig(tiling="auto", tile=512, overlap=64)
-_FASTEST = {
-    "attention": _KERNELS,
-    "quant": _FP8_FAST,
-    "compile": replace(_REGIONAL, cuda_graphs=True),
-    "vae": VaeConfig(compile=True),
-}
+_FASTEST = {"attention": _KERNELS, "quant": _FP8_FAST, "compile": replace(_REGIONAL, cuda_graphs=True)}
 
 
 def _preset(name: str, **parts) -> EngineConfig:
@@ -422,6 +417,11 @@ PRESETS: dict[str, EngineConfig] = {
     # cuDNN's fp8 attention core (flux_kernels.cudnn_attention: e4m3 Q, K, V, P, O), needs nvidia-cudnn-frontend
     "fp8-compile-fastacc-cudagraphs-cudnnattn": _preset(
         "fp8-compile-fastacc-cudagraphs-cudnnattn", **{**_FASTEST, "attention": _CUDNN_ATTN}
+    ),
+    # the same with the VAE compiled (engine.vae_compile): faster images, a slower start (opt-in, never the default)
+    "fp8-compile-fastacc-cudagraphs-cudnnattn-compiledvae": _preset(
+        "fp8-compile-fastacc-cudagraphs-cudnnattn-compiledvae",
+        **{**_FASTEST, "attention": _CUDNN_ATTN, "vae": VaeConfig(compile=True)},
     ),
 }
 
