@@ -213,7 +213,7 @@ class VaeConfig:
     tile: the side of a tile in image pixels (a multiple of 64); overlap: pixels shared by neighbouring
         tiles and blended (a multiple of 8, less than half a tile).
     compile: the decoder and encoder under torch.compile (engine.vae_compile: one graph for every size; H200 decode
-        87 -> 46 ms at 1024^2, but ~45 s more cold start and ~20 s more warm start).
+        87 -> 46 ms at 1024^2, but ~45 s more cold start and 16-21 s more warm start, NOTES 2026-11-30 19:10).
     """
 
     tiling: VaeTiling = "off"

@@ -7,9 +7,10 @@ with its SiLU: 87 -> 46 ms at 1024^2 and 396 -> 204 ms at 2048^2 with the sizes 
 and less memory (NOTES 2026-11-30 18:20, 18:45). Eager channels_last alone was 1.6x slower (eager GroupNorm copies
 NHWC back to NCHW, NOTES 2026-11-26), which is why the layout comes with the compile and not on its own.
 
-The price is the start (H200, NOTES 2026-11-30 19:10): the decoder's first compile takes ~45 s, and a warm process
-traces it again (~16-21 s of dynamo): a server that starts once gains 40 ms (1024^2) to 190 ms (2048^2) an image; a
-process that makes a few images does not. Hence opt-in. Its compile artefacts (~50 MB a key) are too large to ship.
+The price is the start (H200, NOTES 2026-11-30 19:10): the decoder's first compile took ~45 s, and a warm process
+traced and compiled it again (16-21 s, measured with the frame tried below; this plain path's warm start is not
+measured yet): a server that starts once gains 40 ms (1024^2) to 190 ms (2048^2) an image; a process that makes a few
+images does not. Hence opt-in. Its compile artefacts (~55 MB a key) are too large to ship.
 
 - Dynamic sizes: one graph for every image size (no recompile when the size changes): the height and width of the
   input are marked dynamic, each its own symbol, on a copy of the caller's tensor (`dynamic=True` gives equal sizes
@@ -62,7 +63,8 @@ class _ScopedCall:
         self.call, self.state, self.save = call, state, save
 
     def __call__(self, sample: torch.Tensor, *args, **kwargs):
-        sample = sample.detach()  # another tensor object (the same data): the caller's is left unmarked
+        if not sample.requires_grad:  # another tensor object (the same data): the caller's is left unmarked
+            sample = sample.detach()
         for dim in (2, 3):  # height and width, each its own symbol
             torch._dynamo.maybe_mark_dynamic(sample, dim)
         with compiler_caches(self.state.cache_dir):

@@ -559,15 +559,14 @@ def test_compiled_vae_matches_eager_one_graph_for_every_size_and_restores(tiny_c
     assert pipe.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     for (height, width), expected in zip(sizes, reference, strict=True):
         image = pipe(**tiny_call_kwargs(height=height, width=width)).images
-        # measured: max difference 1.8e-7 on [0, 1] images (fp32, inductor's fused GroupNorm against ATen's)
+        # measured: max difference 1.6e-6 and 2.1e-6 on [0, 1] images (fp32, inductor's fused GroupNorm against ATen's)
         assert (image - expected).abs().max().item() < 1e-5
     assert counters["stats"]["unique_graphs"] == 1  # the decoder's, for both sizes: no recompile
     with torch.no_grad():
         compiled_encode = pipe.vae.encode(images).latent_dist.mean
-    assert (compiled_encode - encoded).abs().max().item() < 1e-4
+    assert (compiled_encode - encoded).abs().max().item() < 2e-5  # measured 2.2e-6
     assert counters["stats"]["unique_graphs"] == 2  # and the encoder's
     restore(pipe)
     assert pipe.vae.decoder._compiled_call_impl is None and pipe.vae.encoder._compiled_call_impl is None
     assert pipe.vae.decoder.conv_in.weight.is_contiguous()
     assert torch.equal(pipe(**tiny_call_kwargs(height=32, width=64)).images, reference[0])
-
