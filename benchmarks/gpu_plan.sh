@@ -9,7 +9,7 @@
 # tests-controlnet-graphs, gluon-kernels, gluon-step, profile-cp-2, tests-cp, cp-2-chunks, cp-2-nccl, cp-2-prio, timeline-cp-2, startup-shipped,
 # startup-package, startup-profile, startup-frames, startup-frames-only, startup-noframes,
 # startup-frames-nographs, tests-frames, profile-cudnn, profile-cudnn-nographs, vae-compile, pack-artifacts, cudnn-attention, tests-cudnn, cudnn-1024, cudnn-2048, cudnn-kontext,
-# cudnn-taylorseer, cudnn-lora-28, cudnn-startup). Each stage
+# cudnn-taylorseer, cudnn-lora-28, cudnn-startup, cudnn-plans, gelu-ab, tests-gelu-cudnn). Each stage
 # has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
@@ -302,6 +302,17 @@ for s in "$@"; do
       stage cudnn-attention 420 python3 -m benchmarks.kernels.bench_flash_attention --lengths 4608 8704 16896 \
         --out "$OUT/attention-cudnn-$CARD-$DAY.json" ;;
     tests-cudnn) stage tests-cudnn 240 python3 -m pytest -q tests/kernels/test_cudnn_attention.py ;;
+    cudnn-plans)
+      # every execution plan cuDNN offers for the fp8 SDPA graph (heuristics A, B, fallback, then each engine's knobs),
+      # timed at 4608 / 8704 / 16896 tokens beside the plan the engine runs (heuristic A's first)
+      stage cudnn-plans 330 python3 -m benchmarks.kernels.bench_cudnn_plans --lengths 4608 8704 16896 --budget 90 \
+        --out "$OUT/cudnn-plans-$CARD-$DAY.json" ;;
+    gelu-ab)
+      # gelu_concat_fp8 against the version in scratch_gelu_before.py (an uncommitted copy of the previous kernel)
+      stage gelu-ab 240 python3 -m benchmarks.kernels.bench_gelu_fp8 --baseline scratch_gelu_before.py \
+        --out "$OUT/gelu-ab-$CARD-$DAY.json" ;;
+    tests-gelu-cudnn) stage tests-gelu-cudnn 240 python3 -m pytest -q -m gpu tests/kernels/test_gelu_fp8.py \
+        tests/kernels/test_cudnn_attention.py ;;
     cudnn-1024|cudnn-2048)
       # the fastest preset with cuDNN's fp8 attention core beside the fastest preset and diffusers, same process
       # (at 2048^2 the cuDNN preset first: its peak memory without another preset's run before it)

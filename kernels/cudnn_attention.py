@@ -43,7 +43,8 @@ class CudnnAttentionUnavailable(RuntimeError):
     """cuDNN's fp8 attention cannot run here; the message says why and what to do."""
 
 
-def _import_cudnn():
+def import_cudnn():
+    """The cudnn-frontend package, or CudnnAttentionUnavailable saying how to install it."""
     try:
         import cudnn
     except ImportError as error:
@@ -70,7 +71,7 @@ def _cuda_unavailable_reason(index: int) -> str | None:
     if major < 9:
         return f"cuDNN fp8 attention needs compute capability >= 9.0 (Hopper), this GPU has {major}.{minor}"
     try:
-        cudnn = _import_cudnn()
+        cudnn = import_cudnn()
     except CudnnAttentionUnavailable as error:
         return str(error)
     version = cudnn.backend_version()  # e.g. 91900 for 9.19.0
@@ -86,8 +87,9 @@ def _cuda_unavailable_reason(index: int) -> str | None:
 _local = threading.local()
 
 
-def _handle(device: torch.device):
-    cudnn = _import_cudnn()
+def cudnn_handle(device: torch.device):
+    """This thread's cuDNN handle for `device` (made once)."""
+    cudnn = import_cudnn()
     handles = getattr(_local, "handles", None)
     if handles is None:
         handles = _local.handles = {}
@@ -113,11 +115,11 @@ def _constants(device: torch.device) -> dict[int, torch.Tensor]:
             _AMAX_O: scalar(0.0)}  # fmt: skip
 
 
-@functools.cache
-def _graph(device: torch.device, q_shape, q_stride, k_shape, k_stride, v_stride, o_stride, softmax_scale):
-    """A built cuDNN graph for these shapes and strides (cached: building costs ~10-100 ms)."""
-    cudnn = _import_cudnn()
-    handle = _handle(device)
+def operation_graph(device: torch.device, q_shape, q_stride, k_shape, k_stride, v_stride, o_stride, softmax_scale):
+    """The fp8 SDPA graph for these shapes and strides, validated, its operation graph built, no execution plan yet
+    (benchmarks/kernels/bench_cudnn_plans.py times every plan cuDNN offers for it)."""
+    cudnn = import_cudnn()
+    handle = cudnn_handle(device)
     graph = cudnn.pygraph(
         io_data_type=cudnn.data_type.FP8_E4M3,
         intermediate_data_type=cudnn.data_type.FLOAT,
@@ -143,6 +145,20 @@ def _graph(device: torch.device, q_shape, q_stride, k_shape, k_stride, v_stride,
         tensor.set_data_type(cudnn.data_type.FLOAT)
     graph.validate()
     graph.build_operation_graph()
+    return graph
+
+
+def variant_pack(q8, k8, v8, out, q_descale, k_descale) -> dict:
+    """The graph's tensors by uid for one call: the inputs, the output and the fixed scalars."""
+    return {_Q: q8, _K: k8, _V: v8, _O: out, _DQ: q_descale, _DK: k_descale, _DV: _one(q8.device),
+            **_constants(q8.device)}  # fmt: skip
+
+
+@functools.cache
+def _graph(device: torch.device, q_shape, q_stride, k_shape, k_stride, v_stride, o_stride, softmax_scale):
+    """A built cuDNN graph for these shapes and strides (cached: building costs ~10-100 ms)."""
+    cudnn = import_cudnn()
+    graph = operation_graph(device, q_shape, q_stride, k_shape, k_stride, v_stride, o_stride, softmax_scale)
     graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
     graph.check_support()
     graph.build_plans()
@@ -183,11 +199,10 @@ def cudnn_fp8_attention_quantized(q8, k8, v8, q_descale, k_descale, softmax_scal
     out = torch.empty(batch, q_len, heads, head_dim, dtype=FP8, device=q8.device).transpose(1, 2)
     graph, workspace_size = _graph(q8.device, tuple(q8.shape), q8.stride(), tuple(k8.shape), k8.stride(),
                                    v8.stride(), out.stride(), scale)  # fmt: skip
-    cudnn = _import_cudnn()
-    handle = _handle(q8.device)
+    cudnn = import_cudnn()
+    handle = cudnn_handle(q8.device)
     cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(q8.device).cuda_stream)
-    pack = {_Q: q8, _K: k8, _V: v8, _O: out, _DQ: q_descale, _DK: k_descale, _DV: _one(q8.device),
-            **_constants(q8.device)}  # fmt: skip
+    pack = variant_pack(q8, k8, v8, out, q_descale, k_descale)
     workspace = torch.empty(max(workspace_size, 1), dtype=torch.uint8, device=q8.device)
     graph.execute(pack, workspace, handle=handle)
     return out
@@ -349,6 +364,9 @@ __all__ = [
     "cudnn_fp8_attention_pairs",
     "cudnn_fp8_attention_quantized",
     "cudnn_fp8_attention_ref",
+    "cudnn_handle",
+    "import_cudnn",
+    "operation_graph",
     "bound_factor",
     "qk_bound",
     "qk_norm_rope_e4m3_pairs",
@@ -357,4 +375,5 @@ __all__ = [
     "quantize_tensor",
     "quantize_v_channels",
     "unavailable_reason",
+    "variant_pack",
 ]

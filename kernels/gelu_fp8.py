@@ -30,7 +30,11 @@ from flux_kernels.fp8 import FP8_DTYPE, e4m3, e4m3_scale, quantize_fp8_rowwise  
 from flux_kernels.rowwise import ACTIVATION_DTYPES
 
 MAX_WIDTH = 16384
-GELU_TANH_2C = tl.constexpr(1.5957691216057308)  # 2 * sqrt(2 / pi): 0.5 * (1 + tanh(z)) = sigmoid(2 z)
+# gelu_tanh(x) = x * 0.5 * (1 + tanh(z)) = x * sigmoid(2 z) = x / (1 + 2^(-2 z log2(e))), z = sqrt(2 / pi) (x + 0.044715
+# x^3), so -2 z log2(e) = x (K1 + K2 x^2): one fma, two products, exp2, an add and a division a value (the kernel is
+# bound by its instruction issue as much as by memory: benchmarks/NOTES.md, 2026-11-30 07:24 and 2026-11-30 22:30)
+GELU_EXP2_K1 = tl.constexpr(-2.302208198144325)  # -2 sqrt(2 / pi) log2(e)
+GELU_EXP2_K2 = tl.constexpr(-0.1029432395800235)  # K1 * 0.044715
 
 
 def gelu_concat_fp8_ref(prefix: torch.Tensor | None, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,9 +68,10 @@ def _gelu_concat_fp8_kernel(
     cols = tl.arange(0, BLOCK_K)
     mask = cols < K
     x = tl.load(X + batch * stride_x_b + token * stride_x_l + cols, mask=mask, other=0.0).to(tl.float32)
-    # the tensor first: Triton 3.7's interpreter turns `constexpr * tensor` into a constexpr holding a tensor, which
-    # tl.sigmoid then cannot take ("cannot convert ... to tensor"); the compiled code is the same either way
-    hidden = x * tl.sigmoid((x + 0.044715 * x * x * x) * GELU_TANH_2C)  # gelu(0) = 0: masked columns stay 0
+    # tensors first: Triton 3.7's interpreter turns `constexpr * tensor` into a constexpr holding a tensor, which
+    # tl.exp2 then cannot take ("cannot convert ... to tensor"); the compiled code is the same either way.
+    # Large negative x: 2^(...) = inf, x / inf = -0; NaN stays NaN. gelu(0) = 0: masked columns stay 0.
+    hidden = x / (tl.exp2(x * (x * x * GELU_EXP2_K2 + GELU_EXP2_K1)) + 1.0)
     amax = tl.max(tl.abs(hidden), axis=0)
     if HAS_PREFIX:
         prefix_cols = tl.arange(0, BLOCK_P)

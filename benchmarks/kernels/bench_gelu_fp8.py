@@ -4,6 +4,9 @@ quantiser), device time from CUDA graphs with inputs rotated out of L2, at FLUX'
 
     python -m benchmarks.kernels.bench_gelu_fp8 --out benchmarks/results/gelu-fp8-<gpu>-<date>.json
 
+`--baseline FILE` times another version of kernels/gelu_fp8.py beside it in the same process (an A/B of a kernel
+change: `git show HEAD~1:kernels/gelu_fp8.py > /tmp/gelu_before.py`), and counts the e4m3 codes where the two differ.
+
 benchmarks/bench_fp8_fusion.py runs the same rows beside the norm kernels' fp8 outputs and a profiled forward.
 """
 
@@ -31,9 +34,21 @@ def log(*parts) -> None:
 # ----------------------------------------------------------------------------- 1. the kernels
 
 
-def gelu_rows(tokens: int) -> list[dict]:
+def load_baseline(path: Path):
+    """Another version of kernels/gelu_fp8.py as a module; its custom op renamed, so that both can register."""
+    import importlib.util
+
+    source = path.read_text().replace('"flux_kernels::', '"flux_kernels_baseline::')
+    spec = importlib.util.spec_from_loader("gelu_fp8_baseline", loader=None)
+    module = importlib.util.module_from_spec(spec)
+    exec(compile(source, str(path), "exec"), module.__dict__)  # noqa: S102 - a file the user named, as a module
+    return module
+
+
+def gelu_rows(tokens: int, baseline=None) -> list[dict]:
     """gelu_concat_fp8 vs the same under inductor (GELU, concatenation, quantiser): the double-stream MLP output
-    (no prefix) and the single-stream proj_out input (the 3072-wide attention output first)."""
+    (no prefix) and the single-stream proj_out input (the 3072-wide attention output first); with `baseline`,
+    that module's gelu_concat_fp8_fwd too."""
     import torch.nn.functional as F
 
     from flux_kernels.fp8 import quantize_fp8_rowwise
@@ -56,8 +71,17 @@ def gelu_rows(tokens: int) -> list[dict]:
             if prefix_width:
                 prefix = torch.randn(1, tokens, prefix_width, device="cuda", dtype=torch.bfloat16, generator=generator)
             inputs.append((prefix, fused[..., 3 * HIDDEN :]))
-        for label, fn in (("fp8 kernel (fused)", gelu_concat_fp8), ("inductor (gelu, cat, quantiser)", unfused)):
+        variants = [("fp8 kernel (fused)", gelu_concat_fp8), ("inductor (gelu, cat, quantiser)", unfused)]
+        if baseline is not None:
+            variants.insert(1, ("baseline fp8 kernel (--baseline)", baseline.gelu_concat_fp8_fwd))
+        for label, fn in variants:
             rows.append(time_variant(op, tokens, label, [functools.partial(fn, *args) for args in inputs]))
+        if baseline is not None:
+            new, old = gelu_concat_fp8(*inputs[0]), baseline.gelu_concat_fp8_fwd(*inputs[0])
+            rows[-1]["codes_differ_from_baseline"] = (new[0].float() != old[0].float()).float().mean().item()
+            rows[-1]["scale_max_rel_diff_from_baseline"] = ((new[1] - old[1]).abs() / old[1]).max().item()
+            log(f"  kernel vs baseline: {rows[-1]['codes_differ_from_baseline']:.2e} of the codes differ, scales "
+                f"{rows[-1]['scale_max_rel_diff_from_baseline']:.2e} (largest relative)")  # fmt: skip
     return rows
 
 
@@ -79,10 +103,12 @@ def time_variant(op: str, tokens: int, label: str, calls: list) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--baseline", type=Path, help="another kernels/gelu_fp8.py to time beside this one")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_gelu_fp8 needs a CUDA GPU")
-    rows = [row for tokens in TOKENS for row in gelu_rows(tokens)]
+    baseline = None if args.baseline is None else load_baseline(args.baseline)
+    rows = [row for tokens in TOKENS for row in gelu_rows(tokens, baseline)]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"environment": environment_info(torch.device("cuda")), "rows": rows}, indent=1))
     log(f"wrote {args.out}")
