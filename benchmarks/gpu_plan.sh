@@ -9,7 +9,7 @@
 # tests-controlnet-graphs, gluon-kernels, gluon-step, profile-cp-2, tests-cp, cp-2-chunks, cp-2-nccl, cp-2-prio, timeline-cp-2, startup-shipped,
 # startup-package, startup-profile, startup-frames, startup-frames-only, startup-noframes,
 # startup-frames-nographs, tests-frames, profile-cudnn, profile-cudnn-nographs, vae-compile, pack-artifacts, cudnn-attention, tests-cudnn, cudnn-1024, cudnn-2048, cudnn-kontext,
-# cudnn-taylorseer, cudnn-lora-28, cudnn-startup, cudnn-plans, gelu-ab, tests-gelu-cudnn). Each stage
+# cudnn-taylorseer, cudnn-lora-28, cudnn-startup, cudnn-plans, gelu-ab, tests-gelu-cudnn, profile-vae). Each stage
 # has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
@@ -311,6 +311,9 @@ for s in "$@"; do
       # gelu_concat_fp8 against the version in scratch_gelu_before.py (an uncommitted copy of the previous kernel)
       stage gelu-ab 240 python3 -m benchmarks.kernels.bench_gelu_fp8 --baseline scratch_gelu_before.py \
         --out "$OUT/gelu-ab-$CARD-$DAY.json" ;;
+    profile-vae)
+      # the VAE decode's largest kernels (eager, compiled as the engine does) and its mid-block attention's backends
+      stage profile-vae 300 python3 -m benchmarks.profile_vae --res 1024,2048 --out "$OUT/profile-vae-$CARD-$DAY.json" ;;
     tests-gelu-cudnn) stage tests-gelu-cudnn 240 python3 -m pytest -q -m gpu tests/kernels/test_gelu_fp8.py \
         tests/kernels/test_cudnn_attention.py ;;
     cudnn-1024|cudnn-2048)

@@ -29,7 +29,7 @@ from flux_kernels import cudnn_attention as cudnn_fp8
 
 HEADS, HEAD_DIM = 24, 128
 CALLS = 20
-KNOB_COMBINATIONS = 48  # per engine, at most; each knob's values one at a time first, then pairs
+KNOB_COMBINATIONS = 64  # per engine, at most; each knob's values one at a time first, then the product
 
 
 def log(*parts) -> None:
@@ -166,7 +166,7 @@ def describe_knob(knob) -> dict:
 def knob_values(knob) -> list[int]:
     low, high = int(getattr(knob, "min_value", 0)), int(getattr(knob, "max_value", 0))
     stride = max(1, int(getattr(knob, "stride", 1) or 1))
-    return list(range(low, high + 1, stride))[:8]
+    return list(range(low, high + 1, stride))[:64]
 
 
 def combinations(choices):

@@ -33,7 +33,7 @@ def compile_case(kernel, signature: dict, constexprs: dict, num_warps: int, sour
         return {"compiled": False, "error": f"{type(err).__name__}: {err}"[:2000]}
     ptx = asm["ptx"]
     return {"compiled": bool(asm.get("cubin")), "rne_fp8_cast": FP8_CAST in ptx,
-            "nan_clamp": "min.NaN" in ptx or "max.NaN" in ptx,
+            "nan_clamp": "min.NaN" in ptx or "max.NaN" in ptx, "approx_divide": "div.approx" in ptx,
             "stores": {kind: ptx.count(kind) for kind in ("st.global.v4", "st.global.v2", "st.global.b16")},
             "wgmma": sorted({line.split()[0] for line in ptx.splitlines() if "wgmma.mma_async" in line}),
             "wgmma_waits": sorted({line.split()[1].rstrip(";") for line in ptx.splitlines()
@@ -47,9 +47,10 @@ def cases() -> dict:
     results = {}
     gelu = {"PREFIX": "*bf16", "X": "*bf16", "OUT": "*fp8e4nv", "OUT_SCALE": "*fp32", "stride_p_b": "i64",
             "stride_p_l": "i64", "stride_x_b": "i64", "stride_x_l": "i64", "L": "i32", "KP": "i32", "K": "i32",
-            "HAS_PREFIX": "constexpr", "BLOCK_P": "constexpr", "BLOCK_K": "constexpr"}  # fmt: skip
+            "HAS_PREFIX": "constexpr", "BLOCK_P": "constexpr", "BLOCK_K": "constexpr",
+            "APPROX_DIVIDE": "constexpr"}  # fmt: skip
     for has_prefix in (True, False):
-        constexprs = {"HAS_PREFIX": has_prefix, "BLOCK_P": 4096, "BLOCK_K": 16384}
+        constexprs = {"HAS_PREFIX": has_prefix, "BLOCK_P": 4096, "BLOCK_K": 16384, "APPROX_DIVIDE": True}
         results[f"gelu_concat_fp8/prefix={has_prefix}"] = compile_case(_gelu_concat_fp8_kernel, gelu, constexprs, 16)
     tail = {"B": "i32", "L": "i32", "C": "i32", "eps": "fp32", "BLOCK_C": "constexpr", "BLOCK_ROWS": "constexpr",
             "PROGRAMS_PER_SM": "constexpr", "QUANT_FP8": "constexpr"}  # fmt: skip

@@ -47,6 +47,13 @@ def test_fp8_outputs_round_to_nearest_even_and_keep_nan(compiled):
         assert case["nan_clamp"], f"{name}: the clamp does not propagate NaN"
 
 
+def test_the_gelu_divides_approximately_on_the_gpu(compiled):
+    """The GELU's division is div.approx (3 fewer SASS instructions a value than "/": the kernel is issue-bound,
+    benchmarks/NOTES.md 2026-11-30 22:30); the interpreter, without libdevice, divides with "/"."""
+    for has_prefix in (True, False):
+        assert compiled[f"gelu_concat_fp8/prefix={has_prefix}"]["approx_divide"]
+
+
 def test_qk_norm_rope_stores_16_byte_vectors_in_both_layouts(compiled):
     """The grouped (Ulysses) layout's runtime strides keep the default layout's stores: q, k and v leave in 16-byte
     vectors (st.global.v4), none element by element, given the alignment the runtime specialises on."""

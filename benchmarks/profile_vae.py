@@ -1,0 +1,161 @@
+"""Where the VAE decode's GPU time goes: its largest kernels, eager and compiled as the engine compiles it
+(engine.vae_compile), and the mid-block attention alone (one head of 512 channels over every latent pixel: 65,536
+tokens at 2048^2, 8.8 of the decoder's 48.5 TFLOP) under each PyTorch SDPA backend that takes it.
+
+    python -m benchmarks.profile_vae --res 2048 --out benchmarks/results/profile-vae-<gpu>-<date>.json
+
+The flux-dev VAE with random weights (speed does not depend on the values), bf16, CUDA only (exits 2 without it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections import defaultdict
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.bench_vae import build_vae
+from engine.config import EngineConfig, VaeConfig, parse_resolution
+from engine.measure import environment_info
+from engine.memory.vae_peaks import vae_scale_factor
+
+TOP = 25
+
+
+def top_kernels(decode, latents) -> list[tuple[float, int, str]]:
+    """(ms, launches, name) of one decode's kernels, largest first, after a warm-up decode."""
+    decode(latents)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        decode(latents)
+        torch.cuda.synchronize()
+    found: dict[str, list] = defaultdict(lambda: [0.0, 0])
+    for event in prof.key_averages():
+        device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if device_us > 0:
+            found[event.key[:110]][0] += device_us / 1e3
+            found[event.key[:110]][1] += event.count
+    return sorted(((round(ms, 3), count, name) for name, (ms, count) in found.items()), reverse=True)
+
+
+def event_ms(fn, runs: int = 5) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def attention_rows(tokens: int, channels: int = 512) -> list[dict]:
+    """The mid-block attention's shape [1, 1, tokens, channels] under each SDPA backend, and as two bf16 GEMMs
+    around a softmax, query chunk by query chunk (bounded memory)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 1, tokens, channels, device="cuda", dtype=torch.bfloat16, generator=generator)
+               for _ in range(3))  # fmt: skip
+    flops = 4 * tokens * tokens * channels
+    reference = None
+    rows = []
+
+    def chunked(chunk: int):
+        def run():
+            out = torch.empty_like(q)
+            scale = channels**-0.5
+            for start in range(0, tokens, chunk):
+                scores = torch.matmul(q[:, :, start : start + chunk], k.transpose(-1, -2)) * scale
+                out[:, :, start : start + chunk] = torch.matmul(scores.softmax(-1), v)
+            return out
+
+        return run
+
+    variants = [(f"sdpa {backend.name}", backend) for backend in
+                (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)]  # fmt: skip
+    variants.append(("sdpa default", None))
+    for label, backend in variants:
+        row = {"op": label, "tokens": tokens, "channels": channels}
+        try:
+            with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
+                ms = event_ms(lambda: F.scaled_dot_product_attention(q, k, v))
+                out = F.scaled_dot_product_attention(q, k, v).float()
+        except Exception as err:  # noqa: BLE001 - a backend that refuses the shape: recorded
+            row["error"] = f"{type(err).__name__}: {err}"[:200]
+        else:
+            reference = out if reference is None else reference
+            row.update(ms=ms, tflops=flops / ms / 1e9, max_abs_diff=(out - reference).abs().max().item())
+        rows.append(row)
+    for chunk in (4096, 8192, 16384):
+        row = {"op": f"bf16 GEMMs + softmax, {chunk}-query chunks", "tokens": tokens, "channels": channels}
+        fn = chunked(min(chunk, tokens))
+        ms = event_ms(fn)
+        row.update(ms=ms, tflops=flops / ms / 1e9)
+        if reference is not None:
+            row["max_abs_diff"] = (fn().float() - reference).abs().max().item()
+        rows.append(row)
+    for row in rows:
+        speed = f"{row['ms']:8.2f} ms {row['tflops']:5.0f} TFLOP/s" if "ms" in row else row["error"][:90]
+        print(f"  attention L={tokens:6d} {row['op']:42s} {speed} diff {row.get('max_abs_diff', '-')}", flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--res", default="2048", help="comma-separated sizes: 1024 or WIDTHxHEIGHT")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_vae: needs a CUDA GPU; nothing measured", file=sys.stderr)
+        return 2
+    from engine.bench.report import write_json
+    from engine.compile import remove_compile
+    from engine.vae_compile import compile_vae
+
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    vae, vae_config = build_vae("flux-dev", device, dtype, 0)
+    scale = vae_scale_factor(vae_config)
+    sizes = [parse_resolution(text) for text in args.res.split(",")]
+    result = {"env": environment_info(device), "sizes": sizes, "decode": [], "attention": []}
+
+    def decode(latents):
+        with torch.no_grad():
+            return vae.decode(latents).sample
+
+    for mode in ("eager", "compiled (engine)"):
+        state = None
+        if mode != "eager":
+            state = compile_vae(SimpleNamespace(vae=vae), EngineConfig(vae=VaeConfig(compile=True)), None)
+        try:
+            for height, width in sizes:
+                latents = torch.randn(1, vae_config["latent_channels"], height // scale, width // scale,
+                                      device=device, dtype=dtype)  # fmt: skip
+                ms = event_ms(lambda x=latents: decode(x))
+                kernels = top_kernels(decode, latents)
+                total = sum(k[0] for k in kernels)
+                print(f"{mode} {width}x{height}: {ms:.1f} ms (kernels {total:.1f} ms)", flush=True)
+                for kernel_ms, count, name in kernels[:TOP]:
+                    print(f"  {kernel_ms:8.2f} ms {count:4d}x {name[:100]}", flush=True)
+                result["decode"].append({"mode": mode, "height": height, "width": width, "ms": ms,
+                                         "kernel_ms": total, "top": kernels[:TOP]})  # fmt: skip
+        finally:
+            if state is not None:
+                remove_compile(state)
+    for height, width in sizes:
+        result["attention"] += attention_rows((height // scale) * (width // scale))
+    write_json(args.out, result)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
