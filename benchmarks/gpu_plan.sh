@@ -9,7 +9,8 @@
 # tests-controlnet-graphs, gluon-kernels, gluon-step, profile-cp-2, tests-cp, cp-2-chunks, cp-2-nccl, cp-2-prio, timeline-cp-2, startup-shipped,
 # startup-package, startup-profile, startup-frames, startup-frames-only, startup-noframes,
 # startup-frames-nographs, tests-frames, profile-cudnn, profile-cudnn-nographs, vae-compile, pack-artifacts, cudnn-attention, tests-cudnn, cudnn-1024, cudnn-2048, cudnn-kontext,
-# cudnn-taylorseer, cudnn-lora-28, cudnn-startup, cudnn-plans, gelu-ab, tests-gelu-cudnn, profile-vae). Each stage
+# cudnn-taylorseer, cudnn-lora-28, cudnn-startup, cudnn-plans, gelu-ab, tests-gelu-cudnn, profile-vae, profile-vae-chunked,
+# tests-vae-kernels, taylorseer-compiledvae). Each stage
 # has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
@@ -314,6 +315,19 @@ for s in "$@"; do
     profile-vae)
       # the VAE decode's largest kernels (eager, compiled as the engine does) and its mid-block attention's backends
       stage profile-vae 300 python3 -m benchmarks.profile_vae --res 1024,2048 --out "$OUT/profile-vae-$CARD-$DAY.json" ;;
+    profile-vae-chunked)
+      # the decode, eager and compiled, as diffusers runs it and with the engine's VAE kernels (PSNR of each against
+      # diffusers' eager decode)
+      stage profile-vae-chunked 300 python3 -m benchmarks.profile_vae --res 1024,2048 --no-backends \
+        --out "$OUT/profile-vae-chunked-$CARD-$DAY.json" ;;
+    tests-vae-kernels) stage tests-vae-kernels 200 python3 -m pytest -q tests/test_vae_kernels.py \
+        tests/kernels/test_group_norm.py ;;
+    taylorseer-compiledvae)
+      # issue "Step caching": TaylorSeer interval 5, 28 steps, 1024^2 and 2048^2, on the opt-in compiled-VAE preset,
+      # beside the same preset uncached and diffusers with its own TaylorSeer (same process)
+      stage "$s" 480 python3 -m engine.bench --res 1024 2048 --steps 28 --runs 2 \
+        --preset fp8-compile-fastacc-cudagraphs-cudnnattn-compiledvae --cache taylorseer:5 --cache-dir /tmp/fe-cache \
+        --out "$OUT/bench-$s-$CARD-$DAY.json" ;;
     tests-gelu-cudnn) stage tests-gelu-cudnn 240 python3 -m pytest -q -m gpu tests/kernels/test_gelu_fp8.py \
         tests/kernels/test_cudnn_attention.py ;;
     cudnn-1024|cudnn-2048)

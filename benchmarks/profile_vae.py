@@ -1,6 +1,9 @@
 """Where the VAE decode's GPU time goes: its largest kernels, eager and compiled as the engine compiles it
-(engine.vae_compile), and the mid-block attention alone (one head of 512 channels over every latent pixel: 65,536
-tokens at 2048^2, 8.8 of the decoder's 48.5 TFLOP) under each PyTorch SDPA backend that takes it.
+(engine.vae_compile), each as diffusers runs it and with the engine's VAE kernels (engine.vae_kernels: the attention
+as GEMMs, the GroupNorms' split statistics; eagerly also the attention alone), PSNR against diffusers' eager decode
+of the same latents; and the mid-block attention alone
+(one head of 512 channels over every latent pixel: 65,536 tokens at 2048^2, 8.8 of the decoder's 48.5 TFLOP) under
+each PyTorch SDPA backend that takes it.
 
     python -m benchmarks.profile_vae --res 2048 --out benchmarks/results/profile-vae-<gpu>-<date>.json
 
@@ -21,7 +24,7 @@ import torch.nn.functional as F
 
 from benchmarks.bench_vae import build_vae
 from engine.config import EngineConfig, VaeConfig, parse_resolution
-from engine.measure import environment_info
+from engine.measure import environment_info, psnr
 from engine.memory.vae_peaks import vae_scale_factor
 
 TOP = 25
@@ -109,10 +112,27 @@ def attention_rows(tokens: int, channels: int = 512) -> list[dict]:
     return rows
 
 
+def attention_only(vae):
+    """engine.vae_kernels' attention processor alone (GroupNorm as diffusers runs it) -> its undo."""
+    from engine.vae_kernels import ChunkedAttnProcessor
+
+    attentions = [m for m in vae.modules() if hasattr(m, "set_processor")]
+    originals = [m.processor for m in attentions]
+    for module, processor in zip(attentions, originals, strict=True):
+        module.set_processor(ChunkedAttnProcessor(processor))
+
+    def undo():
+        for module, processor in zip(attentions, originals, strict=True):
+            module.set_processor(processor)
+
+    return undo
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--res", default="2048", help="comma-separated sizes: 1024 or WIDTHxHEIGHT")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--no-backends", action="store_true", help="skip the attention's SDPA backends alone")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_vae: needs a CUDA GPU; nothing measured", file=sys.stderr)
@@ -120,6 +140,7 @@ def main(argv=None) -> int:
     from engine.bench.report import write_json
     from engine.compile import remove_compile
     from engine.vae_compile import compile_vae
+    from engine.vae_kernels import apply_vae_kernels
 
     device, dtype = torch.device("cuda"), torch.bfloat16
     vae, vae_config = build_vae("flux-dev", device, dtype, 0)
@@ -131,26 +152,39 @@ def main(argv=None) -> int:
         with torch.no_grad():
             return vae.decode(latents).sample
 
-    for mode in ("eager", "compiled (engine)"):
-        state = None
-        if mode != "eager":
-            state = compile_vae(SimpleNamespace(vae=vae), EngineConfig(vae=VaeConfig(compile=True)), None)
+    latents = {size: torch.randn(1, vae_config["latent_channels"], size[0] // scale, size[1] // scale, device=device,
+                                 dtype=dtype) for size in sizes}  # fmt: skip
+    references = {size: decode(x).float().clamp(-1, 1) for size, x in latents.items()}
+    # (label, engine kernels: none / the attention alone / all, compiled)
+    modes = [("eager", "none", False), ("eager", "attention", False), ("eager", "all", False),
+             ("compiled (engine)", "none", True), ("compiled (engine)", "all", True)]  # fmt: skip
+    for mode, engine_kernels, compiled in modes:
+        config = VaeConfig(compile=compiled, kernels=engine_kernels == "all")
+        undo = apply_vae_kernels(SimpleNamespace(vae=vae), config)
+        if engine_kernels == "attention":
+            undo = attention_only(vae)
+        state = compile_vae(SimpleNamespace(vae=vae), EngineConfig(vae=config), None) if compiled else None
         try:
-            for height, width in sizes:
-                latents = torch.randn(1, vae_config["latent_channels"], height // scale, width // scale,
-                                      device=device, dtype=dtype)  # fmt: skip
-                ms = event_ms(lambda x=latents: decode(x))
-                kernels = top_kernels(decode, latents)
-                total = sum(k[0] for k in kernels)
-                print(f"{mode} {width}x{height}: {ms:.1f} ms (kernels {total:.1f} ms)", flush=True)
-                for kernel_ms, count, name in kernels[:TOP]:
+            for (height, width), x in latents.items():
+                ms = event_ms(lambda x=x: decode(x))
+                quality = psnr(decode(x).float().clamp(-1, 1), references[(height, width)], data_range=2.0)
+                top = top_kernels(decode, x)
+                total = sum(k[0] for k in top)
+                print(
+                    f"{mode}, engine VAE kernels: {engine_kernels}, {width}x{height}: {ms:.1f} ms (kernels "
+                    f"{total:.1f} ms), PSNR {quality:.1f} dB against diffusers' eager decode",
+                    flush=True,
+                )
+                for kernel_ms, count, name in top[:TOP]:
                     print(f"  {kernel_ms:8.2f} ms {count:4d}x {name[:100]}", flush=True)
-                result["decode"].append({"mode": mode, "height": height, "width": width, "ms": ms,
-                                         "kernel_ms": total, "top": kernels[:TOP]})  # fmt: skip
+                row = {"mode": mode, "engine_kernels": engine_kernels, "height": height, "width": width, "ms": ms}
+                result["decode"].append({**row, "psnr_db": quality, "kernel_ms": total, "top": top[:TOP]})
         finally:
             if state is not None:
                 remove_compile(state)
-    for height, width in sizes:
+            if undo is not None:
+                undo()
+    for height, width in [] if args.no_backends else sizes:
         result["attention"] += attention_rows((height // scale) * (width // scale))
     write_json(args.out, result)
     print(f"wrote {args.out}")

@@ -214,12 +214,15 @@ class VaeConfig:
         tiles and blended (a multiple of 8, less than half a tile).
     compile: the decoder and encoder under torch.compile (engine.vae_compile: one graph for every size; H200 decode
         87 -> 46 ms at 1024^2, but ~45 s more cold start and 16-21 s more warm start, NOTES 2026-11-30 19:10).
+    kernels: the middle blocks' attention as two bf16 GEMMs around a softmax and the GroupNorms' statistics split
+        over the GPU (engine.vae_kernels; 2048^2 on an H200: attention 65 -> 25 ms, GroupNorm statistics 186 ms).
     """
 
     tiling: VaeTiling = "off"
     tile: int = 1024
     overlap: int = 128
     compile: bool = False
+    kernels: bool = False
 
     TILINGS = get_args(VaeTiling)
 
@@ -234,11 +237,14 @@ class VaeConfig:
             )
         if not isinstance(self.compile, bool):
             raise ConfigError(f"vae.compile={self.compile!r} must be True or False")
+        if not isinstance(self.kernels, bool):
+            raise ConfigError(f"vae.kernels={self.kernels!r} must be True or False")
 
     @property
     def label(self) -> str:
         size = "" if (self.tile, self.overlap) == (1024, 128) else f"{self.tile}/{self.overlap}"
         parts = ([] if self.tiling == "off" else [f"{self.tiling}{size}"]) + (["compiled"] if self.compile else [])
+        parts += ["kernels"] if self.kernels else []
         return f"vae={'+'.join(parts)}" if parts else ""
 
 
@@ -328,7 +334,9 @@ _REGIONAL = CompileConfig(mode="regional")
 _FP8 = QuantConfig(transformer="fp8")
 _FP8_FAST = QuantConfig(transformer="fp8", fp8_fast_accum=True)
 _VAE_512 = VaeConfig(tiling="auto", tile=512, overlap=64)
-_FASTEST = {"attention": _KERNELS, "quant": _FP8_FAST, "compile": replace(_REGIONAL, cuda_graphs=True)}
+_VAE_KERNELS = VaeConfig(kernels=True)  # GEMM attention, split GroupNorm: within the fp8 presets' tolerance
+_FASTEST = {"attention": _KERNELS, "quant": _FP8_FAST, "compile": replace(_REGIONAL, cuda_graphs=True),
+            "vae": _VAE_KERNELS}  # fmt: skip
 
 
 def _preset(name: str, **parts) -> EngineConfig:
@@ -421,7 +429,7 @@ PRESETS: dict[str, EngineConfig] = {
     # the same with the VAE compiled (engine.vae_compile): faster images, a slower start (opt-in, never the default)
     "fp8-compile-fastacc-cudagraphs-cudnnattn-compiledvae": _preset(
         "fp8-compile-fastacc-cudagraphs-cudnnattn-compiledvae",
-        **{**_FASTEST, "attention": _CUDNN_ATTN, "vae": VaeConfig(compile=True)},
+        **{**_FASTEST, "attention": _CUDNN_ATTN, "vae": replace(_VAE_KERNELS, compile=True)},
     ),
 }
 

@@ -80,6 +80,7 @@ def optimize(pipe, config: EngineConfig | str | None = None):
     from .quant.apply import apply_quantization
     from .stepcache.hooks import apply_step_cache
     from .vae import apply_vae, remove_vae_tiling
+    from .vae_kernels import apply_vae_kernels
 
     if config.cache.enabled and config.cache.directory:  # the kernels' tuning tables beside the compile cache
         from flux_kernels.tuning import set_tuning_directory
@@ -112,6 +113,9 @@ def optimize(pipe, config: EngineConfig | str | None = None):
     pipe.vae_state = apply_vae(pipe, config.vae)
     if pipe.vae_state is not None:
         steps.add("vae", lambda: remove_vae_tiling(pipe))
+    undo_vae_kernels = apply_vae_kernels(pipe, config.vae)  # before the VAE's compile, which traces them
+    if undo_vae_kernels is not None:
+        steps.add("vae-kernels", undo_vae_kernels)
     # before compile: the CUDA graphs capture the split, the exchanges and the gather with the blocks
     pipe.parallel_state = apply_parallel(pipe, config.parallel, pipe.attention_ops)
     if pipe.parallel_state is not None:

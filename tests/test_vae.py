@@ -534,10 +534,12 @@ def test_tiled_decode_on_the_gpu_saves_memory_as_predicted():
 # ----------------------------------------------------------------------------- the VAE under torch.compile
 
 
-def test_compiled_vae_matches_eager_one_graph_for_every_size_and_restores(tiny_components, tmp_path):
+@pytest.mark.parametrize("kernels", [False, True], ids=["diffusers-vae", "vae-kernels"])
+def test_compiled_vae_matches_eager_one_graph_for_every_size_and_restores(tiny_components, tmp_path, kernels):
     """VaeConfig(compile=True) through optimize(): the decoder (and the encoder) run compiled, fullgraph and dynamic:
     two image sizes make one graph each part, the images equal diffusers' eager VAE to fp32 rounding, and restore()
-    gives the eager VAE back with its contiguous weights."""
+    gives the eager VAE back with its contiguous weights. With kernels=True the middle blocks' attention is
+    engine.vae_kernels' custom op inside the same single graph (the GroupNorms stay inductor's)."""
     from engine import optimize
     from engine.config import CacheConfig, EngineConfig
     from engine.pipeline import restore
@@ -554,7 +556,8 @@ def test_compiled_vae_matches_eager_one_graph_for_every_size_and_restores(tiny_c
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
-    optimize(pipe, EngineConfig(vae=VaeConfig(compile=True), cache=CacheConfig(directory=str(tmp_path))))
+    vae_config = VaeConfig(compile=True, kernels=kernels)
+    optimize(pipe, EngineConfig(vae=vae_config, cache=CacheConfig(directory=str(tmp_path))))
     assert pipe.compile_state.compiled_modules == ["vae.decoder", "vae.encoder"]
     assert pipe.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     for (height, width), expected in zip(sizes, reference, strict=True):

@@ -139,6 +139,17 @@ def cases() -> dict:
         results[f"fp8_attention_quantize/v={v_e4m3}"] = compile_case(
             fp8_attention._quantize_kernel, quant, constexprs, 4
         )
+    from flux_kernels import group_norm
+
+    aligned = {(i,): [["tt.divisibility", 16]] for i in range(3)}  # X, PARTIAL / SCALE, group_size / SHIFT
+    moments = {"X": "*bf16", "PARTIAL": "*fp32", "group_size": "i64", "chunks": "i32", "CHUNK": "constexpr",
+               "BLOCK": "constexpr"}  # fmt: skip
+    sizes = {"CHUNK": group_norm.CHUNK, "BLOCK": group_norm.BLOCK}
+    results["group_norm/moments"] = compile_case(group_norm._group_moments_kernel, moments, sizes, 4, attrs=aligned)
+    results["group_norm/apply"] = compile_case(
+        group_norm._group_norm_apply_kernel, {"X": "*bf16", "SCALE": "*fp32", "SHIFT": "*fp32", "OUT": "*bf16",
+        "spatial": "i64", "BLOCK": "constexpr"}, {"BLOCK": group_norm.BLOCK}, 4,
+    )  # fmt: skip
     return results
 
 

@@ -1,0 +1,140 @@
+"""Our kernels in the FLUX VAE (`VaeConfig(kernels=True)`): its middle-block attention as two bf16 GEMMs around a
+softmax, and its GroupNorms with their statistics split over the whole GPU (flux_kernels.group_norm).
+
+Attention. The VAE attends once in the middle block of its decoder (and of its encoder): one head of 512 channels
+over every latent pixel, 16,384 tokens at 1024^2 and 65,536 at 2048^2 (8.8 of the 2048^2 decoder's 48.5 TFLOP). No
+flash or cuDNN kernel takes a head of 512 channels (they stop at 256), so SDPA runs the memory-efficient kernel's
+generic path: 63-68 ms of a 2048^2 decode on an H200 (~125 TFLOP/s), a third of the compiled decode's 207 ms.
+cuBLAS's GEMMs with PyTorch's softmax between them run it at ~350 TFLOP/s (24.7 ms), 4096 queries at a time, so that
+the scores need 2 x 4096 x L x 2 bytes (1 GiB at 2048^2, while the decoder's tensors are still small: not its
+peak). The scores leave the GEMM in bf16 (scaled in its fp32 epilogue) where the fused kernel keeps them in fp32,
+as PyTorch's math SDPA and diffusers' classic AttnProcessor do; the softmax runs in fp32 and its probabilities are
+rounded to bf16 (as the fused kernels round them): max |diff| 5e-4 to 1e-3 against SDPA on unit-variance inputs.
+Only diffusers' own `AttnProcessor2_0` is replaced (a processor someone else set is left as it is), and only for
+self-attention without a mask. Under torch.compile (the compiled VAE) the attention is one custom op,
+`flux_engine::vae_chunked_attention`: the loop over query chunks stays out of the graph, which keeps one graph for
+every size.
+
+GroupNorm. PyTorch's CUDA GroupNorm reduces each group in one thread block: 32 blocks for a batch of one, 186 of the
+eager 2048^2 decode's 397 ms (46 of 87 at 1024^2). Eagerly each GroupNorm's forward runs flux_kernels.group_norm on
+a CUDA tensor (F.group_norm elsewhere, and under torch.compile, where inductor fuses it with its neighbours).
+(benchmarks/NOTES.md 2026-11-30 23:00, `results/profile-vae-h200-20261130-2152.json`.)
+
+On for the fastest presets, whose fp8 transformer sets their tolerance against diffusers; off everywhere else.
+`apply_vae_kernels` returns the undo, which puts diffusers' processors and GroupNorm forwards back.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from flux_kernels.group_norm import group_norm
+
+from .config import VaeConfig
+
+CHUNK = 4096  # queries a GEMM: 4096 / 8192 / 16384 ran 25.3 / 24.9 / 24.7 ms at 65,536 tokens (H200)
+
+
+def chunked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, chunk: int = CHUNK):
+    """softmax(q k^T / sqrt(D)) v for q [B, H, Lq, D], k, v [B, H, Lk, D]: per `chunk` queries, the scores by one
+    batched GEMM (scaled in its epilogue), the softmax, then the GEMM with v -> [B, H, Lq, D] (contiguous)."""
+    batch, heads, q_len, head_dim = query.shape
+    q = query.reshape(batch * heads, q_len, head_dim)
+    k_t = key.reshape(batch * heads, key.shape[2], head_dim).transpose(1, 2)
+    v = value.reshape(batch * heads, key.shape[2], head_dim)
+    out = query.new_empty(batch * heads, q_len, head_dim)
+    scores = query.new_empty(batch * heads, min(chunk, q_len), key.shape[2])
+    for start in range(0, q_len, chunk):
+        rows = slice(start, min(start + chunk, q_len))
+        part = scores[:, : rows.stop - rows.start]
+        torch.baddbmm(part, q[:, rows], k_t, beta=0.0, alpha=head_dim**-0.5, out=part)
+        torch.bmm(torch.softmax(part, dim=-1), v, out=out[:, rows])
+    return out.view(batch, heads, q_len, head_dim)
+
+
+@torch.library.custom_op("flux_engine::vae_chunked_attention", mutates_args=())
+def _chunked_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    return chunked_attention(query, key, value)
+
+
+@_chunked_attention_op.register_fake
+def _chunked_attention_fake(query, key, value):
+    return query.new_empty(query.shape)
+
+
+class ChunkedAttnProcessor:
+    """diffusers' AttnProcessor2_0 with `chunked_attention` in place of F.scaled_dot_product_attention; what it
+    does not cover (a mask, cross-attention, q/k norms, extra arguments) goes to the processor it replaced."""
+
+    def __init__(self, original):
+        self.original = original
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
+                 **kwargs):  # fmt: skip
+        if (encoder_hidden_states is not None or attention_mask is not None or attn.norm_q is not None
+                or attn.norm_k is not None or args or kwargs):  # fmt: skip
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        spatial = hidden_states.ndim == 4
+        if spatial:
+            batch, channels, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
+        if torch.compiler.is_compiling():
+            hidden_states = _chunked_attention_op(query, key, value)
+        else:
+            hidden_states = chunked_attention(query, key, value)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))  # the projection, then dropout
+        if spatial:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channels, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def _group_norm_forward(self: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+def apply_vae_kernels(pipe, config: VaeConfig) -> Callable[[], None] | None:
+    """With config.kernels, every attention of `pipe.vae` that runs diffusers' AttnProcessor2_0 runs
+    ChunkedAttnProcessor instead, and every GroupNorm runs flux_kernels.group_norm; returns the undo (None when
+    nothing was replaced)."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    vae = getattr(pipe, "vae", None)
+    if not config.kernels or vae is None:
+        return None
+    replaced = [(module, module.processor) for module in vae.modules()
+                if isinstance(module, Attention) and type(module.processor) is AttnProcessor2_0]  # fmt: skip
+    for module, processor in replaced:
+        module.set_processor(ChunkedAttnProcessor(processor))
+    norms = [module for module in vae.modules() if type(module) is nn.GroupNorm and "forward" not in module.__dict__]
+    for module in norms:
+        module.forward = types.MethodType(_group_norm_forward, module)
+
+    def undo() -> None:
+        for module, processor in replaced:
+            if isinstance(module.processor, ChunkedAttnProcessor):
+                module.set_processor(processor)
+        for module in norms:
+            forward = module.__dict__.get("forward")
+            if getattr(forward, "__func__", None) is _group_norm_forward:
+                del module.forward
+
+    return undo if replaced or norms else None
+
+
+__all__ = ["CHUNK", "ChunkedAttnProcessor", "apply_vae_kernels", "chunked_attention"]
