@@ -155,14 +155,16 @@ def main(argv=None) -> int:
     latents = {size: torch.randn(1, vae_config["latent_channels"], size[0] // scale, size[1] // scale, device=device,
                                  dtype=dtype) for size in sizes}  # fmt: skip
     references = {size: decode(x).float().clamp(-1, 1) for size, x in latents.items()}
-    # (label, engine kernels: none / the attention alone / all, compiled)
-    modes = [("eager", "none", False), ("eager", "attention", False), ("eager", "all", False),
-             ("compiled (engine)", "none", True), ("compiled (engine)", "all", True)]  # fmt: skip
-    for mode, engine_kernels, compiled in modes:
+    # (label, engine kernels: none / the attention alone / all, compiled, channels_last weights with them)
+    modes = [("eager", "none", False, False), ("eager", "attention", False, False), ("eager", "all", False, False),
+             ("eager", "all", False, True), ("compiled (engine)", "none", True, True),
+             ("compiled (engine)", "all", True, True)]  # fmt: skip
+    for mode, engine_kernels, compiled, channels_last in modes:
         config = VaeConfig(compile=compiled, kernels=engine_kernels == "all")
-        undo = apply_vae_kernels(SimpleNamespace(vae=vae), config)
+        undo = apply_vae_kernels(SimpleNamespace(vae=vae), config, channels_last=channels_last)
         if engine_kernels == "attention":
             undo = attention_only(vae)
+        mode = f"{mode}{', channels_last' if channels_last else ''}"
         state = compile_vae(SimpleNamespace(vae=vae), EngineConfig(vae=config), None) if compiled else None
         try:
             for (height, width), x in latents.items():

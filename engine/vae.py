@@ -104,7 +104,8 @@ def _tiles_of_all_ranks(run_tile, spans: list[tuple[int, int, int, int]], world)
 
     per_rank = -(-len(spans) // world.size)
     mine = spans[world.rank :: world.size] or spans[:1]
-    stacked = torch.stack([run_tile(*span) for span in mine])  # [k, B, C, th, tw]
+    # [k, B, C, th, tw]; contiguous for all_gather (a channels_last VAE, engine.vae_kernels, decodes NHWC tiles)
+    stacked = torch.stack([run_tile(*span) for span in mine]).contiguous()
     if stacked.shape[0] < per_rank:
         stacked = torch.cat([stacked, stacked.new_zeros(per_rank - stacked.shape[0], *stacked.shape[1:])])
     gathered = [torch.empty_like(stacked) for _ in range(world.size)]

@@ -17,8 +17,15 @@ every size.
 
 GroupNorm. PyTorch's CUDA GroupNorm reduces each group in one thread block: 32 blocks for a batch of one, 186 of the
 eager 2048^2 decode's 397 ms (46 of 87 at 1024^2). Eagerly each GroupNorm's forward runs flux_kernels.group_norm on
-a CUDA tensor (F.group_norm elsewhere, and under torch.compile, where inductor fuses it with its neighbours).
+a CUDA tensor (F.group_norm elsewhere, and under torch.compile, where inductor fuses it with its neighbours): eager
+decode 86.8 -> 40.6 ms at 1024^2, 398 -> 164 ms at 2048^2 with the attention above, PSNR 47.2 dB against diffusers'
+(random weights), `results/profile-vae-chunked-h200-20261130-2216.json`.
 (benchmarks/NOTES.md 2026-11-30 23:00, `results/profile-vae-h200-20261130-2152.json`.)
+
+Layout. The decoder's and encoder's weights are made channels_last (CHANNELS_LAST): cuDNN's convolutions then read
+and write NHWC without the transposes it adds around each NCHW one (32 of the 164 ms above), and
+flux_kernels.group_norm reads NHWC as it is (PyTorch's GroupNorm copied it back to NCHW: why eager channels_last
+alone was 1.6x slower on 2026-11-26). The decoded image comes out NHWC; the undo makes the weights contiguous again.
 
 On for the fastest presets, whose fp8 transformer sets their tolerance against diffusers; off everywhere else.
 `apply_vae_kernels` returns the undo, which puts diffusers' processors and GroupNorm forwards back.
@@ -36,6 +43,7 @@ from flux_kernels.group_norm import group_norm
 
 from .config import VaeConfig
 
+CHANNELS_LAST = True
 CHUNK = 4096  # queries a GEMM: 4096 / 8192 / 16384 ran 25.3 / 24.9 / 24.7 ms at 65,536 tokens (H200)
 
 
@@ -108,10 +116,10 @@ def _group_norm_forward(self: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
-def apply_vae_kernels(pipe, config: VaeConfig) -> Callable[[], None] | None:
+def apply_vae_kernels(pipe, config: VaeConfig, channels_last: bool = CHANNELS_LAST) -> Callable[[], None] | None:
     """With config.kernels, every attention of `pipe.vae` that runs diffusers' AttnProcessor2_0 runs
-    ChunkedAttnProcessor instead, and every GroupNorm runs flux_kernels.group_norm; returns the undo (None when
-    nothing was replaced)."""
+    ChunkedAttnProcessor instead, every GroupNorm runs flux_kernels.group_norm, and (channels_last) the decoder's
+    and encoder's weights are channels_last; returns the undo (None when nothing was changed)."""
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
     vae = getattr(pipe, "vae", None)
@@ -124,6 +132,9 @@ def apply_vae_kernels(pipe, config: VaeConfig) -> Callable[[], None] | None:
     norms = [module for module in vae.modules() if type(module) is nn.GroupNorm and "forward" not in module.__dict__]
     for module in norms:
         module.forward = types.MethodType(_group_norm_forward, module)
+    parts = [getattr(vae, name) for name in ("decoder", "encoder") if channels_last and hasattr(vae, name)]
+    for part in parts:
+        part.to(memory_format=torch.channels_last)
 
     def undo() -> None:
         for module, processor in replaced:
@@ -133,8 +144,10 @@ def apply_vae_kernels(pipe, config: VaeConfig) -> Callable[[], None] | None:
             forward = module.__dict__.get("forward")
             if getattr(forward, "__func__", None) is _group_norm_forward:
                 del module.forward
+        for part in parts:
+            part.to(memory_format=torch.contiguous_format)
 
-    return undo if replaced or norms else None
+    return undo if replaced or norms or parts else None
 
 
-__all__ = ["CHUNK", "ChunkedAttnProcessor", "apply_vae_kernels", "chunked_attention"]
+__all__ = ["CHANNELS_LAST", "CHUNK", "ChunkedAttnProcessor", "apply_vae_kernels", "chunked_attention"]

@@ -1,20 +1,23 @@
-"""GroupNorm of NCHW activations with its statistics split over many programs: the FLUX VAE's 30 GroupNorms.
+"""GroupNorm of [N, C, *spatial] activations with its statistics split over many programs: the FLUX VAE's 30
+GroupNorms.
 
 PyTorch's CUDA GroupNorm reduces each (sample, group) in one thread block (RowwiseMomentsCUDAKernel): a batch of one
 with 32 groups keeps 32 of an H200's 132 SMs busy, and at 2048^2 each group of the last decoder stage holds 16.8M
 values. Its statistics took 186 of the eager 2048^2 decode's 397 ms (46 of 87 at 1024^2; benchmarks/NOTES.md
-2026-11-30 23:00, `results/profile-vae-h200-20261130-2152.json`). Here each group is cut into chunks, one program
-per (group, chunk), so every SM reads:
-1. `_group_moments_kernel`: per (group, chunk), the sum and the sum of squares of x - shift in fp32, shift being
-   the group's first value (the shifted-data variance: no cancellation when the mean is large against the spread);
-2. the chunks' partial sums added in fp32 (PyTorch, [groups, chunks]), then mean and 1 / sqrt(var + eps), folded
-   with the affine weight and bias into one scale and one shift per channel;
-3. `_group_norm_apply_kernel`: y = x * scale[c] + shift[c] in fp32, rounded once to x's dtype.
-The same arithmetic as PyTorch's up to the summation order (its Welford in one block): outputs within a few units
-of the output dtype's last place (the tests compare against F.group_norm).
-Contiguous NCHW inputs of any float dtype; anything else (channels_last, CPU without the interpreter) is for
-F.group_norm, which `group_norm` calls then. Eager only: under torch.compile inductor fuses GroupNorm with its
-neighbours itself.
+2026-11-30 23:00, `results/profile-vae-h200-20261130-2152.json`). Here the work is cut into chunks, one program
+per chunk, so every SM reads. Two layouts:
+- contiguous (NCHW): `_group_moments_kernel`, per (group, chunk of CHUNK values), the sum and the sum of squares of
+  x - shift in fp32, shift being the group's first value (the shifted-data variance: no cancellation when the mean
+  is large against the spread); the chunks' sums added in fp32; then `_group_norm_apply_kernel`;
+- channels innermost (channels_last; the VAE attention's [B, C, L] views): `_channel_moments_kernel`, per (sample,
+  chunk of pixels), whole rows of C values a load (a group's few channels alone would use a quarter of each memory
+  sector), each channel's shifted sums; the channels of a group combined in fp64 as parallel variances; then
+  `_channels_last_apply_kernel`.
+Both end with y = x * scale[c] + shift[c] in fp32 (mean, 1 / sqrt(var + eps), weight and bias folded into one scale
+and shift per channel), rounded once to x's dtype, in x's layout. The same arithmetic as PyTorch's up to the
+summation order (its Welford in one block): within a unit of the output dtype's last place (tests: F.group_norm).
+Other layouts, and a CPU without the interpreter, go to F.group_norm (`group_norm` calls it then). Eager only: under
+torch.compile inductor fuses GroupNorm with its neighbours itself.
 """
 
 from __future__ import annotations
@@ -24,10 +27,15 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from flux_kernels import device_guard, new_output, triton_interpreting, triton_runnable
+import flux_kernels
+from flux_kernels import device_guard, triton_interpreting, triton_runnable
 
 CHUNK = 16384  # values a program reduces; at 2048^2 the last stage's 16.8M-value groups make 1024 programs each
 BLOCK = 2048  # values a program loads at a time
+# channels innermost: rows of C values, a tile of TILE values a load, CHANNELS_CHUNK values a program
+TILE = 4096
+CHANNELS_CHUNK = 131072
+MAX_CHANNELS = 4096
 
 
 @triton.jit
@@ -60,41 +68,131 @@ def _group_norm_apply_kernel(X, SCALE, SHIFT, OUT, spatial, BLOCK: tl.constexpr)
     tl.store(OUT + channel * spatial + cols, y.to(OUT.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _channel_moments_kernel(X, PARTIAL, spatial, C, chunks, LOOPS: tl.constexpr, BLOCK_P: tl.constexpr,
+                            BLOCK_C: tl.constexpr):  # fmt: skip
+    """Channels innermost ([N, *spatial, C] memory): per (sample, chunk of pixels), each channel's sum and sum of
+    squares of x - shift, shift being the channel's value at the first pixel; whole rows of C values a load."""
+    sample = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1).to(tl.int64)
+    base = X + sample * spatial * C
+    cols = tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    shift = tl.load(base + cols, mask=col_mask, other=0.0).to(tl.float32)
+    total = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    squares = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for step in range(LOOPS):
+        pixels = (chunk * LOOPS + step) * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask = (pixels < spatial)[:, None] & col_mask[None, :]
+        x = tl.load(base + pixels[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.where(mask, x - shift[None, :], 0.0)
+        total += x
+        squares += x * x
+    out = PARTIAL + (sample * chunks + chunk) * 2 * C  # [N, chunks, 2, C]
+    tl.store(out + cols, tl.sum(total, axis=0), mask=col_mask)
+    tl.store(out + C + cols, tl.sum(squares, axis=0), mask=col_mask)
+
+
+@triton.jit
+def _channels_last_apply_kernel(X, SCALE, SHIFT, OUT, spatial, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    sample = tl.program_id(0).to(tl.int64)
+    pixels = tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    cols = tl.arange(0, BLOCK_C)
+    mask = (pixels < spatial)[:, None] & (cols < C)[None, :]
+    offsets = sample * spatial * C + pixels[:, None] * C + cols[None, :]
+    x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(SCALE + sample * C + cols, mask=cols < C, other=0.0)
+    shift = tl.load(SHIFT + sample * C + cols, mask=cols < C, other=0.0)
+    tl.store(OUT + offsets, (x * scale[None, :] + shift[None, :]).to(OUT.dtype.element_ty), mask=mask)
+
+
+def channels_innermost(x: torch.Tensor) -> bool:
+    """[N, C, *spatial] stored as [N, *spatial, C] (channels_last for 4D; the VAE attention's [B, C, L] views)."""
+    return x.dim() >= 3 and x.stride(1) == 1 and x.movedim(1, -1).is_contiguous()
+
+
 def runs_here(x: torch.Tensor) -> bool:
-    """Whether the kernels take x: a contiguous NCHW (or [N, C, ...]) float tensor on a CUDA GPU, or on the CPU
-    under the Triton interpreter."""
-    if x.dim() < 3 or not x.is_floating_point() or not x.is_contiguous() or x.numel() == 0:
+    """Whether the kernels take x: a float [N, C, *spatial] tensor, contiguous or channels innermost (at most
+    MAX_CHANNELS of them), on a CUDA GPU, or on the CPU under the Triton interpreter."""
+    if x.dim() < 3 or not x.is_floating_point() or x.numel() == 0:
+        return False
+    if not (x.is_contiguous() or (channels_innermost(x) and x.shape[1] <= MAX_CHANNELS)):
         return False
     return x.is_cuda or (x.device.type == "cpu" and triton_interpreting() and triton_runnable(x.device))
 
 
 def group_norm_fwd(x: torch.Tensor, num_groups: int, weight, bias, eps: float) -> torch.Tensor:
-    """F.group_norm(x, num_groups, weight, bias, eps) by the kernels above; x must satisfy `runs_here`."""
+    """F.group_norm(x, num_groups, weight, bias, eps) by the kernels above; x must satisfy `runs_here`. The output
+    has x's layout."""
     batch, channels = x.shape[:2]
     if channels % num_groups:
         raise ValueError(f"group_norm: {channels} channels do not split into {num_groups} groups")
     spatial = x[0, 0].numel()
-    group_size = channels // num_groups * spatial
-    chunks = triton.cdiv(group_size, CHUNK)
-    partial = torch.empty(batch * num_groups, chunks, 2, dtype=torch.float32, device=x.device)
-    with device_guard(x):
-        _group_moments_kernel[(batch * num_groups, chunks)](x, partial, group_size, chunks, CHUNK=CHUNK, BLOCK=BLOCK)
-    sums = partial.sum(dim=1)  # [groups, 2]: the shifted sum and sum of squares
-    shifted_mean = sums[:, 0] / group_size
-    variance = (sums[:, 1] / group_size - shifted_mean * shifted_mean).clamp(min=0.0)
-    mean = shifted_mean + x.view(batch * num_groups, group_size)[:, 0].float()
-    rstd = torch.rsqrt(variance + eps)
     per_channel = channels // num_groups
+    if x.is_contiguous():
+        mean, rstd = _moments_contiguous(x, num_groups, spatial, eps)
+    else:
+        mean, rstd = _moments_channels_last(x, num_groups, spatial, eps)
     mean = mean.view(batch, num_groups, 1).expand(batch, num_groups, per_channel).reshape(batch, channels)
     rstd = rstd.view(batch, num_groups, 1).expand(batch, num_groups, per_channel).reshape(batch, channels)
     scale = rstd if weight is None else rstd * weight.float()
-    shift = -mean * scale if bias is None else bias.float() - mean * scale
-    out = new_output(*x.shape, dtype=x.dtype, device=x.device)
+    shift = (-mean * scale if bias is None else bias.float() - mean * scale).contiguous()
+    scale = scale.contiguous()
+    out = torch.empty_like(x)  # x's strides
+    if flux_kernels.POISON_OUTPUTS:
+        out.fill_(float("nan"))
     with device_guard(x):
-        _group_norm_apply_kernel[(batch * channels, triton.cdiv(spatial, BLOCK))](
-            x, scale.contiguous(), shift.contiguous(), out, spatial, BLOCK=BLOCK
-        )
+        if x.is_contiguous():
+            _group_norm_apply_kernel[(batch * channels, triton.cdiv(spatial, BLOCK))](
+                x, scale, shift, out, spatial, BLOCK=BLOCK
+            )
+        else:
+            block_c = triton.next_power_of_2(channels)
+            block_p = max(1, TILE // block_c)
+            _channels_last_apply_kernel[(batch, triton.cdiv(spatial, block_p))](
+                x, scale, shift, out, spatial, channels, BLOCK_P=block_p, BLOCK_C=block_c
+            )
     return out
+
+
+def _moments_contiguous(x, num_groups: int, spatial: int, eps: float):
+    """(mean, 1 / sqrt(var + eps)) per (sample, group), fp32 [N * G], of contiguous NCHW x."""
+    group_size = x.shape[1] // num_groups * spatial
+    chunks = triton.cdiv(group_size, CHUNK)
+    partial = torch.empty(x.shape[0] * num_groups, chunks, 2, dtype=torch.float32, device=x.device)
+    with device_guard(x):
+        _group_moments_kernel[(x.shape[0] * num_groups, chunks)](x, partial, group_size, chunks, CHUNK=CHUNK,
+                                                                 BLOCK=BLOCK)  # fmt: skip
+    sums = partial.sum(dim=1)  # [groups, 2]: the shifted sum and sum of squares
+    shifted_mean = sums[:, 0] / group_size
+    variance = (sums[:, 1] / group_size - shifted_mean * shifted_mean).clamp(min=0.0)
+    mean = shifted_mean + x.view(x.shape[0] * num_groups, group_size)[:, 0].float()
+    return mean, torch.rsqrt(variance + eps)
+
+
+def _moments_channels_last(x, num_groups: int, spatial: int, eps: float):
+    """The same for x stored channels innermost: per channel first (each its own shift, its first pixel's value),
+    then the channels of a group combined as parallel variances (Chan et al.): sum of the channels' squared
+    deviations plus the pixels times the spread of the channels' means, in fp64 (a few hundred values)."""
+    batch, channels = x.shape[:2]
+    block_c = triton.next_power_of_2(channels)
+    block_p = max(1, TILE // 2 // block_c)  # two fp32 accumulators of the tile a program
+    loops = max(1, CHANNELS_CHUNK // (block_p * block_c))
+    chunks = triton.cdiv(spatial, block_p * loops)
+    partial = torch.empty(batch, chunks, 2, channels, dtype=torch.float32, device=x.device)
+    with device_guard(x):
+        _channel_moments_kernel[(batch, chunks)](x, partial, spatial, channels, chunks, LOOPS=loops, BLOCK_P=block_p,
+                                                 BLOCK_C=block_c)  # fmt: skip
+    sums = partial.double().sum(dim=1)  # [N, 2, C]
+    first = x.movedim(1, -1).reshape(batch, spatial, channels)[:, 0].double()
+    channel_mean = first + sums[:, 0] / spatial
+    channel_m2 = (sums[:, 1] - sums[:, 0] * sums[:, 0] / spatial).clamp(min=0.0)  # sum of squared deviations
+    channel_mean = channel_mean.view(batch, num_groups, -1)
+    mean = channel_mean.mean(dim=-1)
+    m2 = channel_m2.view(batch, num_groups, -1).sum(dim=-1)
+    m2 = m2 + spatial * ((channel_mean - mean[..., None]) ** 2).sum(dim=-1)
+    variance = m2 / (spatial * (channels // num_groups))
+    return mean.float().reshape(-1), torch.rsqrt(variance + eps).float().reshape(-1)
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight=None, bias=None, eps: float = 1e-5) -> torch.Tensor:
@@ -104,4 +202,4 @@ def group_norm(x: torch.Tensor, num_groups: int, weight=None, bias=None, eps: fl
     return group_norm_fwd(x, num_groups, weight, bias, eps)
 
 
-__all__ = ["group_norm", "group_norm_fwd", "runs_here"]
+__all__ = ["channels_innermost", "group_norm", "group_norm_fwd", "runs_here"]

@@ -19,9 +19,17 @@ def poison_outputs(monkeypatch):
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """Chunks of 64 values loaded 16 at a time: several chunks per group, a partial last one, on small shapes."""
+    """Chunks of 64 values loaded 16 at a time (contiguous), tiles of 32 values and chunks of 64 (channels
+    innermost): several chunks per group, a partial last one, on small shapes."""
     monkeypatch.setattr(module, "CHUNK", 64)
     monkeypatch.setattr(module, "BLOCK", 16)
+    monkeypatch.setattr(module, "TILE", 32)
+    monkeypatch.setattr(module, "CHANNELS_CHUNK", 64)
+
+
+def channels_last(x):
+    """x [N, C, *spatial] stored channels innermost (channels_last for 4D)."""
+    return x.movedim(1, -1).contiguous().movedim(-1, 1)
 
 
 def make(shape, dtype, device, offset=0.0, seed=0):
@@ -35,28 +43,37 @@ def make(shape, dtype, device, offset=0.0, seed=0):
 
 @pytest.mark.parametrize("shape, groups", [((1, 8, 16, 16), 4), ((2, 6, 5, 7), 3), ((1, 4, 9), 2), ((3, 2, 1, 1), 1)])
 @pytest.mark.parametrize("affine", [True, False])
-def test_matches_torch_in_fp32(shape, groups, affine, device, small_chunks):
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_matches_torch_in_fp32(shape, groups, affine, layout, device, small_chunks):
     x, weight, bias = make(shape, torch.float32, device)
+    if layout == "channels_last":
+        x = channels_last(x)
+        assert module.channels_innermost(x) and (not x.is_contiguous() or shape[1] == 1 or x[0, 0].numel() == 1)
     if not affine:
         weight = bias = None
     out = group_norm_fwd(x, groups, weight, bias, 1e-6)
+    assert out.stride() == x.stride()
     # fp32, another summation order (chunks, then their sums): measured 1.4e-6; a wrong mean, variance or
     # channel-to-group mapping is off by >= 1e-1
     torch.testing.assert_close(out, F.group_norm(x, groups, weight, bias, 1e-6), rtol=1e-5, atol=1e-5)
 
 
-def test_a_large_mean_does_not_cancel_the_variance(device, small_chunks):
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_a_large_mean_does_not_cancel_the_variance(layout, device, small_chunks):
     """Values 1000 away from zero with a spread of 3: sum(x^2) / n - mean^2 in fp32 would lose ~13 of its 24 bits;
     the shifted sums keep the variance."""
     x, weight, bias = make((1, 4, 32, 32), torch.float32, device, offset=1000.0)
+    x = channels_last(x) if layout == "channels_last" else x
     out = group_norm_fwd(x, 2, weight, bias, 1e-6)
     reference = F.group_norm(x.double(), 2, weight.double(), bias.double(), 1e-6).float()
     # measured 7.2e-5 (PyTorch's own fp32 GroupNorm: 2.1e-5; x's fp32 ulp at 1000 is 6e-5); unshifted sums: ~1e-2
     torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
 
 
-def test_bf16_rounds_once(device, small_chunks):
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_bf16_rounds_once(layout, device, small_chunks):
     x, weight, bias = make((2, 8, 12, 12), torch.bfloat16, device)
+    x = channels_last(x) if layout == "channels_last" else x
     out = group_norm_fwd(x, 4, weight, bias, 1e-6)
     assert out.dtype == torch.bfloat16
     reference = F.group_norm(x.float(), 4, weight.float(), bias.float(), 1e-6)
@@ -64,12 +81,12 @@ def test_bf16_rounds_once(device, small_chunks):
     torch.testing.assert_close(out.float(), reference, rtol=2**-7, atol=2**-7)
 
 
-def test_other_layouts_and_compile_go_to_torch(device):
+def test_other_layouts_go_to_torch(device):
     x, weight, bias = make((1, 8, 6, 6), torch.float32, device)
-    channels_last = x.to(memory_format=torch.channels_last)
-    assert not runs_here(channels_last) and runs_here(x)
-    assert torch.equal(group_norm(channels_last, 4, weight, bias), F.group_norm(channels_last, 4, weight, bias))
-    assert not runs_here(x.int()) and not runs_here(x[:0])
+    transposed = x.transpose(2, 3)  # neither contiguous nor channels innermost
+    assert runs_here(x) and runs_here(channels_last(x)) and not runs_here(transposed)
+    assert torch.equal(group_norm(transposed, 4, weight, bias), F.group_norm(transposed, 4, weight, bias))
+    assert not runs_here(x.int()) and not runs_here(x[:0]) and not runs_here(x[0, 0])
 
 
 def test_groups_that_do_not_divide_the_channels_are_an_error(device):
@@ -79,9 +96,11 @@ def test_groups_that_do_not_divide_the_channels_are_an_error(device):
 
 
 @pytest.mark.gpu
-def test_the_vae_shapes_on_the_gpu(device):
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_the_vae_shapes_on_the_gpu(layout, device):
     """The FLUX VAE's largest GroupNorm (128 channels at 1024^2, 32 groups) with the default chunks, bf16."""
     x, weight, bias = make((1, 128, 1024, 1024), torch.bfloat16, device)
+    x = channels_last(x) if layout == "channels_last" else x
     out = group_norm_fwd(x, 32, weight, bias, 1e-6)
     reference = F.group_norm(x.float(), 32, weight.float(), bias.float(), 1e-6)
     torch.testing.assert_close(out.float(), reference, rtol=2**-7, atol=2**-7)
