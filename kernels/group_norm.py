@@ -40,8 +40,9 @@ MAX_CHANNELS = 4096
 
 @triton.jit
 def _group_moments_kernel(X, PARTIAL, group_size, chunks, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    group = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1)
+    program = tl.program_id(0).to(tl.int64)  # a 1D grid: (group, chunk) flattened
+    group = program // chunks
+    chunk = program % chunks
     base = X + group * group_size
     shift = tl.load(base).to(tl.float32)
     total = tl.zeros([BLOCK], dtype=tl.float32)
@@ -59,9 +60,10 @@ def _group_moments_kernel(X, PARTIAL, group_size, chunks, CHUNK: tl.constexpr, B
 
 
 @triton.jit
-def _group_norm_apply_kernel(X, SCALE, SHIFT, OUT, spatial, BLOCK: tl.constexpr):
-    channel = tl.program_id(0).to(tl.int64)  # over batch x channels
-    cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def _group_norm_apply_kernel(X, SCALE, SHIFT, OUT, spatial, blocks, BLOCK: tl.constexpr):
+    program = tl.program_id(0).to(tl.int64)  # a 1D grid: (sample x channel, block of BLOCK values) flattened
+    channel = program // blocks
+    cols = (program % blocks) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < spatial
     x = tl.load(X + channel * spatial + cols, mask=mask, other=0.0).to(tl.float32)
     y = x * tl.load(SCALE + channel) + tl.load(SHIFT + channel)
@@ -73,8 +75,9 @@ def _channel_moments_kernel(X, PARTIAL, spatial, C, chunks, LOOPS: tl.constexpr,
                             BLOCK_C: tl.constexpr):  # fmt: skip
     """Channels innermost ([N, *spatial, C] memory): per (sample, chunk of pixels), each channel's sum and sum of
     squares of x - shift, shift being the channel's value at the first pixel; whole rows of C values a load."""
-    sample = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1).to(tl.int64)
+    program = tl.program_id(0).to(tl.int64)  # a 1D grid: (sample, chunk) flattened
+    sample = program // chunks
+    chunk = program % chunks
     base = X + sample * spatial * C
     cols = tl.arange(0, BLOCK_C)
     col_mask = cols < C
@@ -94,9 +97,11 @@ def _channel_moments_kernel(X, PARTIAL, spatial, C, chunks, LOOPS: tl.constexpr,
 
 
 @triton.jit
-def _channels_last_apply_kernel(X, SCALE, SHIFT, OUT, spatial, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    sample = tl.program_id(0).to(tl.int64)
-    pixels = tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+def _channels_last_apply_kernel(X, SCALE, SHIFT, OUT, spatial, C, blocks, BLOCK_P: tl.constexpr,
+                                BLOCK_C: tl.constexpr):  # fmt: skip
+    program = tl.program_id(0).to(tl.int64)  # a 1D grid: (sample, block of BLOCK_P pixels) flattened
+    sample = program // blocks
+    pixels = (program % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
     cols = tl.arange(0, BLOCK_C)
     mask = (pixels < spatial)[:, None] & (cols < C)[None, :]
     offsets = sample * spatial * C + pixels[:, None] * C + cols[None, :]
@@ -104,6 +109,17 @@ def _channels_last_apply_kernel(X, SCALE, SHIFT, OUT, spatial, C, BLOCK_P: tl.co
     scale = tl.load(SCALE + sample * C + cols, mask=cols < C, other=0.0)
     shift = tl.load(SHIFT + sample * C + cols, mask=cols < C, other=0.0)
     tl.store(OUT + offsets, (x * scale[None, :] + shift[None, :]).to(OUT.dtype.element_ty), mask=mask)
+
+
+def grid(*counts: int) -> tuple[int]:
+    """One grid axis for all the programs (the x axis takes 2^31 - 1 of them; y and z only 65535: a 2048^2 image's
+    NHWC apply made 131,072 blocks of pixels, past the y limit)."""
+    programs = 1
+    for count in counts:
+        programs *= count
+    if programs >= 2**31:
+        raise ValueError(f"group_norm: {programs} programs, more than a CUDA grid takes (2^31 - 1); split the batch")
+    return (programs,)
 
 
 def channels_innermost(x: torch.Tensor) -> bool:
@@ -143,14 +159,14 @@ def group_norm_fwd(x: torch.Tensor, num_groups: int, weight, bias, eps: float) -
         out.fill_(float("nan"))
     with device_guard(x):
         if x.is_contiguous():
-            _group_norm_apply_kernel[(batch * channels, triton.cdiv(spatial, BLOCK))](
-                x, scale, shift, out, spatial, BLOCK=BLOCK
-            )
+            blocks = triton.cdiv(spatial, BLOCK)
+            _group_norm_apply_kernel[grid(batch * channels, blocks)](x, scale, shift, out, spatial, blocks, BLOCK=BLOCK)
         else:
             block_c = triton.next_power_of_2(channels)
             block_p = max(1, TILE // block_c)
-            _channels_last_apply_kernel[(batch, triton.cdiv(spatial, block_p))](
-                x, scale, shift, out, spatial, channels, BLOCK_P=block_p, BLOCK_C=block_c
+            blocks = triton.cdiv(spatial, block_p)
+            _channels_last_apply_kernel[grid(batch, blocks)](
+                x, scale, shift, out, spatial, channels, blocks, BLOCK_P=block_p, BLOCK_C=block_c
             )
     return out
 
@@ -161,8 +177,8 @@ def _moments_contiguous(x, num_groups: int, spatial: int, eps: float):
     chunks = triton.cdiv(group_size, CHUNK)
     partial = torch.empty(x.shape[0] * num_groups, chunks, 2, dtype=torch.float32, device=x.device)
     with device_guard(x):
-        _group_moments_kernel[(x.shape[0] * num_groups, chunks)](x, partial, group_size, chunks, CHUNK=CHUNK,
-                                                                 BLOCK=BLOCK)  # fmt: skip
+        _group_moments_kernel[grid(x.shape[0] * num_groups, chunks)](x, partial, group_size, chunks, CHUNK=CHUNK,
+                                                                     BLOCK=BLOCK)  # fmt: skip
     sums = partial.sum(dim=1)  # [groups, 2]: the shifted sum and sum of squares
     shifted_mean = sums[:, 0] / group_size
     variance = (sums[:, 1] / group_size - shifted_mean * shifted_mean).clamp(min=0.0)
@@ -181,8 +197,8 @@ def _moments_channels_last(x, num_groups: int, spatial: int, eps: float):
     chunks = triton.cdiv(spatial, block_p * loops)
     partial = torch.empty(batch, chunks, 2, channels, dtype=torch.float32, device=x.device)
     with device_guard(x):
-        _channel_moments_kernel[(batch, chunks)](x, partial, spatial, channels, chunks, LOOPS=loops, BLOCK_P=block_p,
-                                                 BLOCK_C=block_c)  # fmt: skip
+        _channel_moments_kernel[grid(batch, chunks)](x, partial, spatial, channels, chunks, LOOPS=loops,
+                                                     BLOCK_P=block_p, BLOCK_C=block_c)  # fmt: skip
     sums = partial.double().sum(dim=1)  # [N, 2, C]
     first = x.movedim(1, -1).reshape(batch, spatial, channels)[:, 0].double()
     channel_mean = first + sums[:, 0] / spatial
@@ -202,4 +218,4 @@ def group_norm(x: torch.Tensor, num_groups: int, weight=None, bias=None, eps: fl
     return group_norm_fwd(x, num_groups, weight, bias, eps)
 
 
-__all__ = ["channels_innermost", "group_norm", "group_norm_fwd", "runs_here"]
+__all__ = ["channels_innermost", "grid", "group_norm", "group_norm_fwd", "runs_here"]

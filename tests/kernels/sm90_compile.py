@@ -151,12 +151,12 @@ def cases() -> dict:
     results["group_norm/channel_moments"] = compile_case(group_norm._channel_moments_kernel, nhwc,
                                                          {"LOOPS": 16, "BLOCK_P": 16, "BLOCK_C": 128}, 4)  # fmt: skip
     apply_nhwc = {"X": "*bf16", "SCALE": "*fp32", "SHIFT": "*fp32", "OUT": "*bf16", "spatial": "i64", "C": "i32",
-                  "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"}  # fmt: skip
+                  "blocks": "i64", "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"}  # fmt: skip
     results["group_norm/channels_last_apply"] = compile_case(group_norm._channels_last_apply_kernel, apply_nhwc,
                                                              {"BLOCK_P": 32, "BLOCK_C": 128}, 4)  # fmt: skip
     results["group_norm/apply"] = compile_case(
         group_norm._group_norm_apply_kernel, {"X": "*bf16", "SCALE": "*fp32", "SHIFT": "*fp32", "OUT": "*bf16",
-        "spatial": "i64", "BLOCK": "constexpr"}, {"BLOCK": group_norm.BLOCK}, 4,
+        "spatial": "i64", "blocks": "i64", "BLOCK": "constexpr"}, {"BLOCK": group_norm.BLOCK}, 4,
     )  # fmt: skip
     return results
 

@@ -95,11 +95,20 @@ def test_groups_that_do_not_divide_the_channels_are_an_error(device):
         group_norm_fwd(x, 4, None, None, 1e-6)
 
 
+def test_one_grid_axis_takes_every_vae_shape():
+    """The programs go on the grid's x axis (2^31 - 1): the 2048^2 decode's NHWC apply has 262,144 blocks of pixels
+    at 256 channels, past the y axis's 65535 (the first GPU run failed there: 'invalid argument')."""
+    assert module.grid(1, 262144) == (262144,) and module.grid(32, 1024) == (32768,)
+    with pytest.raises(ValueError, match=r"2147483648 programs, more than a CUDA grid takes \(2\^31 - 1\)"):
+        module.grid(2**16, 2**15)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_the_vae_shapes_on_the_gpu(layout, device):
-    """The FLUX VAE's largest GroupNorm (128 channels at 1024^2, 32 groups) with the default chunks, bf16."""
-    x, weight, bias = make((1, 128, 1024, 1024), torch.bfloat16, device)
+@pytest.mark.parametrize("channels, size", [(128, 1024), (256, 2048)])
+def test_the_vae_shapes_on_the_gpu(layout, channels, size, device):
+    """The FLUX VAE's GroupNorms at 1024^2 and 2048^2 (32 groups) with the default chunks, bf16."""
+    x, weight, bias = make((1, channels, size, size), torch.bfloat16, device)
     x = channels_last(x) if layout == "channels_last" else x
     out = group_norm_fwd(x, 32, weight, bias, 1e-6)
     reference = F.group_norm(x.float(), 32, weight.float(), bias.float(), 1e-6)
