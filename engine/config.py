@@ -213,9 +213,10 @@ class VaeConfig:
     tile: the side of a tile in image pixels (a multiple of 64); overlap: pixels shared by neighbouring
         tiles and blended (a multiple of 8, less than half a tile).
     compile: the decoder and encoder under torch.compile (engine.vae_compile: one graph for every size; H200 decode
-        87 -> 46 ms at 1024^2, but ~45 s more cold start and 16-21 s more warm start, NOTES 2026-11-30 19:10).
-    kernels: the middle blocks' attention as two bf16 GEMMs around a softmax and the GroupNorms' statistics split
-        over the GPU (engine.vae_kernels; 2048^2 on an H200: attention 65 -> 25 ms, GroupNorm statistics 186 ms).
+        87 -> 46 ms at 1024^2, but ~45 s more cold start and 16-21 s more warm start, NOTES 2026-11-30 19:10;
+        slower than `kernels` eagerly since 2026-11-30 22:22).
+    kernels: the middle blocks' attention as two bf16 GEMMs around a softmax, the GroupNorms' statistics split over
+        the GPU, channels_last (engine.vae_kernels; H200 eager decode 85 -> 37 ms at 1024^2, 391 -> 138 ms at 2048^2).
     """
 
     tiling: VaeTiling = "off"

@@ -6,6 +6,9 @@ The decode is a fixed cost of every image that step caching does not touch: 0.09
 with its SiLU: 87 -> 46 ms at 1024^2 and 396 -> 204 ms at 2048^2 with the sizes dynamic as here (36 / 190 ms static),
 and less memory (NOTES 2026-11-30 18:20, 18:45). Eager channels_last alone was 1.6x slower (eager GroupNorm copies
 NHWC back to NCHW, NOTES 2026-11-26), which is why the layout comes with the compile and not on its own.
+Since 2026-11-30 22:22 the eager decode with the engine's VAE kernels (`VaeConfig(kernels=True)`, engine.vae_kernels,
+in the fastest presets) is faster than this one, without a compile: 37 / 138 ms against 43 / 158 (with those kernels
+here too) at 1024^2 / 2048^2.
 
 The price is the start (H200, NOTES 2026-11-30 19:10): the decoder's first compile took ~45 s, and a warm process
 traced and compiled it again (16-21 s, measured with the frame tried below; this plain path's warm start is not

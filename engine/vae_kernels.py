@@ -16,16 +16,20 @@ self-attention without a mask. Under torch.compile (the compiled VAE) the attent
 every size.
 
 GroupNorm. PyTorch's CUDA GroupNorm reduces each group in one thread block: 32 blocks for a batch of one, 186 of the
-eager 2048^2 decode's 397 ms (46 of 87 at 1024^2). Eagerly each GroupNorm's forward runs flux_kernels.group_norm on
-a CUDA tensor (F.group_norm elsewhere, and under torch.compile, where inductor fuses it with its neighbours): eager
-decode 86.8 -> 40.6 ms at 1024^2, 398 -> 164 ms at 2048^2 with the attention above, PSNR 47.2 dB against diffusers'
-(random weights), `results/profile-vae-chunked-h200-20261130-2216.json`.
-(benchmarks/NOTES.md 2026-11-30 23:00, `results/profile-vae-h200-20261130-2152.json`.)
+eager 2048^2 decode's 397 ms (46 of 87 at 1024^2; benchmarks/NOTES.md 2026-11-30 21:50,
+`results/profile-vae-h200-20261130-2152.json`). Eagerly each GroupNorm's forward runs flux_kernels.group_norm on a
+CUDA tensor (F.group_norm elsewhere, and under torch.compile, where inductor fuses it with its neighbours).
 
 Layout. The decoder's and encoder's weights are made channels_last (CHANNELS_LAST): cuDNN's convolutions then read
-and write NHWC without the transposes it adds around each NCHW one (32 of the 164 ms above), and
-flux_kernels.group_norm reads NHWC as it is (PyTorch's GroupNorm copied it back to NCHW: why eager channels_last
-alone was 1.6x slower on 2026-11-26). The decoded image comes out NHWC; the undo makes the weights contiguous again.
+and write NHWC without the transposes it adds around each NCHW one, and flux_kernels.group_norm reads NHWC as it is
+(PyTorch's GroupNorm copied it back to NCHW: why eager channels_last alone was 1.6x slower on 2026-11-26). It gains
+little: 39.8 -> 37.1 ms at 1024^2, 138.2 -> 137.9 at 2048^2 (the NHWC nearest upsampling is slower and the
+convolutions' bias adds stay separate passes). The decoded image comes out NHWC; the undo makes the weights
+contiguous again.
+
+Together, eager decode on an H200 (NOTES 2026-11-30 22:22, `results/profile-vae-chunked-h200-20261130-2231.json`):
+84.9 -> 37.1 ms at 1024^2, 391.1 -> 137.9 ms at 2048^2, PSNR 47.2 dB against diffusers' decode (random weights: a
+floor check); the compiled VAE (engine.vae_compile) 46.3 / 209.3 ms, with these kernels 43.4 / 158.4.
 
 On for the fastest presets, whose fp8 transformer sets their tolerance against diffusers; off everywhere else.
 `apply_vae_kernels` returns the undo, which puts diffusers' processors and GroupNorm forwards back.

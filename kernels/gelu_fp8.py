@@ -34,7 +34,7 @@ MAX_WIDTH = 16384
 # gelu_tanh(x) = x * 0.5 * (1 + tanh(z)) = x * sigmoid(2 z) = x / (1 + 2^(-2 z log2(e))), z = sqrt(2 / pi) (x + 0.044715
 # x^3), so -2 z log2(e) = x (K1 + K2 x^2): one fma, two products, exp2, an add and an approximate division a value
 # (the kernel is bound by its instruction issue as much as by memory: benchmarks/NOTES.md, 2026-11-30 07:24 and
-# 22:30; SASS for sm_90: 28.75 -> 19.75 instructions a value)
+# 21:44; SASS for sm_90: 28.75 -> 19.75 instructions a value)
 GELU_EXP2_K1 = tl.constexpr(-2.302208198144325)  # -2 sqrt(2 / pi) log2(e)
 GELU_EXP2_K2 = tl.constexpr(-0.1029432395800235)  # K1 * 0.044715
 

@@ -4,7 +4,7 @@ GroupNorms.
 PyTorch's CUDA GroupNorm reduces each (sample, group) in one thread block (RowwiseMomentsCUDAKernel): a batch of one
 with 32 groups keeps 32 of an H200's 132 SMs busy, and at 2048^2 each group of the last decoder stage holds 16.8M
 values. Its statistics took 186 of the eager 2048^2 decode's 397 ms (46 of 87 at 1024^2; benchmarks/NOTES.md
-2026-11-30 23:00, `results/profile-vae-h200-20261130-2152.json`). Here the work is cut into chunks, one program
+2026-11-30 21:50, `results/profile-vae-h200-20261130-2152.json`). Here the work is cut into chunks, one program
 per chunk, so every SM reads. Two layouts:
 - contiguous (NCHW): `_group_moments_kernel`, per (group, chunk of CHUNK values), the sum and the sum of squares of
   x - shift in fp32, shift being the group's first value (the shifted-data variance: no cancellation when the mean

@@ -49,7 +49,7 @@ def test_fp8_outputs_round_to_nearest_even_and_keep_nan(compiled):
 
 def test_the_gelu_divides_approximately_on_the_gpu(compiled):
     """The GELU's division is div.approx (3 fewer SASS instructions a value than "/": the kernel is issue-bound,
-    benchmarks/NOTES.md 2026-11-30 22:30); the interpreter, without libdevice, divides with "/"."""
+    benchmarks/NOTES.md 2026-11-30 21:44); the interpreter, without libdevice, divides with "/"."""
     for has_prefix in (True, False):
         assert compiled[f"gelu_concat_fp8/prefix={has_prefix}"]["approx_divide"]
 
