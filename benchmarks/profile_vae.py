@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from benchmarks.bench_vae import build_vae
 from engine.config import EngineConfig, VaeConfig, parse_resolution
-from engine.measure import environment_info, psnr
+from engine.measure import environment_info, event_ms, psnr
 from engine.memory.vae_peaks import vae_scale_factor
 
 TOP = 25
@@ -44,20 +44,6 @@ def top_kernels(decode, latents) -> list[tuple[float, int, str]]:
             found[event.key[:110]][0] += device_us / 1e3
             found[event.key[:110]][1] += event.count
     return sorted(((round(ms, 3), count, name) for name, (ms, count) in found.items()), reverse=True)
-
-
-def event_ms(fn, runs: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def attention_rows(tokens: int, channels: int = 512) -> list[dict]:

@@ -272,6 +272,23 @@ def cudagraph_ms(fn) -> dict:
     return quantiles(list(triton.testing.do_bench_cudagraph(fn, return_mode="all")))
 
 
+def event_ms(fn, calls: int = 5, warmup: int = 1) -> float:
+    """Median ms of `calls` calls of `fn`, each timed alone between two CUDA events, after `warmup` untimed calls
+    (long calls: a VAE decode, an attention plan; no L2 flush, no graph)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(calls):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return median(times)
+
+
 def host_us_per_call(fn, calls: int = 200) -> float:
     """CPU time of one call: back-to-back calls without a sync (the launch queue holds them), per call."""
     torch.cuda.synchronize()

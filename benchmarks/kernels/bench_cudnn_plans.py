@@ -17,14 +17,13 @@ import argparse
 import itertools
 import json
 import re
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from engine.measure import environment_info
+from engine.measure import environment_info, event_ms
 from flux_kernels import cudnn_attention as cudnn_fp8
 
 HEADS, HEAD_DIM = 24, 128
@@ -99,21 +98,10 @@ class Sweep:
             def call():
                 self.graph.execute_plan_at_index(pack, workspace, index, handle=self.handle)
 
-            for _ in range(3):
-                call()
-            torch.cuda.synchronize()
-            times = []
-            for _ in range(CALLS):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                call()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
+            ms = event_ms(call, calls=CALLS, warmup=3)
         except Exception as err:  # noqa: BLE001 - a plan cuDNN cannot build here: recorded, the sweep goes on
             row["error"] = f"{type(err).__name__}: {err}"[:300]
             return self.add(row)
-        ms = statistics.median(times)
         flops = 4 * HEADS * self.tokens**2 * HEAD_DIM
         row.update(ms=ms, tflops=flops / ms / 1e9, workspace=workspace_size)
         values = out.float()
