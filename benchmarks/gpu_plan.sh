@@ -309,9 +309,15 @@ for s in "$@"; do
       stage cudnn-plans 330 python3 -m benchmarks.kernels.bench_cudnn_plans --lengths 4608 8704 16896 --budget 90 \
         --out "$OUT/cudnn-plans-$CARD-$DAY.json" ;;
     gelu-ab)
-      # gelu_concat_fp8 against the version in scratch_gelu_before.py (an uncommitted copy of the previous kernel)
-      stage gelu-ab 240 python3 -m benchmarks.kernels.bench_gelu_fp8 --baseline scratch_gelu_before.py \
-        --out "$OUT/gelu-ab-$CARD-$DAY.json" ;;
+      # gelu_concat_fp8 against another version of kernels/gelu_fp8.py: GELU_BASELINE names that file, in the working
+      # tree sent to the GPU machine (it has no git: `git show REV:kernels/gelu_fp8.py > gelu_before.py` here first)
+      if [ -f "${GELU_BASELINE:-}" ]; then
+        stage gelu-ab 240 python3 -m benchmarks.kernels.bench_gelu_fp8 --baseline "$GELU_BASELINE" \
+          --out "$OUT/gelu-ab-$CARD-$DAY.json"
+      else
+        echo "===== gelu-ab skipped: GELU_BASELINE='${GELU_BASELINE:-}' is not a file" | tee -a "$LOG"
+        SUMMARY+=("gelu-ab skipped")
+      fi ;;
     profile-vae)
       # the VAE decode's largest kernels (eager, compiled as the engine does) and its mid-block attention's backends
       stage profile-vae 300 python3 -m benchmarks.profile_vae --res 1024,2048 --out "$OUT/profile-vae-$CARD-$DAY.json" ;;
