@@ -10,7 +10,7 @@
 # startup-package, startup-profile, startup-frames, startup-frames-only, startup-noframes,
 # startup-frames-nographs, tests-frames, profile-cudnn, profile-cudnn-nographs, vae-compile, pack-artifacts, cudnn-attention, tests-cudnn, cudnn-1024, cudnn-2048, cudnn-kontext,
 # cudnn-taylorseer, cudnn-lora-28, cudnn-startup, cudnn-plans, gelu-ab, tests-gelu-cudnn, profile-vae, profile-vae-chunked,
-# tests-vae-kernels, taylorseer-compiledvae). Each stage
+# profile-vae-eager, tests-vae-kernels, taylorseer-compiledvae). Each stage
 # has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
@@ -326,8 +326,12 @@ for s in "$@"; do
       # diffusers' eager decode)
       stage profile-vae-chunked 300 python3 -m benchmarks.profile_vae --res 1024,2048 --no-backends \
         --out "$OUT/profile-vae-chunked-$CARD-$DAY.json" ;;
-    tests-vae-kernels) stage tests-vae-kernels 200 python3 -m pytest -q tests/test_vae_kernels.py \
-        tests/kernels/test_group_norm.py ;;
+    profile-vae-eager)
+      # the same, eager decodes only (no compiles): diffusers', the engine's kernels NCHW and channels_last
+      stage profile-vae-eager 200 python3 -m benchmarks.profile_vae --res 1024,2048 --no-backends --eager-only \
+        --out "$OUT/profile-vae-eager-$CARD-$DAY.json" ;;
+    tests-vae-kernels) stage tests-vae-kernels 240 python3 -m pytest -q tests/test_vae_kernels.py \
+        tests/kernels/test_group_norm.py tests/kernels/test_residual_add.py tests/kernels/test_upsample_nearest.py ;;
     taylorseer-compiledvae)
       # issue "Step caching": TaylorSeer interval 5, 28 steps, 1024^2 and 2048^2, on the opt-in compiled-VAE preset,
       # beside the same preset uncached and diffusers with its own TaylorSeer (same process)

@@ -119,6 +119,7 @@ def main(argv=None) -> int:
     parser.add_argument("--res", default="2048", help="comma-separated sizes: 1024 or WIDTHxHEIGHT")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--no-backends", action="store_true", help="skip the attention's SDPA backends alone")
+    parser.add_argument("--eager-only", action="store_true", help="skip the compiled decodes (their compiles)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_vae: needs a CUDA GPU; nothing measured", file=sys.stderr)
@@ -145,7 +146,7 @@ def main(argv=None) -> int:
     modes = [("eager", "none", False, False), ("eager", "attention", False, False), ("eager", "all", False, False),
              ("eager", "all", False, True), ("compiled (engine)", "none", True, True),
              ("compiled (engine)", "all", True, True)]  # fmt: skip
-    for mode, engine_kernels, compiled, channels_last in modes:
+    for mode, engine_kernels, compiled, channels_last in [m for m in modes if not (args.eager_only and m[2])]:
         config = VaeConfig(compile=compiled, kernels=engine_kernels == "all")
         undo = apply_vae_kernels(SimpleNamespace(vae=vae), config, channels_last=channels_last)
         if engine_kernels == "attention":

@@ -12,6 +12,9 @@ diffusers import.
                                      outputs for an fp8 GEMM (*_fp8) (+ *_ref)
     flux_kernels.gelu_fp8            gelu_concat_fp8: an MLP's tanh GELU (after an optional copied prefix) quantised
                                      per token to e4m3 for the fp8 projection after it (+ _ref)
+    flux_kernels.group_norm          group_norm: GroupNorm with split statistics (+ a convolution's bias in, SiLU out)
+    flux_kernels.residual_add        residual_add: (shortcut + h + bias[c]) / divisor, a VAE ResnetBlock2D's end
+    flux_kernels.upsample_nearest    upsample_nearest2x: nearest 2x upsampling of channels_last images
     flux_kernels.fp8                 quantize_fp8_rowwise: the per-row e4m3 quantiser (plain PyTorch), the *_fp8
                                      ops' reference; e4m3_scale / e4m3: its arithmetic as Triton functions;
                                      quantize_int8_ref / int8_codes: the same for symmetric int8

@@ -18,6 +18,8 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 from engine.config import ConfigError, EngineConfig, VaeConfig, preset
 from engine.vae_kernels import ChunkedAttnProcessor, apply_vae_kernels, chunked_attention
 from flux_kernels import group_norm as group_norm_module
+from flux_kernels import residual_add as residual_add_module
+from flux_kernels import upsample_nearest as upsample_module
 from flux_kernels.group_norm import runs_here
 
 
@@ -69,19 +71,23 @@ def test_the_pipeline_decodes_as_diffusers_and_undo_restores_the_processors(pipe
     assert undo is not None and all(isinstance(a.processor, ChunkedAttnProcessor) for a in attentions)
     assert pipe.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert pipe.vae.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    calls = {"bmm": 0, "group_norm": 0}
+    calls = {"bmm": 0, "group_norm": 0, "group_norm_fused": 0, "residual_add": 0, "upsample": 0}
     bmm, group_norm_fwd = torch.bmm, group_norm_module.group_norm_fwd
+    residual_add_fwd, upsample_fwd = residual_add_module.residual_add_fwd, upsample_module.upsample_nearest2x_fwd
 
-    def counting_bmm(*args, **kwargs):
-        calls["bmm"] += 1
-        return bmm(*args, **kwargs)
+    def counting(name, function):
+        def count(*args, **kwargs):
+            calls[name] += 1
+            if name == "group_norm" and kwargs.get("input_bias", args[5] if len(args) > 5 else None) is not None:
+                calls["group_norm_fused"] += 1
+            return function(*args, **kwargs)
 
-    def counting_group_norm(*args, **kwargs):
-        calls["group_norm"] += 1
-        return group_norm_fwd(*args, **kwargs)
+        return count
 
-    monkeypatch.setattr(torch, "bmm", counting_bmm)
-    monkeypatch.setattr(group_norm_module, "group_norm_fwd", counting_group_norm)
+    monkeypatch.setattr(torch, "bmm", counting("bmm", bmm))
+    monkeypatch.setattr(group_norm_module, "group_norm_fwd", counting("group_norm", group_norm_fwd))
+    monkeypatch.setattr(residual_add_module, "residual_add_fwd", counting("residual_add", residual_add_fwd))
+    monkeypatch.setattr(upsample_module, "upsample_nearest2x_fwd", counting("upsample", upsample_fwd))
     image = pipe(**tiny_call_kwargs(output_type="pt")).images
     assert calls["bmm"], "the chunked attention did not run in the decode"
     decoder_norms = [m for m in pipe.vae.decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
@@ -89,8 +95,15 @@ def test_the_pipeline_decodes_as_diffusers_and_undo_restores_the_processors(pipe
         # the Triton GroupNorm ran for every norm of the decoder: NHWC after the channels_last convolutions, the
         # attention's [B, C, L] view of NHWC channels innermost too
         assert calls["group_norm"] == len(decoder_norms)
-    else:  # CPU tensors on a machine with CUDA, no interpreter: F.group_norm throughout
-        assert calls["group_norm"] == 0
+        # every ResnetBlock2D fused (the first convolution's bias in its second norm, the second's in the residual
+        # sum), every Upsample2D's nearest 2x through the kernel
+        resnets = [m for m in pipe.vae.decoder.modules() if type(m).__name__ == "ResnetBlock2D"]
+        upsamplers = [m for m in pipe.vae.decoder.modules() if type(m).__name__ == "Upsample2D"]
+        assert len(resnets) == 10 and len(upsamplers) == 3  # the middle block's 2, 4 up blocks of 2
+        assert calls["group_norm_fused"] == calls["residual_add"] == len(resnets)
+        assert calls["upsample"] == len(upsamplers)
+    else:  # CPU tensors on a machine with CUDA, no interpreter: PyTorch's ops throughout
+        assert calls["group_norm"] == calls["residual_add"] == calls["upsample"] == 0
     # measured: max difference 1.6e-6 on [0, 1] images, 2.0e-6 on the encoding (fp32: only the summation order differs)
     torch.testing.assert_close(image, expected, rtol=0, atol=1e-5)
     with torch.no_grad():
@@ -98,7 +111,7 @@ def test_the_pipeline_decodes_as_diffusers_and_undo_restores_the_processors(pipe
     monkeypatch.undo()
     undo()
     assert [a.processor for a in attentions] == originals
-    assert not any("forward" in m.__dict__ for m in norms)
+    assert norms and not any("forward" in m.__dict__ for m in pipe.vae.modules())
     assert pipe.vae.decoder.conv_in.weight.is_contiguous() and pipe.vae.encoder.conv_in.weight.is_contiguous()
     assert torch.equal(pipe(**tiny_call_kwargs(output_type="pt")).images, expected)
 
@@ -125,6 +138,38 @@ def test_a_mask_goes_to_the_replaced_processor(pipe):
     with torch.no_grad():
         expected = AttnProcessor2_0()(attention, hidden, attention_mask=mask)
         torch.testing.assert_close(processor(attention, hidden, attention_mask=mask), expected, rtol=0, atol=0)
+
+
+def test_what_the_fused_resnet_does_not_cover_runs_diffusers_forward(pipe, monkeypatch):
+    """A block training with dropout, or one with a time embedding: diffusers' own ResnetBlock2D.forward, unchanged
+    (the same dropout draws under one seed); the same block in eval: the fused path, within fp32 rounding."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    vae_like = ResnetBlock2D(in_channels=8, out_channels=16, temb_channels=None, groups=4, dropout=0.5)
+    timed = ResnetBlock2D(in_channels=8, out_channels=16, temb_channels=12, groups=4)
+    pipe.vae.decoder.mid_block.resnets[0], pipe.vae.decoder.mid_block.resnets[1] = vae_like, timed
+    undo = apply_vae_kernels(pipe, VaeConfig(kernels=True))
+    assert "forward" in vae_like.__dict__ and "forward" in timed.__dict__
+    fused = []
+    residual_add_fwd = residual_add_module.residual_add_fwd
+    monkeypatch.setattr(
+        residual_add_module, "residual_add_fwd", lambda *a, **k: fused.append(1) or residual_add_fwd(*a, **k)
+    )
+    x = randn(1, 8, 6, 6, seed=8).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        expected = ResnetBlock2D.forward(vae_like.train(), x, None)
+        torch.manual_seed(0)
+        assert torch.equal(vae_like(x, None), expected) and not fused
+        temb = randn(1, 12, seed=9)
+        assert torch.equal(timed.eval()(x, temb), ResnetBlock2D.forward(timed, x, temb)) and not fused
+        vae_like.eval()
+        out = vae_like(x, None)
+        # fp32: measured 2.4e-7 (the biases added in the norm and the residual sum instead of after each convolution)
+        torch.testing.assert_close(out, ResnetBlock2D.forward(vae_like, x, None), rtol=0, atol=1e-5)
+        assert fused == [1] or not runs_here(x)
+    undo()
+    assert "forward" not in vae_like.__dict__ and "forward" not in timed.__dict__
 
 
 def test_optimize_registers_the_undo_and_the_fastest_presets_use_it(pipe):

@@ -141,23 +141,45 @@ def cases() -> dict:
         )
     from flux_kernels import group_norm
 
-    aligned = {(i,): [["tt.divisibility", 16]] for i in range(3)}  # X, PARTIAL / SCALE, group_size / SHIFT
-    moments = {"X": "*bf16", "PARTIAL": "*fp32", "group_size": "i64", "chunks": "i32", "CHUNK": "constexpr",
-               "BLOCK": "constexpr"}  # fmt: skip
-    sizes = {"CHUNK": group_norm.CHUNK, "BLOCK": group_norm.BLOCK}
-    results["group_norm/moments"] = compile_case(group_norm._group_moments_kernel, moments, sizes, 4, attrs=aligned)
+    aligned = {(i,): [["tt.divisibility", 16]] for i in range(3)}  # X, INPUT_BIAS, PARTIAL / X, SCALE, SHIFT
+    moments = {"X": "*bf16", "INPUT_BIAS": "*bf16", "PARTIAL": "*fp32", "group_size": "i64", "chunks": "i32",
+               "spatial": "i32", "groups": "i32", "per_channel": "i32", "CHUNK": "constexpr", "BLOCK": "constexpr",
+               "HAS_INPUT_BIAS": "constexpr"}  # fmt: skip
+    for has_bias in (False, True):
+        sizes = {"CHUNK": group_norm.CHUNK, "BLOCK": group_norm.BLOCK, "HAS_INPUT_BIAS": has_bias}
+        results[f"group_norm/moments/input_bias={has_bias}"] = compile_case(
+            group_norm._group_moments_kernel, moments, sizes, 4, attrs=aligned
+        )
     nhwc = {"X": "*bf16", "PARTIAL": "*fp32", "spatial": "i64", "C": "i32", "chunks": "i32", "LOOPS": "constexpr",
             "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"}  # fmt: skip
     results["group_norm/channel_moments"] = compile_case(group_norm._channel_moments_kernel, nhwc,
                                                          {"LOOPS": 16, "BLOCK_P": 16, "BLOCK_C": 128}, 4)  # fmt: skip
     apply_nhwc = {"X": "*bf16", "SCALE": "*fp32", "SHIFT": "*fp32", "OUT": "*bf16", "spatial": "i64", "C": "i32",
-                  "blocks": "i64", "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"}  # fmt: skip
-    results["group_norm/channels_last_apply"] = compile_case(group_norm._channels_last_apply_kernel, apply_nhwc,
-                                                             {"BLOCK_P": 32, "BLOCK_C": 128}, 4)  # fmt: skip
-    results["group_norm/apply"] = compile_case(
-        group_norm._group_norm_apply_kernel, {"X": "*bf16", "SCALE": "*fp32", "SHIFT": "*fp32", "OUT": "*bf16",
-        "spatial": "i64", "blocks": "i64", "BLOCK": "constexpr"}, {"BLOCK": group_norm.BLOCK}, 4,
-    )  # fmt: skip
+                  "blocks": "i64", "BLOCK_P": "constexpr", "BLOCK_C": "constexpr", "SILU": "constexpr"}  # fmt: skip
+    apply = {"X": "*bf16", "SCALE": "*fp32", "SHIFT": "*fp32", "OUT": "*bf16", "spatial": "i64", "blocks": "i64",
+             "BLOCK": "constexpr", "SILU": "constexpr"}  # fmt: skip
+    for silu in (False, True):
+        results[f"group_norm/channels_last_apply/silu={silu}"] = compile_case(
+            group_norm._channels_last_apply_kernel, apply_nhwc, {"BLOCK_P": 32, "BLOCK_C": 128, "SILU": silu}, 4
+        )
+        results[f"group_norm/apply/silu={silu}"] = compile_case(
+            group_norm._group_norm_apply_kernel, apply, {"BLOCK": group_norm.BLOCK, "SILU": silu}, 4
+        )
+    from flux_kernels import residual_add, upsample_nearest
+
+    residual = {"H": "*bf16", "SHORTCUT": "*bf16", "BIAS": "*fp32", "OUT": "*bf16", "numel": "i64", "channels": "i32",
+                "spatial": "i32", "divisor": "fp32", "BLOCK": "constexpr", "CHANNELS_LAST": "constexpr"}  # fmt: skip
+    for channels_last in (False, True):
+        results[f"residual_add/channels_last={channels_last}"] = compile_case(
+            residual_add._residual_add_fwd_kernel, residual,
+            {"BLOCK": residual_add.BLOCK, "CHANNELS_LAST": channels_last}, 4,
+            attrs={(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4)},  # pointers, numel: as at runtime
+        )  # fmt: skip
+    upsample = {"X": "*bf16", "OUT": "*bf16", "pixels": "i64", "height": "i32", "width": "i32", "channels": "i32",
+                "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"}  # fmt: skip
+    rows = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 5)}  # X, OUT, channels: as at runtime
+    results["upsample_nearest/2x"] = compile_case(upsample_nearest._upsample_nearest2x_fwd_kernel, upsample,
+                                                  {"BLOCK_P": 32, "BLOCK_C": 256}, 4, attrs=rows)  # fmt: skip
     return results
 
 

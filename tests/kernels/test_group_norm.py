@@ -106,10 +106,55 @@ def test_one_grid_axis_takes_every_vae_shape():
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("channels, size", [(128, 1024), (256, 2048)])
-def test_the_vae_shapes_on_the_gpu(layout, channels, size, device):
-    """The FLUX VAE's GroupNorms at 1024^2 and 2048^2 (32 groups) with the default chunks, bf16."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_vae_shapes_on_the_gpu(layout, channels, size, fused, device):
+    """The FLUX VAE's GroupNorms at 1024^2 and 2048^2 (32 groups) with the default chunks, bf16; fused: with the
+    convolution's bias and the SiLU, as a ResnetBlock2D's second norm runs."""
     x, weight, bias = make((1, channels, size, size), torch.bfloat16, device)
     x = channels_last(x) if layout == "channels_last" else x
-    out = group_norm_fwd(x, 32, weight, bias, 1e-6)
-    reference = F.group_norm(x.float(), 32, weight.float(), bias.float(), 1e-6)
+    input_bias = torch.randn(channels, device=device, dtype=torch.bfloat16) if fused else None
+    out = group_norm_fwd(x, 32, weight, bias, 1e-6, input_bias=input_bias, silu=fused)
+    x = x.float() + input_bias.float().view(1, -1, 1, 1) if fused else x.float()
+    reference = F.group_norm(x, 32, weight.float(), bias.float(), 1e-6)
+    reference = F.silu(reference) if fused else reference
     torch.testing.assert_close(out.float(), reference, rtol=2**-7, atol=2**-7)
+
+
+@pytest.mark.parametrize("shape, groups", [((1, 8, 16, 16), 4), ((2, 6, 5, 7), 3), ((1, 4, 9), 2)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("silu", [False, True])
+def test_an_input_bias_and_silu_match_torch_in_fp32(shape, groups, layout, silu, device, small_chunks):
+    """The convolution's bias added where the norm reads (chunks of 64 values span both channels of a group at
+    5 x 7 pixels), SiLU where it writes: as x + bias, F.group_norm, F.silu."""
+    x, weight, bias = make(shape, torch.float32, device)
+    input_bias = torch.randn(shape[1], generator=torch.Generator().manual_seed(9)).to(device) * 4
+    x = channels_last(x) if layout == "channels_last" else x
+    out = group_norm_fwd(x, groups, weight, bias, 1e-6, input_bias=input_bias, silu=silu)
+    reference = module.group_norm_ref(x, groups, weight, bias, 1e-6, input_bias=input_bias, silu=silu)
+    # fp32, another summation order: measured 3.3e-6; the bias ignored in the statistics or the output (or its
+    # channel mapping off by one) is off by >= 1e-1
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out, module.group_norm_ref(x, groups, weight, bias, 1e-6, silu=silu), atol=1e-2)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_a_large_input_bias_does_not_cancel_the_variance(layout, device, small_chunks):
+    """A bias of 1000 on values with a spread of 3: the shift includes the bias, as for a large mean."""
+    x, weight, bias = make((1, 4, 32, 32), torch.float32, device)
+    x = channels_last(x) if layout == "channels_last" else x
+    input_bias = torch.full((4,), 1000.0, device=device) + torch.arange(4.0, device=device)
+    out = group_norm_fwd(x, 2, weight, bias, 1e-6, input_bias=input_bias)
+    reference = F.group_norm(x.double() + input_bias.double().view(1, -1, 1, 1), 2, weight.double(), bias.double(),
+                             1e-6).float()  # fmt: skip
+    # measured 1.5e-5 (as the large mean above): the bias never enters the fp32 sums (x - shift is small)
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_the_fallback_takes_the_input_bias_and_silu(device):
+    x, weight, bias = make((1, 8, 6, 6), torch.float32, device)
+    transposed = x.transpose(2, 3)
+    input_bias = torch.randn(8, generator=torch.Generator().manual_seed(3)).to(device)
+    expected = F.silu(F.group_norm(transposed + input_bias.view(1, -1, 1, 1), 4, weight, bias))
+    assert torch.equal(group_norm(transposed, 4, weight, bias, input_bias=input_bias, silu=True), expected)
+    with pytest.raises(ValueError, match=r"input_bias of shape \(7,\), expected \(8,\)"):
+        group_norm_fwd(x, 4, weight, bias, 1e-6, input_bias=input_bias[:7])
