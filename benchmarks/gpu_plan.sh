@@ -10,7 +10,7 @@
 # startup-package, startup-profile, startup-frames, startup-frames-only, startup-noframes,
 # startup-frames-nographs, tests-frames, profile-cudnn, profile-cudnn-nographs, vae-compile, pack-artifacts, cudnn-attention, tests-cudnn, cudnn-1024, cudnn-2048, cudnn-kontext,
 # cudnn-taylorseer, cudnn-lora-28, cudnn-startup, cudnn-plans, gelu-ab, tests-gelu-cudnn, profile-vae, profile-vae-chunked,
-# profile-vae-eager, tests-vae-kernels, taylorseer-compiledvae). Each stage
+# profile-vae-eager, tests-vae-kernels, taylorseer-compiledvae, cudnn-startup-package). Each stage
 # has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
@@ -204,10 +204,12 @@ for s in "$@"; do
     tests-frames)
       stage tests-frames 400 python3 -m pytest -q -m gpu tests/test_frames.py tests/test_compile.py \
         tests/test_lora.py tests/test_step_cache.py tests/test_tasks.py tests/test_startup_bench.py ;;
-    startup-package)
-      # a fresh machine's first process today: an empty cache and the artefacts the package ships (engine/compiled/)
-      stage startup-package 200 python3 -m benchmarks.startup --preset fp8-compile-fastacc-cudagraphs --sizes 1024 \
-        1360x768 --runs tables:package --out "$OUT/startup-package-$CARD-$DAY.json" ;;
+    startup-package|cudnn-startup-package)
+      # a fresh machine's first process today: an empty cache and the artefacts the package ships (engine/compiled/),
+      # for the fastest preset or the cuDNN-attention one
+      P=fp8-compile-fastacc-cudagraphs; [ "$s" = cudnn-startup-package ] && P=fp8-compile-fastacc-cudagraphs-cudnnattn
+      stage "$s" 200 python3 -m benchmarks.startup --preset "$P" --sizes 1024 1360x768 --runs tables:package \
+        --out "$OUT/$s-$CARD-$DAY.json" ;;
     timeline-cp-2)
       # each rank's compute / communication / idle time per step under the fastest preset's CUDA graphs, beside one
       # GPU's, and the ranks' Chrome traces (gzipped): what the 2-GPU step waits for (NOTES 2026-11-30 09:30)
