@@ -10,7 +10,7 @@
 # startup-package, startup-profile, startup-frames, startup-frames-only, startup-noframes,
 # startup-frames-nographs, tests-frames, profile-cudnn, profile-cudnn-nographs, vae-compile, pack-artifacts, cudnn-attention, tests-cudnn, cudnn-1024, cudnn-2048, cudnn-kontext,
 # cudnn-taylorseer, cudnn-lora-28, cudnn-startup, cudnn-plans, gelu-ab, tests-gelu-cudnn, profile-vae, profile-vae-chunked,
-# profile-vae-eager, tests-vae-kernels, taylorseer-compiledvae, cudnn-startup-package). Each stage
+# profile-vae-eager, tests-vae-kernels, taylorseer-compiledvae, cudnn-startup-package, startup-package-profile). Each stage
 # has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
@@ -204,6 +204,12 @@ for s in "$@"; do
     tests-frames)
       stage tests-frames 400 python3 -m pytest -q -m gpu tests/test_frames.py tests/test_compile.py \
         tests/test_lora.py tests/test_step_cache.py tests/test_tasks.py tests/test_startup_bench.py ;;
+    startup-package-profile)
+      # the package start's first calls under cProfile (each size's: where a fresh machine's first call and next size
+      # go); inflated times, text under $OUT/profiles
+      stage "$s" 200 python3 -m benchmarks.startup --preset fp8-compile-fastacc-cudagraphs --sizes 1024 1360x768 \
+        --runs tables:package --profile-dir "$OUT/profiles" --out "$OUT/$s-$CARD-$DAY.json"
+      tar -C "$OUT" -czf "$OUT/profiles.tgz" profiles && rm -rf "$OUT/profiles" ;;
     startup-package|cudnn-startup-package)
       # a fresh machine's first process today: an empty cache and the artefacts the package ships (engine/compiled/),
       # for the fastest preset or the cuDNN-attention one

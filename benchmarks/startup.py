@@ -110,7 +110,10 @@ def child(args) -> dict:
     sizes = []
     for index, text in enumerate(args.sizes):
         height, width = parse_resolution(text)
-        profile = args.profile if index == 0 else None  # the start's first call only
+        # each size's first call (its own file after the first: the start's, then a new size's)
+        profile = args.profile
+        if profile is not None and index > 0:
+            profile = profile.with_name(f"{profile.stem}-{width}x{height}{profile.suffix}")
         first, warm = call(height, width, profile), call(height, width)
         sizes.append({"size": f"{width}x{height}", "first": first, "warm": warm,
                       "extra_s": round(first["s"] - warm["s"], 3)})  # fmt: skip
