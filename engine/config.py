@@ -176,7 +176,7 @@ class CompileConfig:
         fullgraph=True; blocks of one class share one graph).
     dynamic: symbolic sizes, so every resolution shares the graphs (no recompile on a new size).
     cuda_graphs: capture the whole transformer forward in one CUDA graph per input shape and replay it (pays
-        at small sizes and few steps, where launches dominate), the text encoders' too; mode 'none' too. CUDA only.
+        at small sizes and few steps, where launches dominate); works with mode 'none' too. CUDA only.
     backend: 'inductor' for speed; 'aot_eager' / 'eager' to debug graph capture (and for fast CPU tests).
     """
 

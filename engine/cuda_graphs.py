@@ -1,12 +1,7 @@
 """The transformer's whole forward captured as one CUDA graph per input signature and replayed (the CUDA-graph
-step of the compile config: `compile.cuda_graphs`, with or without the regional compile around it); the text
-encoders' forwards (CLIP, T5) the same way (TextEncoderGraphs)."""
+step of the compile config: `compile.cuda_graphs`, with or without the regional compile around it)."""
 
 from __future__ import annotations
-
-import itertools
-import warnings
-from collections.abc import Callable
 
 import torch
 
@@ -116,136 +111,6 @@ class TransformerGraphs:
         return entry
 
 
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # FLUX's CLIP and T5
-
-
-class TextEncoderGraphs:
-    """A text encoder's forward (FLUX's CLIP and T5) captured as one CUDA graph per input signature and replayed.
-
-    Why: T5-XXL encodes FLUX's 512 tokens in ~35 ms a call on an H200, in diffusers' pipeline and in ours alike, and
-    its Python launches ~600 kernels one by one (`results/startup-package-profile-*-h200-20261201-0125.txt`: the
-    T5 forward is Python time) for ~10 ms of GPU work (4.7 TFLOP). A prompt is encoded once per image, so a
-    signature's first call runs eagerly (the warm-up, its own result) and is captured right after it (host time
-    only); later calls copy the token ids in, replay, and return clones of the outputs.
-
-    What the graph bakes in is checked on every call: the address and dtype of every parameter and buffer are part of
-    the signature (weights moved, cast or replaced: another graph, captured after its own warm-up; weights written in
-    place are read by the replay as they are now). Encoders carrying hooks (accelerate's offload, any forward hook),
-    PEFT layers (a LoRA on the text encoder: its scales and switches are Python state a graph would freeze), another
-    call form than diffusers' `encoder(input_ids, output_hidden_states=False)`, autograd, a CPU tensor: the plain
-    forward. An encoder whose capture fails (an op that syncs) runs eagerly from then on, with one warning.
-    """
-
-    def __init__(self, encoder: torch.nn.Module, max_graphs: int = 4):
-        self.encoder = encoder
-        self.forward = encoder.forward
-        self.max_graphs = max_graphs
-        self.graphs: dict[tuple, tuple] = {}  # signature -> (graph, static input ids, output class, static outputs)
-        self.captures = 0
-        self.failed: str | None = None  # why the capture failed (then always eager)
-
-    def install(self) -> None:
-        self.encoder.forward = self
-
-    def uninstall(self) -> None:
-        if self.encoder.__dict__.get("forward") is self:
-            del self.encoder.forward
-        self.clear()
-
-    def clear(self) -> None:
-        self.graphs.clear()
-
-    def _signature(self, input_ids: torch.Tensor) -> tuple | None:
-        """The call's shape and the weights' addresses, or None when the encoder must run as it is."""
-        if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
-            return None
-        for module in self.encoder.modules():
-            if module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"):
-                return None
-            if hasattr(module, "lora_A"):  # a PEFT layer
-                return None
-        tensors = itertools.chain(self.encoder.parameters(), self.encoder.buffers())
-        weights = tuple((tensor.data_ptr(), tensor.dtype, tensor.device) for tensor in tensors)
-        if any(device != input_ids.device for _, _, device in weights):
-            return None
-        return (tuple(input_ids.shape), input_ids.dtype, input_ids.device, weights)
-
-    def __call__(self, input_ids=None, *args, **kwargs):
-        plain = (
-            args
-            or self.failed is not None
-            or not isinstance(input_ids, torch.Tensor)
-            or not input_ids.is_cuda
-            or kwargs != {"output_hidden_states": False}
-            or torch.is_grad_enabled()
-            or self.encoder.training
-            or torch.compiler.is_compiling()
-        )
-        key = None if plain else self._signature(input_ids)
-        if key is None:
-            return self.forward(input_ids, *args, **kwargs)
-        entry = self.graphs.get(key)
-        if entry is None:
-            output = self.forward(input_ids, **kwargs)  # the warm-up, and this call's result
-            self._capture(key, input_ids, kwargs, output)
-            return output
-        graph, static_ids, output_class, static_outputs = entry
-        static_ids.copy_(input_ids, non_blocking=True)
-        graph.replay()
-        return output_class(**{name: value.clone() for name, value in static_outputs.items()})
-
-    def _capture(self, key: tuple, input_ids: torch.Tensor, kwargs: dict, warm_output) -> None:
-        from transformers.utils import ModelOutput
-
-        if not isinstance(warm_output, ModelOutput):
-            return
-        if len(self.graphs) >= self.max_graphs:
-            self.graphs.pop(next(iter(self.graphs)))
-        static_ids = input_ids.clone()
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
-                output = self.forward(static_ids, **kwargs)
-        except RuntimeError as error:
-            self.failed = f"{type(error).__name__}: {error}"
-            warnings.warn(
-                f"{type(self.encoder).__name__}: its forward could not be captured as a CUDA graph ({self.failed}); "
-                "it runs eagerly (as fast as without compile.cuda_graphs)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            return
-        self.captures += 1
-        static_outputs = {name: value for name, value in output.items() if isinstance(value, torch.Tensor)}
-        self.graphs[key] = (graph, static_ids, type(output), static_outputs)
-
-
-def apply_text_encoder_graphs(pipe) -> Callable[[], None] | None:
-    """TextEncoderGraphs on the pipeline's text encoders (`text_encoder`, `text_encoder_2`) whose forward nobody
-    replaced yet; returns the undo, None when there was none."""
-    installed = []
-    for name in TEXT_ENCODERS:
-        encoder = getattr(pipe, name, None)
-        if isinstance(encoder, torch.nn.Module) and "forward" not in encoder.__dict__:
-            graphs = TextEncoderGraphs(encoder)
-            graphs.install()
-            installed.append(graphs)
-    if not installed:
-        return None
-
-    def undo() -> None:
-        for graphs in installed:
-            graphs.uninstall()
-
-    return undo
-
-
-def text_encoder_graphs(pipe) -> list[TextEncoderGraphs]:
-    """The TextEncoderGraphs installed on `pipe`'s text encoders."""
-    forwards = (getattr(getattr(pipe, name, None), "__dict__", {}).get("forward") for name in TEXT_ENCODERS)
-    return [forward for forward in forwards if isinstance(forward, TextEncoderGraphs)]
-
-
 def _transformer_output(sample: torch.Tensor):
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
@@ -258,7 +123,6 @@ def drop_captured_graphs(pipe) -> None:
     for graphs in (
         getattr(getattr(pipe, "compile_state", None), "cuda_graphs", None),
         getattr(getattr(pipe, "step_cache_state", None), "tail_graphs", None),  # First-Block Cache's (stepcache)
-        *text_encoder_graphs(pipe),
     ):
         if graphs is not None:
             graphs.clear()

@@ -129,12 +129,6 @@ def optimize(pipe, config: EngineConfig | str | None = None):
     if pipe.compile_state is not None:
         compile_state = pipe.compile_state
         steps.add("compile", lambda: remove_compile(compile_state))
-    if config.compile.cuda_graphs:  # the text encoders too (engine.cuda_graphs.TextEncoderGraphs)
-        from .cuda_graphs import apply_text_encoder_graphs
-
-        undo_text_graphs = apply_text_encoder_graphs(pipe)
-        if undo_text_graphs is not None:
-            steps.add("text-graphs", undo_text_graphs)
     # last on the transformer's forward: a skipped step skips everything under it (compiled blocks, the graph replay)
     pipe.step_cache_state = apply_step_cache(pipe, config.step_cache, graphs=config.compile.cuda_graphs)
     if pipe.step_cache_state is not None:
