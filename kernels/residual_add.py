@@ -10,8 +10,8 @@ read of each input, one write, in fp32 and rounded once to the output dtype (dif
 sum and the division). The first convolution's bias goes to the GroupNorm after it (flux_kernels.group_norm's
 `input_bias`).
 
-Layouts: h and shortcut with the same shape and strides, contiguous (NCHW) or channels innermost (channels_last);
-anything else, or a CPU without the interpreter, goes to `residual_add_ref`.
+Layouts: same shape and strides, contiguous or channels_last; else (or a CPU without the interpreter) the ref. H200,
+2048^2: 14 sums 4.6 ms, bias adds 23.9 -> 6.1 ms (`results/profile-vae-eager-h200-20261201-0059.json`).
 """
 
 from __future__ import annotations

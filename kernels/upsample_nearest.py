@@ -7,8 +7,8 @@ the three upsamplings of an eager 2048^2 decode on an H200, against 4.1 ms for t
 all their channels (rows of C contiguous values) and stores it four times, at (2h + i, 2w + j): every load and store
 a whole row. Exact: values are copied, never computed.
 
-Takes [N, C, H, W] stored channels_last with C <= MAX_CHANNELS, on a CUDA GPU or the CPU under the Triton
-interpreter; anything else goes to `upsample_nearest2x_ref` (F.interpolate).
+Takes [N, C, H, W] channels_last, C <= MAX_CHANNELS (else F.interpolate, `upsample_nearest2x_ref`). H200: the
+three in 1.2 ms, from 11.8 (`results/profile-vae-eager-h200-20261201-0059.json`).
 """
 
 from __future__ import annotations
