@@ -39,7 +39,7 @@ dropout while training, other modules swapped in, torch.compile) run diffusers' 
 Upsampling. PyTorch's nearest 2x of NHWC images took 11.8 ms for the decoder's three (~1.1 ms of traffic at the
 card's bandwidth); flux_kernels.upsample_nearest copies rows of channels. Upsample2D's other paths run diffusers'.
 
-Together, eager decode on an H200 (NOTES 2026-12-01 01:00, `results/profile-vae-eager-h200-20261201-0059.json`):
+Together, eager decode on an H200 (NOTES 2026-12-01 00:58, `results/profile-vae-eager-h200-20261201-0059.json`):
 86.6 -> 28.0 ms at 1024^2, 396.4 -> 103.7 ms at 2048^2, PSNR 47.0 dB against diffusers' decode (random weights: a
 floor check); before the ResnetBlock2D and upsampling fusions 37.1 / 137.9 ms, and the compiled VAE
 (engine.vae_compile) 46.3 / 209.3 ms, with the attention and GroupNorm kernels 43.4 / 158.4 (2026-11-30 22:22).
