@@ -10,7 +10,8 @@
 # startup-package, startup-profile, startup-frames, startup-frames-only, startup-noframes,
 # startup-frames-nographs, tests-frames, profile-cudnn, profile-cudnn-nographs, vae-compile, pack-artifacts, cudnn-attention, tests-cudnn, cudnn-1024, cudnn-2048, cudnn-kontext,
 # cudnn-taylorseer, cudnn-lora-28, cudnn-startup, cudnn-plans, gelu-ab, tests-gelu-cudnn, profile-vae, profile-vae-chunked,
-# profile-vae-eager, tests-vae-kernels, taylorseer-compiledvae, cudnn-startup-package, startup-package-profile). Each stage
+# profile-vae-eager, tests-vae-kernels, taylorseer-compiledvae, cudnn-startup-package, startup-package-profile,
+# profile-encode). Each stage
 # has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
@@ -338,6 +339,9 @@ for s in "$@"; do
       # the same, eager decodes only (no compiles): diffusers', the engine's kernels NCHW and channels_last
       stage profile-vae-eager 200 python3 -m benchmarks.profile_vae --res 1024,2048 --no-backends --eager-only \
         --out "$OUT/profile-vae-eager-$CARD-$DAY.json" ;;
+    profile-encode)
+      # where encode_prompt's time goes (CLIP + T5-XXL at 512 tokens): wall vs kernel time, T5's weight dtypes
+      stage profile-encode 150 python3 -m benchmarks.profile_encode --out "$OUT/profile-encode-$CARD-$DAY.json" ;;
     tests-vae-kernels) stage tests-vae-kernels 240 python3 -m pytest -q tests/test_vae_kernels.py \
         tests/kernels/test_group_norm.py tests/kernels/test_residual_add.py tests/kernels/test_upsample_nearest.py ;;
     taylorseer-compiledvae)
