@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from engine.config import VaeConfig, parse_resolution
+from engine.config import VaeConfig
 from engine.measure import environment_info, psnr, quantiles, synchronize
 from engine.memory.vae_peaks import (
     CONV_WORKSPACE_COPIES,
@@ -41,6 +41,7 @@ from engine.memory.vae_peaks import (
     vae_scale_factor,
 )
 from engine.models import dtype_as_default, variant_spec
+from engine.resolution import parse_resolution
 from engine.vae import tiled_decode
 
 GIB = 2**30

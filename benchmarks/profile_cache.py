@@ -20,8 +20,8 @@ import torch
 from benchmarks.profiling import kernel_times
 from engine import FluxEngine, preset
 from engine.bench.phases import record_phases
-from engine.config import parse_resolution
 from engine.models import synthetic_components
+from engine.resolution import parse_resolution
 from engine.stepcache import parse_step_cache, with_step_cache
 
 

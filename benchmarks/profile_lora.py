@@ -18,9 +18,9 @@ import torch
 
 from benchmarks.profiling import kernel_times
 from engine import FluxEngine, preset
-from engine.config import parse_resolution
 from engine.lora import synthetic_lora
 from engine.models import synthetic_components
+from engine.resolution import parse_resolution
 
 
 def main(argv: list[str] | None = None) -> int:

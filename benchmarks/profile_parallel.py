@@ -26,8 +26,8 @@ import torch.distributed as dist
 
 from benchmarks.profiling import kernel_intervals, kernel_times, timeline
 from engine import FluxEngine, preset
-from engine.config import parse_resolution
 from engine.parallel import init_distributed, with_parallel
+from engine.resolution import parse_resolution
 
 CATEGORIES = (
     ("nccl", ("nccl",)),

@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.bench_vae import build_vae
-from engine.config import EngineConfig, VaeConfig, parse_resolution
+from engine.config import EngineConfig, VaeConfig
 from engine.measure import environment_info, event_ms, psnr
 from engine.memory.vae_peaks import vae_scale_factor
+from engine.resolution import parse_resolution
 
 TOP = 25
 

@@ -53,9 +53,9 @@ def child(args) -> dict:
     from torch._dynamo.utils import counters
 
     from engine import FluxEngine, preset
-    from engine.config import parse_resolution
     from engine.measure import environment_info
     from engine.models import synthetic_components
+    from engine.resolution import parse_resolution
     from flux_kernels.tuning import tuning_stats
 
     imported = time.perf_counter()

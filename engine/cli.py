@@ -6,7 +6,8 @@ import argparse
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .config import PRESETS, parse_resolution, resolve_config, validate_resolution
+from .config import PRESETS, resolve_config
+from .resolution import parse_resolution, validate_resolution
 from .tasks import TASKS, check_task_name, check_variant_fits_task
 
 if TYPE_CHECKING:  # torch and the models load after the arguments are parsed, so that --help answers at once

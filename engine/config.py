@@ -10,11 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal, get_args
 
-from .errors import ConfigError, ResolutionError
+from .errors import ConfigError
 from .parallel.config import ParallelConfig
 from .stepcache import StepCacheConfig, check_step_cache_fits
-
-IMAGE_MULTIPLE = 16  # VAE factor 8 x 2x2 latent patches
 
 # The allowed values of each choice, as types (for readers and type checkers) and as tuples (for the checks below)
 AttentionBackend = Literal["sdpa", "triton", "auto", "triton-fp8", "cudnn-fp8"]
@@ -450,49 +448,3 @@ def resolve_config(config: EngineConfig | str | None) -> EngineConfig:
     if isinstance(config, EngineConfig):
         return config
     raise ConfigError(f"config must be an EngineConfig or a preset name, got {type(config).__name__}")
-
-
-# ----------------------------------------------------------------------------- resolutions
-
-
-def parse_resolution(text: str) -> tuple[int, int]:
-    """'1024' -> (1024, 1024); '1360x768' -> (height 768, width 1360): WIDTHxHEIGHT, as screens are named."""
-    raw = text.strip().lower()
-    try:
-        if "x" in raw:
-            width_text, height_text = raw.split("x", 1)
-            width, height = int(width_text), int(height_text)
-        else:
-            width = height = int(raw)
-    except ValueError as err:
-        raise ResolutionError(
-            f"resolution {text!r} is not a size; write one number for a square (1024) or WIDTHxHEIGHT (1360x768)"
-        ) from err
-    return height, width
-
-
-def _nearest_multiples(value: int, multiple: int = IMAGE_MULTIPLE) -> tuple[int, int]:
-    below = max(multiple, value // multiple * multiple)
-    return below, below + multiple
-
-
-def validate_resolution(
-    height: int, width: int, min_size: int = 256, max_size: int = 2048, allow_any_size: bool = False
-) -> None:
-    """Raise ResolutionError unless height and width are multiples of 16 within [min_size, max_size]."""
-    for name, value in (("height", height), ("width", width)):
-        if value < IMAGE_MULTIPLE:
-            raise ResolutionError(f"{name} {value} is too small; the smallest image is {IMAGE_MULTIPLE} pixels")
-        if value % IMAGE_MULTIPLE:
-            below, above = _nearest_multiples(value)
-            raise ResolutionError(f"{name} {value} is not a multiple of {IMAGE_MULTIPLE}; use {below} or {above}")
-        if not allow_any_size and not min_size <= value <= max_size:
-            raise ResolutionError(
-                f"{name} {value} is outside {min_size}..{max_size}, the sizes this model was made for; "
-                f"pick a size in range or opt in with --allow-any-size"
-            )
-
-
-def validate_steps(steps: int) -> None:
-    if steps < 1:
-        raise ConfigError(f"steps {steps} must be at least 1 (FLUX.1-dev uses 28-50, schnell 4)")

@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 from .cli import add_model_arguments, check_launched, choose_model, default_guidance, end_parallel_run
-from .config import parse_resolution, resolve_config, validate_resolution, validate_steps
+from .config import resolve_config
 from .errors import EngineError
 from .files import check_writable, write_atomically, write_with_fallback
+from .resolution import parse_resolution, validate_resolution, validate_steps
 from .stepcache import parse_step_cache, with_step_cache
 from .tasks import file_inputs
 

@@ -46,7 +46,7 @@ def parse_presets(text: str, allow_none: bool = False) -> list[str]:
 
 def check_arguments(args) -> None:
     """The checks that need no model and no torch, so that a typo is answered at once."""
-    from ..config import parse_resolution, validate_resolution, validate_steps
+    from ..resolution import parse_resolution, validate_resolution, validate_steps
 
     parse_budgets(args.vram)
     validate_steps(args.steps)
