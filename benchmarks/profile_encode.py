@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.profiling import call_kernels
 from engine.measure import environment_info, event_ms
 
 TOP = 20
@@ -30,22 +31,6 @@ def weight_dtypes(encoder: torch.nn.Module) -> dict[str, list[str]]:
         kind = ".".join(part for part in name.split(".") if not part.isdigit())
         kinds[kind].add(str(parameter.dtype).replace("torch.", ""))
     return {kind: sorted(dtypes) for kind, dtypes in sorted(kinds.items())}
-
-
-def kernels(call) -> list[tuple[float, int, str]]:
-    """(ms, launches, name) of one call's kernels, largest first, after a warm-up call."""
-    call()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        call()
-        torch.cuda.synchronize()
-    found: dict[str, list] = defaultdict(lambda: [0.0, 0])
-    for event in prof.key_averages():
-        device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
-        if device_us > 0:
-            found[event.key[:110]][0] += device_us / 1e3
-            found[event.key[:110]][1] += event.count
-    return sorted(((round(ms, 3), count, name) for name, (ms, count) in found.items()), reverse=True)
 
 
 def main(argv=None) -> int:
@@ -69,7 +54,7 @@ def main(argv=None) -> int:
             return pipe.encode_prompt(PROMPT, None, max_sequence_length=args.max_sequence_length)
 
     ms = event_ms(encode)
-    found = kernels(encode)
+    found = call_kernels(encode)
     kernel_ms = sum(row[0] for row in found)
     result = {
         "env": environment_info(torch.device("cuda")),

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.bench_vae import build_vae
+from benchmarks.profiling import call_kernels
 from engine.config import EngineConfig, VaeConfig
 from engine.measure import environment_info, event_ms, psnr
 from engine.memory.vae_peaks import vae_scale_factor
@@ -33,18 +33,7 @@ TOP = 25
 
 def top_kernels(decode, latents) -> list[tuple[float, int, str]]:
     """(ms, launches, name) of one decode's kernels, largest first, after a warm-up decode."""
-    decode(latents)
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        decode(latents)
-        torch.cuda.synchronize()
-    found: dict[str, list] = defaultdict(lambda: [0.0, 0])
-    for event in prof.key_averages():
-        device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
-        if device_us > 0:
-            found[event.key[:110]][0] += device_us / 1e3
-            found[event.key[:110]][1] += event.count
-    return sorted(((round(ms, 3), count, name) for name, (ms, count) in found.items()), reverse=True)
+    return call_kernels(lambda: decode(latents))
 
 
 def attention_rows(tokens: int, channels: int = 512) -> list[dict]:

@@ -11,6 +11,23 @@ from collections import defaultdict
 import torch
 
 
+def call_kernels(call) -> list[tuple[float, int, str]]:
+    """(ms, launches, name) of one `call()`'s GPU kernels (names to 110 characters), largest first, after a warm-up
+    call."""
+    call()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    found: dict[str, list] = defaultdict(lambda: [0.0, 0])
+    for event in prof.key_averages():
+        device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if device_us > 0:
+            found[event.key[:110]][0] += device_us / 1e3
+            found[event.key[:110]][1] += event.count
+    return sorted(((round(ms, 3), count, name) for name, (ms, count) in found.items()), reverse=True)
+
+
 def kernel_times(pipe, height: int, width: int, steps: int) -> dict[str, tuple[float, int]]:
     """{kernel name (100 characters): (ms per step, launches per step)} of one call, after a warm-up call."""
     _call(pipe, height, width, steps)
