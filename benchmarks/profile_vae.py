@@ -33,7 +33,7 @@ TOP = 25
 
 def top_kernels(decode, latents) -> list[tuple[float, int, str]]:
     """(ms, launches, name) of one decode's kernels, largest first, after a warm-up decode."""
-    return call_kernels(lambda: decode(latents))
+    return [(round(ms, 3), count, name) for ms, count, name in call_kernels(lambda: decode(latents))]
 
 
 def attention_rows(tokens: int, channels: int = 512) -> list[dict]:

@@ -11,9 +11,9 @@ from collections import defaultdict
 import torch
 
 
-def call_kernels(call) -> list[tuple[float, int, str]]:
-    """(ms, launches, name) of one `call()`'s GPU kernels (names to 110 characters), largest first, after a warm-up
-    call."""
+def call_kernels(call, width: int = 110) -> list[tuple[float, int, str]]:
+    """(ms, launches, name) of one `call()`'s GPU kernels (names cut to `width` characters), largest first, after a
+    warm-up call."""
     call()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -23,25 +23,15 @@ def call_kernels(call) -> list[tuple[float, int, str]]:
     for event in prof.key_averages():
         device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
         if device_us > 0:
-            found[event.key[:110]][0] += device_us / 1e3
-            found[event.key[:110]][1] += event.count
-    return sorted(((round(ms, 3), count, name) for name, (ms, count) in found.items()), reverse=True)
+            found[event.key[:width]][0] += device_us / 1e3
+            found[event.key[:width]][1] += event.count
+    return sorted(((ms, count, name) for name, (ms, count) in found.items()), reverse=True)
 
 
 def kernel_times(pipe, height: int, width: int, steps: int) -> dict[str, tuple[float, int]]:
     """{kernel name (100 characters): (ms per step, launches per step)} of one call, after a warm-up call."""
-    _call(pipe, height, width, steps)
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        _call(pipe, height, width, steps)
-        torch.cuda.synchronize()
-    found: dict[str, list] = defaultdict(lambda: [0.0, 0])
-    for event in prof.key_averages():
-        device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
-        if device_us > 0:
-            found[event.key[:100]][0] += device_us / 1e3 / steps
-            found[event.key[:100]][1] += event.count // steps
-    return {name: (ms, count) for name, (ms, count) in found.items()}
+    found = call_kernels(lambda: _call(pipe, height, width, steps), width=100)
+    return {name: (ms / steps, count // steps) for ms, count, name in found}
 
 
 def _call(pipe, height: int, width: int, steps: int) -> None:

@@ -8,7 +8,7 @@ and less memory (NOTES 2026-11-30 18:20, 18:45). Eager channels_last alone was 1
 NHWC back to NCHW, NOTES 2026-11-26), which is why the layout comes with the compile and not on its own.
 Since 2026-11-30 22:22 the eager decode with the engine's VAE kernels (`VaeConfig(kernels=True)`, engine.vae_kernels,
 in the fastest presets) is faster than this one, without a compile: 37 / 138 ms against 43 / 158 (with those kernels
-here too) at 1024^2 / 2048^2.
+here too) at 1024^2 / 2048^2; 28 / 104 ms since 2026-12-01.
 
 The price is the start (H200, NOTES 2026-11-30 19:10): the decoder's first compile took ~45 s, and a warm process
 traced and compiled it again (16-21 s, measured with the frame tried below; this plain path's warm start is not

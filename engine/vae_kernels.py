@@ -24,9 +24,9 @@ CUDA tensor (F.group_norm elsewhere, and under torch.compile, where inductor fus
 Layout. The decoder's and encoder's weights are made channels_last (CHANNELS_LAST): cuDNN's convolutions then read
 and write NHWC without the transposes it adds around each NCHW one, and flux_kernels.group_norm reads NHWC as it is
 (PyTorch's GroupNorm copied it back to NCHW: why eager channels_last alone was 1.6x slower on 2026-11-26). It gains
-little: 39.8 -> 37.1 ms at 1024^2, 138.2 -> 137.9 at 2048^2 (the NHWC nearest upsampling is slower and the
-convolutions' bias adds stay separate passes). The decoded image comes out NHWC; the undo makes the weights
-contiguous again.
+little by itself: 39.8 -> 37.1 ms at 1024^2, 138.2 -> 137.9 at 2048^2 (PyTorch's NHWC nearest upsampling was
+slower and the convolutions' bias adds non-vectorised passes: both mended below). The decoded image comes out
+NHWC; the undo makes the weights contiguous again.
 
 ResnetBlock2D. PyTorch's cuDNN convolution adds its bias in a pass of its own (non-vectorised on channels_last
 images: 23.9 ms of the 2048^2 decode's 137.9, 35 calls), then diffusers runs SiLU after each GroupNorm (7.6 ms), the
