@@ -26,7 +26,7 @@ from engine.resolution import parse_resolution
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--res", type=parse_resolution, default=(1024, 1024))
-    parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--rank", type=int, default=64, help="the adapter's rank; 0: the step without an adapter only")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--preset", default="fp8-compile-fastacc")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="the preset without its CUDA graphs")
@@ -36,13 +36,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_cuda_graphs:
         config = dataclasses.replace(config, compile=dataclasses.replace(config.compile, cuda_graphs=False))
     height, width = args.res
+    if args.rank < 0:
+        parser.error(f"--rank {args.rank}: the adapter's rank is >= 1, or 0 for no adapter")
     components = synthetic_components("flux-dev", device="cuda", dtype=torch.bfloat16, seed=0)
-    adapter = synthetic_lora(components["transformer"], args.rank, seed=1)
+    adapter = synthetic_lora(components["transformer"], args.rank, seed=1) if args.rank else None
     pipe = FluxEngine.from_pipe(FluxEngine(**components), config)
     pipe.set_progress_bar_config(disable=True)
     without = kernel_times(pipe, height, width, args.steps)
-    pipe.load_lora_weights(adapter, adapter_name="profile")
-    with_adapter = kernel_times(pipe, height, width, args.steps)
+    with_adapter = without
+    if adapter is not None:
+        pipe.load_lora_weights(adapter, adapter_name="profile")
+        with_adapter = kernel_times(pipe, height, width, args.steps)
     names = set(without) | set(with_adapter)
     growth = sorted(
         ((with_adapter.get(n, (0, 0))[0] - without.get(n, (0, 0))[0], with_adapter.get(n, (0, 0))[1] -
