@@ -161,7 +161,7 @@ class EngineSingleBlock(FluxSingleTransformerBlock):
             projected[..., :qkv_width], attn.norm_q.weight, attn.norm_k.weight, image_rotary_emb, attn.heads,
             attn.norm_q.eps,
         )  # fmt: skip
-        attn_out = ops.attention(query, key, value)
+        attn_out = ops.attention_before_concat(query, key, value, self.proj_out, self.act_mlp)
         out = ops.gelu_concat_linear(self.proj_out, self.act_mlp, attn_out, projected[..., qkv_width:])
         hidden_states = residual + gate.unsqueeze(1) * out
         if hidden_states.dtype == torch.float16:

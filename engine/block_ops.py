@@ -36,19 +36,23 @@ class BlockOps:
     shards_id: int | None = None
     exchange_groups: tuple[int, int] | None = None
     qk_norm_rope_grouped_fn: Callable | None = None
+    # the core's output before its last scaling, as (e4m3 codes, per-channel scales), for gelu_concat_fp8 to scale as
+    # it reads ('cudnn-fp8' only: flux_kernels.cudnn_attention.cudnn_fp8_attention_scaled)
+    scaled_attention_fn: Callable | None = None
 
     @classmethod
     def build(cls, core: str, fused_norms: bool) -> BlockOps:
         from flux_kernels import layernorm_modulate as norm
         from flux_kernels import qk_norm_rope as qk
 
-        flash = None
+        flash = scaled = None
         if core == "triton":
             from flux_kernels.flash_attention import flash_attention as flash
         elif core == "triton-fp8":
             from flux_kernels.fp8_attention import quantized_attention as flash
         elif core == "cudnn-fp8":
             from flux_kernels.cudnn_attention import cudnn_fp8_attention_pairs as flash
+            from flux_kernels.cudnn_attention import cudnn_fp8_attention_scaled as scaled
         if fused_norms:
             qk_fn = qk.qk_norm_rope_int8_pairs if core == "triton-fp8" else qk.qk_norm_rope
             fns = (qk_fn, norm.layernorm_modulate, norm.gated_residual_layernorm_modulate)
@@ -69,7 +73,8 @@ class BlockOps:
 
             fns = (ca.qk_norm_rope_e4m3_pairs if fused_norms else functools.partial(ca.quantize_qk_bounded, fns[0]),
                    *fns[1:])  # fmt: skip
-        return cls(core, fused_norms, *fns, flash, *fp8_fns, qk_norm_rope_grouped_fn=grouped)
+        return cls(core, fused_norms, *fns, flash, *fp8_fns, qk_norm_rope_grouped_fn=grouped,
+                   scaled_attention_fn=scaled if fused_norms else None)  # fmt: skip
 
     def qk_norm_rope(self, qkv, q_weight, k_weight, rotary, heads, eps, txt_qkv=None, txt_q=None, txt_k=None):
         """-> (q, k, v) [B, H, L, D]; under a Ulysses exchange (packed, None, None): q, k, v packed for it."""
@@ -98,6 +103,18 @@ class BlockOps:
         else:
             out = F.scaled_dot_product_attention(query, key, value)
         return out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+
+    def attention_before_concat(self, query, key, value, linear: nn.Module, act: nn.Module):
+        """attention(query, key, value) for the single-stream block's gelu_concat_linear(linear, act, ...): where
+        that takes the fp8 path and the core leaves e4m3 codes with channel scales, (codes [B, L, H*D], scales
+        [B, H*D]) unscaled, for gelu_concat_fp8 to scale as it reads (one pass over the attention output fewer);
+        otherwise the [B, L, H*D] output."""
+        if (self.scaled_attention_fn is None or self.exchange_groups is not None or self.shards_id is not None
+                or not self._gelu_concat_fp8_into(linear, act)):  # fmt: skip
+            return self.attention(query, key, value)
+        batch, heads, tokens, head_dim = value.shape
+        codes, scales = self.scaled_attention_fn(query, key, value)  # [B, H, L, D] over [B, L, H, D]; [B, H, 1, D]
+        return codes.transpose(1, 2).reshape(batch, tokens, heads * head_dim), scales.reshape(batch, heads * head_dim)
 
     def layernorm_modulate(self, x, shift, scale, eps):
         return self.layernorm_modulate_fn(x, shift, scale, eps)
@@ -150,12 +167,21 @@ class BlockOps:
             hidden = module(hidden)
         return residual, hidden
 
+    def _gelu_concat_fp8_into(self, linear: nn.Module, act: nn.Module) -> bool:
+        tanh_gelu = isinstance(act, nn.GELU) and act.approximate == "tanh"
+        return tanh_gelu and not _hooked(act) and self._fp8_into(linear, self.gelu_concat_fp8_fn)
+
     def gelu_concat_linear(self, linear: nn.Module, act: nn.Module, prefix, x):
         """linear(cat([prefix, act(x)], -1)), the single-stream block's output projection; fp8 `linear` after a tanh
-        GELU: gelu_concat_fp8's e4m3 output (no bf16 GELU output, no concatenated copy, no separate quantiser)."""
-        tanh_gelu = isinstance(act, nn.GELU) and act.approximate == "tanh"
-        if tanh_gelu and not _hooked(act) and self._fp8_into(linear, self.gelu_concat_fp8_fn):
-            return linear(*self.gelu_concat_fp8_fn(prefix, x), out_dtype=x.dtype)
+        GELU: gelu_concat_fp8's e4m3 output (no bf16 GELU output, no concatenated copy, no separate quantiser).
+        prefix: a tensor, or attention_before_concat's (e4m3 codes, channel scales)."""
+        if self._gelu_concat_fp8_into(linear, act):
+            prefix, prefix_scale = prefix if isinstance(prefix, tuple) else (prefix, None)
+            return linear(*self.gelu_concat_fp8_fn(prefix, x, prefix_scale), out_dtype=x.dtype)
+        if isinstance(prefix, tuple):
+            from flux_kernels.gelu_fp8 import dequantize_prefix
+
+            prefix = dequantize_prefix(*prefix, x.dtype)
         return linear(torch.cat([prefix, act(x)], dim=2))
 
 

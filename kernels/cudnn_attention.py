@@ -340,10 +340,17 @@ def cudnn_fp8_attention_pairs(query, key, value, softmax_scale=None) -> torch.Te
     [B, H, Lk, D], quantised here per (head, channel) -> [B, H, Lq, D] in value's dtype, a view of [B, Lq, H, D]
     memory. The custom op `flux_kernels::cudnn_fp8_attention` under torch.compile (the quantisers around it are
     compiled with their neighbours)."""
+    out8, v_scale = cudnn_fp8_attention_scaled(query, key, value, softmax_scale)
+    return (out8.float() * v_scale).to(value.dtype)
+
+
+def cudnn_fp8_attention_scaled(query, key, value, softmax_scale=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cudnn_fp8_attention_pairs before V's channel scales are applied: (e4m3 codes [B, H, Lq, D], a view of
+    [B, Lq, H, D] memory; fp32 scales [B, H, 1, D]), the output being codes * scales. For a consumer that applies
+    the scales as it reads (flux_kernels.gelu_fp8.gelu_concat_fp8's prefix_scale) instead of a pass of their own."""
     (q8, q_descale), (k8, k_descale) = query, key
     v8, v_scale = quantize_v_channels(value)
-    out8 = _cudnn_fp8_attention_op(q8, k8, v8, q_descale, k_descale, softmax_scale)
-    return (out8.float() * v_scale).to(value.dtype)
+    return _cudnn_fp8_attention_op(q8, k8, v8, q_descale, k_descale, softmax_scale), v_scale
 
 
 def cudnn_fp8_attention(q, k, v, softmax_scale=None, v_scaling: str = "channel") -> torch.Tensor:
@@ -363,6 +370,7 @@ __all__ = [
     "cudnn_fp8_attention",
     "cudnn_fp8_attention_pairs",
     "cudnn_fp8_attention_quantized",
+    "cudnn_fp8_attention_scaled",
     "cudnn_fp8_attention_ref",
     "cudnn_handle",
     "import_cudnn",

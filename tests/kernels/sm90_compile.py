@@ -48,10 +48,15 @@ def cases() -> dict:
     gelu = {"PREFIX": "*bf16", "X": "*bf16", "OUT": "*fp8e4nv", "OUT_SCALE": "*fp32", "stride_p_b": "i64",
             "stride_p_l": "i64", "stride_x_b": "i64", "stride_x_l": "i64", "L": "i32", "KP": "i32", "K": "i32",
             "HAS_PREFIX": "constexpr", "BLOCK_P": "constexpr", "BLOCK_K": "constexpr",
-            "APPROX_DIVIDE": "constexpr"}  # fmt: skip
-    for has_prefix in (True, False):
-        constexprs = {"HAS_PREFIX": has_prefix, "BLOCK_P": 4096, "BLOCK_K": 16384, "APPROX_DIVIDE": True}
-        results[f"gelu_concat_fp8/prefix={has_prefix}"] = compile_case(_gelu_concat_fp8_kernel, gelu, constexprs, 16)
+            "APPROX_DIVIDE": "constexpr", "THIRDS": "constexpr", "PREFIX_SCALE": "*fp32", "stride_ps_b": "i64",
+            "SCALED_PREFIX": "constexpr"}  # fmt: skip
+    # FLUX's rows: 3072 + 12288 columns, each as three power-of-two chunks; the cuDNN core's e4m3 output as the prefix
+    for has_prefix, scaled in ((True, False), (False, False), (True, True)):
+        constexprs = {"HAS_PREFIX": has_prefix, "BLOCK_P": 1024, "BLOCK_K": 4096, "APPROX_DIVIDE": True, "THIRDS": True,
+                      "SCALED_PREFIX": scaled}  # fmt: skip
+        name = "gelu_concat_fp8/scaled_prefix" if scaled else f"gelu_concat_fp8/prefix={has_prefix}"
+        signature = {**gelu, "PREFIX": "*fp8e4nv"} if scaled else gelu
+        results[name] = compile_case(_gelu_concat_fp8_kernel, signature, constexprs, 16)
     tail = {"B": "i32", "L": "i32", "C": "i32", "eps": "fp32", "BLOCK_C": "constexpr", "BLOCK_ROWS": "constexpr",
             "PROGRAMS_PER_SM": "constexpr", "QUANT_FP8": "constexpr"}  # fmt: skip
     for quant_fp8 in (True, False):
@@ -80,19 +85,19 @@ def cases() -> dict:
     qk.update({"heads_per_group": "i32", "heads_per_slice": "i32", "L_txt": "i32", "L_img": "i32", "H": "i32",
                "eps": "fp32", "HEAD_DIM": "constexpr", "BLOCK_H": "constexpr", "HAS_TXT": "constexpr",
                "BLOCK_T": "constexpr", "INT8_QK": "constexpr", "GROUPED_OUT": "constexpr", "E4M3_QK": "constexpr",
-               "E4M3_BOUND": "constexpr"})  # fmt: skip
+               "E4M3_BOUND": "constexpr", "H_CHUNKS": "constexpr"})  # fmt: skip
     # pointers and output strides 16-aligned, as the runtime specialises them on a GPU (torch's allocations are, and
     # the grouped layout's strides are multiples of D): the facts the stores' vector width depends on
     aligned = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(qk.items())
                if kind.startswith("*") or name in out_strides}  # fmt: skip
     for has_txt in (True, False):  # FLUX: 24 heads of 128 (a block of 32 heads), one token per program
         constexprs = {"HEAD_DIM": 128, "BLOCK_H": 32, "HAS_TXT": has_txt, "BLOCK_T": 1, "INT8_QK": False,
-                      "GROUPED_OUT": False, "E4M3_QK": False, "E4M3_BOUND": 1.0}  # fmt: skip
+                      "GROUPED_OUT": False, "E4M3_QK": False, "E4M3_BOUND": 1.0, "H_CHUNKS": 1}  # fmt: skip
         results[f"qk_norm_rope/txt={has_txt}"] = compile_case(
             qk_norm_rope._qk_norm_rope_fwd_kernel, qk, constexprs, 8, attrs=aligned
         )
     constexprs = {"HEAD_DIM": 128, "BLOCK_H": 32, "HAS_TXT": True, "BLOCK_T": 1, "INT8_QK": False, "GROUPED_OUT": True,
-                  "E4M3_QK": False, "E4M3_BOUND": 1.0}  # fmt: skip
+                  "E4M3_QK": False, "E4M3_BOUND": 1.0, "H_CHUNKS": 1}  # fmt: skip
     results["qk_norm_rope/grouped"] = compile_case(
         qk_norm_rope._qk_norm_rope_fwd_kernel, qk, constexprs, 8, attrs=aligned
     )
@@ -100,11 +105,14 @@ def cases() -> dict:
 
     qk["Q_OUT"] = qk["K_OUT"] = "*i8"
     constexprs = {"HEAD_DIM": 128, "BLOCK_H": 32, "HAS_TXT": True, "BLOCK_T": 1, "INT8_QK": True, "GROUPED_OUT": False,
-                  "E4M3_QK": False, "E4M3_BOUND": 1.0}  # fmt: skip
+                  "E4M3_QK": False, "E4M3_BOUND": 1.0, "H_CHUNKS": 1}  # fmt: skip
     results["qk_norm_rope/int8"] = compile_case(qk_norm_rope._qk_norm_rope_fwd_kernel, qk, constexprs, 8)
     qk["Q_OUT"] = qk["K_OUT"] = "*fp8e4nv"  # e4m3 with static scales (flux_kernels.cudnn_attention)
-    constexprs = {**constexprs, "INT8_QK": False, "E4M3_QK": True, "E4M3_BOUND": 128**0.5 * 1.01}
-    results["qk_norm_rope/e4m3"] = compile_case(qk_norm_rope._qk_norm_rope_fwd_kernel, qk, constexprs, 8)
+    # FLUX's 24 heads as three blocks of 8, 4 warps: 8 values of a [1, 8, 128] tile a thread
+    constexprs = {**constexprs, "INT8_QK": False, "E4M3_QK": True, "E4M3_BOUND": 128**0.5 * 1.01, "BLOCK_H": 8,
+                  "H_CHUNKS": 3}  # fmt: skip
+    results["qk_norm_rope/e4m3"] = compile_case(qk_norm_rope._qk_norm_rope_fwd_kernel, qk, constexprs, 4,
+                                                attrs=aligned)  # fmt: skip
     strides = [f"stride_{name}" for name in ("qb", "qh", "qm", "kb", "kh", "kn", "vb", "vh", "vd", "qsb", "qsh", "ksb",
                                               "ksh", "vsb", "vsh", "ob", "oh", "om")]  # fmt: skip
     attn = {"Q": "*i8", "QS": "*fp32", "K": "*i8", "KS": "*fp32", "VT": "*fp8e4nv", "VS": "*fp32", "Out": "*bf16",

@@ -47,11 +47,13 @@ def test_quantize_bounded_keeps_e4m3_precision_and_saturates():
     assert back[4] == 200 and back[5] == -200 and torch.isfinite(back).all()  # past the bound: saturated
 
 
-def test_qk_norm_rope_e4m3_matches_its_reference(device):
+@pytest.mark.parametrize("heads", [3, 6, 5], ids=["thirds_of_1", "thirds_of_2", "one_masked_block"])
+def test_qk_norm_rope_e4m3_matches_its_reference(heads, device):
     """The QK-norm kernel's e4m3 outputs (static scales computed in the kernel from the weights) against the
-    reference: the bf16-free fp32 values quantised by quantize_bounded with qk_bound's scale."""
+    reference: the bf16-free fp32 values quantised by quantize_bounded with qk_bound's scale. Heads that split
+    into three power-of-two blocks (FLUX's 24 = 3 x 8) are read so, other counts as one masked block."""
     generator = torch.Generator().manual_seed(0)
-    heads, head_dim, text, image = 3, 64, 5, 12
+    head_dim, text, image = 64, 5, 12
 
     def randn(*shape):
         return torch.randn(*shape, generator=generator).to(device, torch.bfloat16)
@@ -151,6 +153,49 @@ def test_engine_wiring_on_cpu_with_the_emulated_core(fused_norms, monkeypatch, d
     assert not torch.equal(images, bf16(**tiny_call_kwargs()).images.float())
     # measured 48.8 dB (2026-11-30, CPU): the tiny random model's attention is near uniform, which e4m3 keeps well
     assert psnr(images, baseline) > 35.0
+
+
+def test_single_blocks_hand_the_cores_e4m3_output_to_the_gelu_kernel_unscaled(monkeypatch, device):
+    """Fused norms and fp8 projections: the single-stream blocks pass cuDNN's e4m3 output and V's channel scales to
+    gelu_concat_fp8 (prefix_scale), which applies them as it reads, instead of a pass that writes the scaled bf16
+    output first; the image is the one the unfused order makes (bit for bit on a GPU)."""
+    from engine.block_ops import BlockOps
+    from engine.config import QuantConfig
+    from engine.models import synthetic_components
+    from flux_kernels import gelu_fp8
+
+    def emulated(q8, k8, v8, q_descale, k_descale, softmax_scale=None):
+        out = ca.cudnn_fp8_attention_ref(q8, k8, v8, q_descale, k_descale, softmax_scale)
+        return out.transpose(1, 2).contiguous().transpose(1, 2)  # cuDNN's [B, Lq, H, D] memory
+
+    monkeypatch.setattr(ca, "_cudnn_fp8_attention_op", emulated)
+    monkeypatch.setattr("engine.attention._cudnn_fp8_unavailable", lambda device: None)
+    scaled_calls = []
+    launch = gelu_fp8.gelu_concat_fp8_fwd
+
+    def recording(prefix, x, prefix_scale=None):
+        scaled_calls.append(prefix_scale is not None)
+        return launch(prefix, x, prefix_scale)
+
+    monkeypatch.setattr(gelu_fp8, "gelu_concat_fp8_fwd", recording)
+    config = EngineConfig(attention=AttentionConfig(backend="cudnn-fp8", fused_norms=True),
+                          quant=QuantConfig(transformer="fp8"))  # fmt: skip
+
+    def run():
+        pipe = FluxPipeline(**synthetic_components("tiny", device=device, dtype=torch.bfloat16, seed=0))
+        engine = FluxEngine.from_pipe(pipe, config)
+        return engine(**tiny_call_kwargs()).images.float(), len(engine.transformer.single_transformer_blocks)
+
+    fused, single_blocks = run()
+    assert scaled_calls.count(True) == 2 * single_blocks  # two steps
+    scaled_calls.clear()
+    monkeypatch.setattr(BlockOps, "attention_before_concat", lambda self, q, k, v, linear, act: self.attention(q, k, v))
+    unfused, _ = run()
+    assert scaled_calls.count(True) == 0 and len(scaled_calls) > 0
+    if device.type == "cuda":
+        torch.testing.assert_close(fused, unfused, rtol=0, atol=0)
+    else:  # the interpreter truncates the scaled prefix to bf16 where PyTorch rounds: 48.8 dB on the CPU (2026-12-01)
+        assert psnr(fused, unfused) > 40.0, psnr(fused, unfused)
 
 
 @pytest.mark.gpu

@@ -30,10 +30,10 @@ def compiled() -> dict:
 
 
 def test_every_case_compiles_to_a_cubin(compiled):
-    # + qk_norm_rope int8, e4m3 and grouped, the fp8 attention's Hopper configs, its Gluon core (two tiles),
-    # its quantisers, the GroupNorm's kernels (moments with and without an input bias, both applies with and
-    # without SiLU), the residual add in both layouts, the nearest upsampling
-    assert len(compiled) == 8 + 3 + 5 + 2 + 2 + 7 + 2 + 1
+    # the GELU (with a scaled e4m3 prefix too) + qk_norm_rope int8, e4m3 and grouped, the fp8 attention's Hopper
+    # configs, its Gluon core (two tiles), its quantisers, the GroupNorm's kernels (moments with and without an input
+    # bias, both applies with and without SiLU), the residual add in both layouts, the nearest upsampling
+    assert len(compiled) == 9 + 3 + 5 + 2 + 2 + 7 + 2 + 1
     failed = {name: case.get("error") for name, case in compiled.items() if not case["compiled"]}
     assert not failed, failed
 
@@ -42,7 +42,7 @@ def test_fp8_outputs_round_to_nearest_even_and_keep_nan(compiled):
     fp8 = {name: case for name, case in compiled.items() if name.startswith(("gelu", "layernorm", "gated")) and
            "fp8=False" not in name}  # fmt: skip
     fp8["qk_norm_rope/e4m3"] = compiled["qk_norm_rope/e4m3"]
-    assert len(fp8) == 5
+    assert len(fp8) == 6
     for name, case in fp8.items():
         assert case["rne_fp8_cast"], f"{name}: no cvt.rn.satfinite e4m3 conversion in the PTX"
         assert case["nan_clamp"], f"{name}: the clamp does not propagate NaN"
@@ -51,14 +51,15 @@ def test_fp8_outputs_round_to_nearest_even_and_keep_nan(compiled):
 def test_the_gelu_divides_approximately_on_the_gpu(compiled):
     """The GELU's division is div.approx (3 fewer SASS instructions a value than "/": the kernel is issue-bound,
     benchmarks/NOTES.md 2026-11-30 21:44); the interpreter, without libdevice, divides with "/"."""
-    for has_prefix in (True, False):
-        assert compiled[f"gelu_concat_fp8/prefix={has_prefix}"]["approx_divide"]
+    for name in ("gelu_concat_fp8/prefix=True", "gelu_concat_fp8/prefix=False", "gelu_concat_fp8/scaled_prefix"):
+        assert compiled[name]["approx_divide"]
 
 
 def test_qk_norm_rope_stores_16_byte_vectors_in_both_layouts(compiled):
     """The grouped (Ulysses) layout's runtime strides keep the default layout's stores: q, k and v leave in 16-byte
-    vectors (st.global.v4), none element by element, given the alignment the runtime specialises on."""
-    for name in ("qk_norm_rope/txt=True", "qk_norm_rope/txt=False", "qk_norm_rope/grouped"):
+    vectors (st.global.v4), none element by element, given the alignment the runtime specialises on; so does the
+    e4m3 path's v, its heads read in three blocks of 8."""
+    for name in ("qk_norm_rope/txt=True", "qk_norm_rope/txt=False", "qk_norm_rope/grouped", "qk_norm_rope/e4m3"):
         stores = compiled[name]["stores"]
         assert stores["st.global.v4"] > 0 and stores["st.global.b16"] == 0, f"{name}: {stores}"
     assert compiled["qk_norm_rope/grouped"]["stores"] == compiled["qk_norm_rope/txt=True"]["stores"]
