@@ -11,7 +11,7 @@
 # startup-frames-nographs, tests-frames, profile-cudnn, profile-cudnn-nographs, vae-compile, pack-artifacts, cudnn-attention, tests-cudnn, cudnn-1024, cudnn-2048, cudnn-kontext,
 # cudnn-taylorseer, cudnn-lora-28, cudnn-startup, cudnn-plans, gelu-ab, tests-gelu-cudnn, profile-vae, profile-vae-chunked,
 # profile-vae-eager, tests-vae-kernels, taylorseer-compiledvae, cudnn-startup-package, startup-package-profile,
-# profile-encode, profile-cudnn-2048, power-probe). Each stage
+# profile-encode, profile-cudnn-2048, power-probe, tune-qk-e4m3). Each stage
 # has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
@@ -251,6 +251,12 @@ for s in "$@"; do
       EXTRA=(); [ "$s" = profile-cudnn-nographs ] && EXTRA=(--no-cuda-graphs)
       stage "$s" 240 python3 -m benchmarks.profile_lora --res 1024 --rank 64 \
         --preset fp8-compile-fastacc-cudagraphs-cudnnattn "${EXTRA[@]}" --out "$OUT/$s-$CARD-$DAY.json" ;;
+    tune-qk-e4m3)
+      # the QK-norm kernel's e4m3 keys (cuDNN preset) tuned at every size class, kept in $OUT/tuned/ to merge into
+      # kernels/tuned/<card>.json (a fresh machine then tunes none of them)
+      mkdir -p "$OUT/tuned"
+      stage "$s" 200 env FLUX_KERNELS_TUNING=retune FLUX_KERNELS_TUNING_DIR="$OUT/tuned" \
+        python3 -m benchmarks.kernels.tune_qk_e4m3 ;;
     power-probe)
       # whether the card holds its clocks: NVML's SM clock, power and clock-event reasons during cuDNN's attention
       # alone (20 and 600 calls) and during the cuDNN preset's 2048^2 steps (benchmarks/power_probe.py)
