@@ -42,12 +42,14 @@ class Sampler:
         reasons = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None)
         self.reasons = reasons or pynvml.nvmlDeviceGetCurrentClocksThrottleReasons
 
-    def _run(self) -> None:
+    def _read(self) -> tuple[int, float, int]:
         nvml, handle = self.nvml, self.handle
+        clock = nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM)
+        return clock, nvml.nvmlDeviceGetPowerUsage(handle) / 1000, self.reasons(handle)
+
+    def _run(self) -> None:
         while self.running:
-            clock = nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM)
-            power = nvml.nvmlDeviceGetPowerUsage(handle) / 1000
-            self.samples.append((clock, power, self.reasons(handle)))
+            self.samples.append(self._read())
             time.sleep(self.period)
 
     def measure(self, work) -> dict:
@@ -60,6 +62,8 @@ class Sampler:
         finally:
             self.running = False
             thread.join()
+        if not self.samples:  # work shorter than the thread's first read: one read after it
+            self.samples.append(self._read())
         clocks = [s[0] for s in self.samples]
         powers = [s[1] for s in self.samples]
         share = {name: sum(bool(s[2] & bit) for s in self.samples) / max(len(self.samples), 1)

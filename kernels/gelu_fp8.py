@@ -163,10 +163,14 @@ def _check_inputs(prefix: torch.Tensor | None, x: torch.Tensor, prefix_scale: to
             )
     if prefix_scale is None:
         return
-    expected = (x.shape[0], -1 if prefix is None else prefix.shape[2])
+    if prefix is None:
+        raise ValueError(
+            "gelu_concat_fp8: prefix_scale was given without a prefix; pass the e4m3 prefix it scales, or no "
+            "prefix_scale"
+        )
+    expected = (x.shape[0], prefix.shape[2])
     if (
-        prefix is None
-        or prefix_scale.shape != expected
+        prefix_scale.shape != expected
         or prefix_scale.dtype != torch.float32
         or prefix_scale.stride(-1) != 1
         or prefix_scale.device != x.device
