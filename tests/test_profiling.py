@@ -43,3 +43,42 @@ def test_chrome_kernels_reads_the_kernel_events_of_a_trace_in_start_order():
     }
     assert chrome_kernels(trace) == [("gemm", 10_000, 12_250), ("nccl", 12_500, 14_500)]
     assert chrome_kernels({}) == []
+
+
+def test_power_probe_summarises_clocks_power_and_the_power_cap_share(monkeypatch):
+    """benchmarks/power_probe.Sampler on a stand-in NVML (the real one reads the GPU on the device): the median and
+    extremes of the SM clock, the mean and peak power in W, and the share of samples with each clock-event bit."""
+    import itertools
+    import sys
+    import types
+
+    from benchmarks import power_probe
+
+    readings = itertools.cycle([(1980, 300_000, 0x0), (1635, 700_000, 0x4), (1515, 690_000, 0x4 | 0x20)])
+    current = {}
+
+    def clock(handle, kind):
+        current["reading"] = next(readings)
+        return current["reading"][0]
+
+    nvml = types.SimpleNamespace(
+        nvmlInit=lambda: None, nvmlDeviceGetHandleByIndex=lambda index: "gpu", NVML_CLOCK_SM=0,
+        nvmlDeviceGetEnforcedPowerLimit=lambda handle: 700_000, nvmlDeviceGetClockInfo=clock,
+        nvmlDeviceGetPowerUsage=lambda handle: current["reading"][1],
+        nvmlDeviceGetCurrentClocksEventReasons=lambda handle: current["reading"][2],
+    )  # fmt: skip
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monkeypatch.setattr(power_probe.torch.cuda, "current_device", lambda: 0)
+    sampler = power_probe.Sampler(period=0.0)
+    sampler._run = lambda: [sampler.samples.append(sampler._read()) for _ in range(6)]  # two full cycles, no thread
+    summary = sampler.measure(lambda: 42)
+    assert summary["value"] == 42 and summary["samples"] == 6
+    assert (summary["sm_mhz_median"], summary["sm_mhz_min"], summary["sm_mhz_max"]) == (1635, 1515, 1980)
+    assert summary["power_w_mean"] == pytest.approx(1690 / 3) and summary["power_w_max"] == 700
+    assert summary["power_limit_w"] == 700
+    assert summary["reason_share"]["sw_power_cap"] == pytest.approx(2 / 3)
+    assert summary["reason_share"]["sw_thermal"] == pytest.approx(1 / 3)
+    assert summary["reason_share"]["hw_slowdown"] == 0
+    empty = power_probe.Sampler(period=0.0)
+    empty._run = lambda: None  # work done before the first read: one read after it
+    assert empty.measure(lambda: None)["samples"] == 1
