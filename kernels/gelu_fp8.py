@@ -163,17 +163,13 @@ def _check_inputs(prefix: torch.Tensor | None, x: torch.Tensor, prefix_scale: to
             )
     if prefix_scale is None:
         return
-    if prefix is None:
-        raise ValueError(
-            "gelu_concat_fp8: prefix_scale was given without a prefix; pass the e4m3 prefix it scales, or no "
-            "prefix_scale"
-        )
+    if prefix is None:  # (these checks keep the line count of 6aa1849's: the shipped frames check traced lines)
+        raise ValueError("gelu_concat_fp8: prefix_scale was given without a prefix; pass the e4m3 prefix it scales")
     expected = (x.shape[0], prefix.shape[2])
     if (
         prefix_scale.shape != expected
         or prefix_scale.dtype != torch.float32
-        or prefix_scale.stride(-1) != 1
-        or prefix_scale.device != x.device
+        or prefix_scale.stride(-1) != 1 or prefix_scale.device != x.device
     ):
         raise ValueError(
             f"gelu_concat_fp8: prefix_scale {tuple(prefix_scale.shape)} {prefix_scale.dtype} on {prefix_scale.device}: "
