@@ -353,6 +353,32 @@ class Frames:
         return True
 
 
+def stale_sources(path: Path, modules: tuple[str, ...] = ("engine.", "flux_kernels.")) -> dict[str, list[str]]:
+    """{frame name: its traced functions in `modules` whose lines changed since it was made} for a frames file
+    (`<key>.frames`), read from each frame's pickled source info without loading the frame, so that a CPU can check
+    a GPU's file; frames with none changed are left out. An edit that moves a traced function's lines (a kernel
+    file's host code above it, say) makes the shipped frame stale: remake it."""
+    import pickle
+
+    stale = {}
+    for name, data in read_frames(path).items():
+        if name == REFUSED:
+            continue
+        sources = pickle.loads(data)["source_info"].inlined_sources  # our own shipped file
+        changed = []
+        for source in sources:
+            if source.module.startswith(modules):
+                try:
+                    same = _lines_checksum(source.module, source.firstlineno, source.lastlineno) == source.checksum
+                except (ImportError, OSError, TypeError):
+                    same = False
+                if not same:
+                    changed.append(f"{source.module} lines {source.firstlineno}-{source.lastlineno}")
+        if changed:
+            stale[name] = changed
+    return stale
+
+
 def read_frames(path: Path) -> dict[str, bytes]:
     """The frames saved in `path` by name; {} where there is none or it cannot be read."""
     if not path.is_file():

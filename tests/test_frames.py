@@ -339,3 +339,16 @@ def test_reload_forgets_the_frames_until_their_next_call_loads_them(shift, tmp_p
     assert [stats["from"] for stats in frames.stats().values()] == ["usual"]  # forgotten
     torch.testing.assert_close(model(x), torch.relu(x * model.weight) + 1.0)
     assert [stats["from"] for stats in frames.stats().values()] == ["file"]
+
+
+def test_the_shipped_frames_trace_the_sources_on_this_tree():
+    """Every frame shipped in engine/compiled/ traced our functions (engine.*, flux_kernels.*) whose lines are still
+    what they were: an edit that moves or changes one (host code added above `gelu_concat_fp8` in kernels/gelu_fp8.py,
+    4e8434d) makes a fresh machine refuse that frame and trace its blocks again. Remake the files on the GPU machine
+    (`bash benchmarks/gpu_plan.sh startup-frames-only cudnn-startup pack-artifacts`) or leave those lines be."""
+    from engine.frames import stale_sources
+
+    shipped = sorted((REPO / "engine" / "compiled").glob("*.frames"))
+    assert shipped, "no shipped frames found in engine/compiled/"
+    stale = {path.name: found for path in shipped if (found := stale_sources(path))}
+    assert not stale, stale
