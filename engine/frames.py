@@ -92,8 +92,15 @@ def _lines_checksum(module_name: str, first: int, last: int) -> str:
 
 def changed_sources(compiled) -> list[str]:
     """The traced functions of `compiled` (an AOTCompiledFunction) whose lines are not what they were."""
+    return _changed(compiled.source_info().inlined_sources)
+
+
+def _changed(sources, modules: tuple[str, ...] = ("",)) -> list[str]:
+    """Of dynamo's inlined sources, those in `modules` (name prefixes) whose lines' checksum is not what it was."""
     changed = []
-    for source in compiled.source_info().inlined_sources:
+    for source in sources:
+        if not source.module.startswith(modules):
+            continue
         try:
             same = _lines_checksum(source.module, source.firstlineno, source.lastlineno) == source.checksum
         except (ImportError, OSError, TypeError):
@@ -364,16 +371,7 @@ def stale_sources(path: Path, modules: tuple[str, ...] = ("engine.", "flux_kerne
     for name, data in read_frames(path).items():
         if name == REFUSED:
             continue
-        sources = pickle.loads(data)["source_info"].inlined_sources  # our own shipped file
-        changed = []
-        for source in sources:
-            if source.module.startswith(modules):
-                try:
-                    same = _lines_checksum(source.module, source.firstlineno, source.lastlineno) == source.checksum
-                except (ImportError, OSError, TypeError):
-                    same = False
-                if not same:
-                    changed.append(f"{source.module} lines {source.firstlineno}-{source.lastlineno}")
+        changed = _changed(pickle.loads(data)["source_info"].inlined_sources, modules)  # our own shipped file
         if changed:
             stale[name] = changed
     return stale
