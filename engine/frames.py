@@ -369,7 +369,7 @@ def stale_sources(path: Path, modules: tuple[str, ...] = ("engine.", "flux_kerne
 
     stale = {}
     for name, data in read_frames(path).items():
-        if name == REFUSED:
+        if name.endswith(REFUSED):  # a class's refusal note, not a frame
             continue
         changed = _changed(pickle.loads(data)["source_info"].inlined_sources, modules)  # our own shipped file
         if changed:

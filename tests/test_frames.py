@@ -352,3 +352,33 @@ def test_the_shipped_frames_trace_the_sources_on_this_tree():
     assert shipped, "no shipped frames found in engine/compiled/"
     stale = {path.name: found for path in shipped if (found := stale_sources(path))}
     assert not stale, stale
+
+
+def test_stale_sources_reads_each_frames_traced_lines_and_skips_refusals_and_other_modules(tmp_path):
+    """engine.frames.stale_sources on a hand-made frames file: a frame whose recorded checksum matches its traced
+    lines is not listed, one whose checksum does not is; torch's own sources and a refusal note are not read."""
+    import hashlib
+    import inspect
+    import pickle
+    import types
+    import zipfile
+
+    import engine.resolution as module
+    from engine.frames import REFUSED, stale_sources
+
+    lines = inspect.getsourcelines(module)[0]
+    first, last = 1, 6
+    checksum = hashlib.sha256("".join(lines[first - 1 : last - 1]).encode()).hexdigest()
+
+    def frame(*sources):
+        info = types.SimpleNamespace(inlined_sources=[types.SimpleNamespace(module=m, firstlineno=first,
+                                                                            lastlineno=last, checksum=c)
+                                                      for m, c in sources])  # fmt: skip
+        return pickle.dumps({"source_info": info})
+
+    path = tmp_path / "key.frames"
+    with zipfile.ZipFile(path, "w") as bundle:
+        bundle.writestr("engine.attention:Same", frame(("engine.resolution", checksum), ("torch.nn.modules", "x")))
+        bundle.writestr("engine.attention:Moved", frame(("engine.resolution", "0" * 64)))
+        bundle.writestr("engine.attention:Refused" + REFUSED, b"cannot save guards on ...")
+    assert stale_sources(path) == {"engine.attention:Moved": [f"engine.resolution lines {first}-{last}"]}
