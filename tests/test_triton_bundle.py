@@ -27,8 +27,10 @@ from sm90_compile import compile_case
 from flux_kernels.gelu_fp8 import _gelu_concat_fp8_kernel
 signature = {"PREFIX": "*bf16", "X": "*bf16", "OUT": "*fp8e4nv", "OUT_SCALE": "*fp32", "stride_p_b": "i64",
              "stride_p_l": "i64", "stride_x_b": "i64", "stride_x_l": "i64", "L": "i32", "KP": "i32", "K": "i32",
-             "HAS_PREFIX": "constexpr", "BLOCK_P": "constexpr", "BLOCK_K": "constexpr", "APPROX_DIVIDE": "constexpr"}
-constexprs = {"HAS_PREFIX": False, "BLOCK_P": 4096, "BLOCK_K": 16384, "APPROX_DIVIDE": True}
+             "HAS_PREFIX": "constexpr", "BLOCK_P": "constexpr", "BLOCK_K": "constexpr", "APPROX_DIVIDE": "constexpr",
+             "THIRDS": "constexpr", "PREFIX_SCALE": "*fp32", "stride_ps_b": "i64", "SCALED_PREFIX": "constexpr"}
+constexprs = {"HAS_PREFIX": False, "BLOCK_P": 1024, "BLOCK_K": 4096, "APPROX_DIVIDE": True, "THIRDS": True,
+              "SCALED_PREFIX": False}
 print(json.dumps(compile_case(_gelu_concat_fp8_kernel, signature, constexprs, 16)))
 """
 
