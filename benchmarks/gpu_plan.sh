@@ -11,7 +11,7 @@
 # startup-frames-nographs, tests-frames, profile-cudnn, profile-cudnn-nographs, vae-compile, pack-artifacts, cudnn-attention, tests-cudnn, cudnn-1024, cudnn-2048, cudnn-kontext,
 # cudnn-taylorseer, cudnn-lora-28, cudnn-startup, cudnn-plans, gelu-ab, tests-gelu-cudnn, profile-vae, profile-vae-chunked,
 # profile-vae-eager, tests-vae-kernels, taylorseer-compiledvae, cudnn-startup-package, startup-package-profile,
-# profile-encode, profile-cudnn-2048, power-probe, tune-qk-e4m3). Each stage
+# profile-encode, profile-cudnn-2048, power-probe, tune-qk-e4m3, cold-start-ab). Each stage
 # has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
@@ -217,6 +217,21 @@ for s in "$@"; do
       P=fp8-compile-fastacc-cudagraphs; [ "$s" = cudnn-startup-package ] && P=fp8-compile-fastacc-cudagraphs-cudnnattn
       stage "$s" 200 python3 -m benchmarks.startup --preset "$P" --sizes 1024 1360x768 --runs tables:package \
         --out "$OUT/$s-$CARD-$DAY.json" ;;
+    cold-start-ab)
+      # a fresh machine's package start without and with the CUDA libraries read ahead (engine/prefetch.py), the page
+      # cache dropped before each (NOTES 2026-12-01 08:10); each library's share in the page cache before and after
+      drop_cache() { sync; if echo 3 >/proc/sys/vm/drop_caches; then echo "page cache dropped"; else echo "could not drop the page cache"; fi; }
+      mkdir -p /tmp/residency && python3 -m engine.prefetch >/tmp/residency/0.json 2>>"$LOG"
+      n=0
+      for run in fastest:0 fastest:1 cudnn:1 cudnn:0 fastest:0; do
+        n=$((n + 1)); P=fp8-compile-fastacc-cudagraphs; [ "${run%:*}" = cudnn ] && P=$P-cudnnattn
+        drop_cache | tee -a "$LOG"
+        stage "cold-$n-$run" 150 env FLUX_ENGINE_PREFETCH="${run#*:}" python3 -m benchmarks.startup --preset "$P" \
+          --sizes 1024 1360x768 --runs tables:package --out "$OUT/cold-start-$n-${run%:*}-${run#*:}-$CARD-$DAY.json"
+        python3 -m engine.prefetch >"/tmp/residency/$n.json" 2>>"$LOG"
+      done
+      python3 -c "import json, pathlib, sys; print(json.dumps({p.stem: json.loads(p.read_text() or 'null') for p in \
+        sorted(pathlib.Path('/tmp/residency').glob('*.json'))}, indent=1))" >"$OUT/residency-$CARD-$DAY.json" ;;
     timeline-cp-2)
       # each rank's compute / communication / idle time per step under the fastest preset's CUDA graphs, beside one
       # GPU's, and the ranks' Chrome traces (gzipped): what the 2-GPU step waits for (NOTES 2026-11-30 09:30)

@@ -88,6 +88,9 @@ def optimize(pipe, config: EngineConfig | str | None = None):
         from .compile import cache_root
 
         set_tuning_directory(cache_root(config.cache) / "kernel-tuning")
+    from .prefetch import start_prefetch
+
+    start_prefetch(pipe.transformer.device)  # a cold disk's CUDA libraries, read while the steps below run
     steps = AppliedSteps()
     pipe.attention_ops = apply_attention(pipe, config.attention, force=config.parallel.enabled)
     if pipe.attention_ops is not None:
