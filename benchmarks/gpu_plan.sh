@@ -219,7 +219,7 @@ for s in "$@"; do
         --out "$OUT/$s-$CARD-$DAY.json" ;;
     cold-start-ab)
       # a fresh machine's package start without and with the CUDA libraries read ahead (engine/prefetch.py), the page
-      # cache dropped before each (NOTES 2026-12-01 08:10); each library's share in the page cache before and after
+      # cache dropped before each (NOTES 2026-12-01 08:03); each library's share in the page cache before and after
       drop_cache() { sync; if echo 3 >/proc/sys/vm/drop_caches; then echo "page cache dropped"; else echo "could not drop the page cache"; fi; }
       mkdir -p /tmp/residency && python3 -m engine.prefetch >/tmp/residency/0.json 2>>"$LOG"
       n=0
