@@ -11,7 +11,8 @@
 # startup-frames-nographs, tests-frames, profile-cudnn, profile-cudnn-nographs, vae-compile, pack-artifacts, cudnn-attention, tests-cudnn, cudnn-1024, cudnn-2048, cudnn-kontext,
 # cudnn-taylorseer, cudnn-lora-28, cudnn-startup, cudnn-plans, gelu-ab, tests-gelu-cudnn, profile-vae, profile-vae-chunked,
 # profile-vae-eager, tests-vae-kernels, taylorseer-compiledvae, cudnn-startup-package, startup-package-profile,
-# profile-encode, profile-cudnn-2048, power-probe, tune-qk-e4m3, cold-start-ab). Each stage
+# profile-encode, profile-cudnn-2048, power-probe, tune-qk-e4m3, cold-start-ab,
+# cold-start-causes). Each stage
 # has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
@@ -232,6 +233,29 @@ for s in "$@"; do
       done
       python3 -c "import json, pathlib, sys; print(json.dumps({p.stem: json.loads(p.read_text() or 'null') for p in \
         sorted(pathlib.Path('/tmp/residency').glob('*.json'))}, indent=1))" >"$OUT/residency-$CARD-$DAY.json" ;;
+    cold-start-causes)
+      # what a fresh machine's first package start leaves behind that makes the next start fast (NOTES 2026-12-01
+      # 08:15): the files written during the first start, then starts with one candidate reset at a time
+      drop_cache() { sync; echo 3 >/proc/sys/vm/drop_caches || echo "could not drop the page cache"; }
+      C="$OUT/causes-$CARD-$DAY.txt"; touch /tmp/marker; sleep 1
+      n=0
+      for run in fastest:fresh fastest:jit fastest:pyc fastest:used cudnn:fresh cudnn:jit; do
+        n=$((n + 1)); P=fp8-compile-fastacc-cudagraphs; [ "${run%:*}" = cudnn ] && P=$P-cudnnattn
+        JIT=$HOME/.nv/ComputeCache
+        [ "${run#*:}" = jit ] && JIT=/tmp/jit-$n  # an empty CUDA JIT cache
+        [ "${run#*:}" = pyc ] && find /tmp/site "$PWD" -name __pycache__ -type d -prune -exec rm -rf {} + 2>/dev/null
+        drop_cache
+        stage "cold-$n-$run" 150 env FLUX_ENGINE_PREFETCH=0 CUDA_CACHE_PATH="$JIT" python3 -m benchmarks.startup \
+          --preset "$P" --sizes 1024 1360x768 --runs tables:package --out "$OUT/cold-$n-${run%:*}-${run#*:}-$CARD-$DAY.json"
+        { echo "== after $n $run"; du -sk "$HOME/.nv/ComputeCache" /tmp/jit-* "$HOME/.cache"/* 2>/dev/null
+          echo "pyc files: $(find /tmp/site "$PWD" -name '*.pyc' 2>/dev/null | wc -l)"; } >>"$C"
+        if [ $n = 1 ]; then
+          echo "== files written during the first start (KiB by folder, 3 levels)" >>"$C"
+          find / -xdev -newer /tmp/marker -type f ! -path "$OUT/*" ! -path '/proc/*' ! -path '/sys/*' -printf '%k %h\n' \
+            2>/dev/null | awk '{split($2, p, "/"); k = "/" p[2] "/" p[3] "/" p[4]; s[k] += $1; c[k]++}
+            END {for (k in s) print s[k], c[k], k}' | sort -rn | head -40 >>"$C"
+        fi
+      done ;;
     timeline-cp-2)
       # each rank's compute / communication / idle time per step under the fastest preset's CUDA graphs, beside one
       # GPU's, and the ranks' Chrome traces (gzipped): what the 2-GPU step waits for (NOTES 2026-11-30 09:30)
