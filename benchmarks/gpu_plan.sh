@@ -12,7 +12,7 @@
 # cudnn-taylorseer, cudnn-lora-28, cudnn-startup, cudnn-plans, gelu-ab, tests-gelu-cudnn, profile-vae, profile-vae-chunked,
 # profile-vae-eager, tests-vae-kernels, taylorseer-compiledvae, cudnn-startup-package, startup-package-profile,
 # profile-encode, profile-cudnn-2048, power-probe, tune-qk-e4m3, cold-start-ab,
-# cold-start-causes). Each stage
+# cold-start-causes, jit-probe). Each stage
 # has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
@@ -256,6 +256,12 @@ for s in "$@"; do
             END {for (k in s) print s[k], c[k], k}' | sort -rn | head -40 >>"$C"
         fi
       done ;;
+    jit-probe)
+      # FLUX's fp8 GEMMs and SDPA at each token count, first call timed, the CUDA JIT cache empty then filled
+      # (NOTES 2026-12-01 08:22)
+      rm -rf /tmp/jit-probe
+      stage jit-probe-empty 120 env CUDA_CACHE_PATH=/tmp/jit-probe python3 -m benchmarks.jit_probe --out "$OUT/jit-probe-empty-$CARD-$DAY.json"
+      stage jit-probe-filled 120 env CUDA_CACHE_PATH=/tmp/jit-probe python3 -m benchmarks.jit_probe --out "$OUT/jit-probe-filled-$CARD-$DAY.json" ;;
     timeline-cp-2)
       # each rank's compute / communication / idle time per step under the fastest preset's CUDA graphs, beside one
       # GPU's, and the ranks' Chrome traces (gzipped): what the 2-GPU step waits for (NOTES 2026-11-30 09:30)

@@ -1,0 +1,90 @@
+"""What the CUDA driver compiles on a fresh machine: the first call of FLUX's fp8 GEMMs (torch._scaled_mm, row-wise
+scales, fast accumulation, as the fp8 presets run them) and of SDPA at each token count, timed, with the CUDA JIT cache
+(CUDA_CACHE_PATH) empty or filled, and the kernel names in the cache it leaves (NOTES 2026-12-01 08:22).
+
+    CUDA_CACHE_PATH=/tmp/jit python -m benchmarks.jit_probe --out probe.json   # run twice: empty, then filled
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# (K, N) of the transformer's fp8 GEMMs: linear1 of a single block, its proj_out, a double block's qkv, attention
+# output, MLP in and out
+SHAPES = [(3072, 21504), (15360, 3072), (3072, 9216), (3072, 3072), (3072, 12288), (12288, 3072)]
+# tokens: text alone, 512^2, 768^2, 1360x768, 1024^2, Kontext 1024^2, 2048^2
+TOKENS = [512, 1536, 2816, 4592, 4608, 8704, 16896]
+
+
+def timed(fn) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def cache_files(folder: Path) -> dict:
+    files = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
+    return {"files": len(files), "kib": sum(p.stat().st_size for p in files) // 1024}
+
+
+def kernel_names(folder: Path, top: int = 40) -> dict[str, int]:
+    """Kernel-like symbol names in the cache's files (a cubin keeps its kernels' mangled names), counted."""
+    counts: dict[str, int] = {}
+    for path in (p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []:
+        for match in re.findall(rb"_Z[\w]{12,}|nvjet[\w]+|cutlass[\w]+|sm90[\w]+|triton[\w]+", path.read_bytes()):
+            name = match.decode(errors="replace")[:120]
+            counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:top])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    cache = Path(os.environ.get("CUDA_CACHE_PATH", Path.home() / ".nv" / "ComputeCache"))
+    rows, before = [], cache_files(cache)
+    torch.ones(1, device="cuda")  # the context
+    for tokens in TOKENS:
+        for k, n in SHAPES:
+            a = torch.randn(tokens, k, device="cuda").to(torch.float8_e4m3fn)
+            b = torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn)
+            sa, sb = torch.ones(tokens, 1, device="cuda"), torch.ones(1, n, device="cuda")
+
+            def gemm(a=a, b=b, sa=sa, sb=sb):
+                torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16, use_fast_accum=True)
+
+            rows.append({"op": f"scaled_mm K={k} N={n}", "tokens": tokens, "first_ms": round(timed(gemm) * 1e3, 2),
+                         "second_ms": round(timed(gemm) * 1e3, 3), "cache": cache_files(cache)})  # fmt: skip
+        q = torch.randn(1, 24, tokens, 128, device="cuda", dtype=torch.bfloat16)
+
+        def sdpa(q=q):
+            F.scaled_dot_product_attention(q, q, q)
+
+        rows.append({"op": "sdpa", "tokens": tokens, "first_ms": round(timed(sdpa) * 1e3, 2),
+                     "second_ms": round(timed(sdpa) * 1e3, 3), "cache": cache_files(cache)})  # fmt: skip
+    result = {"cache_path": str(cache), "cache_before": before, "cache_after": cache_files(cache),
+              "kernels_in_cache": kernel_names(cache), "rows": rows,
+              "torch": torch.__version__, "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name()}  # fmt: skip
+    args.out.write_text(json.dumps(result, indent=1))
+    slow = [r for r in rows if r["first_ms"] > 20]
+    print(f"cache {before} -> {result['cache_after']}; first calls over 20 ms: {len(slow)} of {len(rows)}, "
+          f"{sum(r['first_ms'] for r in slow):.0f} ms in all")  # fmt: skip
+    for row in slow:
+        first, then = row["first_ms"], row["second_ms"]
+        print(f"  {row['op']:28s} tokens {row['tokens']:6d}: first {first:8.2f} ms, then {then} ms")
+    for name, count in list(result["kernels_in_cache"].items())[:15]:
+        print(f"  cache: {count:3d} {name}")
+
+
+if __name__ == "__main__":
+    main()
