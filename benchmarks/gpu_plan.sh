@@ -11,8 +11,8 @@
 # startup-frames-nographs, tests-frames, profile-cudnn, profile-cudnn-nographs, vae-compile, pack-artifacts, cudnn-attention, tests-cudnn, cudnn-1024, cudnn-2048, cudnn-kontext,
 # cudnn-taylorseer, cudnn-lora-28, cudnn-startup, cudnn-plans, gelu-ab, tests-gelu-cudnn, profile-vae, profile-vae-chunked,
 # profile-vae-eager, tests-vae-kernels, taylorseer-compiledvae, cudnn-startup-package, startup-package-profile,
-# profile-encode, profile-cudnn-2048, power-probe, tune-qk-e4m3, cold-start-ab,
-# cold-start-causes, jit-probe). Each stage
+# profile-encode, profile-cudnn-2048, power-probe, tune-qk-e4m3,
+# cold-start-causes, jit-probe, warm-ab). Each stage
 # has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
@@ -218,24 +218,9 @@ for s in "$@"; do
       P=fp8-compile-fastacc-cudagraphs; [ "$s" = cudnn-startup-package ] && P=fp8-compile-fastacc-cudagraphs-cudnnattn
       stage "$s" 200 python3 -m benchmarks.startup --preset "$P" --sizes 1024 1360x768 --runs tables:package \
         --out "$OUT/$s-$CARD-$DAY.json" ;;
-    cold-start-ab)
-      # a fresh machine's package start without and with the CUDA libraries read ahead (engine/prefetch.py), the page
-      # cache dropped before each (NOTES 2026-12-01 08:03); each library's share in the page cache before and after
-      drop_cache() { sync; if echo 3 >/proc/sys/vm/drop_caches; then echo "page cache dropped"; else echo "could not drop the page cache"; fi; }
-      mkdir -p /tmp/residency && python3 -m engine.prefetch >/tmp/residency/0.json 2>>"$LOG"
-      n=0
-      for run in fastest:0 fastest:1 cudnn:1 cudnn:0 fastest:0; do
-        n=$((n + 1)); P=fp8-compile-fastacc-cudagraphs; [ "${run%:*}" = cudnn ] && P=$P-cudnnattn
-        drop_cache | tee -a "$LOG"
-        stage "cold-$n-$run" 150 env FLUX_ENGINE_PREFETCH="${run#*:}" python3 -m benchmarks.startup --preset "$P" \
-          --sizes 1024 1360x768 --runs tables:package --out "$OUT/cold-start-$n-${run%:*}-${run#*:}-$CARD-$DAY.json"
-        python3 -m engine.prefetch >"/tmp/residency/$n.json" 2>>"$LOG"
-      done
-      python3 -c "import json, pathlib, sys; print(json.dumps({p.stem: json.loads(p.read_text() or 'null') for p in \
-        sorted(pathlib.Path('/tmp/residency').glob('*.json'))}, indent=1))" >"$OUT/residency-$CARD-$DAY.json" ;;
     cold-start-causes)
       # what a fresh machine's first package start leaves behind that makes the next start fast (NOTES 2026-12-01
-      # 08:15): the files written during the first start, then starts with one candidate reset at a time
+      # 08:09): the files written during the first start, then starts with one candidate reset at a time
       drop_cache() { sync; echo 3 >/proc/sys/vm/drop_caches || echo "could not drop the page cache"; }
       C="$OUT/causes-$CARD-$DAY.txt"; touch /tmp/marker; sleep 1
       n=0
@@ -245,7 +230,7 @@ for s in "$@"; do
         [ "${run#*:}" = jit ] && JIT=/tmp/jit-$n  # an empty CUDA JIT cache
         [ "${run#*:}" = pyc ] && find /tmp/site "$PWD" -name __pycache__ -type d -prune -exec rm -rf {} + 2>/dev/null
         drop_cache
-        stage "cold-$n-$run" 150 env FLUX_ENGINE_PREFETCH=0 CUDA_CACHE_PATH="$JIT" python3 -m benchmarks.startup \
+        stage "cold-$n-$run" 150 env CUDA_CACHE_PATH="$JIT" python3 -m benchmarks.startup \
           --preset "$P" --sizes 1024 1360x768 --runs tables:package --out "$OUT/cold-$n-${run%:*}-${run#*:}-$CARD-$DAY.json"
         { echo "== after $n $run"; du -sk "$HOME/.nv/ComputeCache" /tmp/jit-* "$HOME/.cache"/* 2>/dev/null
           echo "pyc files: $(find /tmp/site "$PWD" -name '*.pyc' 2>/dev/null | wc -l)"; } >>"$C"
@@ -258,10 +243,23 @@ for s in "$@"; do
       done ;;
     jit-probe)
       # FLUX's fp8 GEMMs and SDPA at each token count, first call timed, the CUDA JIT cache empty then filled
-      # (NOTES 2026-12-01 08:22)
+      # (NOTES 2026-12-01 08:16)
       rm -rf /tmp/jit-probe
       stage jit-probe-empty 120 env CUDA_CACHE_PATH=/tmp/jit-probe python3 -m benchmarks.jit_probe --out "$OUT/jit-probe-empty-$CARD-$DAY.json"
       stage jit-probe-filled 120 env CUDA_CACHE_PATH=/tmp/jit-probe python3 -m benchmarks.jit_probe --out "$OUT/jit-probe-filled-$CARD-$DAY.json" ;;
+    warm-ab)
+      # engine.warmup's warm of the attention kernels: the probe on an empty CUDA JIT cache (warm, then each core's
+      # first call at lengths of every kind), then package starts with and without the warm, each on an empty JIT
+      # cache (NOTES 2026-12-01 08:20)
+      stage warm-probe 120 env CUDA_CACHE_PATH=/tmp/jit-probe python3 -m benchmarks.jit_probe --out "$OUT/warm-probe-$CARD-$DAY.json" \
+        --warm-tokens 4592 4593 4600 4624 4640 4672 4736 3600 1536 4608 8704
+      n=0
+      for run in fastest:1 fastest:0 cudnn:1 cudnn:0; do
+        n=$((n + 1)); P=fp8-compile-fastacc-cudagraphs; [ "${run%:*}" = cudnn ] && P=$P-cudnnattn
+        stage "warm-$n-$run" 150 env FLUX_ENGINE_WARM_ATTENTION="${run#*:}" CUDA_CACHE_PATH="/tmp/jit-$n" python3 -m \
+          benchmarks.startup --preset "$P" --sizes 1024 1360x768 --runs tables:package \
+          --out "$OUT/warm-$n-${run%:*}-${run#*:}-$CARD-$DAY.json"
+      done ;;
     timeline-cp-2)
       # each rank's compute / communication / idle time per step under the fastest preset's CUDA graphs, beside one
       # GPU's, and the ranks' Chrome traces (gzipped): what the 2-GPU step waits for (NOTES 2026-11-30 09:30)

@@ -1,6 +1,6 @@
 """What the CUDA driver compiles on a fresh machine: the first call of FLUX's fp8 GEMMs (torch._scaled_mm, row-wise
 scales, fast accumulation, as the fp8 presets run them) and of SDPA at each token count, timed, with the CUDA JIT cache
-(CUDA_CACHE_PATH) empty or filled, and the kernel names in the cache it leaves (NOTES 2026-12-01 08:22).
+(CUDA_CACHE_PATH) empty or filled, and the kernel names in the cache it leaves (NOTES 2026-12-01 08:16).
 
     CUDA_CACHE_PATH=/tmp/jit python -m benchmarks.jit_probe --out probe.json   # run twice: empty, then filled
 """
@@ -47,13 +47,60 @@ def kernel_names(folder: Path, top: int = 40) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:top])
 
 
+def attention_rows(tokens_list: list[int], cache: Path) -> list[dict]:
+    """First and second call of each attention function the engine's cores use (SDPA; cuDNN's fp8 SDPA where
+    cudnn-frontend is installed) at each token count, FLUX's heads and layout, after engine.warmup's warm."""
+    from engine.warmup import warm_call
+
+    rows = []
+    for core in ("sdpa", "cudnn-fp8"):
+        try:
+            call = warm_call(core)
+            probe = torch.randn(1, 128, 24, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+            call(probe, probe, probe)
+        except Exception as err:  # noqa: BLE001 - a core this machine lacks is reported, not fatal
+            rows.append({"op": core, "error": repr(err)[:200]})
+            continue
+        for tokens in tokens_list:
+            q = torch.randn(1, tokens, 24, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+
+            def attention(q=q, call=call):
+                call(q, q, q)
+
+            rows.append({"op": core, "tokens": tokens, "first_ms": round(timed(attention) * 1e3, 2),
+                         "second_ms": round(timed(attention) * 1e3, 3), "cache": cache_files(cache)})  # fmt: skip
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--warm-tokens", type=int, nargs="*", default=None,
+                        help="instead of the GEMM table: engine.warmup's warm, its time, then each core's first "
+                             "call at these token counts")  # fmt: skip
     args = parser.parse_args()
     cache = Path(os.environ.get("CUDA_CACHE_PATH", Path.home() / ".nv" / "ComputeCache"))
     rows, before = [], cache_files(cache)
     torch.ones(1, device="cuda")  # the context
+    if args.warm_tokens is not None:
+        from diffusers import FluxTransformer2DModel
+
+        from engine.warmup import warm_attention
+
+        with torch.device("meta"):
+            model = FluxTransformer2DModel(num_layers=1, num_single_layers=0)  # dev's heads and head size
+        model = model.to_empty(device="cuda").to(torch.bfloat16)
+        for core in ("sdpa", "cudnn-fp8"):
+            try:
+                rows.append({"op": f"warm {core}", **(warm_attention(model, core) or {})})
+            except Exception as err:  # noqa: BLE001
+                rows.append({"op": f"warm {core}", "error": repr(err)[:200]})
+        rows += attention_rows(args.warm_tokens, cache)
+        result = {"cache_path": str(cache), "cache_before": before, "cache_after": cache_files(cache), "rows": rows}
+        args.out.write_text(json.dumps(result, indent=1))
+        for row in rows:
+            print(row)
+        return
     for tokens in TOKENS:
         for k, n in SHAPES:
             a = torch.randn(tokens, k, device="cuda").to(torch.float8_e4m3fn)

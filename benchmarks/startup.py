@@ -129,22 +129,11 @@ def child(args) -> dict:
         "artifacts_loaded": artifacts, "shipped_kernels": shipped_kernels,
         "dtype": str(pipe.transformer.dtype).removeprefix("torch."),  # as the compile key saw it
         "profiled": args.profile is not None,  # the first call ran under cProfile: inflated, not a start-up figure
-        "prefetch": _prefetch_summary(),  # the CUDA libraries read ahead (engine/prefetch.py), or None when off
         "import_s": round(imported - start, 2), "build_s": round(built - imported, 2),
         "optimize_s": round(optimised - built, 2), "sizes": sizes, "variant": args.variant,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "env": environment_info(device),  # card, driver, versions, commit, date: as every result file carries
     }  # fmt: skip
-
-
-def _prefetch_summary() -> dict | None:
-    from engine.prefetch import started
-
-    record = started()
-    if record is None:
-        return None
-    record.wait(timeout=0)
-    return record.summary()
 
 
 def write_profile(profiler: cProfile.Profile, path: Path, top: int = 60) -> None:

@@ -88,14 +88,15 @@ def optimize(pipe, config: EngineConfig | str | None = None):
         from .compile import cache_root
 
         set_tuning_directory(cache_root(config.cache) / "kernel-tuning")
-    from .prefetch import start_prefetch
-
-    start_prefetch(pipe.transformer.device)  # a cold disk's CUDA libraries, read while the steps below run
     steps = AppliedSteps()
     pipe.attention_ops = apply_attention(pipe, config.attention, force=config.parallel.enabled)
     if pipe.attention_ops is not None:
         blocker = attention_undo_blocker(pipe.transformer)
         steps.add("attention", None if blocker else lambda: remove_attention(pipe.transformer), blocker)
+    if not config.is_baseline:  # cuDNN's run-time compiled attention kernels, here and not in a first call
+        from .warmup import warm_attention
+
+        warm_attention(pipe.transformer, pipe.attention_ops.core if pipe.attention_ops is not None else None)
     pipe.quant_state = apply_quantization(pipe, config.quant)
     if pipe.quant_state is not None:
         steps.add("quantization", None, "the original weights were replaced by their quantised codes")
