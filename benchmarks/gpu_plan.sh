@@ -262,7 +262,7 @@ for s in "$@"; do
       done ;;
     warm-ba)
       # warm-ab's starts in the other order, the page cache dropped and an empty CUDA JIT cache before each, and the
-      # first one again at the end (the spread) (NOTES 2026-12-01 08:27)
+      # first one again at the end (the spread) (NOTES 2026-12-01 08:25)
       n=0
       for run in fastest:0 fastest:1 cudnn:0 cudnn:1 fastest:0; do
         n=$((n + 1)); P=fp8-compile-fastacc-cudagraphs; [ "${run%:*}" = cudnn ] && P=$P-cudnnattn
