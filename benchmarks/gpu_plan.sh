@@ -12,7 +12,7 @@
 # cudnn-taylorseer, cudnn-lora-28, cudnn-startup, cudnn-plans, gelu-ab, tests-gelu-cudnn, profile-vae, profile-vae-chunked,
 # profile-vae-eager, tests-vae-kernels, taylorseer-compiledvae, cudnn-startup-package, startup-package-profile,
 # profile-encode, profile-cudnn-2048, power-probe, tune-qk-e4m3,
-# cold-start-causes, jit-probe, warm-ab, warm-ba). Each stage
+# cold-start-causes, jit-probe, warm-ab, warm-ba, jit-probe-parts). Each stage
 # has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
@@ -260,6 +260,10 @@ for s in "$@"; do
           benchmarks.startup --preset "$P" --sizes 1024 1360x768 --runs tables:package \
           --out "$OUT/warm-$n-${run%:*}-${run#*:}-$CARD-$DAY.json"
       done ;;
+    jit-probe-parts)
+      # the prompt encoding's and the VAE decode's first calls on an empty CUDA JIT cache (NOTES 2026-12-01 08:32)
+      stage jit-probe-parts 150 env CUDA_CACHE_PATH=/tmp/jit-parts python3 -m benchmarks.jit_probe --pipeline-parts \
+        --out "$OUT/jit-probe-parts-$CARD-$DAY.json" ;;
     warm-ba)
       # warm-ab's starts in the other order, the page cache dropped and an empty CUDA JIT cache before each, and the
       # first one again at the end (the spread) (NOTES 2026-12-01 08:25)

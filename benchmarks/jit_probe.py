@@ -72,9 +72,36 @@ def attention_rows(tokens_list: list[int], cache: Path) -> list[dict]:
     return rows
 
 
+def pipeline_parts_rows(cache: Path) -> list[dict]:
+    """First and second call of the synthetic flux-dev pipeline's prompt encoding (CLIP and T5) and of its VAE decode
+    at 1024^2: what the rest of a first call compiles at run time (the JIT cache's files before and after each)."""
+    import diffusers
+
+    from engine.models import synthetic_components
+
+    pipe = diffusers.FluxPipeline(**synthetic_components("flux-dev", device="cuda", dtype=torch.bfloat16))
+    latents = torch.randn(1, 16, 128, 128, device="cuda", dtype=torch.bfloat16)
+    parts = {
+        "encode_prompt": lambda: pipe.encode_prompt("a red fox in the snow", None, max_sequence_length=512),
+        "vae.decode 1024^2": lambda: pipe.vae.decode(latents),
+    }
+    rows = []
+    with torch.no_grad():
+        for name, fn in parts.items():
+            before = cache_files(cache)
+            rows.append({"op": name, "cache_before": before, "first_ms": round(timed(fn) * 1e3, 2),
+                         "second_ms": round(timed(fn) * 1e3, 3), "cache": cache_files(cache)})  # fmt: skip
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--pipeline-parts",
+        action="store_true",
+        help="instead of the GEMM table: the prompt encoding's and the VAE decode's first calls",
+    )
     parser.add_argument("--warm-tokens", type=int, nargs="*", default=None,
                         help="instead of the GEMM table: engine.warmup's warm, its time, then each core's first "
                              "call at these token counts")  # fmt: skip
@@ -82,6 +109,12 @@ def main() -> None:
     cache = Path(os.environ.get("CUDA_CACHE_PATH", Path.home() / ".nv" / "ComputeCache"))
     rows, before = [], cache_files(cache)
     torch.ones(1, device="cuda")  # the context
+    if args.pipeline_parts:
+        rows = pipeline_parts_rows(cache)
+        args.out.write_text(json.dumps({"cache_path": str(cache), "rows": rows}, indent=1))
+        for row in rows:
+            print(row)
+        return
     if args.warm_tokens is not None:
         from diffusers import FluxTransformer2DModel
 
