@@ -12,7 +12,7 @@
 # cudnn-taylorseer, cudnn-lora-28, cudnn-startup, cudnn-plans, gelu-ab, tests-gelu-cudnn, profile-vae, profile-vae-chunked,
 # profile-vae-eager, tests-vae-kernels, taylorseer-compiledvae, cudnn-startup-package, startup-package-profile,
 # profile-encode, profile-cudnn-2048, power-probe, tune-qk-e4m3,
-# cold-start-causes, jit-probe, warm-ab, warm-ba, jit-probe-parts). Each stage
+# cold-start-causes, jit-probe, warm-ab, warm-ba, jit-probe-parts, warm-enc). Each stage
 # has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
@@ -264,16 +264,17 @@ for s in "$@"; do
       # the prompt encoding's and the VAE decode's first calls on an empty CUDA JIT cache (NOTES 2026-12-01 08:32)
       stage jit-probe-parts 150 env CUDA_CACHE_PATH=/tmp/jit-parts python3 -m benchmarks.jit_probe --pipeline-parts \
         --out "$OUT/jit-probe-parts-$CARD-$DAY.json" ;;
-    warm-ba)
+    warm-ba|warm-enc)
       # warm-ab's starts in the other order, the page cache dropped and an empty CUDA JIT cache before each, and the
-      # first one again at the end (the spread) (NOTES 2026-12-01 08:25)
-      n=0
-      for run in fastest:0 fastest:1 cudnn:0 cudnn:1 fastest:0; do
+      # first one again at the end (the spread) (NOTES 2026-12-01 08:25); warm-enc: the fastest preset with the warm
+      # (prompt encoding too, NOTES 08:35) then without
+      n=0; RUNS="fastest:0 fastest:1 cudnn:0 cudnn:1 fastest:0"; [ "$s" = warm-enc ] && RUNS="fastest:1 fastest:0"
+      for run in $RUNS; do
         n=$((n + 1)); P=fp8-compile-fastacc-cudagraphs; [ "${run%:*}" = cudnn ] && P=$P-cudnnattn
         sync; echo 3 >/proc/sys/vm/drop_caches || echo "could not drop the page cache"
-        stage "warm-ba-$n-$run" 150 env FLUX_ENGINE_WARM_ATTENTION="${run#*:}" CUDA_CACHE_PATH="/tmp/jit-ba-$n" \
+        stage "$s-$n-$run" 150 env FLUX_ENGINE_WARM_ATTENTION="${run#*:}" CUDA_CACHE_PATH="/tmp/jit-ba-$n" \
           python3 -m benchmarks.startup --preset "$P" --sizes 1024 1360x768 --runs tables:package \
-          --out "$OUT/warm-ba-$n-${run%:*}-${run#*:}-$CARD-$DAY.json"
+          --out "$OUT/$s-$n-${run%:*}-${run#*:}-$CARD-$DAY.json"
       done ;;
     timeline-cp-2)
       # each rank's compute / communication / idle time per step under the fastest preset's CUDA graphs, beside one

@@ -144,6 +144,10 @@ def optimize(pipe, config: EngineConfig | str | None = None):
     pipe.engine_steps = steps
     setattr(pipe, ENGINE_CONFIG_ATTR, config)
     _release_replaced_weights(pipe)
+    if not config.is_baseline and not config.parallel.enabled:  # a parallel run's ranks encode on rank 0 only
+        from .warmup import warm_text_encoders
+
+        warm_text_encoders(pipe)
     return pipe
 
 

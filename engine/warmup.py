@@ -8,7 +8,9 @@ compile: 1360x768's 4592 tokens 606 ms in SDPA's first call, against 38-58 ms at
 build), and a fresh machine's first 1360x768 image 0.54-0.61 s over a warm call against 0.14-0.16 with the cache
 filled (benchmarks/NOTES.md, 2026-12-01 08:09 and 08:16). `warm_attention` runs the transformer's attention core
 once at a length of each kind when the engine is built, so that the compile happens there, once per machine, and
-not in a request. FLUX_ENGINE_WARM_ATTENTION=0 turns it off.
+not in a request. `warm_text_encoders` does the same for the prompt encoding, whose attention compiles its own
+kernels (head size 64: the first `encode_prompt` on an empty JIT cache took 1281 ms, the second 36 ms; NOTES 08:32).
+FLUX_ENGINE_WARM_ATTENTION=0 turns both off.
 """
 
 from __future__ import annotations
@@ -70,3 +72,22 @@ def warm_attention(transformer, core: str | None) -> dict | None:
             timings[tokens] = round((time.perf_counter() - start) * 1e3, 1)
     logger.info("attention kernels compiled at start (%s): %s ms", core or "sdpa", timings)
     return {"core": core or "sdpa", "ms": timings}
+
+
+def warm_text_encoders(pipe) -> float | None:
+    """One `encode_prompt` of a short prompt (at the default 512 T5 tokens) when both text encoders sit on a CUDA
+    device: the run-time compiles and first loads of the prompt encoding happen here, not in the first call. Returns
+    its seconds; None when nothing ran (an encoder missing or not on CUDA, e.g. offloaded; or switched off)."""
+    encoders = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2")]
+    if any(encoder is None for encoder in encoders) or not hasattr(pipe, "encode_prompt"):
+        return None
+    devices = {param.device.type for encoder in encoders for param in encoder.parameters()}
+    if devices != {"cuda"} or not enabled():
+        return None
+    start = time.perf_counter()
+    with torch.no_grad():
+        pipe.encode_prompt(prompt="a photo", prompt_2=None, max_sequence_length=512)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    logger.info("prompt encoding warmed at start: %.3f s", seconds)
+    return seconds
