@@ -12,7 +12,7 @@
 # cudnn-taylorseer, cudnn-lora-28, cudnn-startup, cudnn-plans, gelu-ab, tests-gelu-cudnn, profile-vae, profile-vae-chunked,
 # profile-vae-eager, tests-vae-kernels, taylorseer-compiledvae, cudnn-startup-package, startup-package-profile,
 # profile-encode, profile-cudnn-2048, power-probe, tune-qk-e4m3,
-# cold-start-causes, jit-probe, warm-ab, warm-ba, jit-probe-parts, warm-enc). Each stage
+# cold-start-causes, jit-probe, warm-ab, warm-ba, jit-probe-parts, warm-enc, fp8-lora-gemm). Each stage
 # has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
@@ -390,6 +390,11 @@ for s in "$@"; do
       # timed at 4608 / 8704 / 16896 tokens beside the plan the engine runs (heuristic A's first)
       stage cudnn-plans 330 python3 -m benchmarks.kernels.bench_cudnn_plans --lengths 4608 8704 16896 --budget 90 \
         --out "$OUT/cudnn-plans-$CARD-$DAY.json" ;;
+    fp8-lora-gemm)
+      # our fp8 GEMM with the LoRA update in its epilogue against cuBLAS + the in-place addmm_ (issue "LoRA")
+      stage tests-fp8-lora-gemm 200 python3 -m pytest -q tests/kernels/test_fp8_lora_gemm.py
+      stage fp8-lora-gemm 420 python3 -m benchmarks.kernels.bench_fp8_lora_gemm \
+        --out "$OUT/fp8-lora-gemm-$CARD-$DAY.json" ;;
     gelu-ab)
       # gelu_concat_fp8 against another version of kernels/gelu_fp8.py: GELU_BASELINE names that file, in the working
       # tree sent to the GPU machine (it has no git: `git show REV:kernels/gelu_fp8.py > gelu_before.py` here first)

@@ -188,6 +188,22 @@ def cases() -> dict:
     rows = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 5)}  # X, OUT, channels: as at runtime
     results["upsample_nearest/2x"] = compile_case(upsample_nearest._upsample_nearest2x_fwd_kernel, upsample,
                                                   {"BLOCK_P": 32, "BLOCK_C": 256}, 4, attrs=rows)  # fmt: skip
+    from flux_kernels.fp8_lora_gemm import GPU_CONFIGS, _fp8_lora_gemm_fwd_kernel
+
+    for config in GPU_CONFIGS:  # every config the autotuner may pick, with and without the LoRA epilogue
+        blocks = config.kwargs
+        lora_gemm = {"x_desc": f"tensordesc<fp8e4nv[{blocks['BLOCK_M']}, {blocks['BLOCK_K']}]>",
+                     "w_desc": f"tensordesc<fp8e4nv[{blocks['BLOCK_N']}, {blocks['BLOCK_K']}]>", "X_SCALE": "*fp32",
+                     "W_SCALE": "*fp32", "BIAS": "*bf16", "LOW": "*bf16", "LOW_COL": "*i32", "UP": "*bf16",
+                     "OUT": "*bf16", "M": "i32", "N": "i32", "K": "i32", "PART_ALIGN": "i32", "stride_low": "i32",
+                     "stride_up": "i32", "stride_out": "i32"}  # fmt: skip
+        for lora in (True, False):
+            constexprs = {"HAS_BIAS": True, "HAS_LORA": lora, "RANK": 64, "FAST_ACCUM": True, "PROMOTE": 128,
+                          **blocks}  # fmt: skip
+            lora_gemm.update(dict.fromkeys(constexprs, "constexpr"))
+            tile = f"{blocks['BLOCK_M']}x{blocks['BLOCK_N']}x{blocks['BLOCK_K']}/s{config.num_stages}w{config.num_warps}"
+            name = f"fp8_lora_gemm/{tile}/lora={lora}"
+            results[name] = compile_case(_fp8_lora_gemm_fwd_kernel, dict(lora_gemm), constexprs, config.num_warps)
     return results
 
 
