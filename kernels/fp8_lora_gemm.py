@@ -37,56 +37,49 @@ def _set_descriptor_blocks(nargs) -> None:
     nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
 
 
-def _config(block_m, block_n, block_k, stages, warps, group_m=8) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m},
-                         num_stages=stages, num_warps=warps, pre_hook=_set_descriptor_blocks)  # fmt: skip
+def _config(block_m, block_n, block_k, stages, warps, group_m=8, **extra) -> triton.Config:
+    blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m, **extra}
+    return triton.Config(blocks, num_stages=stages, num_warps=warps, pre_hook=_set_descriptor_blocks)
 
 
-GPU_CONFIGS = [
-    _config(128, 256, 128, 3, 8),
-    _config(128, 256, 128, 4, 8),
-    _config(128, 128, 128, 4, 8),
-    _config(128, 128, 128, 5, 4),
-    _config(256, 128, 128, 3, 8),
-    _config(64, 256, 128, 4, 4),
-]
+_TILES = [(128, 256, 128, 3, 8), (128, 256, 128, 4, 8), (128, 128, 128, 4, 8), (128, 128, 128, 5, 4),
+          (256, 128, 128, 3, 8), (64, 256, 128, 4, 4)]  # fmt: skip
+_PERSISTENT = _TILES[:3] + [(256, 128, 128, 3, 8)]
+GPU_CONFIGS = [_config(*tile) for tile in _TILES]
+# parts narrower than 128 columns (tests' shapes; no FLUX projection): used only when no config above fits
+SMALL_CONFIGS = [_config(64, 32, 32, 3, 4)]
 INTERPRETER_CONFIG = _config(16, 32, 32, 1, 4, group_m=2)
 
 
 def _prune(configs, named_args, **kwargs):
-    """Keep the configs whose BLOCK_N divides every part boundary (PART_ALIGN) and whose BLOCK_K divides K."""
-    align, k = named_args["PART_ALIGN"], named_args["K"]
-    kept = [c for c in configs if align % c.kwargs["BLOCK_N"] == 0 and k % c.kwargs["BLOCK_K"] == 0]
+    """Keep the configs whose BLOCK_N divides every part boundary (PART_ALIGN): the FLUX tiles where one fits, else
+    the small ones. K needs no fit: the descriptors' loads past K read zeros."""
+    align = named_args["PART_ALIGN"]
+    kept = [c for c in configs if align % c.kwargs["BLOCK_N"] == 0]
     if not kept:
-        raise ValueError(f"fp8_lora_gemm: no config fits K={k} and part boundaries aligned to {align}")
-    return kept
+        raise ValueError(
+            f"fp8_lora_gemm: no tile fits part boundaries aligned to {align} columns; the narrowest tile is "
+            f"{min(c.kwargs['BLOCK_N'] for c in configs)} (use parts whose widths are multiples of 32)"
+        )
+    large = [c for c in kept if c.kwargs["BLOCK_N"] >= 128]
+    return large or kept
 
 
 @triton.jit
-def _fp8_lora_gemm_fwd_kernel(x_desc, w_desc, X_SCALE, W_SCALE, BIAS, LOW, LOW_COL, UP, OUT, M, N, K, PART_ALIGN,
-                              stride_low, stride_up, stride_out, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
-                              RANK: tl.constexpr, FAST_ACCUM: tl.constexpr, PROMOTE: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                              GROUP_M: tl.constexpr):  # fmt: skip
+def _tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     # grouped tile order: GROUP_M row tiles walk the column tiles together, so W's tiles are reused from L2
-    pid = tl.program_id(0)
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
+    first_m = (tile // per_group) * GROUP_M
     group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
-    off_m, off_n = pid_m * BLOCK_M, pid_n * BLOCK_N
+    return (first_m + (tile % per_group) % group_rows) * BLOCK_M, ((tile % per_group) // group_rows) * BLOCK_N
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in tl.range(0, tl.cdiv(K, BLOCK_K)):
-        a = x_desc.load([off_m, k * BLOCK_K])  # [BLOCK_M, BLOCK_K] e4m3
-        b = w_desc.load([off_n, k * BLOCK_K])  # [BLOCK_N, BLOCK_K] e4m3
-        if FAST_ACCUM:
-            acc = tl.dot(a, b.T, acc)
-        else:
-            acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=PROMOTE)
 
+@triton.jit
+def _epilogue(acc, off_m, off_n, X_SCALE, W_SCALE, BIAS, LOW, LOW_COL, UP, OUT, M, N, stride_low, stride_up,
+              stride_out, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, RANK: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Both scales, the bias, the tile's LoRA update (one bf16 MMA), one rounding, the store."""
     rows = off_m + tl.arange(0, BLOCK_M)
     cols = off_n + tl.arange(0, BLOCK_N)
     row_in, col_in = rows < M, cols < N
@@ -108,8 +101,60 @@ def _fp8_lora_gemm_fwd_kernel(x_desc, w_desc, X_SCALE, W_SCALE, BIAS, LOW, LOW_C
     tl.store(out, acc.to(OUT.dtype.element_ty), mask=row_in[:, None] & col_in[None, :])
 
 
-_tuned = triton.autotune(GPU_CONFIGS, key=["M", "N", "K", "PART_ALIGN", "HAS_BIAS", "HAS_LORA", "RANK"],
-                         prune_configs_by={"early_config_prune": _prune})(_fp8_lora_gemm_fwd_kernel)  # fmt: skip
+@triton.jit
+def _fp8_lora_gemm_fwd_kernel(x_desc, w_desc, X_SCALE, W_SCALE, BIAS, LOW, LOW_COL, UP, OUT, M, N, K, PART_ALIGN,
+                              stride_low, stride_up, stride_out, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+                              RANK: tl.constexpr, FAST_ACCUM: tl.constexpr, PROMOTE: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                              GROUP_M: tl.constexpr):  # fmt: skip
+    off_m, off_n = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in tl.range(0, tl.cdiv(K, BLOCK_K)):
+        a = x_desc.load([off_m, k * BLOCK_K])  # [BLOCK_M, BLOCK_K] e4m3
+        b = w_desc.load([off_n, k * BLOCK_K])  # [BLOCK_N, BLOCK_K] e4m3
+        if FAST_ACCUM:
+            acc = tl.dot(a, b.T, acc)
+        else:
+            acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=PROMOTE)
+    _epilogue(acc, off_m, off_n, X_SCALE, W_SCALE, BIAS, LOW, LOW_COL, UP, OUT, M, N, stride_low, stride_up,
+              stride_out, HAS_BIAS, HAS_LORA, RANK, BLOCK_M, BLOCK_N)  # fmt: skip
+
+
+@triton.jit
+def _fp8_lora_gemm_persistent_kernel(x_desc, w_desc, X_SCALE, W_SCALE, BIAS, LOW, LOW_COL, UP, OUT, M, N, K,
+                                     PART_ALIGN, stride_low, stride_up, stride_out, PROGRAMS,
+                                     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, RANK: tl.constexpr,
+                                     FAST_ACCUM: tl.constexpr, PROMOTE: tl.constexpr, BLOCK_M: tl.constexpr,
+                                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                                     FLATTEN: tl.constexpr):  # fmt: skip
+    """One program an SM, walking tiles; FLATTEN: Triton flattens the tile and K loops into one pipeline, so the next
+    tile's first loads are in flight during this tile's epilogue (Triton's persistent-matmul tutorial)."""
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), tiles, PROGRAMS, flatten=FLATTEN):
+        off_m, off_n = _tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in tl.range(0, k_tiles):
+            a = x_desc.load([off_m, k * BLOCK_K])
+            b = w_desc.load([off_n, k * BLOCK_K])
+            if FAST_ACCUM:
+                acc = tl.dot(a, b.T, acc)
+            else:
+                acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=PROMOTE)
+        _epilogue(acc, off_m, off_n, X_SCALE, W_SCALE, BIAS, LOW, LOW_COL, UP, OUT, M, N, stride_low, stride_up,
+                  stride_out, HAS_BIAS, HAS_LORA, RANK, BLOCK_M, BLOCK_N)  # fmt: skip
+
+
+_KEY = ["M", "N", "K", "PART_ALIGN", "HAS_BIAS", "HAS_LORA", "RANK"]
+_tuned = triton.autotune(GPU_CONFIGS + SMALL_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
+    _fp8_lora_gemm_fwd_kernel
+)
+_tuned_persistent = triton.autotune(
+    [_config(*tile, FLATTEN=flatten) for tile in _PERSISTENT for flatten in (True, False)]
+    + [_config(64, 32, 32, 3, 4, FLATTEN=False)],
+    key=_KEY,
+    prune_configs_by={"early_config_prune": _prune},
+)(_fp8_lora_gemm_persistent_kernel)
 
 
 def runs_here(x_fp8: torch.Tensor) -> bool:
@@ -147,9 +192,10 @@ def _check(x_fp8, x_scale, weight_fp8, weight_scale, bias, low, low_col, up) -> 
 
 
 def fp8_lora_gemm_fwd(x_fp8, x_scale, weight_fp8, weight_scale, bias=None, low=None, low_col=None, up=None,
-                      part_align: int | None = None, fast_accum: bool = True) -> torch.Tensor:  # fmt: skip
+                      part_align: int | None = None, fast_accum: bool = True,
+                      persistent: bool = False) -> torch.Tensor:  # fmt: skip
     """The kernel (`runs_here(x_fp8)` must hold). part_align: a number every part boundary is a multiple of (the
-    kernel's column tiles never straddle a part); default N."""
+    kernel's column tiles never straddle a part); default N. persistent: one program an SM walking the tiles."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     _check(x_fp8, x_scale, weight_fp8, weight_scale, bias, low, low_col, up)
@@ -170,17 +216,33 @@ def fp8_lora_gemm_fwd(x_fp8, x_scale, weight_fp8, weight_scale, bias=None, low=N
             low.stride(0) if has_lora else 0, up.stride(0) if has_lora else 0, out.stride(0))  # fmt: skip
     constexprs = dict(HAS_BIAS=bias is not None, HAS_LORA=has_lora, RANK=up.shape[1] if has_lora else 16,
                       FAST_ACCUM=fast_accum, PROMOTE=PROMOTE_EVERY)  # fmt: skip
+    programs = _programs(x_fp8.device) if persistent else 0
+
+    def grid(meta):
+        tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+        return (min(tiles, programs) if persistent else tiles,)
+
     with device_guard(x_fp8):
         if triton_interpreting():
             config = INTERPRETER_CONFIG.kwargs
             x_desc.block_shape = [config["BLOCK_M"], config["BLOCK_K"]]
             w_desc.block_shape = [config["BLOCK_N"], config["BLOCK_K"]]
-            grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
-            _fp8_lora_gemm_fwd_kernel[grid](*args, **constexprs, **config)
+            if persistent:
+                _fp8_lora_gemm_persistent_kernel[grid(config)](*args, programs, **constexprs, **config, FLATTEN=False)
+            else:
+                _fp8_lora_gemm_fwd_kernel[grid(config)](*args, **constexprs, **config)
+        elif persistent:
+            _tuned_persistent[grid](*args, programs, **constexprs)
         else:
-            grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
             _tuned[grid](*args, **constexprs)
     return out
+
+
+def _programs(device: torch.device) -> int:
+    """The persistent kernel's programs: one an SM (3 under the interpreter, so that each walks several tiles)."""
+    if device.type != "cuda":
+        return 3
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def lora_columns(part_widths: list[int], part_ranks: list[int], rank: int, device) -> torch.Tensor:
@@ -222,11 +284,14 @@ def fp8_lora_gemm_ref(x_fp8, x_scale, weight_fp8, weight_scale, bias=None, low=N
 
 
 def fp8_lora_gemm(x_fp8, x_scale, weight_fp8, weight_scale, bias=None, low=None, low_col=None, up=None,
-                  part_align: int | None = None, fast_accum: bool = True) -> torch.Tensor:  # fmt: skip
+                  part_align: int | None = None, fast_accum: bool = True, persistent: bool = False
+                  ) -> torch.Tensor:  # fmt: skip
     """The kernel where `runs_here(x_fp8)`, else `fp8_lora_gemm_ref`."""
     if not runs_here(x_fp8):
         return fp8_lora_gemm_ref(x_fp8, x_scale, weight_fp8, weight_scale, bias, low, low_col, up)
-    return fp8_lora_gemm_fwd(x_fp8, x_scale, weight_fp8, weight_scale, bias, low, low_col, up, part_align, fast_accum)
+    return fp8_lora_gemm_fwd(
+        x_fp8, x_scale, weight_fp8, weight_scale, bias, low, low_col, up, part_align, fast_accum, persistent
+    )
 
 
 __all__ = ["fp8_lora_gemm", "fp8_lora_gemm_fwd", "fp8_lora_gemm_ref", "lora_columns", "part_alignment", "runs_here"]

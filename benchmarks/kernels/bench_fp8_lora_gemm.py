@@ -87,9 +87,11 @@ def cublas_addmm(s: dict) -> torch.Tensor:
     return out
 
 
-def ours(s: dict, lora: bool) -> torch.Tensor:
+def ours(s: dict, lora: bool, persistent: bool = False) -> torch.Tensor:
     extra = dict(low=s["low"], low_col=s["low_col"], up=s["up"], part_align=part_alignment(s["widths"]))
-    return fp8_lora_gemm_fwd(s["x_fp8"], s["x_scale"], s["w_fp8"], s["w_scale"], s["bias"], **(extra if lora else {}))
+    return fp8_lora_gemm_fwd(
+        s["x_fp8"], s["x_scale"], s["w_fp8"], s["w_scale"], s["bias"], **(extra if lora else {}), persistent=persistent
+    )
 
 
 def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -110,7 +112,8 @@ def shape_row(name: str, stream: str, k: int, widths: list[int], count: int, res
     row["sqnr_cublas_addmm_vs_fp32_db"] = sqnr_db(reference, today)
     del fused, today, reference
     variants = {"cublas": cublas, "cublas_addmm": cublas_addmm, "ours": lambda s: ours(s, False),
-                "ours_lora": lambda s: ours(s, True)}  # fmt: skip
+                "ours_lora": lambda s: ours(s, True), "persistent": lambda s: ours(s, False, True),
+                "persistent_lora": lambda s: ours(s, True, True)}  # fmt: skip
     flops = 2 * m * n * k
     for label, fn in variants.items():
         for s in sets:
@@ -121,13 +124,15 @@ def shape_row(name: str, stream: str, k: int, widths: list[int], count: int, res
     log(
         f"{res:>5} {name:<18} M={m:<6} N={n:<6} K={k:<6} cublas {row['cublas']['ms']['median']:.3f} "
         f"+addmm {row['cublas_addmm']['ms']['median']:.3f} | ours {row['ours']['ms']['median']:.3f} "
-        f"+lora {row['ours_lora']['ms']['median']:.3f} ms | SQNR vs today {row['sqnr_ours_vs_cublas_addmm_db']:.1f} dB"
+        f"+lora {row['ours_lora']['ms']['median']:.3f} | persistent {row['persistent']['ms']['median']:.3f} "
+        f"+lora {row['persistent_lora']['ms']['median']:.3f} ms | SQNR vs today "
+        f"{row['sqnr_ours_vs_cublas_addmm_db']:.1f} dB"
     )
     return row
 
 
 def per_step(rows: list[dict], res: int) -> dict:
-    labels = ("cublas", "cublas_addmm", "ours", "ours_lora")
+    labels = ("cublas", "cublas_addmm", "ours", "ours_lora", "persistent", "persistent_lora")
     return {label: sum(r[label]["ms"]["median"] * r["count"] for r in rows if r["res"] == res) for label in labels}
 
 
@@ -141,9 +146,12 @@ def main(argv=None) -> int:
     rows = [shape_row(*projection, res) for res in args.res for projection in PROJECTIONS]
     totals = {res: per_step(rows, res) for res in args.res}
     log("\nper step (ms, each shape's median x its count):")
-    log(f"{'res':>5} {'cuBLAS':>8} {'+addmm':>8} {'ours':>8} {'ours+LoRA':>10}")
+    log(f"{'res':>5} {'cuBLAS':>8} {'+addmm':>8} {'ours':>8} {'ours+LoRA':>10} {'persist':>8} {'persist+LoRA':>13}")
     for res, t in totals.items():
-        log(f"{res:>5} {t['cublas']:8.2f} {t['cublas_addmm']:8.2f} {t['ours']:8.2f} {t['ours_lora']:10.2f}")
+        log(
+            f"{res:>5} {t['cublas']:8.2f} {t['cublas_addmm']:8.2f} {t['ours']:8.2f} {t['ours_lora']:10.2f} "
+            f"{t['persistent']:8.2f} {t['persistent_lora']:13.2f}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {"environment": environment_info(torch.device("cuda")), "rows": rows,
               "per_step_ms": {str(res): t for res, t in totals.items()}}  # fmt: skip

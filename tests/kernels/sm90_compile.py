@@ -188,7 +188,7 @@ def cases() -> dict:
     rows = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 5)}  # X, OUT, channels: as at runtime
     results["upsample_nearest/2x"] = compile_case(upsample_nearest._upsample_nearest2x_fwd_kernel, upsample,
                                                   {"BLOCK_P": 32, "BLOCK_C": 256}, 4, attrs=rows)  # fmt: skip
-    from flux_kernels.fp8_lora_gemm import GPU_CONFIGS, _fp8_lora_gemm_fwd_kernel
+    from flux_kernels.fp8_lora_gemm import GPU_CONFIGS, _fp8_lora_gemm_fwd_kernel, _fp8_lora_gemm_persistent_kernel
 
     for config in GPU_CONFIGS:  # every config the autotuner may pick, with and without the LoRA epilogue
         blocks = config.kwargs
@@ -201,9 +201,18 @@ def cases() -> dict:
             constexprs = {"HAS_BIAS": True, "HAS_LORA": lora, "RANK": 64, "FAST_ACCUM": True, "PROMOTE": 128,
                           **blocks}  # fmt: skip
             lora_gemm.update(dict.fromkeys(constexprs, "constexpr"))
-            tile = f"{blocks['BLOCK_M']}x{blocks['BLOCK_N']}x{blocks['BLOCK_K']}/s{config.num_stages}w{config.num_warps}"
+            tile = (
+                f"{blocks['BLOCK_M']}x{blocks['BLOCK_N']}x{blocks['BLOCK_K']}/s{config.num_stages}w{config.num_warps}"
+            )
             name = f"fp8_lora_gemm/{tile}/lora={lora}"
             results[name] = compile_case(_fp8_lora_gemm_fwd_kernel, dict(lora_gemm), constexprs, config.num_warps)
+    persistent = {**lora_gemm, "PROGRAMS": "i32", "FLATTEN": "constexpr"}  # the last config's tiles, flattened loops
+    for lora in (True, False):
+        constexprs = {"HAS_BIAS": True, "HAS_LORA": lora, "RANK": 64, "FAST_ACCUM": True, "PROMOTE": 128,
+                      **blocks, "FLATTEN": True}  # fmt: skip
+        results[f"fp8_lora_gemm/persistent/lora={lora}"] = compile_case(
+            _fp8_lora_gemm_persistent_kernel, dict(persistent), constexprs, config.num_warps
+        )
     return results
 
 

@@ -33,8 +33,8 @@ def test_every_case_compiles_to_a_cubin(compiled):
     # the GELU (with a scaled e4m3 prefix too) + qk_norm_rope int8, e4m3 and grouped, the fp8 attention's Hopper
     # configs, its Gluon core (two tiles), its quantisers, the GroupNorm's kernels (moments with and without an input
     # bias, both applies with and without SiLU), the residual add in both layouts, the nearest upsampling, the fp8
-    # LoRA GEMM's six configs with and without its update
-    assert len(compiled) == 9 + 3 + 5 + 2 + 2 + 7 + 2 + 1 + 12
+    # LoRA GEMM's six configs and its persistent kernel, each with and without its update
+    assert len(compiled) == 9 + 3 + 5 + 2 + 2 + 7 + 2 + 1 + 14
     failed = {name: case.get("error") for name, case in compiled.items() if not case["compiled"]}
     assert not failed, failed
 
@@ -100,7 +100,7 @@ def test_the_gluon_attention_core_overlaps_the_softmax_with_an_mma(compiled):
 def test_the_lora_gemm_runs_its_base_on_fp8_and_its_update_on_bf16_tensor_cores(compiled):
     """Every config of fp8_lora_gemm: the K loop an e4m3 wgmma; with the LoRA epilogue a bf16 wgmma as well."""
     cases = {name: case for name, case in compiled.items() if name.startswith("fp8_lora_gemm/")}
-    assert len(cases) == 12
+    assert len(cases) == 14
     for name, case in cases.items():
         kinds = " ".join(case["wgmma"])
         assert ".e4m3.e4m3" in kinds, f"{name}: {case['wgmma']}"
