@@ -169,8 +169,7 @@ def _check_inputs(prefix: torch.Tensor | None, x: torch.Tensor, prefix_scale: to
     if (
         prefix_scale.shape != expected
         or prefix_scale.dtype != torch.float32
-        or prefix_scale.stride(-1) != 1
-        or prefix_scale.device != x.device
+        or prefix_scale.stride(-1) != 1 or prefix_scale.device != x.device
     ):
         raise ValueError(
             f"gelu_concat_fp8: prefix_scale {tuple(prefix_scale.shape)} {prefix_scale.dtype} on {prefix_scale.device}: "
