@@ -392,8 +392,8 @@ for s in "$@"; do
         --out "$OUT/cudnn-plans-$CARD-$DAY.json" ;;
     fp8-lora-gemm)
       # our fp8 GEMM with the LoRA update in its epilogue against cuBLAS + the in-place addmm_ (issue "LoRA")
-      stage tests-fp8-lora-gemm 200 python3 -m pytest -q tests/kernels/test_fp8_lora_gemm.py
-      stage fp8-lora-gemm 420 python3 -m benchmarks.kernels.bench_fp8_lora_gemm \
+      stage tests-fp8-lora-gemm 150 python3 -m pytest -q tests/kernels/test_fp8_lora_gemm.py
+      stage fp8-lora-gemm 480 python3 -m benchmarks.kernels.bench_fp8_lora_gemm \
         --out "$OUT/fp8-lora-gemm-$CARD-$DAY.json" ;;
     gelu-ab)
       # gelu_concat_fp8 against another version of kernels/gelu_fp8.py: GELU_BASELINE names that file, in the working

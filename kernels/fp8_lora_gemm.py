@@ -12,6 +12,9 @@ w_scale [N] in fp32 (engine.quant.fp8's arithmetic); bias [N] or None; the outpu
 column ranges of the output (a fused QKV: three): `low_col[n]` is the first column in `low` of column n's part (-1: no
 update there), `up` [N, R] each column's row of its part's B (adapters of a part concatenated along R, zero-padded to
 R). A tile never straddles two parts: the configs kept are those whose BLOCK_N divides every part boundary.
+The update's operands load in 16-byte vectors (the kernel knows a part's first column in `low` is a multiple of R;
+before 2026-12-02 it did not, and loaded `low` one bf16 at a time); `prefetch_lora` loads them before the K loop
+instead of after it, in flight while the tile's fp8 MMAs run.
 Accumulation: the fp8 MMAs as cuBLAS's fast accumulation (FAST_ACCUM, Triton's default on sm_90) or promoted to fp32
 every 128 products; the update's bf16 MMA in fp32; one rounding to bf16 at the store (cuBLAS then addmm_ round twice).
 Measured on an H200: benchmarks/kernels/bench_fp8_lora_gemm.py (results/fp8-lora-gemm-*.json).
@@ -76,10 +79,28 @@ def _tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.
 
 
 @triton.jit
-def _epilogue(acc, off_m, off_n, X_SCALE, W_SCALE, BIAS, LOW, LOW_COL, UP, OUT, M, N, stride_low, stride_up,
-              stride_out, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, RANK: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """Both scales, the bias, the tile's LoRA update (one bf16 MMA), one rounding, the store."""
+def _lora_operands(off_m, off_n, LOW, LOW_COL, UP, M, N, stride_low, stride_up, RANK: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """The tile's update operands: its rows of its part's columns of LOW [BLOCK_M, RANK] and its columns' rows of UP
+    [BLOCK_N, RANK], and `first`, the part's first column in LOW (-1: no update there; the loads then read nothing)."""
+    rows = off_m + tl.arange(0, BLOCK_M)
+    cols = off_n + tl.arange(0, BLOCK_N)
+    # a multiple of RANK (lora_columns): said so, the compiler loads LOW's rows in 16-byte vectors, not one by one
+    first = (tl.load(LOW_COL + off_n) // RANK) * RANK
+    rank = tl.arange(0, RANK)
+    low = tl.load(LOW + rows[:, None].to(tl.int64) * stride_low + first + rank[None, :],
+                  mask=(rows < M)[:, None] & (first >= 0), other=0.0)  # fmt: skip
+    up = tl.load(UP + cols[:, None].to(tl.int64) * stride_up + rank[None, :], mask=(cols < N)[:, None] & (first >= 0),
+                 other=0.0)  # fmt: skip
+    return low, up, first
+
+
+@triton.jit
+def _epilogue(acc, off_m, off_n, X_SCALE, W_SCALE, BIAS, low, up, first, OUT, M, N, stride_out,
+              HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr):  # fmt: skip
+    """Both scales, the bias, the tile's LoRA update (one bf16 MMA on the operands `_lora_operands` loaded), one
+    rounding, the store."""
     rows = off_m + tl.arange(0, BLOCK_M)
     cols = off_n + tl.arange(0, BLOCK_N)
     row_in, col_in = rows < M, cols < N
@@ -88,14 +109,8 @@ def _epilogue(acc, off_m, off_n, X_SCALE, W_SCALE, BIAS, LOW, LOW_COL, UP, OUT, 
     acc = acc * x_scale[:, None] * w_scale[None, :]
     if HAS_BIAS:
         acc += tl.load(BIAS + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
-    if HAS_LORA:
-        first = tl.load(LOW_COL + off_n)  # the tile's part: its first column in LOW (-1: no update there)
+    if HAS_LORA:  # noqa: SIM102 (a compile-time branch around a run-time one: without an update, `first` is no tensor)
         if first >= 0:
-            rank = tl.arange(0, RANK)
-            low = tl.load(LOW + rows[:, None].to(tl.int64) * stride_low + first + rank[None, :],
-                          mask=row_in[:, None], other=0.0)  # [BLOCK_M, RANK] bf16  # fmt: skip
-            up = tl.load(UP + cols[:, None].to(tl.int64) * stride_up + rank[None, :], mask=col_in[:, None],
-                         other=0.0)  # [BLOCK_N, RANK] bf16  # fmt: skip
             acc = tl.dot(low, up.T, acc)
     out = OUT + rows[:, None].to(tl.int64) * stride_out + cols[None, :]
     tl.store(out, acc.to(OUT.dtype.element_ty), mask=row_in[:, None] & col_in[None, :])
@@ -105,9 +120,15 @@ def _epilogue(acc, off_m, off_n, X_SCALE, W_SCALE, BIAS, LOW, LOW_COL, UP, OUT, 
 def _fp8_lora_gemm_fwd_kernel(x_desc, w_desc, X_SCALE, W_SCALE, BIAS, LOW, LOW_COL, UP, OUT, M, N, K, PART_ALIGN,
                               stride_low, stride_up, stride_out, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
                               RANK: tl.constexpr, FAST_ACCUM: tl.constexpr, PROMOTE: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                              GROUP_M: tl.constexpr):  # fmt: skip
+                              PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):  # fmt: skip
+    """One program a tile. PREFETCH: the update's operands are loaded before the K loop (in flight during it)
+    instead of after it."""
     off_m, off_n = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    low, up, first = 0, 0, -1
+    if HAS_LORA and PREFETCH:
+        low, up, first = _lora_operands(off_m, off_n, LOW, LOW_COL, UP, M, N, stride_low, stride_up, RANK, BLOCK_M,
+                                        BLOCK_N)  # fmt: skip
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in tl.range(0, tl.cdiv(K, BLOCK_K)):
         a = x_desc.load([off_m, k * BLOCK_K])  # [BLOCK_M, BLOCK_K] e4m3
@@ -116,23 +137,30 @@ def _fp8_lora_gemm_fwd_kernel(x_desc, w_desc, X_SCALE, W_SCALE, BIAS, LOW, LOW_C
             acc = tl.dot(a, b.T, acc)
         else:
             acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=PROMOTE)
-    _epilogue(acc, off_m, off_n, X_SCALE, W_SCALE, BIAS, LOW, LOW_COL, UP, OUT, M, N, stride_low, stride_up,
-              stride_out, HAS_BIAS, HAS_LORA, RANK, BLOCK_M, BLOCK_N)  # fmt: skip
+    if HAS_LORA and not PREFETCH:
+        low, up, first = _lora_operands(off_m, off_n, LOW, LOW_COL, UP, M, N, stride_low, stride_up, RANK, BLOCK_M,
+                                        BLOCK_N)  # fmt: skip
+    _epilogue(acc, off_m, off_n, X_SCALE, W_SCALE, BIAS, low, up, first, OUT, M, N, stride_out, HAS_BIAS, HAS_LORA,
+              BLOCK_M, BLOCK_N)  # fmt: skip
 
 
 @triton.jit
 def _fp8_lora_gemm_persistent_kernel(x_desc, w_desc, X_SCALE, W_SCALE, BIAS, LOW, LOW_COL, UP, OUT, M, N, K,
                                      PART_ALIGN, stride_low, stride_up, stride_out, PROGRAMS,
                                      HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, RANK: tl.constexpr,
-                                     FAST_ACCUM: tl.constexpr, PROMOTE: tl.constexpr, BLOCK_M: tl.constexpr,
-                                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                                     FLATTEN: tl.constexpr):  # fmt: skip
+                                     FAST_ACCUM: tl.constexpr, PROMOTE: tl.constexpr, PREFETCH: tl.constexpr,
+                                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                     GROUP_M: tl.constexpr, FLATTEN: tl.constexpr):  # fmt: skip
     """One program an SM, walking tiles; FLATTEN: Triton flattens the tile and K loops into one pipeline, so the next
     tile's first loads are in flight during this tile's epilogue (Triton's persistent-matmul tutorial)."""
     k_tiles = tl.cdiv(K, BLOCK_K)
     tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     for tile in tl.range(tl.program_id(0), tiles, PROGRAMS, flatten=FLATTEN):
         off_m, off_n = _tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        low, up, first = 0, 0, -1
+        if HAS_LORA and PREFETCH:
+            low, up, first = _lora_operands(off_m, off_n, LOW, LOW_COL, UP, M, N, stride_low, stride_up, RANK,
+                                            BLOCK_M, BLOCK_N)  # fmt: skip
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in tl.range(0, k_tiles):
             a = x_desc.load([off_m, k * BLOCK_K])
@@ -141,11 +169,14 @@ def _fp8_lora_gemm_persistent_kernel(x_desc, w_desc, X_SCALE, W_SCALE, BIAS, LOW
                 acc = tl.dot(a, b.T, acc)
             else:
                 acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=PROMOTE)
-        _epilogue(acc, off_m, off_n, X_SCALE, W_SCALE, BIAS, LOW, LOW_COL, UP, OUT, M, N, stride_low, stride_up,
-                  stride_out, HAS_BIAS, HAS_LORA, RANK, BLOCK_M, BLOCK_N)  # fmt: skip
+        if HAS_LORA and not PREFETCH:
+            low, up, first = _lora_operands(off_m, off_n, LOW, LOW_COL, UP, M, N, stride_low, stride_up, RANK,
+                                            BLOCK_M, BLOCK_N)  # fmt: skip
+        _epilogue(acc, off_m, off_n, X_SCALE, W_SCALE, BIAS, low, up, first, OUT, M, N, stride_out, HAS_BIAS,
+                  HAS_LORA, BLOCK_M, BLOCK_N)  # fmt: skip
 
 
-_KEY = ["M", "N", "K", "PART_ALIGN", "HAS_BIAS", "HAS_LORA", "RANK"]
+_KEY = ["M", "N", "K", "PART_ALIGN", "HAS_BIAS", "HAS_LORA", "RANK", "PREFETCH"]
 _tuned = triton.autotune(GPU_CONFIGS + SMALL_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
     _fp8_lora_gemm_fwd_kernel
 )
@@ -155,6 +186,13 @@ _tuned_persistent = triton.autotune(
     key=_KEY,
     prune_configs_by={"early_config_prune": _prune},
 )(_fp8_lora_gemm_persistent_kernel)
+
+
+def tuned_configs() -> dict[str, dict[str, str]]:
+    """What the autotuners picked in this process, per key (M, N, K, part alignment, bias, LoRA, rank, prefetch, then
+    the arguments' dtypes): for benchmarks' records."""
+    kernels = {"tile_a_program": _tuned, "persistent": _tuned_persistent}
+    return {kind: {str(key): str(config) for key, config in kernel.cache.items()} for kind, kernel in kernels.items()}
 
 
 def runs_here(x_fp8: torch.Tensor) -> bool:
@@ -193,9 +231,10 @@ def _check(x_fp8, x_scale, weight_fp8, weight_scale, bias, low, low_col, up) -> 
 
 def fp8_lora_gemm_fwd(x_fp8, x_scale, weight_fp8, weight_scale, bias=None, low=None, low_col=None, up=None,
                       part_align: int | None = None, fast_accum: bool = True,
-                      persistent: bool = False) -> torch.Tensor:  # fmt: skip
+                      persistent: bool = False, prefetch_lora: bool = False) -> torch.Tensor:  # fmt: skip
     """The kernel (`runs_here(x_fp8)` must hold). part_align: a number every part boundary is a multiple of (the
-    kernel's column tiles never straddle a part); default N. persistent: one program an SM walking the tiles."""
+    kernel's column tiles never straddle a part); default N. persistent: one program an SM walking the tiles.
+    prefetch_lora: each tile loads its update's operands before its K loop rather than after it."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     _check(x_fp8, x_scale, weight_fp8, weight_scale, bias, low, low_col, up)
@@ -215,7 +254,7 @@ def fp8_lora_gemm_fwd(x_fp8, x_scale, weight_fp8, weight_scale, bias=None, low=N
             up if has_lora else dummy, out, m, n, k, part_align or n,
             low.stride(0) if has_lora else 0, up.stride(0) if has_lora else 0, out.stride(0))  # fmt: skip
     constexprs = dict(HAS_BIAS=bias is not None, HAS_LORA=has_lora, RANK=up.shape[1] if has_lora else 16,
-                      FAST_ACCUM=fast_accum, PROMOTE=PROMOTE_EVERY)  # fmt: skip
+                      FAST_ACCUM=fast_accum, PROMOTE=PROMOTE_EVERY, PREFETCH=prefetch_lora)  # fmt: skip
     programs = _programs(x_fp8.device) if persistent else 0
 
     def grid(meta):
@@ -284,14 +323,16 @@ def fp8_lora_gemm_ref(x_fp8, x_scale, weight_fp8, weight_scale, bias=None, low=N
 
 
 def fp8_lora_gemm(x_fp8, x_scale, weight_fp8, weight_scale, bias=None, low=None, low_col=None, up=None,
-                  part_align: int | None = None, fast_accum: bool = True, persistent: bool = False
-                  ) -> torch.Tensor:  # fmt: skip
+                  part_align: int | None = None, fast_accum: bool = True, persistent: bool = False,
+                  prefetch_lora: bool = False) -> torch.Tensor:  # fmt: skip
     """The kernel where `runs_here(x_fp8)`, else `fp8_lora_gemm_ref`."""
     if not runs_here(x_fp8):
         return fp8_lora_gemm_ref(x_fp8, x_scale, weight_fp8, weight_scale, bias, low, low_col, up)
     return fp8_lora_gemm_fwd(
-        x_fp8, x_scale, weight_fp8, weight_scale, bias, low, low_col, up, part_align, fast_accum, persistent
+        x_fp8, x_scale, weight_fp8, weight_scale, bias, low, low_col, up, part_align, fast_accum, persistent,
+        prefetch_lora,
     )
 
 
-__all__ = ["fp8_lora_gemm", "fp8_lora_gemm_fwd", "fp8_lora_gemm_ref", "lora_columns", "part_alignment", "runs_here"]
+__all__ = ["fp8_lora_gemm", "fp8_lora_gemm_fwd", "fp8_lora_gemm_ref", "lora_columns", "part_alignment", "runs_here",
+           "tuned_configs"]

@@ -24,7 +24,13 @@ from benchmarks.kernels.bench_norm_ops import gpu_ms
 from engine.lora_update import lora_addmm_
 from engine.measure import environment_info
 from flux_kernels.fp8 import quantize_fp8_rowwise
-from flux_kernels.fp8_lora_gemm import fp8_lora_gemm_fwd, fp8_lora_gemm_ref, lora_columns, part_alignment
+from flux_kernels.fp8_lora_gemm import (
+    fp8_lora_gemm_fwd,
+    fp8_lora_gemm_ref,
+    lora_columns,
+    part_alignment,
+    tuned_configs,
+)
 
 HIDDEN, MLP, TEXT_TOKENS, RANK = 3072, 12288, 512, 64
 # (name, stream, K, part widths, count a step); the stream says which token count M is
@@ -87,10 +93,11 @@ def cublas_addmm(s: dict) -> torch.Tensor:
     return out
 
 
-def ours(s: dict, lora: bool, persistent: bool = False) -> torch.Tensor:
+def ours(s: dict, lora: bool, persistent: bool = False, prefetch: bool = False) -> torch.Tensor:
     extra = dict(low=s["low"], low_col=s["low_col"], up=s["up"], part_align=part_alignment(s["widths"]))
     return fp8_lora_gemm_fwd(
-        s["x_fp8"], s["x_scale"], s["w_fp8"], s["w_scale"], s["bias"], **(extra if lora else {}), persistent=persistent
+        s["x_fp8"], s["x_scale"], s["w_fp8"], s["w_scale"], s["bias"], **(extra if lora else {}), persistent=persistent,
+        prefetch_lora=prefetch,
     )
 
 
@@ -113,7 +120,9 @@ def shape_row(name: str, stream: str, k: int, widths: list[int], count: int, res
     del fused, today, reference
     variants = {"cublas": cublas, "cublas_addmm": cublas_addmm, "ours": lambda s: ours(s, False),
                 "ours_lora": lambda s: ours(s, True), "persistent": lambda s: ours(s, False, True),
-                "persistent_lora": lambda s: ours(s, True, True)}  # fmt: skip
+                "persistent_lora": lambda s: ours(s, True, True),
+                "ours_lora_prefetch": lambda s: ours(s, True, prefetch=True),
+                "persistent_lora_prefetch": lambda s: ours(s, True, True, True)}  # fmt: skip
     flops = 2 * m * n * k
     for label, fn in variants.items():
         for s in sets:
@@ -125,14 +134,17 @@ def shape_row(name: str, stream: str, k: int, widths: list[int], count: int, res
         f"{res:>5} {name:<18} M={m:<6} N={n:<6} K={k:<6} cublas {row['cublas']['ms']['median']:.3f} "
         f"+addmm {row['cublas_addmm']['ms']['median']:.3f} | ours {row['ours']['ms']['median']:.3f} "
         f"+lora {row['ours_lora']['ms']['median']:.3f} | persistent {row['persistent']['ms']['median']:.3f} "
-        f"+lora {row['persistent_lora']['ms']['median']:.3f} ms | SQNR vs today "
+        f"+lora {row['persistent_lora']['ms']['median']:.3f} | prefetched +lora "
+        f"{row['ours_lora_prefetch']['ms']['median']:.3f} / {row['persistent_lora_prefetch']['ms']['median']:.3f} ms"
+        f" | SQNR vs today "
         f"{row['sqnr_ours_vs_cublas_addmm_db']:.1f} dB"
     )
     return row
 
 
 def per_step(rows: list[dict], res: int) -> dict:
-    labels = ("cublas", "cublas_addmm", "ours", "ours_lora", "persistent", "persistent_lora")
+    labels = ("cublas", "cublas_addmm", "ours", "ours_lora", "persistent", "persistent_lora", "ours_lora_prefetch",
+              "persistent_lora_prefetch")
     return {label: sum(r[label]["ms"]["median"] * r["count"] for r in rows if r["res"] == res) for label in labels}
 
 
@@ -143,19 +155,23 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_fp8_lora_gemm needs a CUDA GPU")
-    rows = [shape_row(*projection, res) for res in args.res for projection in PROJECTIONS]
-    totals = {res: per_step(rows, res) for res in args.res}
+    rows, totals = [], {}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for res in args.res:  # the file rewritten after each size: a run cut short keeps what it measured
+        rows += [shape_row(*projection, res) for projection in PROJECTIONS]
+        totals[res] = per_step(rows, res)
+        result = {"environment": environment_info(torch.device("cuda")), "rows": rows,
+                  "per_step_ms": {str(r): t for r, t in totals.items()}, "chosen_configs": tuned_configs()}  # fmt: skip
+        args.out.write_text(json.dumps(result, indent=1))
     log("\nper step (ms, each shape's median x its count):")
-    log(f"{'res':>5} {'cuBLAS':>8} {'+addmm':>8} {'ours':>8} {'ours+LoRA':>10} {'persist':>8} {'persist+LoRA':>13}")
+    log(f"{'res':>5} {'cuBLAS':>8} {'+addmm':>8} {'ours':>8} {'ours+LoRA':>10} {'persist':>8} {'persist+LoRA':>13}"
+        f" {'prefetched: ours+LoRA':>22} {'persist+LoRA':>13}")  # fmt: skip
     for res, t in totals.items():
         log(
             f"{res:>5} {t['cublas']:8.2f} {t['cublas_addmm']:8.2f} {t['ours']:8.2f} {t['ours_lora']:10.2f} "
-            f"{t['persistent']:8.2f} {t['persistent_lora']:13.2f}"
+            f"{t['persistent']:8.2f} {t['persistent_lora']:13.2f} {t['ours_lora_prefetch']:22.2f} "
+            f"{t['persistent_lora_prefetch']:13.2f}"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"environment": environment_info(torch.device("cuda")), "rows": rows,
-              "per_step_ms": {str(res): t for res, t in totals.items()}}  # fmt: skip
-    args.out.write_text(json.dumps(result, indent=1))
     log(f"wrote {args.out}")
     return 0
 

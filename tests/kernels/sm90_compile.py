@@ -32,7 +32,12 @@ def compile_case(kernel, signature: dict, constexprs: dict, num_warps: int, sour
     except Exception as err:  # noqa: BLE001 - reported to the test, which fails on it
         return {"compiled": False, "error": f"{type(err).__name__}: {err}"[:2000]}
     ptx = asm["ptx"]
-    return {"compiled": bool(asm.get("cubin")), "rne_fp8_cast": FP8_CAST in ptx,
+    lines = ptx.splitlines()
+    first_mma = next((i for i, line in enumerate(lines) if "wgmma.mma_async" in line), len(lines))
+    return {"global_loads_before_first_mma": sum("ld.global" in line for line in lines[:first_mma]),
+            "vector_loads": sum("ld.global" in line and ".v4." in line for line in lines),
+            "scalar_b16_loads": sum("ld.global" in line and ".b16 " in line for line in lines),
+            "compiled": bool(asm.get("cubin")), "rne_fp8_cast": FP8_CAST in ptx,
             "nan_clamp": "min.NaN" in ptx or "max.NaN" in ptx, "approx_divide": "div.approx" in ptx,
             "stores": {kind: ptx.count(kind) for kind in ("st.global.v4", "st.global.v2", "st.global.b16")},
             "wgmma": sorted({line.split()[0] for line in ptx.splitlines() if "wgmma.mma_async" in line}),
@@ -190,6 +195,8 @@ def cases() -> dict:
                                                   {"BLOCK_P": 32, "BLOCK_C": 256}, 4, attrs=rows)  # fmt: skip
     from flux_kernels.fp8_lora_gemm import GPU_CONFIGS, _fp8_lora_gemm_fwd_kernel, _fp8_lora_gemm_persistent_kernel
 
+    # as at runtime: the pointers (LOW, UP, OUT) and the strides (multiples of the rank and of 16) divisible by 16
+    aligned = {(i,): [["tt.divisibility", 16]] for i in (5, 7, 8, 13, 14, 15)}
     for config in GPU_CONFIGS:  # every config the autotuner may pick, with and without the LoRA epilogue
         blocks = config.kwargs
         lora_gemm = {"x_desc": f"tensordesc<fp8e4nv[{blocks['BLOCK_M']}, {blocks['BLOCK_K']}]>",
@@ -197,22 +204,23 @@ def cases() -> dict:
                      "W_SCALE": "*fp32", "BIAS": "*bf16", "LOW": "*bf16", "LOW_COL": "*i32", "UP": "*bf16",
                      "OUT": "*bf16", "M": "i32", "N": "i32", "K": "i32", "PART_ALIGN": "i32", "stride_low": "i32",
                      "stride_up": "i32", "stride_out": "i32"}  # fmt: skip
-        for lora in (True, False):
+        for lora, prefetch in ((True, False), (False, False)) + (((True, True),) if config is GPU_CONFIGS[0] else ()):
             constexprs = {"HAS_BIAS": True, "HAS_LORA": lora, "RANK": 64, "FAST_ACCUM": True, "PROMOTE": 128,
-                          **blocks}  # fmt: skip
+                          "PREFETCH": prefetch, **blocks}  # fmt: skip
             lora_gemm.update(dict.fromkeys(constexprs, "constexpr"))
             tile = (
                 f"{blocks['BLOCK_M']}x{blocks['BLOCK_N']}x{blocks['BLOCK_K']}/s{config.num_stages}w{config.num_warps}"
             )
-            name = f"fp8_lora_gemm/{tile}/lora={lora}"
-            results[name] = compile_case(_fp8_lora_gemm_fwd_kernel, dict(lora_gemm), constexprs, config.num_warps)
+            name = f"fp8_lora_gemm/{tile}/lora={lora}" + ("/prefetch" if prefetch else "")
+            results[name] = compile_case(_fp8_lora_gemm_fwd_kernel, dict(lora_gemm), constexprs, config.num_warps,
+                                         attrs=aligned)  # fmt: skip
     persistent = {**lora_gemm, "PROGRAMS": "i32", "FLATTEN": "constexpr"}  # the last config's tiles, flattened loops
-    for lora in (True, False):
+    for lora, prefetch in ((True, False), (False, False), (True, True)):
         constexprs = {"HAS_BIAS": True, "HAS_LORA": lora, "RANK": 64, "FAST_ACCUM": True, "PROMOTE": 128,
-                      **blocks, "FLATTEN": True}  # fmt: skip
-        results[f"fp8_lora_gemm/persistent/lora={lora}"] = compile_case(
-            _fp8_lora_gemm_persistent_kernel, dict(persistent), constexprs, config.num_warps
-        )
+                      "PREFETCH": prefetch, **blocks, "FLATTEN": True}  # fmt: skip
+        name = f"fp8_lora_gemm/persistent/lora={lora}" + ("/prefetch" if prefetch else "")
+        results[name] = compile_case(_fp8_lora_gemm_persistent_kernel, dict(persistent), constexprs, config.num_warps,
+                                     attrs=aligned)  # fmt: skip
     return results
 
 

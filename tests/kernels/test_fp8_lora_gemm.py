@@ -61,12 +61,14 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("prefetch", [False, True], ids=["loads-after-k", "loads-before-k"])
 @pytest.mark.parametrize("persistent", [False, True], ids=["tile-a-program", "persistent"])
 @pytest.mark.parametrize("m, k, widths, ranks, rank", CASES)
-def test_matches_the_fp32_reference(m, k, widths, ranks, rank, persistent, device):
+def test_matches_the_fp32_reference(m, k, widths, ranks, rank, persistent, prefetch, device):
     inputs, lora = make(m, k, widths, ranks, rank, device)
     assert runs_here(inputs["x_fp8"])
-    out = fp8_lora_gemm_fwd(**inputs, **lora, part_align=part_alignment(widths), persistent=persistent)
+    out = fp8_lora_gemm_fwd(**inputs, **lora, part_align=part_alignment(widths), persistent=persistent,
+                            prefetch_lora=prefetch)  # fmt: skip
     reference = fp8_lora_gemm_ref(**inputs, **lora)
     # one bf16 rounding on both sides of fp32 sums taken in different orders: measured <= 1 bf16 ulp of the output
     torch.testing.assert_close(out.float(), reference.float(), rtol=2**-7, atol=1e-3)
@@ -144,13 +146,15 @@ def test_no_config_fits_parts_narrower_than_every_tile(device):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("prefetch", [False, True], ids=["loads-after-k", "loads-before-k"])
 @pytest.mark.parametrize("persistent", [False, True], ids=["tile-a-program", "persistent"])
 @pytest.mark.parametrize("fast_accum", [True, False])
-def test_flux_shape_on_the_gpu_against_scaled_mm(fast_accum, persistent):
+def test_flux_shape_on_the_gpu_against_scaled_mm(fast_accum, persistent, prefetch):
     """A FLUX fused QKV at 1024^2's image tokens: the base as cuBLAS's _scaled_mm computes it, the update as the
     reference adds it."""
     inputs, lora = make(4096, 3072, [3072] * 3, [64] * 3, 64, "cuda", seed=7)
-    out = fp8_lora_gemm_fwd(**inputs, **lora, part_align=3072, fast_accum=fast_accum, persistent=persistent)
+    out = fp8_lora_gemm_fwd(**inputs, **lora, part_align=3072, fast_accum=fast_accum, persistent=persistent,
+                            prefetch_lora=prefetch)  # fmt: skip
     cublas = torch._scaled_mm(inputs["x_fp8"], inputs["weight_fp8"].t(), scale_a=inputs["x_scale"].view(-1, 1),
                               scale_b=inputs["weight_scale"].view(1, -1), bias=inputs["bias"],
                               out_dtype=torch.bfloat16, use_fast_accum=fast_accum)  # fmt: skip

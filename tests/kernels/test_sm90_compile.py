@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from flux_kernels.fp8_lora_gemm import GPU_CONFIGS
+
 pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA backend (it ships ptxas)")
 
 SCRIPT = Path(__file__).with_name("sm90_compile.py")
@@ -33,8 +35,9 @@ def test_every_case_compiles_to_a_cubin(compiled):
     # the GELU (with a scaled e4m3 prefix too) + qk_norm_rope int8, e4m3 and grouped, the fp8 attention's Hopper
     # configs, its Gluon core (two tiles), its quantisers, the GroupNorm's kernels (moments with and without an input
     # bias, both applies with and without SiLU), the residual add in both layouts, the nearest upsampling, the fp8
-    # LoRA GEMM's six configs and its persistent kernel, each with and without its update
-    assert len(compiled) == 9 + 3 + 5 + 2 + 2 + 7 + 2 + 1 + 14
+    # LoRA GEMM's six configs and its persistent kernel, each with and without its update, and both with the update's
+    # operands loaded before the K loop
+    assert len(compiled) == 9 + 3 + 5 + 2 + 2 + 7 + 2 + 1 + 16
     failed = {name: case.get("error") for name, case in compiled.items() if not case["compiled"]}
     assert not failed, failed
 
@@ -100,8 +103,33 @@ def test_the_gluon_attention_core_overlaps_the_softmax_with_an_mma(compiled):
 def test_the_lora_gemm_runs_its_base_on_fp8_and_its_update_on_bf16_tensor_cores(compiled):
     """Every config of fp8_lora_gemm: the K loop an e4m3 wgmma; with the LoRA epilogue a bf16 wgmma as well."""
     cases = {name: case for name, case in compiled.items() if name.startswith("fp8_lora_gemm/")}
-    assert len(cases) == 14
+    assert len(cases) == 16
     for name, case in cases.items():
         kinds = " ".join(case["wgmma"])
         assert ".e4m3.e4m3" in kinds, f"{name}: {case['wgmma']}"
-        assert (".bf16.bf16" in kinds) == name.endswith("lora=True"), f"{name}: {case['wgmma']}"
+        assert (".bf16.bf16" in kinds) == ("lora=True" in name), f"{name}: {case['wgmma']}"
+
+
+def test_the_lora_gemm_loads_its_update_in_16_byte_vectors(compiled):
+    """The update's operands (LOW's rows at a column read from LOW_COL, UP's rows) load as 16-byte vectors: without
+    the kernel saying that column is a multiple of the rank, LOW's [BLOCK_M, 64] loaded one bf16 at a time (32 loads a
+    thread a tile, where 4 do). Each config with its update adds vector loads and no scalar ones."""
+    for config in GPU_CONFIGS:
+        blocks, threads = config.kwargs, 32 * config.num_warps
+        tile = f"{blocks['BLOCK_M']}x{blocks['BLOCK_N']}x{blocks['BLOCK_K']}/s{config.num_stages}w{config.num_warps}"
+        with_update, without = compiled[f"fp8_lora_gemm/{tile}/lora=True"], compiled[f"fp8_lora_gemm/{tile}/lora=False"]
+        vectors = (blocks["BLOCK_M"] + blocks["BLOCK_N"]) * 64 * 2 // 16 // threads  # rank 64, bf16
+        assert with_update["vector_loads"] - without["vector_loads"] >= vectors, tile
+        assert with_update["scalar_b16_loads"] == without["scalar_b16_loads"], tile
+
+
+def test_the_lora_gemm_can_load_its_update_before_its_k_loop(compiled):
+    """prefetch_lora: the update's loads come before the first MMA (in flight during the K loop); by default none do."""
+    config = GPU_CONFIGS[0]
+    blocks = config.kwargs
+    tile = f"{blocks['BLOCK_M']}x{blocks['BLOCK_N']}x{blocks['BLOCK_K']}/s{config.num_stages}w{config.num_warps}"
+    after, before = compiled[f"fp8_lora_gemm/{tile}/lora=True"], compiled[f"fp8_lora_gemm/{tile}/lora=True/prefetch"]
+    assert after["global_loads_before_first_mma"] == 0
+    assert before["global_loads_before_first_mma"] >= before["vector_loads"] > 0
+
+
