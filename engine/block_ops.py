@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from diffusers.models.activations import GELU
 from torch import nn
 
-from .lora import active_lora, add_fused_lora, fp8_lora_ready
+from .lora import active_lora, add_fused_lora, fp8_linear_with_lora, fp8_lora_ready
 
 
 @dataclass(frozen=True)
@@ -134,8 +134,9 @@ class BlockOps:
         layers = active_lora(parts) if parts else None
         if self._fp8_into(linear, self.layernorm_modulate_fp8_fn) and (layers is None or fp8_lora_ready(layers)):
             normed, normed_scale = self.layernorm_modulate_fp8_fn(x, shift, scale, eps)
-            out = linear(normed, normed_scale, out_dtype=x.dtype)
-            return out if layers is None else add_fused_lora(out, parts, layers, normed, normed_scale, linear)
+            if layers is not None:
+                return fp8_linear_with_lora(linear, parts, layers, normed, normed_scale, x.dtype)
+            return linear(normed, normed_scale, out_dtype=x.dtype)
         normed = self.layernorm_modulate(x, shift, scale, eps)
         return linear(normed) if layers is None else add_fused_lora(linear(normed), parts, layers, normed)
 

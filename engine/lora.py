@@ -30,6 +30,7 @@ from torch import nn
 
 from .cuda_graphs import drop_captured_graphs
 from .errors import CheckpointError, ConfigError, InputError
+from .lora_gemm import fp8_gemm_with_updates, fused_update_ready
 from .lora_update import acting_adapters, add_update, down_projection, plain_adapters
 
 # the pipeline methods of diffusers' FluxLoraLoaderMixin that change which adapters act, and how
@@ -68,20 +69,41 @@ def add_fused_lora(
     e4m3 input of the fp8 GEMM `fp8`, with these per-token scales."""
     updates, starts = [], []  # (layer, adapter), its first column
     offset = 0
-    for part, layer in zip(parts, layers, strict=True):
-        for name in acting_adapters(layer) if layer is not None else ():
-            if name in getattr(layer, "lora_variant", {}):
-                raise ConfigError(
-                    f"adapter {name!r} is a LoRA variant ({type(layer.lora_variant[name]).__name__}, e.g. DoRA) on a "
-                    "projection the engine fuses; plain LoRA only there: use the 'baseline' or 'compile' preset for it"
-                )
-            updates.append((layer, name))
-            starts.append(offset)
+    for part, part_updates in zip(parts, updates_by_part(layers), strict=True):
+        updates += part_updates
+        starts += [offset] * len(part_updates)
         offset += part.out_features
     lows = down_projection(updates, x, x_scale, fp8)
     for (layer, name), start, low in zip(updates, starts, lows, strict=True):
         add_update(out, start, layer, name, low, in_place=x_scale is not None)
     return out
+
+
+def updates_by_part(layers: list[nn.Module | None]) -> list[list[tuple[nn.Module, str]]]:
+    """Each fused part's acting (PEFT layer, adapter) pairs, in PEFT's order; a LoRA variant (DoRA) refused."""
+    by_part = []
+    for layer in layers:
+        names = acting_adapters(layer) if layer is not None else []
+        for name in names:
+            if name in getattr(layer, "lora_variant", {}):
+                raise ConfigError(
+                    f"adapter {name!r} is a LoRA variant ({type(layer.lora_variant[name]).__name__}, e.g. DoRA) on a "
+                    "projection the engine fuses; plain LoRA only there: use the 'baseline' or 'compile' preset for it"
+                )
+        by_part.append([(layer, name) for name in names])
+    return by_part
+
+
+def fp8_linear_with_lora(
+    linear: nn.Module, parts: list[nn.Module], layers: list[nn.Module | None], x: torch.Tensor, x_scale: torch.Tensor,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:  # fmt: skip
+    """The fused fp8 GEMM `linear` on e4m3 x (per-token scales x_scale) with the acting adapters' updates in their
+    parts' columns: one GEMM with the updates in its epilogue where engine.lora_gemm can, else add_fused_lora."""
+    by_part, widths = updates_by_part(layers), [part.out_features for part in parts]
+    if fused_update_ready(linear, x, widths, by_part, out_dtype):
+        return fp8_gemm_with_updates(linear, x, x_scale, widths, by_part)
+    return add_fused_lora(linear(x, x_scale, out_dtype=out_dtype), parts, layers, x, x_scale, linear)
 
 
 def fp8_lora_ready(layers: list[nn.Module | None]) -> bool:

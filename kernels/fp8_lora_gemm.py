@@ -52,6 +52,11 @@ GPU_CONFIGS = [_config(*tile) for tile in _TILES]
 # parts narrower than 128 columns (tests' shapes; no FLUX projection): used only when no config above fits
 SMALL_CONFIGS = [_config(64, 32, 32, 3, 4)]
 INTERPRETER_CONFIG = _config(16, 32, 32, 1, 4, group_m=2)
+# without autotuning (the engine: a tuning pass per new token count would cost seconds at each new size): the
+# persistent kernel's pick for nearly every FLUX shape with a prefetched rank-64 update on the H200
+# (results/fp8-lora-gemm-h200-20261202-0208.json), then narrower tiles where the parts need them
+FIXED_CONFIGS = [_config(128, 256, 128, 3, 8, FLATTEN=False), _config(128, 128, 128, 4, 8, FLATTEN=False),
+                 _config(64, 32, 32, 3, 4, FLATTEN=False)]  # fmt: skip
 
 
 def _prune(configs, named_args, **kwargs):
@@ -136,7 +141,7 @@ def _fp8_lora_gemm_fwd_kernel(x_desc, w_desc, X_SCALE, W_SCALE, BIAS, LOW, LOW_C
         if FAST_ACCUM:
             acc = tl.dot(a, b.T, acc)
         else:
-            acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=PROMOTE)
+            acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=PROMOTE if PROMOTE <= BLOCK_K else BLOCK_K)
     if HAS_LORA and not PREFETCH:
         low, up, first = _lora_operands(off_m, off_n, LOW, LOW_COL, UP, M, N, stride_low, stride_up, RANK, BLOCK_M,
                                         BLOCK_N)  # fmt: skip
@@ -168,7 +173,7 @@ def _fp8_lora_gemm_persistent_kernel(x_desc, w_desc, X_SCALE, W_SCALE, BIAS, LOW
             if FAST_ACCUM:
                 acc = tl.dot(a, b.T, acc)
             else:
-                acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=PROMOTE)
+                acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=PROMOTE if PROMOTE <= BLOCK_K else BLOCK_K)
         if HAS_LORA and not PREFETCH:
             low, up, first = _lora_operands(off_m, off_n, LOW, LOW_COL, UP, M, N, stride_low, stride_up, RANK,
                                             BLOCK_M, BLOCK_N)  # fmt: skip
@@ -231,10 +236,12 @@ def _check(x_fp8, x_scale, weight_fp8, weight_scale, bias, low, low_col, up) -> 
 
 def fp8_lora_gemm_fwd(x_fp8, x_scale, weight_fp8, weight_scale, bias=None, low=None, low_col=None, up=None,
                       part_align: int | None = None, fast_accum: bool = True,
-                      persistent: bool = False, prefetch_lora: bool = False) -> torch.Tensor:  # fmt: skip
+                      persistent: bool = False, prefetch_lora: bool = False,
+                      autotune: bool = True) -> torch.Tensor:  # fmt: skip
     """The kernel (`runs_here(x_fp8)` must hold). part_align: a number every part boundary is a multiple of (the
     kernel's column tiles never straddle a part); default N. persistent: one program an SM walking the tiles.
-    prefetch_lora: each tile loads its update's operands before its K loop rather than after it."""
+    prefetch_lora: each tile loads its update's operands before its K loop rather than after it. autotune: False
+    runs the persistent kernel with the first of FIXED_CONFIGS that fits the parts (no tuning pass at a new shape)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     _check(x_fp8, x_scale, weight_fp8, weight_scale, bias, low, low_col, up)
@@ -270,11 +277,27 @@ def fp8_lora_gemm_fwd(x_fp8, x_scale, weight_fp8, weight_scale, bias=None, low=N
                 _fp8_lora_gemm_persistent_kernel[grid(config)](*args, programs, **constexprs, **config, FLATTEN=False)
             else:
                 _fp8_lora_gemm_fwd_kernel[grid(config)](*args, **constexprs, **config)
+        elif not autotune:
+            config = _fixed_config(part_align or n)
+            _set_descriptor_blocks({"x_desc": x_desc, "w_desc": w_desc, **config.kwargs})
+            programs = _programs(x_fp8.device)
+            persistent = True
+            _fp8_lora_gemm_persistent_kernel[grid(config.kwargs)](*args, programs, **constexprs, **config.kwargs,
+                                                                  num_warps=config.num_warps,
+                                                                  num_stages=config.num_stages)  # fmt: skip
         elif persistent:
             _tuned_persistent[grid](*args, programs, **constexprs)
         else:
             _tuned[grid](*args, **constexprs)
     return out
+
+
+def _fixed_config(part_align: int) -> triton.Config:
+    for config in FIXED_CONFIGS:
+        if part_align % config.kwargs["BLOCK_N"] == 0:
+            return config
+    raise ValueError(f"fp8_lora_gemm: no tile fits part boundaries aligned to {part_align} columns; the narrowest "
+                     f"tile is 32 (use parts whose widths are multiples of 32)")  # fmt: skip
 
 
 def _programs(device: torch.device) -> int:
@@ -291,9 +314,9 @@ def lora_columns(part_widths: list[int], part_ranks: list[int], rank: int, devic
     for width, part_rank in zip(part_widths, part_ranks, strict=True):
         if part_rank > rank:
             raise ValueError(f"fp8_lora_gemm: a part's adapters have rank {part_rank} in all, above the padded {rank}")
-        columns.append(torch.full((width,), next_first if part_rank else -1, dtype=torch.int32))
+        columns.append(torch.full((width,), next_first if part_rank else -1, dtype=torch.int32, device=device))
         next_first += rank if part_rank else 0
-    return torch.cat(columns).to(device)
+    return torch.cat(columns)
 
 
 def part_alignment(part_widths: list[int]) -> int:
@@ -324,13 +347,13 @@ def fp8_lora_gemm_ref(x_fp8, x_scale, weight_fp8, weight_scale, bias=None, low=N
 
 def fp8_lora_gemm(x_fp8, x_scale, weight_fp8, weight_scale, bias=None, low=None, low_col=None, up=None,
                   part_align: int | None = None, fast_accum: bool = True, persistent: bool = False,
-                  prefetch_lora: bool = False) -> torch.Tensor:  # fmt: skip
+                  prefetch_lora: bool = False, autotune: bool = True) -> torch.Tensor:  # fmt: skip
     """The kernel where `runs_here(x_fp8)`, else `fp8_lora_gemm_ref`."""
     if not runs_here(x_fp8):
         return fp8_lora_gemm_ref(x_fp8, x_scale, weight_fp8, weight_scale, bias, low, low_col, up)
     return fp8_lora_gemm_fwd(
         x_fp8, x_scale, weight_fp8, weight_scale, bias, low, low_col, up, part_align, fast_accum, persistent,
-        prefetch_lora,
+        prefetch_lora, autotune,
     )
 
 

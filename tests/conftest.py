@@ -133,18 +133,30 @@ def swap_without_recompiling(engine, first: dict, second: dict, image) -> torch.
 
 def fp8_inputs_fed(engine, call) -> tuple[dict[str, bool], object]:
     """{name: whether it was handed pre-quantised e4m3 input} for every Fp8Linear of engine.transformer that ran in
-    `call()`, and call's result."""
+    `call()`, and call's result. A layer computed with its adapters' updates in one GEMM (engine.lora_gemm's op,
+    which reads the layer's codes, not its forward) counts as fed when that op had e4m3 input."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
     from engine.quant import Fp8Linear
 
-    fed = {}
+    layers = {name: module for name, module in engine.transformer.named_modules() if isinstance(module, Fp8Linear)}
+    fed, fused_weights = {}, set()
+
+    class FusedGemms(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.flux_engine.fp8_lora_gemm.default and args[0].dtype == torch.float8_e4m3fn:
+                fused_weights.add(args[2].data_ptr())
+            return func(*args, **(kwargs or {}))
+
     handles = [
         module.register_forward_pre_hook(lambda module, args, name=name: fed.__setitem__(name, len(args) == 2))
-        for name, module in engine.transformer.named_modules()
-        if isinstance(module, Fp8Linear)
+        for name, module in layers.items()
     ]
     try:
-        result = call()
+        with FusedGemms():
+            result = call()
     finally:
         for handle in handles:
             handle.remove()
+    fed.update({name: True for name, module in layers.items() if module.weight_fp8.data_ptr() in fused_weights})
     return fed, result

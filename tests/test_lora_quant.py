@@ -290,3 +290,68 @@ def test_in_place_update_steps_aside_when_gradients_are_recorded():
     add_update(out.clone(), 2, layer, "a", low, in_place=True).sum().backward()
     assert layer.lora_B["a"].weight.grad is not None
     torch.testing.assert_close(layer.lora_B["a"].weight.grad, 2.0 * low.sum(0).expand(3, 4))
+
+
+def _fused_gemms(call) -> tuple[int, object]:
+    """How many of engine.lora_gemm's one-GEMM projections (the updates in the fp8 GEMM's epilogue) ran in call()."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.flux_engine.fp8_lora_gemm.default:
+                calls.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        result = call()
+    return len(calls), result
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_bf16_fp8_projections_take_their_updates_in_the_gemm_epilogue(adapters, monkeypatch, device):
+    """A bf16 pipeline on the fp8 preset with the fused kernels: every adapted fp8 projection with e4m3 input runs as
+    one GEMM with the adapters' updates in its epilogue (flux_kernels.fp8_lora_gemm; on the CPU in the Triton
+    interpreter), two adapters at set_adapters weights included; the image is the two-GEMM path's
+    (FLUX_ENGINE_LORA_GEMM=0) within bf16 roundings, and diffusers' with the same adapters within the fp8 preset's
+    tolerance."""
+    from engine import lora_gemm
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    first, second = adapters
+
+    def tiny_bf16() -> FluxPipeline:
+        return FluxPipeline(**synthetic_components("tiny", device=device, dtype=torch.bfloat16, seed=0))
+
+    reference = tiny_bf16()
+    config = EngineConfig(
+        attention=AttentionConfig(backend="sdpa", fused_norms=True), quant=QuantConfig(transformer="fp8")
+    )
+    fast = FluxEngine.from_pipe(tiny_bf16(), config)
+    for pipe in (reference, fast):
+        pipe.load_lora_weights(dict(first), adapter_name="first")
+        pipe.load_lora_weights(dict(second), adapter_name="second")
+        pipe.set_adapters(["first", "second"], [0.7, 1.3])
+    expected = _image(reference)
+    fused_calls, fused = _fused_gemms(lambda: _image(fast))
+    transformer = fast.transformer
+    blocks, singles = len(transformer.transformer_blocks), len(transformer.single_transformer_blocks)
+    steps = tiny_call_kwargs()["num_inference_steps"]
+    assert fused_calls == steps * (6 * blocks + 2 * singles)  # every projection fed e4m3 (test above's count)
+    monkeypatch.setattr(lora_gemm, "ENABLED", False)
+    two_gemm_calls, two_gemms = _fused_gemms(lambda: _image(fast))
+    assert two_gemm_calls == 0
+    # measured 48.0 dB between the two paths (one bf16 rounding of each projection's output against two), 46.2 / 46.5
+    # dB from diffusers' bf16 image
+    assert psnr(fused, two_gemms) >= 45.0
+    assert psnr(fused, expected) >= MIN_PSNR["fp8"]
+
+
+def test_the_one_gemm_path_pads_ranks_to_the_kernels_and_leaves_larger_ones_to_the_other_path():
+    from engine.lora_gemm import MAX_RANK, padded_rank
+
+    assert padded_rank([4, 8]) == 16  # the kernel's bf16 MMA needs R >= 16
+    assert padded_rank([0, 24, 64]) == 64
+    assert padded_rank([MAX_RANK + 1]) == 0  # a hot-swap target rank of 128: the two-GEMM path, as before

@@ -30,6 +30,7 @@ from torch import nn
 from flux_kernels.fp8 import quantize_fp8_rowwise
 
 from ..errors import ConfigError, InputError
+from ..lora_gemm import fp8_gemm_with_updates, fused_update_ready
 from ..lora_update import acting_adapters, add_update, down_projection, plain_adapters
 from .fp8 import Fp8Linear, FusedAway
 from .layers import compute_dtype_of, device_of, plain_qbytes, quantized_kind, quantized_linear
@@ -72,8 +73,12 @@ class QuantizedLoraLinear(peft_lora.Linear):
         if x_scale is None:
             return super().forward(x, *args, **kwargs)
         base = self.get_base_layer()
-        result = base(x, x_scale, out_dtype=out_dtype)
         updates = [(self, name) for name in acting_adapters(self)]
+        if out_dtype is None and isinstance(base, Fp8Linear):  # Fp8Linear's default
+            out_dtype = base.bias.dtype if base.bias is not None else torch.bfloat16
+        if fused_update_ready(base, x, [base.out_features], [updates], out_dtype):
+            return fp8_gemm_with_updates(base, x, x_scale, [base.out_features], [updates])
+        result = base(x, x_scale, out_dtype=out_dtype)
         for (_, name), low in zip(updates, down_projection(updates, x, x_scale, base), strict=True):
             result = add_update(result, 0, self, name, low, in_place=True)
         return result
