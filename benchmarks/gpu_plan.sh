@@ -9,7 +9,7 @@
 # tests-controlnet-graphs, gluon-kernels, gluon-step, profile-cp-2, tests-cp, cp-2-chunks, cp-2-nccl, cp-2-prio, timeline-cp-2, startup-shipped,
 # startup-package, startup-profile, startup-frames, startup-frames-only, startup-noframes,
 # startup-frames-nographs, tests-frames, profile-cudnn, profile-cudnn-nographs, vae-compile, pack-artifacts, cudnn-attention, tests-cudnn, cudnn-1024, cudnn-2048, cudnn-kontext,
-# cudnn-taylorseer, cudnn-lora-28, cudnn-startup, cudnn-plans, gelu-ab, tests-gelu-cudnn, profile-vae, profile-vae-chunked,
+# cudnn-taylorseer, cudnn-lora-28, cudnn-lora-2048, cudnn-startup, cudnn-plans, gelu-ab, tests-gelu-cudnn, profile-vae, profile-vae-chunked,
 # profile-vae-eager, tests-vae-kernels, taylorseer-compiledvae, cudnn-startup-package, startup-package-profile,
 # profile-encode, profile-cudnn-2048, power-probe, tune-qk-e4m3,
 # cold-start-causes, jit-probe, warm-ab, warm-ba, jit-probe-parts, warm-enc, fp8-lora-gemm). Each stage
@@ -446,6 +446,11 @@ for s in "$@"; do
     cudnn-lora-28)
       # issue "LoRA": the 28-step 1024x1024 image with the rank-64 adapter active on the cuDNN-attention preset
       stage "$s" 240 python3 -m engine.bench --res 1024 --steps 28 --runs 2 --lora synthetic:64 \
+        --preset fp8-compile-fastacc-cudagraphs-cudnnattn --cache-dir /tmp/fe-cache --out "$OUT/bench-$s-$CARD-$DAY.json" ;;
+    cudnn-lora-2048)
+      # issue "LoRA": the rank-64 adapter's cost a 2048x2048 step on the cuDNN-attention preset (without it, then with
+      # it, in one process) beside diffusers with the same adapter
+      stage "$s" 300 python3 -m engine.bench --res 2048 --steps 4 --runs 2 --lora synthetic:64 \
         --preset fp8-compile-fastacc-cudagraphs-cudnnattn --cache-dir /tmp/fe-cache --out "$OUT/bench-$s-$CARD-$DAY.json" ;;
     cudnn-startup)
       # the cuDNN-attention preset's start: cold and warm processes, then the next size (issue "Our attention at the
