@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from flux_kernels import triton_interpreting, triton_runnable
-from flux_kernels.fp8_lora_gemm import fp8_lora_gemm_fwd, lora_columns, part_alignment
+from flux_kernels.fp8_lora_gemm import fp8_lora_gemm_fwd, fp8_lora_gemm_ref, lora_columns, part_alignment
 
 from .lora_update import down_projection, scaled
 from .quant.fp8 import Fp8Linear
@@ -43,6 +43,9 @@ def fp8_lora_gemm_op(
 ) -> torch.Tensor:  # fmt: skip
     """x_fp8 [M, K] e4m3 with scales [M] @ weight [N, K] e4m3 with scales [N] + bias + each part's low @ up^T ->
     [M, N] bf16: the persistent kernel with the update's operands prefetched, one fixed tile (no tuning pass)."""
+    if x_fp8.data_ptr() % 16 or weight_fp8.data_ptr() % 16:  # TMA needs 16-byte aligned bases (a view at an odd
+        # offset; not FLUX's own tensors): the same sum in fp32, slower, never wrong
+        return fp8_lora_gemm_ref(x_fp8, x_scale, weight_fp8, weight_scale, bias, low, low_col, up)
     return fp8_lora_gemm_fwd(x_fp8, x_scale, weight_fp8, weight_scale, bias, low, low_col, up, part_align,
                              fast_accum, persistent=True, prefetch_lora=True, autotune=False)  # fmt: skip
 
@@ -78,7 +81,7 @@ def fused_update_ready(base: nn.Module, x_fp8: torch.Tensor, widths: list[int],
     # sm_90+ (the kernel's TMA and wgmma), in a form dynamo folds to a constant; the CPU: under the interpreter
     if not (torch.cuda.get_device_properties(x_fp8.device).major >= 9 if x_fp8.is_cuda else CPU_INTERPRETED):
         return False
-    if base.in_features % 16 or not x_fp8.is_contiguous():
+    if base.in_features % 16 or not (x_fp8.is_contiguous() and base.weight_fp8.is_contiguous()):
         return False
     if base.compute != ("scaled_mm" if x_fp8.is_cuda else "emulate"):
         return False

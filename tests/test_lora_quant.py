@@ -355,3 +355,23 @@ def test_the_one_gemm_path_pads_ranks_to_the_kernels_and_leaves_larger_ones_to_t
     assert padded_rank([4, 8]) == 16  # the kernel's bf16 MMA needs R >= 16
     assert padded_rank([0, 24, 64]) == 64
     assert padded_rank([MAX_RANK + 1]) == 0  # a hot-swap target rank of 128: the two-GEMM path, as before
+
+
+def test_the_one_gemm_op_takes_misaligned_views_through_its_reference():
+    """TMA descriptors need 16-byte aligned bases: the op given a weight view one byte in computes the same sum
+    (through the fp32 reference) instead of failing."""
+    from engine.lora_gemm import fp8_lora_gemm_op
+    from flux_kernels.fp8_lora_gemm import fp8_lora_gemm_ref, lora_columns
+
+    generator = torch.Generator().manual_seed(0)
+    x_fp8, x_scale = quantize_fp8_rowwise(torch.randn(8, 64, generator=generator))
+    storage, w_scale = quantize_fp8_rowwise(torch.randn(65, 64, generator=generator))
+    weight = storage.view(-1)[1 : 1 + 64 * 64].view(64, 64)  # one byte past an aligned base
+    assert weight.data_ptr() % 16
+    low = torch.randn(8, 16, generator=generator).bfloat16()
+    up = (torch.randn(64, 16, generator=generator) * 0.1).bfloat16()
+    low_col = lora_columns([64], [16], 16, "cpu")
+    out = fp8_lora_gemm_op(x_fp8, x_scale.reshape(-1), weight, w_scale[:64].reshape(-1), None, low, low_col, up, 64,
+                           True)  # fmt: skip
+    expected = fp8_lora_gemm_ref(x_fp8, x_scale.reshape(-1), weight, w_scale[:64].reshape(-1), None, low, low_col, up)
+    assert torch.equal(out, expected)
