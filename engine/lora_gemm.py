@@ -78,9 +78,12 @@ def fused_update_ready(base: nn.Module, x_fp8: torch.Tensor, widths: list[int],
     (module docstring; the kernel writes bf16: an fp32 pipeline keeps the other path's fp32 outputs)."""
     if not ENABLED or out_dtype != torch.bfloat16 or not isinstance(base, Fp8Linear) or torch.is_grad_enabled():
         return False
-    # sm_90+ (the kernel's TMA and wgmma), in a form dynamo folds to a constant; the CPU: under the interpreter
-    if not (torch.cuda.get_device_properties(x_fp8.device).major >= 9 if x_fp8.is_cuda else CPU_INTERPRETED):
+    # sm_90 / sm_100 (flux_kernels.fp8_lora_gemm.runs_here), in a form dynamo folds to a constant; the CPU: under
+    # the interpreter
+    if not (torch.cuda.get_device_properties(x_fp8.device).major in (9, 10) if x_fp8.is_cuda else CPU_INTERPRETED):
         return False
+    if base._forward_pre_hooks or base._forward_hooks:  # the layer's own hooks (offload 'leaf' moves its weights in
+        return False  # one) run only through its forward: the two-GEMM path calls it
     if base.in_features % 16 or not (x_fp8.is_contiguous() and base.weight_fp8.is_contiguous()):
         return False
     if base.compute != ("scaled_mm" if x_fp8.is_cuda else "emulate"):

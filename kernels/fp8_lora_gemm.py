@@ -90,8 +90,9 @@ def _lora_operands(off_m, off_n, LOW, LOW_COL, UP, M, N, stride_low, stride_up, 
     [BLOCK_N, RANK], and `first`, the part's first column in LOW (-1: no update there; the loads then read nothing)."""
     rows = off_m + tl.arange(0, BLOCK_M)
     cols = off_n + tl.arange(0, BLOCK_N)
-    # a multiple of RANK (lora_columns): said so, the compiler loads LOW's rows in 16-byte vectors, not one by one
-    first = (tl.load(LOW_COL + off_n) // RANK) * RANK
+    # a multiple of RANK (lora_columns) or -1: written as one, the compiler loads LOW's rows in 16-byte vectors, not one
+    # by one; (c + R) // R - 1 keeps -1 negative (-R) where Triton's // (rounding toward zero) takes -1 // R to 0
+    first = ((tl.load(LOW_COL + off_n) + RANK) // RANK - 1) * RANK
     rank = tl.arange(0, RANK)
     low = tl.load(LOW + rows[:, None].to(tl.int64) * stride_low + first + rank[None, :],
                   mask=(rows < M)[:, None] & (first >= 0), other=0.0)  # fmt: skip
@@ -201,9 +202,12 @@ def tuned_configs() -> dict[str, dict[str, str]]:
 
 
 def runs_here(x_fp8: torch.Tensor) -> bool:
-    """Whether the kernel can take x: on an sm_90+ GPU (fp8 tensor cores with TMA), or the CPU under the interpreter."""
+    """Whether the kernel can take x: on an sm_90 / sm_100 GPU (fp8 tensor cores with TMA), or the CPU under the
+    interpreter."""
     if x_fp8.is_cuda:
-        return torch.cuda.get_device_capability(x_fp8.device) >= (9, 0)
+        # Hopper and datacenter Blackwell (228 KB of shared memory a block: the FLUX tiles need ~150; consumer
+        # Blackwell, sm_120, has ~100)
+        return torch.cuda.get_device_capability(x_fp8.device)[0] in (9, 10)
     return x_fp8.device.type == "cpu" and triton_interpreting() and triton_runnable(x_fp8.device)
 
 

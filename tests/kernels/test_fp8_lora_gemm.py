@@ -89,6 +89,21 @@ def test_each_part_takes_its_own_adapters_columns(device):
     torch.testing.assert_close(without_second[:, 64:], full[:, 64:], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("persistent", [False, True], ids=["tile-a-program", "persistent"])
+@pytest.mark.parametrize("prefetch", [False, True], ids=["loads-after-k", "loads-before-k"])
+def test_a_part_without_an_adapter_reads_nothing_of_the_update(device, persistent, prefetch):
+    """Columns whose low_col is -1 are the base alone, bit for bit: their rows of `up` (NaN here) and the other
+    parts' `low` are never read (Triton's // rounds toward zero: -1 // R is 0, the first part's columns, unless the
+    kernel keeps -1 negative)."""
+    widths, ranks = [32, 32, 32], [16, 0, 16]
+    inputs, lora = make(24, 64, widths, ranks, 16, device, seed=5)
+    lora["up"][32:64] = float("nan")
+    out = fp8_lora_gemm_fwd(**inputs, **lora, part_align=32, persistent=persistent, prefetch_lora=prefetch)
+    base = fp8_lora_gemm_fwd(**inputs, persistent=persistent)
+    assert torch.equal(out[:, 32:64], base[:, 32:64])
+    assert not out.isnan().any()
+
+
 def test_matches_the_engines_path_beside_cublas(device):
     """The same values as the base GEMM followed by each part's B product added (what engine.lora_update computes
     beside an fp8 base), in SQNR: both are the fp8 products plus the same bf16 update, rounded once or twice."""
