@@ -9,10 +9,9 @@ fp32 pipeline keeps its fp32 outputs), an fp8 base on the tensor cores (or the C
 interpreter, which the tests run), e4m3 input with per-token scales, plain adapters (no bias on B: `plain_adapters`
 checks A), each part's adapters' ranks summing to at most MAX_RANK, parts whose widths the kernel's tiles divide
 (multiples of 32; FLUX's are multiples of 3072), no autograd; FLUX_ENGINE_LORA_GEMM=0 turns it off. The
-arithmetic: A(x) by flux_kernels.lora_down, one kernel for every acting adapter of the projection, on the e4m3 input
-against A in bf16 (the other path quantises A to e4m3 on each call and runs cuBLAS's fp8 GEMM), scaled by each
-adapter's scaling and rounded once to bf16 into `low`'s layout; B's product accumulated in fp32 with the base's; the
-output rounded once (the other path rounds the base to bf16, then the sum).
+arithmetic is the other path's: A(x) through the same fp8 path (down_projection), scaled and rounded to bf16 as
+there; B's product accumulated in fp32 with the base's; the output rounded once (the other path rounds the base to
+bf16, then the sum: the two agree within a bf16 rounding of the output).
 """
 
 from __future__ import annotations
@@ -24,8 +23,8 @@ from torch import nn
 
 from flux_kernels import triton_interpreting, triton_runnable
 from flux_kernels.fp8_lora_gemm import fp8_lora_gemm_fwd, fp8_lora_gemm_ref, lora_columns, part_alignment
-from flux_kernels.lora_down import lora_down
 
+from .lora_update import down_projection, scaled
 from .quant.fp8 import Fp8Linear
 
 ENABLED = os.environ.get("FLUX_ENGINE_LORA_GEMM", "1") != "0"  # FLUX_ENGINE_LORA_GEMM=0: always the other path
@@ -54,26 +53,6 @@ def fp8_lora_gemm_op(
 @fp8_lora_gemm_op.register_fake
 def _(x_fp8, x_scale, weight_fp8, weight_scale, bias, low, low_col, up, part_align, fast_accum):
     return x_fp8.new_empty(x_fp8.shape[0], weight_fp8.shape[0], dtype=torch.bfloat16)
-
-
-@torch.library.custom_op("flux_engine::lora_down", mutates_args=())
-def lora_down_op(x_fp8: torch.Tensor, x_scale: torch.Tensor, a: torch.Tensor, col_scale: torch.Tensor) -> torch.Tensor:
-    """x_fp8 [M, K] e4m3 with scales [M] @ a [C, K]^T (bf16), each column times col_scale [C] -> [M, C] bf16: the
-    adapters' A products, laid out as `low` (flux_kernels.lora_down)."""
-    return lora_down(x_fp8, x_scale, a, col_scale)
-
-
-@lora_down_op.register_fake
-def _(x_fp8, x_scale, a, col_scale):
-    return x_fp8.new_empty(x_fp8.shape[0], a.shape[0], dtype=torch.bfloat16)
-
-
-def _column_scales(scaling, rank: int, like: torch.Tensor) -> torch.Tensor:
-    """An adapter's scaling for each of its `rank` columns of `low`, in fp32: PEFT multiplies a float scale in fp32
-    (engine.lora_update.scaled), and a tensor one (engine.lora.scalings_as_tensors: 0-dim, float64) the same way."""
-    if isinstance(scaling, torch.Tensor):
-        return scaling.to(device=like.device, dtype=torch.float32).expand(rank)
-    return like.new_full((rank,), scaling, dtype=torch.float32)
 
 
 def rank_of(layer: nn.Module, name: str) -> int:
@@ -125,22 +104,20 @@ def fp8_gemm_with_updates(
     order; returns [..., N] in bf16."""
     leading = x_fp8.shape[:-1]
     x2, scale2 = x_fp8.reshape(-1, x_fp8.shape[-1]), x_scale.reshape(-1)
+    flat = [update for part in updates_by_part for update in part]
+    lows = iter(down_projection(flat, x2, scale2.view(-1, 1), base))
     ranks = [sum(rank_of(layer, name) for layer, name in part) for part in updates_by_part]
     rank = padded_rank(ranks)
-    downs, column_scales, up_parts = [], [], []
+    low_parts, up_parts = [], []
     for width, part, part_rank in zip(widths, updates_by_part, ranks, strict=True):
-        # this part's adapters side by side along the rank, zero-padded to R (a part without has no columns in low,
-        # and B's rows all zeros, never read: its columns' low_col is -1)
+        # this part's adapters side by side along the rank, zero-padded to R (a part without: B's rows all zeros,
+        # never read: its columns' low_col is -1)
         if part:
-            for layer, name in part:
-                downs.append(layer.lora_A[name].weight.to(torch.bfloat16))
-                column_scales.append(_column_scales(layer.scaling[name], rank_of(layer, name), scale2))
-            downs.append(x2.new_zeros(rank - part_rank, x2.shape[1], dtype=torch.bfloat16))
-            column_scales.append(scale2.new_zeros(rank - part_rank, dtype=torch.float32))
+            low_parts += [scaled(next(lows), layer.scaling[name]).to(torch.bfloat16) for layer, name in part]
+            low_parts.append(x2.new_zeros(x2.shape[0], rank - part_rank, dtype=torch.bfloat16))
         ups = [layer.lora_B[name].weight.to(torch.bfloat16) for layer, name in part]
         up_parts.append(torch.cat([*ups, x2.new_zeros(width, rank - part_rank, dtype=torch.bfloat16)], dim=1))
-    low = lora_down_op(x2, scale2.float(), torch.cat(downs), torch.cat(column_scales))
-    up = torch.cat(up_parts)
+    low, up = torch.cat(low_parts, dim=1), torch.cat(up_parts)
     low_col = lora_columns(widths, ranks, rank, x_fp8.device)
     bias = None if base.bias is None else base.bias.to(torch.bfloat16)
     out = fp8_lora_gemm_op(x2, scale2.float(), base.weight_fp8, base.weight_scale.reshape(-1).float(), bias, low,
@@ -148,5 +125,4 @@ def fp8_gemm_with_updates(
     return out.view(*leading, sum(widths))
 
 
-__all__ = ["ENABLED", "MAX_RANK", "fp8_gemm_with_updates", "fp8_lora_gemm_op", "fused_update_ready", "lora_down_op",
-           "padded_rank"]
+__all__ = ["ENABLED", "MAX_RANK", "fp8_gemm_with_updates", "fp8_lora_gemm_op", "fused_update_ready", "padded_rank"]

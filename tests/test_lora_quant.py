@@ -292,16 +292,15 @@ def test_in_place_update_steps_aside_when_gradients_are_recorded():
     torch.testing.assert_close(layer.lora_B["a"].weight.grad, 2.0 * low.sum(0).expand(3, 4))
 
 
-def _fused_gemms(call, op: str = "fp8_lora_gemm") -> tuple[int, object]:
-    """How many of engine.lora_gemm's one-GEMM projections (the updates in the fp8 GEMM's epilogue) ran in call();
-    op="lora_down": how many of its A-product kernels."""
+def _fused_gemms(call) -> tuple[int, object]:
+    """How many of engine.lora_gemm's one-GEMM projections (the updates in the fp8 GEMM's epilogue) ran in call()."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    calls, counted = [], getattr(torch.ops.flux_engine, op).default
+    calls = []
 
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is counted:
+            if func is torch.ops.flux_engine.fp8_lora_gemm.default:
                 calls.append(func)
             return func(*args, **(kwargs or {}))
 
@@ -341,13 +340,11 @@ def test_bf16_fp8_projections_take_their_updates_in_the_gemm_epilogue(adapters, 
     blocks, singles = len(transformer.transformer_blocks), len(transformer.single_transformer_blocks)
     steps = tiny_call_kwargs()["num_inference_steps"]
     assert fused_calls == steps * (6 * blocks + 2 * singles)  # every projection fed e4m3 (test above's count)
-    # one A-product kernel a projection, for both adapters of all its parts
-    assert _fused_gemms(lambda: _image(fast), "lora_down")[0] == fused_calls
     monkeypatch.setattr(lora_gemm, "ENABLED", False)
     two_gemm_calls, two_gemms = _fused_gemms(lambda: _image(fast))
     assert two_gemm_calls == 0
-    # measured on the CPU: 46.4 dB between the two paths (A in bf16 here, quantised to e4m3 on each call there; one
-    # bf16 rounding of each projection's output against two), 47.0 / 46.5 dB from diffusers' bf16 image
+    # measured 48.0 dB between the two paths (one bf16 rounding of each projection's output against two), 46.2 / 46.5
+    # dB from diffusers' bf16 image
     assert psnr(fused, two_gemms) >= 45.0
     assert psnr(fused, expected) >= MIN_PSNR["fp8"]
 

@@ -37,7 +37,6 @@ def compile_case(kernel, signature: dict, constexprs: dict, num_warps: int, sour
     return {"global_loads_before_first_mma": sum("ld.global" in line for line in lines[:first_mma]),
             "vector_loads": sum("ld.global" in line and ".v4." in line for line in lines),
             "scalar_b16_loads": sum("ld.global" in line and ".b16 " in line for line in lines),
-            "async_copy_bytes": sorted({int(line.split(",")[2], 0) for line in lines if ".shared.global" in line}),
             "compiled": bool(asm.get("cubin")), "rne_fp8_cast": FP8_CAST in ptx,
             "nan_clamp": "min.NaN" in ptx or "max.NaN" in ptx, "approx_divide": "div.approx" in ptx,
             "stores": {kind: ptx.count(kind) for kind in ("st.global.v4", "st.global.v2", "st.global.b16")},
@@ -222,16 +221,6 @@ def cases() -> dict:
         name = f"fp8_lora_gemm/persistent/lora={lora}" + ("/prefetch" if prefetch else "")
         results[name] = compile_case(_fp8_lora_gemm_persistent_kernel, dict(persistent), constexprs, config.num_warps,
                                      attrs=aligned)  # fmt: skip
-    from flux_kernels.lora_down import BLOCK_C, BLOCK_K, _lora_down_kernel
-
-    down = {"X": "*fp8e4nv", "X_SCALE": "*fp32", "A": "*bf16", "COL_SCALE": "*fp32", "OUT": "*bf16", "M": "i32",
-            "C": "i32", "K": "i32", "stride_x": "i32", "stride_a": "i32", "stride_out": "i32",
-            "BLOCK_M": "constexpr", "BLOCK_C": "constexpr", "BLOCK_K": "constexpr"}  # fmt: skip
-    # as at runtime: X, A, OUT, C, K and the row strides divisible by 16 (FLUX's K, the padded ranks)
-    aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 2, 4, 6, 7, 8, 9, 10)}
-    for block_m in (64, 32):  # the two row tiles of launch_shape
-        constexprs = {"BLOCK_M": block_m, "BLOCK_C": BLOCK_C, "BLOCK_K": BLOCK_K}
-        results[f"lora_down/{block_m}"] = compile_case(_lora_down_kernel, dict(down), constexprs, 4, attrs=aligned)
     return results
 
 
