@@ -34,6 +34,23 @@ def kernel_times(pipe, height: int, width: int, steps: int) -> dict[str, tuple[f
     return {name: (ms / steps, count // steps) for ms, count, name in found}
 
 
+def kernel_kind(name: str) -> str:
+    """A kernel's name without Inductor's index (`triton_poi_fused_add_mul_5` -> `triton_poi_fused_add_mul`): one
+    generated kernel is numbered differently in two graphs (a step with and one without an adapter), so what grew
+    between two profiles is read by kind, not by name (2026-12-02: `..._4` without, `..._8` with, one kernel)."""
+    stem, _, index = name.rpartition("_")
+    return stem if name.startswith("triton_") and index.isdigit() else name
+
+
+def by_kind(times: dict[str, tuple[float, int]]) -> dict[str, tuple[float, int]]:
+    """kernel_times' {name: (ms, launches)} summed by kernel_kind."""
+    kinds: dict[str, list] = defaultdict(lambda: [0.0, 0])
+    for name, (ms, launches) in times.items():
+        kinds[kernel_kind(name)][0] += ms
+        kinds[kernel_kind(name)][1] += launches
+    return {kind: (ms, launches) for kind, (ms, launches) in kinds.items()}
+
+
 def _call(pipe, height: int, width: int, steps: int) -> None:
     pipe("a photograph of an astronaut", height=height, width=width, num_inference_steps=steps,
          generator=torch.Generator().manual_seed(0), output_type="latent")  # fmt: skip

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.profiling import chrome_kernels, timeline
+from benchmarks.profiling import by_kind, chrome_kernels, kernel_kind, timeline
 
 MS = 1_000_000  # ns
 
@@ -82,3 +82,14 @@ def test_power_probe_summarises_clocks_power_and_the_power_cap_share(monkeypatch
     empty = power_probe.Sampler(period=0.0)
     empty._run = lambda: None  # work done before the first read: one read after it
     assert empty.measure(lambda: None)["samples"] == 1
+
+
+def test_kernel_kinds_drop_inductors_index_only():
+    assert kernel_kind("triton_poi_fused_add_mul_split_view_14") == "triton_poi_fused_add_mul_split_view"
+    assert kernel_kind("triton_red_fused_abs_amax_6") == "triton_red_fused_abs_amax"
+    cublas = "nvjet_sm90_qqtst_128x128_128x6_1x4_h_bz_ovscale_TNT"  # not Inductor's: kept whole
+    assert kernel_kind(cublas) == cublas
+    assert kernel_kind("_qk_norm_rope_fwd_kernel") == "_qk_norm_rope_fwd_kernel"
+    # the same generated kernel, numbered _4 in one graph and _8 in the other, is one kind
+    kinds = by_kind({"triton_poi_fused_cat_4": (1.0, 2), "triton_poi_fused_cat_8": (0.5, 1), "gemm": (3.0, 1)})
+    assert kinds == {"triton_poi_fused_cat": (1.5, 3), "gemm": (3.0, 1)}
