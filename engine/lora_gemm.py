@@ -9,9 +9,11 @@ fp32 pipeline keeps its fp32 outputs), an fp8 base on the tensor cores (or the C
 interpreter, which the tests run), e4m3 input with per-token scales, plain adapters (no bias on B: `plain_adapters`
 checks A), each part's adapters' ranks summing to at most MAX_RANK, parts whose widths the kernel's tiles divide
 (multiples of 32; FLUX's are multiples of 3072), no autograd; FLUX_ENGINE_LORA_GEMM=0 turns it off. The
-arithmetic is the other path's: A(x) through the same fp8 path (down_projection), scaled and rounded to bf16 as
-there; B's product accumulated in fp32 with the base's; the output rounded once (the other path rounds the base to
-bf16, then the sum: the two agree within a bf16 rounding of the output).
+arithmetic: A(x) of every acting adapter of the projection as one fp8 GEMM (A quantised per row, as the other path
+does), its output columns already `low`'s (each part's adapters side by side, zero rows of A padding them to R) and
+each adapter's scaling folded into its columns' scales, so that `low` comes out of cuBLAS rounded once (the other
+path rounds A(x) to bf16, then scales and rounds again, and pads in a kernel of its own); B's product accumulated in
+fp32 with the base's; the output rounded once (the other path rounds the base to bf16, then the sum).
 """
 
 from __future__ import annotations
@@ -24,8 +26,7 @@ from torch import nn
 from flux_kernels import triton_interpreting, triton_runnable
 from flux_kernels.fp8_lora_gemm import fp8_lora_gemm_fwd, fp8_lora_gemm_ref, lora_columns, part_alignment
 
-from .lora_update import down_projection, scaled
-from .quant.fp8 import Fp8Linear
+from .quant.fp8 import Fp8Linear, fp8_linear_quantized, quantize_fp8_rowwise
 
 ENABLED = os.environ.get("FLUX_ENGINE_LORA_GEMM", "1") != "0"  # FLUX_ENGINE_LORA_GEMM=0: always the other path
 # the kernel on CPU tensors: the Triton interpreter, as set before the kernels were imported (read once: a traced
@@ -53,6 +54,35 @@ def fp8_lora_gemm_op(
 @fp8_lora_gemm_op.register_fake
 def _(x_fp8, x_scale, weight_fp8, weight_scale, bias, low, low_col, up, part_align, fast_accum):
     return x_fp8.new_empty(x_fp8.shape[0], weight_fp8.shape[0], dtype=torch.bfloat16)
+
+
+def _scaled_down_products(
+    base: nn.Module, x2: torch.Tensor, scale2: torch.Tensor, updates_by_part: list[list[tuple[nn.Module, str]]],
+    ranks: list[int], rank: int,
+) -> torch.Tensor:  # fmt: skip
+    """`low` [M, updated parts x R] in bf16: each acting adapter's A(x) * scaling, as one fp8 GEMM on x's e4m3 codes
+    (the Fp8Linear `base`'s arithmetic: A quantised per row) whose rows are the parts' adapters in order, zero rows
+    padding each part to R, and whose per-column scales carry the adapters' scalings (padding columns: 0)."""
+    downs, column_scales = [], []
+    for part, part_rank in zip(updates_by_part, ranks, strict=True):
+        for layer, name in part:
+            downs.append(layer.lora_A[name].weight)
+            column_scales.append(_column_scales(layer.scaling[name], rank_of(layer, name), scale2))
+        if part and rank > part_rank:
+            downs.append(downs[-1].new_zeros(rank - part_rank, x2.shape[1]))
+            column_scales.append(scale2.new_zeros(rank - part_rank, dtype=torch.float32))
+    a_fp8, a_scale = quantize_fp8_rowwise(torch.cat(downs))
+    weight_scale = a_scale.reshape(-1) * torch.cat(column_scales)
+    return fp8_linear_quantized(x2, scale2.float().view(-1, 1), a_fp8, weight_scale, None, base.compute,
+                                torch.bfloat16, bool(base.fast_accum))  # fmt: skip
+
+
+def _column_scales(scaling, rank: int, like: torch.Tensor) -> torch.Tensor:
+    """An adapter's scaling for each of its `rank` columns of `low`, in fp32 (PEFT multiplies by a float scale in
+    fp32; a tensor one, engine.lora.scalings_as_tensors' 0-dim float64, the same way: engine.lora_update.scaled)."""
+    if isinstance(scaling, torch.Tensor):
+        return scaling.to(device=like.device, dtype=torch.float32).expand(rank)
+    return like.new_full((rank,), scaling, dtype=torch.float32)
 
 
 def rank_of(layer: nn.Module, name: str) -> int:
@@ -104,20 +134,19 @@ def fp8_gemm_with_updates(
     order; returns [..., N] in bf16."""
     leading = x_fp8.shape[:-1]
     x2, scale2 = x_fp8.reshape(-1, x_fp8.shape[-1]), x_scale.reshape(-1)
-    flat = [update for part in updates_by_part for update in part]
-    lows = iter(down_projection(flat, x2, scale2.view(-1, 1), base))
     ranks = [sum(rank_of(layer, name) for layer, name in part) for part in updates_by_part]
     rank = padded_rank(ranks)
-    low_parts, up_parts = [], []
+    low = _scaled_down_products(base, x2, scale2, updates_by_part, ranks, rank)
+    up_parts = []
     for width, part, part_rank in zip(widths, updates_by_part, ranks, strict=True):
-        # this part's adapters side by side along the rank, zero-padded to R (a part without: B's rows all zeros,
-        # never read: its columns' low_col is -1)
-        if part:
-            low_parts += [scaled(next(lows), layer.scaling[name]).to(torch.bfloat16) for layer, name in part]
-            low_parts.append(x2.new_zeros(x2.shape[0], rank - part_rank, dtype=torch.bfloat16))
+        # this part's adapters' B side by side along the rank, zero-padded to R (a part without: all zeros, never
+        # read: its columns' low_col is -1); one adapter of rank R as it is (no copy)
         ups = [layer.lora_B[name].weight.to(torch.bfloat16) for layer, name in part]
-        up_parts.append(torch.cat([*ups, x2.new_zeros(width, rank - part_rank, dtype=torch.bfloat16)], dim=1))
-    low, up = torch.cat(low_parts, dim=1), torch.cat(up_parts)
+        if len(ups) == 1 and part_rank == rank and ups[0].is_contiguous():
+            up_parts.append(ups[0])
+        else:
+            up_parts.append(torch.cat([*ups, x2.new_zeros(width, rank - part_rank, dtype=torch.bfloat16)], dim=1))
+    up = up_parts[0] if len(up_parts) == 1 else torch.cat(up_parts)
     low_col = lora_columns(widths, ranks, rank, x_fp8.device)
     bias = None if base.bias is None else base.bias.to(torch.bfloat16)
     out = fp8_lora_gemm_op(x2, scale2.float(), base.weight_fp8, base.weight_scale.reshape(-1).float(), bias, low,

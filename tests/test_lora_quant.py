@@ -343,8 +343,9 @@ def test_bf16_fp8_projections_take_their_updates_in_the_gemm_epilogue(adapters, 
     monkeypatch.setattr(lora_gemm, "ENABLED", False)
     two_gemm_calls, two_gemms = _fused_gemms(lambda: _image(fast))
     assert two_gemm_calls == 0
-    # measured 48.0 dB between the two paths (one bf16 rounding of each projection's output against two), 46.2 / 46.5
-    # dB from diffusers' bf16 image
+    # measured on the CPU: 47.6 dB between the two paths (low and each projection's output rounded once here, twice
+    # there), 45.9 / 46.5 dB from diffusers' bf16 image (46.2 before low came out of the A GEMM scaled, 2026-12-02:
+    # random-walk differences of bf16 roundings on a tiny random model, both above the fp8 preset's 45)
     assert psnr(fused, two_gemms) >= 45.0
     assert psnr(fused, expected) >= MIN_PSNR["fp8"]
 
