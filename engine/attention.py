@@ -248,7 +248,8 @@ def pick_attention_core(heads: int, head_dim: int, dtype: torch.dtype, device: t
     from flux_kernels.flash_attention import flash_attention
 
     shape = (1, heads, AUTO_PROBE_TOKENS, head_dim)
-    q, k, v = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
+    generator = torch.Generator(device=device).manual_seed(0)  # not the default one: engine.warmup says why
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype, generator=generator) for _ in range(3))
     timings = {
         "triton": _time_ms(lambda: flash_attention(q, k, v), device),
         "sdpa": _time_ms(lambda: F.scaled_dot_product_attention(q, k, v), device),
@@ -308,11 +309,16 @@ def apply_attention(pipe, config: AttentionConfig, force: bool = False) -> Block
 
 def convert_blocks(model, ops: BlockOps) -> None:
     """Rewire the double- and single-stream blocks of `model` (a FluxTransformer2DModel, or a FluxControlNetModel:
-    the same block classes) onto `ops`, in place; `remove_attention(model)` undoes it."""
+    the same block classes) onto `ops`, in place, with engine.block_guards on the model; `remove_attention(model)`
+    undoes it. A custom attention processor, which the fused blocks would not call, is refused first."""
+    from .block_guards import check_processors, install_block_guards
+
+    check_processors(model, type(model).__name__)
     for index, block in enumerate(model.transformer_blocks):
         _convert_double(block, ops, f"transformer_blocks.{index}")
     for index, block in enumerate(model.single_transformer_blocks):
         _convert_single(block, ops, f"single_transformer_blocks.{index}")
+    install_block_guards(model)
 
 
 # each engine block class and the diffusers class it came from
@@ -333,6 +339,9 @@ def attention_undo_blocker(transformer) -> str:
 def remove_attention(transformer) -> None:
     """Undo apply_attention: each projection gets its own weights back (copies of its rows of the fused weight: the
     same values), the fused layers and the ops go, and the blocks are diffusers' classes again."""
+    from .block_guards import remove_block_guards
+
+    remove_block_guards(transformer)
     for block in (*transformer.transformer_blocks, *transformer.single_transformer_blocks):
         original_class = _ORIGINAL_CLASS.get(type(block))
         if original_class is None:

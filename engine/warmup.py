@@ -60,12 +60,16 @@ def warm_attention(transformer, core: str | None) -> dict | None:
     attn = transformer.transformer_blocks[0].attn
     dtype = transformer.dtype if transformer.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
     timings = {}
+    # a generator of its own: drawing from the device's default one would change the noise of a later call with
+    # generator=None after torch.manual_seed (diffusers' images then differ from ours)
+    generator = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for tokens in WARM_TOKENS:
             q, k, v = (
-                torch.randn(1, tokens, attn.heads, attn.head_dim, device=device, dtype=dtype).transpose(1, 2)
+                torch.randn(1, tokens, attn.heads, attn.head_dim, device=device, dtype=dtype, generator=generator)
+                .transpose(1, 2)
                 for _ in range(3)
-            )
+            )  # fmt: skip
             start = time.perf_counter()
             call(q, k, v)
             torch.cuda.synchronize(device)

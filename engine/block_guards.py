@@ -1,0 +1,118 @@
+"""What a model with the engine's fused blocks (engine.attention.convert_blocks) would otherwise get wrong, silently
+or deep inside a kernel, for calls that diffusers' own blocks take:
+
+- text inputs of batch 1 beside latents of batch B (two prompts with one negative prompt under true CFG, prompt
+  embeddings of one prompt with num_images_per_prompt=2, latents of batch 2 for one prompt): diffusers' blocks
+  broadcast them in their first adaLN; the fused kernels take one batch. They are expanded to B before the blocks
+  (the values diffusers' broadcast computes: every block of diffusers' runs at batch B from the first one on);
+- diffusers' cache hooks added after optimize() (`transformer.enable_cache`): they hook modules the fused blocks do
+  not call (the attention processors), so a TaylorSeer or PAB cache would silently do nothing, and the others fail
+  inside diffusers. Refused, naming the engine's own step caches (the same images as diffusers' hooks);
+- attention processors other than diffusers' FluxAttnProcessor, set before or after optimize(): the fused blocks
+  never call them. Refused.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+_GUARDS = "_engine_block_guards"  # the transformer's hook handle and the methods shadowed on its instance
+# the text inputs a FLUX transformer (or ControlNet) broadcasts over the latents' batch (its timestep and guidance
+# it does not: with a timestep of batch 1, diffusers' own blocks fail to concatenate the two streams)
+BROADCAST_INPUTS = ("encoder_hidden_states", "pooled_projections")
+PROCESSORS = ("FluxAttnProcessor", "FluxAttnProcessor2_0")  # diffusers' own, which the fused blocks replace
+STEP_CACHES = (
+    "use the engine's own step caches, which give diffusers' images with its hooks: EngineConfig(step_cache="
+    "StepCacheConfig(...)), `--cache taylorseer:5` / `--cache fbcache:0.08` on the command line"
+)
+
+
+def check_processors(model: nn.Module, name: str = "transformer") -> None:
+    """Refuse attention processors the fused blocks would not call (a custom or IP-Adapter processor)."""
+    processors = getattr(model, "attn_processors", {})
+    foreign = sorted({type(p).__name__ for p in processors.values() if type(p).__name__ not in PROCESSORS})
+    if foreign:
+        raise ConfigError(
+            f"{name} has attention processors {foreign}; the engine's fused blocks compute diffusers' "
+            f"{PROCESSORS[0]} and would never call them (a different image, without a word). Use the 'baseline' or "
+            f"'compile' preset, or {name}.set_attn_processor(FluxAttnProcessor()) first"
+        )
+
+
+def install_block_guards(model: nn.Module) -> None:
+    """The guards above on `model` (a FluxTransformer2DModel or FluxControlNetModel whose blocks are the engine's);
+    `remove_block_guards` takes them off. Idempotent."""
+    if _GUARDS in model.__dict__:
+        return
+    handle = model.register_forward_pre_hook(_broadcast_text_inputs, with_kwargs=True)
+    shadowed = {}
+    for method, refusal in (("enable_cache", _refuse_cache), ("set_attn_processor", _refuse_processor)):
+        if hasattr(model, method):
+            shadowed[method] = model.__dict__.get(method)
+            setattr(model, method, functools.partial(refusal, type(model).__name__))
+    model.__dict__[_GUARDS] = (handle, shadowed)
+
+
+def remove_block_guards(model: nn.Module) -> None:
+    guards = model.__dict__.pop(_GUARDS, None)
+    if guards is None:
+        return
+    handle, shadowed = guards
+    handle.remove()
+    for method, previous in shadowed.items():
+        if previous is None:
+            model.__dict__.pop(method, None)
+        else:
+            setattr(model, method, previous)
+
+
+def _refuse_cache(model_name: str, config=None, *args, **kwargs):
+    raise ConfigError(
+        f"{model_name}.enable_cache({type(config).__name__}): diffusers' cache hooks sit on modules the engine's "
+        f"fused blocks do not call, so the cache would do nothing or fail inside diffusers; {STEP_CACHES}. Or call "
+        "enable_cache on a pipeline optimised with the 'baseline' or 'compile' preset"
+    )
+
+
+def _refuse_processor(model_name: str, processor=None, *args, **kwargs):
+    what = type(processor).__name__ if not isinstance(processor, dict) else "a dict of processors"
+    raise ConfigError(
+        f"{model_name}.set_attn_processor({what}) after optimize(): the engine's fused blocks compute diffusers' "
+        f"{PROCESSORS[0]} and would never call it (a different image, without a word). Set it on a pipeline "
+        "optimised with the 'baseline' or 'compile' preset (or call engine.restore(pipe) first)"
+    )
+
+
+@functools.cache
+def _signature(forward) -> inspect.Signature:
+    return inspect.signature(forward)
+
+
+def _broadcast_text_inputs(module: nn.Module, args: tuple, kwargs: dict):
+    """Expand BROADCAST_INPUTS of batch 1 to hidden_states' batch (contiguous: the kernels read rows)."""
+    try:
+        bound = _signature(type(module).forward).bind_partial(module, *args, **kwargs)
+    except TypeError:  # a call diffusers' forward refuses too: let it say so
+        return None
+    hidden = bound.arguments.get("hidden_states")
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() == 0 or hidden.shape[0] == 1:
+        return None
+    batch = hidden.shape[0]
+    changed = False
+    for name in BROADCAST_INPUTS:
+        value = bound.arguments.get(name)
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == 1:
+            bound.arguments[name] = value.expand(batch, *value.shape[1:]).contiguous()
+            changed = True
+    if not changed:
+        return None
+    return bound.args[1:], bound.kwargs
+
+
+__all__ = ["check_processors", "install_block_guards", "remove_block_guards"]

@@ -1,0 +1,113 @@
+"""engine/block_guards.py: calls diffusers' blocks take that the engine's fused blocks would otherwise fail on deep in a
+kernel or get silently wrong (found by probing the drop-in on the tiny model, 2026-12-02): text inputs of batch 1
+beside latents of batch 2, diffusers' cache hooks and custom attention processors after optimize(). The reference is
+diffusers' own pipeline with the same inputs; kernels under the Triton interpreter on the CPU."""
+
+import pytest
+import torch
+from conftest import tiny_call_kwargs
+from diffusers import FluxPipeline, TaylorSeerCacheConfig
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+from engine import optimize, restore
+from engine.attention import EngineDoubleBlock
+from engine.errors import ConfigError
+from engine.models import synthetic_components
+
+
+def _pipe(device) -> FluxPipeline:
+    return FluxPipeline(**synthetic_components("tiny", device=device, dtype=torch.float32, seed=0))
+
+
+class _Scaled(FluxAttnProcessor):
+    """A custom processor that changes the image (its output times 0.5)."""
+
+    def __call__(self, *args, **kwargs):
+        out = super().__call__(*args, **kwargs)
+        return tuple(o * 0.5 for o in out) if isinstance(out, tuple) else out * 0.5
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        # two prompts, one negative prompt under true CFG: the negative branch's text is batch 1, the latents batch 2
+        {"prompt": ["a red fox", "a blue whale"], "negative_prompt": "blurry", "true_cfg_scale": 2.0},
+        # one prompt's latents given at batch 2
+        {"latents": torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(5))},
+    ],
+    ids=["two-prompts-one-negative", "latents-of-batch-2"],
+)
+def test_text_of_batch_1_beside_latents_of_batch_2_gives_diffusers_images(call, device):
+    """diffusers broadcasts the text stream over the latents' batch in its first block; the fused kernels took one
+    batch and raised 'layernorm_modulate: shift has shape (2, ...)' from inside a kernel."""
+    call = {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in call.items()}
+    expected = _pipe(device)(**tiny_call_kwargs(output_type="latent", **call)).images
+    fast = optimize(_pipe(device), "kernels")
+    assert isinstance(fast.transformer.transformer_blocks[0], EngineDoubleBlock)
+    out = fast(**tiny_call_kwargs(output_type="latent", **call)).images
+    assert out.shape == expected.shape == (2, 16, 64)
+    # the kernels preset against diffusers in fp32: measured 4.8e-7 / 9.5e-7, as with a batch of one
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+def test_the_transformer_called_directly_broadcasts_as_diffusers_does(device):
+    reference, fast = _pipe(device), optimize(_pipe(device), "kernels")
+    generator = torch.Generator().manual_seed(1)
+    inputs = {
+        "hidden_states": torch.randn(2, 16, 64, generator=generator),
+        "encoder_hidden_states": torch.randn(1, 8, reference.transformer.config.joint_attention_dim,
+                                             generator=generator),
+        "pooled_projections": torch.randn(1, reference.transformer.config.pooled_projection_dim, generator=generator),
+        "timestep": torch.tensor([0.5, 0.5]),  # of the latents' batch, as the pipelines pass it
+        "img_ids": torch.zeros(16, 3),
+        "txt_ids": torch.zeros(8, 3),
+        "guidance": torch.tensor([3.5, 3.5]),
+    }  # fmt: skip
+    inputs = {name: value.to(device) for name, value in inputs.items()}
+    expected = reference.transformer(**inputs, return_dict=False)[0]
+    out = fast.transformer(**inputs, return_dict=False)[0]
+    assert out.shape == expected.shape == (2, 16, 64)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    # positionally too (hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance)
+    positional = fast.transformer(*inputs.values(), return_dict=False)[0]
+    torch.testing.assert_close(positional, expected, rtol=0, atol=1e-5)
+
+
+def test_diffusers_cache_hooks_after_optimize_are_refused_and_allowed_again_after_restore(device):
+    """A TaylorSeer hook on the attention modules would do nothing under the fused blocks (the image stayed the
+    uncached one); the refusal names the engine's own step caches. restore() gives diffusers' transformer back."""
+    pipe = optimize(_pipe(device), "kernels")
+    config = TaylorSeerCacheConfig(cache_interval=2)
+    with pytest.raises(ConfigError, match=r"enable_cache\(TaylorSeerCacheConfig\).*step_cache"):
+        pipe.transformer.enable_cache(config)
+    restore(pipe)
+    pipe.transformer.enable_cache(config)  # diffusers' own method again
+    pipe.transformer.disable_cache()
+
+
+def test_custom_attention_processors_are_refused_before_and_after_optimize(device):
+    """The fused blocks never call a processor: one that halves the attention output changed nothing on the kernels
+    preset (diff 4.4e-2 from diffusers with it)."""
+    pipe = optimize(_pipe(device), "kernels")
+    with pytest.raises(ConfigError, match=r"set_attn_processor\(_Scaled\) after optimize"):
+        pipe.transformer.set_attn_processor(_Scaled())
+    custom = _pipe(device)
+    custom.transformer.set_attn_processor(_Scaled())
+    with pytest.raises(ConfigError, match=r"attention processors \['_Scaled'\].*'baseline' or 'compile' preset"):
+        optimize(custom, "kernels")
+    # nothing was converted: the pipeline is diffusers' as it was
+    assert not isinstance(custom.transformer.transformer_blocks[0], EngineDoubleBlock)
+    optimize(custom, "baseline")  # diffusers' blocks call it: allowed
+
+
+@pytest.mark.gpu
+def test_optimize_leaves_the_default_cuda_generator_alone():
+    """engine.warmup and the attention core's choice draw their inputs from generators of their own: a call with
+    generator=None after torch.manual_seed gets diffusers' noise."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    pipe = FluxPipeline(**synthetic_components("tiny", device="cuda", dtype=torch.bfloat16, seed=0))
+    torch.manual_seed(0)
+    state = torch.cuda.get_rng_state()
+    optimize(pipe, "kernels")  # backend 'auto': times both cores on random inputs; then the warm-up
+    assert torch.equal(torch.cuda.get_rng_state(), state)
