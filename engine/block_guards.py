@@ -9,7 +9,11 @@ or deep inside a kernel, for calls that diffusers' own blocks take:
   not call (the attention processors), so a TaylorSeer or PAB cache would silently do nothing, and the others fail
   inside diffusers. Refused, naming the engine's own step caches (the same images as diffusers' hooks);
 - attention processors other than diffusers' FluxAttnProcessor, set before or after optimize(): the fused blocks
-  never call them. Refused.
+  never call them. Refused;
+- `.to(dtype or device)` on the model: PyTorch gives every parameter a tensor of its own, so the fused projections'
+  parts (views of the fused weight: engine.attention.fuse_linears) became copies: their memory counted twice, and a
+  later `load_state_dict` reached the parts but not the fused weight the blocks read (an image from the old QKV
+  weights, without a word). The views are made again after each conversion (engine.lora.resync_fused_views).
 """
 
 from __future__ import annotations
@@ -56,6 +60,8 @@ def install_block_guards(model: nn.Module) -> None:
         if hasattr(model, method):
             shadowed[method] = model.__dict__.get(method)
             setattr(model, method, functools.partial(refusal, type(model).__name__))
+    shadowed["_apply"] = model.__dict__.get("_apply")
+    model._apply = functools.partial(_apply_then_resync, model, model._apply)
     model.__dict__[_GUARDS] = (handle, shadowed)
 
 
@@ -70,6 +76,15 @@ def remove_block_guards(model: nn.Module) -> None:
             model.__dict__.pop(method, None)
         else:
             setattr(model, method, previous)
+
+
+def _apply_then_resync(model: nn.Module, apply, fn, *args, **kwargs):
+    """Module._apply (what .to / .cuda / .half run), then the fused projections' parts made views again."""
+    from .lora import resync_fused_views
+
+    result = apply(fn, *args, **kwargs)
+    resync_fused_views(model)
+    return result
 
 
 def _refuse_cache(model_name: str, config=None, *args, **kwargs):

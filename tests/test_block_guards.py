@@ -100,6 +100,23 @@ def test_custom_attention_processors_are_refused_before_and_after_optimize(devic
     optimize(custom, "baseline")  # diffusers' blocks call it: allowed
 
 
+def test_fused_projections_stay_views_through_a_dtype_change(device):
+    """pipe.to(bf16) after optimize: the QKV parts stay views of the fused weight (before, they became copies: their
+    memory twice, and a later load_state_dict updated them but not the fused QKV the blocks read)."""
+    pipe = optimize(_pipe(device), "kernels")
+    pipe.to(torch.bfloat16)
+    block = pipe.transformer.transformer_blocks[0]
+    fused, parts = block.qkv.weight, [block.attn.to_q.weight, block.attn.to_k.weight, block.attn.to_v.weight]
+    assert fused.dtype == torch.bfloat16
+    assert [part.data_ptr() for part in parts] == [fused[i * len(parts[0]) :].data_ptr() for i in range(3)]
+    other = synthetic_components("tiny", device=device, dtype=torch.bfloat16, seed=1)["transformer"].state_dict()
+    pipe.transformer.load_state_dict(other, strict=False)  # strict: the fused keys are the engine's own
+    assert torch.equal(fused, torch.cat([other[f"transformer_blocks.0.attn.to_{p}.weight"] for p in "qkv"]))
+    single = pipe.transformer.single_transformer_blocks[0]
+    assert torch.equal(single.linear1.weight[: single.attn.to_q.weight.shape[0]],
+                       other["single_transformer_blocks.0.attn.to_q.weight"])  # fmt: skip
+
+
 @pytest.mark.gpu
 def test_optimize_leaves_the_default_cuda_generator_alone():
     """engine.warmup and the attention core's choice draw their inputs from generators of their own: a call with
