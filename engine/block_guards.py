@@ -13,7 +13,12 @@ or deep inside a kernel, for calls that diffusers' own blocks take:
 - `.to(dtype or device)` on the model: PyTorch gives every parameter a tensor of its own, so the fused projections'
   parts (views of the fused weight: engine.attention.fuse_linears) became copies: their memory counted twice, and a
   later `load_state_dict` reached the parts but not the fused weight the blocks read (an image from the old QKV
-  weights, without a word). The views are made again after each conversion (engine.lora.resync_fused_views).
+  weights, without a word). The views are made again after each conversion (engine.lora.resync_fused_views);
+- diffusers' keys: `load_state_dict` of a diffusers state dict (strict) does not count the fused layers' own keys
+  missing (their parts, views of them, carry the values; made views again after `assign=True`), and
+  `save_pretrained` writes diffusers' keys only, each part a tensor of its own (safetensors refused the parts'
+  shared memory), so that diffusers loads the folder. A quantised transformer is refused there, before anything is
+  written: engine.quant.save_quantized writes it.
 """
 
 from __future__ import annotations
@@ -54,23 +59,29 @@ def install_block_guards(model: nn.Module) -> None:
     `remove_block_guards` takes them off. Idempotent."""
     if _GUARDS in model.__dict__:
         return
-    handle = model.register_forward_pre_hook(_broadcast_text_inputs, with_kwargs=True)
+    handles = [
+        model.register_forward_pre_hook(_broadcast_text_inputs, with_kwargs=True),
+        model.register_load_state_dict_post_hook(_fused_keys_not_missing),
+    ]
     shadowed = {}
     for method, refusal in (("enable_cache", _refuse_cache), ("set_attn_processor", _refuse_processor)):
         if hasattr(model, method):
             shadowed[method] = model.__dict__.get(method)
             setattr(model, method, functools.partial(refusal, type(model).__name__))
-    shadowed["_apply"] = model.__dict__.get("_apply")
-    model._apply = functools.partial(_apply_then_resync, model, model._apply)
-    model.__dict__[_GUARDS] = (handle, shadowed)
+    for method, wrapper in (("_apply", _apply_then_resync), ("save_pretrained", _save_as_diffusers)):
+        if hasattr(model, method):
+            shadowed[method] = model.__dict__.get(method)
+            setattr(model, method, functools.partial(wrapper, model, getattr(model, method)))
+    model.__dict__[_GUARDS] = (handles, shadowed)
 
 
 def remove_block_guards(model: nn.Module) -> None:
     guards = model.__dict__.pop(_GUARDS, None)
     if guards is None:
         return
-    handle, shadowed = guards
-    handle.remove()
+    handles, shadowed = guards
+    for handle in handles:
+        handle.remove()
     for method, previous in shadowed.items():
         if previous is None:
             model.__dict__.pop(method, None)
@@ -85,6 +96,51 @@ def _apply_then_resync(model: nn.Module, apply, fn, *args, **kwargs):
     result = apply(fn, *args, **kwargs)
     resync_fused_views(model)
     return result
+
+
+def _fused_layers(model: nn.Module):
+    """(state-dict prefix of the block, fused layer's name, its parts' names, the fused module) of every block."""
+    for group in ("transformer_blocks", "single_transformer_blocks"):
+        for index, block in enumerate(getattr(model, group, None) or []):
+            for fused_name, names in getattr(block, "fused_projections", {}).items():
+                yield f"{group}.{index}", fused_name, names, getattr(block, fused_name)
+
+
+def _fused_keys_not_missing(model: nn.Module, incompatible_keys) -> None:
+    """load_state_dict's post hook (see the module docstring)."""
+    from .lora import resync_fused_views
+
+    resync_fused_views(model)
+    own = tuple(f"{block}.{fused}.{kind}" for block, fused, _, layer in _fused_layers(model) if type(layer) is nn.Linear
+                for kind in ("weight", "bias"))  # fmt: skip
+    incompatible_keys.missing_keys[:] = [key for key in incompatible_keys.missing_keys if not key.endswith(own)]
+
+
+def _save_as_diffusers(model: nn.Module, save, *args, **kwargs):
+    """save_pretrained with diffusers' keys (see the module docstring)."""
+    quantised = [f"{block}.{fused}" for block, fused, _, layer in _fused_layers(model) if type(layer) is not nn.Linear]
+    if quantised:
+        raise ConfigError(
+            f"{type(model).__name__}.save_pretrained: its fused projections are quantised ({quantised[0]}, ...), which "
+            "diffusers cannot load; write the pipeline with engine.quant.save_quantized(pipe, folder) (the engine "
+            "loads it back), or save the transformer before optimize(). Nothing was written"
+        )
+    handle = model.register_state_dict_post_hook(_diffusers_keys)
+    try:
+        return save(*args, **kwargs)
+    finally:
+        handle.remove()
+
+
+def _diffusers_keys(model: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """The fused layers' keys out, their parts' tensors (views of the fused weight) as copies in host memory."""
+    for block, fused, names, _ in _fused_layers(model):
+        for kind in ("weight", "bias"):
+            state_dict.pop(f"{prefix}{block}.{fused}.{kind}", None)
+            for name in names:
+                key = f"{prefix}{block}.{name}.{kind}"
+                if key in state_dict:
+                    state_dict[key] = state_dict[key].detach().to("cpu", copy=True)
 
 
 def _refuse_cache(model_name: str, config=None, *args, **kwargs):

@@ -117,6 +117,39 @@ def test_fused_projections_stay_views_through_a_dtype_change(device):
                        other["single_transformer_blocks.0.attn.to_q.weight"])  # fmt: skip
 
 
+def test_diffusers_state_dicts_load_and_save_through_the_fused_blocks(device, tmp_path):
+    """load_state_dict of diffusers' keys (strict, and with assign=True) reaches the fused QKV; save_pretrained
+    writes a folder diffusers loads with diffusers' keys and values (safetensors refused the parts' shared memory)."""
+    from diffusers import FluxTransformer2DModel
+
+    pipe = optimize(_pipe(device), "kernels")
+    other = synthetic_components("tiny", device=device, dtype=torch.float32, seed=1)["transformer"].state_dict()
+    for assign in (False, True):
+        pipe.transformer.load_state_dict({k: v.clone() for k, v in other.items()}, strict=True, assign=assign)
+        block = pipe.transformer.transformer_blocks[1]
+        assert torch.equal(block.txt_qkv.weight, torch.cat([other[f"transformer_blocks.1.attn.add_{p}_proj.weight"]
+                                                            for p in "qkv"]))  # fmt: skip
+        rows = len(block.attn.add_q_proj.weight)
+        assert block.attn.add_k_proj.weight.data_ptr() == block.txt_qkv.weight[rows:].data_ptr()
+    pipe.transformer.save_pretrained(tmp_path / "transformer")
+    loaded = FluxTransformer2DModel.from_pretrained(tmp_path / "transformer").state_dict()
+    assert loaded.keys() == other.keys()
+    assert all(torch.equal(loaded[key].cpu(), other[key].cpu()) for key in other)
+    assert "transformer_blocks.0.qkv.weight" in pipe.transformer.state_dict()  # the hook only during the save
+
+
+def test_a_quantised_transformer_is_not_saved_in_diffusers_format(tmp_path):
+    from engine import EngineConfig
+    from engine.config import AttentionConfig, QuantConfig
+
+    attention = AttentionConfig(backend="sdpa", fused_norms=True)
+    config = EngineConfig(attention=attention, quant=QuantConfig(transformer="fp8"))
+    pipe = optimize(FluxPipeline(**synthetic_components("tiny", device="cpu", dtype=torch.bfloat16, seed=0)), config)
+    with pytest.raises(ConfigError, match=r"quantised .*engine.quant.save_quantized.*Nothing was written"):
+        pipe.transformer.save_pretrained(tmp_path / "transformer")
+    assert not (tmp_path / "transformer").exists()
+
+
 @pytest.mark.gpu
 def test_optimize_leaves_the_default_cuda_generator_alone():
     """engine.warmup and the attention core's choice draw their inputs from generators of their own: a call with
