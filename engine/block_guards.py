@@ -64,10 +64,12 @@ def install_block_guards(model: nn.Module) -> None:
         model.register_load_state_dict_post_hook(_fused_keys_not_missing),
     ]
     shadowed = {}
-    for method, refusal in (("enable_cache", _refuse_cache), ("set_attn_processor", _refuse_processor)):
-        if hasattr(model, method):
-            shadowed[method] = model.__dict__.get(method)
-            setattr(model, method, functools.partial(refusal, type(model).__name__))
+    if hasattr(model, "enable_cache"):
+        shadowed["enable_cache"] = model.__dict__.get("enable_cache")
+        model.enable_cache = functools.partial(_refuse_cache, type(model).__name__)
+    if hasattr(model, "set_attn_processor"):
+        shadowed["set_attn_processor"] = model.__dict__.get("set_attn_processor")
+        model.set_attn_processor = functools.partial(_refuse_processor, model)
     for method, wrapper in (("_apply", _apply_then_resync), ("save_pretrained", _save_as_diffusers)):
         if hasattr(model, method):
             shadowed[method] = model.__dict__.get(method)
@@ -151,8 +153,13 @@ def _refuse_cache(model_name: str, config=None, *args, **kwargs):
     )
 
 
-def _refuse_processor(model_name: str, processor=None, *args, **kwargs):
+def _refuse_processor(model: nn.Module, processor=None, *args, **kwargs):
+    """set_attn_processor: diffusers' own processor (what the fused blocks compute) is let through, others refused."""
+    chosen = processor.values() if isinstance(processor, dict) else [processor]
+    if all(type(p).__name__ in PROCESSORS for p in chosen):
+        return type(model).set_attn_processor(model, processor, *args, **kwargs)
     what = type(processor).__name__ if not isinstance(processor, dict) else "a dict of processors"
+    model_name = type(model).__name__
     raise ConfigError(
         f"{model_name}.set_attn_processor({what}) after optimize(): the engine's fused blocks compute diffusers' "
         f"{PROCESSORS[0]} and would never call it (a different image, without a word). Set it on a pipeline "

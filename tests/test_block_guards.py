@@ -91,6 +91,7 @@ def test_custom_attention_processors_are_refused_before_and_after_optimize(devic
     pipe = optimize(_pipe(device), "kernels")
     with pytest.raises(ConfigError, match=r"set_attn_processor\(_Scaled\) after optimize"):
         pipe.transformer.set_attn_processor(_Scaled())
+    pipe.transformer.set_attn_processor(FluxAttnProcessor())  # diffusers' own: what the fused blocks compute
     custom = _pipe(device)
     custom.transformer.set_attn_processor(_Scaled())
     with pytest.raises(ConfigError, match=r"attention processors \['_Scaled'\].*'baseline' or 'compile' preset"):
