@@ -12,9 +12,9 @@
 # cudnn-taylorseer, cudnn-lora-28, cudnn-lora-2048, cudnn-startup, cudnn-plans, gelu-ab, tests-gelu-cudnn, profile-vae, profile-vae-chunked,
 # profile-vae-eager, tests-vae-kernels, taylorseer-compiledvae, cudnn-startup-package, startup-package-profile,
 # profile-encode, profile-cudnn-2048, power-probe, tune-qk-e4m3,
-# cold-start-causes, jit-probe, warm-ab, warm-ba, jit-probe-parts, warm-enc, fp8-lora-gemm, tests-guards). Each
-# stage
-# has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
+# cold-start-causes, jit-probe, warm-ab, warm-ba, jit-probe-parts, warm-enc, fp8-lora-gemm, tests-guards,
+# tests-sweep).
+# Each stage has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
 OUT=${OUT:-out}
@@ -445,6 +445,11 @@ for s in "$@"; do
         --preset fp8-compile-fastacc-cudagraphs-cudnnattn --cache taylorseer:5 --cache-dir /tmp/fe-cache \
         --out "$OUT/bench-$s-$CARD-$DAY.json" ;;
     tests-guards) stage tests-guards 150 python3 -m pytest -q -m gpu tests/test_block_guards.py ;;
+    tests-sweep)
+      # every GPU test in one pass (nf4's need the bitsandbytes wheel, which the carry limit leaves out), the slowest
+      # listed, a JUnit report under $OUT
+      stage "$s" 450 python3 -m pytest -q -m gpu tests -k "not nf4" --durations=15 -p no:cacheprovider \
+        --junitxml "$OUT/gpu-tests-$CARD-$DAY.xml" ;;
     cudnn-lora-28)
       # issue "LoRA": the 28-step 1024x1024 image with the rank-64 adapter active on the cuDNN-attention preset
       stage "$s" 240 python3 -m engine.bench --res 1024 --steps 28 --runs 2 --lora synthetic:64 \

@@ -100,27 +100,21 @@ def _apply_then_resync(model: nn.Module, apply, fn, *args, **kwargs):
     return result
 
 
-def _fused_layers(model: nn.Module):
-    """(state-dict prefix of the block, fused layer's name, its parts' names, the fused module) of every block."""
-    for group in ("transformer_blocks", "single_transformer_blocks"):
-        for index, block in enumerate(getattr(model, group, None) or []):
-            for fused_name, names in getattr(block, "fused_projections", {}).items():
-                yield f"{group}.{index}", fused_name, names, getattr(block, fused_name)
-
-
 def _fused_keys_not_missing(model: nn.Module, incompatible_keys) -> None:
     """load_state_dict's post hook (see the module docstring)."""
-    from .lora import resync_fused_views
+    from .lora import fused_layers, resync_fused_views
 
     resync_fused_views(model)
-    own = tuple(f"{block}.{fused}.{kind}" for block, fused, _, layer in _fused_layers(model) if type(layer) is nn.Linear
-                for kind in ("weight", "bias"))  # fmt: skip
+    own = tuple(f"{prefix}.{fused}.{kind}" for prefix, _, fused, _, layer in fused_layers(model)
+                if type(layer) is nn.Linear for kind in ("weight", "bias"))  # fmt: skip
     incompatible_keys.missing_keys[:] = [key for key in incompatible_keys.missing_keys if not key.endswith(own)]
 
 
 def _save_as_diffusers(model: nn.Module, save, *args, **kwargs):
     """save_pretrained with diffusers' keys (see the module docstring)."""
-    quantised = [f"{block}.{fused}" for block, fused, _, layer in _fused_layers(model) if type(layer) is not nn.Linear]
+    from .lora import fused_layers
+
+    quantised = [f"{block}.{name}" for block, _, name, _, layer in fused_layers(model) if type(layer) is not nn.Linear]
     if quantised:
         raise ConfigError(
             f"{type(model).__name__}.save_pretrained: its fused projections are quantised ({quantised[0]}, ...), which "
@@ -136,7 +130,9 @@ def _save_as_diffusers(model: nn.Module, save, *args, **kwargs):
 
 def _diffusers_keys(model: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
     """The fused layers' keys out, their parts' tensors (views of the fused weight) as copies in host memory."""
-    for block, fused, names, _ in _fused_layers(model):
+    from .lora import fused_layers
+
+    for block, _, fused, names, _ in fused_layers(model):
         for kind in ("weight", "bias"):
             state_dict.pop(f"{prefix}{block}.{fused}.{kind}", None)
             for name in names:
@@ -173,23 +169,30 @@ def _signature(forward) -> inspect.Signature:
 
 
 def _broadcast_text_inputs(module: nn.Module, args: tuple, kwargs: dict):
-    """Expand BROADCAST_INPUTS of batch 1 to hidden_states' batch (contiguous: the kernels read rows)."""
-    try:
-        bound = _signature(type(module).forward).bind_partial(module, *args, **kwargs)
-    except TypeError:  # a call diffusers' forward refuses too: let it say so
-        return None
-    hidden = bound.arguments.get("hidden_states")
+    """Expand BROADCAST_INPUTS of batch 1 to hidden_states' batch (contiguous: the kernels read rows). Keywords only
+    (how diffusers' pipelines call the model) are read as they are; positional arguments are bound to the forward's
+    names first."""
+    bound = None
+    if args:
+        try:
+            bound = _signature(type(module).forward).bind_partial(module, *args, **kwargs)
+        except TypeError:  # a call diffusers' forward refuses too: let it say so
+            return None
+    arguments = kwargs if bound is None else bound.arguments
+    hidden = arguments.get("hidden_states")
     if not isinstance(hidden, torch.Tensor) or hidden.dim() == 0 or hidden.shape[0] == 1:
         return None
     batch = hidden.shape[0]
-    changed = False
-    for name in BROADCAST_INPUTS:
-        value = bound.arguments.get(name)
-        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == 1:
-            bound.arguments[name] = value.expand(batch, *value.shape[1:]).contiguous()
-            changed = True
-    if not changed:
+    expanded = {
+        name: value.expand(batch, *value.shape[1:]).contiguous()
+        for name in BROADCAST_INPUTS
+        if isinstance(value := arguments.get(name), torch.Tensor) and value.dim() >= 1 and value.shape[0] == 1
+    }
+    if not expanded:
         return None
+    if bound is None:
+        return args, {**kwargs, **expanded}
+    bound.arguments.update(expanded)
     return bound.args[1:], bound.kwargs
 
 

@@ -356,24 +356,31 @@ def _is_quantized(transformer) -> bool:
     return _quant_mode(transformer) is not None
 
 
+def fused_layers(model: nn.Module):
+    """(state-dict prefix of the block, the block, fused layer's name, its parts' names, the fused module) of every
+    block of `model` that has fused projections (engine.attention.convert_blocks)."""
+    for group in ("transformer_blocks", "single_transformer_blocks"):
+        for index, block in enumerate(getattr(model, group, None) or []):
+            for fused_name, names in getattr(block, "fused_projections", {}).items():
+                yield f"{group}.{index}", block, fused_name, names, getattr(block, fused_name)
+
+
 def resync_fused_views(transformer) -> None:
     """Make every fused projection's parts views of its weight again, carrying over any values a part's weight was
     given as a new tensor (a safe merge, an unmerge that replaced it)."""
-    for block in (*transformer.transformer_blocks, *transformer.single_transformer_blocks):
-        for fused_name, names in getattr(block, "fused_projections", {}).items():
-            fused = getattr(block, fused_name)
-            offset = 0
-            for name in names:
-                if type(fused) is not nn.Linear:
-                    break  # quantised: the parts hold no weights (merges write the fused rows: engine.quant.lora)
-                part = block.get_submodule(name)
-                base = part.base_layer if is_lora_layer(part) else part
-                rows = base.out_features
-                weight_rows = fused.weight.data[offset : offset + rows]
-                if base.weight.data_ptr() != weight_rows.data_ptr():
-                    weight_rows.copy_(base.weight.data)
-                    base.weight = nn.Parameter(weight_rows, requires_grad=False)
-                offset += rows
+    for _, block, _, names, fused in fused_layers(transformer):
+        if type(fused) is not nn.Linear:
+            continue  # quantised: the parts hold no weights (merges write the fused rows: engine.quant.lora)
+        offset = 0
+        for name in names:
+            part = block.get_submodule(name)
+            base = part.base_layer if is_lora_layer(part) else part
+            rows = base.out_features
+            weight_rows = fused.weight.data[offset : offset + rows]
+            if base.weight.data_ptr() != weight_rows.data_ptr():
+                weight_rows.copy_(base.weight.data)
+                base.weight = nn.Parameter(weight_rows, requires_grad=False)
+            offset += rows
 
 
 # the Linear modules of FLUX blocks that LoRA trainers target: the ones the engine fuses and the others
