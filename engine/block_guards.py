@@ -14,6 +14,9 @@ or deep inside a kernel, for calls that diffusers' own blocks take:
   parts (views of the fused weight: engine.attention.fuse_linears) became copies: their memory counted twice, and a
   later `load_state_dict` reached the parts but not the fused weight the blocks read (an image from the old QKV
   weights, without a word). The views are made again after each conversion (engine.lora.resync_fused_views);
+- diffusers' `fuse_qkv_projections` (and its undo): the fused blocks' projections are fused already; diffusers'
+  fusing would copy the weights into layers the blocks never call, and failed inside diffusers on quantised parts.
+  Nothing is done;
 - diffusers' keys: `load_state_dict` of a diffusers state dict (strict) does not count the fused layers' own keys
   missing (their parts, views of them, carry the values; made views again after `assign=True`), and
   `save_pretrained` writes diffusers' keys only, each part a tensor of its own (safetensors refused the parts'
@@ -25,11 +28,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 
 import torch
 from torch import nn
 
 from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 _GUARDS = "_engine_block_guards"  # the transformer's hook handle and the methods shadowed on its instance
 # the text inputs a FLUX transformer (or ControlNet) broadcasts over the latents' batch (its timestep and guidance
@@ -70,6 +76,10 @@ def install_block_guards(model: nn.Module) -> None:
     if hasattr(model, "set_attn_processor"):
         shadowed["set_attn_processor"] = model.__dict__.get("set_attn_processor")
         model.set_attn_processor = functools.partial(_refuse_processor, model)
+    for method in ("fuse_qkv_projections", "unfuse_qkv_projections"):
+        if hasattr(model, method):
+            shadowed[method] = model.__dict__.get(method)
+            setattr(model, method, functools.partial(_already_fused, model, method))
     for method, wrapper in (("_apply", _apply_then_resync), ("save_pretrained", _save_as_diffusers)):
         if hasattr(model, method):
             shadowed[method] = model.__dict__.get(method)
@@ -139,6 +149,13 @@ def _diffusers_keys(model: nn.Module, state_dict: dict, prefix: str, local_metad
                 key = f"{prefix}{block}.{name}.{kind}"
                 if key in state_dict:
                     state_dict[key] = state_dict[key].detach().to("cpu", copy=True)
+
+
+def _already_fused(model: nn.Module, method: str) -> None:
+    """diffusers' fuse_qkv_projections / unfuse_qkv_projections: the fused blocks compute QKV as one GEMM already
+    (diffusers' fusing would add a copy of the weights they never read, and fails on quantised parts): nothing to do."""
+    logger.info("%s.%s(): the engine's blocks run fused projections already; nothing done", type(model).__name__,
+                method)  # fmt: skip
 
 
 def _refuse_cache(model_name: str, config=None, *args, **kwargs):

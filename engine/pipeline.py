@@ -31,6 +31,8 @@ STATE_ATTRS = (
     "step_cache_state",
     "engine_steps",
 )
+# on the transformer: the config and states of the optimize() that rewrote it, for the other pipelines over it
+SHARED_ATTR = "_flux_engine_shared"
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -60,15 +62,19 @@ def optimize(pipe, config: EngineConfig | str | None = None):
             f"a parallel config runs text-to-image (FluxPipeline, FluxEngine) for now; {type(pipe).__name__} prepares "
             "its latents differently. Run it on one GPU, or generate with FluxEngine"
         )
+    _adopt_shared_state(pipe)
     previous = engine_config_of(pipe)
     if previous is not None and not previous.is_baseline and previous != config:
         raise ConfigError(
             f"this pipeline is already optimised with {previous.label!r}; "
             f"load a fresh pipeline to apply {config.label!r}"
         )
+    if previous is None or previous.is_baseline:
+        _refuse_adapters_loaded_before(pipe, config)
     if previous == config:
         for name in STATE_ATTRS:
             setattr(pipe, name, getattr(pipe, name, None))
+        _share_controlnets(pipe, config)
         _share_lora_calls(pipe)
         return pipe
     # The steps in order; each part of EngineConfig that is still 'off' leaves the pipeline as it is. Each step
@@ -143,12 +149,71 @@ def optimize(pipe, config: EngineConfig | str | None = None):
         steps.add("lora", install_lora_calls(pipe))
     pipe.engine_steps = steps
     setattr(pipe, ENGINE_CONFIG_ATTR, config)
+    _mark_shared_state(pipe)
     _release_replaced_weights(pipe)
     if not config.is_baseline and not config.parallel.enabled:  # a parallel run's ranks encode on rank 0 only
         from .warmup import warm_text_encoders
 
         warm_text_encoders(pipe)
     return pipe
+
+
+def _refuse_adapters_loaded_before(pipe, config: EngineConfig) -> None:
+    """LoRA adapters loaded before optimize(): the steps rewrite the layers PEFT wrapped (fusing failed on the
+    wrappers with a KeyError; fp8 quantised the adapters' own factors and every call then failed). Refused before any
+    step runs; adapters loaded after optimize() take the engine's path (engine/lora.py)."""
+    if config.is_baseline:
+        return
+    from .controlnet import controlnets_of
+    from .lora import is_lora_layer
+
+    for owner, model in (("transformer", pipe.transformer), *controlnets_of(pipe).items()):
+        adapters = sorted({name for module in model.modules() if is_lora_layer(module) for name in module.lora_A})
+        if adapters:
+            raise ConfigError(
+                f"the {owner} has LoRA adapters loaded ({', '.join(adapters)}) before optimize({config.label!r}), "
+                "whose steps rewrite the layers they wrap. Call optimize() first and load_lora_weights() after it "
+                "(the engine applies adapters on its fused and quantised layers), or pipe.unload_lora_weights() "
+                "first (an adapter merged with fuse_lora() before unloading stays in the weights). Nothing was changed"
+            )
+
+
+def _mark_shared_state(pipe) -> None:
+    states = {name: getattr(pipe, name, None) for name in (ENGINE_CONFIG_ATTR, *STATE_ATTRS)}
+    pipe.transformer.__dict__[SHARED_ATTR] = states
+
+
+def _adopt_shared_state(pipe) -> None:
+    """A pipeline over a transformer that optimize() rewrote for another pipeline (diffusers' `from_pipe`, or its
+    components passed on) takes that pipeline's config and states, as FluxEngine.from_pipe does: optimize() then
+    shares them (the same config) or refuses to stack another one on the rewritten modules."""
+    shared = pipe.transformer.__dict__.get(SHARED_ATTR)
+    if shared is not None and engine_config_of(pipe) is None:
+        for name, value in shared.items():
+            setattr(pipe, name, value)
+
+
+def _share_controlnets(pipe, config: EngineConfig) -> None:
+    """A pipeline that shares an optimised transformer and brings ControlNets of its own (FluxControlNetPipeline
+    .from_pipe(pipe, controlnet=...)): they get the config's share, as optimize() gives it, recorded in the shared
+    steps (restoring either pipeline undoes the shared modules' steps)."""
+    from .controlnet import apply_controlnet, controlnets_of
+
+    done = pipe.controlnet_state.nets.values() if pipe.controlnet_state is not None else ()
+    shared = {name: any(net is other for other in done) for name, net in controlnets_of(pipe).items()}
+    if all(shared.values()):
+        return
+    if any(shared.values()):
+        raise ConfigError(
+            f"{type(pipe).__name__} mixes ControlNets that another pipeline's optimize() rewrote with new ones "
+            f"({', '.join(name for name, old in shared.items() if not old)}); give it only new ControlNets, or only "
+            "the other pipeline's"
+        )
+    state = apply_controlnet(pipe, config, pipe.attention_ops)
+    if state is not None:
+        pipe.controlnet_state = state
+        pipe.engine_steps.add("controlnet", *state.step(pipe))
+        _mark_shared_state(pipe)
 
 
 def _share_lora_calls(pipe) -> None:
@@ -170,6 +235,7 @@ def restore(pipe: FluxPipeline) -> FluxPipeline:
         setattr(pipe, name, None)
     if hasattr(pipe, ENGINE_CONFIG_ATTR):
         delattr(pipe, ENGINE_CONFIG_ATTR)
+    pipe.transformer.__dict__.pop(SHARED_ATTR, None)
     return pipe
 
 

@@ -9,8 +9,9 @@ from conftest import tiny_call_kwargs
 from diffusers import FluxPipeline, TaylorSeerCacheConfig
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
-from engine import optimize, restore
+from engine import EngineConfig, optimize, restore
 from engine.attention import EngineDoubleBlock
+from engine.config import AttentionConfig, QuantConfig
 from engine.errors import ConfigError
 from engine.models import synthetic_components
 
@@ -99,6 +100,21 @@ def test_custom_attention_processors_are_refused_before_and_after_optimize(devic
     # nothing was converted: the pipeline is diffusers' as it was
     assert not isinstance(custom.transformer.transformer_blocks[0], EngineDoubleBlock)
     optimize(custom, "baseline")  # diffusers' blocks call it: allowed
+
+
+@pytest.mark.parametrize("quant", ["none", "fp8"])
+def test_diffusers_fuse_qkv_projections_after_optimize_leaves_the_fused_blocks_as_they_are(quant):
+    """transformer.fuse_qkv_projections() after optimize(): diffusers' fusing failed inside diffusers on fp8's
+    quantised parts (IndexError) and, on bf16 ones, added a copy of every QKV weight that the blocks never read. The
+    blocks' projections are fused already: nothing is done, and the image is the same."""
+    config = EngineConfig(attention=AttentionConfig(backend="auto"), quant=QuantConfig(transformer=quant))
+    pipe = optimize(_pipe("cpu"), config)
+    before = pipe(**tiny_call_kwargs()).images
+    pipe.transformer.fuse_qkv_projections()
+    assert not any(hasattr(module, "to_qkv") for module in pipe.transformer.modules())
+    assert torch.equal(pipe(**tiny_call_kwargs()).images, before)
+    pipe.transformer.unfuse_qkv_projections()
+    assert torch.equal(pipe(**tiny_call_kwargs()).images, before)
 
 
 def test_fused_projections_stay_views_through_a_dtype_change(device):

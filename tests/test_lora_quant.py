@@ -13,13 +13,15 @@ import pytest
 import torch
 from conftest import fp8_inputs_fed, swap_without_recompiling, tiny_call_kwargs, trainer_format_lora
 from diffusers import FluxPipeline
+from diffusers.models.transformers.transformer_flux import FluxTransformerBlock
 
-from engine import EngineConfig, FluxEngine
+from engine import EngineConfig, FluxEngine, optimize
 from engine.config import AttentionConfig, CompileConfig, OffloadConfig, QuantConfig
 from engine.errors import ConfigError, InputError
 from engine.lora import synthetic_lora
 from engine.measure import psnr
 from engine.models import synthetic_components
+from engine.pipeline import engine_config_of
 from engine.quant import Fp8Linear
 from flux_kernels.fp8 import quantize_fp8_rowwise
 
@@ -202,9 +204,30 @@ def test_unsupported_adapters_on_quantised_layers_are_refused_and_nothing_stays(
     }
     with pytest.raises(InputError, match="takes 3072 inputs.*quantised layer takes 128"):
         engine.load_lora_weights(wide, adapter_name="wide")
+    # an A factor without its B (diffusers names the missing key; on quantised layers it failed with an IndexError)
+    half = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(4, 128)}
+    with pytest.raises(InputError, match="to_q.lora_A.weight` without its `lora_B.weight`"):
+        engine.load_lora_weights(half, adapter_name="half")
     assert engine.get_list_adapters() == {}
     assert not any("lora" in name for name, _ in engine.transformer.named_modules())
     assert torch.equal(_image(engine), before)
+
+
+@pytest.mark.parametrize("config", [_config("none"), _config("fp8")], ids=["fused", "fp8"])
+def test_adapters_loaded_before_optimize_are_refused_and_nothing_changes(adapters, config):
+    """A LoRA loaded on the plain pipeline, then optimize(): fusing failed on PEFT's wrappers (KeyError), and fp8
+    quantised the adapters' own factors, after which every call failed. Refused before any step; the pipeline is
+    diffusers' with its adapter, as it was."""
+    first, _ = adapters
+    pipe = _tiny()
+    pipe.load_lora_weights(dict(first), adapter_name="first")
+    before = _image(pipe)
+    with pytest.raises(ConfigError, match=r"adapters loaded \(first\) before optimize.*load_lora_weights\(\) after"):
+        optimize(pipe, config)
+    assert engine_config_of(pipe) is None and type(pipe.transformer.transformer_blocks[0]) is FluxTransformerBlock
+    assert torch.equal(_image(pipe), before)
+    pipe.unload_lora_weights()  # the fix the error names
+    assert optimize(pipe, config) is pipe
 
 
 @pytest.mark.gpu

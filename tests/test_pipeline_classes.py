@@ -18,12 +18,13 @@ from diffusers import (
 )
 from PIL import Image
 
-from engine import EngineConfig, FluxEngine, optimize
+from engine import EngineConfig, FluxEngine, optimize, restore
 from engine.config import AttentionConfig, QuantConfig
 from engine.errors import ConfigError
 from engine.measure import psnr
 from engine.models import synthetic_components
 from engine.parallel import ParallelConfig
+from engine.pipeline import engine_config_of
 
 SIZE = 64
 FUSED = EngineConfig(attention=AttentionConfig(backend="auto"))  # the fused blocks in PyTorch (no Triton on a CPU)
@@ -98,3 +99,59 @@ def test_parallel_runs_text_to_image_only_for_now():
     pipe = FluxImg2ImgPipeline(**synthetic_components("tiny", device="cpu", dtype=torch.float32, seed=0))
     with pytest.raises(ConfigError, match="parallel config runs text-to-image.*FluxImg2ImgPipeline"):
         optimize(pipe, EngineConfig(attention=AttentionConfig(backend="auto"), parallel=ParallelConfig(ulysses=2)))
+
+
+def _call(pipe, inputs: dict | None = None) -> torch.Tensor:
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(prompt="a red fox", height=SIZE, width=SIZE, num_inference_steps=2, guidance_scale=3.5,
+                generator=torch.Generator().manual_seed(0), max_sequence_length=32, output_type="pt")  # fmt: skip
+    return pipe(**call, **(inputs or {})).images.float()
+
+
+@pytest.mark.parametrize("config", [FUSED, FP8], ids=["fused", "fp8"])
+def test_a_pipeline_from_pipe_over_an_optimised_transformer_shares_its_config(config):
+    """diffusers' from_pipe (or a pipeline given another's components) over a transformer that optimize() rewrote:
+    optimize() with the same config shares the first one's work (fp8 failed inside the fusing of parts that were
+    quantised away), and the images are those of a pipeline optimised on its own."""
+    kontext = FluxKontextPipeline(**synthetic_components("tiny", device="cpu", dtype=torch.float32, seed=0))
+    optimize(kontext, config)
+    inputs = CLASSES["kontext"][1]()
+    before = _call(kontext, inputs)
+    text_to_image = FluxPipeline.from_pipe(kontext)
+    assert optimize(text_to_image, config) is text_to_image
+    alone = optimize(FluxPipeline(**synthetic_components("tiny", device="cpu", dtype=torch.float32, seed=0)), config)
+    assert torch.equal(_call(text_to_image), _call(alone))
+    assert torch.equal(_call(kontext, inputs), before)
+
+
+def test_another_config_on_a_shared_optimised_transformer_is_refused_and_changes_nothing():
+    """fused, then fp8 through a from_pipe pipeline: the shared transformer was quantised under the first pipeline
+    without a word (its images then fp8's, and restore() failed half-way). Refused now, before anything changes."""
+    kontext = FluxKontextPipeline(**synthetic_components("tiny", device="cpu", dtype=torch.float32, seed=0))
+    optimize(kontext, FUSED)
+    inputs = CLASSES["kontext"][1]()
+    before = _call(kontext, inputs)
+    with pytest.raises(ConfigError, match="already optimised with .*load a fresh pipeline"):
+        optimize(FluxPipeline.from_pipe(kontext), FP8)
+    assert torch.equal(_call(kontext, inputs), before)
+    restore(kontext)  # the shared transformer is diffusers' own again: another config may go on it
+    assert engine_config_of(optimize(FluxPipeline.from_pipe(kontext), FP8)) == FP8
+
+
+def test_a_controlnet_pipeline_from_pipe_gets_its_controlnet_optimised():
+    """FluxControlNetPipeline.from_pipe(optimised pipeline, controlnet=new one): the new ControlNet gets the config's
+    blocks and quantisation, as it would in a pipeline optimised on its own, with the same images."""
+    from diffusers import FluxControlNetPipeline
+
+    from engine.attention import EngineDoubleBlock
+    from engine.models import synthetic_controlnet
+
+    control = {"control_image": _picture(3), "controlnet_conditioning_scale": 0.7}
+    first = optimize(FluxPipeline(**synthetic_components("tiny", device="cpu", dtype=torch.float32, seed=0)), FP8)
+    net = synthetic_controlnet("tiny", dtype=torch.float32, seed=1)
+    shared = FluxControlNetPipeline.from_pipe(first, controlnet=net)
+    optimize(shared, FP8)
+    assert isinstance(shared.controlnet.transformer_blocks[0], EngineDoubleBlock)
+    alone = FluxControlNetPipeline(**synthetic_components("tiny", device="cpu", dtype=torch.float32, seed=0),
+                                   controlnet=synthetic_controlnet("tiny", dtype=torch.float32, seed=1))  # fmt: skip
+    assert torch.equal(_call(shared, control), _call(optimize(alone, FP8), control))

@@ -169,6 +169,11 @@ def _check_input_widths(expand, transformer, lora_state_dict):
         base = module.get_base_layer() if isinstance(module, peft_lora.LoraLayer) else module
         if quantized_kind(base) is None and not isinstance(base, FusedAway):
             plain[key] = value
+        elif key.replace(".lora_A.", ".lora_B.") not in lora_state_dict:  # diffusers' own check reads Linears only
+            raise InputError(
+                f"the adapter has `{key}` without its `lora_B.weight`: the file is incomplete or not a LoRA for this "
+                "model. Load the complete adapter"
+            )
         elif value.shape[1] != base.in_features:
             raise InputError(
                 f"the adapter's `{name}` takes {value.shape[1]} inputs; the transformer's quantised layer takes "
