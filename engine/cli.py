@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import PRESETS, resolve_config
+from .errors import CheckpointError
 from .resolution import parse_resolution, validate_resolution
 from .tasks import TASKS, check_task_name, check_variant_fits_task
 
@@ -85,6 +87,11 @@ def choose_model(args, resolutions: list[str]) -> ModelChoice:
     check_controlnet_argument(args, task_name, model if spec is not None else None)
     if args.preset and "," not in args.preset and args.preset != "ladder":
         resolve_config(args.preset)
+    if spec is None and not Path(model).exists():  # before the sizes, whose range would be a guess for it
+        raise CheckpointError(
+            f"--model {model!r} does not exist; pass a local diffusers-format folder (or a BFL .safetensors file with "
+            "--config-folder), or a synthetic variant such as synthetic:flux-dev; nothing is downloaded"
+        )
     sizes = [parse_resolution(r) for r in resolutions]
     limits = (spec.min_size, spec.max_size) if spec is not None else (256, 2048)
     for height, width in sizes:

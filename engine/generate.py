@@ -100,13 +100,17 @@ def run(args) -> tuple[Path | None, bool]:
     )
     if loras:
         names = [f"lora{index}" for index in range(len(loras))]
+        from .lora import load_lora_file
+
         for name, (path, _) in zip(names, loras, strict=True):
-            pipe.load_lora_weights(str(path), adapter_name=name)
+            load_lora_file(pipe, path, adapter_name=name)
         pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
+    if args.task.startswith("kontext"):  # diffusers' Kontext scales the output to max_area (1024^2 by default)
+        inputs["max_area"] = height * width
     guidance = args.guidance if args.guidance is not None else default_guidance(spec)
     max_sequence_length = min(512, pipe.tokenizer_2.model_max_length)
     result = pipe(
-        args.prompt,
+        prompt=args.prompt,  # by name: FluxKontextPipeline's call takes `image` first
         height=height,
         width=width,
         num_inference_steps=steps,
@@ -129,6 +133,11 @@ def run(args) -> tuple[Path | None, bool]:
 
 def parse_lora(text: str) -> tuple[Path, float]:
     """'PATH' or 'PATH:SCALE' -> (an existing local file, scale); refused before any model is built."""
+    if text.startswith("synthetic:"):
+        raise EngineError(
+            f"--lora {text!r}: synthetic adapters are engine.bench's (python -m engine.bench --lora {text}); "
+            "engine.generate takes a local .safetensors LoRA, optionally with :SCALE"
+        )
     path_text, scale = text, 1.0
     head, sep, tail = text.rpartition(":")
     if sep and head:
@@ -136,6 +145,10 @@ def parse_lora(text: str) -> tuple[Path, float]:
             path_text, scale = head, float(tail)
         except ValueError:
             path_text, scale = text, 1.0  # a colon inside the path
+            if Path(head).is_file():
+                raise EngineError(
+                    f"--lora {text!r}: the scale {tail!r} after the file's name is not a number; e.g. --lora {head}:0.8"
+                ) from None
     path = Path(path_text)
     if not path.is_file():
         raise EngineError(

@@ -278,9 +278,15 @@ def lora_rank(source) -> int | None:
     elif isinstance(source, str | os.PathLike) and Path(source).is_file():
         from safetensors import safe_open
 
-        with safe_open(str(source), framework="pt") as handle:
-            names = handle.keys()  # noqa: SIM118 (a safe_open handle is not a dict)
-            ranks = [handle.get_slice(key).get_shape()[0] for key in names if key.endswith(ends)]
+        try:
+            with safe_open(str(source), framework="pt") as handle:
+                names = handle.keys()  # noqa: SIM118 (a safe_open handle is not a dict)
+                ranks = [handle.get_slice(key).get_shape()[0] for key in names if key.endswith(ends)]
+        except Exception as err:  # safetensors' own error type: a truncated or foreign file
+            raise CheckpointError(
+                f"LoRA file {str(source)!r} could not be read ({str(err).splitlines()[0] if str(err) else err!r}); is "
+                "it a complete .safetensors file?"
+            ) from err
     else:
         return None
     return max(ranks) if ranks else None
@@ -336,6 +342,12 @@ def _load(pipe, load: Callable, *args, **kwargs):
                 f"LoRA file {str(source)!r} could not be read ({first_line}); is it a complete .safetensors file? "
                 "Nothing was loaded"
             ) from err
+        if "Invalid LoRA checkpoint" in first_line:  # diffusers: no key of the state dict names a LoRA factor
+            what = repr(str(source)) if is_path else "the state dict"
+            raise InputError(
+                f"{what} holds no LoRA factors diffusers can read "
+                "(lora_A / lora_B, lora_down / lora_up, ...): is it a LoRA? Nothing was loaded"
+            ) from err
         if "size mismatch" in str(err) or "shape" in first_line:
             width = pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim
             raise InputError(
@@ -344,6 +356,12 @@ def _load(pipe, load: Callable, *args, **kwargs):
                 "model; nothing was loaded"
             ) from err
         raise
+
+
+def load_lora_file(pipe, path, adapter_name: str, **kwargs):
+    """pipe.load_lora_weights(path, adapter_name=...) for the command lines, with the engine's answers to a missing,
+    unreadable or foreign file on every preset (on `baseline` the pipeline's own call is diffusers')."""
+    return _load(pipe, pipe.load_lora_weights, str(path), adapter_name=adapter_name, **kwargs)
 
 
 def _quant_mode(transformer) -> str | None:

@@ -152,6 +152,10 @@ def test_flop_counter_matches_the_published_step_cost():
         (["--lora", "synthetic:0"], "synthetic:RANK takes a rank >= 1"),
         (["--lora", "/no/such/lora.safetensors"], "is not a file.*nothing is downloaded"),
         (["--gpus", "2"], "needs 2 processes.*not started by torchrun"),
+        (["--max-sequence-length", "0"], r"--max-sequence-length 0 is outside 1..512"),
+        (["--max-sequence-length", "100000"], r"outside 1..512"),
+        # the missing folder named, not a size range guessed for it
+        (["--model", "/no/such/model", "--res", "64"], r"--model '/no/such/model' does not exist.*downloaded"),
     ],
 )
 def test_bench_rejects_bad_input_with_a_clear_message(argv, message, capsys):
@@ -160,6 +164,15 @@ def test_bench_rejects_bad_input_with_a_clear_message(argv, message, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ")
     assert __import__("re").search(message, err), err
+
+
+def test_bench_rejects_an_unreadable_lora_file(tmp_path, capsys):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file at all")
+    code = cli.main(["--model", "synthetic:tiny", "--res", "64", "--steps", "1", "--runs", "1", "--device", "cpu",
+                     "--lora", str(junk), "--out", str(tmp_path / "b.json")])  # fmt: skip
+    assert code == 2
+    assert "could not be read" in capsys.readouterr().err
 
 
 def test_bench_rejects_a_corrupt_checkpoint(tmp_path, capsys):

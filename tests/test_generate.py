@@ -89,3 +89,35 @@ def test_generate_with_a_lora_file_and_its_scale(tmp_path):
 def test_generate_refuses_a_missing_lora_before_building(value, capsys, tmp_path):
     assert generate.main(["a fox", "--device", "cpu", "-o", str(tmp_path / "x.png"), "--lora", value]) == 2
     assert "is not a file" in capsys.readouterr().err
+
+
+def _files(tmp_path):
+    """A file that is not safetensors, one without LoRA factors, one with factors of another model's width."""
+    import torch
+    from safetensors.torch import save_file
+
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file at all")
+    save_file({"foo.weight": torch.zeros(2, 2)}, str(tmp_path / "other.safetensors"))
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 3072),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(3072, 4)},
+              str(tmp_path / "wide.safetensors"))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("junk.safetensors", "could not be read.*complete .safetensors"),
+        ("other.safetensors", "holds no LoRA factors.*is it a LoRA"),
+        ("wide.safetensors", "does not fit this transformer.*another model"),
+        ("synthetic:4", "synthetic adapters are engine.bench's"),
+        ("other.safetensors:abc", "the scale 'abc' after the file's name is not a number"),
+    ],
+)
+def test_generate_refuses_a_lora_it_cannot_load_in_one_line(value, message, capsys, tmp_path):
+    """Each was a traceback (the CPU presets keep diffusers' own load_lora_weights) or a misleading line."""
+    _files(tmp_path)
+    path = value if value.startswith("synthetic") else str(tmp_path / value)
+    argv = ["a fox", "--res", "64", "--steps", "1", "--device", "cpu", "-o", str(tmp_path / "x.png"), "--lora", path]
+    assert generate.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err and __import__("re").search(message, err), err

@@ -245,6 +245,25 @@ def test_generate_edits_an_image_file(tmp_path):
     assert written.shape == (64, 96, 3) and np.array_equal(written, np.asarray(expected))
 
 
+def test_generate_edits_an_image_with_kontext_at_the_asked_size(tmp_path):
+    """engine.generate --task kontext --image: diffusers' FluxKontextPipeline image of that file, at --res (the prompt
+    went into Kontext's first parameter, `image`, and failed; diffusers' default max_area made 1248x832 of 96x64)."""
+    from engine import generate
+
+    _picture(1, size=(96, 64)).save(tmp_path / "in.png")
+    argv = ["make it snow", "--res", "96x64", "--steps", "2", "--device", "cpu", "--task", "kontext"]
+    assert generate.main([*argv, "--image", str(tmp_path / "in.png"), "-o", str(tmp_path / "o.png")]) == 0
+    written = np.asarray(Image.open(tmp_path / "o.png"))
+    plain = diffusers.FluxKontextPipeline(**synthetic_components("tiny", device="cpu", dtype=torch.float32))
+    plain.set_progress_bar_config(disable=True)
+    expected = plain(
+        prompt="make it snow", image=Image.open(tmp_path / "in.png"), height=64, width=96, max_area=64 * 96,
+        num_inference_steps=2, guidance_scale=3.5, max_sequence_length=min(512, plain.tokenizer_2.model_max_length),
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]  # fmt: skip
+    assert written.shape == (64, 96, 3) and np.array_equal(written, np.asarray(expected))
+
+
 def test_the_planner_counts_kontexts_tokens_and_the_image_encode():
     """Kontext's step covers 8704 tokens at 1024^2 (4608 for text-to-image): more time and activations; a task with
     an input image holds the VAE encoder's activations in its encode phase, at the output's size."""

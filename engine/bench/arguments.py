@@ -55,6 +55,12 @@ def check_arguments(args) -> None:
             check_positive(name.replace("_", "-"), getattr(args, name))
     check_positive("warmup", args.warmup, 0)
     check_positive("batch", args.batch)
+    length = getattr(args, "max_sequence_length", None)
+    if length is not None and not 1 <= length <= 512:
+        raise EngineError(
+            f"--max-sequence-length {length} is outside 1..512 (T5 tokens: FLUX.1-dev takes up to 512, schnell 256); "
+            "leave it out for the model's own"
+        )
     check_gpus(args)
     check_lora_argument(getattr(args, "lora", None))
     check_cache_argument(args)

@@ -46,7 +46,9 @@ def attach(pipe, lora: LoraSource) -> None:
     """Load the adapter on `pipe` (prepared for hot-swaps up to its rank first, where the pipeline has the call)."""
     if hasattr(pipe, "enable_lora_hotswap"):
         pipe.enable_lora_hotswap(target_rank=lora.rank)
-    pipe.load_lora_weights(str(lora.path), adapter_name=ADAPTER)
+    from ..lora import load_lora_file
+
+    load_lora_file(pipe, lora.path, adapter_name=ADAPTER)
 
 
 def swap_seconds(pipe, lora: LoraSource, device: torch.device) -> float:
