@@ -154,6 +154,7 @@ def test_flop_counter_matches_the_published_step_cost():
         (["--gpus", "2"], "needs 2 processes.*not started by torchrun"),
         (["--max-sequence-length", "0"], r"--max-sequence-length 0 is outside 1..512"),
         (["--max-sequence-length", "100000"], r"outside 1..512"),
+        (["--res", "64", "64x64"], "names a size twice"),
         # the missing folder named, not a size range guessed for it
         (["--model", "/no/such/model", "--res", "64"], r"--model '/no/such/model' does not exist.*downloaded"),
     ],

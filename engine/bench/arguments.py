@@ -66,9 +66,12 @@ def check_arguments(args) -> None:
     check_cache_argument(args)
     if args.preset is not None:
         parse_presets(args.preset, allow_none=bool(args.vram))
-    for text in args.res:
+    sizes = [parse_resolution(text) for text in args.res]
+    for size in sizes:
         # the multiple of 16 here; the model's own size range once it is known (engine.cli.choose_model)
-        validate_resolution(*parse_resolution(text), allow_any_size=True)
+        validate_resolution(*size, allow_any_size=True)
+    if len(set(sizes)) != len(sizes):
+        raise EngineError(f"--res {' '.join(args.res)} names a size twice (its rows and verdicts would repeat)")
 
 
 def check_gpus(args) -> None:
