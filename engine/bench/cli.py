@@ -169,7 +169,9 @@ def _main(argv: list[str] | None) -> int:
     print(format_table(result["rows"]))
     budget_rows = [r for r in result["rows"] if r.get("budget_gib") is not None]
     if budget_rows:
-        print("\nplans under --vram budgets (peaks measured with the GPU capped to the budget):")
+        how = ("peaks measured with the GPU capped to the budget" if env["gpu"] else
+               "on the CPU nothing is capped: the plans the planner picks for each budget, run uncapped")  # fmt: skip
+        print(f"\nplans under --vram budgets ({how}):")
         print(format_table(budget_rows, BUDGET_COLUMNS))
     requested = Path(args.out) if args.out else default_out_path(env)
     out = save_results(result, requested)
