@@ -13,7 +13,7 @@
 # profile-vae-eager, tests-vae-kernels, taylorseer-compiledvae, cudnn-startup-package, startup-package-profile,
 # profile-encode, profile-cudnn-2048, power-probe, tune-qk-e4m3,
 # cold-start-causes, jit-probe, warm-ab, warm-ba, jit-probe-parts, warm-enc, fp8-lora-gemm, tests-guards,
-# tests-sweep).
+# tests-sweep, generate-kontext).
 # Each stage has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
@@ -445,6 +445,12 @@ for s in "$@"; do
         --preset fp8-compile-fastacc-cudagraphs-cudnnattn --cache taylorseer:5 --cache-dir /tmp/fe-cache \
         --out "$OUT/bench-$s-$CARD-$DAY.json" ;;
     tests-guards) stage tests-guards 150 python3 -m pytest -q -m gpu tests/test_block_guards.py ;;
+    generate-kontext)
+      # the README's Kontext example as a user runs it (the fastest preset the planner picks, 28 steps, 1024^2), timed
+      python3 -c "import numpy as np; from PIL import Image; Image.fromarray(np.random.default_rng(0).integers(0, 256, \
+        (1024, 1024, 3), dtype=np.uint8)).save('/tmp/in.png')"
+      stage "$s" 300 bash -c "time python3 -m engine.generate 'make it snow' --task kontext --image /tmp/in.png \
+        --res 1024 --steps 28 -o '$OUT/$s-$CARD-$DAY.png'" ;;
     tests-sweep)
       # every GPU test in one pass (nf4's need the bitsandbytes wheel, which the carry limit leaves out), the slowest
       # listed, a JUnit report under $OUT; SWEEP_FILES="tests/a.py tests/b.py" for a part (the whole took > 450 s)
