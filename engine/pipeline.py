@@ -161,8 +161,11 @@ def optimize(pipe, config: EngineConfig | str | None = None):
 def _refuse_adapters_loaded_before(pipe, config: EngineConfig) -> None:
     """LoRA adapters loaded before optimize(): the steps rewrite the layers PEFT wrapped (fusing failed on the
     wrappers with a KeyError; fp8 quantised the adapters' own factors and every call then failed). Refused before any
-    step runs; adapters loaded after optimize() take the engine's path (engine/lora.py)."""
-    if config.is_baseline:
+    step runs; adapters loaded after optimize() take the engine's path (engine/lora.py). Configs that leave the
+    transformer's layers as they are (compile alone, the VAE's steps, step caches) take them as diffusers does."""
+    attention = config.attention
+    fuses = not (attention.backend == "sdpa" and not attention.fused_norms) or config.parallel.enabled
+    if not (fuses or config.quant.transformer != "none" or config.offload.policy != "none"):
         return
     from .controlnet import controlnets_of
     from .lora import is_lora_layer

@@ -230,6 +230,16 @@ def test_adapters_loaded_before_optimize_are_refused_and_nothing_changes(adapter
     assert optimize(pipe, config) is pipe
 
 
+def test_adapters_loaded_before_a_config_that_leaves_the_layers_are_taken(adapters):
+    """tiled-vae rewrites no layer of the transformer: an adapter loaded before it acts as in diffusers."""
+    first, _ = adapters
+    pipe, reference = _tiny(), _tiny()
+    for each in (pipe, reference):
+        each.load_lora_weights(dict(first), adapter_name="first")
+    assert optimize(pipe, "tiled-vae") is pipe
+    assert torch.equal(_image(pipe), _image(reference))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="nf4 and fp8 tensor cores need CUDA")
 @pytest.mark.parametrize(("mode", "offload"), [("nf4", "none"), ("fp8", "none"), ("nf4", "block"), ("fp8", "leaf")])
