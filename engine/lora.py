@@ -327,11 +327,14 @@ def _load(pipe, load: Callable, *args, **kwargs):
     before = _adapter_names(pipe)
     try:
         if not _is_quantized(pipe.transformer):
-            return load(*args, **kwargs)
-        from .quant.lora import quantized_lora_dispatch
+            result = load(*args, **kwargs)
+        else:
+            from .quant.lora import quantized_lora_dispatch
 
-        with quantized_lora_dispatch(pipe):
-            return load(*args, **kwargs)
+            with quantized_lora_dispatch(pipe):
+                result = load(*args, **kwargs)
+        _refuse_variants_on_fused_parts(pipe, _adapter_names(pipe) - before, none_before=not before)
+        return result
     except (OSError, RuntimeError, ValueError) as err:
         added = _adapter_names(pipe) - before
         if added:  # nothing half-loaded stays behind
@@ -356,6 +359,26 @@ def _load(pipe, load: Callable, *args, **kwargs):
                 "model; nothing was loaded"
             ) from err
         raise
+
+
+def _refuse_variants_on_fused_parts(pipe, added: set[str], none_before: bool) -> None:
+    """A LoRA variant (DoRA) just loaded onto a projection the engine fuses: refused at the load (the blocks would
+    refuse it at every call: updates_by_part), the adapters this load added taken out again (PEFT's wrappers too
+    when there were none before)."""
+    variants = sorted({(name, type(part.lora_variant[name]).__name__)
+                       for _, block, _, names, _ in fused_layers(pipe.transformer)
+                       for part in (block.get_submodule(n) for n in names) if is_lora_layer(part)
+                       for name in getattr(part, "lora_variant", {}) if name in added})  # fmt: skip
+    if variants:
+        if none_before:
+            pipe.unload_lora_weights()
+        else:
+            pipe.delete_adapters(sorted(added))
+        name, kind = variants[0]
+        raise ConfigError(
+            f"adapter {name!r} is a LoRA variant ({kind}, e.g. DoRA) on a projection the engine fuses; plain LoRA only "
+            "there: use the 'baseline' or 'compile' preset for it. Nothing was loaded"
+        )
 
 
 def load_lora_file(pipe, path, adapter_name: str, **kwargs):

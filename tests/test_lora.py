@@ -14,7 +14,7 @@ from diffusers import FluxPipeline
 
 from engine import EngineConfig, FluxEngine, restore
 from engine.config import AttentionConfig, CompileConfig, OffloadConfig
-from engine.errors import CheckpointError, InputError
+from engine.errors import CheckpointError, ConfigError, InputError
 from engine.lora import synthetic_lora
 from engine.models import synthetic_components
 
@@ -226,6 +226,26 @@ def test_a_lora_for_another_architecture_is_refused_and_nothing_stays(adapters):
         engine.load_lora_weights(state, adapter_name="wide")
     assert engine.get_list_adapters() == {}
     _left_as_it_was(engine, before)
+
+
+def test_dora_on_fused_projections_is_refused_at_the_load_and_nothing_stays(adapters):
+    """DoRA (a magnitude vector beside the factors) on projections the engine fuses: loaded without a word, then
+    refused at every call. Refused at the load now; DoRA on projections the engine leaves alone still loads."""
+    _, engine = _pipes()
+    before = _image(engine)
+    first = adapters[0]
+    dora = dict(first)
+    for key in [k for k in first if k.endswith("lora_B.weight")]:
+        dora[key.replace("lora_B.weight", "lora_magnitude_vector")] = torch.rand(first[key].shape[0]) + 0.5
+    with pytest.raises(ConfigError, match="'dora' is a LoRA variant .*on a projection the engine fuses.*Nothing was"):
+        engine.load_lora_weights(dora, adapter_name="dora")
+    assert engine.get_list_adapters() == {}
+    _left_as_it_was(engine, before)
+    unfused = {key: value for key, value in dora.items() if ".ff." in key}  # the MLPs: not fused
+    reference, engine = _pipes()
+    for pipe in (reference, engine):
+        pipe.load_lora_weights(dict(unfused), adapter_name="dora")
+    _same(reference, engine)
 
 
 def test_hotswap_into_compiled_blocks_recompiles_nothing(adapters):
