@@ -41,8 +41,16 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def engine_config_of(pipe) -> EngineConfig | None:
-    """The EngineConfig that `optimize` applied to `pipe`, or None for an untouched pipeline."""
-    return getattr(pipe, ENGINE_CONFIG_ATTR, None)
+    """The EngineConfig that `optimize` applied to `pipe`'s transformer, through this pipeline or another over the
+    same transformer (the modules' state, which every pipeline over them shares); None for an untouched one, or one
+    that restore() gave back."""
+    shared = _shared_state(pipe)
+    return None if shared is None else shared["states"][ENGINE_CONFIG_ATTR]
+
+
+def _shared_state(pipe) -> dict | None:
+    transformer = getattr(pipe, "transformer", None)
+    return None if transformer is None else transformer.__dict__.get(SHARED_ATTR)
 
 
 def optimize(pipe, config: EngineConfig | str | None = None):
@@ -183,17 +191,24 @@ def _refuse_adapters_loaded_before(pipe, config: EngineConfig) -> None:
 
 def _mark_shared_state(pipe) -> None:
     states = {name: getattr(pipe, name, None) for name in (ENGINE_CONFIG_ATTR, *STATE_ATTRS)}
-    pipe.transformer.__dict__[SHARED_ATTR] = states
+    pipe.transformer.__dict__[SHARED_ATTR] = {"states": states, "vae": pipe.vae}
 
 
 def _adopt_shared_state(pipe) -> None:
-    """A pipeline over a transformer that optimize() rewrote for another pipeline (diffusers' `from_pipe`, or its
-    components passed on) takes that pipeline's config and states, as FluxEngine.from_pipe does: optimize() then
-    shares them (the same config) or refuses to stack another one on the rewritten modules."""
-    shared = pipe.transformer.__dict__.get(SHARED_ATTR)
-    if shared is not None and engine_config_of(pipe) is None:
-        for name, value in shared.items():
-            setattr(pipe, name, value)
+    """A pipeline over a transformer that optimize() rewrote through another pipeline (diffusers' `from_pipe`, its
+    components passed on, or a pipeline whose own state went stale) takes that state, as FluxEngine.from_pipe does:
+    optimize() then shares it (the same config) or refuses to stack another one on the rewritten modules."""
+    shared = _shared_state(pipe)
+    if shared is None or getattr(pipe, "engine_steps", None) is shared["states"]["engine_steps"]:
+        return
+    if shared["states"]["vae_state"] is not None and pipe.vae is not shared["vae"]:
+        raise ConfigError(
+            f"{type(pipe).__name__} shares a transformer optimised with {shared['states'][ENGINE_CONFIG_ATTR].label!r} "
+            "but not the VAE that config's steps went with; build it over the same components (e.g. "
+            f"{type(pipe).__name__}.from_pipe(pipe)) or over a transformer of its own"
+        )
+    for name, value in shared["states"].items():
+        setattr(pipe, name, value)
 
 
 def _share_controlnets(pipe, config: EngineConfig) -> None:
@@ -229,16 +244,19 @@ def _share_lora_calls(pipe) -> None:
 
 
 def restore(pipe: FluxPipeline) -> FluxPipeline:
-    """Undo every step optimize() applied to `pipe` (newest first, `pipe.engine_steps`) and return it as plain
-    diffusers. ConfigError, with nothing changed, when a step cannot be undone (quantisation)."""
-    steps = getattr(pipe, "engine_steps", None)
-    if steps is not None:
-        steps.undo_all()
+    """Undo every step optimize() applied to `pipe`'s transformer (newest first, `pipe.engine_steps`; through this
+    pipeline or another over the same transformer) and return it as plain diffusers. ConfigError, with nothing
+    changed, when a step cannot be undone (quantisation)."""
+    shared = _shared_state(pipe)
+    if shared is not None:  # the transformer's steps, whichever pipeline over it applied them
+        steps = shared["states"]["engine_steps"]
+        if steps is not None:
+            steps.undo_all()
+        pipe.transformer.__dict__.pop(SHARED_ATTR, None)
     for name in STATE_ATTRS:
         setattr(pipe, name, None)
     if hasattr(pipe, ENGINE_CONFIG_ATTR):
         delattr(pipe, ENGINE_CONFIG_ATTR)
-    pipe.transformer.__dict__.pop(SHARED_ATTR, None)
     return pipe
 
 

@@ -155,3 +155,38 @@ def test_a_controlnet_pipeline_from_pipe_gets_its_controlnet_optimised():
     alone = FluxControlNetPipeline(**synthetic_components("tiny", device="cpu", dtype=torch.float32, seed=0),
                                    controlnet=synthetic_controlnet("tiny", dtype=torch.float32, seed=1))  # fmt: skip
     assert torch.equal(_call(shared, control), _call(optimize(alone, FP8), control))
+
+
+def test_what_a_pipeline_reports_is_what_its_shared_transformer_runs():
+    """Pipelines over one transformer report (engine_config_of) and share its state: a restore through one is seen by
+    the other (it claimed fused over plain blocks, and a second optimize() then returned at once, leaving them plain),
+    and a pipeline that claimed 'baseline' takes the config another one applied since (it stacked the steps again:
+    fp8's failed, fused ones went into a list of its own)."""
+    from diffusers.models.transformers.transformer_flux import FluxTransformerBlock
+
+    from engine.attention import EngineDoubleBlock
+
+    first = optimize(FluxPipeline(**synthetic_components("tiny", device="cpu", dtype=torch.float32, seed=0)), FUSED)
+    second = optimize(FluxPipeline.from_pipe(first), FUSED)
+    restore(second)
+    assert engine_config_of(first) is None
+    assert type(first.transformer.transformer_blocks[0]) is FluxTransformerBlock
+    optimize(first, FUSED)
+    assert isinstance(first.transformer.transformer_blocks[0], EngineDoubleBlock)
+    assert engine_config_of(second) == FUSED
+
+    components = synthetic_components("tiny", device="cpu", dtype=torch.float32, seed=0)
+    plain = optimize(FluxPipeline(**components), "baseline")
+    quantised = optimize(FluxPipeline.from_pipe(plain), FP8)
+    assert engine_config_of(plain) == FP8
+    assert optimize(plain, FP8) is plain and plain.engine_steps is quantised.engine_steps
+    assert torch.equal(_call(plain), _call(quantised))
+
+
+def test_a_pipeline_over_a_shared_transformer_but_another_vae_is_refused_where_the_vae_had_steps():
+    """The VAE's steps (tiling) went with the first pipeline's VAE: a pipeline with its own VAE would claim them."""
+    first = optimize(FluxPipeline(**synthetic_components("tiny", device="cpu", dtype=torch.float32, seed=0)),
+                     "tiled-vae")  # fmt: skip
+    other_vae = synthetic_components("tiny", device="cpu", dtype=torch.float32, seed=1)["vae"]
+    with pytest.raises(ConfigError, match="but not the VAE that config's steps went with"):
+        optimize(FluxPipeline(**{**first.components, "vae": other_vae}), "tiled-vae")
