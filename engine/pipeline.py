@@ -41,9 +41,9 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def engine_config_of(pipe) -> EngineConfig | None:
-    """The EngineConfig that `optimize` applied to `pipe`'s transformer, through this pipeline or another over the
-    same transformer (the modules' state, which every pipeline over them shares); None for an untouched one, or one
-    that restore() gave back."""
+    """The EngineConfig that `optimize` applied last to `pipe`'s transformer, through this pipeline or another over
+    the same transformer (the modules' state, which every pipeline over them shares); None for an untouched one, or
+    one that restore() gave back."""
     shared = _shared_state(pipe)
     return None if shared is None else shared["states"][ENGINE_CONFIG_ATTR]
 
@@ -72,12 +72,14 @@ def optimize(pipe, config: EngineConfig | str | None = None):
         )
     _adopt_shared_state(pipe)
     previous = engine_config_of(pipe)
-    if previous is not None and not previous.is_baseline and previous != config:
+    # a config whose steps changed no module (the baseline, a compile-cache folder alone) leaves nothing to stack on
+    rewritten = previous is not None and not previous.is_baseline and len(pipe.engine_steps or ()) > 0
+    if rewritten and previous != config:
         raise ConfigError(
             f"this pipeline is already optimised with {previous.label!r}; "
             f"load a fresh pipeline to apply {config.label!r}"
         )
-    if previous is None or previous.is_baseline:
+    if not rewritten:
         _refuse_adapters_loaded_before(pipe, config)
     if previous == config:
         for name in STATE_ATTRS:

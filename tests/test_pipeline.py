@@ -187,14 +187,17 @@ def test_long_prompt_warns_and_truncates_as_diffusers_does(engine):
     assert any("truncated" in message for message in records)
 
 
-def test_optimizing_twice_with_different_configs_is_refused(tiny_components):
-    from engine.config import CacheConfig
+def test_optimizing_twice_with_different_configs_is_refused():
+    from engine.config import AttentionConfig, CacheConfig
 
-    pipe = FluxPipeline(**tiny_components)
+    pipe = FluxPipeline(**synthetic_components_copy())  # its modules are rewritten below
     optimize(pipe, "baseline")
     optimize(pipe, "baseline")  # the same config again is a no-op
     cached = EngineConfig(cache=CacheConfig(directory="/tmp/flux-cache"))
     optimize(pipe, cached)  # a baseline pipeline may still take a config
+    optimize(pipe, "baseline")  # and one whose steps changed no module leaves nothing to stack on
+    fused = EngineConfig(attention=AttentionConfig(backend="auto"))
+    optimize(pipe, fused)
     with pytest.raises(ConfigError, match="already optimised"):
         optimize(pipe, "baseline")
 
@@ -204,11 +207,12 @@ def test_optimize_takes_only_flux_pipelines():
         optimize("not a pipeline", "baseline")
 
 
-def test_from_pipe_of_an_optimised_pipeline_refuses_a_second_config(tiny_components):
-    from engine.config import CacheConfig
+def test_from_pipe_of_an_optimised_pipeline_refuses_a_second_config():
+    from engine.config import AttentionConfig, CacheConfig
 
     components = synthetic_components_copy()
-    first = FluxEngine.from_pipe(FluxPipeline(**components), EngineConfig(cache=CacheConfig(directory="/tmp/x")))
+    config = EngineConfig(attention=AttentionConfig(backend="auto"), cache=CacheConfig(directory="/tmp/x"))
+    first = FluxEngine.from_pipe(FluxPipeline(**components), config)
     again = FluxEngine.from_pipe(first, first.engine_config)  # the same config: fine, nothing redone
     assert again.engine_config == first.engine_config
     with pytest.raises(ConfigError, match="already optimised"):
