@@ -44,13 +44,19 @@ def engine_config_of(pipe) -> EngineConfig | None:
     """The EngineConfig that `optimize` applied last to `pipe`'s transformer, through this pipeline or another over
     the same transformer (the modules' state, which every pipeline over them shares); None for an untouched one, or
     one that restore() gave back."""
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is None or SHARED_ATTR not in transformer.__dict__:  # no step of its touched the transformer
+        return getattr(pipe, ENGINE_CONFIG_ATTR, None)
     shared = _shared_state(pipe)
     return None if shared is None else shared["states"][ENGINE_CONFIG_ATTR]
 
 
 def _shared_state(pipe) -> dict | None:
+    """The transformer's record of the optimize() that rewrote it; None where there is none, or restore() gave it
+    back (then the record is kept empty, so that a pipeline's own older claim is not taken for the truth)."""
     transformer = getattr(pipe, "transformer", None)
-    return None if transformer is None else transformer.__dict__.get(SHARED_ATTR)
+    record = None if transformer is None else transformer.__dict__.get(SHARED_ATTR)
+    return record if record and record.get("states") else None
 
 
 def optimize(pipe, config: EngineConfig | str | None = None):
@@ -191,7 +197,18 @@ def _refuse_adapters_loaded_before(pipe, config: EngineConfig) -> None:
             )
 
 
+# the steps that rewrite the transformer (a compile step may hold the VAE's regions only)
+TRANSFORMER_STEPS = ("attention", "quantization", "controlnet", "offload", "parallel", "step_cache", "lora")
+
+
 def _mark_shared_state(pipe) -> None:
+    """Record the pipeline's state on its transformer when a step rewrote it; else leave no record (a VAE-only or
+    empty config: the transformer stays diffusers', free for other pipelines)."""
+    compiled = getattr(pipe.compile_state, "compiled_modules", None) or []
+    if not (any(name in TRANSFORMER_STEPS for name in pipe.engine_steps.names())
+            or any(not module.startswith("vae.") for module in compiled)):  # fmt: skip
+        pipe.transformer.__dict__.pop(SHARED_ATTR, None)
+        return
     states = {name: getattr(pipe, name, None) for name in (ENGINE_CONFIG_ATTR, *STATE_ATTRS)}
     pipe.transformer.__dict__[SHARED_ATTR] = {"states": states, "vae": pipe.vae}
 
@@ -250,11 +267,12 @@ def restore(pipe: FluxPipeline) -> FluxPipeline:
     pipeline or another over the same transformer) and return it as plain diffusers. ConfigError, with nothing
     changed, when a step cannot be undone (quantisation)."""
     shared = _shared_state(pipe)
-    if shared is not None:  # the transformer's steps, whichever pipeline over it applied them
-        steps = shared["states"]["engine_steps"]
-        if steps is not None:
-            steps.undo_all()
-        pipe.transformer.__dict__.pop(SHARED_ATTR, None)
+    # the transformer's steps, whichever pipeline over it applied them; else this pipeline's own (a VAE's steps)
+    steps = shared["states"]["engine_steps"] if shared is not None else getattr(pipe, "engine_steps", None)
+    if steps is not None:
+        steps.undo_all()
+    if shared is not None:
+        pipe.transformer.__dict__[SHARED_ATTR] = {"states": None}  # given back: other pipelines' claims are stale
     for name in STATE_ATTRS:
         setattr(pipe, name, None)
     if hasattr(pipe, ENGINE_CONFIG_ATTR):

@@ -184,9 +184,16 @@ def test_what_a_pipeline_reports_is_what_its_shared_transformer_runs():
 
 
 def test_a_pipeline_over_a_shared_transformer_but_another_vae_is_refused_where_the_vae_had_steps():
-    """The VAE's steps (tiling) went with the first pipeline's VAE: a pipeline with its own VAE would claim them."""
-    first = optimize(FluxPipeline(**synthetic_components("tiny", device="cpu", dtype=torch.float32, seed=0)),
-                     "tiled-vae")  # fmt: skip
+    """The VAE's steps (tiling) went with the first pipeline's VAE: a pipeline with its own VAE would claim them. A
+    config that leaves the transformer alone (tiled-vae) records nothing on it: the other VAE takes its own steps."""
+    from engine.config import PRESETS
+
+    config = EngineConfig(attention=AttentionConfig(backend="auto"), vae=PRESETS["tiled-vae"].vae)
+    first = optimize(FluxPipeline(**synthetic_components("tiny", device="cpu", dtype=torch.float32, seed=0)), config)
     other_vae = synthetic_components("tiny", device="cpu", dtype=torch.float32, seed=1)["vae"]
     with pytest.raises(ConfigError, match="but not the VAE that config's steps went with"):
-        optimize(FluxPipeline(**{**first.components, "vae": other_vae}), "tiled-vae")
+        optimize(FluxPipeline(**{**first.components, "vae": other_vae}), config)
+    tiled = optimize(FluxPipeline(**synthetic_components("tiny", device="cpu", dtype=torch.float32, seed=0)),
+                     "tiled-vae")  # fmt: skip
+    own = optimize(FluxPipeline(**{**tiled.components, "vae": other_vae}), "tiled-vae")
+    assert own.vae_state is not None and own.vae_state is not tiled.vae_state
