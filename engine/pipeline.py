@@ -79,7 +79,7 @@ def optimize(pipe, config: EngineConfig | str | None = None):
     _adopt_shared_state(pipe)
     previous = engine_config_of(pipe)
     # a config whose steps changed no module (the baseline, a compile-cache folder alone) leaves nothing to stack on
-    rewritten = previous is not None and not previous.is_baseline and len(pipe.engine_steps or ()) > 0
+    rewritten = previous is not None and not previous.is_baseline and len(getattr(pipe, "engine_steps", None) or ()) > 0
     if rewritten and previous != config:
         raise ConfigError(
             f"this pipeline is already optimised with {previous.label!r}; "
