@@ -296,10 +296,16 @@ def resolve_ops(config: AttentionConfig, transformer) -> BlockOps:
     return BlockOps.build(core, config.fused_norms)
 
 
+def rewires_blocks(config: AttentionConfig, force: bool = False) -> bool:
+    """Whether apply_attention turns the blocks into the engine's fused ones (diffusers' own path: not, unless
+    `force`)."""
+    return not (config.backend == "sdpa" and not config.fused_norms) or force
+
+
 def apply_attention(pipe, config: AttentionConfig, force: bool = False) -> BlockOps | None:
     """Rewire `pipe.transformer`'s blocks for `config`; None (nothing done) for diffusers' own path, unless `force`
     (context parallelism splits the attention call of the engine's blocks: diffusers' maths, fused QKV)."""
-    if config.backend == "sdpa" and not config.fused_norms and not force:
+    if not rewires_blocks(config, force):
         return None
     transformer = pipe.transformer
     ops = resolve_ops(config, transformer)

@@ -333,8 +333,6 @@ def _load(pipe, load: Callable, *args, **kwargs):
 
             with quantized_lora_dispatch(pipe):
                 result = load(*args, **kwargs)
-        _refuse_variants_on_fused_parts(pipe, _adapter_names(pipe) - before, none_before=not before)
-        return result
     except (OSError, RuntimeError, ValueError) as err:
         added = _adapter_names(pipe) - before
         if added:  # nothing half-loaded stays behind
@@ -359,6 +357,8 @@ def _load(pipe, load: Callable, *args, **kwargs):
                 "model; nothing was loaded"
             ) from err
         raise
+    _refuse_variants_on_fused_parts(pipe, _adapter_names(pipe) - before, none_before=not before)
+    return result
 
 
 def _refuse_variants_on_fused_parts(pipe, added: set[str], none_before: bool) -> None:

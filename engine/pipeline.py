@@ -179,8 +179,9 @@ def _refuse_adapters_loaded_before(pipe, config: EngineConfig) -> None:
     wrappers with a KeyError; fp8 quantised the adapters' own factors and every call then failed). Refused before any
     step runs; adapters loaded after optimize() take the engine's path (engine/lora.py). Configs that leave the
     transformer's layers as they are (compile alone, the VAE's steps, step caches) take them as diffusers does."""
-    attention = config.attention
-    fuses = not (attention.backend == "sdpa" and not attention.fused_norms) or config.parallel.enabled
+    from .attention import rewires_blocks
+
+    fuses = rewires_blocks(config.attention, force=config.parallel.enabled)  # as optimize() calls apply_attention
     if not (fuses or config.quant.transformer != "none" or config.offload.policy != "none"):
         return
     from .controlnet import controlnets_of
