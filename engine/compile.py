@@ -137,7 +137,7 @@ def dynamo_settings():
     is a constant, not a symbol. With `dynamic=True` dynamo first made them symbols, failed to turn the eps passed to
     the norms into tensors, and traced the frame again: 3 of the 4 frames traced twice on every cold and warm start
     (warm start 6.45 -> 4.73 s on the CPU, tiny model). The floats that change between calls, the LoRA adapters'
-    scales, are tensors under compile (engine.lora.scalings_as_tensors), so a new scale recompiles nothing."""
+    scales, are tensors under compile (engine.lora_calls.scalings_as_tensors), so a new scale recompiles nothing."""
     return torch._dynamo.config.patch(specialize_float=True)
 
 

@@ -100,7 +100,7 @@ def run(args) -> tuple[Path | None, bool]:
     )
     if loras:
         names = [f"lora{index}" for index in range(len(loras))]
-        from .lora import load_lora_file
+        from .lora_calls import load_lora_file
 
         for name, (path, _) in zip(names, loras, strict=True):
             load_lora_file(pipe, path, adapter_name=name)

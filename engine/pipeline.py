@@ -159,9 +159,9 @@ def optimize(pipe, config: EngineConfig | str | None = None):
     pipe.step_cache_state = apply_step_cache(pipe, config.step_cache, graphs=config.compile.cuda_graphs)
     if pipe.step_cache_state is not None:
         steps.add("step_cache", pipe.step_cache_state.remove)
-    from .lora import install_lora_calls, needs_lora_calls
+    from .lora_calls import install_lora_calls, needs_lora_calls
 
-    if needs_lora_calls(pipe):  # diffusers' LoRA calls, made to fit what the steps above did (engine/lora.py)
+    if needs_lora_calls(pipe):  # diffusers' LoRA calls, made to fit what the steps above did (engine/lora_calls.py)
         steps.add("lora", install_lora_calls(pipe))
     pipe.engine_steps = steps
     setattr(pipe, ENGINE_CONFIG_ATTR, config)
@@ -177,7 +177,7 @@ def optimize(pipe, config: EngineConfig | str | None = None):
 def _refuse_adapters_loaded_before(pipe, config: EngineConfig) -> None:
     """LoRA adapters loaded before optimize(): the steps rewrite the layers PEFT wrapped (fusing failed on the
     wrappers with a KeyError; fp8 quantised the adapters' own factors and every call then failed). Refused before any
-    step runs; adapters loaded after optimize() take the engine's path (engine/lora.py). Configs that leave the
+    step runs; adapters loaded after optimize() take the engine's path (engine/lora_calls.py). Configs that leave the
     transformer's layers as they are (compile alone, the VAE's steps, step caches) take them as diffusers does."""
     from .attention import rewires_blocks
 
@@ -256,8 +256,8 @@ def _share_controlnets(pipe, config: EngineConfig) -> None:
 
 def _share_lora_calls(pipe) -> None:
     """A pipeline over components another pipeline optimised (FluxEngine.from_pipe): its LoRA calls need the same
-    care as the first one's (engine/lora.py), on this instance too."""
-    from .lora import install_lora_calls, needs_lora_calls
+    care as the first one's (engine/lora_calls.py), on this instance too."""
+    from .lora_calls import install_lora_calls, needs_lora_calls
 
     if needs_lora_calls(pipe) and "load_lora_weights" not in vars(pipe):
         install_lora_calls(pipe)

@@ -20,6 +20,8 @@ from engine.models import synthetic_components
 
 # the fused blocks in plain PyTorch (no Triton on the CPU): diffusers' maths with fused QKV GEMMs
 FUSED = EngineConfig(attention=AttentionConfig(backend="auto"))
+# and compiled regions (eager backend: no inductor on the CPU)
+COMPILED = EngineConfig(attention=AttentionConfig(backend="auto"), compile=CompileConfig("regional", backend="eager"))
 # fp32, and the same GEMMs split differently (one fused GEMM against three): the engine against diffusers measured
 # within 1e-6 after every call; a pipeline with its adapters disabled against one that never had any, 1.1e-6. The
 # unfixed engine (adapters on the fused projections ignored) is 0.042 away
@@ -252,8 +254,7 @@ def test_hotswap_into_compiled_blocks_recompiles_nothing(adapters):
     """enable_lora_hotswap, an adapter, a compiled call, then another adapter swapped in (hotswap=True): diffusers'
     image with the second adapter loaded directly, and no graph compiled again."""
     first, second = adapters  # ranks 4 and 8
-    config = EngineConfig(attention=AttentionConfig(backend="auto"), compile=CompileConfig("regional", backend="eager"))
-    reference, engine = _pipes(config)
+    reference, engine = _pipes(COMPILED)
     swapped = swap_without_recompiling(engine, first, second, _image)
     reference.load_lora_weights(dict(second), adapter_name="style")
     torch.testing.assert_close(swapped, _image(reference), atol=ATOL, rtol=0)
@@ -263,9 +264,12 @@ def test_new_adapter_scales_on_compiled_blocks_recompile_nothing(adapters):
     """Dynamo reads the floats of the compiled blocks as constants (engine.compile.dynamo_settings), so the adapters'
     scales are tensors under compile: new set_adapters weights and joint_attention_kwargs scales give diffusers'
     images without compiling anything again (with float scales, the first new weight recompiles the blocks)."""
+    reference, engine = _pipes(COMPILED)
+    _new_scales_recompile_nothing(reference, engine, adapters)
+
+
+def _new_scales_recompile_nothing(reference, engine, adapters) -> None:
     first, second = adapters
-    config = EngineConfig(attention=AttentionConfig(backend="auto"), compile=CompileConfig("regional", backend="eager"))
-    reference, engine = _pipes(config)
     for pipe in (reference, engine):
         pipe.load_lora_weights(dict(first), adapter_name="first")
         pipe.load_lora_weights(dict(second), adapter_name="second")
@@ -311,6 +315,89 @@ def test_a_pipeline_over_optimised_components_gets_the_same_lora_care(adapters):
     for pipe in (reference, second_engine):
         pipe.load_lora_weights(dict(first), adapter_name="first")
     _same(reference, second_engine)
+
+
+def _plain_over(engine, how: str) -> FluxPipeline:
+    """A diffusers pipeline the engine never saw, over the optimised pipeline's transformer."""
+    return FluxPipeline(**engine.components) if how == "components" else FluxPipeline.from_pipe(engine)
+
+
+@pytest.mark.parametrize("how", ["components", "from_pipe"])
+def test_a_plain_pipeline_over_the_fused_transformer_gives_diffusers_images(adapters, how):
+    """A diffusers pipeline over the optimised transformer, never optimised itself, calls the transformer's own LoRA
+    methods: they get the engine's care there. Before, its fuse_lora(safe_fusing=True) gave the projections new
+    weights the fused GEMM never read: both pipelines over the transformer then made images 0.022 away from diffusers,
+    without a word."""
+    first, _ = adapters
+    reference, engine = _pipes()
+    plain = _plain_over(engine, how)
+    _every_call(reference, plain, adapters)
+    for pipe in (reference, plain):
+        pipe.load_lora_weights(dict(first), adapter_name="first")
+        pipe.fuse_lora(safe_fusing=True)
+    _same(reference, plain)
+    _same(reference, engine)  # the same transformer, seen through the engine's pipeline
+
+
+def test_a_plain_pipeline_over_compiled_blocks_recompiles_nothing_for_new_scales(adapters):
+    """The compiled blocks' scales are tensors after a plain pipeline's LoRA calls too (they were floats, and the
+    first new set_adapters weight recompiled the blocks)."""
+    reference, engine = _pipes(COMPILED)
+    _new_scales_recompile_nothing(reference, _plain_over(engine, "components"), adapters)
+
+
+def test_a_plain_pipelines_hotswap_above_the_target_rank_is_refused(adapters):
+    """enable_lora_hotswap and the hot-swap through a plain pipeline over the optimised transformer: the rank check
+    holds there too (diffusers swaps the rank-16 adapter in without a word)."""
+    first, _ = adapters
+    _, engine = _pipes()
+    plain = _plain_over(engine, "components")
+    large = lora_state_dict(plain.transformer, rank=16, seed=3)
+    plain.enable_lora_hotswap(target_rank=8)
+    plain.load_lora_weights(dict(first), adapter_name="style")
+    before = _image(plain)
+    with pytest.raises(InputError, match="rank 16 is above the hot-swap target rank 8.*target_rank=16"):
+        plain.load_lora_weights(dict(large), adapter_name="style", hotswap=True)
+    torch.testing.assert_close(_image(plain), before, atol=0, rtol=0)
+
+
+def test_a_plain_pipelines_dora_on_fused_projections_is_refused_and_nothing_stays(adapters):
+    _, engine = _pipes()
+    plain = _plain_over(engine, "components")
+    before = _image(plain)
+    dora = dict(adapters[0])
+    for key in [k for k in adapters[0] if k.endswith("lora_B.weight")]:
+        dora[key.replace("lora_B.weight", "lora_magnitude_vector")] = torch.rand(dora[key].shape[0]) + 0.5
+    with pytest.raises(ConfigError, match="'dora' is a LoRA variant .*on a projection the engine fuses.*Nothing was"):
+        plain.load_lora_weights(dora, adapter_name="dora")
+    assert plain.get_list_adapters() == {}
+    _left_as_it_was(plain, before)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+def test_a_plain_pipeline_over_captured_graphs_on_the_gpu(adapters):
+    """The engine's captured CUDA graph of the whole forward bakes the adapters in; a plain pipeline's LoRA calls over
+    the same transformer drop it too (before, its replay kept making the image without the adapter). Against the
+    same fused engine uncompiled, fp32; gpu_atol as in test_new_adapter_scales_on_compiled_blocks_on_the_gpu."""
+    gpu_atol = 1e-3
+    first, second = adapters
+    graphs = CompileConfig("regional", cuda_graphs=True)
+    _, reference = _pipes(device="cuda")
+    _, engine = _pipes(EngineConfig(attention=AttentionConfig(backend="auto"), compile=graphs), device="cuda")
+    plain = _plain_over(engine, "components")
+    plain_image = _same(reference, plain, gpu_atol)
+    _same(reference, plain, gpu_atol)  # captures
+    for pipe in (reference, plain):
+        pipe.load_lora_weights(dict(first), adapter_name="first")
+    image = _same(reference, plain, gpu_atol)
+    assert (image - plain_image).abs().max() > 1e-2  # the adapter does change the image
+    _same(reference, plain, gpu_atol)  # captures again
+    for pipe in (reference, plain):
+        pipe.load_lora_weights(dict(second), adapter_name="second")
+        pipe.set_adapters(["first", "second"], [0.5, 1.0])
+    _same(reference, plain, gpu_atol)
+    _same(reference, engine, gpu_atol)
 
 
 def test_a_synthetic_lora_changes_each_projection_by_its_strength():

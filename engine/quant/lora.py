@@ -32,6 +32,7 @@ from flux_kernels.fp8 import quantize_fp8_rowwise
 from ..errors import ConfigError, InputError
 from ..lora_gemm import fp8_gemm_with_updates, fused_update_ready
 from ..lora_update import acting_adapters, add_update, down_projection, plain_adapters
+from .apply import quant_mode_of
 from .fp8 import Fp8Linear, FusedAway
 from .layers import compute_dtype_of, device_of, plain_qbytes, quantized_kind, quantized_linear
 
@@ -126,11 +127,11 @@ def _library_layer_types() -> tuple[type, ...]:
 
 
 @contextlib.contextmanager
-def quantized_lora_dispatch(pipe) -> Iterator[None]:
-    """While open, loading LoRA weights on `pipe` (its transformer quantised by the engine) works on its quantised
-    layers: every LoraConfig PEFT injects maps them to QuantizedLoraLinear (PEFT's custom-layer dispatch, registered
-    on the config as `_register_custom_module` does), and diffusers' Flux check of the adapter's input widths, which
-    reads each target's bf16 weight from the state dict, reads the quantised layers' widths instead."""
+def quantized_lora_dispatch() -> Iterator[None]:
+    """While open, loading LoRA weights on a transformer the engine quantised works on its quantised layers: every
+    LoraConfig PEFT injects maps them to QuantizedLoraLinear (PEFT's custom-layer dispatch, registered on the config
+    as `_register_custom_module` does). diffusers' check of the adapter's input widths before that: route_width_checks.
+    """
     original = peft_model.LoraModel._create_new_module
     mapping = {layer_type: QuantizedLoraLinear for layer_type in (Fp8Linear, FusedAway, *_library_layer_types())}
 
@@ -138,20 +139,47 @@ def quantized_lora_dispatch(pipe) -> Iterator[None]:
         lora_config._register_custom_module(mapping)
         return original(lora_config, adapter_name, target, **kwargs)
 
-    expand = getattr(pipe, "_maybe_expand_lora_state_dict", None)
-    shadowed = pipe.__dict__.get("_maybe_expand_lora_state_dict")
     peft_model.LoraModel._create_new_module = staticmethod(create_new_module)
-    if expand is not None:
-        pipe._maybe_expand_lora_state_dict = functools.partial(_check_input_widths, expand)
     try:
         yield
     finally:
         peft_model.LoraModel._create_new_module = staticmethod(original)
-        if expand is not None:
-            if shadowed is not None:
-                pipe._maybe_expand_lora_state_dict = shadowed
-            else:
-                del pipe._maybe_expand_lora_state_dict
+
+
+_WIDTH_CHECKS = {"users": 0, "original": None}  # route_width_checks' patch: how many transformers hold it
+
+
+def route_width_checks():
+    """diffusers' `FluxLoraLoaderMixin._maybe_expand_lora_state_dict`, which every Flux pipeline's load_lora_weights
+    calls before the transformer's own load, reads each target's weight from the transformer's state dict: on the
+    engine's quantised layers (codes, FusedAway placeholders) a KeyError, from any pipeline over the transformer,
+    optimised or not. While a transformer the engine quantised holds this patch, the mixin's method answers with
+    `_check_input_widths` for such transformers and is diffusers' own for every other one. Returns the undo (the
+    last holder's puts diffusers' method back)."""
+    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
+
+    if _WIDTH_CHECKS["users"] == 0:
+        original = _WIDTH_CHECKS["original"] = FluxLoraLoaderMixin.__dict__["_maybe_expand_lora_state_dict"]
+
+        def expand(cls, transformer, lora_state_dict):
+            own = functools.partial(original.__func__, cls)
+            if quant_mode_of(transformer) is None:
+                return own(transformer=transformer, lora_state_dict=lora_state_dict)
+            return _check_input_widths(own, transformer, lora_state_dict)
+
+        FluxLoraLoaderMixin._maybe_expand_lora_state_dict = classmethod(expand)
+    _WIDTH_CHECKS["users"] += 1
+    done = []
+
+    def undo() -> None:
+        if done:
+            return
+        done.append(True)
+        _WIDTH_CHECKS["users"] -= 1
+        if _WIDTH_CHECKS["users"] == 0:
+            FluxLoraLoaderMixin._maybe_expand_lora_state_dict = _WIDTH_CHECKS["original"]
+
+    return undo
 
 
 def _check_input_widths(expand, transformer, lora_state_dict):
