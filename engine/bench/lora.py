@@ -27,7 +27,8 @@ class LoraSource:
 
 def prepare_lora(text: str, components: dict, seed: int) -> LoraSource:
     """The adapter --lora names, as a local file: synthetic:RANK is made for this transformer (engine.lora)."""
-    from ..lora import lora_rank, synthetic_lora
+    from ..lora import synthetic_lora
+    from ..lora_calls import lora_rank
 
     if text.startswith(SYNTHETIC):
         from safetensors.torch import save_file
@@ -46,7 +47,7 @@ def attach(pipe, lora: LoraSource) -> None:
     """Load the adapter on `pipe` (prepared for hot-swaps up to its rank first, where the pipeline has the call)."""
     if hasattr(pipe, "enable_lora_hotswap"):
         pipe.enable_lora_hotswap(target_rank=lora.rank)
-    from ..lora import load_lora_file
+    from ..lora_calls import load_lora_file
 
     load_lora_file(pipe, lora.path, adapter_name=ADAPTER)
 
