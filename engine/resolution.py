@@ -45,6 +45,12 @@ def validate_resolution(
             )
 
 
+MAX_STEPS = 1000  # the FLUX schedulers' training timesteps: more steps than that only repeat sigmas, at seconds each
+
+
 def validate_steps(steps: int) -> None:
-    if steps < 1:
-        raise ConfigError(f"steps {steps} must be at least 1 (FLUX.1-dev uses 28-50, schnell 4)")
+    if not 1 <= steps <= MAX_STEPS:
+        raise ConfigError(
+            f"steps {steps} is outside 1..{MAX_STEPS} (FLUX.1-dev uses 28-50, schnell 4; {MAX_STEPS} is the "
+            "scheduler's training timesteps, and each step takes a transformer forward)"
+        )

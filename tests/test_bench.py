@@ -142,7 +142,7 @@ def test_flop_counter_matches_the_published_step_cost():
         (["--res", "1024x770"], "height 770 is not a multiple of 16; use 768 or 784"),
         (["--model", "synthetic:flux-dev", "--res", "4096"], r"outside 256..2048.*--allow-any-size"),
         (["--model", "synthetic:flux-dev", "--res", "1024", "--device", "cpu"], "needs a CUDA GPU"),
-        (["--steps", "0"], "steps 0 must be at least 1"),
+        (["--steps", "0"], "steps 0 is outside 1..1000"),
         (["--model", "synthetic:flux-pro"], "unknown model variant 'synthetic:flux-pro'"),
         (["--preset", "fastest"], "unknown preset 'fastest'"),
         (["--runs", "0"], "--runs 0 must be at least 1"),

@@ -40,7 +40,7 @@ def test_an_unwritable_output_fails_before_the_generation(tmp_path, capsys, monk
     ("argv", "message"),
     [
         (["--res", "1000"], "not a multiple of 16; use 992 or 1008"),
-        (["--steps", "0"], "steps 0 must be at least 1"),
+        (["--steps", "0"], "steps 0 is outside 1..1000"),
         (["--model", "synthetic:nope"], "unknown model variant"),
         (["--preset", "nope"], "unknown preset"),
         (["-o", "out.txt"], "no image suffix"),

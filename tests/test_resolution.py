@@ -36,7 +36,9 @@ def test_resolution_range_and_opt_in():
         validate_resolution(0, 64, allow_any_size=True)
 
 
-def test_steps_must_be_positive():
+def test_steps_must_be_in_range():
     validate_steps(1)
-    with pytest.raises(ConfigError, match="steps 0 must be at least 1"):
-        validate_steps(0)
+    validate_steps(1000)
+    for steps in (0, 1001, 28000):  # 28000: a typo of 28 would run for hours
+        with pytest.raises(ConfigError, match=f"steps {steps} is outside 1..1000"):
+            validate_steps(steps)
