@@ -147,7 +147,7 @@ def _guard_transformer(pipe) -> Callable[[], None] | None:
         handles.append(transformer.register_forward_hook(_scalings_back_to_tensors, with_kwargs=True, always_call=True))
 
     def undo() -> None:
-        for name in (*names, _GUARD, _WATCHED):
+        for name in (*names, _GUARD, _WATCHED, _HOTSWAP_RANK_ATTR, _IN_CALL):
             transformer.__dict__.pop(name, None)
         for handle in handles:
             handle.remove()

@@ -182,6 +182,9 @@ def test_restore_with_an_adapter_loaded(adapters):
         pipe.load_lora_weights(dict(first), adapter_name="first")
     restore(engine)
     assert "load_lora_weights" not in vars(engine)  # diffusers' own method again
+    # and the transformer's own, with none of the engine's notes left on it
+    assert not [name for name in vars(engine.transformer) if name.startswith("_engine_lora") or name == "fuse_lora"]
+    assert not engine.transformer._forward_pre_hooks
     _same(reference, engine)
 
 
