@@ -13,7 +13,7 @@ or deep inside a kernel, for calls that diffusers' own blocks take:
 - `.to(dtype or device)` on the model: PyTorch gives every parameter a tensor of its own, so the fused projections'
   parts (views of the fused weight: engine.attention.fuse_linears) became copies: their memory counted twice, and a
   later `load_state_dict` reached the parts but not the fused weight the blocks read (an image from the old QKV
-  weights, without a word). The views are made again after each conversion (engine.lora.resync_fused_views);
+  weights and biases, without a word). The views are made again after each conversion (engine.lora.resync_fused_views);
 - diffusers' `fuse_qkv_projections` (and its undo): the fused blocks' projections are fused already; diffusers'
   fusing would copy the weights into layers the blocks never call, and failed inside diffusers on quantised parts.
   Nothing is done;

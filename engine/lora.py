@@ -112,8 +112,9 @@ def fp8_lora_ready(layers: list[nn.Module | None]) -> bool:
 
 
 def resync_fused_views(transformer) -> None:
-    """Make every fused projection's parts views of its weight again, carrying over any values a part's weight was
-    given as a new tensor (a safe merge, an unmerge that replaced it)."""
+    """Make every fused projection's parts' weights and biases views of the fused ones again, carrying over any values
+    a part's tensor was given as a new one (a safe merge, an unmerge that replaced it, `.to()`, `load_state_dict` with
+    `assign=True`)."""
     for _, block, _, names, fused in fused_layers(transformer):
         if type(fused) is not nn.Linear:
             continue  # quantised: the parts hold no weights (merges write the fused rows: engine.quant.lora)
@@ -122,10 +123,14 @@ def resync_fused_views(transformer) -> None:
             part = block.get_submodule(name)
             base = part.base_layer if is_lora_layer(part) else part
             rows = base.out_features
-            weight_rows = fused.weight.data[offset : offset + rows]
-            if base.weight.data_ptr() != weight_rows.data_ptr():
-                weight_rows.copy_(base.weight.data)
-                base.weight = nn.Parameter(weight_rows, requires_grad=False)
+            for kind in ("weight", "bias"):
+                own, whole = getattr(base, kind), getattr(fused, kind)
+                if own is None or whole is None:
+                    continue
+                fused_rows = whole.data[offset : offset + rows]
+                if own.data_ptr() != fused_rows.data_ptr():
+                    fused_rows.copy_(own.data)
+                    setattr(base, kind, nn.Parameter(fused_rows, requires_grad=False))
             offset += rows
 
 

@@ -129,6 +129,8 @@ def test_fused_projections_stay_views_through_a_dtype_change(device):
     other = synthetic_components("tiny", device=device, dtype=torch.bfloat16, seed=1)["transformer"].state_dict()
     pipe.transformer.load_state_dict(other, strict=False)  # strict: the fused keys are the engine's own
     assert torch.equal(fused, torch.cat([other[f"transformer_blocks.0.attn.to_{p}.weight"] for p in "qkv"]))
+    # the biases too (before, they stayed copies after the conversion: the blocks kept the old QKV biases)
+    assert torch.equal(block.qkv.bias, torch.cat([other[f"transformer_blocks.0.attn.to_{p}.bias"] for p in "qkv"]))
     single = pipe.transformer.single_transformer_blocks[0]
     assert torch.equal(single.linear1.weight[: single.attn.to_q.weight.shape[0]],
                        other["single_transformer_blocks.0.attn.to_q.weight"])  # fmt: skip
@@ -146,8 +148,11 @@ def test_diffusers_state_dicts_load_and_save_through_the_fused_blocks(device, tm
         block = pipe.transformer.transformer_blocks[1]
         assert torch.equal(block.txt_qkv.weight, torch.cat([other[f"transformer_blocks.1.attn.add_{p}_proj.weight"]
                                                             for p in "qkv"]))  # fmt: skip
+        assert torch.equal(block.txt_qkv.bias, torch.cat([other[f"transformer_blocks.1.attn.add_{p}_proj.bias"]
+                                                          for p in "qkv"]))  # fmt: skip
         rows = len(block.attn.add_q_proj.weight)
         assert block.attn.add_k_proj.weight.data_ptr() == block.txt_qkv.weight[rows:].data_ptr()
+        assert block.attn.add_k_proj.bias.data_ptr() == block.txt_qkv.bias[rows:].data_ptr()
     pipe.transformer.save_pretrained(tmp_path / "transformer")
     loaded = FluxTransformer2DModel.from_pretrained(tmp_path / "transformer").state_dict()
     assert loaded.keys() == other.keys()
