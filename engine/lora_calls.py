@@ -145,6 +145,10 @@ def _guard_transformer(pipe) -> Callable[[], None] | None:
     if _compiled(pipe):
         scalings_as_tensors(transformer)  # adapters loaded before optimize()
         handles.append(transformer.register_forward_hook(_scalings_back_to_tensors, with_kwargs=True, always_call=True))
+    from .grad_guard import backward_blockers, install_grad_guard
+
+    # a LoRA trained through the engine's kernels, fp8 GEMMs or streamed blocks would learn from wrong gradients
+    handles += [handle for handle in [install_grad_guard(transformer, backward_blockers(pipe))] if handle is not None]
 
     def undo() -> None:
         for name in (*names, _GUARD, _WATCHED, _HOTSWAP_RANK_ATTR, _IN_CALL):
