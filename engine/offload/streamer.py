@@ -132,6 +132,32 @@ class PackedUnit:
             views.append(torch.as_strided(base, slot.shape, slot.stride, base.storage_offset() + slot.storage_offset))
         return views
 
+    def adopt_replaced(self) -> bool:
+        """Tensors of the unit that something gave a new tensor since they were packed (`.to()` there and back,
+        `load_state_dict(assign=True)`): their values copied into the host buffer and the host views put back, so the
+        unit streams what the model now holds (before, the next stream put the packed values back without a word).
+        True if any was. One of another dtype or shape cannot stream from this buffer: refused, naming the fix."""
+        replaced = False
+        for slot, view in zip(self.slots, self.host_views, strict=True):
+            if slot.kind == "param":
+                current = slot.owner._parameters[slot.name]
+            else:
+                current = slot.owner._buffers[slot.name] if slot.kind == "buffer" else getattr(slot.owner, slot.name)
+            if current is None or current.data_ptr() == view.data_ptr():
+                continue
+            if current.dtype != view.dtype or current.shape != view.shape:
+                raise ConfigError(
+                    f"{self.name}: {type(slot.owner).__name__}.{slot.name} streams from host memory as {view.dtype} "
+                    f"{tuple(view.shape)}, and something made it {current.dtype} {tuple(current.shape)} after "
+                    f"optimize() (a .to(dtype)?): the streamed blocks keep their layout. Convert it back (e.g. "
+                    f"pipe.to({view.dtype})), or load the pipeline in that dtype and optimize it"
+                )
+            view.copy_(current.detach())
+            replaced = True
+        if replaced:
+            self.assign(self.host_views)
+        return replaced
+
     def assign(self, views: list[torch.Tensor]) -> None:
         for slot, view in zip(self.slots, views, strict=True):
             if slot.kind == "param":
@@ -250,6 +276,8 @@ class Streamer:
     def begin(self) -> None:
         if self.active:  # the previous forward raised half-way: start from a clean ring
             self.reset()
+        if any([unit.adopt_replaced() for unit in self.units]):  # every unit: each adopts its own
+            self.reset()  # the ring's prefetched copies hold the old values
         self.active = True
         if self.buffers is None:
             self.buffers = self._allocate()
