@@ -13,10 +13,13 @@ is the one apply_quantization uses, so the result is identical, and apply_quanti
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from flux_kernels.fp8 import FP8_DTYPE
 
 from ..config import QuantConfig
 from ..errors import ConfigError
@@ -169,6 +172,7 @@ def apply_quantization(pipe, config: QuantConfig) -> QuantState | None:
         if previous is None:
             state.components[component] = quantize_model(model, mode, component, config.nf4_double_quant)
             set_fp8_options(model, config)
+            keep_fp8_codes(model)
             continue
         if previous != mode:
             raise ConfigError(
@@ -186,7 +190,29 @@ def apply_quantization(pipe, config: QuantConfig) -> QuantState | None:
             mode=mode, kept=kept_linears(model, component), quantized=_quantized_names(model)
         )
         set_fp8_options(model, config)
+        keep_fp8_codes(model)
     return state
+
+
+def keep_fp8_codes(model: nn.Module) -> None:
+    """Every Fp8Linear of `model` keeps its e4m3 codes and fp32 scales through `.to(dtype)`, `.half()` and the like
+    (Module._apply): they move to the new device only; the bias follows the conversion. Before,
+    `pipe.to(torch.bfloat16)` gave the codes that dtype without a word: the weights' memory doubled, the fp8 GEMMs
+    fed 16-bit weights. Idempotent."""
+    for module in model.modules():
+        if isinstance(module, Fp8Linear) and "_apply" not in module.__dict__:
+            module._apply = functools.partial(_apply_keeping_codes, module, module._apply)
+
+
+def _apply_keeping_codes(layer: nn.Module, apply, fn, *args, **kwargs):
+    scale = layer._buffers.get("weight_scale")
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.dtype != FP8_DTYPE and tensor is not scale:
+            return fn(tensor)
+        return tensor.to(fn(tensor.new_empty(0)).device)  # where the conversion would put it, as it is
+
+    return apply(keep, *args, **kwargs)
 
 
 def set_fp8_options(model: nn.Module, config: QuantConfig) -> None:
