@@ -11,6 +11,7 @@ diffusers would fail deep inside.
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import numbers
 from pathlib import Path
@@ -101,6 +102,17 @@ class EngineCalls:
             if hasattr(pipe, name):
                 setattr(engine, name, getattr(pipe, name))
         return optimize(engine, config)
+
+    def save_config(self, save_directory, *args, **kwargs):
+        """diffusers' save_config, naming the diffusers class this engine is as the folder's `_class_name`: a folder
+        saved from an engine (`save_pretrained`) then loads in diffusers' `DiffusionPipeline.from_pretrained`, which
+        looks the name up in diffusers (before: "module diffusers has no attribute FluxEngine"), and in ours."""
+        super().save_config(save_directory, *args, **kwargs)
+        path = Path(save_directory) / self.config_name
+        if path.is_file():
+            index = json.loads(path.read_text())
+            index["_class_name"] = next(c for c in type(self).__mro__ if c.__module__.startswith("diffusers.")).__name__
+            path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
     @property
     def engine_config(self) -> EngineConfig:

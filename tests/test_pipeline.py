@@ -54,6 +54,29 @@ def test_from_pretrained_loads_a_local_folder(tmp_path, tiny_components, baselin
     torch.testing.assert_close(engine(**tiny_call_kwargs()).images, baseline_images, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("task", ["text-to-image", "kontext"])
+def test_a_folder_saved_from_an_engine_loads_in_diffusers(tmp_path, task):
+    """FluxEngine.save_pretrained wrote `_class_name: FluxEngine`, which diffusers' DiffusionPipeline.from_pretrained
+    looks up in diffusers and fails on; the folder now names the diffusers class, and both load it with the same
+    weights (the fused config: its save writes diffusers' keys)."""
+    from diffusers import DiffusionPipeline
+
+    from engine.config import AttentionConfig
+    from engine.models import synthetic_components
+
+    fused = EngineConfig(attention=AttentionConfig(backend="auto"))
+    engine = FluxEngine.from_pretrained("synthetic:tiny", fused, device="cpu", dtype=torch.float32, task=task)
+    engine.save_pretrained(tmp_path / "model")
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / "model")
+    diffusers_class = next(c for c in type(engine).__mro__ if c.__module__.startswith("diffusers."))
+    assert type(loaded) is diffusers_class  # FluxPipeline / FluxKontextPipeline
+    expected = synthetic_components("tiny", device="cpu", dtype=torch.float32, seed=0)["transformer"].state_dict()
+    state = loaded.transformer.state_dict()
+    assert state.keys() == expected.keys() and all(torch.equal(state[key], expected[key]) for key in expected)
+    again = FluxEngine.from_pretrained(tmp_path / "model", device="cpu", dtype=torch.float32, task=task)
+    assert type(again) is type(engine)
+
+
 def test_call_signature_is_flux_pipelines():
     ours = inspect.signature(FluxEngine.__call__)
     theirs = inspect.signature(FluxPipeline.__call__)
