@@ -133,10 +133,9 @@ class PackedUnit:
         return views
 
     def adopt_replaced(self) -> bool:
-        """Tensors of the unit that something gave a new tensor since they were packed (`.to()` there and back,
-        `load_state_dict(assign=True)`): their values copied into the host buffer and the host views put back, so the
-        unit streams what the model now holds (before, the next stream put the packed values back without a word).
-        True if any was. One of another dtype or shape cannot stream from this buffer: refused, naming the fix."""
+        """Tensors given new ones since packing (`.to()` there and back, an assign load) copied into the host buffer,
+        the host views put back: the unit streams what the model holds (before: the packed values, without a word).
+        True if any was; one of another dtype or shape is refused, naming the fix."""
         replaced = False
         for slot, view in zip(self.slots, self.host_views, strict=True):
             if slot.kind == "param":
@@ -146,12 +145,11 @@ class PackedUnit:
             if current is None or current.data_ptr() == view.data_ptr():
                 continue
             if current.dtype != view.dtype or current.shape != view.shape:
-                raise ConfigError(
-                    f"{self.name}: {type(slot.owner).__name__}.{slot.name} streams from host memory as {view.dtype} "
-                    f"{tuple(view.shape)}, and something made it {current.dtype} {tuple(current.shape)} after "
-                    f"optimize() (a .to(dtype)?): the streamed blocks keep their layout. Convert it back (e.g. "
-                    f"pipe.to({view.dtype})), or load the pipeline in that dtype and optimize it"
-                )
+                raise ConfigError(f"{self.name}: {type(slot.owner).__name__}.{slot.name} streams from host memory as "
+                                  f"{view.dtype} {tuple(view.shape)}, and something made it {current.dtype} "
+                                  f"{tuple(current.shape)} after optimize() (a .to(dtype)?): the streamed blocks keep "
+                                  f"their layout. Convert it back (e.g. pipe.to({view.dtype})), or load the pipeline "
+                                  "in that dtype and optimize it")  # fmt: skip
             view.copy_(current.detach())
             replaced = True
         if replaced:
