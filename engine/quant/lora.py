@@ -32,7 +32,6 @@ from flux_kernels.fp8 import quantize_fp8_rowwise
 from ..errors import ConfigError, InputError
 from ..lora_gemm import fp8_gemm_with_updates, fused_update_ready
 from ..lora_update import acting_adapters, add_update, down_projection, plain_adapters
-from .apply import quant_mode_of
 from .fp8 import Fp8Linear, FusedAway
 from .layers import compute_dtype_of, device_of, plain_qbytes, quantized_kind, quantized_linear
 
@@ -163,7 +162,7 @@ def route_width_checks():
 
         def expand(cls, transformer, lora_state_dict):
             own = functools.partial(original.__func__, cls)
-            if quant_mode_of(transformer) is None:
+            if getattr(transformer, "_flux_quant_mode", None) is None:  # not quantised by the engine (mark_quantized)
                 return own(transformer=transformer, lora_state_dict=lora_state_dict)
             return _check_input_widths(own, transformer, lora_state_dict)
 
