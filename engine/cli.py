@@ -74,6 +74,7 @@ def choose_model(args, resolutions: list[str]) -> ModelChoice:
         check_device_fits_variant,
         is_variant_name,
         resolve_device,
+        synthetic_hint,
         variant_spec,
     )
 
@@ -91,6 +92,7 @@ def choose_model(args, resolutions: list[str]) -> ModelChoice:
         raise CheckpointError(
             f"--model {model!r} does not exist; pass a local diffusers-format folder (or a BFL .safetensors file with "
             "--config-folder), or a synthetic variant such as synthetic:flux-dev; nothing is downloaded"
+            + synthetic_hint(model)
         )
     sizes = [parse_resolution(r) for r in resolutions]
     limits = (spec.min_size, spec.max_size) if spec is not None else (256, 2048)
@@ -107,7 +109,7 @@ def check_controlnet_argument(args, task: str, synthetic_model: str | None) -> N
     from pathlib import Path
 
     from .errors import EngineError
-    from .models.variants import is_variant_name
+    from .models.variants import is_variant_name, synthetic_hint
 
     given = getattr(args, "controlnet", None)
     if task != "controlnet":
@@ -119,7 +121,9 @@ def check_controlnet_argument(args, task: str, synthetic_model: str | None) -> N
             raise EngineError("--task controlnet with a local --model needs --controlnet PATH (a ControlNet folder)")
         args.controlnet = synthetic_model
     elif not is_variant_name(given) and not Path(given).is_dir():
-        raise EngineError(f"--controlnet {given!r} is not a folder; pass a local FluxControlNetModel folder")
+        raise EngineError(
+            f"--controlnet {given!r} is not a folder; pass a local FluxControlNetModel folder{synthetic_hint(given)}"
+        )
 
 
 def default_guidance(spec: ModelSpec | None) -> float:

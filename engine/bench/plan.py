@@ -32,6 +32,20 @@ class Plan:
     headline: str | None = None  # the default run's first line: what is compared with what, and why
 
 
+def check_baseline_is_diffusers(model: str) -> None:
+    """The baseline is diffusers on the checkpoint's own weights: a folder written by save_quantized holds an fp8
+    transformer that every pipeline over it runs quantised, so its "diffusers" would not be diffusers at all."""
+    from ..quant.checkpoint import saved_quantization
+
+    info = saved_quantization(model) if Path(model).is_dir() else None
+    if info is not None:
+        raise EngineError(
+            f"--model {model!r} holds a transformer saved quantised as {info['mode']!r} (engine.quant.save_quantized): "
+            "a diffusers baseline over it would run those fp8 weights, not diffusers' bf16 ones. Pass the bf16 folder "
+            "it was saved from for a comparison, or --no-baseline to time the presets alone"
+        )
+
+
 def make_plan(args) -> Plan:
     """Validate every argument, and check that the results can be written, before anything heavy is built."""
     check_arguments(args)
@@ -52,6 +66,8 @@ def make_plan(args) -> Plan:
     if choice.defaulted_to_tiny:
         note = "no CUDA GPU: benchmarking the tiny synthetic model on the CPU (timings say nothing about a GPU)"
     plan = Plan(choice.device, choice.model, choice.sizes, choice.spec, note, out=out)
+    if not args.no_baseline:
+        check_baseline_is_diffusers(plan.model)
     if not args.no_baseline and plan.device.type == "cuda":
         check_baseline_fits(plan, args, card_gib(plan.device))
     if args.preset is None and not args.budgets:

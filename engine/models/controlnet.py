@@ -84,7 +84,7 @@ def load_controlnet(source, device: torch.device | str, dtype: torch.dtype, seed
 
     from diffusers import FluxControlNetModel, FluxMultiControlNetModel
 
-    from .variants import is_variant_name
+    from .variants import is_variant_name, synthetic_hint
 
     if isinstance(source, (FluxControlNetModel, FluxMultiControlNetModel)):
         return source
@@ -95,5 +95,5 @@ def load_controlnet(source, device: torch.device | str, dtype: torch.dtype, seed
         return model.to(device)
     raise ConfigError(
         f"task='controlnet' needs controlnet=: a FluxControlNetModel, the path of a local ControlNet folder, or "
-        f"'synthetic:<variant>' (random weights); got {source!r}"
+        f"'synthetic:<variant>' (random weights); got {source!r}{synthetic_hint(source)}"
     )

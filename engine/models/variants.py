@@ -234,8 +234,16 @@ def variant_spec(name: str) -> ModelSpec:
     return VARIANTS[key]
 
 
-def is_variant_name(model: str) -> bool:
-    return model.startswith(SYNTHETIC_PREFIX) or model in VARIANTS
+def is_variant_name(model) -> bool:
+    """Whether `model` names a random synthetic model: only `synthetic:<variant>` does. A bare name is a path, as in
+    diffusers: a local folder named `tiny` or `flux-dev` loads that folder, never a random model in its place."""
+    return isinstance(model, str) and model.startswith(SYNTHETIC_PREFIX)
+
+
+def synthetic_hint(model) -> str:
+    """For an error about a path that does not exist: the synthetic name the user may have meant, or ''."""
+    name = str(model)
+    return f"; for the random synthetic model of that name pass {SYNTHETIC_PREFIX + name!r}" if name in VARIANTS else ""
 
 
 DEVICE_TYPES = ("cuda", "cpu")
