@@ -184,6 +184,8 @@ def test_bench_rejects_a_corrupt_checkpoint(tmp_path, capsys):
     (folder / "model_index.json").write_text("{}")
     for component in PIPELINE_COMPONENTS:
         (folder / component).mkdir()
+    for tokenizer in ("tokenizer", "tokenizer_2"):  # the folder checks pass: the file is what is wrong
+        (folder / tokenizer / "tokenizer.json").write_text("{}")
     (folder / "transformer" / "config.json").write_text(json.dumps(VARIANTS["tiny"].transformer))
     code = cli.main(["--model", str(bad), "--config-folder", str(folder), "--res", "256", "--device", "cpu"])
     assert code == 2

@@ -169,11 +169,21 @@ def save_bfl_single_file(transformer, path: str | Path) -> Path:
     return path
 
 
-def config_for_bfl_file(path: Path, config: dict) -> dict:
-    """`config` with the input width of the BFL checkpoint at `path`: FLUX.1 Fill (384) and Canny / Depth (128) ship
-    as single files beside a dev folder, whose config says 64. Their output stays 64 wide."""
+_INPUT_WEIGHTS = (_BFL_PREFIX + "img_in.weight", "img_in.weight", "x_embedder.weight")  # BFL's names, diffusers'
+
+
+def holds_diffusers_names(path: Path) -> bool:
+    """Whether the single file at `path` holds a transformer in diffusers' names (a diffusion_pytorch_model
+    .safetensors saved alone) rather than BFL's."""
     with SafetensorsReader([path]) as reader:
-        key = next((k for k in (_BFL_PREFIX + "img_in.weight", "img_in.weight") if k in reader), None)
+        return "x_embedder.weight" in reader
+
+
+def config_for_bfl_file(path: Path, config: dict) -> dict:
+    """`config` with the input width of the checkpoint at `path` (BFL's names or diffusers'): FLUX.1 Fill (384) and
+    Canny / Depth (128) ship as single files beside a dev folder, whose config says 64. Their output stays 64 wide."""
+    with SafetensorsReader([path]) as reader:
+        key = next((k for k in _INPUT_WEIGHTS if k in reader), None)
         if key is None:
             return config  # the key check names what is missing
         width = reader.shape(key)[1]

@@ -10,16 +10,18 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from .bfl import BflReader, bfl_to_diffusers, config_for_bfl_file
+from .bfl import BflReader, bfl_to_diffusers, config_for_bfl_file, holds_diffusers_names
 from .builders import dtype_as_default
 from .safetensors_io import (
     SafetensorsReader,
+    as_loaded_by_library,
     component_weight_files,
     empty_model,
     meta_dtype,
     read_safetensors,
     stream_into,
 )
+from .variants import synthetic_hint
 
 logger = logging.getLogger(__name__)
 
@@ -27,11 +29,20 @@ logger = logging.getLogger(__name__)
 PIPELINE_COMPONENTS = ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae")
 
 
+# the files a tokenizer folder needs for its vocabulary, any one set: the fast tokenizer's, CLIP's BPE, T5's model
+TOKENIZER_VOCABULARIES = ({"tokenizer.json"}, {"vocab.json", "merges.txt"}, {"spiece.model"})
+
+# a single-file transformer: BFL's releases end in .safetensors, some mirrors (ComfyUI's) in .sft
+SINGLE_FILE_SUFFIXES = (".safetensors", ".sft")
+
+
 def _check_diffusers_folder(folder: Path, single_file: bool = False) -> None:
     """A readable model_index.json and a folder for each component (the transformer's may be absent when a
     single-file transformer replaces it), before diffusers is asked: its own messages name its internals."""
     if not folder.exists():
-        raise CheckpointError(f"model folder {str(folder)!r} does not exist; pass a local diffusers-format folder")
+        raise CheckpointError(
+            f"model folder {str(folder)!r} does not exist; pass a local diffusers-format folder{synthetic_hint(folder)}"
+        )
     index_path = folder / "model_index.json"
     if not index_path.is_file():
         raise CheckpointError(
@@ -51,6 +62,14 @@ def _check_diffusers_folder(folder: Path, single_file: bool = False) -> None:
             f"{str(folder)!r} lacks the component folder(s) {', '.join(missing)}; a FLUX.1 diffusers folder holds "
             f"{', '.join(PIPELINE_COMPONENTS)} beside model_index.json: copy the whole model folder"
         )
+    for name in ("tokenizer", "tokenizer_2"):  # transformers loads a tokenizer folder without its vocabulary as a
+        files = {p.name for p in (folder / name).iterdir()}  # near-empty one: every prompt would encode to nothing
+        if not any(vocab <= files for vocab in TOKENIZER_VOCABULARIES):
+            raise CheckpointError(
+                f"{str(folder / name)!r} holds no vocabulary (it has {sorted(files) or 'no files'}); a FLUX.1 "
+                f"tokenizer folder holds {' or '.join('+'.join(sorted(v)) for v in TOKENIZER_VOCABULARIES)}: copy "
+                "the folder again from the model you downloaded"
+            )
 
 
 def _load_quantizer(component: str, quant):
@@ -74,7 +93,8 @@ def load_component_quantized(folder: Path, component: str, device, dtype: torch.
         return None
     model, target_dtype = empty_model(folder, component, dtype)
     with SafetensorsReader(files) as reader:
-        stream_into(model, reader, device, target_dtype, _load_quantizer(component, quant), str(folder / component))
+        named = as_loaded_by_library(model, reader)
+        stream_into(model, named, device, target_dtype, _load_quantizer(component, quant), str(folder / component))
     return model
 
 
@@ -95,10 +115,12 @@ def load_transformer_single_file(path: str | Path, config_folder: str | Path, de
     # a Fill / Canny / Depth single file beside a dev folder: the file's input width wins
     config = config_for_bfl_file(Path(path), json.loads(config_path.read_text()))
     quantizer = _load_quantizer("transformer", quant) if quant is not None else None
+    diffusers_names = holds_diffusers_names(Path(path))  # a diffusers transformer's weights saved as one file
     try:
         if quantizer is not None:
-            return _stream_single_file(Path(path), config, device, dtype, quantizer)
-        state = bfl_to_diffusers(read_safetensors(Path(path)), config)
+            return _stream_single_file(Path(path), config, device, dtype, quantizer, diffusers_names)
+        state = read_safetensors(Path(path))
+        state = state if diffusers_names else bfl_to_diffusers(state, config)
     except KeyError as err:
         raise CheckpointError(
             f"{str(path)!r} lacks the tensor {err.args[0]!r} of a BFL FLUX transformer with "
@@ -114,11 +136,11 @@ def load_transformer_single_file(path: str | Path, config_folder: str | Path, de
     return transformer.to(device).eval().requires_grad_(False)
 
 
-def _stream_single_file(path: Path, config: dict, device, dtype: torch.dtype, quantizer):
+def _stream_single_file(path: Path, config: dict, device, dtype: torch.dtype, quantizer, diffusers_names: bool):
     from accelerate import init_empty_weights
     from diffusers import FluxTransformer2DModel
 
-    with BflReader(path, config) as reader:
+    with SafetensorsReader([path]) if diffusers_names else BflReader(path, config) as reader:
         with init_empty_weights(include_buffers=False), dtype_as_default(dtype):
             transformer = FluxTransformer2DModel.from_config(config)
         stream_into(transformer, reader, device, meta_dtype, quantizer, str(path))
@@ -150,7 +172,7 @@ def load_local_components(
 
     quant = quant if quant is not None else QuantConfig()
     path = Path(path)
-    single_file = path.suffix == ".safetensors"
+    single_file = path.suffix in SINGLE_FILE_SUFFIXES or path.is_file()
     if single_file and config_folder is None:
         raise CheckpointError(
             f"{str(path)!r} is a single-file transformer; also pass the diffusers-format folder that holds "

@@ -140,6 +140,55 @@ def stream_into(
     model.eval().requires_grad_(False)
 
 
+class RenamedReader:
+    """A reader under the model's names for tensors the checkpoint holds under others: `names` maps the model's name
+    to the checkpoint's; every other tensor keeps its name."""
+
+    def __init__(self, reader, names: dict[str, str]):
+        self._reader, self._names = reader, names
+        renamed = set(names.values())
+        self._keys = (reader.keys() - renamed) | set(names)
+
+    def _source(self, key: str) -> str:
+        return self._names.get(key, key)
+
+    def keys(self) -> set[str]:
+        return set(self._keys)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._keys
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._reader.get(self._source(key))
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._reader.shape(self._source(key))
+
+    def metadata(self) -> dict:
+        return self._reader.metadata()
+
+
+def as_loaded_by_library(model: torch.nn.Module, reader):
+    """`reader` under the names transformers' own loader gives the checkpoint's tensors for `model` (FLUX.1's CLIP
+    folder stores `text_model.`-prefixed keys, which transformers 5 strips; base-model prefixes): a streamed load
+    then reads what from_pretrained would. `reader` itself for a diffusers model, or where nothing is renamed."""
+    if not hasattr(model, "base_model_prefix"):  # diffusers' models load their keys as they are
+        return reader
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+    wanted = model.state_dict(keep_vars=True)
+    names = {}
+    for key in sorted(reader.keys() - wanted.keys()):
+        renamed, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, wanted)
+        if renamed in wanted and renamed not in reader and renamed not in names:
+            names[renamed] = key
+    return RenamedReader(reader, names) if names else reader
+
+
 def _check_filled(module: torch.nn.Module, name: str, source: str) -> None:
     state = module.state_dict(keep_vars=True, prefix=f"{name}." if name else "")
     missing = [key for key, value in state.items() if isinstance(value, torch.Tensor) and value.is_meta]
@@ -214,15 +263,31 @@ def empty_model(folder: Path, component: str, dtype: torch.dtype):
     return model, target_dtype
 
 
+# the files each library reads from a component folder, in its own order of preference: diffusers (transformer, VAE)
+# reads a shard index before a single file, transformers (text encoders) a single file before an index; a folder with
+# both must give us the weights the library would load, not the other set
+LIBRARY_WEIGHT_FILES = (
+    ("diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.safetensors"),
+    ("model.safetensors", "model.safetensors.index.json"),
+)
+
+
 def component_weight_files(subfolder: Path) -> list[Path] | None:
     """The safetensors files a library's loader reads for one component folder (sharded or not); None if it has
     none (e.g. only .bin weights)."""
-    for index_name in ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json"):
-        index = subfolder / index_name
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            return [subfolder / name for name in sorted(set(weight_map.values()))]
-    for name in ("diffusion_pytorch_model.safetensors", "model.safetensors"):
-        if (subfolder / name).is_file():
-            return [subfolder / name]
+    for names in LIBRARY_WEIGHT_FILES:
+        for name in names:
+            path = subfolder / name
+            if not path.is_file():
+                continue
+            if not name.endswith(".index.json"):
+                return [path]
+            try:
+                weight_map = json.loads(path.read_text())["weight_map"]
+                return [subfolder / shard for shard in sorted(set(weight_map.values()))]
+            except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
+                raise CheckpointError(
+                    f"{str(path)!r} is not a readable shard index ({type(err).__name__}: {err}); a shard index is "
+                    'JSON with a "weight_map" of tensor names to files: copy it again from the model you downloaded'
+                ) from err
     return None
