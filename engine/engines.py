@@ -46,6 +46,8 @@ class EngineCalls:
         torch_dtype: torch.dtype | None = None,
         task: str | None = None,
         controlnet=None,
+        variant: str | None = None,
+        local_files_only: bool = True,
     ):
         """Load a local model, or build a synthetic one, and optimise it with `config`.
 
@@ -57,8 +59,10 @@ class EngineCalls:
             engine.TASKS), each the diffusers pipeline class of that task; by default the class this is called on.
         controlnet: for task "controlnet", a FluxControlNetModel (or FluxMultiControlNetModel), the path of a local
             diffusers-format ControlNet folder, or a synthetic one of a variant's architecture ("synthetic:flux-dev").
-        Nothing is ever fetched from a model hub.
+        variant: the weight files' variant, as in diffusers (`variant="fp16"` reads model.fp16.safetensors).
+        local_files_only: accepted as in diffusers; nothing is ever fetched from a model hub, whatever it says.
         """
+        del local_files_only  # always local
         cls = _class_for(cls, task)
         if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
             raise ConfigError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; pass one of them")
@@ -79,8 +83,9 @@ class EngineCalls:
             model_name = SYNTHETIC_PREFIX + variant_spec(source).name
         else:
             # quantised components are quantised layer by layer as they load: the load peak is the quantised size
+            quant = resolve_config(config).quant
             components = load_local_components(
-                source, device=device, dtype=dtype, config_folder=config_folder, quant=resolve_config(config).quant
+                source, device=device, dtype=dtype, config_folder=config_folder, quant=quant, variant=variant
             )
             model_name = source
         if controlnet is not None:

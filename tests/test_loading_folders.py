@@ -168,3 +168,25 @@ def test_a_tokenizer_folder_without_its_vocabulary_is_a_clear_error(saved_seed1,
     (folder / "tokenizer_2" / "tokenizer.json").unlink()
     with pytest.raises(CheckpointError, match=r"tokenizer_2' holds no vocabulary .*tokenizer_config.json.*copy"):
         load_local_components(folder, "cpu", torch.float32)
+
+
+def test_a_folder_of_variant_weights_loads_with_variant_as_in_diffusers(saved_seed1, tmp_path):
+    """Before: `variant=` was a TypeError, and the folder without it failed with a hint about truncated files."""
+    from diffusers import FluxPipeline
+
+    from engine.quant import apply_quantization
+
+    plain = load_local_components(saved_seed1, "cpu", torch.float32)
+    folder = tmp_path / "fp16-variant"
+    FluxPipeline(**plain).save_pretrained(folder, variant="fp16")
+    assert (folder / "text_encoder_2" / "model.fp16.safetensors").is_file()
+    with pytest.raises(CheckpointError, match=r"pass variant='fp16'"):
+        FluxEngine.from_pretrained(folder, device="cpu", dtype=torch.float32)
+    engine = FluxEngine.from_pretrained(folder, config="baseline", device="cpu", dtype=torch.float32, variant="fp16")
+    for name in ("transformer", "text_encoder", "text_encoder_2", "vae"):
+        assert _equal_states(_state(getattr(engine, name)), _state(plain[name])), name
+    quant = QuantConfig(transformer="fp8", text_encoder_2="fp8")
+    streamed = load_local_components(folder, "cpu", torch.float32, quant=quant, variant="fp16")
+    apply_quantization(FluxPipeline(**plain), quant)
+    for name in ("transformer", "text_encoder_2"):
+        assert _equal_states(_state(streamed[name]), _state(plain[name])), name

@@ -81,10 +81,10 @@ def _load_quantizer(component: str, quant):
     return LoadQuantizer(component, mode, quant.nf4_double_quant)
 
 
-def load_component_quantized(folder: Path, component: str, device, dtype: torch.dtype, quant):
+def load_component_quantized(folder: Path, component: str, device, dtype: torch.dtype, quant, variant=None):
     """`component` of a diffusers-format folder, each quantisable Linear quantised (per `quant`) as it is read:
     the device peak is the quantised component plus one layer. None when the folder has no safetensors for it."""
-    files = component_weight_files(folder / component)
+    files = component_weight_files(folder / component, variant)
     if files is None:
         logger.warning(
             "%s has no safetensors weights: loading it whole and quantising afterwards (the peak is its full size)",
@@ -147,12 +147,20 @@ def _stream_single_file(path: Path, config: dict, device, dtype: torch.dtype, qu
     return transformer
 
 
+def _fix_for(err: Exception) -> str:
+    """What to do about diffusers' error loading a folder."""
+    if "variant" in str(err):
+        return "The folder's weights carry a variant in their names (model.fp16.safetensors): pass variant='fp16'"
+    return "Check that every component folder is complete (a truncated or missing weight file is the usual cause)"
+
+
 def load_local_components(
     path: str | Path,
     device: torch.device | str,
     dtype: torch.dtype,
     config_folder: str | Path | None = None,
     quant=None,
+    variant: str | None = None,
 ) -> dict:
     """FluxPipeline components from local files only.
 
@@ -165,6 +173,7 @@ def load_local_components(
     calling apply_quantization with the same QuantConfig (which then leaves it as it is).
     A folder written by engine.quant.checkpoint.save_quantized loads its quantised transformer as saved, whatever
     `quant` says for it ('none' or the saved mode; another mode is refused).
+    variant: the weight files' variant, as in diffusers (`variant="fp16"` reads model.fp16.safetensors).
     """
     from diffusers import FluxPipeline
 
@@ -193,15 +202,16 @@ def load_local_components(
             overrides["transformer"] = saved
     for component in QuantConfig.COMPONENTS:
         if component not in overrides and getattr(quant, component) != "none":
-            loaded = load_component_quantized(folder, component, device, dtype, quant)
+            loaded = load_component_quantized(folder, component, device, dtype, quant, variant)
             if loaded is not None:
                 overrides[component] = loaded
     try:
-        pipe = FluxPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True, **overrides)
+        pipe = FluxPipeline.from_pretrained(
+            str(folder), dtype=dtype, local_files_only=True, variant=variant, **overrides
+        )
     except Exception as err:  # noqa: BLE001 - diffusers raises many types for one cause: a bad folder
         raise CheckpointError(
-            f"could not load the FLUX pipeline from {str(folder)!r}: {type(err).__name__}: {err}. "
-            "Check that every component folder is complete (a truncated or missing weight file is the usual cause)"
+            f"could not load the FLUX pipeline from {str(folder)!r}: {type(err).__name__}: {err}. {_fix_for(err)}"
         ) from err
     pipe.to(device)
     return dict(pipe.components)

@@ -272,12 +272,21 @@ LIBRARY_WEIGHT_FILES = (
 )
 
 
-def component_weight_files(subfolder: Path) -> list[Path] | None:
-    """The safetensors files a library's loader reads for one component folder (sharded or not); None if it has
-    none (e.g. only .bin weights)."""
+def with_variant(name: str, variant: str | None) -> str:
+    """A weights file's name for a variant, as diffusers and transformers spell it (model.fp16.safetensors,
+    model.safetensors.index.fp16.json)."""
+    if variant is None:
+        return name
+    stem, _, suffix = name.rpartition(".")
+    return f"{stem}.{variant}.{suffix}"
+
+
+def component_weight_files(subfolder: Path, variant: str | None = None) -> list[Path] | None:
+    """The safetensors files a library's loader reads for one component folder (sharded or not; of `variant`, such
+    as "fp16", when given); None if it has none (e.g. only .bin weights)."""
     for names in LIBRARY_WEIGHT_FILES:
         for name in names:
-            path = subfolder / name
+            path = subfolder / with_variant(name, variant)
             if not path.is_file():
                 continue
             if not name.endswith(".index.json"):
