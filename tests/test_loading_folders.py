@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from engine import FluxEngine
 from engine.config import QuantConfig
-from engine.errors import CheckpointError
+from engine.errors import CheckpointError, ConfigError
 from engine.models import load_local_components, synthetic_components
 
 
@@ -190,3 +190,28 @@ def test_a_folder_of_variant_weights_loads_with_variant_as_in_diffusers(saved_se
     apply_quantization(FluxPipeline(**plain), quant)
     for name in ("transformer", "text_encoder_2"):
         assert _equal_states(_state(streamed[name]), _state(plain[name])), name
+
+
+@pytest.mark.parametrize("mode", ["fp8", "fp8-weight", "int8-weight"])
+def test_load_state_dict_on_a_quantised_transformer(mode):
+    """Before: a float state dict (a fine-tune's weights, in diffusers' keys) loaded into a transformer the engine
+    quantised either failed with torch's key list (fp8, strict), kept the old weights without a word (fp8,
+    strict=False), or was taken by quanto's layers without quantising (fp8-weight, int8-weight, even strict): images
+    far from those of the same mode over the new weights. Now refused before anything is copied; the model's own
+    (quantised) state dict still loads back."""
+    from conftest import tiny_call_kwargs
+    from diffusers import FluxPipeline
+
+    from engine import optimize
+    from engine.config import EngineConfig
+
+    config = EngineConfig(quant=QuantConfig(transformer=mode))
+    pipe = optimize(FluxPipeline(**synthetic_components("tiny", device="cpu", dtype=torch.float32, seed=0)), config)
+    before = pipe(**tiny_call_kwargs()).images
+    fine_tuned = synthetic_components("tiny", device="cpu", dtype=torch.float32, seed=1)["transformer"].state_dict()
+    for strict in (True, False):
+        with pytest.raises(ConfigError, match=rf"quantised as '{mode}' .*Nothing was loaded.*restore\(pipe\)"):
+            pipe.transformer.load_state_dict(fine_tuned, strict=strict)
+        assert torch.equal(pipe(**tiny_call_kwargs()).images, before)
+    assert not pipe.transformer.load_state_dict(pipe.transformer.state_dict()).missing_keys
+    assert torch.equal(pipe(**tiny_call_kwargs()).images, before)

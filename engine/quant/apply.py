@@ -93,10 +93,42 @@ def quantize_layer(
 
 
 def mark_quantized(model: nn.Module, record: ComponentQuant, double_quant: bool = False) -> None:
-    """Tag `model` as quantised (apply_quantization then leaves it alone) and keep what quantising it did."""
+    """Tag `model` as quantised (apply_quantization then leaves it alone) and keep what quantising it did; its
+    load_state_dict then refuses float weights its quantised layers cannot take (`_refuse_float_weights`)."""
     model._flux_quant_mode = record.mode
     model._flux_nf4_double_quant = double_quant
     model._flux_quant_record = record
+    if "_flux_load_guard" not in model.__dict__:
+        model._flux_load_guard = model.register_load_state_dict_pre_hook(_refuse_float_weights)
+
+
+def _refuse_float_weights(model: nn.Module, state_dict, prefix: str, *_args) -> None:
+    """load_state_dict's pre hook on a quantised model, before anything is copied. A float state dict (diffusers' or
+    transformers' keys) does not fit quantised layers: our fp8 layers hold `weight_fp8` / `weight_scale` (and fused
+    projections hold their parts' weights under one name), so its weights were dropped as unexpected keys and, with
+    strict=False, the old weights kept; quanto's and bitsandbytes' layers took a float `weight` under their own key
+    without quantising it again: a different image, without a word, even with strict=True. Refused, naming the fix.
+    LoRA keys (PEFT's, which diffusers' LoRA loaders hand to load_state_dict) pass."""
+    own = model.state_dict(keep_vars=True, prefix=prefix)
+    refused = []
+    for key, value in state_dict.items():
+        if not key.startswith(prefix) or ".lora_" in key:
+            continue
+        if key not in own:
+            refused.append(key)
+        elif key.endswith(".weight") and type(value) is torch.Tensor and value.is_floating_point():
+            layer = model.get_submodule(key[len(prefix) : -len(".weight")])
+            if quantized_kind(layer) is not None and value.dtype != FP8_DTYPE:
+                refused.append(key)
+    if refused:
+        raise ConfigError(
+            f"load_state_dict: {type(model).__name__} was quantised as {model._flux_quant_mode!r} by the engine, and "
+            f"{len(refused)} of the state dict's tensors, e.g. {refused[:2]}, are float weights its quantised layers "
+            "cannot take (dropped with strict=False, or taken without quantising: a different image, without a "
+            "word). Nothing was loaded. Load the weights before optimize(), or restore(pipe), load them, and "
+            "optimize(pipe, config) again; a folder from engine.quant.save_quantized loads with "
+            "FluxEngine.from_pretrained"
+        )
 
 
 class LoadQuantizer:
