@@ -125,9 +125,9 @@ def _refuse_float_weights(model: nn.Module, state_dict, prefix: str, *_args) -> 
             f"load_state_dict: {type(model).__name__} was quantised as {model._flux_quant_mode!r} by the engine, and "
             f"{len(refused)} of the state dict's tensors, e.g. {refused[:2]}, are float weights its quantised layers "
             "cannot take (dropped with strict=False, or taken without quantising: a different image, without a "
-            "word). Nothing was loaded. Load the weights before optimize(), or restore(pipe), load them, and "
-            "optimize(pipe, config) again; a folder from engine.quant.save_quantized loads with "
-            "FluxEngine.from_pretrained"
+            "word). Nothing was loaded. Quantisation is not undone in place: load the weights into the bf16 "
+            "transformer before optimize() (a pipeline built from the fine-tuned weights, then optimize(pipe, "
+            "config)); a folder from engine.quant.save_quantized loads with FluxEngine.from_pretrained"
         )
 
 
