@@ -80,3 +80,147 @@ def test_thresholds_parse(text, value):
 def test_bad_thresholds_are_refused(text):
     with pytest.raises(EngineError):
         parse_fraction(text)
+
+
+# ----------------------------------------------------------------------------- what once passed without a word
+
+
+def _two_rows(**changes):
+    result = _result()
+    result["rows"].append({**result["rows"][0], "height": 2048, "width": 2048, "ms_per_step": 400.0})
+    result.update(changes)
+    return result
+
+
+@pytest.mark.parametrize("now", [{"ms_per_step": float("nan"), "error": "CUDA out of memory"},
+                                 {"ms_per_step": None}, {"peak_allocated_gib": None}])  # fmt: skip
+def test_a_row_that_failed_or_measured_nothing_is_a_regression(now):
+    """Before: NaN > limit is False and None was 'ok', so a config that crashed passed the gate (exit 0)."""
+    current = _result()
+    current["rows"][0].update(now)
+    report = compare_results(current, _result(), 0.05, 0.03)
+    assert report.code == EXIT_REGRESSION
+    assert ("FAILED in this run" if "error" in now else "NOT MEASURED in this run") in report.format()
+
+
+def test_a_baseline_row_missing_from_the_run_is_a_regression():
+    """Before: only the run's rows were looked at; a size or preset dropped from the CI command passed."""
+    report = compare_results(_result(), _two_rows(), 0.05, 0.03)
+    assert report.code == EXIT_REGRESSION
+    assert "MISSING from this run (a regression): kernels 2048x2048 steps=4 batch=1" in report.format()
+    assert compare_results(_two_rows(), _two_rows(), 0.05, 0.03).code == EXIT_OK
+
+
+@pytest.mark.parametrize(("field", "then", "now"), [
+    ("model", "synthetic:flux-dev", "synthetic:flux-schnell"), ("task", "kontext", "text-to-image"),
+    ("dtype", "fp32", "bf16"), ("lora", "synthetic:64", None), ("max_sequence_length", 512, 256),
+    ("prompt", "a fox", "a cat"), ("step_cache", "taylorseer:5", None), ("baseline_cache", "fbcache:0.08", None),
+])  # fmt: skip
+def test_a_baseline_of_another_run_is_not_compared(field, then, now):
+    """Before: only the GPU name was checked; a 3x slower baseline of another model, task or LoRA let a 2x regression
+    pass."""
+    baseline, current = _result(ms=300.0), _result(ms=200.0)
+    baseline[field], current[field] = then, now
+    if field == "step_cache":
+        baseline["rows"][0]["denoise_s"] = 1.0
+    report = compare_results(current, baseline, 0.05, 0.03)
+    assert report.code == EXIT_CARD_MISMATCH
+    assert f"{field}: baseline {then!r}, now {now!r}" in report.message
+
+
+def test_a_result_from_before_the_task_and_lora_fields_compares_as_text_to_image_without_lora():
+    current = _result()
+    current.update(task="text-to-image", lora=None, step_cache=None, baseline_cache=None)
+    assert compare_results(current, _result(), 0.05, 0.03).code == EXIT_OK
+
+
+def test_another_card_size_or_cpu_is_not_compared():
+    baseline, current = _result(), _result()
+    baseline["env"]["gpu_memory_gib"], current["env"]["gpu_memory_gib"] = 79.2, 94.0
+    assert compare_results(current, baseline, 0.05, 0.03).code == EXIT_CARD_MISMATCH
+    baseline, current = _result(gpu=None), _result(gpu=None)
+    baseline["env"]["cpu"], current["env"]["cpu"] = "x86_64", "aarch64"
+    assert compare_results(current, baseline, 0.05, 0.03).code == EXIT_CARD_MISMATCH
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "5", "1", "2.5"])
+def test_thresholds_that_disable_the_gate_or_read_as_hundreds_of_percent_are_refused(text):
+    with pytest.raises(EngineError, match="not a finite number|ambiguous: a bare number is a fraction"):
+        parse_fraction(text)
+
+
+def test_the_allowance_is_printed_when_the_gate_passes():
+    assert "allowed: ms_per_step +500%, peak memory +3%" in compare_results(
+        _result(), _result(), parse_fraction("500%"), 0.03).message  # fmt: skip
+
+
+@pytest.mark.parametrize("row", [{"ms_per_step": 0.0}, {"ms_per_step": -1.0}, {"ms_per_step": None},
+                                 {"peak_allocated_gib": 0.0}, {"ms_per_step": "fast"},
+                                 {"error": "CUDA out of memory", "ms_per_step": float("nan")}])  # fmt: skip
+def test_a_baseline_that_measured_nothing_is_refused(tmp_path, row):
+    """Before: a baseline of 0, a negative, null (a config that failed when --save-baseline wrote it) made every
+    later run pass, forever; a string crashed after the whole run."""
+    baseline = _result()
+    baseline["rows"][0].update(row)
+    path = tmp_path / "baseline.json"
+    path.write_text(json.dumps(baseline))
+    with pytest.raises(GateInputError, match="record it again with --save-baseline|not a number"):
+        load_result(path)
+
+
+def test_broken_baseline_files_are_refused_with_the_file_error(tmp_path):
+    path = tmp_path / "baseline.json"
+    for text, message in [('{"env": null, "rows": []}', "no 'env' object"), ('{"env": {}, "rows": null}', "'rows'")]:
+        path.write_text(text)
+        with pytest.raises(GateInputError, match=message):
+            load_result(path)
+    path.write_bytes(b"\xff\xfe not utf-8")
+    with pytest.raises(GateInputError, match="not valid JSON"):
+        load_result(path)
+    with pytest.raises(GateInputError, match="is a folder"):
+        load_result(tmp_path)
+    duplicated = _result()
+    duplicated["rows"].append(dict(duplicated["rows"][0]))
+    path.write_text(json.dumps(duplicated))
+    with pytest.raises(GateInputError, match="two rows for kernels 1024x1024"):
+        load_result(path)
+
+
+def test_a_step_cache_run_is_gated_on_its_denoising_time():
+    """Before: a cached run's ms/step is a skipped step's (0.04 ms against 984 for a full one): no slowdown of the
+    full steps could show."""
+    baseline, current = _result(ms=0.04), _result(ms=0.04)
+    for result, seconds in ((baseline, 1.0), (current, 2.0)):
+        result["step_cache"] = "static:0,1,4"
+        result["rows"][0]["denoise_s"] = seconds
+    report = compare_results(current, baseline, 0.05, 0.03)
+    assert report.code == EXIT_REGRESSION and "denoise_s" in report.format()
+
+
+def test_the_command_line_refuses_an_empty_gate_and_thresholds_without_one(capsys):
+    from engine.bench import cli
+
+    assert cli.main(["--gate", "", "--device", "cpu"]) == 2
+    assert "--gate is empty" in capsys.readouterr().err
+    assert cli.main(["--max-slowdown", "5%", "--device", "cpu"]) == 2
+    assert "--max-slowdown set a threshold for --gate, which is not given" in capsys.readouterr().err
+
+
+def test_a_run_that_fails_its_gate_does_not_overwrite_a_rolling_baseline(tmp_path, capsys):
+    """`--gate X --save-baseline X` in CI: before, a run that failed the gate still wrote its slow figures as the next
+    baseline, so the regression passed from the next run on. The diffusers row carries the LoRA it ran with."""
+    from engine.bench import cli
+
+    baseline = tmp_path / "gate.json"
+    argv = ["--model", "synthetic:tiny", "--res", "64", "--steps", "1", "--runs", "1", "--device", "cpu",
+            "--preset", "baseline", "--lora", "synthetic:4", "--out", str(tmp_path / "run.json")]  # fmt: skip
+    assert cli.main([*argv, "--save-baseline", str(baseline)]) == 0
+    recorded = json.loads(baseline.read_text())
+    assert recorded["lora"] == "synthetic:4" and {row["lora"] for row in recorded["rows"]} == {"synthetic:4"}
+    for row in recorded["rows"]:  # a baseline 1000x faster than this machine: the next run regresses
+        row["ms_per_step"] /= 1000
+    baseline.write_text(json.dumps(recorded))
+    capsys.readouterr()
+    assert cli.main([*argv, "--gate", str(baseline), "--save-baseline", str(baseline)]) == EXIT_REGRESSION
+    assert "not saving the gate baseline" in capsys.readouterr().err
+    assert json.loads(baseline.read_text()) == recorded

@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-baseline", action="store_true", help="skip the diffusers baseline (no ratio, no PSNR)")
     parser.add_argument("--gate", default=None, help="baseline result JSON: exit non-zero on a regression against it")
-    parser.add_argument("--max-slowdown", default="5%", help="allowed ms/step growth for --gate (default 5%%)")
-    parser.add_argument("--max-vram-growth", default="3%", help="allowed peak-memory growth for --gate (default 3%%)")
+    parser.add_argument("--max-slowdown", default=None, help="allowed ms/step growth for --gate (default 5%%)")
+    parser.add_argument("--max-vram-growth", default=None, help="allowed peak-memory growth for --gate (default 3%%)")
     parser.add_argument("--save-baseline", default=None, help="also write the result here, as a gate baseline")
     parser.add_argument(
         "--vram",
@@ -129,17 +129,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_gate_arguments(args) -> tuple[float, float]:
+    """The gate's thresholds (5% and 3% by default). An empty --gate (an unset variable in a CI script) and a
+    threshold without --gate are refused: either would leave the run ungated without a word."""
+    from ..gate import parse_fraction
+
+    if args.gate is not None and not args.gate.strip():
+        raise EngineError("--gate is empty (an unset variable?); name the baseline result JSON, or drop --gate")
+    parsed = parse_fraction(args.max_slowdown or "5%"), parse_fraction(args.max_vram_growth or "3%")
+    thresholds = {"--max-slowdown": args.max_slowdown, "--max-vram-growth": args.max_vram_growth}
+    given = [flag for flag, value in thresholds.items() if value is not None]
+    if given and args.gate is None:
+        raise EngineError(f"{' and '.join(given)} set a threshold for --gate, which is not given; add --gate BASELINE")
+    return parsed
+
+
+def save_baseline(result: dict, path: Path, failed: list, report) -> int:
+    """--save-baseline: the result as the next gate's baseline, unless a row failed or the gate failed (a rolling
+    baseline would keep the regression). The exit code's share: 0, or 2 when nothing could be written."""
+    if failed or (report is not None and report.code != 0):
+        why = f"{len(failed)} row(s) failed" if failed else "the gate did not pass"
+        print(f"not saving the gate baseline {path}: {why} (the previous baseline stays)", file=sys.stderr)
+        return 0
+    saved = write_with_fallback(path, lambda target: write_json(target, result), "the gate baseline")
+    if saved is not None:
+        print(f"saved the gate baseline {saved}")
+    return 0 if saved == path else 2
+
+
 def main(argv: list[str] | None = None) -> int:
     return end_parallel_run(_main(argv))
 
 
 def _main(argv: list[str] | None) -> int:
-    from ..gate import EXIT_BAD_RESULT, GateInputError, compare_results, load_result, parse_fraction
+    from ..gate import EXIT_BAD_RESULT, GateInputError, compare_results, load_result
 
     args = build_parser().parse_args(argv)
     try:
-        thresholds = (parse_fraction(args.max_slowdown), parse_fraction(args.max_vram_growth))
-        gate_baseline = load_result(args.gate) if args.gate else None
+        thresholds = check_gate_arguments(args)
+        gate_baseline = load_result(args.gate) if args.gate is not None else None
         check_arguments(args)
         from .plan import make_plan  # torch, diffusers: only once the arguments are known to be good
         from .run import run
@@ -178,20 +206,18 @@ def _main(argv: list[str] | None) -> int:
     if out is not None:
         print(f"wrote {out} (+ .csv, .png)")
     code = 0 if out == requested else 2
-    if args.save_baseline:
-        baseline_path = Path(args.save_baseline)
-        saved = write_with_fallback(baseline_path, lambda path: write_json(path, result), "the gate baseline")
-        if saved is not None:
-            print(f"saved the gate baseline {saved}")
-        code = code or (0 if saved == baseline_path else 2)
     failed = [r for r in result["rows"] if r.get("error")]
-    if gate_baseline is not None:
-        report = compare_results(result, gate_baseline, *thresholds)
+    report = compare_results(result, gate_baseline, *thresholds) if gate_baseline is not None else None
+    if report is not None:
         print(report.format())
-        return report.code or code
+    if args.save_baseline:  # after the gate: a run that failed it, or failed a row, is no baseline
+        code = save_baseline(result, Path(args.save_baseline), failed, report) or code
     if failed:
         print(f"error: {len(failed)} row(s) failed: " + "; ".join(f"{r['config']} {r['width']}x{r['height']}"
                                                              for r in failed), file=sys.stderr)  # fmt: skip
+    if report is not None:
+        return report.code or (2 if failed else code)
+    if failed:
         return 2
     for line in verdict_lines if verdict_lines is not None else verdicts(result):
         print(line)

@@ -56,8 +56,9 @@ def make_plan(args) -> Plan:
     on_cpu = choice.device.type != "cuda"
     if args.runs is None:
         args.runs = 1 if on_cpu else 3
-    if args.warmup_steps is None:
-        args.warmup_steps = 1 if on_cpu else args.steps
+    if args.warmup_steps is None:  # a static step cache names steps of the full call: its warm-up runs them all
+        static_cache = (getattr(args, "cache", None) or "").startswith("static")
+        args.warmup_steps = 1 if on_cpu and not static_cache else args.steps
     out = Path(args.out) if args.out else None
     check_writable(out or default_out_dir(choice.device.type == "cuda") / "bench.json", "--out")
     for path in (args.save_baseline,) if args.save_baseline else ():

@@ -48,7 +48,7 @@ class Row:
     ms_per_step_p20: float
     ms_per_step_p80: float
     tflop_per_step: float
-    tflops: float
+    tflops: float | None  # None with a step cache (a skipped step's time is no rate)
     encode_s: float
     denoise_s: float
     decode_s: float
@@ -363,6 +363,7 @@ def run(args, plan: Plan | None = None) -> dict:
                 rows[key], outputs[key] = run_config(
                     baseline_pipe, BASELINE_LABEL, *size, args, plan.device, flops[size], progress
                 )
+                rows[key].lora = lora.label if lora is not None else None  # diffusers ran with the same adapter
             if baseline_cache is not None:  # its hooks sit on the transformer the first engine config shares
                 baseline_pipe.transformer.disable_cache()
             del baseline_pipe
@@ -425,6 +426,9 @@ def run(args, plan: Plan | None = None) -> dict:
                 progress.set_postfix_str(f"{label} warm compile")
                 measure_warm_compile(engine, first, args, plan.device, progress)
             del engine
+    if cache is not None:  # a median step of a cached call is a skipped one's: no rate of the model's FLOPs
+        for row in rows.values():
+            row.tflops = None
     ordered = [asdict(rows[(label, size)]) for size in plan.sizes for label in configs if (label, size) in rows]
     return {
         "version": JSON_VERSION,
@@ -445,6 +449,7 @@ def run(args, plan: Plan | None = None) -> dict:
         "attention_core": attention_cores,
         "quantization": quant_reports,
         "h2d": h2d,
+        "lora": lora.label if lora is not None else None,
         "step_cache": cache.label if cache is not None else None,
         "baseline_cache": baseline_cache if cache is not None and not args.no_baseline else None,
         "plans": [j.explanation for j in jobs if j.explanation],

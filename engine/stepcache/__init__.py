@@ -99,7 +99,7 @@ class StepCacheConfig:
             return f"fbcache:{self.threshold:g}"
         if self.mode == "taylorseer":
             return f"taylorseer:{self.interval}" + (f",order={self.order}" if self.order != 1 else "")
-        return f"static:{len(self.steps)}steps" + (f",order={self.order}" if self.order != 1 else "")
+        return f"static:{','.join(map(str, self.steps))}" + (f",order={self.order}" if self.order != 1 else "")
 
     def full_steps(self, total: int) -> list[int]:
         """The steps that run the transformer fully in a call of `total` steps (fbcache: decided at run time, so
