@@ -246,3 +246,22 @@ def compare_results(current: dict, baseline: dict, max_slowdown: float, max_vram
         return GateReport(EXIT_REGRESSION, comparisons, unmatched, message, missing)
     message = f"gate passed: {len(comparisons)} checks on {card_now or 'CPU'} ({allowance})"
     return GateReport(EXIT_OK, comparisons, unmatched, message)
+
+
+def psnr_gate(result: dict, min_psnr_db: float, baseline_label: str = "diffusers") -> tuple[int, list[str]]:
+    """`--min-psnr`: every row's image against diffusers' in the same run must keep `min_psnr_db` (an image that
+    drifts from diffusers' fails CI, as a slowdown does). A row that failed or has no PSNR fails. (code, lines)."""
+    lines, failing = [], 0
+    for row in result["rows"]:
+        if row["config"] == baseline_label:
+            continue
+        value = row.get("psnr_db")
+        value = float(value) if isinstance(value, (int, float, str)) and value != "" else None
+        ok = value is not None and not math.isnan(value) and value >= min_psnr_db
+        failing += not ok
+        shown = "-" if value is None or math.isnan(value) else f"{value:.1f} dB"
+        verdict = "ok" if ok else f"BELOW {min_psnr_db:g} dB" + (" (failed)" if row.get("error") else "")
+        lines.append(f"{row['config']:<28} {row['width']}x{row['height']:<5} PSNR {shown:>9}  {verdict}")
+    head = (f"IMAGE GATE FAILED: {failing} row(s) below {min_psnr_db:g} dB against diffusers" if failing else
+            f"image gate passed: {len(lines)} row(s) at >= {min_psnr_db:g} dB against diffusers")  # fmt: skip
+    return (EXIT_REGRESSION if failing else EXIT_OK), [head, *lines]

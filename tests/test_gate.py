@@ -224,3 +224,35 @@ def test_a_run_that_fails_its_gate_does_not_overwrite_a_rolling_baseline(tmp_pat
     assert cli.main([*argv, "--gate", str(baseline), "--save-baseline", str(baseline)]) == EXIT_REGRESSION
     assert "not saving the gate baseline" in capsys.readouterr().err
     assert json.loads(baseline.read_text()) == recorded
+
+
+def test_the_image_gate_fails_a_config_whose_image_drifts_from_diffusers():
+    """--min-psnr: the gate once looked at speed and memory only; an image at 6 dB from diffusers' passed."""
+    from engine.gate import psnr_gate
+
+    result = _two_rows()
+    result["rows"][0]["psnr_db"], result["rows"][1]["psnr_db"] = 47.2, 6.0
+    result["rows"].append({**result["rows"][0], "config": "diffusers", "psnr_db": None})
+    code, lines = psnr_gate(result, 35.0)
+    assert code == EXIT_REGRESSION and lines[0].startswith("IMAGE GATE FAILED: 1 row(s) below 35 dB")
+    assert any("2048x2048" in line and "BELOW 35 dB" in line for line in lines)
+    result["rows"][1]["psnr_db"] = "inf"  # as the JSON stores an identical image
+    assert psnr_gate(result, 35.0)[0] == EXIT_OK
+    result["rows"][1].update(psnr_db=None, error="CUDA out of memory")
+    assert psnr_gate(result, 35.0)[0] == EXIT_REGRESSION
+
+
+def test_the_image_gate_needs_the_diffusers_baseline(capsys):
+    from engine.bench import cli
+
+    assert cli.main(["--min-psnr", "35", "--no-baseline", "--device", "cpu"]) == 2
+    assert "drop --no-baseline" in capsys.readouterr().err
+
+
+def test_the_image_gate_on_a_run(tmp_path, capsys):
+    from engine.bench import cli
+
+    argv = ["--model", "synthetic:tiny", "--res", "64", "--steps", "1", "--runs", "1", "--device", "cpu",
+            "--preset", "baseline", "--out", str(tmp_path / "run.json"), "--min-psnr", "35"]  # fmt: skip
+    assert cli.main(argv) == 0  # the baseline preset is diffusers bit for bit: an infinite PSNR
+    assert "image gate passed: 1 row(s) at >= 35 dB against diffusers" in capsys.readouterr().out

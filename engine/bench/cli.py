@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-vram-growth", default=None, help="allowed peak-memory growth for --gate (default 3%%)")
     parser.add_argument("--save-baseline", default=None, help="also write the result here, as a gate baseline")
     parser.add_argument(
+        "--min-psnr", type=float, default=None, metavar="DB",
+        help="fail (exit 1) when a config's image falls below DB of PSNR against diffusers' in the same run",
+    )  # fmt: skip
+    parser.add_argument(
         "--vram",
         default=None,
         help="GiB budgets, comma-separated (e.g. 12 or 6,8,12,16,24,48): per size, the planner's fastest config "
@@ -141,13 +145,18 @@ def check_gate_arguments(args) -> tuple[float, float]:
     given = [flag for flag, value in thresholds.items() if value is not None]
     if given and args.gate is None:
         raise EngineError(f"{' and '.join(given)} set a threshold for --gate, which is not given; add --gate BASELINE")
+    if args.min_psnr is not None and (not 0 < args.min_psnr < float("inf") or args.no_baseline):
+        raise EngineError(
+            f"--min-psnr {args.min_psnr} needs a PSNR in dB > 0 (e.g. 35) and the diffusers baseline it is measured "
+            "against" + (": drop --no-baseline" if args.no_baseline else "")
+        )
     return parsed
 
 
-def save_baseline(result: dict, path: Path, failed: list, report) -> int:
-    """--save-baseline: the result as the next gate's baseline, unless a row failed or the gate failed (a rolling
+def save_baseline(result: dict, path: Path, failed: list, gates_passed: bool) -> int:
+    """--save-baseline: the result as the next gate's baseline, unless a row failed or a gate failed (a rolling
     baseline would keep the regression). The exit code's share: 0, or 2 when nothing could be written."""
-    if failed or (report is not None and report.code != 0):
+    if failed or not gates_passed:
         why = f"{len(failed)} row(s) failed" if failed else "the gate did not pass"
         print(f"not saving the gate baseline {path}: {why} (the previous baseline stays)", file=sys.stderr)
         return 0
@@ -162,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    from ..gate import EXIT_BAD_RESULT, GateInputError, compare_results, load_result
+    from ..gate import EXIT_BAD_RESULT, GateInputError, compare_results, load_result, psnr_gate
 
     args = build_parser().parse_args(argv)
     try:
@@ -210,8 +219,15 @@ def _main(argv: list[str] | None) -> int:
     report = compare_results(result, gate_baseline, *thresholds) if gate_baseline is not None else None
     if report is not None:
         print(report.format())
-    if args.save_baseline:  # after the gate: a run that failed it, or failed a row, is no baseline
-        code = save_baseline(result, Path(args.save_baseline), failed, report) or code
+    image_code = 0
+    if args.min_psnr is not None:
+        image_code, lines = psnr_gate(result, args.min_psnr)
+        print("\n".join(lines))
+    if args.save_baseline:  # after the gates: a run that failed one, or failed a row, is no baseline
+        gates_passed = (report is None or report.code == 0) and image_code == 0
+        code = save_baseline(result, Path(args.save_baseline), failed, gates_passed) or code
+    if image_code and not (report is not None and report.code):
+        return image_code
     if failed:
         print(f"error: {len(failed)} row(s) failed: " + "; ".join(f"{r['config']} {r['width']}x{r['height']}"
                                                              for r in failed), file=sys.stderr)  # fmt: skip
