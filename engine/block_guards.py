@@ -42,6 +42,14 @@ _GUARDS = "_engine_block_guards"  # the transformer's hook handle and the method
 # it does not: with a timestep of batch 1, diffusers' own blocks fail to concatenate the two streams)
 BROADCAST_INPUTS = ("encoder_hidden_states", "pooled_projections")
 PROCESSORS = ("FluxAttnProcessor", "FluxAttnProcessor2_0")  # diffusers' own, which the fused blocks replace
+KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# diffusers methods whose effect the fused blocks would not have, refused with the fix
+REFUSED_METHODS = {
+    "set_attention_backend": "the fused blocks run the engine's attention core (AttentionConfig(backend=...) picks it; "
+    "diffusers' backends are for the 'baseline' and 'compile' presets)",
+    "compile_repeated_blocks": "the blocks are the engine's, compiled by its own presets: use 'kernels-compile' (or "
+    "EngineConfig(compile=CompileConfig(mode='regional')))",
+}
 STEP_CACHES = (
     "use the engine's own step caches, which give diffusers' images with its hooks: EngineConfig(step_cache="
     "StepCacheConfig(...)), `--cache taylorseer:5` / `--cache fbcache:0.08` on the command line"
@@ -49,7 +57,15 @@ STEP_CACHES = (
 
 
 def check_processors(model: nn.Module, name: str = "transformer") -> None:
-    """Refuse attention processors the fused blocks would not call (a custom or IP-Adapter processor)."""
+    """Refuse attention processors the fused blocks would not call (a custom or IP-Adapter processor), diffusers hooks
+    inside the blocks (check_block_hooks) and a dtype the kernels do not take."""
+    check_block_hooks(model, name, everywhere=True)
+    dtype = next(model.parameters()).dtype
+    if dtype not in KERNEL_DTYPES:
+        raise ConfigError(
+            f"{name} is {dtype}; the engine's fused kernels take {', '.join(map(str, KERNEL_DTYPES))}: convert the "
+            "pipeline (pipe.to(torch.bfloat16)) before optimize(), or use the 'baseline' or 'compile' preset"
+        )
     processors = getattr(model, "attn_processors", {})
     foreign = sorted({type(p).__name__ for p in processors.values() if type(p).__name__ not in PROCESSORS})
     if foreign:
@@ -68,8 +84,13 @@ def install_block_guards(model: nn.Module) -> None:
     handles = [
         model.register_forward_pre_hook(_broadcast_text_inputs, with_kwargs=True),
         model.register_load_state_dict_post_hook(_fused_keys_not_missing),
+        model.register_forward_pre_hook(_before_forward),
     ]
     shadowed = {}
+    for method, fix in REFUSED_METHODS.items():
+        if hasattr(model, method):
+            shadowed[method] = model.__dict__.get(method)
+            setattr(model, method, functools.partial(_refuse_method, type(model).__name__, method, fix))
     if hasattr(model, "enable_cache"):
         shadowed["enable_cache"] = model.__dict__.get("enable_cache")
         model.enable_cache = functools.partial(_refuse_cache, type(model).__name__)
@@ -162,7 +183,8 @@ def _refuse_cache(model_name: str, config=None, *args, **kwargs):
     raise ConfigError(
         f"{model_name}.enable_cache({type(config).__name__}): diffusers' cache hooks sit on modules the engine's "
         f"fused blocks do not call, so the cache would do nothing or fail inside diffusers; {STEP_CACHES}. Or call "
-        "enable_cache on a pipeline optimised with the 'baseline' or 'compile' preset"
+        "enable_cache on a pipeline optimised with the 'baseline' preset, or with 'compile' for FirstBlockCache, "
+        "MagCache and TaylorSeer lite (the others break its whole-block graphs)"
     )
 
 
@@ -213,4 +235,67 @@ def _broadcast_text_inputs(module: nn.Module, args: tuple, kwargs: dict):
     return bound.args[1:], bound.kwargs
 
 
-__all__ = ["check_processors", "install_block_guards", "remove_block_guards"]
+def _refuse_method(model_name: str, method: str, fix: str, *args, **kwargs):
+    raise ConfigError(f"{model_name}.{method}() after optimize() would change nothing: {fix}")
+
+
+def check_block_hooks(model: nn.Module, name: str = "transformer", everywhere: bool = False) -> None:
+    """Refuse diffusers hooks the fused blocks would not run: a cache on the attention modules (PyramidAttention-
+    Broadcast, TaylorSeer), or, at optimize() (`everywhere`), any hook inside a block (layerwise casting, whose fused
+    projections would have none). Group offloading's hooks work with the fused blocks and pass."""
+    for group in ("transformer_blocks", "single_transformer_blocks"):
+        for index, block in enumerate(getattr(model, group, None) or []):
+            modules = block.named_modules() if everywhere else (("", block), ("attn", getattr(block, "attn", None)))
+            for where, module in modules:
+                registry = getattr(getattr(module, "_diffusers_hook", None), "hooks", {})
+                hooks = [n for n, h in registry.items() if "group_offload" not in type(h).__module__]
+                if hooks:
+                    place = f"{group}.{index}" + (f".{where}" if where else "")
+                    raise ConfigError(
+                        f"{name}.{place} carries diffusers hooks {hooks}, which the engine's fused blocks would never "
+                        "run (a different image, without a word). Remove the hook (pipe.transformer.disable_cache()) "
+                        f"and {STEP_CACHES}; or use the 'baseline' or 'compile' preset"
+                    )
+
+
+def check_hooked_forward(model: nn.Module, name: str = "transformer") -> None:
+    """Before compiling the blocks: a diffusers hook that replaced a block's forward (enable_cache with FirstBlockCache
+    or MagCache) would be compiled over and dropped; refused, naming the fix. A leftover bound forward is fine."""
+    for group in ("transformer_blocks", "single_transformer_blocks"):
+        for index, block in enumerate(getattr(model, group, None) or []):
+            forward = block.__dict__.get("forward")
+            if forward is not None and getattr(forward, "__func__", None) is not type(block).forward:
+                raise ConfigError(
+                    f"{name}.{group}.{index} has its forward replaced by a diffusers hook (enable_cache before "
+                    f"optimize()): compiling the block would drop it. Enable the cache after optimize() (diffusers' "
+                    f"FirstBlockCache and MagCache work on the 'compile' preset then), or {STEP_CACHES}"
+                )
+
+
+def _before_forward(model: nn.Module, args) -> None:
+    """Each call: a projection given a new weight tensor since the last (`.weight.data = ...`, a new Parameter: what
+    PEFT's safe merge and weight-editing scripts do) is carried into the fused layer the blocks read (before: the old
+    QKV, without a word); a diffusers cache hook put on the attention modules after optimize() is refused."""
+    from .lora import resync_fused_views
+
+    check_block_hooks(model, type(model).__name__)
+    pointers = _part_pointers(model)
+    if pointers != model.__dict__.get("_engine_part_pointers"):
+        resync_fused_views(model)
+        model.__dict__["_engine_part_pointers"] = _part_pointers(model)
+
+
+def _part_pointers(model: nn.Module) -> list[int]:
+    from .lora import fused_layers, is_lora_layer
+
+    pointers = []
+    for _, block, _, names, fused in fused_layers(model):
+        if type(fused) is nn.Linear:
+            for part in map(block.get_submodule, names):
+                base = part.base_layer if is_lora_layer(part) else part
+                pointers += [t.data_ptr() if t is not None else 0 for t in (base.weight, base.bias)]
+    return pointers
+
+
+__all__ = ["check_block_hooks", "check_hooked_forward", "check_processors", "install_block_guards",
+           "remove_block_guards"]  # fmt: skip

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..config import OffloadConfig
 from ..errors import ConfigError
-from .prompt_cache import PromptCache
+from .prompt_cache import PromptCache, encoders_fingerprint
 from .streamer import (
     HostBuffer,
     NullContext,
@@ -154,17 +154,33 @@ def _leaf_streamer(model: nn.Module, lists, device, slots: int, name: str, pin: 
     return streamer
 
 
+def check_encoders_kept(pipe, placed: dict, policy: str) -> None:
+    """A text encoder set on the pipeline after optimize() was never placed by the offload policy (the old one keeps
+    moving, the new one runs wherever it is): refused, naming the fix."""
+    for name, encoder in placed.items():
+        if getattr(pipe, name, None) is not encoder:
+            raise ConfigError(
+                f"pipe.{name} was replaced after optimize() with offload policy {policy!r}, which placed the one "
+                "before it: the new encoder would run unplaced. Set the encoder before optimize(), or "
+                "restore(pipe), set it, and optimize(pipe, config) again"
+            )
+
+
 def _wrap_encode_prompt(pipe, state: OffloadState, encoders: dict) -> None:
     import inspect
 
     original = pipe.encode_prompt
     state.own_encode_prompt = vars(pipe).get("encode_prompt")  # what remove_offload puts back
+    placed = {name: getattr(pipe, name, None) for name in TEXT_ENCODERS}
     signature = inspect.signature(original)
 
     def encode_prompt(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
+        check_encoders_kept(pipe, placed, state.policy)
         cache = state.prompt_cache
+        if cache:
+            cache.check_encoders(encoders_fingerprint(pipe))
         key = cache.key(bound.arguments, state.device, pipe.transformer.dtype) if cache else None
         cached = cache.get(key) if cache else None
         if cached is not None:
@@ -172,6 +188,7 @@ def _wrap_encode_prompt(pipe, state: OffloadState, encoders: dict) -> None:
         with encoders.get("text_encoder", NullContext()), encoders.get("text_encoder_2", NullContext()):
             result = original(*args, **kwargs)
         if cache:
+            cache.check_encoders(encoders_fingerprint(pipe))  # as the call left them (replaced tensors adopted)
             cache.put(key, result)
         return result
 

@@ -4,9 +4,53 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import OrderedDict
 
+import torch
+
 logger = logging.getLogger(__name__)
+
+ENCODER_PARTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+
+
+def encoders_fingerprint(pipe) -> tuple | None:
+    """What the prompt embeddings are computed from: each text encoder and tokenizer (which object), and each of the
+    encoders' tensors (which tensor, where its data lives, its in-place version counter). None when an encoder
+    carries PEFT adapters, whose active set and scales live outside the weights: nothing is cached then."""
+    parts = []
+    for name in ENCODER_PARTS:
+        part = getattr(pipe, name, None)
+        parts.append(_Same(part))
+        if not isinstance(part, torch.nn.Module):
+            continue
+        for module in part.modules():
+            if hasattr(module, "lora_A"):  # PEFT's LoRA layers (load_lora_weights on a text encoder)
+                return None
+            for tensor in (*module._parameters.values(), *module._buffers.values()):
+                if tensor is not None:
+                    parts.append((_Same(tensor), tensor.data_ptr(), tensor._version))
+    return tuple(parts)
+
+
+class _Same:
+    """Equal to another only for the very same object, while it lives (a weak reference: a cached fingerprint keeps
+    no encoder alive, and a new object at a freed one's address is not taken for it)."""
+
+    def __init__(self, obj):
+        try:
+            self.ref = weakref.ref(obj)
+        except TypeError:  # None, or a tokenizer without weak references
+            self.ref, self.obj = None, obj
+
+    def get(self):
+        return self.ref() if self.ref is not None else self.obj
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Same) and self.get() is not None and self.get() is other.get()
+
+    def __hash__(self) -> int:
+        return id(self.get())
 
 # ----------------------------------------------------------------------------- the prompt cache
 
@@ -21,6 +65,14 @@ class PromptCache:
         self.entries: OrderedDict = OrderedDict()
         self.hits = 0
         self.misses = 0
+        self.fingerprint: tuple | None = None  # the encoders the entries were computed with
+
+    def check_encoders(self, fingerprint: tuple | None) -> None:
+        """Drop every entry when the encoders changed since they were computed (a swapped encoder or tokenizer, new
+        weights loaded or edited in place, a tensor replaced): the old embeddings would be another model's."""
+        if fingerprint is None or fingerprint != self.fingerprint:
+            self.entries.clear()
+        self.fingerprint = fingerprint
 
     @staticmethod
     def _freeze(value):
@@ -29,6 +81,8 @@ class PromptCache:
     def key(self, arguments: dict, device, dtype):
         if arguments.get("prompt_embeds") is not None or arguments.get("lora_scale") is not None:
             return None  # the caller's own embeddings, or LoRA-scaled encoders: nothing to reuse
+        if self.fingerprint is None:
+            return None  # encoders with PEFT adapters (check_encoders)
         return tuple(self._freeze(arguments.get(name)) for name in self.KEY_ARGS) + (str(device), dtype)
 
     def get(self, key):

@@ -442,9 +442,8 @@ def unstream_module_lists(lists: list[nn.ModuleList]) -> None:
 
 
 class ResidentOnDemand:
-    """A whole module (a text encoder) in pinned host memory, moved to the device for a call and back.
-
-    Moving back is free: the host copy is kept, so only the device buffer is dropped."""
+    """A whole module (a text encoder) in pinned host memory, moved to the device for a call and back. Moving back is
+    free: the host copy is kept, so only the device buffer is dropped."""
 
     def __init__(self, module: nn.Module, device: torch.device, name: str, pin: bool):
         self.module = module
@@ -455,6 +454,7 @@ class ResidentOnDemand:
         self.bytes_copied = 0
 
     def __enter__(self):
+        self.packed.adopt_replaced()  # tensors given new ones since packing: their values, not the packed ones
         self.buffer = torch.empty(self.packed.nbytes, dtype=torch.uint8, device=self.device)
         self.buffer.copy_(self.packed.host, non_blocking=True)
         self.packed.assign(self.packed.views(self.buffer))

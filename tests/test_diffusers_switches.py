@@ -1,0 +1,139 @@
+"""diffusers' own runtime switches on an optimised pipeline (found by probing the drop-in on the tiny model,
+2026-12-03): each must either act as in diffusers or be refused, never be dropped without a word. The reference is
+diffusers' own pipeline with the same switch; kernels under the Triton interpreter on the CPU."""
+
+import pytest
+import torch
+from conftest import tiny_call_kwargs
+from diffusers import FluxPipeline
+from diffusers.hooks import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig
+
+from engine import EngineConfig, optimize
+from engine.config import OffloadConfig
+from engine.errors import ConfigError
+from engine.models import synthetic_components
+
+
+def _pipe(seed: int = 0) -> FluxPipeline:
+    pipe = FluxPipeline(**synthetic_components("tiny", device="cpu", dtype=torch.float32, seed=seed))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _image(pipe, **overrides) -> torch.Tensor:
+    return pipe(**tiny_call_kwargs(**overrides)).images
+
+
+def _clip_lora(pipe) -> None:
+    """A text-encoder (CLIP) LoRA in diffusers' format, as a user loads one with load_lora_weights."""
+    generator, state = torch.Generator().manual_seed(1), {}
+    for i, layer in enumerate(pipe.text_encoder.encoder.layers):
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            linear = getattr(layer.self_attn, proj)
+            prefix = f"text_encoder.encoder.layers.{i}.self_attn.{proj}"
+            state[f"{prefix}.lora_A.weight"] = torch.randn(4, linear.in_features, generator=generator) * 0.5
+            state[f"{prefix}.lora_B.weight"] = torch.randn(linear.out_features, 4, generator=generator) * 0.5
+    pipe.load_lora_weights(state, adapter_name="te")
+
+
+OFFLOADED = EngineConfig(offload=OffloadConfig(policy="model"))
+
+
+@pytest.mark.parametrize("change", ["clip-lora", "t5-in-place", "clip-tensor-replaced"])
+def test_the_prompt_cache_follows_the_text_encoders(change):
+    """Before: under an offload policy the prompt cache kept the embeddings of the text encoders as they were at the
+    first call (a text-encoder LoRA: 0.064 from diffusers; weights edited in place or replaced: 0.02-0.05). Now it is
+    dropped when they change (and off while an encoder carries PEFT adapters); a repeated prompt still hits."""
+    reference, engine = _pipe(), optimize(_pipe(), OFFLOADED)
+    torch.testing.assert_close(_image(engine), _image(reference), atol=1e-5, rtol=0)
+    _image(engine)
+    assert engine.offload_state.prompt_cache.hits == 1  # nothing changed: the cache serves the repeat
+    for pipe in (reference, engine):
+        if change == "clip-lora":
+            _clip_lora(pipe)
+        elif change == "t5-in-place":
+            with torch.no_grad():
+                pipe.text_encoder_2.encoder.block[0].layer[0].SelfAttention.q.weight.mul_(3.0)
+        else:
+            linear = pipe.text_encoder.encoder.layers[0].self_attn.q_proj
+            linear.weight.data = linear.weight.data * 3.0
+    expected = _image(reference)
+    assert (expected - _image(_pipe())).abs().max() > 1e-3  # the change changes diffusers' image
+    torch.testing.assert_close(_image(engine), expected, atol=1e-5, rtol=0)
+
+
+def test_a_text_encoder_replaced_under_offload_is_refused():
+    engine = optimize(_pipe(), OFFLOADED)
+    engine.text_encoder_2 = synthetic_components("tiny", device="cpu", dtype=torch.float32, seed=7)["text_encoder_2"]
+    with pytest.raises(ConfigError, match=r"pipe.text_encoder_2 was replaced after optimize\(\) with offload policy"):
+        _image(engine)
+
+
+def test_a_projection_given_a_new_weight_tensor_reaches_the_fused_layer():
+    """Before: `.weight.data = ...` or a new Parameter on to_q / proj_mlp after optimize('kernels') changed diffusers'
+    image by 0.12 and the engine's not at all (the fused QKV / linear1 kept the old values)."""
+
+    def edit(pipe):
+        for block in pipe.transformer.transformer_blocks:
+            block.attn.to_q.weight.data = block.attn.to_q.weight.data * 3.0
+        for block in pipe.transformer.single_transformer_blocks:
+            block.proj_mlp.weight = torch.nn.Parameter(block.proj_mlp.weight.detach() * 3.0)
+
+    reference, engine = _pipe(), optimize(_pipe(), "kernels")
+    _image(engine)
+    edit(reference), edit(engine)
+    torch.testing.assert_close(_image(engine), _image(reference), atol=1e-5, rtol=0)
+
+
+def _pab(pipe):
+    return PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(
+        -1, 1001), current_timestep_callback=lambda: pipe._current_timestep)  # fmt: skip
+
+
+def test_diffusers_cache_hooks_on_the_attention_modules_are_refused_before_and_after_optimize():
+    """Before: PyramidAttentionBroadcast (or TaylorSeer) enabled before optimize('kernels'), or applied to the
+    transformer directly after it, stayed 'enabled' and never ran: diffusers' uncached image."""
+    from diffusers.hooks import apply_pyramid_attention_broadcast
+
+    pipe = _pipe()
+    pipe.transformer.enable_cache(_pab(pipe))
+    with pytest.raises(ConfigError, match=r"transformer_blocks.0.attn carries diffusers hooks"):
+        optimize(pipe, "kernels")
+    engine = optimize(_pipe(), "kernels")
+    apply_pyramid_attention_broadcast(engine.transformer, _pab(engine))
+    with pytest.raises(ConfigError, match=r"carries diffusers hooks .*pyramid"):
+        _image(engine)
+
+
+def test_layerwise_casting_before_optimize_is_refused():
+    pipe = _pipe()
+    pipe.transformer.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+    with pytest.raises(ConfigError, match=r"carries diffusers hooks \['layerwise_casting'\]"):
+        optimize(pipe, "kernels")
+
+
+def test_a_cache_hook_on_the_blocks_is_refused_before_compiling_them():
+    """Before: FirstBlockCache enabled before optimize('compile') was compiled over: diffusers' uncached image."""
+    pipe = _pipe()
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+    with pytest.raises(ConfigError, match=r"forward replaced by a diffusers hook .*Enable the cache after optimize"):
+        optimize(pipe, "compile")
+    assert not hasattr(pipe, "compile_state") or pipe.compile_state is None  # nothing was done
+
+
+@pytest.mark.parametrize(("method", "args", "fix"), [
+    ("set_attention_backend", ("_native_math",), "AttentionConfig"),
+    ("compile_repeated_blocks", (), "kernels-compile"),
+])  # fmt: skip
+def test_diffusers_methods_the_fused_blocks_would_ignore_are_refused(method, args, fix):
+    """Before: set_attention_backend changed nothing (diffusers' image moves), compile_repeated_blocks failed
+    inside diffusers ("classes are not found")."""
+    engine = optimize(_pipe(), "kernels")
+    with pytest.raises(ConfigError, match=rf"{method}\(\) after optimize\(\) would change nothing: .*{fix}"):
+        getattr(engine.transformer, method)(*args)
+
+
+def test_a_dtype_the_kernels_do_not_take_is_refused_at_optimize():
+    pipe = _pipe().to(torch.float64)
+    with pytest.raises(ConfigError, match=r"is torch.float64; the engine's fused kernels take"):
+        optimize(pipe, "kernels")
