@@ -226,13 +226,11 @@ def _main(argv: list[str] | None) -> int:
     if args.save_baseline:  # after the gates: a run that failed one, or failed a row, is no baseline
         gates_passed = (report is None or report.code == 0) and image_code == 0
         code = save_baseline(result, Path(args.save_baseline), failed, gates_passed) or code
-    if image_code and not (report is not None and report.code):
-        return image_code
     if failed:
         print(f"error: {len(failed)} row(s) failed: " + "; ".join(f"{r['config']} {r['width']}x{r['height']}"
                                                              for r in failed), file=sys.stderr)  # fmt: skip
-    if report is not None:
-        return report.code or (2 if failed else code)
+    if report is not None or image_code:  # a gate's verdict first: 1 for a regression, 3 for nothing comparable
+        return (report.code if report is not None else 0) or image_code or (2 if failed else code)
     if failed:
         return 2
     for line in verdict_lines if verdict_lines is not None else verdicts(result):
