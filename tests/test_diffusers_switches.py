@@ -137,3 +137,20 @@ def test_a_dtype_the_kernels_do_not_take_is_refused_at_optimize():
     pipe = _pipe().to(torch.float64)
     with pytest.raises(ConfigError, match=r"is torch.float64; the engine's fused kernels take"):
         optimize(pipe, "kernels")
+
+
+def test_the_encoders_fingerprint_is_stable_for_absent_parts_and_changes_with_a_new_tensor():
+    from types import SimpleNamespace
+
+    from engine.offload.prompt_cache import PromptCache, encoders_fingerprint
+
+    encoder = torch.nn.Linear(4, 4)
+    pipe = SimpleNamespace(text_encoder=encoder, text_encoder_2=None, tokenizer=None, tokenizer_2=None)
+    cache = PromptCache(4)
+    cache.check_encoders(encoders_fingerprint(pipe))
+    cache.put(("a fox",), "embeddings")
+    cache.check_encoders(encoders_fingerprint(pipe))  # nothing changed (absent parts included): kept
+    assert cache.get(("a fox",)) == "embeddings"
+    encoder.weight = torch.nn.Parameter(torch.zeros(4, 4))
+    cache.check_encoders(encoders_fingerprint(pipe))
+    assert cache.get(("a fox",)) is None

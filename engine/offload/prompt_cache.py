@@ -47,7 +47,12 @@ class _Same:
         return self.ref() if self.ref is not None else self.obj
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, _Same) and self.get() is not None and self.get() is other.get()
+        if not isinstance(other, _Same):
+            return False
+        mine, theirs = self.get(), other.get()
+        if mine is None:  # equal only as two absent parts (None), never as two freed objects
+            return self.ref is None and other.ref is None and theirs is None
+        return mine is theirs
 
     def __hash__(self) -> int:
         return id(self.get())
