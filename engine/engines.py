@@ -21,6 +21,7 @@ import torch
 
 from .config import EngineConfig, resolve_config
 from .errors import ConfigError, EngineOutOfMemoryError, InputError, ParallelError
+from .lora_calls import check_local_lora
 from .models.builders import synthetic_components
 from .models.controlnet import load_controlnet
 from .models.loading import load_local_components
@@ -118,6 +119,12 @@ class EngineCalls:
             index = json.loads(path.read_text())
             index["_class_name"] = next(c for c in type(self).__mro__ if c.__module__.startswith("diffusers.")).__name__
             path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, *args, **kwargs):
+        """diffusers' load_lora_weights from local files and state dicts only, whatever the config: a path that does not
+        exist is refused (diffusers would try the hub with it, on the presets that leave its LoRA calls alone)."""
+        check_local_lora(pretrained_model_name_or_path_or_dict)
+        return super().load_lora_weights(pretrained_model_name_or_path_or_dict, *args, **kwargs)
 
     @property
     def engine_config(self) -> EngineConfig:

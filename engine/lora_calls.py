@@ -346,17 +346,23 @@ def _adapter_names(owner) -> set[str]:
     return set(getattr(owner, "peft_config", None) or ())
 
 
-def _load(pipe, load: Callable, *args, **kwargs):
-    """load_lora_weights, with what diffusers would answer obscurely (or by trying a hub download) answered first,
-    and a failed load leaving no adapter behind."""
-    source = args[0] if args else kwargs.get("pretrained_model_name_or_path_or_dict")
-    is_path = isinstance(source, str | os.PathLike)
-    if is_path and not Path(source).exists():
+def check_local_lora(source) -> bool:
+    """Whether `source` is a path (not a state dict); CheckpointError for one that does not exist (diffusers would try
+    the hub with it: the engine never downloads)."""
+    if isinstance(source, str | os.PathLike) and not Path(source).exists():
         raise CheckpointError(
             f"LoRA {str(source)!r} does not exist; the engine loads LoRA weights from local files and state dicts "
             "only (nothing is downloaded): pass the path of a .safetensors file, a folder with weight_name=..., or a "
             "state dict"
         )
+    return isinstance(source, str | os.PathLike)
+
+
+def _load(pipe, load: Callable, *args, **kwargs):
+    """load_lora_weights, with what diffusers would answer obscurely (or by trying a hub download) answered first,
+    and a failed load leaving no adapter behind."""
+    source = args[0] if args else kwargs.get("pretrained_model_name_or_path_or_dict")
+    is_path = check_local_lora(source)
     if kwargs.get("hotswap"):
         _check_hotswap_rank(pipe.transformer, source, kwargs.get("adapter_name"))
     before = _adapter_names(pipe)

@@ -154,3 +154,17 @@ def test_the_encoders_fingerprint_is_stable_for_absent_parts_and_changes_with_a_
     encoder.weight = torch.nn.Parameter(torch.zeros(4, 4))
     cache.check_encoders(encoders_fingerprint(pipe))
     assert cache.get(("a fox",)) is None
+
+
+@pytest.mark.parametrize("task", ["text-to-image", "kontext"])
+@pytest.mark.parametrize("source", ["/no/such/style.safetensors", "someuser/some-lora-repo"])
+def test_an_engine_on_any_preset_never_sends_a_lora_name_to_the_hub(task, source):
+    """Before: on 'baseline' and 'tiled-vae' (FluxEngine.from_pretrained's default), which leave diffusers' LoRA
+    calls alone, a name that is not a local path went to diffusers, which tried the hub (a network error here)."""
+    from engine import FluxEngine
+    from engine.errors import CheckpointError
+
+    for config in ("baseline", "tiled-vae"):
+        engine = FluxEngine.from_pretrained("synthetic:tiny", config, device="cpu", task=task)
+        with pytest.raises(CheckpointError, match=r"does not exist; .*nothing is downloaded"):
+            engine.load_lora_weights(source)
