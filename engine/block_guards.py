@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .frames import BoundFrame
 
 logger = logging.getLogger(__name__)
 
@@ -264,6 +265,8 @@ def check_hooked_forward(model: nn.Module, name: str = "transformer") -> None:
     for group in ("transformer_blocks", "single_transformer_blocks"):
         for index, block in enumerate(getattr(model, group, None) or []):
             forward = block.__dict__.get("forward")
+            if isinstance(forward, BoundFrame):  # the engine's own compiled frame (a pipeline optimised before)
+                continue
             if forward is not None and getattr(forward, "__func__", None) is not type(block).forward:
                 raise ConfigError(
                     f"{name}.{group}.{index} has its forward replaced by a diffusers hook (enable_cache before "

@@ -87,10 +87,10 @@ def optimize(pipe, config: EngineConfig | str | None = None):
         )
     if not rewritten:
         _refuse_adapters_loaded_before(pipe, config)
-    if config.compile.mode != "none":  # a cache hook that replaced a block's forward would be compiled over
-        from .block_guards import check_hooked_forward
+        if config.compile.mode != "none":  # a cache hook that replaced a block's forward would be compiled over
+            from .block_guards import check_hooked_forward
 
-        check_hooked_forward(pipe.transformer)
+            check_hooked_forward(pipe.transformer)
     if previous == config:
         for name in STATE_ATTRS:
             setattr(pipe, name, getattr(pipe, name, None))

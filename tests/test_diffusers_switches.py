@@ -168,3 +168,16 @@ def test_an_engine_on_any_preset_never_sends_a_lora_name_to_the_hub(task, source
         engine = FluxEngine.from_pretrained("synthetic:tiny", config, device="cpu", task=task)
         with pytest.raises(CheckpointError, match=r"does not exist; .*nothing is downloaded"):
             engine.load_lora_weights(source)
+
+
+@pytest.mark.gpu
+def test_a_second_pipeline_over_a_compiled_transformer_keeps_its_frames_on_the_gpu():
+    """The refusal of a block forward replaced by a hook (check_hooked_forward) runs at a pipeline's first optimize()
+    only: a second pipeline over the same compiled transformer (its blocks run the engine's frames) is not refused."""
+    from engine import FluxEngine
+
+    preset = "fp8-compile-fastacc-cudagraphs"
+    first = FluxEngine.from_pretrained("synthetic:tiny", preset, device="cuda", dtype=torch.bfloat16)
+    image = _image(first)
+    second = FluxEngine.from_pipe(first, preset)
+    assert torch.equal(_image(second), image)
