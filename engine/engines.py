@@ -77,7 +77,7 @@ class EngineCalls:
         if controlnet is not None and cls.task != "controlnet":
             raise ConfigError(f"controlnet= is for task='controlnet'; {cls.__name__} runs task {cls.task!r}")
         # before the transformer: a ControlNet argument that does not work fails in seconds, not after the load
-        controlnet = load_controlnet(controlnet, device, dtype, seed) if cls.task == "controlnet" else None
+        controlnet = load_controlnet(controlnet, device, dtype, seed, variant) if cls.task == "controlnet" else None
         source = str(path_or_variant)
         if is_variant_name(source):
             components = synthetic_components(source, device=device, dtype=dtype, seed=seed)

@@ -30,7 +30,7 @@ UNKNOWN = object()  # a field a (hand-made or older) result does not have: not c
 # what the run did, beside the card, with the value a result written before the field existed stands for
 RUN_FIELDS = {
     "model": UNKNOWN, "task": "text-to-image", "dtype": UNKNOWN, "prompt": UNKNOWN, "max_sequence_length": UNKNOWN,
-    "lora": None, "step_cache": None, "baseline_cache": None,
+    "lora": UNKNOWN, "step_cache": None, "baseline_cache": None,
 }  # fmt: skip
 
 
@@ -179,8 +179,10 @@ def _num(value) -> str:
     return "-" if not isinstance(value, (int, float)) else f"{value:.2f}"
 
 
-def _key(row: dict) -> tuple:
-    return (*(row[f] for f in KEY_FIELDS), row.get("lora"))
+def _key(row: dict, with_lora: bool = True) -> tuple:
+    """A row's identity. Its LoRA counts where both results name the run's LoRA (a result written before they did
+    labelled only the engine's rows, not diffusers')."""
+    return (*(row[f] for f in KEY_FIELDS), row.get("lora") if with_lora else None)
 
 
 def _describe(key: tuple) -> str:
@@ -221,17 +223,19 @@ def compare_results(current: dict, baseline: dict, max_slowdown: float, max_vram
             "command as the baseline's, or record a baseline of this one with --save-baseline",
         )  # fmt: skip
     time_metric = time_metric_of(current)
-    previous = {_key(r): r for r in baseline["rows"]}
+    with_lora = "lora" in current and "lora" in baseline
+    previous = {_key(r, with_lora): r for r in baseline["rows"]}
     limits = {time_metric: max_slowdown, "peak_allocated_gib": max_vram_growth}
     comparisons, unmatched, matched = [], [], set()
     for row in current["rows"]:
-        old = previous.get(_key(row))
+        key = _key(row, with_lora)
+        old = previous.get(key)
         if old is None:
-            unmatched.append(_key(row))
+            unmatched.append(key)
             continue
-        matched.add(_key(row))
+        matched.add(key)
         for metric, limit in limits.items():
-            comparisons.append(Comparison(_key(row), metric, old[metric], row[metric], limit, row.get("error")))
+            comparisons.append(Comparison(key, metric, old[metric], row[metric], limit, row.get("error")))
     missing = [key for key in previous if key not in matched]
     if not comparisons:
         return GateReport(

@@ -116,7 +116,7 @@ def test_a_cache_hook_on_the_blocks_is_refused_before_compiling_them():
     """Before: FirstBlockCache enabled before optimize('compile') was compiled over: diffusers' uncached image."""
     pipe = _pipe()
     pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.5))
-    with pytest.raises(ConfigError, match=r"forward replaced by a diffusers hook .*Enable the cache after optimize"):
+    with pytest.raises(ConfigError, match=r"forward replaced by fbc.* enable a cache after optimize"):
         optimize(pipe, "compile")
     assert not hasattr(pipe, "compile_state") or pipe.compile_state is None  # nothing was done
 
@@ -181,3 +181,32 @@ def test_a_second_pipeline_over_a_compiled_transformer_keeps_its_frames_on_the_g
     image = _image(first)
     second = FluxEngine.from_pipe(first, preset)
     assert torch.equal(_image(second), image)
+
+
+def test_text_encoders_set_to_none_under_offload_with_prompt_embeddings_given():
+    """diffusers' memory saver (encode once, drop the encoders, call with the embeddings) under offload: before the
+    review fix the replaced-encoder refusal took None for a new encoder."""
+    reference, engine = _pipe(), optimize(_pipe(), OFFLOADED)
+    embeds = {}
+    for pipe in (reference, engine):
+        prompt_embeds, pooled, _ = pipe.encode_prompt("a red fox in the snow", None, max_sequence_length=32)
+        pipe.text_encoder = pipe.text_encoder_2 = None
+        embeds[id(pipe)] = {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled, "prompt": None}
+    torch.testing.assert_close(_image(engine, **embeds[id(engine)]), _image(reference, **embeds[id(reference)]),
+                               atol=1e-5, rtol=0)  # fmt: skip
+
+
+def test_a_fused_part_is_followed_after_restore_and_a_second_optimize():
+    """The per-call check reads a list of the fused parts kept on the model; after a restore and another optimize()
+    (new fused layers over the same parts) a part given a new tensor still reaches the fused layer."""
+    from engine import restore
+
+    reference, engine = _pipe(), optimize(_pipe(), "kernels")
+    _image(engine)
+    restore(engine)
+    optimize(engine, "kernels")
+    _image(engine)
+    for pipe in (reference, engine):
+        block = pipe.transformer.transformer_blocks[0]
+        block.attn.to_k.weight.data = block.attn.to_k.weight.data * 2.0
+    torch.testing.assert_close(_image(engine), _image(reference), atol=1e-5, rtol=0)

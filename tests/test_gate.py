@@ -256,3 +256,24 @@ def test_the_image_gate_on_a_run(tmp_path, capsys):
             "--preset", "baseline", "--out", str(tmp_path / "run.json"), "--min-psnr", "35"]  # fmt: skip
     assert cli.main(argv) == 0  # the baseline preset is diffusers bit for bit: an infinite PSNR
     assert "image gate passed: 1 row(s) at >= 35 dB against diffusers" in capsys.readouterr().out
+
+
+def test_a_baseline_of_nothing_comparable_is_replaced_by_a_rolling_run(tmp_path, capsys):
+    """Review fix: `--gate X --save-baseline X` after a change of prompt (exit 3: nothing comparable) kept the old
+    baseline forever while telling the user to record a new one; an old-format baseline (no top-level 'lora') still
+    matches its rows."""
+    from engine.bench import cli
+
+    baseline = tmp_path / "gate.json"
+    argv = ["--model", "synthetic:tiny", "--res", "64", "--steps", "1", "--runs", "1", "--device", "cpu",
+            "--preset", "baseline", "--out", str(tmp_path / "run.json")]  # fmt: skip
+    assert cli.main([*argv, "--save-baseline", str(baseline)]) == 0
+    recorded = json.loads(baseline.read_text())
+    with_lora = {**recorded, "lora": "synthetic:4", "rows": [{**r, "lora": "synthetic:4"} for r in recorded["rows"]]}
+    # as the bench wrote a LoRA run before it named the run's LoRA: only the engine's rows labelled
+    old_format = {key: value for key, value in with_lora.items() if key != "lora"}
+    old_format["rows"] = [{**r, "lora": None if r["config"] == "diffusers" else r["lora"]} for r in with_lora["rows"]]
+    assert compare_results(with_lora, old_format, 10.0, 10.0).code == EXIT_OK
+    baseline.write_text(json.dumps({**recorded, "prompt": "another prompt"}))
+    assert cli.main([*argv, "--gate", str(baseline), "--save-baseline", str(baseline)]) == EXIT_CARD_MISMATCH
+    assert json.loads(baseline.read_text())["prompt"] == recorded["prompt"]  # replaced by this run

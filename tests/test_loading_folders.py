@@ -215,3 +215,9 @@ def test_load_state_dict_on_a_quantised_transformer(mode):
         assert torch.equal(pipe(**tiny_call_kwargs()).images, before)
     assert not pipe.transformer.load_state_dict(pipe.transformer.state_dict()).missing_keys
     assert torch.equal(pipe(**tiny_call_kwargs()).images, before)
+
+
+def test_a_variant_the_folder_lacks_is_named_with_the_ones_it_has(saved_seed1):
+    """Review fix: the hint said "pass variant='fp16'" whatever was asked and whatever the folder held."""
+    with pytest.raises(CheckpointError, match=r"no weights of variant 'bf16' \(its files carry no variant\)"):
+        FluxEngine.from_pretrained(saved_seed1, device="cpu", dtype=torch.float32, variant="bf16")

@@ -154,10 +154,11 @@ def check_gate_arguments(args) -> tuple[float, float]:
 
 
 def save_baseline(result: dict, path: Path, failed: list, gates_passed: bool) -> int:
-    """--save-baseline: the result as the next gate's baseline, unless a row failed or a gate failed (a rolling
-    baseline would keep the regression). The exit code's share: 0, or 2 when nothing could be written."""
+    """--save-baseline: the result as the next gate's baseline, unless a row failed or a gate found a regression (a
+    rolling baseline would keep it); a baseline of nothing comparable (exit 3) is replaced. The exit code's share: 0,
+    or 2 when nothing could be written."""
     if failed or not gates_passed:
-        why = f"{len(failed)} row(s) failed" if failed else "the gate did not pass"
+        why = f"{len(failed)} row(s) failed" if failed else "a gate found a regression"
         print(f"not saving the gate baseline {path}: {why} (the previous baseline stays)", file=sys.stderr)
         return 0
     saved = write_with_fallback(path, lambda target: write_json(target, result), "the gate baseline")
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    from ..gate import EXIT_BAD_RESULT, GateInputError, compare_results, load_result, psnr_gate
+    from ..gate import EXIT_BAD_RESULT, EXIT_CARD_MISMATCH, GateInputError, compare_results, load_result, psnr_gate
 
     args = build_parser().parse_args(argv)
     try:
@@ -224,7 +225,8 @@ def _main(argv: list[str] | None) -> int:
         image_code, lines = psnr_gate(result, args.min_psnr)
         print("\n".join(lines))
     if args.save_baseline:  # after the gates: a run that failed one, or failed a row, is no baseline
-        gates_passed = (report is None or report.code == 0) and image_code == 0
+        # nothing comparable (another card, another run: exit 3) keeps no baseline worth keeping: this run replaces it
+        gates_passed = (report is None or report.code in (0, EXIT_CARD_MISMATCH)) and image_code == 0
         code = save_baseline(result, Path(args.save_baseline), failed, gates_passed) or code
     if failed:
         print(f"error: {len(failed)} row(s) failed: " + "; ".join(f"{r['config']} {r['width']}x{r['height']}"

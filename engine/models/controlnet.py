@@ -77,7 +77,7 @@ def synthetic_controlnet(
     return controlnet.eval().requires_grad_(False)
 
 
-def load_controlnet(source, device: torch.device | str, dtype: torch.dtype, seed: int = 0):
+def load_controlnet(source, device: torch.device | str, dtype: torch.dtype, seed: int = 0, variant: str | None = None):
     """A FluxControlNetModel (or FluxMultiControlNetModel) as given; loaded from a local diffusers-format folder (never
     from a hub); or 'synthetic:<variant>', random weights of that variant's ControlNet by `seed`."""
     from pathlib import Path
@@ -91,7 +91,7 @@ def load_controlnet(source, device: torch.device | str, dtype: torch.dtype, seed
     if isinstance(source, str) and is_variant_name(source):
         return synthetic_controlnet(source, device=device, dtype=dtype, seed=seed)
     if isinstance(source, (str, Path)) and Path(source).is_dir():
-        model = FluxControlNetModel.from_pretrained(source, torch_dtype=dtype, local_files_only=True)
+        model = FluxControlNetModel.from_pretrained(source, torch_dtype=dtype, local_files_only=True, variant=variant)
         return model.to(device)
     raise ConfigError(
         f"task='controlnet' needs controlnet=: a FluxControlNetModel, the path of a local ControlNet folder, or "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -31,6 +32,9 @@ PIPELINE_COMPONENTS = ("scheduler", "text_encoder", "text_encoder_2", "tokenizer
 
 # the files a tokenizer folder needs for its vocabulary, any one set: the fast tokenizer's, CLIP's BPE, T5's model
 TOKENIZER_VOCABULARIES = ({"tokenizer.json"}, {"vocab.json", "merges.txt"}, {"spiece.model"})
+
+# a weights file of a variant, as diffusers and transformers name them (model.fp16.safetensors, sharded or not)
+VARIANT_FILE = re.compile(r"^(?:model|diffusion_pytorch_model)(?:-\d+-of-\d+)?\.([^.]+)\.safetensors$")
 
 # a single-file transformer: BFL's releases end in .safetensors, some mirrors (ComfyUI's) in .sft
 SINGLE_FILE_SUFFIXES = (".safetensors", ".sft")
@@ -147,10 +151,16 @@ def _stream_single_file(path: Path, config: dict, device, dtype: torch.dtype, qu
     return transformer
 
 
-def _fix_for(err: Exception) -> str:
-    """What to do about diffusers' error loading a folder."""
-    if "variant" in str(err):
-        return "The folder's weights carry a variant in their names (model.fp16.safetensors): pass variant='fp16'"
+def _fix_for(err: Exception, folder: Path, variant: str | None) -> str:
+    """What to do about diffusers' error loading a folder: the variants its weight files carry, where one is asked
+    for that it lacks or none is and it has only variants; else check the files."""
+    named = (VARIANT_FILE.match(path.name) for path in folder.glob("*/*.safetensors"))
+    found = sorted({match.group(1) for match in named if match})
+    if variant is not None and variant not in found:
+        carried = f"its variants: {', '.join(found)}" if found else "its files carry no variant"
+        return f"The folder has no weights of variant {variant!r} ({carried}): pass one of those, or leave variant= out"
+    if variant is None and found and "variant" in str(err):
+        return f"The folder's weights carry a variant in their names: pass variant={found[0]!r}"
     return "Check that every component folder is complete (a truncated or missing weight file is the usual cause)"
 
 
@@ -211,7 +221,8 @@ def load_local_components(
         )
     except Exception as err:  # noqa: BLE001 - diffusers raises many types for one cause: a bad folder
         raise CheckpointError(
-            f"could not load the FLUX pipeline from {str(folder)!r}: {type(err).__name__}: {err}. {_fix_for(err)}"
+            f"could not load the FLUX pipeline from {str(folder)!r}: {type(err).__name__}: {err}. "
+            + _fix_for(err, folder, variant)
         ) from err
     pipe.to(device)
     return dict(pipe.components)

@@ -158,7 +158,8 @@ def check_encoders_kept(pipe, placed: dict, policy: str) -> None:
     """A text encoder set on the pipeline after optimize() was never placed by the offload policy (the old one keeps
     moving, the new one runs wherever it is): refused, naming the fix."""
     for name, encoder in placed.items():
-        if getattr(pipe, name, None) is not encoder:
+        current = getattr(pipe, name, None)  # None runs nothing (prompt embeddings given: diffusers' memory saver)
+        if current is not None and current is not encoder:
             raise ConfigError(
                 f"pipe.{name} was replaced after optimize() with offload policy {policy!r}, which placed the one "
                 "before it: the new encoder would run unplaced. Set the encoder before optimize(), or "
