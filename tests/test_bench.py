@@ -93,7 +93,7 @@ def test_bench_prints_the_table_and_writes_csv_and_plot(bench_run):
     assert {"config", "ms_per_step", "psnr_db", "peak_allocated_gib"} <= set(header)
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the run failed its gate (see the fixture): it is no baseline, and --save-baseline says so
-    assert not saved.exists() and f"not saving the gate baseline {saved}: the gate did not pass" in proc.stderr
+    assert not saved.exists() and f"not saving the gate baseline {saved}: a gate found a regression" in proc.stderr
 
 
 def test_bench_gate_reports_the_regression(bench_run):
