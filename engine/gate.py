@@ -252,9 +252,10 @@ def compare_results(current: dict, baseline: dict, max_slowdown: float, max_vram
     return GateReport(EXIT_OK, comparisons, unmatched, message)
 
 
-def psnr_gate(result: dict, min_psnr_db: float, baseline_label: str = "diffusers") -> tuple[int, list[str]]:
+def psnr_gate(result: dict, min_psnr_db: float, baseline_label: str) -> tuple[int, list[str]]:
     """`--min-psnr`: every row's image against diffusers' in the same run must keep `min_psnr_db` (an image that
-    drifts from diffusers' fails CI, as a slowdown does). A row that failed or has no PSNR fails. (code, lines)."""
+    drifts from diffusers' fails CI, as a slowdown does); the diffusers rows themselves (`baseline_label`) are skipped.
+    A row that failed or has no PSNR fails. (code, lines)."""
     lines, failing = [], 0
     for row in result["rows"]:
         if row["config"] == baseline_label:

@@ -233,13 +233,13 @@ def test_the_image_gate_fails_a_config_whose_image_drifts_from_diffusers():
     result = _two_rows()
     result["rows"][0]["psnr_db"], result["rows"][1]["psnr_db"] = 47.2, 6.0
     result["rows"].append({**result["rows"][0], "config": "diffusers", "psnr_db": None})
-    code, lines = psnr_gate(result, 35.0)
+    code, lines = psnr_gate(result, 35.0, "diffusers")
     assert code == EXIT_REGRESSION and lines[0].startswith("IMAGE GATE FAILED: 1 row(s) below 35 dB")
     assert any("2048x2048" in line and "BELOW 35 dB" in line for line in lines)
     result["rows"][1]["psnr_db"] = "inf"  # as the JSON stores an identical image
-    assert psnr_gate(result, 35.0)[0] == EXIT_OK
+    assert psnr_gate(result, 35.0, "diffusers")[0] == EXIT_OK
     result["rows"][1].update(psnr_db=None, error="CUDA out of memory")
-    assert psnr_gate(result, 35.0)[0] == EXIT_REGRESSION
+    assert psnr_gate(result, 35.0, "diffusers")[0] == EXIT_REGRESSION
 
 
 def test_the_image_gate_needs_the_diffusers_baseline(capsys):

@@ -12,6 +12,7 @@ from ..errors import EngineError
 from ..files import write_with_fallback
 from .arguments import check_arguments
 from .report import (
+    BASELINE_LABEL,
     BUDGET_COLUMNS,
     CPU_RESULTS,
     default_out_path,
@@ -222,7 +223,7 @@ def _main(argv: list[str] | None) -> int:
         print(report.format())
     image_code = 0
     if args.min_psnr is not None:
-        image_code, lines = psnr_gate(result, args.min_psnr)
+        image_code, lines = psnr_gate(result, args.min_psnr, BASELINE_LABEL)
         print("\n".join(lines))
     if args.save_baseline:  # after the gates: a run that failed one, or failed a row, is no baseline
         # nothing comparable (another card, another run: exit 3) keeps no baseline worth keeping: this run replaces it
