@@ -286,11 +286,11 @@ def _before_forward(model: nn.Module, args) -> None:
     """Each call: a projection given a new weight tensor since the last (`.weight.data = ...`, a new Parameter: what
     PEFT's safe merge and weight-editing scripts do) is carried into the fused layer the blocks read (before: the old
     QKV, without a word); a diffusers cache hook put on the attention modules after optimize() is refused."""
-    from .lora import resync_fused_views
-
     check_block_hooks(model, type(model).__name__)
     pointers = _part_pointers(model)
     if pointers != model.__dict__.get("_engine_part_pointers"):
+        from .lora import resync_fused_views
+
         resync_fused_views(model)
         model.__dict__["_engine_part_pointers"] = _part_pointers(model)
 
