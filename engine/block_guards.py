@@ -18,10 +18,12 @@ or deep inside a kernel, for calls that diffusers' own blocks take:
   fusing would copy the weights into layers the blocks never call, and failed inside diffusers on quantised parts.
   Nothing is done;
 - diffusers' keys: `load_state_dict` of a diffusers state dict (strict) does not count the fused layers' own keys
-  missing (their parts, views of them, carry the values; made views again after `assign=True`), and
-  `save_pretrained` writes diffusers' keys only, each part a tensor of its own (safetensors refused the parts'
-  shared memory), so that diffusers loads the folder. A quantised transformer is refused there, before anything is
-  written: engine.quant.save_quantized writes it.
+  missing (their parts, views of them, carry the values; made views again after `assign=True`); `state_dict()`
+  lists diffusers' keys only (a plain diffusers model loads it); `save_pretrained` writes each part as a tensor of
+  its own (safetensors refused the parts' shared memory), so that diffusers loads the folder. A quantised
+  transformer is refused there, before anything is written: engine.quant.save_quantized writes it;
+- diffusers' cache hooks on a transformer whose diffusers blocks are compiled or captured in CUDA graphs, which those
+  cannot run (install_compiled_block_guards): refused at enable_cache and taken off again.
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ def install_block_guards(model: nn.Module) -> None:
     handles = [
         model.register_forward_pre_hook(_broadcast_text_inputs, with_kwargs=True),
         model.register_load_state_dict_post_hook(_fused_keys_not_missing),
+        model.register_state_dict_post_hook(_without_fused_keys),
         model.register_forward_pre_hook(_before_forward),
     ]
     shadowed = {}
@@ -145,6 +148,18 @@ def _fused_keys_not_missing(model: nn.Module, incompatible_keys) -> None:
     own = tuple(f"{prefix}.{fused}.{kind}" for prefix, _, fused, _, layer in fused_layers(model)
                 if type(layer) is nn.Linear for kind in ("weight", "bias"))  # fmt: skip
     incompatible_keys.missing_keys[:] = [key for key in incompatible_keys.missing_keys if not key.endswith(own)]
+
+
+def _without_fused_keys(model: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """state_dict()'s post hook: diffusers' keys only where the fused layer's parts view its weight (plain fused
+    layers; a quantised one has no parts and keeps its keys), so that a plain diffusers model loads it (before:
+    "Unexpected key(s)" for every fused QKV)."""
+    from .lora import fused_layers
+
+    for block, _, fused, _, layer in fused_layers(model):
+        if type(layer) is nn.Linear:
+            for kind in ("weight", "bias"):
+                state_dict.pop(f"{prefix}{block}.{fused}.{kind}", None)
 
 
 def _save_as_diffusers(model: nn.Module, save, *args, **kwargs):
@@ -253,9 +268,7 @@ def check_block_hooks(model: nn.Module, name: str = "transformer", everywhere: b
         for index, block in enumerate(getattr(model, group, None) or []):
             modules = block.named_modules() if everywhere else (("", block), ("attn", getattr(block, "attn", None)))
             for where, module in modules:
-                registry = getattr(getattr(module, "_diffusers_hook", None), "hooks", {})
-                hooks = [n for n, h in registry.items() if "group_offload" not in type(h).__module__]
-                if hooks:
+                if hooks := _hook_names(module):
                     place = f"{group}.{index}" + (f".{where}" if where else "")
                     raise ConfigError(
                         f"{name}.{place} carries diffusers hooks {hooks}, which the engine's fused blocks would never "
@@ -280,6 +293,86 @@ def check_hooked_forward(model: nn.Module, name: str = "transformer") -> None:
                     "cache after optimize() (diffusers' FirstBlockCache and MagCache work on the 'compile' preset "
                     f"then), or {STEP_CACHES}"
                 )
+
+
+_COMPILED_GUARDS = "_engine_compiled_block_guards"  # on a compiled transformer with diffusers' own blocks
+
+
+def install_compiled_block_guards(model: nn.Module, frames: bool | None, graphs: bool):
+    """On a transformer whose diffusers blocks are compiled (the 'compile' preset; `frames`: through the engine's
+    frames, False: nn.Module.compile, None: not compiled) or captured whole in CUDA graphs (`graphs`): refuse the
+    diffusers hooks those cannot run, at `enable_cache` (undone before the error) and at each call (hooks applied
+    directly). Returns the undo.
+    Blocks compiled as one graph each (fullgraph) cannot trace a hook on their attention modules (PyramidAttention-
+    Broadcast, TaylorSeer's full mode, FasterCache: dynamo failed with "Data-dependent branching"); without the frames,
+    nn.Module.compile traces a hook that replaced a block's forward too (FirstBlockCache, MagCache, TaylorSeer lite);
+    a CUDA graph of the whole forward would replay the branch its capture took."""
+    if _COMPILED_GUARDS in model.__dict__ or _GUARDS in model.__dict__:  # the fused blocks' guards refuse them all
+        return lambda: None
+    check = functools.partial(_check_compiled_hooks, frames=frames, graphs=graphs)
+    handle = model.register_forward_pre_hook(lambda module, args: check(module))
+    shadowed = model.__dict__.get("enable_cache")
+    if hasattr(model, "enable_cache"):
+        model.enable_cache = functools.partial(_enable_cache_then_check, model, model.enable_cache, check)
+    model.__dict__[_COMPILED_GUARDS] = True
+
+    def undo():
+        handle.remove()
+        model.__dict__.pop(_COMPILED_GUARDS, None)
+        model.__dict__.pop("enable_cache", None)
+        if shadowed is not None:
+            model.enable_cache = shadowed
+
+    return undo
+
+
+def _enable_cache_then_check(model: nn.Module, enable, check, *args, **kwargs):
+    enable(*args, **kwargs)
+    try:
+        check(model)
+    except ConfigError:
+        model.disable_cache()  # nothing left half-done
+        raise
+
+
+def _check_compiled_hooks(model: nn.Module, frames: bool | None, graphs: bool) -> None:
+    name = type(model).__name__
+    for group in ("transformer_blocks", "single_transformer_blocks"):
+        for index, block in enumerate(getattr(model, group, None) or []):
+            block = block if isinstance(block, nn.Module) else block.block  # a First-Block Cache call of the engine's
+            place = f"{name}.{group}.{index}"
+            attn_hooks = _hook_names(getattr(block, "attn", None))
+            if graphs and (hooks := _hook_names(block) + attn_hooks):
+                raise ConfigError(
+                    f"{place} carries diffusers hooks {hooks}, but the transformer's whole forward replays as a CUDA "
+                    "graph (compile.cuda_graphs), which would repeat the branch its capture took at every step (a "
+                    f"different image, without a word). Remove them (pipe.transformer.disable_cache()); {STEP_CACHES}"
+                )
+            if frames is not None and attn_hooks:
+                raise ConfigError(
+                    f"{place}.attn carries diffusers hooks {attn_hooks}; the 'compile' preset compiles each block as "
+                    "one graph, which cannot run a hook inside it (dynamo fails on its data-dependent branch). Remove "
+                    "it (pipe.transformer.disable_cache()); a cache on the blocks (FirstBlockCache, MagCache, "
+                    f"TaylorSeer's lite mode) runs around the compiled blocks, or {STEP_CACHES}"
+                )
+            forward = block.__dict__.get("forward")
+            hooked = forward is not None and not isinstance(forward, BoundFrame) and (
+                getattr(forward, "__func__", None) is not type(block).forward)  # fmt: skip
+            if hooked and frames is False:
+                raise ConfigError(
+                    f"{place} has its forward replaced by diffusers hooks {_hook_names(block) or ['a hook']}, which "
+                    "nn.Module.compile would trace into the block's graph (dynamo fails on them): they run around "
+                    "the compiled blocks through the engine's frames (backend 'inductor' with the compile cache and "
+                    f"its frames on, CacheConfig(enabled=True, frames=True): the presets' default); or {STEP_CACHES}"
+                )
+
+
+def _hook_names(module) -> list[str]:
+    """diffusers hooks on `module` but group offloading's (which the compiled and fused blocks run with) and the
+    engine's own (its step caches, sequence parallelism)."""
+    registry = getattr(getattr(module, "_diffusers_hook", None), "hooks", {})
+    return [n for n, h in registry.items()
+            if "group_offload" not in type(h).__module__ and not type(h).__module__.startswith("engine.")]  # fmt: skip
 
 
 def _before_forward(model: nn.Module, args) -> None:
@@ -317,4 +410,4 @@ def _part_pointers(model: nn.Module) -> list[int]:
 
 
 __all__ = ["check_block_hooks", "check_hooked_forward", "check_processors", "install_block_guards",
-           "remove_block_guards"]  # fmt: skip
+           "install_compiled_block_guards", "remove_block_guards"]  # fmt: skip

@@ -158,7 +158,8 @@ def optimize(pipe, config: EngineConfig | str | None = None):
         pipe.compile_state = compile_vae(pipe, config, pipe.compile_state)
     if pipe.compile_state is not None:
         compile_state = pipe.compile_state
-        steps.add("compile", lambda: remove_compile(compile_state))
+        undo_guards = _guard_compiled_blocks(pipe.transformer, compile_state, config.compile.mode != "none")
+        steps.add("compile", lambda: (undo_guards(), remove_compile(compile_state)))
     # last on the transformer's forward: a skipped step skips everything under it (compiled blocks, the graph replay)
     pipe.step_cache_state = apply_step_cache(pipe, config.step_cache, graphs=config.compile.cuda_graphs)
     if pipe.step_cache_state is not None:
@@ -176,6 +177,17 @@ def optimize(pipe, config: EngineConfig | str | None = None):
 
         warm_text_encoders(pipe)
     return pipe
+
+
+def _guard_compiled_blocks(transformer, state, compiled: bool):
+    """diffusers hooks the compiled blocks or the forward's CUDA graph cannot run, refused (engine.block_guards)."""
+    from .block_guards import install_compiled_block_guards
+
+    graphs = getattr(state, "cuda_graphs", None) is not None
+    if not (compiled or graphs):  # the VAE's compile alone
+        return lambda: None
+    frames = state.frames is not None if compiled else None
+    return install_compiled_block_guards(transformer, frames=frames, graphs=graphs)
 
 
 def _refuse_adapters_loaded_before(pipe, config: EngineConfig) -> None:

@@ -5,11 +5,11 @@ diffusers' own pipeline with the same switch; kernels under the Triton interpret
 import pytest
 import torch
 from conftest import tiny_call_kwargs
-from diffusers import FluxPipeline
+from diffusers import FluxPipeline, TaylorSeerCacheConfig
 from diffusers.hooks import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig
 
 from engine import EngineConfig, optimize
-from engine.config import OffloadConfig
+from engine.config import CacheConfig, CompileConfig, OffloadConfig
 from engine.errors import ConfigError
 from engine.models import synthetic_components
 
@@ -210,3 +210,58 @@ def test_a_fused_part_is_followed_after_restore_and_a_second_optimize():
         block = pipe.transformer.transformer_blocks[0]
         block.attn.to_k.weight.data = block.attn.to_k.weight.data * 2.0
     torch.testing.assert_close(_image(engine), _image(reference), atol=1e-5, rtol=0)
+
+
+_TRACED_COMPILE = EngineConfig(compile=CompileConfig(mode="regional", backend="aot_eager"))  # nn.Module.compile
+
+
+@pytest.mark.parametrize("hook", ["pab", "taylorseer-full"])
+def test_a_cache_hook_on_the_attention_modules_of_compiled_blocks_is_refused_and_undone(hook):
+    """Before: PyramidAttentionBroadcast or TaylorSeer's full mode enabled after optimize('compile') failed inside
+    dynamo at the first call ("Data-dependent branching", "Skip inlining torch.compiler.disable()d function"). Now
+    enable_cache refuses, takes the hooks off again, and the next call is diffusers' uncached image."""
+    engine = optimize(_pipe(), _TRACED_COMPILE)
+    config = _pab(engine) if hook == "pab" else TaylorSeerCacheConfig(cache_interval=2)
+    with pytest.raises(ConfigError, match=r"transformer_blocks.0.attn carries diffusers hooks .*compiles each block"):
+        engine.transformer.enable_cache(config)
+    assert not engine.transformer.is_cache_enabled
+    torch.testing.assert_close(_image(engine), _image(_pipe()), atol=1e-5, rtol=0)
+
+
+def test_a_cache_hook_applied_to_compiled_attention_modules_directly_is_refused_at_the_call():
+    from diffusers.hooks import apply_pyramid_attention_broadcast
+
+    engine = optimize(_pipe(), _TRACED_COMPILE)
+    apply_pyramid_attention_broadcast(engine.transformer, _pab(engine))
+    with pytest.raises(ConfigError, match=r"attn carries diffusers hooks \['pyramid_attention_broadcast'\]"):
+        _image(engine)
+
+
+def test_a_block_cache_on_blocks_compiled_without_frames_is_refused_and_one_through_frames_runs(tmp_path):
+    """A block-level hook (FirstBlockCache) wraps the block's forward: the engine's frames (the presets' default) run
+    it around the compiled block (diffusers' cached image); nn.Module.compile (another backend, or the cache off)
+    traced it and failed inside dynamo: refused now, naming the fix."""
+    traced = optimize(_pipe(), _TRACED_COMPILE)
+    with pytest.raises(ConfigError, match=r"forward replaced by diffusers hooks \['fbc_leader_block_hook'\].*frames"):
+        traced.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+    assert not traced.transformer.is_cache_enabled
+    framed = optimize(_pipe(), EngineConfig(compile=CompileConfig(mode="regional"),
+                                            cache=CacheConfig(directory=str(tmp_path))))  # fmt: skip
+    framed.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+    reference = _pipe()
+    reference.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+    cached = _image(reference, num_inference_steps=4)
+    assert (cached - _image(_pipe(), num_inference_steps=4)).abs().max() > 1e-3  # the cache skipped blocks
+    torch.testing.assert_close(_image(framed, num_inference_steps=4), cached, atol=2e-5, rtol=0)
+
+
+@pytest.mark.gpu
+def test_a_block_cache_under_a_cuda_graph_of_diffusers_blocks_is_refused(tmp_path):
+    """compile.cuda_graphs over diffusers' own blocks: a FirstBlockCache there would be captured with the branch of
+    its capture's step and replayed at every step. Refused at enable_cache, the hooks taken off again."""
+    pipe = FluxPipeline(**synthetic_components("tiny", device="cuda", dtype=torch.bfloat16, seed=0))
+    engine = optimize(pipe, EngineConfig(compile=CompileConfig(mode="regional", cuda_graphs=True),
+                                         cache=CacheConfig(directory=str(tmp_path))))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"transformer_blocks.0 carries diffusers hooks .*CUDA graph"):
+        engine.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+    assert not engine.transformer.is_cache_enabled
