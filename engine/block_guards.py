@@ -338,8 +338,9 @@ def _enable_cache_then_check(model: nn.Module, enable, check, *args, **kwargs):
 def _check_compiled_hooks(model: nn.Module, frames: bool | None, graphs: bool) -> None:
     name = type(model).__name__
     for group in ("transformer_blocks", "single_transformer_blocks"):
-        for index, block in enumerate(getattr(model, group, None) or []):
-            block = block if isinstance(block, nn.Module) else block.block  # a First-Block Cache call of the engine's
+        blocks = getattr(model, group, None)
+        # the modules themselves (the engine's step cache and streamer wrap them while they iterate)
+        for index, block in enumerate(blocks._modules.values() if isinstance(blocks, nn.ModuleList) else []):
             place = f"{name}.{group}.{index}"
             attn_hooks = _hook_names(getattr(block, "attn", None))
             if graphs and (hooks := _hook_names(block) + attn_hooks):
