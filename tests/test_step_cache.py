@@ -367,3 +367,61 @@ def test_a_call_whose_blocks_a_tail_graph_would_bake_in_is_marked_so():
     assert not hook.plain_forward  # TailGraphs.usable refuses the step's graph then
     _call(engine, num_inference_steps=2)
     assert hook.plain_forward
+
+
+def _true_cfg_reference(task: str, cache_config):
+    """diffusers' class for `task` with its own hook, its two calls a step named 'cond' and 'uncond' as FluxPipeline
+    names them (the other classes name none, and diffusers' hooks fail there)."""
+    from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+    from engine.tasks import TASKS
+
+    pipe = getattr(diffusers, TASKS[task].pipeline_class)(**synthetic_components("tiny", device="cpu",
+                                                                                 dtype=torch.float32))  # fmt: skip
+    pipe.transformer.enable_cache(cache_config)
+    calls = []
+    pipe.transformer.register_forward_pre_hook(
+        lambda module, args: calls.append(_set_cache_context(module, CacheContext(("cond", "uncond")[len(calls) % 2])))
+    )
+    return pipe
+
+
+@pytest.mark.parametrize("task", ["img2img", "kontext"])
+def test_true_cfg_on_the_task_classes_caches_each_prompt_apart(task):
+    """Before: img2img, inpaint, Kontext (the classes that name no cache context) ran true CFG's two calls a step in
+    one context: each step counted twice and TaylorSeer extrapolated between the prompts (0.096 from diffusers'
+    hook with the calls named, on img2img). Now the second call with a step's latents is 'uncond'."""
+    from engine.tasks import synthetic_inputs
+
+    config = TaylorSeerCacheConfig(cache_interval=3, max_order=1, disable_cache_before_step=2, use_lite_mode=True)
+    inputs = {**synthetic_inputs(task, 64, 64), "true_cfg_scale": 2.0, "negative_prompt": "blurry"}
+    if task == "kontext":
+        inputs["_auto_resize"] = False
+    expected = _call(_true_cfg_reference(task, config), **inputs)
+    engine = FluxEngine.from_pretrained("synthetic:tiny", EngineConfig(step_cache=StepCacheConfig(
+        "taylorseer", interval=3, warmup=2, order=1)), device="cpu", task=task)  # fmt: skip
+    assert torch.equal(_call(engine, **inputs), expected)
+    decisions = engine.step_cache_state.last_call()
+    assert decisions["cond"] == decisions["uncond"] and decisions["cond"].count(False) > 0
+
+
+def test_a_call_after_one_that_failed_mid_way_starts_its_steps_afresh():
+    """Before: a diffusers FluxPipeline optimised in place (its own __call__, which resets the cache only at its
+    end) went on from the steps of a call that raised mid-way: 0.03-0.12 from diffusers. A call's new prompt ids
+    now reset the cache."""
+    from engine import optimize
+
+    config = TaylorSeerCacheConfig(cache_interval=3, max_order=1, disable_cache_before_step=2, use_lite_mode=True)
+    expected = _call(_diffusers_with(config)[0])
+    pipe = diffusers.FluxPipeline(**synthetic_components("tiny", device="cpu", dtype=torch.float32))
+    optimize(pipe, EngineConfig(step_cache=StepCacheConfig("taylorseer", interval=3, warmup=2, order=1)))
+
+    def fail_at_step_4(pipe, step, timestep, outputs):
+        if step == 4:
+            raise KeyboardInterrupt
+        return outputs
+
+    with pytest.raises(KeyboardInterrupt):
+        _call(pipe, callback_on_step_end=fail_at_step_4)
+    assert torch.equal(_call(pipe), expected)
+    assert len(pipe.step_cache_state.last_call()["cond"]) == STEPS

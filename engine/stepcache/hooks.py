@@ -29,7 +29,7 @@ from . import StepCacheConfig, taylorseer_computes
 
 HOOK_NAME = "flux_engine_step_cache"
 # FluxPipeline names its transformer calls ('cond', and 'uncond' under true CFG); the other FLUX.1 classes set no
-# context, which diffusers' own cache hooks fail on: theirs count as this one
+# context, which diffusers' own cache hooks fail on: theirs are told apart by their prompts (StepCacheHook.state)
 DEFAULT_CONTEXT = "cond"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # the transformer forward's arguments a tail graph would bake in: tensors added between the blocks (one step's), and
@@ -74,14 +74,35 @@ class StepCacheHook(ModelHook):
         self.enabled = True  # False: every step full, as without the cache (StepCacheState.paused)
         self.tail_graphs = None  # fbcache under CUDA graphs: the blocks after the decider as a graph (graphs.py)
         self.plain_forward = True  # this forward's call has nothing a tail graph would bake in (_BAKED_IN)
+        self._prompts: dict[str, torch.Tensor] = {}  # context -> the txt_ids its calls carry in this pipeline call
+        self._latents: torch.Tensor | None = None  # the last call's hidden_states (the classes that name no context)
+        self._own_context: CacheContext | None = None  # the context this hook set (the class sets none)
 
-    def state(self) -> _StepState:
-        """The current context's state (the default context where the pipeline class sets none)."""
-        try:
-            context = self.state_manager.context
-        except ValueError:
-            context = CacheContext(DEFAULT_CONTEXT)
-            self.state_manager.set_context(context)
+    def state(self, call: dict | None = None) -> _StepState:
+        """The current context's state; `call`: a transformer call's arguments, which pick the context (the blocks
+        of First-Block Cache ask without, and get the forward's). FluxPipeline names its calls ('cond', and 'uncond'
+        under true CFG); the other FLUX.1 classes name none, and under true CFG call twice a step with the same
+        latents: the second call of a step is 'uncond' (before: one context for both, each step counted twice,
+        TaylorSeer extrapolating between the prompts). A call whose `txt_ids` (made anew by every pipeline call) is
+        not its context's of this pipeline call starts a new call: the states are reset (a call that failed mid-way
+        never reset them, and the next one went on from its steps)."""
+        context = self.state_manager._context
+        named = context is not None and context is not self._own_context  # by the pipeline (cache_context)
+        if call is not None:
+            if named:
+                name = context.name
+            else:  # the second call with one step's latents is true CFG's negative prompt
+                name = "uncond" if self._latents is not None and call.get("hidden_states") is self._latents else (
+                    DEFAULT_CONTEXT)  # fmt: skip
+            ids = call.get("txt_ids")
+            if name in self._prompts and self._prompts[name] is not ids:
+                self.reset_state(None)
+            self._prompts[name], self._latents = ids, call.get("hidden_states")
+            if not named and (context is None or context.name != name):
+                context = self._own_context = CacheContext(name)
+        elif context is None:
+            context = self._own_context = CacheContext(DEFAULT_CONTEXT)
+        self.state_manager.set_context(context)  # again where the reset above dropped it
         state = self.state_manager.get_state()
         self._live[context.name] = state
         return state
@@ -90,7 +111,7 @@ class StepCacheHook(ModelHook):
         self.plain_forward = not any(kwargs.get(name) for name in _BAKED_IN)
         if not self.enabled:
             return self.fn_ref.original_forward(*args, **kwargs)
-        state = self.state()
+        state = self.state(kwargs)
         state.step += 1
         if self.config.mode == "fbcache":  # the blocks decide (_CachedCall), after the first one ran
             return self.fn_ref.original_forward(*args, **kwargs)
@@ -167,7 +188,7 @@ class StepCacheHook(ModelHook):
         """After each pipeline call (diffusers' maybe_free_model_hooks), and before each engine call."""
         if any(state.computed for state in self._live.values()):
             self.last_call = {name: list(state.computed) for name, state in self._live.items()}
-        self._live = {}
+        self._live, self._prompts, self._latents = {}, {}, None
         self.state_manager.reset()
         return module
 
