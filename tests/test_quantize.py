@@ -423,6 +423,32 @@ def test_a_quantised_t5_still_moves_between_devices():
     assert wo.weight.dtype == torch.float32 and wo.weight.numel() == 0 and wo.weight.device.type == "cpu"
 
 
+@pytest.mark.parametrize("mode", ["fp8", "int8-weight"])
+def test_a_weight_edited_after_quantising_is_refused_at_the_next_call(mode):
+    """Before: `to_q.weight.mul_(-1)` (or `.data = W`) after optimize() on a quantised preset changed nothing (the
+    fused placeholder's empty tensor, quanto's codes): diffusers' image moved by 0.015-0.16, ours by 0, without a
+    word. Now the next call is refused; moving the pipeline (new tensors of the same shape) is not an edit."""
+    from engine import optimize
+
+    config = EngineConfig(attention=AttentionConfig(backend="auto"), quant=QuantConfig(transformer=mode))
+    edits = {
+        "to_q in place": lambda block: block.attn.to_q.weight.mul_(-1.0),
+        "to_q given a weight": lambda block: setattr(block.attn.to_q.weight, "data", torch.randn(128, 128)),
+    }
+    if mode == "int8-weight":  # quanto's own layer (fp8's Fp8Linear has no `weight`: an edit fails there)
+        edits["ff.net.2 in place"] = lambda block: block.ff.net[2].weight.mul_(-1.0)
+    for edit in edits.values():
+        pipe = optimize(_fresh_pipe(), config)
+        pipe.to("cpu")
+        pipe.to(torch.float32)
+        expected = _images(pipe)
+        assert torch.equal(_images(pipe), expected)
+        with torch.no_grad():
+            edit(pipe.transformer.transformer_blocks[0])
+        with pytest.raises(ConfigError, match=r"transformer_blocks.0.* was changed after the engine quantised"):
+            _images(pipe)
+
+
 # ----------------------------------------------------------------------------- quantised pipeline folders
 
 

@@ -23,7 +23,7 @@ from flux_kernels.fp8 import FP8_DTYPE
 
 from ..config import QuantConfig
 from ..errors import ConfigError
-from .fp8 import Fp8Linear, KeepsInputDtype
+from .fp8 import Fp8Linear, FusedAway, KeepsInputDtype
 from .layers import drop_fused_views, quantized_kind, quantized_linear
 from .policy import COMPONENTS, T5_WO, kept_linears, parent_of, quantizable_linears
 
@@ -100,6 +100,51 @@ def mark_quantized(model: nn.Module, record: ComponentQuant, double_quant: bool 
     model._flux_quant_record = record
     if "_flux_load_guard" not in model.__dict__:
         model._flux_load_guard = model.register_load_state_dict_pre_hook(_refuse_float_weights)
+    model.__dict__["_flux_weight_marks"] = _weight_marks(model)
+    if "_flux_edit_guard" not in model.__dict__:
+        model._flux_edit_guard = model.register_forward_pre_hook(_refuse_weight_edits)
+
+
+def _weight_marks(model: nn.Module) -> list:
+    """[name, module, where, tensor, _signature(tensor)] of the `weight` each quantised layer still shows but
+    does not compute from: the fused projections' placeholders (FusedAway: an empty tensor) and quanto's layers
+    (their weight's codes are read, not the tensor's own data). Our Fp8Linear has no `weight` (an edit fails)."""
+    marks = []
+    for name, module in model.named_modules():
+        if isinstance(module, FusedAway) or quantized_kind(module) in ("int8-weight", "fp8-weight"):
+            where = "_buffers" if "weight" in module._buffers else "_parameters"
+            tensor = getattr(module, where).get("weight")
+            if tensor is not None:
+                marks.append([name, module, where, tensor, _signature(tensor)])
+    return marks
+
+
+def _signature(tensor: torch.Tensor) -> tuple:
+    """In-place edits bump the version; `.data = W` changes the shape (an empty placeholder) or, on quanto's
+    weight (a tensor subclass without storage of its own: data_ptr 0), the data pointer."""
+    return tensor._version, tuple(tensor.shape), tensor.data_ptr()
+
+
+def _refuse_weight_edits(model: nn.Module, args) -> None:
+    """Each call of a quantised model: a weight edited in place (`.weight.mul_()`, `.weight.data = W`) after
+    quantising is refused; before, the layer went on computing from its codes (a different image from diffusers',
+    without a word). A tensor replaced by one of the same shape (`.to()`, a new Parameter, which quanto quantises
+    at its next call) is taken as the new mark."""
+    for mark in model.__dict__.get("_flux_weight_marks", ()):
+        name, module, where, tensor, signature = mark
+        current = getattr(module, where).get("weight")
+        if current is None or (current is tensor and _signature(current) == signature):
+            continue
+        if current is not tensor and current.shape == signature[1]:
+            mark[3:] = current, _signature(current)
+            continue
+        kind = "fused into a quantised layer" if isinstance(module, FusedAway) else "quantised"
+        raise ConfigError(
+            f"{type(model).__name__}.{name}.weight was changed after the engine quantised the model "
+            f"({model._flux_quant_mode!r}); the layer is {kind} and computes from its codes, so the edit would do "
+            "nothing (a different image from diffusers', without a word). Edit the weights before optimize() (or "
+            "load the edited model and optimize it again), or use a LoRA (load_lora_weights / fuse_lora)"
+        )
 
 
 def _refuse_float_weights(model: nn.Module, state_dict, prefix: str, *_args) -> None:
