@@ -258,7 +258,9 @@ class EngineCalls:
         self._check_latents(call)
         check_task_inputs(self, call)
         if call["sigmas"] is None:
-            self.engine_config.step_cache.check_steps_exist(steps)
+            strength = call.get("strength")  # img2img and inpainting run the last steps only (diffusers' get_timesteps)
+            run = steps if strength is None else steps - int(max(steps - steps * strength, 0))
+            self.engine_config.step_cache.check_steps_exist(run, "" if run == steps else f" (strength={strength:g})")
 
     def _check_embeds(self, call: dict) -> None:
         config = self.transformer.config

@@ -150,6 +150,19 @@ def test_the_cache_works_in_the_other_pipeline_classes():
     assert len(engine.step_cache_state.last_call()["cond"]) == STEPS - int(STEPS - STEPS * 0.6) == 8
 
 
+def test_a_static_schedule_past_the_steps_strength_leaves_is_refused():
+    """Before: static steps (0, 1, 3, 9) on img2img with 12 steps at strength 0.6 (8 run) ran full steps at 0, 1, 3
+    only, without a word (the check counted num_inference_steps)."""
+    from engine.tasks import synthetic_inputs
+
+    config = EngineConfig(step_cache=StepCacheConfig("static", steps=(0, 1, 3, 9), order=0))
+    engine = FluxEngine.from_pretrained("synthetic:tiny", config, device="cpu", task="img2img")
+    with pytest.raises(InputError, match=r"names step\(s\) \[9\] but the call runs 8 steps \(strength=0.6\)"):
+        _call(engine, **synthetic_inputs("img2img", 64, 64))
+    _call(engine, **synthetic_inputs("img2img", 64, 64), strength=1.0)  # all 12 run
+    assert [step for step, full in enumerate(engine.step_cache_state.last_call()["cond"]) if full] == [0, 1, 3, 9]
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [

@@ -110,15 +110,16 @@ class StepCacheConfig:
             return [step for step in self.steps if step < total]
         return [step for step in range(total) if taylorseer_computes(self, step)]
 
-    def check_steps_exist(self, total: int) -> None:
-        """A static schedule naming steps past the call's last one: refused (InputError) before the call runs."""
+    def check_steps_exist(self, total: int, why: str = "") -> None:
+        """A static schedule naming steps past the call's last one: refused (InputError) before the call runs.
+        `total`: the steps the call runs (`why`: what made them fewer than num_inference_steps)."""
         from ..errors import InputError
 
         if self.mode == "static" and self.steps[-1] >= total:
             past = [step for step in self.steps if step >= total]
             raise InputError(
-                f"step_cache.steps names step(s) {past} but the call runs {total} steps (0..{total - 1}); drop them or "
-                f"raise num_inference_steps"
+                f"step_cache.steps names step(s) {past} but the call runs {total} steps{why} (0..{total - 1}); drop "
+                f"them or raise num_inference_steps" + (" or strength" if why else "")
             )
 
 
