@@ -438,3 +438,18 @@ def test_a_call_after_one_that_failed_mid_way_starts_its_steps_afresh():
         _call(pipe, callback_on_step_end=fail_at_step_4)
     assert torch.equal(_call(pipe), expected)
     assert len(pipe.step_cache_state.last_call()["cond"]) == STEPS
+
+
+def test_the_blocks_iterate_as_themselves_outside_the_forward_under_first_block_cache():
+    """Before: `for block in transformer.transformer_blocks` under fbcache yielded the engine's per-step wrappers
+    (`block.attn`, `block.register_forward_hook`: AttributeError). A hook registered that way runs in full steps."""
+    engine = _engine(StepCacheConfig("fbcache", threshold=0.45))
+    runs = []
+    for block in engine.transformer.transformer_blocks:
+        assert isinstance(block, diffusers.models.transformers.transformer_flux.FluxTransformerBlock)
+    singles = engine.transformer.single_transformer_blocks
+    for block in singles:  # after the first two blocks: they run in full steps only
+        block.register_forward_hook(lambda *_: runs.append(1))
+    _call(engine)
+    full = engine.step_cache_state.last_call()["cond"].count(True)
+    assert 0 < full < STEPS and len(runs) == len(singles) * full

@@ -93,6 +93,7 @@ def _blocks_streamer(model, lists, device, slots: int, name: str, pin: bool, tra
     streamer.set_order(list(range(len(units))))
     streamer.lists = lists
     streamer.handles = stream_module_lists(model, lists, streamer)
+    model.__dict__["_engine_streamed"] = True  # its tensors are views of host buffers, copied in place (quant.apply)
     return streamer
 
 
@@ -147,6 +148,7 @@ def _leaf_streamer(model: nn.Module, lists, device, slots: int, name: str, pin: 
         units.append(PackedUnit(f"{name}.leaf[{index}]", entries))
     streamer = Streamer(units, device, slots, name, HostBuffer.pack(units, pin))
     streamer.lists, streamer.handles = [], bracket(model, streamer)
+    model.__dict__["_engine_streamed"] = True
     for index, group in enumerate(groups):
         for leaf in group:
             streamer.handles.append(leaf.register_forward_pre_hook(lambda module, args, i=index: streamer.before(i)))

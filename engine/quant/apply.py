@@ -100,9 +100,10 @@ def mark_quantized(model: nn.Module, record: ComponentQuant, double_quant: bool 
     model._flux_quant_record = record
     if "_flux_load_guard" not in model.__dict__:
         model._flux_load_guard = model.register_load_state_dict_pre_hook(_refuse_float_weights)
-    model.__dict__["_flux_weight_marks"] = _weight_marks(model)
-    if "_flux_edit_guard" not in model.__dict__:
-        model._flux_edit_guard = model.register_forward_pre_hook(_refuse_weight_edits)
+    if hasattr(model, "transformer_blocks"):  # a FLUX transformer or ControlNet (the text encoders visit the GPU)
+        model.__dict__["_flux_weight_marks"] = _weight_marks(model)
+        if "_flux_edit_guard" not in model.__dict__:
+            model._flux_edit_guard = model.register_forward_pre_hook(_refuse_weight_edits)
 
 
 def _weight_marks(model: nn.Module) -> list:
@@ -129,11 +130,13 @@ def _refuse_weight_edits(model: nn.Module, args) -> None:
     """Each call of a quantised model: a weight edited in place (`.weight.mul_()`, `.weight.data = W`) after
     quantising is refused; before, the layer went on computing from its codes (a different image from diffusers',
     without a word). A tensor replaced by one of the same shape (`.to()`, a new Parameter, which quanto quantises
-    at its next call) is taken as the new mark."""
+    at its next call) is taken as the new mark. Under block / leaf offload (only our fp8 and nf4 stream) an in-place
+    edit of a placeholder is not seen: the streamer's own copies bump its version."""
+    streamed = model.__dict__.get("_engine_streamed", False)  # offload's copies bump the placeholders' versions
     for mark in model.__dict__.get("_flux_weight_marks", ()):
         name, module, where, tensor, signature = mark
         current = getattr(module, where).get("weight")
-        if current is None or (current is tensor and _signature(current) == signature):
+        if current is None or (current is tensor and _signature(current)[streamed:] == signature[streamed:]):
             continue
         if current is not tensor and current.shape == signature[1]:
             mark[3:] = current, _signature(current)

@@ -72,6 +72,7 @@ class StepCacheHook(ModelHook):
         self.last_call: dict[str, list[bool]] = {}  # context -> full (True) or skipped, per step, of the last call
         self._live: dict[str, _StepState] = {}  # this call's states, by context
         self.enabled = True  # False: every step full, as without the cache (StepCacheState.paused)
+        self.in_forward = False
         self.tail_graphs = None  # fbcache under CUDA graphs: the blocks after the decider as a graph (graphs.py)
         self.plain_forward = True  # this forward's call has nothing a tail graph would bake in (_BAKED_IN)
         self._prompts: dict[str, torch.Tensor] = {}  # context -> the txt_ids its calls carry in this pipeline call
@@ -108,6 +109,13 @@ class StepCacheHook(ModelHook):
         return state
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        self.in_forward = True  # the block lists yield _CachedCalls (First-Block Cache) only inside the forward
+        try:
+            return self._forward(*args, **kwargs)
+        finally:
+            self.in_forward = False
+
+    def _forward(self, *args, **kwargs):
         self.plain_forward = not any(kwargs.get(name) for name in _BAKED_IN)
         if not self.enabled:
             return self.fn_ref.original_forward(*args, **kwargs)
@@ -242,15 +250,16 @@ class _CachedCall:
 
 
 class _CachedBlocks(torch.nn.ModuleList):
-    """A block list whose iteration, while a First-Block Cache is installed, yields the blocks as _CachedCalls;
-    indexing, len, named_modules, state_dict and each block's compile see the blocks as they are."""
+    """A block list whose iteration inside the transformer's forward, while a First-Block Cache is installed, yields
+    the blocks as _CachedCalls; outside it (a user's `for block in transformer.transformer_blocks`), indexing, len,
+    named_modules, state_dict and each block's compile see the blocks as they are."""
 
     def __iter__(self):
         roles = self.__dict__.get("_step_cache_roles")
         blocks = list(self._modules.values())
-        if roles is None:
+        hook = self.__dict__.get("_step_cache_hook")
+        if roles is None or not hook.in_forward:
             return iter(blocks)
-        hook = self.__dict__["_step_cache_hook"]
         return iter([_CachedCall(hook, block, *role) for block, role in zip(blocks, roles, strict=True)])
 
 
