@@ -211,7 +211,22 @@ def _refuse_adapters_loaded_before(pipe, config: EngineConfig) -> None:
                 "whose steps rewrite the layers they wrap. Call optimize() first and load_lora_weights() after it "
                 "(the engine applies adapters on its fused and quantised layers), or pipe.unload_lora_weights() "
                 "first (an adapter merged with fuse_lora() before unloading stays in the weights). Nothing was changed"
+                + _control_lora_route(pipe, model)
             )
+
+
+def _control_lora_route(pipe, model) -> str:
+    """The route for a Control LoRA (its x_embedder widened to the Control class's channels): the Control classes
+    refuse a 64-channel transformer at optimize(), so "optimize first" alone sends the user in a circle."""
+    from .tasks import TASKS
+
+    embedder = getattr(model, "x_embedder", None)
+    if embedder is None or getattr(embedder, "in_features", 0) <= TASKS["text-to-image"].channels:
+        return ""
+    return (
+        f". A Control LoRA (it widened x_embedder to {embedder.in_features} inputs): optimize() a FluxPipeline over "
+        f"the plain components, load the LoRA on it, then {type(pipe).__name__}.from_pipe(that pipeline)"
+    )
 
 
 # the steps that rewrite the transformer (a compile step may hold the VAE's regions only)

@@ -112,10 +112,18 @@ def _check_task_fits_model(pipe, in_channels: int) -> None:
         fitting = [name for name, spec in TASKS.items() if spec.channels == in_channels]
         tasks = " / ".join(repr(name) for name in fitting) or "the one it was trained for"
         classes = ", ".join(TASKS[name].pipeline_class for name in fitting) or "its own pipeline class"
+        control_lora = ""
+        if in_channels == TASKS["text-to-image"].channels and expected > in_channels:  # a Control LoRA widens it
+            control_lora = (
+                ". For a Control LoRA (Canny / Depth LoRA, which widens the transformer's input to "
+                f"{expected} channels): optimize() a FluxPipeline over these components, load the LoRA on it, then "
+                f"{type(pipe).__name__}.from_pipe(that pipeline) (or fuse_lora() and unload_lora_weights() before "
+                "optimize())"
+            )
         raise ConfigError(
             f"{type(pipe).__name__} (task {task!r}) feeds its transformer {expected} latent channels; this transformer "
             f"takes {in_channels} ({model} model). Load it with FluxEngine.from_pretrained(..., task={tasks}), or "
-            f"into {classes}, and optimize() that"
+            f"into {classes}, and optimize() that{control_lora}"
         )
 
 

@@ -424,3 +424,37 @@ def test_trainer_format_loras_give_diffusers_images(layout):
     for pipe in (reference, engine):
         pipe.load_lora_weights(dict(state), adapter_name=layout)
     assert (_same(reference, engine) - plain).abs().max() > 1e-3
+
+
+def _control_lora(seed: int = 5) -> dict:
+    """A Flux Control LoRA (Canny / Depth LoRA): block adapters and x_embedder's A widened to 128 inputs."""
+    state = synthetic_lora(synthetic_components("tiny", device="cpu", dtype=torch.float32)["transformer"], 4,
+                           seed=seed, std=0.1)  # fmt: skip
+    generator = torch.Generator().manual_seed(seed)
+    state["transformer.x_embedder.lora_A.weight"] = torch.randn(4, 128, generator=generator) * 0.1
+    state["transformer.x_embedder.lora_B.weight"] = torch.randn(128, 4, generator=generator) * 0.1
+    return state
+
+
+def test_a_control_lora_names_the_route_that_works():
+    """Before: optimize(FluxControlPipeline) refused the 64-channel transformer ("load it into FluxPipeline"), and
+    the LoRA loaded first was refused ("call optimize() first"): each sent the user to the other. Both now name the
+    route, and the route gives diffusers' image with the Control LoRA."""
+    from diffusers import FluxControlPipeline
+    from PIL import Image
+
+    from engine import optimize
+
+    control = {"control_image": Image.new("RGB", (64, 64), (90, 160, 40))}
+    reference = FluxControlPipeline(**synthetic_components("tiny", device="cpu", dtype=torch.float32))
+    reference.load_lora_weights(_control_lora())
+    with pytest.raises(ConfigError, match=r"Control LoRA .*load the LoRA on it, then FluxControlPipeline.from_pipe"):
+        optimize(FluxControlPipeline(**synthetic_components("tiny", device="cpu", dtype=torch.float32)), FUSED)
+    loaded = FluxControlPipeline(**synthetic_components("tiny", device="cpu", dtype=torch.float32))
+    loaded.load_lora_weights(_control_lora())
+    with pytest.raises(ConfigError, match=r"before optimize.*Control LoRA .*128 inputs.*from_pipe"):
+        optimize(loaded, FUSED)
+    base = optimize(FluxPipeline(**synthetic_components("tiny", device="cpu", dtype=torch.float32)), FUSED)
+    base.load_lora_weights(_control_lora())
+    engine = FluxControlPipeline.from_pipe(base)
+    torch.testing.assert_close(_image(engine, **control), _image(reference, **control), atol=ATOL, rtol=0)
