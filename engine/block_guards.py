@@ -311,19 +311,52 @@ def install_compiled_block_guards(model: nn.Module, frames: bool | None, graphs:
         return lambda: None
     check = functools.partial(_check_compiled_hooks, frames=frames, graphs=graphs)
     handle = model.register_forward_pre_hook(lambda module, args: check(module))
-    shadowed = model.__dict__.get("enable_cache")
-    if hasattr(model, "enable_cache"):
+    shadowed = {name: model.__dict__.get(name) for name in _COMPILED_WRAPPED if hasattr(model, name)}
+    if "enable_cache" in shadowed:
         model.enable_cache = functools.partial(_enable_cache_then_check, model, model.enable_cache, check)
+    for name in ("enable_group_offload", "enable_layerwise_casting"):
+        if name in shadowed:
+            setattr(model, name, functools.partial(_refuse_inside_regions, model, getattr(model, name), frames, graphs))
     model.__dict__[_COMPILED_GUARDS] = True
 
     def undo():
         handle.remove()
         model.__dict__.pop(_COMPILED_GUARDS, None)
-        model.__dict__.pop("enable_cache", None)
-        if shadowed is not None:
-            model.enable_cache = shadowed
+        for name, previous in shadowed.items():
+            model.__dict__.pop(name, None)
+            if previous is not None:
+                setattr(model, name, previous)
 
     return undo
+
+
+_COMPILED_WRAPPED = ("enable_cache", "enable_group_offload", "enable_layerwise_casting")
+
+
+def _refuse_inside_regions(model: nn.Module, method, frames: bool | None, graphs: bool, *args, **kwargs):
+    """diffusers' group offloading and layerwise casting hook modules; inside the compiled regions (the blocks and
+    the embedders around them) dynamo fails on those hooks ("Skip inlining ... ModuleGroup.onload_", "Attempted to
+    use torch.nn.Parameter() constructor"), and a CUDA graph of the forward would replay their copies as captured.
+    Group offloading at block level runs around the blocks compiled through the engine's frames and is let through."""
+    name = method.__name__
+    if name == "enable_group_offload":
+        level = kwargs.get("offload_type", args[2] if len(args) > 2 else "block_level")
+        level = str(getattr(level, "value", level))  # diffusers' GroupOffloadingType or its string
+        if not graphs and frames and level == "block_level":
+            return method(*args, **kwargs)
+        what = f"group offloading at {level}"
+    elif frames is None:  # layerwise casting under the CUDA graphs alone: the captured casts read the same weights
+        return method(*args, **kwargs)
+    else:
+        what = "layerwise casting"
+    where = "is replayed as a CUDA graph" if graphs and name == "enable_group_offload" else "is compiled"
+    raise ConfigError(
+        f"{type(model).__name__}.{name}(): {what} hooks modules inside the transformer's regions, and the transformer "
+        f"{where} (dynamo cannot trace those hooks; a graph would replay their copies as captured). Nothing was "
+        "done. Use the engine's offload policies (EngineConfig(offload=OffloadConfig('block' or 'leaf'))) or fp8 "
+        "weights (QuantConfig(transformer='fp8')), or diffusers' own on a pipeline optimised with 'baseline'"
+        + (" (at block level it runs with the 'compile' preset)" if name == "enable_group_offload" else "")
+    )
 
 
 def _enable_cache_then_check(model: nn.Module, enable, check, *args, **kwargs):

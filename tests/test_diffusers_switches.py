@@ -265,3 +265,36 @@ def test_a_block_cache_under_a_cuda_graph_of_diffusers_blocks_is_refused(tmp_pat
     with pytest.raises(ConfigError, match=r"transformer_blocks.0 carries diffusers hooks .*CUDA graph"):
         engine.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.5))
     assert not engine.transformer.is_cache_enabled
+
+
+_CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("switch", ["leaf", "pipeline-leaf", "layerwise"])
+def test_hooks_inside_the_compiled_regions_are_refused_before_they_are_set(switch):
+    """Before: diffusers' group offloading at leaf level (also through pipe.enable_group_offload) or layerwise casting
+    after optimize('compile') failed inside dynamo at the first call ("Skip inlining ... ModuleGroup.onload_",
+    "Attempted to use torch.nn.Parameter() constructor"). Refused now, nothing set: the next call is the image."""
+    engine = optimize(_pipe(), _TRACED_COMPILE)
+    expected = _image(engine)
+    with pytest.raises(ConfigError, match=r"(group offloading at leaf_level|layerwise casting) hooks modules inside"):
+        if switch == "leaf":
+            engine.transformer.enable_group_offload(_CPU, _CPU, offload_type="leaf_level")
+        elif switch == "pipeline-leaf":
+            engine.enable_group_offload(onload_device=_CPU, offload_device=_CPU, offload_type="leaf_level")
+        else:
+            engine.transformer.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+    assert not getattr(engine.transformer.transformer_blocks[0].attn.to_q, "_diffusers_hook", None)
+    torch.testing.assert_close(_image(engine), expected, atol=0, rtol=0)
+
+
+def test_group_offloading_at_block_level_runs_around_blocks_compiled_through_frames(tmp_path):
+    """Block-level group offloading hooks the blocks whole, which the engine's frames run around: diffusers' image;
+    with nn.Module.compile (the compile cache off, another backend) it is refused, as it failed inside dynamo."""
+    traced = optimize(_pipe(), _TRACED_COMPILE)
+    with pytest.raises(ConfigError, match=r"group offloading at block_level hooks modules inside"):
+        traced.transformer.enable_group_offload(_CPU, _CPU, offload_type="block_level", num_blocks_per_group=1)
+    framed = optimize(_pipe(), EngineConfig(compile=CompileConfig(mode="regional"),
+                                            cache=CacheConfig(directory=str(tmp_path))))  # fmt: skip
+    framed.transformer.enable_group_offload(_CPU, _CPU, offload_type="block_level", num_blocks_per_group=1)
+    torch.testing.assert_close(_image(framed), _image(_pipe()), atol=2e-5, rtol=0)
