@@ -13,7 +13,7 @@
 # profile-vae-eager, tests-vae-kernels, taylorseer-compiledvae, cudnn-startup-package, startup-package-profile,
 # profile-encode, profile-cudnn-2048, power-probe, tune-qk-e4m3,
 # cold-start-causes, jit-probe, warm-ab, warm-ba, jit-probe-parts, warm-enc, fp8-lora-gemm, tests-guards,
-# tests-sweep, generate-kontext).
+# tests-sweep, generate-kontext, tokens-8704).
 # Each stage has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
@@ -471,6 +471,13 @@ for s in "$@"; do
       # top", item 4); its artefacts under $OUT/artifacts, to ship in engine/compiled/ beside the fastest preset's
       stage "$s" 330 python3 -m benchmarks.startup --preset fp8-compile-fastacc-cudagraphs-cudnnattn --sizes 1024 \
         1360x768 --runs tables:cold,tables:warm --artifacts-out "$OUT/artifacts" --out "$OUT/startup-$s-$CARD-$DAY.json" ;;
+    tokens-8704)
+      # Kontext's 8,704 tokens two ways on the cuDNN preset, each beside diffusers: text-to-image at 1024x2048 (8,192
+      # image + 512 text tokens) and the 1024^2 Kontext edit; a lower Kontext ratio would be Kontext's own cost
+      stage "$s-t2i" 240 python3 -m engine.bench --res 1024x2048 --steps 4 --runs 3 --cache-dir /tmp/fe-cache \
+        --preset fp8-compile-fastacc-cudagraphs-cudnnattn --out "$OUT/bench-$s-t2i-$CARD-$DAY.json"
+      stage "$s-kontext" 240 python3 -m engine.bench --task kontext --res 1024 --steps 4 --runs 3 --cache-dir \
+        /tmp/fe-cache --preset fp8-compile-fastacc-cudagraphs-cudnnattn --out "$OUT/bench-$s-kontext-$CARD-$DAY.json" ;;
     cudnn-kontext)
       # the same two presets on the Kontext edit (8704 tokens at 1024^2) beside diffusers' FluxKontextPipeline
       stage "$s" 300 python3 -m engine.bench --task kontext --res 1024 --steps 4 --runs 3 --cache-dir /tmp/fe-cache \
