@@ -453,3 +453,35 @@ def test_the_blocks_iterate_as_themselves_outside_the_forward_under_first_block_
     _call(engine)
     full = engine.step_cache_state.last_call()["cond"].count(True)
     assert 0 < full < STEPS and len(runs) == len(singles) * full
+
+
+def test_a_retry_with_the_same_latents_after_a_failure_between_the_two_cfg_calls():
+    """A review found: img2img under true CFG with the user's latents, failing between step 0's two calls, then the
+    same call again: the retry's first call (same latents object) was taken for 'uncond' and the schedule shifted by
+    one (0.04 from a clean run, 11 of 12 steps recorded). A new pipeline call is told by its img_ids now."""
+    from engine import optimize
+    from engine.tasks import synthetic_inputs
+
+    config = EngineConfig(step_cache=StepCacheConfig("taylorseer", interval=3, warmup=2, order=1))
+    latents = torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(1))
+    inputs = {**synthetic_inputs("img2img", 64, 64), "strength": 1.0, "latents": latents, "true_cfg_scale": 2.0,
+              "negative_prompt": "blurry"}  # fmt: skip
+
+    def pipe():
+        return optimize(diffusers.FluxImg2ImgPipeline(**synthetic_components("tiny", device="cpu",
+                                                                            dtype=torch.float32)), config)  # fmt: skip
+
+    expected = _call(pipe(), **inputs)
+    retried, calls = pipe(), []
+
+    def fail_at_the_second_call(module, args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    handle = retried.transformer.register_forward_pre_hook(fail_at_the_second_call)
+    with pytest.raises(KeyboardInterrupt):
+        _call(retried, **inputs)
+    handle.remove()
+    assert torch.equal(_call(retried, **inputs), expected)
+    assert len(retried.step_cache_state.last_call()["uncond"]) == STEPS

@@ -75,30 +75,30 @@ class StepCacheHook(ModelHook):
         self.in_forward = False
         self.tail_graphs = None  # fbcache under CUDA graphs: the blocks after the decider as a graph (graphs.py)
         self.plain_forward = True  # this forward's call has nothing a tail graph would bake in (_BAKED_IN)
-        self._prompts: dict[str, torch.Tensor] = {}  # context -> the txt_ids its calls carry in this pipeline call
+        self._call_ids: torch.Tensor | None = None  # this pipeline call's img_ids (its transformer calls share them)
         self._latents: torch.Tensor | None = None  # the last call's hidden_states (the classes that name no context)
         self._own_context: CacheContext | None = None  # the context this hook set (the class sets none)
 
     def state(self, call: dict | None = None) -> _StepState:
         """The current context's state; `call`: a transformer call's arguments, which pick the context (the blocks
-        of First-Block Cache ask without, and get the forward's). FluxPipeline names its calls ('cond', and 'uncond'
-        under true CFG); the other FLUX.1 classes name none, and under true CFG call twice a step with the same
-        latents: the second call of a step is 'uncond' (before: one context for both, each step counted twice,
-        TaylorSeer extrapolating between the prompts). A call whose `txt_ids` (made anew by every pipeline call) is
-        not its context's of this pipeline call starts a new call: the states are reset (a call that failed mid-way
-        never reset them, and the next one went on from its steps)."""
+        of First-Block Cache ask without, and get the forward's). A call whose `img_ids` (made once by every pipeline
+        call, passed to both of true CFG's calls) is not the last call's starts a new pipeline call: the states are
+        reset (a call that failed mid-way never reset them, and the next one went on from its steps). FluxPipeline
+        names its calls ('cond', and 'uncond' under true CFG); the other FLUX.1 classes name none, and under true CFG
+        call twice a step with the same latents: the second call of a step is 'uncond' (before: one context for
+        both, each step counted twice, TaylorSeer extrapolating between the prompts)."""
         context = self.state_manager._context
         named = context is not None and context is not self._own_context  # by the pipeline (cache_context)
         if call is not None:
+            ids = call.get("img_ids")
+            if self._call_ids is not None and ids is not self._call_ids:
+                self.reset_state(None)
             if named:
                 name = context.name
             else:  # the second call with one step's latents is true CFG's negative prompt
                 name = "uncond" if self._latents is not None and call.get("hidden_states") is self._latents else (
                     DEFAULT_CONTEXT)  # fmt: skip
-            ids = call.get("txt_ids")
-            if name in self._prompts and self._prompts[name] is not ids:
-                self.reset_state(None)
-            self._prompts[name], self._latents = ids, call.get("hidden_states")
+            self._call_ids, self._latents = ids, call.get("hidden_states")
             if not named and (context is None or context.name != name):
                 context = self._own_context = CacheContext(name)
         elif context is None:
@@ -196,7 +196,7 @@ class StepCacheHook(ModelHook):
         """After each pipeline call (diffusers' maybe_free_model_hooks), and before each engine call."""
         if any(state.computed for state in self._live.values()):
             self.last_call = {name: list(state.computed) for name, state in self._live.items()}
-        self._live, self._prompts, self._latents = {}, {}, None
+        self._live, self._call_ids, self._latents = {}, None, None
         self.state_manager.reset()
         return module
 
