@@ -113,7 +113,7 @@ def _check_task_fits_model(pipe, in_channels: int) -> None:
         tasks = " / ".join(repr(name) for name in fitting) or "the one it was trained for"
         classes = ", ".join(TASKS[name].pipeline_class for name in fitting) or "its own pipeline class"
         control_lora = ""
-        if in_channels == TASKS["text-to-image"].channels and expected > in_channels:  # a Control LoRA widens it
+        if in_channels == TASKS["text-to-image"].channels and expected == TASKS["control"].channels:  # Control LoRA
             control_lora = (
                 ". For a Control LoRA (Canny / Depth LoRA, which widens the transformer's input to "
                 f"{expected} channels): optimize() a FluxPipeline over these components, load the LoRA on it, then "

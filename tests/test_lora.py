@@ -454,6 +454,11 @@ def test_a_control_lora_names_the_route_that_works():
     loaded.load_lora_weights(_control_lora())
     with pytest.raises(ConfigError, match=r"before optimize.*Control LoRA .*128 inputs.*from_pipe"):
         optimize(loaded, FUSED)
+    from diffusers import FluxFillPipeline
+
+    with pytest.raises(ConfigError, match=r"feeds its transformer 384") as refused:  # no LoRA widens to Fill's 384
+        optimize(FluxFillPipeline(**synthetic_components("tiny", device="cpu", dtype=torch.float32)), FUSED)
+    assert "Control LoRA" not in str(refused.value)
     base = optimize(FluxPipeline(**synthetic_components("tiny", device="cpu", dtype=torch.float32)), FUSED)
     base.load_lora_weights(_control_lora())
     engine = FluxControlPipeline.from_pipe(base)
