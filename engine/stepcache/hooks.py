@@ -29,7 +29,7 @@ from . import StepCacheConfig, taylorseer_computes
 
 HOOK_NAME = "flux_engine_step_cache"
 # FluxPipeline names its transformer calls ('cond', and 'uncond' under true CFG); the other FLUX.1 classes set no
-# context, which diffusers' own cache hooks fail on: theirs are told apart by their prompts (StepCacheHook.state)
+# context, which diffusers' own cache hooks fail on: theirs are told apart by their latents (StepCacheHook.state)
 DEFAULT_CONTEXT = "cond"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # the transformer forward's arguments a tail graph would bake in: tensors added between the blocks (one step's), and
