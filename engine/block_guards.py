@@ -408,7 +408,7 @@ _HOOKS = "_diffusers_hook"  # where diffusers' HookRegistry lives on a module (i
 def _hook_names(module) -> list[str]:
     """diffusers hooks on `module` but group offloading's (which the compiled and fused blocks run with) and the
     engine's own (its step caches, sequence parallelism)."""
-    registry = getattr(getattr(module, "_diffusers_hook", None), "hooks", {})
+    registry = getattr(getattr(module, _HOOKS, None), "hooks", {})
     return [n for n, h in registry.items()
             if "group_offload" not in type(h).__module__ and not type(h).__module__.startswith("engine.")]  # fmt: skip
 

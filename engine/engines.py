@@ -27,7 +27,7 @@ from .models.controlnet import load_controlnet
 from .models.loading import load_local_components
 from .models.variants import SYNTHETIC_PREFIX, is_variant_name, resolve_device, variant_spec
 from .pipeline import ENGINE_CONFIG_ATTR, STATE_ATTRS, default_dtype, engine_config_of, optimize
-from .tasks import TASKS, check_task_inputs, components_for
+from .tasks import TASKS, check_task_inputs, components_for, steps_run
 
 
 class EngineCalls:
@@ -258,8 +258,8 @@ class EngineCalls:
         self._check_latents(call)
         check_task_inputs(self, call)
         if call["sigmas"] is None:
-            strength = call.get("strength")  # img2img and inpainting run the last steps only (diffusers' get_timesteps)
-            run = steps if strength is None else steps - int(max(steps - steps * strength, 0))
+            strength = call.get("strength")  # img2img and inpainting run the last steps only
+            run = steps_run(steps, strength)
             self.engine_config.step_cache.check_steps_exist(run, "" if run == steps else f" (strength={strength:g})")
 
     def _check_embeds(self, call: dict) -> None:

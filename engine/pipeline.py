@@ -219,17 +219,14 @@ def _control_lora_route(pipe, model) -> str:
     """The route for a Control LoRA (its x_embedder widened to the Control class's channels): the Control classes
     refuse a 64-channel transformer at optimize(), so "optimize first" alone sends the user in a circle."""
     from .lora import is_lora_layer
-    from .tasks import TASKS, task_of
+    from .tasks import TASKS, control_lora_route, task_of
 
     embedder = getattr(model, "x_embedder", None)
     # diffusers records what a Control LoRA widened (to undo it at unload_lora_weights(reset_to_overwritten_params))
     widened = is_lora_layer(embedder) and "x_embedder.weight" in (getattr(model, "_overwritten_params", None) or {})
     if not widened or TASKS[task_of(pipe)].channels != TASKS["control"].channels:
         return ""
-    return (
-        f". A Control LoRA (it widened x_embedder to {embedder.in_features} inputs): optimize() a FluxPipeline over "
-        f"the plain components, load the LoRA on it, then {type(pipe).__name__}.from_pipe(that pipeline)"
-    )
+    return f". {control_lora_route(type(pipe).__name__, f'x_embedder to {embedder.in_features} inputs')}"
 
 
 # the steps that rewrite the transformer (a compile step may hold the VAE's regions only)

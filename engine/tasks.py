@@ -114,12 +114,7 @@ def _check_task_fits_model(pipe, in_channels: int) -> None:
         classes = ", ".join(TASKS[name].pipeline_class for name in fitting) or "its own pipeline class"
         control_lora = ""
         if in_channels == TASKS["text-to-image"].channels and expected == TASKS["control"].channels:  # Control LoRA
-            control_lora = (
-                ". For a Control LoRA (Canny / Depth LoRA, which widens the transformer's input to "
-                f"{expected} channels): optimize() a FluxPipeline over these components, load the LoRA on it, then "
-                f"{type(pipe).__name__}.from_pipe(that pipeline) (or fuse_lora() and unload_lora_weights() before "
-                "optimize())"
-            )
+            control_lora = f"; {control_lora_route(type(pipe).__name__)} (or fuse_lora() and unload it before)"
         raise ConfigError(
             f"{type(pipe).__name__} (task {task!r}) feeds its transformer {expected} latent channels; this transformer "
             f"takes {in_channels} ({model} model). Load it with FluxEngine.from_pretrained(..., task={tasks}), or "
@@ -199,6 +194,19 @@ def _check_image(name: str, value, mask: bool, smallest: int, pipe) -> tuple[int
     return size
 
 
+def steps_run(steps: int, strength: float | None) -> int:
+    """The denoising steps a call runs: all of them, or at `strength` the last ones (diffusers' get_timesteps skips
+    the first int(steps - steps * strength))."""
+    return steps if strength is None else steps - int(max(steps - steps * strength, 0))
+
+
+def control_lora_route(pipeline_class: str, widened: str = "the transformer's input to 128 channels") -> str:
+    """How a Control LoRA reaches a Control class, which refuses a 64-channel transformer at optimize() (and a LoRA
+    loaded before optimize() is refused): named by both refusals, so that neither sends the user to the other."""
+    return (f"a Control LoRA (Canny / Depth LoRA, which widens {widened}) goes through a FluxPipeline: optimize() it, "
+            f"load the LoRA on it, then {pipeline_class}.from_pipe(that pipeline)")  # fmt: skip
+
+
 def _check_strength(call: dict) -> None:
     strength = call["strength"]
     if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0.0 <= strength <= 1.0:
@@ -209,7 +217,7 @@ def _check_strength(call: dict) -> None:
     steps = call.get("num_inference_steps")
     # diffusers' get_timesteps skips the first int(steps - steps * strength) steps: none is left only at 0
     counted = call.get("sigmas") is None and isinstance(steps, numbers.Integral) and steps >= 1
-    if counted and steps - int(max(steps - steps * strength, 0)) < 1:
+    if counted and steps_run(steps, strength) < 1:
         raise InputError(
             f"strength={strength:g} leaves none of the {steps} steps to denoise (diffusers fails on it); pass a "
             "strength above 0 (0.6 keeps the image's layout)"
