@@ -160,6 +160,12 @@ def optimize(pipe, config: EngineConfig | str | None = None):
         compile_state = pipe.compile_state
         undo_guards = _guard_compiled_blocks(pipe.transformer, compile_state, config.compile.mode != "none")
         steps.add("compile", lambda: (undo_guards(), remove_compile(compile_state)))
+    if config.compile.mode != "none" or pipe.attention_ops is not None:  # compiled or fused blocks: diffusers' sorting
+        from .controlnet import controlnets_of
+        from .joint_kwargs import install_joint_kwargs_sorting
+
+        models = [pipe.transformer, *controlnets_of(pipe).values()]
+        steps.add("joint-attention-kwargs", install_joint_kwargs_sorting(models))
     # last on the transformer's forward: a skipped step skips everything under it (compiled blocks, the graph replay)
     pipe.step_cache_state = apply_step_cache(pipe, config.step_cache, graphs=config.compile.cuda_graphs)
     if pipe.step_cache_state is not None:

@@ -289,7 +289,12 @@ class Case:
     ranks: int
     split: list[str]  # the worker's parallel flags
     flags: list[str]  # everything else, shared with the single-process reference
-    steps: tuple[str, ...] = ("attention", "parallel", "lora")  # the engine steps each rank applied
+    steps: tuple[str, ...] = (
+        "attention",
+        "parallel",
+        "joint-attention-kwargs",
+        "lora",
+    )  # the engine steps each rank applied
     min_psnr_db: float | None = None  # judged by PSNR (fp16) instead of FP32_ATOL
     # the QK-norm writes q, k, v in the exchange's layout, (groups, slices) of heads: the tiny model's 2 heads over
     # 2 Ulysses ranks are 2 groups of one head (one slice); None: copied into it by the exchange (heads padded)
@@ -311,10 +316,20 @@ CASES = [
     # regional aot_eager: the exchange is an opaque custom op inside the compiled blocks. The single process's
     # compiled image equals its eager one bit for bit (measured), so the eager reference serves
     Case(
-        "u2-compile", 2, ["--ulysses", "2", "--compile", "aot_eager"], [], ("attention", "parallel", "compile", "lora")
+        "u2-compile",
+        2,
+        ["--ulysses", "2", "--compile", "aot_eager"],
+        [],
+        ("attention", "parallel", "compile", "joint-attention-kwargs", "lora"),
     ),
     # 6 VAE tiles (3 rows x 2 columns), 3 decoded on each rank and all-gathered before the blend
-    Case("u2-vae-tiles", 2, ["--ulysses", "2"], VAE_TILES, ("attention", "vae", "parallel", "lora")),
+    Case(
+        "u2-vae-tiles",
+        2,
+        ["--ulysses", "2"],
+        VAE_TILES,
+        ("attention", "vae", "parallel", "joint-attention-kwargs", "lora"),
+    ),
     # our Triton flash attention (interpreter) in fp16, over the exchanged heads
     Case("u2-triton-fp16", 2, ["--ulysses", "2"], TRITON_FP16, min_psnr_db=TRITON_FP16_MIN_PSNR_DB),
 ]

@@ -28,7 +28,7 @@ def test_every_step_is_listed_and_restore_gives_diffusers_images_back(diffusers_
         compile=CompileConfig(mode="regional", backend="eager"),
     )
     engine = FluxEngine.from_pipe(_fresh_pipeline(), config)
-    assert engine.engine_steps.names() == ["attention", "vae", "compile", "lora"]
+    assert engine.engine_steps.names() == ["attention", "vae", "compile", "joint-attention-kwargs", "lora"]
     optimised = engine(**tiny_call_kwargs()).images
     assert not torch.equal(optimised, diffusers_images)  # the steps did change the computation
 
@@ -53,7 +53,7 @@ def test_offload_is_undone_too(policy, diffusers_images):
 
     config = EngineConfig(attention=AttentionConfig(backend="sdpa", fused_norms=True), offload=OffloadConfig(policy))
     engine = FluxEngine.from_pipe(_fresh_pipeline(), config)
-    assert engine.engine_steps.names() == ["attention", "offload", "lora"]
+    assert engine.engine_steps.names() == ["attention", "offload", "joint-attention-kwargs", "lora"]
     engine(**tiny_call_kwargs())  # streamed once
     restore(engine)
     transformer = engine.transformer
@@ -68,10 +68,10 @@ def test_a_step_that_cannot_be_undone_stops_restore_before_any_change():
         attention=AttentionConfig(backend="sdpa", fused_norms=True), quant=QuantConfig(transformer="fp8")
     )
     engine = FluxEngine.from_pipe(_fresh_pipeline(), config)
-    assert engine.engine_steps.names() == ["attention", "quantization", "lora"]
+    assert engine.engine_steps.names() == ["attention", "quantization", "joint-attention-kwargs", "lora"]
     with pytest.raises(ConfigError, match=r"cannot be restored .*quantization: the original weights were replaced"):
         restore(engine)
     # nothing was undone: the fused blocks and the config are still there
-    assert engine.engine_steps.names() == ["attention", "quantization", "lora"]
+    assert engine.engine_steps.names() == ["attention", "quantization", "joint-attention-kwargs", "lora"]
     assert hasattr(engine.transformer.transformer_blocks[0], "qkv")
     assert engine.engine_config == config
