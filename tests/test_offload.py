@@ -201,6 +201,28 @@ def test_block_offload_with_regional_compile_keeps_fullgraph_and_compiles_once(r
     assert second.shape[-2:] == (96, 64)
 
 
+@pytest.mark.parametrize("policy", ["block", "leaf"])
+def test_the_transformer_compiled_whole_over_the_streamer_gives_the_same_image(policy, reference_images):
+    """`pipe.transformer.compile()` (diffusers' advice) over block offload failed inside dynamo (RecursionError:
+    dynamo built the streamer's wrapper before its __init__, whose __getattr__ then recursed); over leaf offload dynamo
+    traced the ring's bookkeeping and recompiled per unit until its limit. The bookkeeping runs eagerly now."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    pipe = optimize(fresh_pipe(), EngineConfig(offload=OffloadConfig(policy)))
+    pipe.transformer.compile(backend="aot_eager")
+    streamer = pipe.offload_state.streamers["transformer"]
+    # the first call compiles the blocks' frames once a layout of their inputs (diffusers' regional compile does the
+    # same), not once a streamed unit: a few recompiles, far under a limit that fails when hit
+    with torch._dynamo.config.patch(recompile_limit=3, fail_on_recompile_limit_hit=True):
+        first = pipe(**tiny_call_kwargs()).images
+    copies = streamer.stats.copies
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        second = pipe(**tiny_call_kwargs()).images
+    assert torch.equal(first, reference_images) and torch.equal(second, reference_images)
+    assert streamer.stats.copies > copies  # still streamed, not compiled into constants
+
+
 def test_quanto_weights_cannot_stream():
     pipe = fresh_pipe()
     optimize(pipe, EngineConfig(quant=QuantConfig(transformer="int8-weight")))
@@ -263,6 +285,29 @@ def test_gpu_policy_output_matches_and_holds_less(policy):
         with track_peak_memory(device):
             images = pipe(**kwargs).images
     assert torch.equal(images, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", ["block", "leaf"])
+def test_gpu_the_transformer_compiled_whole_over_the_streamer_matches_the_streamed_eager_image(policy):
+    """The same on the GPU with inductor and CUDA streams: the compiled transformer's image within bf16 rounding of the
+    eager streamed one (inductor fuses differently), no recompile on the second call, the weights still streamed."""
+    device = torch.device("cuda")
+
+    def call():
+        return pipe(**tiny_call_kwargs(height=256, width=256, generator=torch.Generator().manual_seed(0))).images
+
+    torch._dynamo.reset()
+    pipe = FluxPipeline(**synthetic_components("tiny", device=device, dtype=torch.bfloat16, seed=0))
+    streamer = apply_offload(pipe, OffloadConfig(policy=policy)).streamers["transformer"]
+    expected = call()
+    pipe.transformer.compile()
+    call()
+    copies = streamer.stats.copies
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        images = call()
+    torch.testing.assert_close(images, expected, atol=2e-2, rtol=0)  # bf16: inductor's fusions round differently
+    assert streamer.stats.copies > copies
 
 
 @pytest.mark.gpu

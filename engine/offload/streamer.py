@@ -271,6 +271,7 @@ class Streamer:
         self.position = {unit: pos for pos, unit in enumerate(self.order)}
 
     # --- the forward's bracket
+    @torch.compiler.disable  # a transformer compiled whole runs the ring's bookkeeping eagerly
     def begin(self) -> None:
         if self.active:  # the previous forward raised half-way: start from a clean ring
             self.reset()
@@ -282,6 +283,7 @@ class Streamer:
         if self.order is None:
             self.recorded = []
 
+    @torch.compiler.disable
     def end(self) -> None:
         self.active = False
         if self.transient:
@@ -352,6 +354,7 @@ class Streamer:
             if not self.request(self.order[(start + ahead) % len(self.order)]):
                 break
 
+    @torch.compiler.disable
     def before(self, unit: int) -> None:
         if self.order is None:
             self.recorded.append(unit)
@@ -368,6 +371,7 @@ class Streamer:
         self.units[unit].assign(self._device_views(unit, slot))
         self._prefetch_after(unit)
 
+    @torch.compiler.disable
     def after(self, unit: int) -> None:
         slot = self.slot_of[unit]
         if self.cuda:
@@ -390,6 +394,9 @@ class _StreamedCall:
     def __init__(self, streamer: Streamer, index: int, module: nn.Module):
         self.streamer, self.index, self.module = streamer, index, module
 
+    # a transformer compiled whole: this frame runs eagerly (one per block, it would be compiled once a block index),
+    # the block's own forward inside it compiled as usual
+    @torch.compiler.disable(recursive=False)
     def __call__(self, *args, **kwargs):
         self.streamer.before(self.index)
         try:
@@ -398,6 +405,8 @@ class _StreamedCall:
             self.streamer.after(self.index)
 
     def __getattr__(self, name):
+        if name in _StreamedCall.__slots__:  # not set yet (dynamo builds the object before its __init__ runs)
+            raise AttributeError(name)
         return getattr(self.module, name)
 
 
