@@ -41,8 +41,9 @@ LORA_METHODS = (
 # the transformer's methods (diffusers' PeftAdapterMixin) that those call, and that other pipelines call directly
 TRANSFORMER_METHODS = (
     "load_lora_adapter", "set_adapters", "enable_lora", "disable_lora", "fuse_lora", "unfuse_lora", "unload_lora",
-    "delete_adapters", "enable_lora_hotswap",
+    "delete_adapters", "enable_lora_hotswap", "add_adapter",
 )  # fmt: skip
+_ADDING = ("load_lora_adapter", "add_adapter")  # the transformer's methods that put new PEFT layers in
 _HOTSWAP_RANK_ATTR = "_engine_lora_hotswap_rank"  # on the transformer: the target_rank of enable_lora_hotswap
 _IN_CALL = "_engine_lora_call_open"  # on the transformer: a LoRA call the engine looks after is running
 _GUARD = "_engine_lora_guard"  # on the transformer: the states its own methods' care reads
@@ -173,7 +174,7 @@ def _transformer_call(side: TransformerSide, name: str, method: Callable, *args,
     if side.transformer.__dict__.get(_IN_CALL):
         return method(*args, **kwargs)
     with _care(side, name, args, kwargs):
-        if name != "load_lora_adapter":
+        if name not in _ADDING:
             return method(*args, **kwargs)
         return _load_adapter(side, method, *args, **kwargs)
 
@@ -427,8 +428,10 @@ def _refuse_variants_on_fused_parts(
 
 def _load_adapter(side: TransformerSide, load: Callable, *args, **kwargs):
     """transformer.load_lora_adapter (a state dict diffusers already converted, or a file) from a pipeline the engine
-    never saw: on quantised layers, the engine's PEFT layers; a hot-swap above the target rank, or a LoRA variant on
-    fused projections, refused; a failed load leaves no adapter behind."""
+    never saw, or PEFT's transformer.add_adapter(LoraConfig) (its factors set after, by load_state_dict or training
+    code): on quantised layers, the engine's PEFT layers (PEFT refused the fused fp8 parts: "Target module
+    FusedAway() is not supported"); a hot-swap above the target rank, or a LoRA variant on fused projections,
+    refused; a failed load leaves no adapter behind."""
     transformer = side.transformer
     if kwargs.get("hotswap"):
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path_or_dict")

@@ -437,3 +437,56 @@ def test_the_one_gemm_path_leaves_layers_with_hooks_of_their_own_to_their_forwar
         assert not fused_update_ready(base, x_fp8, [64], [[(adapter, "a")]], torch.bfloat16)
         handle.remove()
         assert not fused_update_ready(base, x_fp8, [64], [[(adapter, "a")]], torch.float32)  # fp32 out: the other path
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int8-weight"])
+def test_peft_add_adapter_then_its_factors_set_give_diffusers_image(mode, adapters):
+    """PEFT's own route (training code, adapters built from a LoraConfig): transformer.add_adapter, then the factors
+    set by load_state_dict. Before: PEFT refused the fused fp8 parts ("Target module FusedAway() is not supported")."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_mlp"])
+    reference = _tiny()
+    reference.transformer.add_adapter(config, adapter_name="peft")
+    generator = torch.Generator().manual_seed(3)
+    factors = {name: torch.randn(value.shape, generator=generator) * STD
+               for name, value in reference.transformer.state_dict().items() if ".lora_" in name}  # fmt: skip
+    assert not reference.transformer.load_state_dict(factors, strict=False).unexpected_keys
+    expected = _image(reference)
+    engine = optimize(_tiny(), _config(mode))
+    bare = _image(engine)
+    assert psnr(bare, expected) < MIN_PSNR[mode]  # the adapter matters beyond the tolerance
+    engine.transformer.add_adapter(config, adapter_name="peft")
+    assert torch.equal(_image(engine), bare)  # PEFT's lora_B starts at zero
+    assert not engine.transformer.load_state_dict(factors, strict=False).unexpected_keys
+    assert psnr(_image(engine), expected) >= MIN_PSNR[mode]  # factors set after a call are read, not a stale copy
+    engine.transformer.disable_adapters()
+    assert torch.equal(_image(engine), bare)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp8 tensor cores and CUDA graphs need CUDA")
+def test_peft_add_adapter_on_the_fastest_preset_reads_factors_set_after_a_capture():
+    """The same on fp8-compile-fastacc-cudagraphs: factors set in place after the graph was captured with PEFT's zero
+    lora_B are what the replay reads."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_mlp"])
+
+    def tiny():
+        return FluxPipeline(**synthetic_components("tiny", device="cuda", dtype=torch.bfloat16, seed=0))
+
+    reference = tiny()
+    reference.transformer.add_adapter(config, adapter_name="peft")
+    generator = torch.Generator().manual_seed(3)
+    factors = {name: (torch.randn(value.shape, generator=generator) * STD).to(value)
+               for name, value in reference.transformer.state_dict().items() if ".lora_" in name}  # fmt: skip
+    reference.transformer.load_state_dict(factors, strict=False)
+    expected = _image(reference)
+    engine = FluxEngine.from_pipe(tiny(), "fp8-compile-fastacc-cudagraphs")
+    engine.transformer.add_adapter(config, adapter_name="peft")
+    for _ in range(2):  # warm, then capture with lora_B at zero
+        bare = _image(engine)
+    assert psnr(bare, expected) < 35.0  # the adapter matters beyond the tolerance below
+    engine.transformer.load_state_dict(factors, strict=False)
+    assert psnr(_image(engine), expected) >= 35.0  # fp8 weights on the tiny model in bf16 (tests/test_tasks.py)
