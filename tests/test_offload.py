@@ -14,6 +14,7 @@ from diffusers import FluxPipeline
 from engine.config import AttentionConfig, CompileConfig, EngineConfig, OffloadConfig, QuantConfig
 from engine.engines import FluxEngine
 from engine.errors import ConfigError, EngineOutOfMemoryError
+from engine.measure import psnr
 from engine.models import synthetic_components
 from engine.offload import StreamedModuleList, Streamer, apply_offload
 from engine.pipeline import optimize
@@ -291,7 +292,8 @@ def test_gpu_policy_output_matches_and_holds_less(policy):
 @pytest.mark.parametrize("policy", ["block", "leaf"])
 def test_gpu_the_transformer_compiled_whole_over_the_streamer_matches_the_streamed_eager_image(policy):
     """The same on the GPU with inductor and CUDA streams: the compiled transformer's image within bf16 rounding of the
-    eager streamed one (inductor fuses differently), no recompile on the second call, the weights still streamed."""
+    eager streamed one (inductor fuses differently), the same bits call after call (a copy racing the compute would
+    not give them), no recompile on the second call, the weights still streamed."""
     device = torch.device("cuda")
 
     def call():
@@ -306,7 +308,10 @@ def test_gpu_the_transformer_compiled_whole_over_the_streamer_matches_the_stream
     copies = streamer.stats.copies
     with torch._dynamo.config.patch(error_on_recompile=True):
         images = call()
-    torch.testing.assert_close(images, expected, atol=2e-2, rtol=0)  # bf16: inductor's fusions round differently
+        assert torch.equal(call(), images)
+    # bf16, inductor's fusions against eager: measured (H200, 2026-12-03) 13 / 26 of 196,608 values off by up to
+    # 0.031 / 0.035 (block / leaf), so a PSNR bound instead of an absolute one
+    assert psnr(images, expected) >= 45.0
     assert streamer.stats.copies > copies
 
 
