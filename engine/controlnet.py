@@ -90,6 +90,7 @@ class ControlNetState:
     fused: bool = False  # the blocks are the engine's fused blocks (engine/attention.py)
     quantized: dict = field(default_factory=dict)  # name -> engine.quant.ComponentQuant, the nets quantised here
     compile_state: object = None  # engine.compile.CompileState of the compiled regions, or None
+    guard_undos: list = field(default_factory=list)  # engine.block_guards' compiled-block guards, taken off by remove
 
     def undo_blocker(self) -> str:
         """Why `remove` cannot give the ControlNets back as they were ('' when it can)."""
@@ -109,6 +110,8 @@ class ControlNetState:
         from .attention import remove_attention
         from .compile import remove_compile
 
+        for undo in self.guard_undos:
+            undo()
         if self.compile_state is not None:
             remove_compile(self.compile_state)
         if self.fused:
@@ -148,7 +151,11 @@ def apply_controlnet(pipe, config: EngineConfig, ops=None) -> ControlNetState | 
                 state.quantized[name] = quantize_model(net, mode, "controlnet", config.quant.nf4_double_quant)
             set_fp8_options(net, config.quant)
     if config.compile.mode != "none":
+        from .block_guards import install_compiled_block_guards
+
         state.compile_state = _compile_controlnets(nets, config)
+        frames = state.compile_state.frames is not None  # diffusers' hooks the compiled blocks cannot run, refused
+        state.guard_undos = [install_compiled_block_guards(net, frames=frames, graphs=False) for net in nets.values()]
     return state
 
 

@@ -225,3 +225,23 @@ def test_the_controlnet_residuals_enter_the_cuda_graph_on_the_gpu(nets):
     torch.testing.assert_close(images[0], images[1], rtol=0, atol=0)
     assert not torch.equal(images[0].float(), _images(engine).float())
     assert graphs.captures == 2
+
+
+@pytest.mark.parametrize("method", ["enable_layerwise_casting", "enable_group_offload"])
+def test_diffusers_hooks_inside_a_compiled_controlnet_are_refused_before_they_are_set(method):
+    """Under `compile` the ControlNet's blocks are compiled regions as the transformer's: diffusers' layerwise casting
+    and leaf-level group offloading hook modules inside them, and the next call failed inside dynamo. Refused with
+    the fix, nothing set (the transformer's own were already); restore() takes the refusal off again."""
+    torch._dynamo.reset()
+    pipe = _pipeline(EngineConfig(compile=CompileConfig(mode="regional", backend="aot_eager")))
+    args = {
+        "enable_layerwise_casting": dict(storage_dtype=torch.bfloat16, compute_dtype=torch.float32),
+        "enable_group_offload": dict(onload_device=torch.device("cpu"), offload_type="leaf_level"),
+    }[method]
+    with pytest.raises(ConfigError, match=rf"FluxControlNetModel\.{method}\(\): .* Nothing was done"):
+        getattr(pipe.controlnet, method)(**args)
+    assert not any(hasattr(module, "_diffusers_hook") for module in pipe.controlnet.modules())
+    expected = _images(_pipeline())
+    torch.testing.assert_close(_images(pipe), expected, rtol=0, atol=1e-5)
+    restore(pipe)
+    assert getattr(pipe.controlnet, method).__func__ is getattr(type(pipe.controlnet), method)
