@@ -298,3 +298,23 @@ def test_group_offloading_at_block_level_runs_around_blocks_compiled_through_fra
                                             cache=CacheConfig(directory=str(tmp_path))))  # fmt: skip
     framed.transformer.enable_group_offload(_CPU, _CPU, offload_type="block_level", num_blocks_per_group=1)
     torch.testing.assert_close(_image(framed), _image(_pipe()), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("switch", ["enable_cache", "disable_cache"])
+def test_diffusers_cache_switches_beside_the_engine_step_cache_are_refused(switch):
+    """A config with the engine's step cache on diffusers' own blocks: before, enable_cache stacked diffusers' hook on
+    the engine's (0.022 from diffusers with that hook alone) and disable_cache logged "nothing to disable" while the
+    engine's cache ran on (0.022 from plain diffusers), both without a word. Refused, nothing changed; restore()
+    gives diffusers' switches back."""
+    from engine import restore
+    from engine.config import StepCacheConfig
+
+    pipe = optimize(_pipe(), EngineConfig(step_cache=StepCacheConfig("taylorseer", interval=2)))
+    before = _image(pipe, num_inference_steps=6)
+    args = (TaylorSeerCacheConfig(cache_interval=2),) if switch == "enable_cache" else ()
+    with pytest.raises(ConfigError, match=rf"{switch}\(.*\) after optimize\(\): .*step cache \(taylorseer:2\)"):
+        getattr(pipe.transformer, switch)(*args)
+    assert torch.equal(_image(pipe, num_inference_steps=6), before)
+    restore(pipe)
+    pipe.transformer.enable_cache(TaylorSeerCacheConfig(cache_interval=2))  # diffusers' own again
+    pipe.transformer.disable_cache()

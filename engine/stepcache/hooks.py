@@ -17,6 +17,7 @@ decisions and arithmetic as diffusers' FirstBlockCache and TaylorSeer (lite) hoo
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -268,6 +269,10 @@ class StepCacheState:
 
     def __init__(self, transformer: torch.nn.Module, hook: StepCacheHook, lists: list):
         self.transformer, self.hook, self.lists = transformer, hook, lists
+        # diffusers' cache switches on the transformer, refused while the engine's cache runs (_refuse_cache_switch)
+        self.shadowed = {name: transformer.__dict__.get(name) for name in _CACHE_SWITCHES if hasattr(transformer, name)}
+        for name in self.shadowed:
+            setattr(transformer, name, functools.partial(_refuse_cache_switch, transformer, hook.config, name))
 
     @property
     def config(self) -> StepCacheConfig:
@@ -296,10 +301,34 @@ class StepCacheState:
 
     def remove(self) -> None:
         HookRegistry.check_if_exists_or_initialize(self.transformer).remove_hook(HOOK_NAME, recurse=False)
+        for name, previous in self.shadowed.items():
+            self.transformer.__dict__.pop(name, None)
+            if previous is not None:
+                setattr(self.transformer, name, previous)
         for blocks, original_class in self.lists:
             blocks.__class__ = original_class
             for name in ("_step_cache_roles", "_step_cache_hook"):
                 blocks.__dict__.pop(name, None)
+
+
+_CACHE_SWITCHES = ("enable_cache", "disable_cache")
+
+
+def _refuse_cache_switch(transformer: torch.nn.Module, config: StepCacheConfig, name: str, *args, **kwargs):
+    """diffusers' enable_cache / disable_cache on a transformer that runs the engine's step cache: enable_cache stacked
+    diffusers' hook on the engine's (another image than diffusers' with its cache alone), disable_cache logged
+    "nothing to disable" and the engine's cache ran on; both without a word."""
+    what = f"{name}({type(args[0]).__name__})" if args else f"{name}()"
+    if name == "enable_cache":
+        effect = "would stack diffusers' cache on it (another image than diffusers' with that cache alone)"
+    else:
+        effect = "does not see it (diffusers' disable_cache finds no cache of its own)"
+    raise ConfigError(
+        f"{type(transformer).__name__}.{what} after optimize(): the transformer runs the engine's step cache "
+        f"({config.label}), which {effect}. Nothing was changed. Use one cache: the engine's (it gives diffusers' "
+        "cached images; `with pipe.step_cache_state.paused():` runs calls uncached), or engine.restore(pipe) (or a "
+        "pipeline optimised without step_cache) and then diffusers' own"
+    )
 
 
 def install_step_cache(transformer: torch.nn.Module, config: StepCacheConfig, graphs: bool = False) -> StepCacheState:
