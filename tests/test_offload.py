@@ -166,6 +166,38 @@ def test_prompt_cache_skips_the_encoders_and_is_bounded():
     assert state.prompt_cache.hits == 1
 
 
+def test_embeddings_the_caller_edits_in_place_do_not_reach_the_prompt_cache(reference_images):
+    """Before: the cache handed out the tensors it kept, so a step callback's `prompt_embeds.mul_()` or a scaled
+    encode_prompt output changed every later call with that prompt (0.017 / 0.047 from diffusers, silently)."""
+    pipe = optimize(fresh_pipe(), EngineConfig(offload=OffloadConfig("block")))
+
+    def halve(pipe_, step, timestep, tensors):
+        tensors["prompt_embeds"].mul_(0.5)
+        return tensors
+
+    pipe(**tiny_call_kwargs(callback_on_step_end=halve, callback_on_step_end_tensor_inputs=["prompt_embeds"]))
+    for _ in range(2):
+        assert torch.equal(pipe(**tiny_call_kwargs()).images, reference_images)
+    embeds, pooled, _ = pipe.encode_prompt("a red fox in the snow", None, max_sequence_length=32)
+    embeds.mul_(0)
+    pooled.mul_(0)
+    assert torch.equal(pipe(**tiny_call_kwargs()).images, reference_images)
+    assert pipe.offload_state.prompt_cache.hits >= 3  # the cache still serves the prompt
+
+
+def test_an_encoder_edit_through_data_reaches_the_image_after_clear(reference_images):
+    """An edit through `.data` bumps no version counter, so the encoders' fingerprint cannot see it (README); the
+    documented route, `prompt_cache.clear()`, gives diffusers' image with the same edit."""
+    reference, pipe = fresh_pipe(), optimize(fresh_pipe(), EngineConfig(offload=OffloadConfig("block")))
+    pipe(**tiny_call_kwargs())  # cached
+    for model in (reference, pipe):
+        model.text_encoder_2.shared.weight.data.mul_(0.5)
+    pipe.offload_state.prompt_cache.clear()
+    edited = reference(**tiny_call_kwargs()).images
+    assert not torch.equal(edited, reference_images)  # the edit moves diffusers' image
+    assert torch.equal(pipe(**tiny_call_kwargs()).images, edited)
+
+
 def test_prompt_cache_off_encodes_every_call():
     pipe = fresh_pipe()
     apply_offload(pipe, OffloadConfig(policy="model", prompt_cache=0))

@@ -60,6 +60,17 @@ class _Same:
 # ----------------------------------------------------------------------------- the prompt cache
 
 
+def _copy(value):
+    """The cache's own copy of encode_prompt's tensors, and a copy of it for each caller: an embedding the caller edits
+    in place (a step callback's `prompt_embeds.mul_()`, code that scales encode_prompt's output) would otherwise be
+    the cache's, and every later call with that prompt would get the edit (diffusers encodes each call anew)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, tuple | list):
+        return type(value)(_copy(item) for item in value)
+    return value
+
+
 class PromptCache:
     """The last `size` prompts' embeddings, so a repeated prompt does not bring the text encoders back."""
 
@@ -71,6 +82,11 @@ class PromptCache:
         self.hits = 0
         self.misses = 0
         self.fingerprint: tuple | None = None  # the encoders the entries were computed with
+
+    def clear(self) -> None:
+        """Forget every prompt: after an edit the fingerprint cannot see (an encoder weight changed through `.data`,
+        which bumps no version counter)."""
+        self.entries.clear()
 
     def check_encoders(self, fingerprint: tuple | None) -> None:
         """Drop every entry when the encoders changed since they were computed (a swapped encoder or tokenizer, new
@@ -96,11 +112,11 @@ class PromptCache:
             return None
         self.entries.move_to_end(key)
         self.hits += 1
-        return self.entries[key]
+        return _copy(self.entries[key])
 
     def put(self, key, value) -> None:
         if key is None or self.size == 0:
             return
-        self.entries[key] = value
+        self.entries[key] = _copy(value)
         while len(self.entries) > self.size:
             self.entries.popitem(last=False)
