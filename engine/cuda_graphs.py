@@ -6,6 +6,29 @@ from __future__ import annotations
 import torch
 
 
+class WeightWatch:
+    """Where a module's parameters and buffers lived when graphs were captured over it. A graph reads them at those
+    addresses, so weights given new memory since (`transformer.to("cpu").to("cuda")`, accelerate's
+    `enable_model_cpu_offload`, `load_state_dict(..., assign=True)`) made every replay read freed memory: NaN images
+    without a word (H200, 2026-12-03). `moved()` reads the addresses again through the slots noted at the capture:
+    ~0.08 ms at FLUX.1's ~1,000 tensors."""
+
+    def __init__(self) -> None:
+        self.slots: list[tuple[dict, str]] = []
+        self.pointers: tuple | None = None
+
+    def note(self, module: torch.nn.Module) -> None:
+        self.slots = [(owner, name) for m in module.modules() for owner in (m._parameters, m._buffers)
+                      for name, tensor in owner.items() if tensor is not None]  # fmt: skip
+        self.pointers = self._read()
+
+    def _read(self) -> tuple:
+        return tuple(0 if (tensor := owner.get(name)) is None else tensor.data_ptr() for owner, name in self.slots)
+
+    def moved(self) -> bool:
+        return self.pointers is not None and self._read() != self.pointers
+
+
 class TransformerGraphs:
     """The transformer's whole forward (all 57 blocks, compiled or not) captured as one CUDA graph per input
     signature (shapes, dtypes, guidance or not) and replayed: one launch per step instead of thousands,
@@ -32,6 +55,7 @@ class TransformerGraphs:
         self.graphs: dict[tuple, tuple] = {}  # signature -> (graph, static inputs, static output)
         self.warmed: set[tuple] = set()  # signatures that ran eagerly once since the last clear()
         self.captures = 0
+        self.watch = WeightWatch()
 
     def install(self) -> None:
         self.transformer.forward = self
@@ -74,6 +98,8 @@ class TransformerGraphs:
         )
         if unsupported or torch.is_grad_enabled() or self.transformer.device.type != "cuda":
             return self.forward(*args, **kwargs)
+        if self.graphs and self.watch.moved():  # the weights the graphs read are gone: warm up and capture again
+            self.clear()
         key = self._signature(kwargs)
         entry = self.graphs.get(key)
         if entry is None:
@@ -106,6 +132,7 @@ class TransformerGraphs:
         with torch.cuda.graph(graph, capture_error_mode=mode):
             static_output = self.forward(**call_kwargs)[0]
         self.captures += 1
+        self.watch.note(self.transformer)
         entry = (graph, static_inputs, static_output)
         self.graphs[self._signature(kwargs)] = entry
         return entry

@@ -55,8 +55,12 @@ class TailGraphs:
     one in order; `first`'s `usable` says whether this step can take the graph at all (see `usable`).
     """
 
-    def __init__(self, length: int, max_graphs: int = 4):
+    def __init__(self, length: int, transformer: torch.nn.Module, max_graphs: int = 4):
+        from ..cuda_graphs import WeightWatch
+
         self.length = length
+        self.transformer = transformer
+        self.watch = WeightWatch()  # the weights' addresses at the capture (engine.cuda_graphs)
         self.max_graphs = max_graphs
         self.graphs: dict[tuple, _Graph] = {}
         self.warmed: set[tuple] = set()
@@ -90,6 +94,8 @@ class TailGraphs:
         if not usable:
             self._mode = "eager"
             return self._eager(block, kwargs, 0)
+        if self.graphs and self.watch.moved():  # the weights the graphs read are gone: warm up and capture again
+            self.clear()
         tensors = _tensors(kwargs)
         key = tuple((tuple(t.shape), t.dtype) for t in tensors)
         entry = self.graphs.get(key)
@@ -138,6 +144,7 @@ class TailGraphs:
             self._capture_context, entry.static = None, {}
             self.graphs[self._key] = entry
             self.captures += 1
+            self.watch.note(self.transformer)
             entry.graph.replay()  # a capture records without running: this step's values come from the replay
             self._mode = "replay"
         return output

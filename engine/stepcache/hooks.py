@@ -347,7 +347,7 @@ def install_step_cache(transformer: torch.nn.Module, config: StepCacheConfig, gr
         if graphs:
             from .graphs import TailGraphs
 
-            hook.tail_graphs = TailGraphs(count - 2)
+            hook.tail_graphs = TailGraphs(count - 2, transformer)
         for blocks, own in ((double, roles[: len(double)]), (single, roles[len(double) :])):
             lists.append((blocks, blocks.__class__))
             blocks.__class__ = _CachedBlocks
