@@ -288,6 +288,18 @@ def test_hooks_inside_the_compiled_regions_are_refused_before_they_are_set(switc
     torch.testing.assert_close(_image(engine), expected, atol=0, rtol=0)
 
 
+def test_leaf_group_offloading_applied_directly_is_refused_at_the_call():
+    """diffusers' apply_group_offloading() called directly passes the wrapped enable_group_offload; at leaf level the
+    next call failed inside dynamo ("Skip inlining ... ModuleGroup.onload_"). Refused at the call, before any block
+    runs, naming the routes that work."""
+    from diffusers.hooks import apply_group_offloading
+
+    engine = optimize(_pipe(), _TRACED_COMPILE)
+    apply_group_offloading(engine.transformer, onload_device=_CPU, offload_device=_CPU, offload_type="leaf_level")
+    with pytest.raises(ConfigError, match=r"leaf-level group offloading \(apply_group_offloading\) on modules inside"):
+        _image(engine)
+
+
 def test_group_offloading_at_block_level_runs_around_blocks_compiled_through_frames(tmp_path):
     """Block-level group offloading hooks the blocks whole, which the engine's frames run around: diffusers' image;
     with nn.Module.compile (the compile cache off, another backend) it is refused, as it failed inside dynamo."""
