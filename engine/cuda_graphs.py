@@ -3,30 +3,52 @@ step of the compile config: `compile.cuda_graphs`, with or without the regional 
 
 from __future__ import annotations
 
+import weakref
+
 import torch
+from torch.nn.modules.module import register_module_module_registration_hook
+
+_WATCHES: weakref.WeakSet = weakref.WeakSet()  # the WeightWatches noted, for the module-registration hook
+_REGISTRATION_HOOK = []  # its handle, once registered
 
 
 class WeightWatch:
     """Where a module's parameters and buffers lived when graphs were captured over it. A graph reads them at those
     addresses, so weights given new memory since (`transformer.to("cpu").to("cuda")`, accelerate's
     `enable_model_cpu_offload`, `load_state_dict(..., assign=True)`) made every replay read freed memory: NaN images
-    without a word (H200, 2026-12-03). `moved()` reads the addresses again through the slots noted at the capture:
-    ~0.08 ms at FLUX.1's ~1,000 tensors."""
+    without a word (H200, 2026-12-03). `moved()` reads the addresses again through the slots noted at the capture
+    (~0.08 ms at FLUX.1's ~1,000 tensors), and is also true once a module inside was replaced or added (PEFT's
+    `inject_adapter_in_model` called directly: the graph would replay the layers it captured), which torch's global
+    module-registration hook tells."""
 
     def __init__(self) -> None:
         self.slots: list[tuple[dict, str]] = []
         self.pointers: tuple | None = None
+        self.module_ids: set[int] = set()
+        self.swapped = False
 
     def note(self, module: torch.nn.Module) -> None:
-        self.slots = [(owner, name) for m in module.modules() for owner in (m._parameters, m._buffers)
+        modules = list(module.modules())
+        self.slots = [(owner, name) for m in modules for owner in (m._parameters, m._buffers)
                       for name, tensor in owner.items() if tensor is not None]  # fmt: skip
         self.pointers = self._read()
+        self.module_ids, self.swapped = {id(m) for m in modules}, False
+        _WATCHES.add(self)
+        if not _REGISTRATION_HOOK:
+            _REGISTRATION_HOOK.append(register_module_module_registration_hook(_module_registered))
 
     def _read(self) -> tuple:
         return tuple(0 if (tensor := owner.get(name)) is None else tensor.data_ptr() for owner, name in self.slots)
 
     def moved(self) -> bool:
-        return self.pointers is not None and self._read() != self.pointers
+        return self.pointers is not None and (self.swapped or self._read() != self.pointers)
+
+
+def _module_registered(parent: torch.nn.Module, name: str, submodule) -> None:
+    """torch's hook on every submodule set on any module: a watched module's children changed."""
+    for watch in list(_WATCHES):
+        if id(parent) in watch.module_ids:
+            watch.swapped = True
 
 
 class TransformerGraphs:

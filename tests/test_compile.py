@@ -210,6 +210,12 @@ def test_the_weight_watch_sees_new_memory_and_nothing_else():
     watch.note(model)
     model[1].bias.data = torch.zeros(4)
     assert watch.moved()
+    watch.note(model)  # a layer replaced (PEFT's inject_adapter_in_model called directly), not moved
+    model[0] = torch.nn.Linear(4, 4)
+    assert watch.moved()
+    watch.note(model)
+    torch.nn.Sequential(torch.nn.Linear(4, 4))  # modules registered elsewhere are none of its business
+    assert not watch.moved()
 
 
 @pytest.mark.gpu
