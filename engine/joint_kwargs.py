@@ -1,23 +1,28 @@
-"""`joint_attention_kwargs` on an optimised transformer or ControlNet, sorted as diffusers' attention modules sort them.
+"""`joint_attention_kwargs` on an optimised transformer, sorted as diffusers' attention modules sort them.
 
 diffusers' `FluxAttention.forward` passes its processor the keys that the processor's `__call__` names and drops
 the others, with a warning for all but IP-Adapter's two (`ip_adapter_masks`, `ip_hidden_states`, dropped without
 a word). So a plain FluxPipeline called with a key no processor takes warns and makes its usual image. On the engine
 that call failed: on compiled blocks (`compile` and every `*-compile` preset) dynamo stops at the logger call
-("logging.Logger methods are not supported"), and the fused blocks refused every key. A forward pre-hook on each
-optimised model does diffusers' sorting once a call, in eager, before any compiled region: the keys no processor of
-the model takes are dropped, with diffusers' warning (once a call, where diffusers warns once an attention module);
-the others pass on as they are (the fused blocks still refuse them, before an image is made: they are IP-Adapter's
-and the like, which those blocks cannot run). `scale` and `ip_adapter_image_embeds` are the model's own keys (the
-LoRA scale, IP-Adapter's image embeddings): they pass on too. The caller's dict is never changed.
+("logging.Logger methods are not supported"), and the fused blocks refused every key. A forward pre-hook on the
+optimised transformer does diffusers' sorting once a call, in eager, before any compiled region: the keys no processor
+takes are dropped, with diffusers' warning (once a call, where diffusers warns once an attention module); the keys
+every processor takes pass on as they are (the fused blocks still refuse them, before an image is made: they are
+IP-Adapter's and the like, which those blocks cannot run); a key only some processors take is refused (diffusers
+drops it for the others with a logger call, which fails inside compiled blocks). `scale` and `ip_adapter_image_embeds`
+are the model's own keys (the LoRA scale, IP-Adapter's image embeddings): they pass on too. The caller's dict is never
+changed.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 
 import torch
+
+from .errors import InputError
 
 # the keys the model's forward takes out itself (diffusers' apply_lora_scale and FluxTransformer2DModel.forward)
 MODEL_KEYS = frozenset({"scale", "ip_adapter_image_embeds"})
@@ -43,7 +48,16 @@ def sort_joint_attention_kwargs(model: torch.nn.Module, kwargs: dict) -> dict | 
     if not given or not (set(given) - MODEL_KEYS):  # the usual call: none, or the LoRA scale alone
         return None
     processors = _processors(model)
-    taken = set().union(*(inspect.signature(processor.__call__).parameters for processor in processors))
+    takes = [_parameters(type(processor)) for processor in processors]
+    taken, by_all = set().union(*takes), set.intersection(*map(set, takes)) if takes else set()
+    partly = sorted(key for key in given if key in taken and key not in by_all and key not in QUIET_KEYS)
+    if partly:
+        raise InputError(
+            f"joint_attention_kwargs {partly} are taken by some of the transformer's attention processors "
+            f"({', '.join(sorted({type(p).__name__ for p in processors}))}) and not by the others, which diffusers "
+            "would tell with a logger call that fails inside compiled blocks. Set one processor on every block "
+            "(pipe.transformer.set_attn_processor(...)), or pass the key only to a pipeline optimised with 'baseline'"
+        )
     dropped = [key for key in given if key not in MODEL_KEYS and key not in taken]
     if not dropped:
         return None
@@ -56,13 +70,19 @@ def sort_joint_attention_kwargs(model: torch.nn.Module, kwargs: dict) -> dict | 
     return {**kwargs, "joint_attention_kwargs": {key: value for key, value in given.items() if key not in dropped}}
 
 
+@functools.lru_cache(maxsize=64)
+def _parameters(processor_class: type) -> frozenset:
+    """The argument names of a processor class's __call__ (inspect.signature: ~10 us, once a class)."""
+    return frozenset(inspect.signature(processor_class.__call__).parameters)
+
+
 def _sort_before_forward(module, args, kwargs):
     sorted_kwargs = sort_joint_attention_kwargs(module, kwargs)
     return None if sorted_kwargs is None else (args, sorted_kwargs)
 
 
 def install_joint_kwargs_sorting(models) -> callable:
-    """Sort each of `models`' `joint_attention_kwargs` before its forward, as above; returns the undo."""
+    """Sort each of `models`' `joint_attention_kwargs` (the transformer's) before its forward; returns the undo."""
     handles = [model.register_forward_pre_hook(_sort_before_forward, with_kwargs=True) for model in models]
 
     def undo() -> None:

@@ -86,7 +86,10 @@ def optimize(pipe, config: EngineConfig | str | None = None):
             f"load a fresh pipeline to apply {config.label!r}"
         )
     if not rewritten:
+        from .stepcache.hooks import check_no_diffusers_cache
+
         _refuse_adapters_loaded_before(pipe, config)
+        check_no_diffusers_cache(pipe.transformer, config.step_cache)
         if config.compile.mode != "none":  # a cache hook that replaced a block's forward would be compiled over
             from .block_guards import check_hooked_forward
 
@@ -161,11 +164,10 @@ def optimize(pipe, config: EngineConfig | str | None = None):
         undo_guards = _guard_compiled_blocks(pipe.transformer, compile_state, config.compile.mode != "none")
         steps.add("compile", lambda: (undo_guards(), remove_compile(compile_state)))
     if config.compile.mode != "none" or pipe.attention_ops is not None:  # compiled or fused blocks: diffusers' sorting
-        from .controlnet import controlnets_of
         from .joint_kwargs import install_joint_kwargs_sorting
 
-        models = [pipe.transformer, *controlnets_of(pipe).values()]
-        steps.add("joint-attention-kwargs", install_joint_kwargs_sorting(models))
+        # the transformer only: diffusers' FluxControlNetModel passes joint_attention_kwargs to none of its blocks
+        steps.add("joint-attention-kwargs", install_joint_kwargs_sorting([pipe.transformer]))
     # last on the transformer's forward: a skipped step skips everything under it (compiled blocks, the graph replay)
     pipe.step_cache_state = apply_step_cache(pipe, config.step_cache, graphs=config.compile.cuda_graphs)
     if pipe.step_cache_state is not None:

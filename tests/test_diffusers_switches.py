@@ -330,3 +330,18 @@ def test_diffusers_cache_switches_beside_the_engine_step_cache_are_refused(switc
     restore(pipe)
     pipe.transformer.enable_cache(TaylorSeerCacheConfig(cache_interval=2))  # diffusers' own again
     pipe.transformer.disable_cache()
+
+
+def test_a_step_cache_over_diffusers_cache_is_refused_before_any_step():
+    """diffusers' FirstBlockCache on, then optimize() with the engine's step cache on diffusers' blocks: both ran
+    stacked, and the way out (disable_cache) was then refused. Refused at optimize(), nothing changed."""
+    from engine.config import StepCacheConfig
+
+    pipe = _pipe()
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+    config = EngineConfig(step_cache=StepCacheConfig("taylorseer", interval=2))
+    with pytest.raises(ConfigError, match=r"cache on \(FirstBlockCacheConfig\).*step cache \(taylorseer:2\)"):
+        optimize(pipe, config)
+    assert getattr(pipe, "engine_steps", None) is None
+    pipe.transformer.disable_cache()
+    optimize(pipe, config)

@@ -331,6 +331,18 @@ def _refuse_cache_switch(transformer: torch.nn.Module, config: StepCacheConfig, 
     )
 
 
+def check_no_diffusers_cache(transformer: torch.nn.Module, config: StepCacheConfig) -> None:
+    """Before optimize()'s steps: a transformer with diffusers' own cache on would run both caches stacked (and its
+    disable_cache is refused once the engine's cache is installed)."""
+    own = getattr(transformer, "_cache_config", None)
+    if config.enabled and own is not None:
+        raise ConfigError(
+            f"the transformer has diffusers' cache on ({type(own).__name__}) and the config adds the engine's step "
+            f"cache ({config.label}): the two would run stacked (another image than either alone). Nothing was "
+            "changed. Call pipe.transformer.disable_cache() first, or leave step_cache out of the config"
+        )
+
+
 def install_step_cache(transformer: torch.nn.Module, config: StepCacheConfig, graphs: bool = False) -> StepCacheState:
     """Install `config`'s step cache on a FluxTransformer2DModel (after the other steps: its hook is outermost);
     `graphs` (the config's compile.cuda_graphs): fbcache replays the blocks after the decider as a CUDA graph."""
