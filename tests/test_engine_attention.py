@@ -87,10 +87,20 @@ def test_kernel_presets_match_baseline_bf16(preset, device):
     assert relative_error(latents, baseline_latents) < 0.05
 
 
-def test_fused_blocks_reject_ip_adapter_kwargs(device):
+def test_ip_adapter_kwargs_no_processor_takes_are_dropped_as_diffusers_drops_them(device):
+    """IP-Adapter's `ip_hidden_states` without IP-Adapter's processors: diffusers' FluxAttention drops it without a
+    word, and so does the engine before its fused blocks (engine/joint_kwargs.py; they refused it before). IP-Adapter's
+    processors themselves are refused on the fused presets (tests/test_block_guards.py); a fused block called with a
+    key still refuses it."""
     engine = FluxEngine.from_pipe(FluxPipeline(**_components(torch.float32, device)), "kernels")
+    plain = FluxPipeline(**_components(torch.float32, device))
+    given = {"ip_hidden_states": torch.zeros(1)}
+    expected = plain(**tiny_call_kwargs(joint_attention_kwargs=given)).images
+    torch.testing.assert_close(engine(**tiny_call_kwargs(joint_attention_kwargs=given)).images, expected,
+                               rtol=0, atol=1e-5)  # fmt: skip
+    block = engine.transformer.single_transformer_blocks[0]
     with pytest.raises(InputError, match="joint_attention_kwargs.*not supported.*baseline"):
-        engine(**tiny_call_kwargs(joint_attention_kwargs={"ip_hidden_states": torch.zeros(1)}))
+        block(torch.zeros(1, 4, 64), None, torch.zeros(1, 64), joint_attention_kwargs=given)
 
 
 FP8_ATTENTION = EngineConfig(attention=AttentionConfig(backend="triton-fp8", fused_norms=True))
