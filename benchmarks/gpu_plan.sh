@@ -13,7 +13,7 @@
 # profile-vae-eager, tests-vae-kernels, taylorseer-compiledvae, cudnn-startup-package, startup-package-profile,
 # profile-encode, profile-cudnn-2048, power-probe, tune-qk-e4m3,
 # cold-start-causes, jit-probe, warm-ab, warm-ba, jit-probe-parts, warm-enc, fp8-lora-gemm, tests-guards,
-# tests-sweep, generate-kontext, tokens-8704).
+# tests-sweep, generate-kontext, tokens-8704, probe-state).
 # Each stage has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
@@ -451,6 +451,10 @@ for s in "$@"; do
         (1024, 1024, 3), dtype=np.uint8)).save('/tmp/in.png')"
       stage "$s" 300 bash -c "time python3 -m engine.generate 'make it snow' --task kontext --image /tmp/in.png \
         --res 1024 --steps 28 -o '$OUT/$s-$CARD-$DAY.png'" ;;
+    probe-state)
+      # state a captured CUDA graph bakes in, changed between calls through diffusers' / PEFT's / torch's APIs
+      # (benchmarks/probe_graph_state.py): each image after the change against one captured under it
+      stage "$s" 300 env OUT="$OUT" python3 -m benchmarks.probe_graph_state ;;
     tests-sweep)
       # every GPU test in one pass (nf4's need the bitsandbytes wheel, which the carry limit leaves out), the slowest
       # listed, a JUnit report under $OUT; SWEEP_FILES="tests/a.py tests/b.py" for a part (the whole took > 450 s)
