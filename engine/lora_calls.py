@@ -6,7 +6,7 @@ optimize() did to the transformer (the layers: engine/lora.py):
   a disabled adapter still merged is unmerged (the fused blocks do not run PEFT's forward, which would);
 - captured CUDA graphs bake the adapters' weights and scales in: every LoRA call drops them (captured again on the
   next call), except a hot-swap with tensor scales, which writes into the tensors the graphs read;
-- under compile every adapter scale is a tensor, so a new scale recompiles nothing (`scalings_as_tensors`);
+- under compile every adapter scale is a tensor, so a new scale recompiles nothing (engine/lora_scales.py);
 - blocks that stream from host memory (offload block / leaf): the adapters' factors stay resident on the GPU beside
   the streamed blocks (a rank-64 adapter on every projection is ~0.5 GB, a twentieth of the weights); each LoRA call
   runs where the base weights live (the factors visit the host for it: a merge writes into the pinned host copy of
@@ -32,6 +32,7 @@ from torch import nn
 from .cuda_graphs import drop_captured_graphs
 from .errors import CheckpointError, ConfigError, InputError
 from .lora import fused_layers, is_lora_layer, resync_fused_views
+from .lora_scales import LORA_LAYERS, SCALING_TENSORS, layer_states, scales_are_tensors, scalings_as_tensors
 
 # the pipeline methods of diffusers' FluxLoraLoaderMixin that change which adapters act, and how
 LORA_METHODS = (
@@ -41,7 +42,7 @@ LORA_METHODS = (
 # the transformer's methods (diffusers' PeftAdapterMixin) that those call, and that other pipelines call directly
 TRANSFORMER_METHODS = (
     "load_lora_adapter", "set_adapters", "enable_lora", "disable_lora", "fuse_lora", "unfuse_lora", "unload_lora",
-    "delete_adapters", "enable_lora_hotswap", "add_adapter",
+    "delete_adapters", "enable_lora_hotswap", "add_adapter", "set_adapter", "enable_adapters", "disable_adapters",
 )  # fmt: skip
 _ADDING = ("load_lora_adapter", "add_adapter")  # the transformer's methods that put new PEFT layers in
 _HOTSWAP_RANK_ATTR = "_engine_lora_hotswap_rank"  # on the transformer: the target_rank of enable_lora_hotswap
@@ -96,7 +97,7 @@ def place_factors(transformer, device: torch.device) -> None:
                 layer = getattr(module, name, None)
                 if isinstance(layer, nn.Module):
                     layer.to(device)
-            kept = module.__dict__.get(_SCALING_TENSORS, {})
+            kept = module.__dict__.get(SCALING_TENSORS, {})
             for name, value in module.scaling.items():  # tensor scales (scalings_as_tensors) go with the factors
                 if isinstance(value, torch.Tensor):
                     module.scaling[name] = kept[name] = value.to(device)
@@ -141,11 +142,12 @@ def _guard_transformer(pipe) -> Callable[[], None] | None:
 
         undo_widths = route_width_checks()
     _watch_merges(transformer)
-    handles = [transformer.register_forward_pre_hook(functools.partial(_merged_past_the_methods, side),
-                                                     with_kwargs=True)]  # fmt: skip
+    handles = [transformer.register_forward_pre_hook(functools.partial(_changed_past_the_methods, side),
+                                                     with_kwargs=True),
+               transformer.register_forward_hook(functools.partial(_after_scaled_call, side), with_kwargs=True,
+                                                 always_call=True)]  # fmt: skip
     if _compiled(pipe):
         scalings_as_tensors(transformer)  # adapters loaded before optimize()
-        handles.append(transformer.register_forward_hook(_scalings_back_to_tensors, with_kwargs=True, always_call=True))
     from .grad_guard import backward_blockers, install_grad_guard
 
     # a LoRA trained through the engine's kernels, fp8 GEMMs or streamed blocks would learn from wrong gradients
@@ -204,7 +206,7 @@ def _care(owner, name: str, args: tuple, kwargs: dict) -> Iterator[None]:
         yield
     finally:
         transformer.__dict__[_IN_CALL] = outer
-        _settle(owner, streamed, keep_graphs=hotswap and _scales_are_tensors(transformer))
+        _settle(owner, streamed, keep_graphs=hotswap and scales_are_tensors(transformer))
 
 
 def _settle(owner, streamed: torch.device | None, keep_graphs: bool = False) -> None:
@@ -234,69 +236,37 @@ def _settle(owner, streamed: torch.device | None, keep_graphs: bool = False) -> 
 
 
 def _watch_merges(transformer) -> None:
-    """Note the transformer's PEFT layers and how many adapters each has merged, for _merged_past_the_methods."""
+    """Note the transformer's PEFT layers and their states (merges, disabled, active adapters, scales), for
+    _changed_past_the_methods."""
     layers = [module for module in transformer.modules() if is_lora_layer(module)]
-    transformer.__dict__[_WATCHED] = (layers, tuple(len(layer.merged_adapters) for layer in layers))
+    transformer.__dict__[_WATCHED] = (layers, layer_states(layers))
 
 
-def _merged_past_the_methods(side: TransformerSide, transformer, args, kwargs) -> None:
-    """A forward pre-hook: merges changed since the last LoRA call the engine saw (diffusers' pipeline-level
+def _changed_past_the_methods(side: TransformerSide, transformer, args, kwargs) -> None:
+    """A forward pre-hook: PEFT layers changed since the last LoRA call the engine saw (diffusers' pipeline-level
     unfuse_lora unmerges each PEFT layer itself, past the transformer's methods; so does code that calls a layer's
-    unmerge): settle them before this forward. One tuple of the layers' merge counts a forward (~30 us for FLUX's
-    ~340 adapted layers); nothing without adapters."""
-    layers, merges = transformer.__dict__.get(_WATCHED) or ((), ())
-    if layers and tuple(len(layer.merged_adapters) for layer in layers) != merges:
+    unmerge, set_adapter, enable_adapters or set_scale): settle them before this forward (captured graphs would
+    replay the old adapters). One tuple of the layers' states a forward (~0.1 ms for FLUX's ~340 adapted layers);
+    nothing without adapters."""
+    layers, states = transformer.__dict__.get(_WATCHED) or ((), ())
+    if layers and layer_states(layers) != states:
         _settle(side, streamed_device(side))
 
 
-def _scales_are_tensors(transformer) -> bool:
-    """Whether every adapter scale is a tensor in device memory, which captured CUDA graphs read at each replay (a
-    host tensor's value is baked into the graph as a float is)."""
-    layers = [m for m in transformer.modules() if is_lora_layer(m)]
-    return all(
-        isinstance(value, torch.Tensor) and value.device.type != "cpu"
-        for layer in layers
-        for value in layer.scaling.values()
-    )
-
-
-_SCALING_TENSORS = "_engine_scaling_tensors"  # a PEFT layer's scale tensors by adapter, kept across float writes
-_LORA_LAYERS = "_engine_lora_layers"  # the transformer's PEFT layers when scalings_as_tensors last ran
-
-
-def scalings_as_tensors(transformer) -> None:
-    """Every adapter scale that is a Python float becomes a 0-dim float64 tensor beside the adapter's factors, the
-    same tensor for an adapter each time.
-
-    Under compile, dynamo treats the floats a region reads as constants (engine.compile.dynamo_settings): a float
-    scale would recompile the blocks for each new value (`set_adapters` weights, `joint_attention_kwargs` scale).
-    A tensor is an input of the graph instead, read from device memory (captured CUDA graphs read it at each replay,
-    and a hot-swap writes into it, as into the float32 ones of PEFT's `enable_lora_hotswap`). float64 keeps PEFT's
-    float arithmetic when diffusers scales and unscales it; the engine's updates multiply in fp32 as with a float
-    (engine.lora_update.scaled). PEFT's own forward (compiled presets without the engine's fused blocks) rounds a
-    tensor scale to the activations' dtype first, as it does under enable_lora_hotswap: at most 2^-9 of the update."""
-    layers = transformer.__dict__[_LORA_LAYERS] = [m for m in transformer.modules() if is_lora_layer(m)]
-    for layer in layers:
-        kept = layer.__dict__.setdefault(_SCALING_TENSORS, {})
-        for name, value in layer.scaling.items():
-            if isinstance(value, torch.Tensor):
-                kept[name] = value
-                continue
-            tensor = kept.get(name)
-            if tensor is None:
-                factors = layer.lora_A[name] if name in layer.lora_A else layer.get_base_layer()
-                device = next(factors.parameters()).device
-                tensor = kept[name] = torch.zeros((), dtype=torch.float64, device=device)
-            tensor.fill_(value)
-            layer.scaling[name] = tensor
-
-
-def _scalings_back_to_tensors(transformer, args, kwargs, output) -> None:
-    """After a forward called with `joint_attention_kwargs={"scale": 0}`: diffusers then resets the scales with PEFT's
-    set_scale, which writes floats (any other scale is undone in place); they go back into their tensors before the
-    next call would compile the blocks again for them. Other forwards cost one dict lookup."""
-    if (kwargs.get("joint_attention_kwargs") or {}).get("scale", 1.0) == 0 and transformer.__dict__.get(_LORA_LAYERS):
+def _after_scaled_call(side: TransformerSide, transformer, args, kwargs, output) -> None:
+    """A forward hook, after a forward called with `joint_attention_kwargs={"scale": s}` (s != 1): diffusers scaled
+    the adapters with PEFT's scale_layer (in place) and undid it with unscale_layer, which writes a new tensor, or for
+    s = 0 resets every scale to lora_alpha / r with floats. Tensor scales (compiled blocks) go back into the tensors
+    the compiled blocks and graphs read; float scales (graphs over uncompiled blocks) reset by a scale-0 call drop
+    the graphs that baked the old ones in. Other forwards cost one dict lookup."""
+    scale = (kwargs.get("joint_attention_kwargs") or {}).get("scale", 1.0)
+    if scale == 1.0 or not (transformer.__dict__.get(_WATCHED) or ((),))[0]:
+        return
+    if transformer.__dict__.get(LORA_LAYERS) is not None:
         scalings_as_tensors(transformer)
+    elif scale == 0:
+        drop_captured_graphs(side)
+    _watch_merges(transformer)
 
 
 def lora_rank(source) -> int | None:
