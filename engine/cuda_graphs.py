@@ -3,10 +3,14 @@ step of the compile config: `compile.cuda_graphs`, with or without the regional 
 
 from __future__ import annotations
 
+import logging
 import weakref
 
 import torch
+from torch.nn.modules import module as _torch_module
 from torch.nn.modules.module import register_module_module_registration_hook
+
+logger = logging.getLogger(__name__)
 
 _WATCHES: weakref.WeakSet = weakref.WeakSet()  # the WeightWatches noted, for the module-registration hook
 _REGISTRATION_HOOK = []  # its handle, once registered
@@ -26,6 +30,10 @@ class WeightWatch:
         self.pointers: tuple | None = None
         self.module_ids: set[int] = set()
         self.swapped = False
+        self.hook_dicts: list[dict] = []  # the modules' torch forward hooks, and torch's global ones
+        self.hooks = 0
+        self.attention: list = []  # diffusers' attention modules: their processors are read inside the graphs
+        self.processors: tuple = ()
 
     def note(self, module: torch.nn.Module) -> None:
         modules = list(module.modules())
@@ -33,6 +41,12 @@ class WeightWatch:
                       for name, tensor in owner.items() if tensor is not None]  # fmt: skip
         self.pointers = self._read()
         self.module_ids, self.swapped = {id(m) for m in modules}, False
+        # the module's own hooks run around the replay, at every call; those inside, only while capturing
+        self.hook_dicts = [d for m in modules[1:] for d in (m._forward_hooks, m._forward_pre_hooks)]
+        self.hook_dicts += [_torch_module._global_forward_hooks, _torch_module._global_forward_pre_hooks]
+        self.hooks = sum(map(len, self.hook_dicts))
+        self.attention = [m for m in modules if "processor" in m.__dict__]
+        self.processors = self._processors()
         _WATCHES.add(self)
         if not _REGISTRATION_HOOK:
             _REGISTRATION_HOOK.append(register_module_module_registration_hook(_module_registered))
@@ -40,12 +54,33 @@ class WeightWatch:
     def _read(self) -> tuple:
         return tuple(0 if (tensor := owner.get(name)) is None else tensor.data_ptr() for owner, name in self.slots)
 
+    def _processors(self) -> tuple:
+        return tuple((id(p := m.__dict__.get("processor")), getattr(p, "_attention_backend", None))
+                     for m in self.attention)  # fmt: skip
+
     def moved(self) -> bool:
-        return self.pointers is not None and (self.swapped or self._read() != self.pointers)
+        """Whether what the graphs read changed since the capture: the weights' memory, the modules, the torch hooks
+        inside (a hook runs only when the forward is captured, so one added or removed since would be missing or
+        replayed; its Python side effects, such as recording activations, never repeat at replays), or diffusers'
+        attention processors (`set_attn_processor`, `set_attention_backend` on diffusers' own blocks)."""
+        if self.pointers is None:
+            return False
+        if sum(map(len, self.hook_dicts)) != self.hooks:
+            logger.warning(
+                "torch hooks inside the transformer changed since its CUDA graphs were captured: captured again. A "
+                "hook inside runs only when a graph is captured, not at its replays; for hooks that must run at every "
+                "call (recording activations), optimise with compile.cuda_graphs=False"
+            )
+            return True
+        return self.swapped or self._read() != self.pointers or self._processors() != self.processors
 
 
 def _module_registered(parent: torch.nn.Module, name: str, submodule) -> None:
-    """torch's hook on every submodule set on any module: a watched module's children changed."""
+    """torch's hook on every submodule set on any module: a watched module's children changed. Not traced by dynamo
+    (a setattr inside a compiled region runs again, eagerly, when dynamo applies its side effects): tracing it made
+    dynamo guard on this module's set of watches, which recompiled the region once a watch was gone."""
+    if torch.compiler.is_compiling():
+        return
     for watch in list(_WATCHES):
         if id(parent) in watch.module_ids:
             watch.swapped = True
@@ -101,7 +136,7 @@ class TransformerGraphs:
             return (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else value
 
         names = (*self.TENSOR_ARGS, *self.ID_ARGS, *self.SAMPLE_ARGS, "controlnet_blocks_repeat")
-        return tuple((name, describe(kwargs.get(name))) for name in names)
+        return (*((name, describe(kwargs.get(name))) for name in names), global_state())
 
     def _inputs(self, kwargs: dict) -> dict:
         """The call's tensors by name, the ControlNet residuals one by one ("controlnet_block_samples.0", ...)."""
@@ -158,6 +193,22 @@ class TransformerGraphs:
         entry = (graph, static_inputs, static_output)
         self.graphs[self._signature(kwargs)] = entry
         return entry
+
+
+def global_state() -> tuple:
+    """torch's and diffusers' global switches that decide which kernels a forward runs, baked into a capture: autocast
+    (an fp16 autocast around the call replayed the bf16 capture), the SDPA backends (`sdpa_kernel`), the matmul
+    precisions, diffusers' `attention_backend()` context. A call under other switches gets its own graph (~2 us)."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    cuda, mm = torch.backends.cuda, torch.backends.cuda.matmul
+    return (
+        torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda"),
+        (cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled(), cuda.cudnn_sdp_enabled()),
+        (mm.allow_tf32, mm.allow_bf16_reduced_precision_reduction, mm.allow_fp16_reduced_precision_reduction),
+        torch.get_float32_matmul_precision(),
+        str(_AttentionBackendRegistry._active_backend),
+    )
 
 
 def _transformer_output(sample: torch.Tensor):

@@ -96,8 +96,10 @@ class TailGraphs:
             return self._eager(block, kwargs, 0)
         if self.graphs and self.watch.moved():  # the weights the graphs read are gone: warm up and capture again
             self.clear()
+        from ..cuda_graphs import global_state
+
         tensors = _tensors(kwargs)
-        key = tuple((tuple(t.shape), t.dtype) for t in tensors)
+        key = (*((tuple(t.shape), t.dtype) for t in tensors), global_state())  # autocast, SDPA / matmul switches
         entry = self.graphs.get(key)
         if entry is not None:
             for static, value in zip(entry.inputs, tensors, strict=True):
