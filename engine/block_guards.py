@@ -370,7 +370,7 @@ def _check_compiled_hooks(model: nn.Module, frames: bool | None, graphs: bool) -
     name = type(model).__name__
     for group in ("transformer_blocks", "single_transformer_blocks"):
         blocks = getattr(model, group, None)
-        _check_leaf_offload(model, blocks, frames)
+        _check_leaf_offload(model, blocks, frames, graphs)
         # the modules themselves (the engine's step cache and streamer wrap them while they iterate)
         for index, block in enumerate(blocks._modules.values() if isinstance(blocks, nn.ModuleList) else []):
             attn = block._modules.get("attn")
@@ -406,17 +406,23 @@ def _check_compiled_hooks(model: nn.Module, frames: bool | None, graphs: bool) -
 _HOOKS = "_diffusers_hook"  # where diffusers' HookRegistry lives on a module (its hooks replace the forward)
 
 
-def _check_leaf_offload(model: nn.Module, blocks, frames: bool | None) -> None:
-    """diffusers' `apply_group_offloading(..., offload_type="leaf_level")` called directly (past the wrapped
-    enable_group_offload): its hooks on every leaf inside the compiled blocks failed inside dynamo ("Skip inlining
-    ... ModuleGroup.onload_"). Leaf level hooks them all, so the first block's `attn.to_q` tells (one lookup)."""
+def _check_leaf_offload(model: nn.Module, blocks, frames: bool | None, graphs: bool = False) -> None:
+    """Hooks on the leaves inside the blocks, set past the wrapped enable_* methods; the first block's `attn.to_q`
+    tells (one lookup): diffusers' leaf-level `apply_group_offloading` on compiled blocks (dynamo failed: "Skip
+    inlining ... ModuleGroup.onload_"), `apply_layerwise_casting` under the forward's graphs (NaN images, H200)."""
     first = next(iter(blocks._modules.values()), None) if isinstance(blocks, nn.ModuleList) else None
     attn = getattr(first, "_modules", {}).get("attn")
     leaf = attn._modules.get("to_q") if attn is not None else None
-    if frames is None or leaf is None or _HOOKS not in leaf.__dict__:
+    if (frames is None and not graphs) or leaf is None or _HOOKS not in leaf.__dict__:
         return
-    registry = getattr(getattr(leaf, _HOOKS, None), "hooks", {})
-    if any("group_offload" in type(hook).__module__ for hook in registry.values()):
+    if graphs and (hooks := _hook_names(leaf)):
+        raise ConfigError(
+            f"{type(model).__name__}: diffusers hooks {hooks} on the layers inside its blocks (apply_layerwise_casting"
+            " called directly) under the forward's CUDA graphs (compile.cuda_graphs), whose replays would read the "
+            "casts of the capture (NaN images). Load the pipeline again without them, or use compile.cuda_graphs=False"
+        )
+    registry = getattr(getattr(leaf, _HOOKS), "hooks", {})
+    if frames is not None and any("group_offload" in type(hook).__module__ for hook in registry.values()):
         raise ConfigError(
             f"{type(model).__name__} has diffusers' leaf-level group offloading (apply_group_offloading) on modules "
             "inside its compiled blocks, which dynamo cannot trace (diffusers has no call that removes it: load the "
