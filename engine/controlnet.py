@@ -22,6 +22,7 @@ before anything changes (`check_controlnet`): see there.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 from .config import EngineConfig
@@ -48,6 +49,9 @@ def controlnets_of(pipe) -> dict:
     )
 
 
+_OPTIMISED_FOR = "_engine_optimised_for"  # on a ControlNet apply_controlnet changed: a weakref to the transformer
+
+
 def _touches_controlnet(config: EngineConfig) -> bool:
     return not config.attention.is_default or config.quant.transformer != "none" or config.compile.mode != "none"
 
@@ -56,7 +60,9 @@ def check_controlnet(pipe, config: EngineConfig) -> None:
     """Refuse, before any step runs, a config that cannot do to `pipe`'s ControlNet what it does to the transformer.
 
     - a ControlNet already quantised in another mode than the transformer's, or on another device or in another
-      dtype than the transformer (the ControlNet's outputs are added into the transformer's hidden states).
+      dtype than the transformer (the ControlNet's outputs are added into the transformer's hidden states);
+    - a ControlNet another pipeline's optimize() rewrote beside another transformer (before: that pipeline's images
+      changed without a word, or this optimize() failed half-way with the transformer's blocks already rewritten).
     """
     nets = controlnets_of(pipe)
     if not nets:
@@ -68,6 +74,14 @@ def check_controlnet(pipe, config: EngineConfig) -> None:
     transformer = pipe.transformer
     mode = config.quant.transformer
     for name, net in nets.items():
+        owner = net.__dict__.get(_OPTIMISED_FOR)
+        if owner is not None and owner() is not None and owner() is not transformer:
+            raise ConfigError(
+                f"pipe.{name} was optimised already, beside another pipeline's transformer; optimize() rewrites a "
+                "ControlNet in place (fused blocks, quantised weights), so the other pipeline's images would change "
+                "or this call fail half-way. Load a ControlNet of its own for this pipeline, or build it over the "
+                "same transformer (FluxControlNetPipeline.from_pipe(optimised_pipe, controlnet=...))"
+            )
         if (net.device, net.dtype) != (transformer.device, transformer.dtype):
             raise ConfigError(
                 f"pipe.{name} is on {net.device} in {net.dtype}, the transformer on {transformer.device} in "
@@ -117,6 +131,8 @@ class ControlNetState:
         if self.fused:
             for net in self.nets.values():
                 remove_attention(net)
+        for net in self.nets.values():
+            net.__dict__.pop(_OPTIMISED_FOR, None)
 
     def step(self, pipe) -> tuple:
         """(undo, why_not) for AppliedSteps.add: the undo also takes the state off `pipe`."""
@@ -144,6 +160,7 @@ def apply_controlnet(pipe, config: EngineConfig, ops=None) -> ControlNetState | 
 
     state = ControlNetState(nets=nets, fused=ops is not None)
     for name, net in nets.items():
+        net.__dict__[_OPTIMISED_FOR] = weakref.ref(pipe.transformer)
         if ops is not None:
             convert_blocks(net, ops)  # before quantising, as the transformer: the fused projections are quantised
         if mode != "none":

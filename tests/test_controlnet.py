@@ -245,3 +245,22 @@ def test_diffusers_hooks_inside_a_compiled_controlnet_are_refused_before_they_ar
     torch.testing.assert_close(_images(pipe), expected, rtol=0, atol=1e-5)
     restore(pipe)
     assert getattr(pipe.controlnet, method).__func__ is getattr(type(pipe.controlnet), method)
+
+
+@pytest.mark.parametrize("second", ["fused", "fp8"])
+def test_a_controlnet_optimised_beside_another_transformer_is_refused(second):
+    """One ControlNet in two pipelines over different transformers: optimize() rewrites the ControlNet in place, so
+    the first pipeline's images changed without a word (fp8: 1.2e-3 from diffusers against its 1e-5) or the second
+    optimize() failed half-way, its transformer's blocks rewritten. Refused before anything changes; once the first
+    is restored, the ControlNet is free again."""
+    first = _pipeline(FUSED)
+    expected = _images(first)
+    components = synthetic_components("tiny", device="cpu", dtype=torch.float32, seed=5)
+    other = FluxControlNetPipeline(**components, controlnet=first.controlnet)
+    other.set_progress_bar_config(disable=True)
+    with pytest.raises(ConfigError, match="optimised already, beside another pipeline's transformer"):
+        optimize(other, FUSED if second == "fused" else FP8)
+    assert isinstance(other.transformer.transformer_blocks[0], FluxTransformerBlock)  # nothing changed
+    torch.testing.assert_close(_images(first), expected, atol=0, rtol=0)
+    restore(first)
+    optimize(other, FUSED)
