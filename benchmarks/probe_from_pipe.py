@@ -33,12 +33,13 @@ def probe(policy: str, route: str) -> dict:
     config = EngineConfig(offload=OffloadConfig(policy))
     pipe = optimize(FluxPipeline(**synthetic_components("tiny", device="cuda", dtype=torch.bfloat16, seed=0)), config)
     expected = _image(pipe)
+    bf16 = {"torch_dtype": torch.bfloat16}  # without it, diffusers' from_pipe makes every shared component float32
     if route == "from_pipe":
-        other = FluxPipeline.from_pipe(pipe)
+        other = FluxPipeline.from_pipe(pipe, **bf16)
     elif route == "from_pipe+optimize":
-        other = optimize(FluxPipeline.from_pipe(pipe), config)
+        other = optimize(FluxPipeline.from_pipe(pipe, **bf16), config)
     elif route == "img2img.from_pipe":  # strength 1: the text-to-image's noise, so the same image
-        other = FluxImg2ImgPipeline.from_pipe(pipe)
+        other = FluxImg2ImgPipeline.from_pipe(pipe, **bf16)
         other.set_progress_bar_config(disable=True)
         image = torch.zeros(1, 3, 256, 256)
         got = other("a red fox", image=image, strength=1.0, generator=torch.Generator().manual_seed(0),

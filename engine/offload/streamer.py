@@ -147,9 +147,10 @@ class PackedUnit:
             if current.dtype != view.dtype or current.shape != view.shape:
                 raise ConfigError(f"{self.name}: {type(slot.owner).__name__}.{slot.name} streams from host memory as "
                                   f"{view.dtype} {tuple(view.shape)}, and something made it {current.dtype} "
-                                  f"{tuple(current.shape)} after optimize() (a .to(dtype)?): the streamed blocks keep "
-                                  f"their layout. Convert it back (e.g. pipe.to({view.dtype})), or load the pipeline "
-                                  "in that dtype and optimize it")  # fmt: skip
+                                  f"{tuple(current.shape)} after optimize() (a .to(dtype)? diffusers' from_pipe makes "
+                                  "every component it shares float32 unless given torch_dtype): the streamed blocks "
+                                  f"keep their layout. Convert it back (pipe.to({view.dtype}); from_pipe(pipe, "
+                                  f"torch_dtype={view.dtype})), or load it in that dtype and optimize it")  # fmt: skip
             view.copy_(current.detach())
             replaced = True
         if replaced:
