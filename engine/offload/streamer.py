@@ -462,8 +462,12 @@ class ResidentOnDemand:
         self.host = HostBuffer.pack([self.packed], pin)
         self.buffer: torch.Tensor | None = None
         self.bytes_copied = 0
+        self.depth = 0  # entered by the wrapped encode_prompt and by the module's own call (nested: one visit)
 
     def __enter__(self):
+        self.depth += 1
+        if self.depth > 1:
+            return self
         self.packed.adopt_replaced()  # tensors given new ones since packing: their values, not the packed ones
         self.buffer = torch.empty(self.packed.nbytes, dtype=torch.uint8, device=self.device)
         self.buffer.copy_(self.packed.host, non_blocking=True)
@@ -472,8 +476,10 @@ class ResidentOnDemand:
         return self
 
     def __exit__(self, *exc):
-        self.packed.assign(self.packed.host_views)
-        self.buffer = None
+        self.depth = max(self.depth - 1, 0)
+        if self.depth == 0:
+            self.packed.assign(self.packed.host_views)
+            self.buffer = None
 
 
 class NullContext:
