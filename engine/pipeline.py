@@ -71,6 +71,7 @@ def optimize(pipe, config: EngineConfig | str | None = None):
     from .controlnet import apply_controlnet, check_controlnet
 
     check_controlnet(pipe, config)  # what a config cannot do to a ControlNet is refused before any step runs
+    _check_quantised_layers(pipe, config)
     if config.parallel.enabled and not isinstance(pipe, FluxPipeline):
         raise ConfigError(
             f"a parallel config runs text-to-image (FluxPipeline, FluxEngine) for now; {type(pipe).__name__} prepares "
@@ -185,6 +186,20 @@ def optimize(pipe, config: EngineConfig | str | None = None):
 
         warm_text_encoders(pipe)
     return pipe
+
+
+def _check_quantised_layers(pipe, config: EngineConfig) -> None:
+    """Before any step: components quantised in another mode than the config's, and projections the fused blocks
+    cannot fuse (diffusers' own quantisation included): refused while nothing has changed."""
+    from .attention import rewires_blocks
+    from .controlnet import controlnets_of
+    from .quant.apply import check_quant_modes
+    from .quant.layers import check_fusable
+
+    check_quant_modes(pipe, config.quant)
+    if rewires_blocks(config.attention, force=config.parallel.enabled):
+        for name, model in {"transformer": pipe.transformer, **controlnets_of(pipe)}.items():
+            check_fusable(model, name)
 
 
 def _guard_compiled_blocks(transformer, state, compiled: bool):

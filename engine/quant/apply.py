@@ -254,17 +254,7 @@ def apply_quantization(pipe, config: QuantConfig) -> QuantState | None:
             set_fp8_options(model, config)
             keep_fp8_codes(model)
             continue
-        if previous != mode:
-            raise ConfigError(
-                f"{component} is already quantised as {previous!r}; load it again (unquantised, or with "
-                f"QuantConfig({component}={mode!r}) to quantise while loading) to use {mode!r}"
-            )
-        double_quant = getattr(model, "_flux_nf4_double_quant", config.nf4_double_quant)
-        if mode == "nf4" and double_quant != config.nf4_double_quant:
-            raise ConfigError(
-                f"{component} is already quantised as nf4 with nf4_double_quant={double_quant}; the config asks "
-                f"{config.nf4_double_quant}: load it again with the config's QuantConfig"
-            )
+        _check_mode(component, model, mode, config)
         record = getattr(model, "_flux_quant_record", None)
         state.components[component] = record or ComponentQuant(
             mode=mode, kept=kept_linears(model, component), quantized=_quantized_names(model)
@@ -272,6 +262,32 @@ def apply_quantization(pipe, config: QuantConfig) -> QuantState | None:
         set_fp8_options(model, config)
         keep_fp8_codes(model)
     return state
+
+
+def check_quant_modes(pipe, config: QuantConfig) -> None:
+    """What apply_quantization would refuse, checked before any step of optimize() runs (before, the refusal came
+    after the blocks were fused: a pipeline half-changed that restore() could not undo)."""
+    for component in COMPONENTS:
+        mode, model = getattr(config, component), getattr(pipe, component, None)
+        if mode != "none" and model is not None and quant_mode_of(model) is not None:
+            _check_mode(component, model, mode, config)
+
+
+def _check_mode(component: str, model: nn.Module, mode: str, config: QuantConfig) -> None:
+    """A component quantised already (while loading, a quantised checkpoint, diffusers' or transformers' own
+    quantisation) must be in the config's mode."""
+    previous = quant_mode_of(model)
+    if previous != mode:
+        raise ConfigError(
+            f"{component} is already quantised as {previous!r}; load it again (unquantised, or with "
+            f"QuantConfig({component}={mode!r}) to quantise while loading) to use {mode!r}"
+        )
+    double_quant = getattr(model, "_flux_nf4_double_quant", config.nf4_double_quant)
+    if mode == "nf4" and double_quant != config.nf4_double_quant:
+        raise ConfigError(
+            f"{component} is already quantised as nf4 with nf4_double_quant={double_quant}; the config asks "
+            f"{config.nf4_double_quant}: load it again with the config's QuantConfig"
+        )
 
 
 def keep_fp8_codes(model: nn.Module) -> None:

@@ -256,8 +256,38 @@ def quantized_kind(module: nn.Module) -> str | None:
         return "fp8"
     quanto_nn = sys.modules.get("optimum.quanto.nn")
     if quanto_nn is not None and isinstance(module, quanto_nn.QLinear):
-        return "fp8-weight" if "float8" in getattr(module.weight_qtype, "name", "") else "int8-weight"
+        qtype = getattr(module.weight_qtype, "name", "")
+        return "fp8-weight" if "float8" in qtype else "int8-weight" if qtype == "qint8" else f"quanto-{qtype}"
     bnb_nn = sys.modules.get("bitsandbytes.nn")
     if bnb_nn is not None and isinstance(module, bnb_nn.Linear4bit):
-        return "nf4"
+        return "nf4" if getattr(module.weight, "quant_type", "nf4") == "nf4" else "bnb-fp4"
+    if bnb_nn is not None and isinstance(module, bnb_nn.Linear8bitLt):
+        return "bnb-int8"
     return None
+
+
+FUSABLE_KINDS = ("fp8", "nf4", *QUANTO_MODES)  # what fuse_quantized_linears concatenates exactly
+
+
+def check_fusable(model: nn.Module, name: str = "transformer") -> None:
+    """Before the fused blocks replace any block: every group of projections the blocks fuse (FUSED_VIEWS) is
+    unquantised, or quantised alike in a mode whose rows concatenate (diffusers' quantisation included: quanto's
+    qint4, bitsandbytes' fp4 and 8-bit are not). Before, the refusal came from the first such block, after the ones
+    before it were rewritten (restore() could not undo them, a retry failed on the placeholders), or the codes of an
+    8-bit layer were fused as plain weights (a dtype error inside torch at the call)."""
+    for block_name, block in model.named_modules():
+        for views in FUSED_VIEWS.values():
+            try:
+                parts = [block.get_submodule(view) for view in views]
+            except AttributeError:
+                continue
+            kinds = {quantized_kind(part) for part in parts}
+            if kinds == {None} or (len(kinds) == 1 and kinds <= set(FUSABLE_KINDS)):
+                continue
+            found = sorted({f"{type(part).__name__} ({quantized_kind(part) or 'unquantised'})" for part in parts})
+            raise ConfigError(
+                f"{name}.{block_name}: the engine's fused blocks fuse {', '.join(views)} into one layer, and they "
+                f"are {', '.join(found)}; fusing takes them unquantised or all quantised as one of "
+                f"{', '.join(FUSABLE_KINDS)}. Nothing was changed. Load the model unquantised (or with the engine's "
+                "QuantConfig), or use the 'baseline' or 'compile' preset, which keep diffusers' blocks"
+            )

@@ -1,0 +1,73 @@
+"""Transformers quantised by diffusers' or the libraries' own means (quanto's qint4 / qint8, part of the model only),
+then optimize(): what the engine's fused blocks or quantisation cannot take is refused before anything changes. Before,
+the refusal came from the first block that could not be fused, after the blocks before it were rewritten (restore()
+could not undo them, a retry failed on their placeholders), or quanto's qint4 was taken for int8 (a crash inside
+quanto at the fusing). A helper's probe of diffusers-quantised pipelines, 2026-12-03. Tiny model, CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_call_kwargs
+from diffusers import FluxPipeline
+from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+
+from engine import EngineConfig, optimize, restore
+from engine.config import AttentionConfig, QuantConfig
+from engine.errors import ConfigError
+from engine.models import synthetic_components
+
+FUSED = EngineConfig(attention=AttentionConfig(backend="auto"))  # the fused blocks in PyTorch (no Triton on a CPU)
+
+
+def _pipe() -> FluxPipeline:
+    pipe = FluxPipeline(**synthetic_components("tiny", device="cpu", dtype=torch.float32, seed=0))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _quanto(module, qtype: str, include: str | None = None) -> None:
+    from optimum import quanto
+
+    quanto.quantize(module, weights=getattr(quanto, qtype), include=include)
+    quanto.freeze(module)
+
+
+def _untouched(pipe) -> None:
+    transformer = pipe.transformer
+    assert all(type(block) is FluxTransformerBlock for block in transformer.transformer_blocks)
+    assert all(type(block) is FluxSingleTransformerBlock for block in transformer.single_transformer_blocks)
+    assert getattr(pipe, "engine_steps", None) is None
+
+
+@pytest.mark.parametrize("case", ["qint4", "one to_q qint8", "qint8 then fp8"])
+def test_what_the_fused_blocks_cannot_take_is_refused_before_any_block_changes(case):
+    pipe = _pipe()
+    expected = pipe(**tiny_call_kwargs()).images
+    if case == "qint4":
+        _quanto(pipe.transformer.transformer_blocks, "qint4")
+        config, match = FUSED, "quanto-qint4.*Nothing was changed"
+    elif case == "one to_q qint8":  # the last double block's: the blocks before were rewritten before the refusal
+        _quanto(pipe.transformer.transformer_blocks[-1].attn, "qint8", include="to_q")
+        config, match = FUSED, "Nothing was changed"
+    else:
+        _quanto(pipe.transformer, "qint8")
+        config = EngineConfig(attention=AttentionConfig(backend="auto"), quant=QuantConfig(transformer="fp8"))
+        match = "already quantised as 'int8-weight'"
+    expected = pipe(**tiny_call_kwargs()).images
+    with pytest.raises(ConfigError, match=match):
+        optimize(pipe, config)
+    _untouched(pipe)
+    torch.testing.assert_close(pipe(**tiny_call_kwargs()).images, expected, atol=0, rtol=0)
+    restore(pipe)
+    optimize(pipe, "baseline")  # the pipeline is as it was: another config takes it
+
+
+def test_quanto_qint4_is_not_taken_for_int8():
+    from engine.quant.apply import quant_mode_of
+
+    pipe = _pipe()
+    _quanto(pipe.transformer, "qint4")
+    assert quant_mode_of(pipe.transformer) == "quanto-qint4"
+    with pytest.raises(ConfigError, match="already quantised as 'quanto-qint4'"):
+        optimize(pipe, EngineConfig(quant=QuantConfig(transformer="int8-weight")))
