@@ -149,6 +149,32 @@ def check_task_inputs(pipe, call: dict) -> None:
         )
     if "strength" in call:
         _check_strength(call)
+    _check_control_lists(pipe, call)
+
+
+def _check_control_lists(pipe, call: dict) -> None:
+    """A FluxMultiControlNetModel takes a list of control images, one per ControlNet (one union ControlNet: any number,
+    each with its control_mode), and zips them with its nets and scales: a single image failed inside diffusers
+    ("'Image' object is not iterable"), a list of another length was cut to the shorter without a word."""
+    nets = getattr(getattr(pipe, "controlnet", None), "nets", None)
+    images = call.get("control_image")
+    if nets is None or images is None:
+        return
+    count = len(nets)
+    if not isinstance(images, list) or (count > 1 and len(images) != count):
+        got = f"a list of {len(images)}" if isinstance(images, list) else f"one {type(images).__name__}"
+        raise InputError(
+            f"control_image is {got}, and the pipeline's FluxMultiControlNetModel has {count} ControlNets; pass a "
+            f"list of {count if count > 1 else 'one or more'} control images, one per ControlNet"
+            + ("" if count > 1 else " (its union ControlNet takes several, each with its control_mode)")
+        )
+    for name in ("controlnet_conditioning_scale", "control_mode"):
+        value = call.get(name)
+        if isinstance(value, list) and len(value) != len(images):
+            raise InputError(
+                f"{name} is a list of {len(value)} and control_image a list of {len(images)}; pass one {name} per "
+                "control image (diffusers would pair them up to the shorter list without a word)"
+            )
 
 
 def _check_image(name: str, value, mask: bool, smallest: int, pipe) -> tuple[int, int] | None:

@@ -264,3 +264,27 @@ def test_a_controlnet_optimised_beside_another_transformer_is_refused(second):
     torch.testing.assert_close(_images(first), expected, atol=0, rtol=0)
     restore(first)
     optimize(other, FUSED)
+
+
+def test_control_images_that_do_not_pair_with_a_multi_controlnet_are_refused():
+    """FluxMultiControlNetModel zips control images, nets and scales: one image failed inside diffusers ("'Image'
+    object is not iterable"), a list of another length was cut to the shorter without a word."""
+    from diffusers import FluxMultiControlNetModel
+
+    from engine import FluxEngine
+    from engine.errors import InputError
+
+    nets = FluxMultiControlNetModel([synthetic_controlnet("tiny", dtype=torch.float32, seed=s) for s in (1, 2)])
+    engine = FluxEngine.from_pretrained("synthetic:tiny", "baseline", device="cpu", task="controlnet", controlnet=nets)
+    call = dict(prompt="a red fox", height=SIZE, width=SIZE, num_inference_steps=1, max_sequence_length=32)
+    bad = {
+        "one image": dict(control_image=_picture(3), controlnet_conditioning_scale=[0.7, 0.3]),
+        "three images": dict(control_image=[_picture(3)] * 3, controlnet_conditioning_scale=0.5),
+        "one scale for two": dict(control_image=[_picture(3), _picture(4)], controlnet_conditioning_scale=[0.7]),
+    }
+    for arguments in bad.values():
+        with pytest.raises(InputError, match="control"):
+            engine(**call, **arguments)
+    images = engine(**call, control_image=[_picture(3), _picture(4)], controlnet_conditioning_scale=[0.7, 0.3],
+                    output_type="pt").images  # fmt: skip
+    assert images.isfinite().all()
