@@ -417,9 +417,10 @@ def _check_leaf_offload(model: nn.Module, blocks, frames: bool | None, graphs: b
         return
     if graphs and (hooks := _hook_names(leaf)):
         raise ConfigError(
-            f"{type(model).__name__}: diffusers hooks {hooks} on the layers inside its blocks (apply_layerwise_casting"
-            " called directly) under the forward's CUDA graphs (compile.cuda_graphs), whose replays would read the "
-            "casts of the capture (NaN images). Load the pipeline again without them, or use compile.cuda_graphs=False"
+            f"{type(model).__name__}: diffusers hooks {hooks} on the layers inside its blocks (e.g. apply_layerwise_"
+            "casting called directly) under the forward's CUDA graphs (compile.cuda_graphs), whose replays would read "
+            "what the capture's hooks did (NaN images). Load the pipeline again without them, or use "
+            "compile.cuda_graphs=False"
         )
     registry = getattr(getattr(leaf, _HOOKS), "hooks", {})
     if frames is not None and any("group_offload" in type(hook).__module__ for hook in registry.values()):

@@ -160,7 +160,8 @@ def apply_controlnet(pipe, config: EngineConfig, ops=None) -> ControlNetState | 
 
     state = ControlNetState(nets=nets, fused=ops is not None)
     for name, net in nets.items():
-        net.__dict__[_OPTIMISED_FOR] = weakref.ref(pipe.transformer)
+        if ops is not None or mode != "none":  # rewritten to fit this transformer (compiled alone: not)
+            net.__dict__[_OPTIMISED_FOR] = weakref.ref(pipe.transformer)
         if ops is not None:
             convert_blocks(net, ops)  # before quantising, as the transformer: the fused projections are quantised
         if mode != "none":

@@ -9,6 +9,7 @@ import weakref
 import torch
 from torch.nn.modules import module as _torch_module
 from torch.nn.modules.module import register_module_module_registration_hook
+from torch.utils.hooks import RemovableHandle
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,8 @@ class WeightWatch:
         self.module_ids: set[int] = set()
         self.swapped = False
         self.hook_dicts: list[dict] = []  # the modules' torch forward hooks, and torch's global ones
-        self.hooks = 0
+        self.hooks: tuple = ()  # their handles' ids at the capture
+        self.hook_next = 0  # torch's next hook id then: no hook registered anywhere since, none added here
         self.attention: list = []  # diffusers' attention modules: their processors are read inside the graphs
         self.processors: tuple = ()
 
@@ -44,7 +46,7 @@ class WeightWatch:
         # the module's own hooks run around the replay, at every call; those inside, only while capturing
         self.hook_dicts = [d for m in modules[1:] for d in (m._forward_hooks, m._forward_pre_hooks)]
         self.hook_dicts += [_torch_module._global_forward_hooks, _torch_module._global_forward_pre_hooks]
-        self.hooks = sum(map(len, self.hook_dicts))
+        self.hooks, self.hook_next = self._hooks(), RemovableHandle.next_id
         self.attention = [m for m in modules if "processor" in m.__dict__]
         self.processors = self._processors()
         _WATCHES.add(self)
@@ -53,6 +55,9 @@ class WeightWatch:
 
     def _read(self) -> tuple:
         return tuple(0 if (tensor := owner.get(name)) is None else tensor.data_ptr() for owner, name in self.slots)
+
+    def _hooks(self) -> tuple:
+        return tuple(key for hooks in self.hook_dicts for key in hooks)
 
     def _processors(self) -> tuple:
         return tuple((id(p := m.__dict__.get("processor")), getattr(p, "_attention_backend", None))
@@ -65,13 +70,16 @@ class WeightWatch:
         attention processors (`set_attn_processor`, `set_attention_backend` on diffusers' own blocks)."""
         if self.pointers is None:
             return False
-        if sum(map(len, self.hook_dicts)) != self.hooks:
-            logger.warning(
-                "torch hooks inside the transformer changed since its CUDA graphs were captured: captured again. A "
-                "hook inside runs only when a graph is captured, not at its replays; for hooks that must run at every "
-                "call (recording activations), optimise with compile.cuda_graphs=False"
-            )
-            return True
+        # a hook registered anywhere moves torch's next id; one removed here changes the count (~10 us); else the ids
+        if RemovableHandle.next_id != self.hook_next or sum(map(len, self.hook_dicts)) != len(self.hooks):
+            if self._hooks() != self.hooks:
+                logger.warning(
+                    "torch hooks inside the transformer changed since its CUDA graphs were captured: captured again. "
+                    "A hook inside runs only when a graph is captured, not at its replays; for hooks that must run at "
+                    "every call (recording activations), optimise with compile.cuda_graphs=False"
+                )
+                return True
+            self.hook_next = RemovableHandle.next_id  # registered elsewhere
         return self.swapped or self._read() != self.pointers or self._processors() != self.processors
 
 

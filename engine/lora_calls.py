@@ -196,6 +196,13 @@ def _care(owner, name: str, args: tuple, kwargs: dict) -> Iterator[None]:
             "weights live in host memory. Keep the adapter unfused (it runs beside the streamed nf4 blocks), or use "
             "offload 'none' / 'model'. Nothing was changed"
         )
+    if name == "fuse_lora" and (kinds := _kinds_merges_cannot_take(transformer)):
+        raise ConfigError(
+            f"fuse_lora on a transformer with layers quantised as {', '.join(kinds)} (not by the engine): a merge "
+            "quantises the merged weights again, which the engine does in its own modes only (fp8, fp8-weight, "
+            "int8-weight, nf4). Keep the adapter unfused (it runs beside the quantised layers), or load the "
+            "transformer unquantised. Nothing was changed"
+        )
     if name == "enable_lora_hotswap":
         transformer.__dict__[_HOTSWAP_RANK_ATTR] = kwargs.get("target_rank", args[0] if args else 128)
     if streamed is not None:  # the call runs where the streamed base weights live: host memory
@@ -207,6 +214,13 @@ def _care(owner, name: str, args: tuple, kwargs: dict) -> Iterator[None]:
     finally:
         transformer.__dict__[_IN_CALL] = outer
         _settle(owner, streamed, keep_graphs=hotswap and scales_are_tensors(transformer))
+
+
+def _kinds_merges_cannot_take(transformer) -> list[str]:
+    from .quant.layers import FUSABLE_KINDS, quantized_kind
+
+    kinds = {quantized_kind(module) for module in transformer.modules()} - {None, *FUSABLE_KINDS}
+    return sorted(kinds)
 
 
 def _settle(owner, streamed: torch.device | None, keep_graphs: bool = False) -> None:
@@ -256,15 +270,17 @@ def _changed_past_the_methods(side: TransformerSide, transformer, args, kwargs) 
 def _after_scaled_call(side: TransformerSide, transformer, args, kwargs, output) -> None:
     """A forward hook, after a forward called with `joint_attention_kwargs={"scale": s}` (s != 1): diffusers scaled
     the adapters with PEFT's scale_layer (in place) and undid it with unscale_layer, which writes a new tensor, or for
-    s = 0 resets every scale to lora_alpha / r with floats. Tensor scales (compiled blocks) go back into the tensors
-    the compiled blocks and graphs read; float scales (graphs over uncompiled blocks) reset by a scale-0 call drop
-    the graphs that baked the old ones in. Other forwards cost one dict lookup."""
+    s = 0 resets every scale to lora_alpha / r with floats. The engine's scale tensors (compiled blocks) go back into
+    the tensors the compiled blocks and graphs read; otherwise (uncompiled blocks: floats, or PEFT's own tensors
+    after enable_lora_hotswap) scales left other than the graphs baked or read drop the graphs. Other forwards cost
+    one dict lookup."""
     scale = (kwargs.get("joint_attention_kwargs") or {}).get("scale", 1.0)
-    if scale == 1.0 or not (transformer.__dict__.get(_WATCHED) or ((),))[0]:
+    layers, states = transformer.__dict__.get(_WATCHED) or ((), ())
+    if scale == 1.0 or not layers:
         return
     if transformer.__dict__.get(LORA_LAYERS) is not None:
         scalings_as_tensors(transformer)
-    elif scale == 0:
+    elif layer_states(layers) != states:
         drop_captured_graphs(side)
     _watch_merges(transformer)
 

@@ -107,6 +107,15 @@ def test_the_weight_watch_sees_hooks_and_processors_changed_inside():
     assert watch.moved()
     handle.remove()
     assert not watch.moved()
+    elsewhere = torch.nn.Linear(2, 2).register_forward_hook(lambda module, args, out: out)
+    assert not watch.moved()  # a hook outside the transformer
+    elsewhere.remove()
+    handle = transformer.transformer_blocks[0].register_forward_hook(lambda module, args, out: out)
+    watch.note(transformer)
+    handle.remove()
+    transformer.transformer_blocks[1].register_forward_hook(lambda module, args, out: out)
+    assert watch.moved()  # one hook taken off, another put on: as many as at the capture, not the same
+    watch.note(transformer)
     hook = torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: None)
     assert watch.moved()  # torch's global hooks run inside too
     hook.remove()
@@ -115,6 +124,19 @@ def test_the_weight_watch_sees_hooks_and_processors_changed_inside():
     watch.note(transformer)
     transformer.set_attention_backend("native")
     assert watch.moved()
+
+
+def test_fuse_lora_on_layers_quantised_outside_the_engine_is_refused():
+    """A merge quantises the merged weights again, which the engine does in its own modes only (quanto's qint4 went
+    through quanto's int8 path; bitsandbytes' fp4 was merged as nf4)."""
+    from optimum import quanto
+
+    pipe = _pipe()
+    quanto.quantize(pipe.transformer.transformer_blocks[0].attn, weights=quanto.qint4, include="to_out.0")
+    quanto.freeze(pipe.transformer)
+    engine = FluxEngine.from_pipe(pipe, "baseline")
+    with pytest.raises(ConfigError, match="quanto-qint4.*Keep the adapter unfused"):
+        engine.fuse_lora()
 
 
 def test_a_module_set_inside_a_compiled_region_recompiles_nothing_once_a_watch_is_gone():
@@ -176,6 +198,24 @@ def test_a_plain_call_after_a_scaled_one_replays_the_adapters_scale_on_the_gpu(a
     scaled = _image(engine, joint_attention_kwargs={"scale": 0.5})
     assert (scaled - before).abs().max() > 1e-2  # the scale does change the image
     torch.testing.assert_close(_image(engine), before, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+def test_a_plain_call_after_a_scaled_one_on_uncompiled_hotswap_blocks_on_the_gpu(adapters):
+    """Graphs over uncompiled blocks with PEFT's own scale tensors (enable_lora_hotswap): a scaled call's unscale put
+    a new tensor in PEFT's dict, the graph kept reading the scaled one; the graphs are dropped now."""
+    engine = _engine(EngineConfig(attention=AttentionConfig(backend="auto"), compile=CompileConfig("none",
+                                                                                                   cuda_graphs=True)),
+                     "cuda")  # fmt: skip
+    engine.enable_lora_hotswap(target_rank=8)
+    engine.load_lora_weights(dict(adapters[0]), adapter_name="a")
+    _image(engine)
+    before = _image(engine)
+    scaled = _image(engine, joint_attention_kwargs={"scale": 0.5})
+    assert (scaled - before).abs().max() > 1e-2
+    for _ in range(3):
+        torch.testing.assert_close(_image(engine), before, atol=GPU_ATOL, rtol=0)
 
 
 @pytest.mark.gpu

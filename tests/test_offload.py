@@ -449,3 +449,19 @@ def test_a_pipeline_built_over_an_offloaded_one_gives_its_image_on_the_gpu(polic
     expected = pipe(**tiny_call_kwargs()).images
     other = FluxPipeline.from_pipe(pipe, torch_dtype=torch.float32)
     torch.testing.assert_close(other(**tiny_call_kwargs()).images, expected, atol=0, rtol=0)
+
+
+def test_clip_visits_the_device_again_after_a_call_whose_visit_failed():
+    """A visit that raised (the encoder converted after optimize(): the dtype check refuses it; out of memory) left the
+    nesting count at 1: every later call took CLIP from host memory (on a GPU: a device mismatch each call)."""
+    pipe = optimize(fresh_pipe(), EngineConfig(offload=OffloadConfig("model")))
+    clip = pipe.offload_state.on_demand["text_encoder"]
+    expected = pipe(**tiny_call_kwargs()).images
+    pipe.text_encoder.to(torch.float64)  # what diffusers' from_pipe without torch_dtype does (float32 there)
+    with pytest.raises(ConfigError, match="from_pipe"):
+        pipe(**tiny_call_kwargs(prompt="another prompt"))
+    assert clip.depth == 0
+    pipe.text_encoder.to(torch.float32)  # the fix the error names
+    copied = clip.bytes_copied
+    torch.testing.assert_close(pipe(**tiny_call_kwargs()).images, expected, atol=0, rtol=0)
+    assert clip.bytes_copied == copied + clip.packed.nbytes and clip.depth == 0

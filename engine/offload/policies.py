@@ -15,9 +15,7 @@ from ..errors import ConfigError
 from .prompt_cache import PromptCache, encoders_fingerprint
 from .streamer import (
     HostBuffer,
-    NullContext,
     PackedUnit,
-    ResidentOnDemand,
     Streamer,
     bracket,
     module_tensors,
@@ -223,6 +221,44 @@ def remove_offload(pipe, state: OffloadState) -> None:
     state.hooks.clear()
     state.streamers.clear()
     state.on_demand.clear()
+
+
+class ResidentOnDemand:
+    """A whole module (a text encoder) in pinned host memory, moved to the device for a call and back. Moving back is
+    free: the host copy is kept, so only the device buffer is dropped."""
+
+    def __init__(self, module: nn.Module, device: torch.device, name: str, pin: bool):
+        self.module = module
+        self.device = device
+        self.packed = PackedUnit(name, module_tensors(module))
+        self.host = HostBuffer.pack([self.packed], pin)
+        self.buffer: torch.Tensor | None = None
+        self.bytes_copied = 0
+        self.depth = 0  # entered by the wrapped encode_prompt and by the module's own call (nested: one visit)
+
+    def __enter__(self):
+        if self.depth == 0:
+            self.packed.adopt_replaced()  # tensors given new ones since packing: their values, not the packed ones
+            self.buffer = torch.empty(self.packed.nbytes, dtype=torch.uint8, device=self.device)
+            self.buffer.copy_(self.packed.host, non_blocking=True)
+            self.packed.assign(self.packed.views(self.buffer))
+            self.bytes_copied += self.packed.nbytes
+        self.depth += 1  # only once the visit is on: an enter that raised (a dtype check, out of memory) leaves 0
+        return self
+
+    def __exit__(self, *exc):
+        self.depth = max(self.depth - 1, 0)
+        if self.depth == 0:
+            self.packed.assign(self.packed.host_views)
+            self.buffer = None
+
+
+class NullContext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
 
 
 def _visit_on_call(encoder: nn.Module, holder: ResidentOnDemand) -> list:

@@ -280,7 +280,8 @@ def _check_mode(component: str, model: nn.Module, mode: str, config: QuantConfig
     if previous != mode:
         raise ConfigError(
             f"{component} is already quantised as {previous!r}; load it again (unquantised, or with "
-            f"QuantConfig({component}={mode!r}) to quantise while loading) to use {mode!r}"
+            f"QuantConfig({component}={mode!r}) to quantise while loading) to use {mode!r}, or keep its quantisation "
+            f"with QuantConfig({component}='none')"
         )
     double_quant = getattr(model, "_flux_nf4_double_quant", config.nf4_double_quant)
     if mode == "nf4" and double_quant != config.nf4_double_quant:
