@@ -133,6 +133,14 @@ def device_of(layer: nn.Module) -> torch.device:
     return layer.weight_fp8.device if isinstance(layer, Fp8Linear) else layer.weight.device
 
 
+FUSABLE_KINDS = ("fp8", "nf4", *QUANTO_MODES)  # what fuse_quantized_linears concatenates exactly
+
+
+def _fusable(kinds: set) -> bool:
+    """Projections of these kinds fuse: all unquantised, or all quantised alike in a mode whose rows concatenate."""
+    return kinds == {None} or (len(kinds) == 1 and kinds <= set(FUSABLE_KINDS))
+
+
 def fuse_quantized_linears(parts: list[nn.Module], name: str = "") -> nn.Module:
     """One quantised Linear computing all of `parts` (outputs concatenated), for engine/attention.py's fused
     projections when the model was quantised before fusing (quantised while loading, or a quantised checkpoint).
@@ -145,11 +153,12 @@ def fuse_quantized_linears(parts: list[nn.Module], name: str = "") -> nn.Module:
     """
     kinds = {quantized_kind(part) for part in parts}
     in_features = {part.in_features for part in parts}
-    if len(kinds) != 1 or None in kinds:
+    if None in kinds or not _fusable(kinds):  # check_fusable refuses these before any block changes
         found = ", ".join(sorted({type(part).__name__ for part in parts}))
         raise ConfigError(
             f"cannot fuse the projections of `{name}`: they are {found}; fusing needs all of them quantised the "
-            "same way (or none). Load the model again with one QuantConfig for the transformer"
+            f"same way, as one of {', '.join(FUSABLE_KINDS)} (or none). Load the model again with one QuantConfig "
+            "for the transformer"
         )
     if len(in_features) != 1 or any(part.bias is None for part in parts):
         raise ConfigError(f"cannot fuse the projections of `{name}`: they need the same input width and biases")
@@ -266,8 +275,6 @@ def quantized_kind(module: nn.Module) -> str | None:
     return None
 
 
-FUSABLE_KINDS = ("fp8", "nf4", *QUANTO_MODES)  # what fuse_quantized_linears concatenates exactly
-
 
 def check_fusable(model: nn.Module, name: str = "transformer") -> None:
     """Before the fused blocks replace any block: every group of projections the blocks fuse (FUSED_VIEWS) is
@@ -282,7 +289,7 @@ def check_fusable(model: nn.Module, name: str = "transformer") -> None:
             except AttributeError:
                 continue
             kinds = {quantized_kind(part) for part in parts}
-            if kinds == {None} or (len(kinds) == 1 and kinds <= set(FUSABLE_KINDS)):
+            if _fusable(kinds):
                 continue
             found = sorted({f"{type(part).__name__} ({quantized_kind(part) or 'unquantised'})" for part in parts})
             raise ConfigError(
