@@ -20,6 +20,8 @@ import contextlib
 
 import torch
 
+from ..cuda_graphs import WeightWatch, global_state
+
 _CHANGING = ("hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb")
 
 
@@ -56,8 +58,6 @@ class TailGraphs:
     """
 
     def __init__(self, length: int, transformer: torch.nn.Module, max_graphs: int = 4):
-        from ..cuda_graphs import WeightWatch
-
         self.length = length
         self.transformer = transformer
         self.watch = WeightWatch()  # the weights' addresses at the capture (engine.cuda_graphs)
@@ -96,8 +96,6 @@ class TailGraphs:
             return self._eager(block, kwargs, 0)
         if self.graphs and self.watch.moved():  # the weights the graphs read are gone: warm up and capture again
             self.clear()
-        from ..cuda_graphs import global_state
-
         tensors = _tensors(kwargs)
         key = (*((tuple(t.shape), t.dtype) for t in tensors), global_state())  # autocast, SDPA / matmul switches
         entry = self.graphs.get(key)
