@@ -79,6 +79,7 @@ class StepCacheHook(ModelHook):
         self._call_ids: torch.Tensor | None = None  # this pipeline call's img_ids (its transformer calls share them)
         self._latents: torch.Tensor | None = None  # the last call's hidden_states (the classes that name no context)
         self._own_context: CacheContext | None = None  # the context this hook set (the class sets none)
+        self.head_control: torch.Tensor | None = None  # the ControlNet residual the forward adds after the first block
 
     def state(self, call: dict | None = None) -> _StepState:
         """The current context's state; `call`: a transformer call's arguments, which pick the context (the blocks
@@ -111,6 +112,7 @@ class StepCacheHook(ModelHook):
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         self.in_forward = True  # the block lists yield _CachedCalls (First-Block Cache) only inside the forward
+        self.head_control = _head_control(module, kwargs)
         try:
             return self._forward(*args, **kwargs)
         finally:
@@ -202,6 +204,14 @@ class StepCacheHook(ModelHook):
         return module
 
 
+def _head_control(model: torch.nn.Module, kwargs: dict) -> torch.Tensor | None:
+    """The ControlNet residual FluxTransformer2DModel.forward adds after its first block (index 0 of the double-stream
+    samples, or of the single-stream ones where there are no double-stream blocks), or None."""
+    double = len(getattr(model, "transformer_blocks", ())) > 0
+    samples = kwargs.get("controlnet_block_samples" if double else "controlnet_single_block_samples")
+    return samples[0] if samples is not None and len(samples) else None
+
+
 class _CachedCall:
     """One block's call in a First-Block Cache step (see the module docstring)."""
 
@@ -223,13 +233,15 @@ class _CachedCall:
             self.hook.propose_after_first_block(state, image, text, image - image_in)
             return text, image
         if self.role == "decider" and state.pending is not None:
+            head_image, head_text, _ = state.candidate  # the first block's output (before a ControlNet's residual)
             text, image = self.block(*args, **kwargs)  # launched before the wait: the GPU runs it meanwhile
             if not self.hook.decide(state):
-                # diffusers' skipped step: the first block's output (here with what came after it, a ControlNet's
-                # residual) plus the blocks' residual of the last full step; the blocks after hand it on untouched
-                return state.tail_residuals[1] + kwargs["encoder_hidden_states"], state.tail_residuals[0] + kwargs[
-                    "hidden_states"
-                ]
+                # diffusers' skipped step: the first block's output plus the blocks' residual of the last full step,
+                # then the first ControlNet residual the forward added after it, in that order (the other order was
+                # 1.7e-6 off in fp32); the blocks after hand it on untouched
+                image = state.tail_residuals[0] + head_image
+                control = self.hook.head_control
+                return state.tail_residuals[1] + head_text, image if control is None else image + control
         elif not state.should_compute:
             return kwargs["encoder_hidden_states"], kwargs["hidden_states"]
         else:
