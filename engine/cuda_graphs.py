@@ -37,14 +37,16 @@ class WeightWatch:
         self.attention: list = []  # diffusers' attention modules: their processors are read inside the graphs
         self.processors: tuple = ()
 
-    def note(self, module: torch.nn.Module) -> None:
+    def note(self, module: torch.nn.Module, captured: list[torch.nn.Module] | None = None) -> None:
+        """`captured`: the modules the graphs run (their hooks run only while capturing); default: all inside."""
         modules = list(module.modules())
         self.slots = [(owner, name) for m in modules for owner in (m._parameters, m._buffers)
                       for name, tensor in owner.items() if tensor is not None]  # fmt: skip
         self.pointers = self._read()
         self.module_ids, self.swapped = {id(m) for m in modules}, False
         # the module's own hooks run around the replay, at every call; those inside, only while capturing
-        self.hook_dicts = [d for m in modules[1:] for d in (m._forward_hooks, m._forward_pre_hooks)]
+        inside = modules[1:] if captured is None else [m for block in captured for m in block.modules()]
+        self.hook_dicts = [d for m in inside for d in (m._forward_hooks, m._forward_pre_hooks)]
         self.hook_dicts += [_torch_module._global_forward_hooks, _torch_module._global_forward_pre_hooks]
         self.hooks, self.hook_next = self._hooks(), RemovableHandle.next_id
         self.attention = [m for m in modules if "processor" in m.__dict__]

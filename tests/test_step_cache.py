@@ -510,3 +510,20 @@ def test_first_block_cache_with_a_controlnet_is_diffusers_hook_to_the_bit():
     images = _call(ours, **control)
     assert ours.step_cache_state.last_call()["cond"].count(False) > 0  # steps were skipped
     assert torch.equal(images, expected)
+
+
+def test_the_tail_graphs_watch_the_hooks_of_the_blocks_they_replay_only():
+    """First-Block Cache's tail graphs replay the blocks after the second; the first two run at every step outside
+    them, so a hook put there is no reason to capture again (nor to warn that it runs only while capturing)."""
+    from engine.stepcache.graphs import TailGraphs
+
+    transformer = synthetic_components("tiny", device="cpu", dtype=torch.float32)["transformer"]
+    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    graphs = TailGraphs(len(blocks) - 2, transformer)
+    graphs.note_capture()  # what a capture notes
+    for outside in (transformer, *blocks[:2]):
+        handle = outside.register_forward_hook(lambda module, args, out: out)
+        assert not graphs.watch.moved()
+        handle.remove()
+    handle = blocks[2].attn.register_forward_pre_hook(lambda module, args: None)
+    assert graphs.watch.moved()  # inside the replayed segment

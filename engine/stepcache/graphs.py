@@ -144,10 +144,18 @@ class TailGraphs:
             self._capture_context, entry.static = None, {}
             self.graphs[self._key] = entry
             self.captures += 1
-            self.watch.note(self.transformer)
+            self.note_capture()
             entry.graph.replay()  # a capture records without running: this step's values come from the replay
             self._mode = "replay"
         return output
+
+    def note_capture(self) -> None:
+        """What the graphs read, noted at a capture: the transformer's weights and processors, and the hooks of the
+        segment's blocks only (the first two blocks and the transformer's own hooks run outside the graphs, at every
+        step: a hook added there is no reason to capture again)."""
+        blocks = [*self.transformer.transformer_blocks._modules.values(),
+                  *self.transformer.single_transformer_blocks._modules.values()]  # fmt: skip
+        self.watch.note(self.transformer, captured=blocks[len(blocks) - self.length :])
 
     def _abort(self) -> None:
         """A block failed during the capture: end it (its graph is dropped) so the stream is usable again."""
