@@ -221,3 +221,24 @@ def test_a_variant_the_folder_lacks_is_named_with_the_ones_it_has(saved_seed1):
     """Review fix: the hint said "pass variant='fp16'" whatever was asked and whatever the folder held."""
     with pytest.raises(CheckpointError, match=r"no weights of variant 'bf16' \(its files carry no variant\)"):
         FluxEngine.from_pretrained(saved_seed1, device="cpu", dtype=torch.float32, variant="bf16")
+
+
+def test_a_folder_saved_quantised_by_diffusers_is_named_so_under_an_engine_quant_config(saved_seed1, tmp_path):
+    """Before: QuantConfig(transformer='fp8') on a folder whose transformer diffusers saved quantised (quanto int8)
+    blamed the checkpoint ("lacks 1 tensors ... is it the checkpoint of this config?"). Without a quant mode the folder
+    loads with its own quantisation."""
+    from diffusers import FluxTransformer2DModel, QuantoConfig
+    from optimum.quanto.nn import QLinear
+
+    folder = tmp_path / "quanto-int8"
+    shutil.copytree(saved_seed1, folder)
+    shutil.rmtree(folder / "transformer")
+    quantised = FluxTransformer2DModel.from_pretrained(
+        saved_seed1 / "transformer", quantization_config=QuantoConfig(weights_dtype="int8"), torch_dtype=torch.float32
+    )
+    quantised.save_pretrained(folder / "transformer")
+    for mode in ("fp8", "int8-weight"):
+        with pytest.raises(ConfigError, match=r"saved quantised by diffusers.*quant_method=quanto.*transformer='none'"):
+            FluxEngine.from_pretrained(folder, config=mode, device="cpu", dtype=torch.float32)
+    engine = FluxEngine.from_pretrained(folder, config="baseline", device="cpu", dtype=torch.float32)
+    assert isinstance(engine.transformer.transformer_blocks[0].attn.to_q, QLinear)

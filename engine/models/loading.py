@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from .bfl import BflReader, bfl_to_diffusers, config_for_bfl_file, holds_diffusers_names
 from .builders import dtype_as_default
 from .safetensors_io import (
@@ -83,6 +83,26 @@ def _load_quantizer(component: str, quant):
     from ..quant.apply import LoadQuantizer
 
     return LoadQuantizer(component, mode, quant.nf4_double_quant)
+
+
+def _check_not_saved_quantised(folder: Path, component: str, mode: str) -> None:
+    """A component folder saved quantised by diffusers or transformers (its config.json's `quantization_config`) holds
+    no plain weights to quantise while loading: before, its missing plain tensors were reported as a broken
+    checkpoint."""
+    config = folder / component / "config.json"
+    try:
+        saved = json.loads(config.read_text()).get("quantization_config")
+    except (OSError, ValueError):
+        return  # no config to read: the load itself reports what is wrong with the folder
+    if not saved:
+        return
+    details = ", ".join(f"{key}={value}" for key, value in saved.items() if isinstance(value, (str, int, float, bool)))
+    raise ConfigError(
+        f"{str(folder / component)!r} was saved quantised by diffusers / transformers ({details}); QuantConfig("
+        f"{component}={mode!r}) quantises plain weights as they load, and this folder holds none. Nothing was "
+        f"loaded. Keep its own quantisation with QuantConfig({component}='none') (or a preset without quantisation: "
+        "'baseline', 'compile', 'kernels'), or load the unquantised checkpoint"
+    )
 
 
 def load_component_quantized(folder: Path, component: str, device, dtype: torch.dtype, quant, variant=None):
@@ -210,11 +230,13 @@ def load_local_components(
         saved = load_saved_quantized_transformer(folder, device, dtype, quant)
         if saved is not None:
             overrides["transformer"] = saved
-    for component in QuantConfig.COMPONENTS:
-        if component not in overrides and getattr(quant, component) != "none":
-            loaded = load_component_quantized(folder, component, device, dtype, quant, variant)
-            if loaded is not None:
-                overrides[component] = loaded
+    quantised = [c for c in QuantConfig.COMPONENTS if c not in overrides and getattr(quant, c) != "none"]
+    for component in quantised:
+        _check_not_saved_quantised(folder, component, getattr(quant, component))
+    for component in quantised:
+        loaded = load_component_quantized(folder, component, device, dtype, quant, variant)
+        if loaded is not None:
+            overrides[component] = loaded
     try:
         pipe = FluxPipeline.from_pretrained(
             str(folder), dtype=dtype, local_files_only=True, variant=variant, **overrides
