@@ -153,7 +153,8 @@ def route_width_checks():
     calls before the transformer's own load, reads each target's weight from the transformer's state dict: on the
     engine's quantised layers (codes, FusedAway placeholders) a KeyError, from any pipeline over the transformer,
     optimised or not. While a transformer the engine quantised holds this patch, the mixin's method answers with
-    `_check_input_widths` for such transformers and is diffusers' own for every other one. Returns the undo (the
+    `_check_input_widths` for such transformers (and those whose fused blocks fused layers quantised by diffusers)
+    and is diffusers' own for every other one. Returns the undo (the
     last holder's puts diffusers' method back)."""
     from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
 
@@ -162,7 +163,7 @@ def route_width_checks():
 
         def expand(cls, transformer, lora_state_dict):
             own = functools.partial(original.__func__, cls)
-            if getattr(transformer, "_flux_quant_mode", None) is None:  # not quantised by the engine (mark_quantized)
+            if not _reads_past_state_dict(transformer):
                 return own(transformer=transformer, lora_state_dict=lora_state_dict)
             return _check_input_widths(own, transformer, lora_state_dict)
 
@@ -179,6 +180,15 @@ def route_width_checks():
             FluxLoraLoaderMixin._maybe_expand_lora_state_dict = _WIDTH_CHECKS["original"]
 
     return undo
+
+
+def _reads_past_state_dict(transformer) -> bool:
+    """Whether diffusers' check would miss weights in the transformer's state dict: the engine quantised it
+    (mark_quantized), or its fused blocks fused layers quantised by other means (diffusers' bitsandbytes / quanto:
+    their parts are FusedAway placeholders)."""
+    if getattr(transformer, "_flux_quant_mode", None) is not None:
+        return True
+    return any(isinstance(module, FusedAway) for module in transformer.modules())
 
 
 def _check_input_widths(expand, transformer, lora_state_dict):
