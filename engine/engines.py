@@ -74,10 +74,8 @@ class EngineCalls:
             device = init_distributed(parallel.degree, parallel.timeout_s, device).device
         device = resolve_device(device)
         dtype = dtype or torch_dtype or default_dtype(device)
-        if controlnet is not None and cls.task != "controlnet":
-            raise ConfigError(f"controlnet= is for task='controlnet'; {cls.__name__} runs task {cls.task!r}")
         # before the transformer: a ControlNet argument that does not work fails in seconds, not after the load
-        controlnet = load_controlnet(controlnet, device, dtype, seed, variant) if cls.task == "controlnet" else None
+        controlnet = _controlnet_for(cls, controlnet, device, dtype, seed, variant)
         source = str(path_or_variant)
         if is_variant_name(source):
             components = synthetic_components(source, device=device, dtype=dtype, seed=seed)
@@ -96,11 +94,18 @@ class EngineCalls:
         return optimize(engine, config)
 
     @classmethod
-    def from_pipe(cls, pipe, config: EngineConfig | str | None = None, task: str | None = None):
+    def from_pipe(cls, pipe, config: EngineConfig | str | None = None, task: str | None = None, controlnet=None):
         """An engine over the same components as `pipe` (shared, not copied), optimised with `config`: this class's
-        task, or `task`'s (an img2img engine over a text-to-image pipeline's components, say)."""
+        task, or `task`'s (an img2img engine over a text-to-image pipeline's components, say). `controlnet`: as in
+        from_pretrained, for task "controlnet" over a pipeline without one (a ControlNet pipeline's own by default)."""
         cls = _class_for(cls, task)
-        engine = cls(**components_for(cls, pipe.components))
+        components = dict(pipe.components)
+        if cls.task == "controlnet" or controlnet is not None:
+            transformer = components["transformer"]
+            device = getattr(pipe, "_execution_device", transformer.device)
+            given = controlnet if controlnet is not None else components.get("controlnet")
+            components["controlnet"] = _controlnet_for(cls, given, device, transformer.dtype)
+        engine = cls(**components_for(cls, components))
         engine.model_name = getattr(pipe, "model_name", "pipeline")
         # the components are shared: what was done to them travels with them, so optimize() can refuse to
         # stack a second config on modules the first one already rewrote
@@ -432,6 +437,13 @@ for _engine in ENGINES.values():
             f"A faster `diffusers.{_pipeline_class.__name__}` (task {_engine.task!r}): same call, same outputs within "
             "the config's stated tolerance."
         )
+
+
+def _controlnet_for(cls, controlnet, device, dtype: torch.dtype, seed: int = 0, variant: str | None = None):
+    """The ControlNet of a task='controlnet' engine (models.controlnet.load_controlnet); None for the other tasks."""
+    if controlnet is not None and cls.task != "controlnet":
+        raise ConfigError(f"controlnet= is for task='controlnet'; {cls.__name__} runs task {cls.task!r}")
+    return load_controlnet(controlnet, device, dtype, seed, variant) if cls.task == "controlnet" else None
 
 
 def _class_for(cls, task: str | None):

@@ -288,3 +288,24 @@ def test_control_images_that_do_not_pair_with_a_multi_controlnet_are_refused():
     images = engine(**call, control_image=[_picture(3), _picture(4)], controlnet_conditioning_scale=[0.7, 0.3],
                     output_type="pt").images  # fmt: skip
     assert images.isfinite().all()
+
+
+def test_from_pipe_to_the_controlnet_task_takes_a_controlnet():
+    """Before: FluxEngine.from_pipe(pipe, task="controlnet") could not be given a ControlNet (diffusers' TypeError,
+    a required argument missing). Now it takes one as from_pretrained does, and makes diffusers' image with it."""
+    from engine import FluxEngine
+
+    components = synthetic_components("tiny", device="cpu", dtype=torch.float32, seed=0)
+    net = synthetic_controlnet("tiny", dtype=torch.float32, seed=1)
+    expected = _images(FluxControlNetPipeline(**components, controlnet=net))
+    engine = FluxEngine(**components)
+    with pytest.raises(ConfigError, match="task='controlnet' needs controlnet="):
+        FluxEngine.from_pipe(engine, "baseline", task="controlnet")
+    with pytest.raises(ConfigError, match="controlnet= is for task='controlnet'"):
+        FluxEngine.from_pipe(engine, "baseline", task="img2img", controlnet=net)
+    controlled = FluxEngine.from_pipe(engine, "baseline", task="controlnet", controlnet=net)
+    assert controlled.controlnet is net and controlled.transformer is engine.transformer
+    controlled.set_progress_bar_config(disable=True)
+    assert torch.equal(_images(controlled), expected)
+    again = type(controlled).from_pipe(controlled, "baseline")  # the ControlNet pipeline's own by default
+    assert again.controlnet is net
