@@ -245,6 +245,24 @@ def test_first_block_cache_under_cuda_graphs_replays_the_blocks_after_the_decide
     assert full == STEPS if threshold == 0.0 else 2 <= full < STEPS
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+def test_a_hook_on_the_first_block_runs_every_step_without_a_new_tail_capture_on_the_gpu():
+    """The first two blocks run outside First-Block Cache's tail graphs: a hook put there after the capture runs at
+    every step, and the graphs replay as they are (before: captured again, with a warning that did not hold)."""
+    parts = dict(attention=AttentionConfig(backend="auto", fused_norms=True),
+                 step_cache=StepCacheConfig("fbcache", threshold=0.0))  # fmt: skip
+    engine = FluxEngine.from_pretrained(
+        "synthetic:tiny", EngineConfig(compile=CompileConfig(mode="regional", cuda_graphs=True), **parts), device="cuda"
+    )
+    expected = [_call(engine) for _ in range(2)][-1]  # the second call captures
+    graphs = engine.step_cache_state.tail_graphs
+    captures, seen = graphs.captures, []
+    engine.transformer.transformer_blocks[0].register_forward_hook(lambda module, args, out: seen.append(1))
+    torch.testing.assert_close(_call(engine), expected, rtol=0, atol=0)
+    assert graphs.captures == captures and len(seen) == STEPS
+
+
 def test_bench_cache_runs_each_config_uncached_then_cached_beside_diffusers_own_hook(tmp_path, capsys):
     """engine.bench --cache taylorseer:3: the engine config with the cache against diffusers with its own TaylorSeer
     (the same image to the bit on the baseline maths: an 'inf' PSNR), and against itself uncached (same process)."""
