@@ -144,14 +144,18 @@ def synthetic_lora(
     trained adapter changes a layer by a fraction of it; equal stds s give B @ A an RMS of s^2 sqrt(rank))."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ConfigError(f"LoRA rank {rank!r} must be an integer >= 1 (e.g. 16, 64)")
+    from .quant.apply import is_quantized_layer
+    from .quant.lora import dequantized_weight
+
     generator = torch.Generator().manual_seed(seed)
-    dtype = next(transformer.parameters()).dtype
+    dtype = transformer.dtype  # diffusers' (its first floating-point parameter's), not a quantised layer's codes
     state = {}
     for name, module in transformer.named_modules():
         if "blocks." in name and name.endswith(LORA_TARGETS) and hasattr(module, "in_features"):
             scale = std
-            if scale is None:
-                weight_rms = module.weight.detach().float().pow(2).mean().sqrt().item()
+            if scale is None:  # a quantised layer's codes are not its weight: the weight it computes with
+                weight = dequantized_weight(module) if is_quantized_layer(module) else module.weight.detach().float()
+                weight_rms = weight.pow(2).mean().sqrt().item()
                 scale = (strength * weight_rms / rank**0.5) ** 0.5
             down = torch.randn(rank, module.in_features, generator=generator) * scale
             up = torch.randn(module.out_features, rank, generator=generator) * scale

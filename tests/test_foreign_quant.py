@@ -117,3 +117,21 @@ def test_a_lora_on_bitsandbytes_nf4_layers_that_the_fused_blocks_fused():
     assert psnr(bare, expected) < 45.0 <= psnr(ours(**tiny_call_kwargs()).images, expected)
     ours.unload_lora_weights()
     assert torch.equal(ours(**tiny_call_kwargs()).images, unadapted)
+
+
+@pytest.mark.parametrize("kind", ["quanto-qint8", "bnb-nf4"])
+def test_a_synthetic_lora_for_a_quantised_transformer_is_scaled_by_its_weights_not_its_codes(kind):
+    """`engine.bench --lora synthetic:R` sizes the factors by each layer's weight RMS: on quanto's layers reading the
+    weight failed, on bitsandbytes' the uint8 codes were read as the weight (and gave the factors their dtype)."""
+    from engine.lora import synthetic_lora
+
+    plain = synthetic_components("tiny", device="cpu", dtype=torch.bfloat16, seed=0)["transformer"]
+    quantised = synthetic_components("tiny", device="cpu", dtype=torch.bfloat16, seed=0)["transformer"]
+    for block in [*quantised.transformer_blocks, *quantised.single_transformer_blocks]:
+        _quanto(block, "qint8") if kind == "quanto-qint8" else _bnb_nf4(block)
+    expected, got = synthetic_lora(plain, 4, seed=1), synthetic_lora(quantised, 4, seed=1)
+    assert got.keys() == expected.keys()
+    for key, value in got.items():
+        assert value.dtype == torch.bfloat16
+        # the factors' std goes with the square root of the weight's RMS: 4-bit rounding moves it by a few percent
+        assert value.float().std().item() == pytest.approx(expected[key].float().std().item(), rel=0.05)
