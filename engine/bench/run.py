@@ -298,8 +298,7 @@ def offload_figures(engine, row: Row, h2d: dict | None) -> dict | None:
     return summary
 
 
-def _free(device: torch.device, *objects) -> None:
-    del objects
+def _free(device: torch.device) -> None:
     torch._dynamo.reset()
     release_cached_memory(device)
 
@@ -369,7 +368,11 @@ def run(args, plan: Plan | None = None) -> dict:
             del baseline_pipe
         for index, job in enumerate(jobs):
             if index > 0 or lora is not None:  # weights are rewritten in place (optimisations, an adapter): fresh ones
-                _free(plan.device, components)
+                # the last config's components dropped before the collection: held here until the new ones were
+                # loaded, its transformer (in reference cycles, as diffusers' own are after a call) outlived the
+                # collection and was counted in the next config's peaks (an fp8 transformer's 11 GiB, at times)
+                components = None
+                _free(plan.device)
                 components = load_components(plan, args, dtype)
             engine_config = job.config
             if engine_config.compile.mode != "none":
