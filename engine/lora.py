@@ -148,7 +148,8 @@ def synthetic_lora(
     from .quant.lora import dequantized_weight
 
     generator = torch.Generator().manual_seed(seed)
-    dtype = transformer.dtype  # diffusers' (its first floating-point parameter's), not a quantised layer's codes
+    # the first floating-point parameter's dtype (diffusers' model dtype), not a quantised layer's codes'
+    dtype = next(p.dtype for p in transformer.parameters() if p.is_floating_point())
     state = {}
     for name, module in transformer.named_modules():
         if "blocks." in name and name.endswith(LORA_TARGETS) and hasattr(module, "in_features"):
