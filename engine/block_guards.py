@@ -41,7 +41,8 @@ from .frames import BoundFrame
 logger = logging.getLogger(__name__)
 
 _GUARDS = "_engine_block_guards"  # the transformer's hook handle and the methods shadowed on its instance
-_PER_CALL_CACHES = ("_engine_part_bases", "_engine_part_pointers")  # _before_forward's, dropped with the guards
+# _before_forward's, dropped with the guards
+_PER_CALL_CACHES = ("_engine_part_bases", "_engine_part_pointers", "_engine_attention_modules")
 # the text inputs a FLUX transformer (or ControlNet) broadcasts over the latents' batch (its timestep and guidance
 # it does not: with a timestep of batch 1, diffusers' own blocks fail to concatenate the two streams)
 BROADCAST_INPUTS = ("encoder_hidden_states", "pooled_projections")
@@ -73,10 +74,13 @@ def check_processors(model: nn.Module, name: str = "transformer") -> None:
     processors = getattr(model, "attn_processors", {})
     foreign = sorted({type(p).__name__ for p in processors.values() if type(p).__name__ not in PROCESSORS})
     if foreign:
+        ip_adapter = any("IPAdapter" in kind for kind in foreign)
         raise ConfigError(
             f"{name} has attention processors {foreign}; the engine's fused blocks compute diffusers' "
             f"{PROCESSORS[0]} and would never call them (a different image, without a word). Use the 'baseline' or "
-            f"'compile' preset, or {name}.set_attn_processor(FluxAttnProcessor()) first"
+            "'compile' preset, or "
+            + ("pipe.unload_ip_adapter() first (an IP-Adapter: the fused blocks cannot run it)" if ip_adapter else
+               f"{name}.set_attn_processor(FluxAttnProcessor()) first")  # fmt: skip
         )
 
 
@@ -444,8 +448,23 @@ def _hook_names(module) -> list[str]:
 def _before_forward(model: nn.Module, args) -> None:
     """Each call: a projection given a new weight tensor since the last (`.weight.data = ...`, a new Parameter: what
     PEFT's safe merge and weight-editing scripts do) is carried into the fused layer the blocks read (before: the old
-    QKV, without a word); a diffusers cache hook put on the attention modules after optimize() is refused."""
+    QKV, without a word); a diffusers cache hook put on the attention modules after optimize() is refused, and so
+    is a processor set on one of them (`attn.set_processor(...)`, `attn.processor = ...`: it ran nowhere)."""
     check_block_hooks(model, type(model).__name__)
+    attention = model.__dict__.get("_engine_attention_modules")
+    if attention is None:
+        attention = model.__dict__["_engine_attention_modules"] = [
+            (name, m) for name, m in model.named_modules() if hasattr(m, "get_processor")
+        ]
+    for name, module in attention:
+        if type(module.processor).__name__ not in PROCESSORS:
+            raise ConfigError(
+                f"{type(model).__name__}.{name} has the attention processor {type(module.processor).__name__}, set "
+                f"after optimize(); the engine's fused blocks compute diffusers' {PROCESSORS[0]} and would never call "
+                "it (a different image, without a word). Nothing was run. Set diffusers' own back "
+                "(`set_attn_processor(FluxAttnProcessor())`), or use a pipeline optimised with the 'baseline' or "
+                "'compile' preset (engine.restore(pipe) first)"
+            )
     pointers = _part_pointers(model)
     if pointers != model.__dict__.get("_engine_part_pointers"):
         from .lora import resync_fused_views

@@ -10,6 +10,8 @@ would fail deep inside.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from diffusers import FluxPipeline
 
@@ -123,6 +125,8 @@ def optimize(pipe, config: EngineConfig | str | None = None):
     if pipe.attention_ops is not None:
         blocker = attention_undo_blocker(pipe.transformer)
         steps.add("attention", None if blocker else lambda: remove_attention(pipe.transformer), blocker)
+        if hasattr(pipe, "load_ip_adapter"):
+            pipe.load_ip_adapter = functools.partial(_refuse_ip_adapter, pipe)
     if not config.is_baseline:  # cuDNN's run-time compiled attention kernels, here and not in a first call
         from .warmup import warm_attention
 
@@ -210,6 +214,9 @@ def _guard_compiled_blocks(transformer, state, compiled: bool):
     if not (compiled or graphs):  # the VAE's compile alone
         return lambda: None
     frames = state.frames is not None if compiled else None
+    from .ip_scales import IpAdapterScales
+
+    state.handles.append(IpAdapterScales(transformer))  # IP-Adapter scales that recompile nothing, replay as set
     return install_compiled_block_guards(transformer, frames=frames, graphs=graphs)
 
 
@@ -317,6 +324,22 @@ def _share_lora_calls(pipe) -> None:
         install_lora_calls(pipe)
 
 
+def _refuse_ip_adapter(pipe, *args, **kwargs):
+    """diffusers' load_ip_adapter on a pipeline whose transformer runs the fused blocks, refused before diffusers
+    changes anything (it set the transformer's encoder_hid_proj to None and loaded a CLIP image encoder into the
+    pipeline before the processors were refused); diffusers' own once the blocks are diffusers' again (restore)."""
+    from .attention import EngineDoubleBlock, EngineSingleBlock
+
+    blocks = [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks]
+    if not any(isinstance(block, (EngineDoubleBlock, EngineSingleBlock)) for block in blocks):
+        return type(pipe).load_ip_adapter(pipe, *args, **kwargs)
+    raise ConfigError(
+        "load_ip_adapter after optimize(): an IP-Adapter adds image attention to the attention processors, which the "
+        "engine's fused blocks never call. Nothing was loaded. Load it on a pipeline optimised with the 'baseline' or "
+        "'compile' preset (engine.restore(pipe), then optimize(pipe, 'compile'))"
+    )
+
+
 def restore(pipe: FluxPipeline) -> FluxPipeline:
     """Undo every step optimize() applied to `pipe`'s transformer (newest first, `pipe.engine_steps`; through this
     pipeline or another over the same transformer) and return it as plain diffusers. ConfigError, with nothing
@@ -332,6 +355,7 @@ def restore(pipe: FluxPipeline) -> FluxPipeline:
         setattr(pipe, name, None)
     if hasattr(pipe, ENGINE_CONFIG_ATTR):
         delattr(pipe, ENGINE_CONFIG_ATTR)
+    pipe.__dict__.pop("load_ip_adapter", None)
     return pipe
 
 

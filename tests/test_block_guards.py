@@ -102,6 +102,21 @@ def test_custom_attention_processors_are_refused_before_and_after_optimize(devic
     optimize(custom, "baseline")  # diffusers' blocks call it: allowed
 
 
+@pytest.mark.parametrize("how", ["set_processor", "assigned"])
+def test_a_processor_set_on_one_attention_module_after_optimize_is_refused_at_the_call(device, how):
+    """Only the transformer's set_attn_processor was refused: a processor set on one block's attention module was
+    taken and never called (the kernels preset's image was the unmodified one, 0.017 from diffusers' with it)."""
+    pipe = optimize(_pipe(device), "kernels")
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(**tiny_call_kwargs()).images
+    attn = pipe.transformer.transformer_blocks[0].attn
+    attn.set_processor(_Scaled()) if how == "set_processor" else setattr(attn, "processor", _Scaled())
+    with pytest.raises(ConfigError, match=r"transformer_blocks\.0\.attn has the attention processor _Scaled.*Nothing"):
+        pipe(**tiny_call_kwargs())
+    attn.set_processor(FluxAttnProcessor())  # diffusers' own back: the calls run again
+    torch.testing.assert_close(pipe(**tiny_call_kwargs()).images, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("quant", ["none", "fp8"])
 def test_diffusers_fuse_qkv_projections_after_optimize_leaves_the_fused_blocks_as_they_are(quant):
     """transformer.fuse_qkv_projections() after optimize(): diffusers' fusing failed inside diffusers on fp8's
@@ -188,3 +203,82 @@ def test_optimize_leaves_the_default_cuda_generator_alone():
     state = torch.cuda.get_rng_state()
     optimize(pipe, "kernels")  # backend 'auto': times both cores on random inputs; then the warm-up
     assert torch.equal(torch.cuda.get_rng_state(), state)
+
+
+def _ip_adapter_pipe():
+    """The tiny pipeline with a tiny CLIP image encoder (nothing to download) and an XLabs-layout IP-Adapter state
+    dict for it (a helper's probe, 2026-12-03)."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=16)  # fmt: skip
+    torch.manual_seed(1)
+    encoder = CLIPVisionModelWithProjection(config).eval().requires_grad_(False)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    pipe = FluxPipeline(**synthetic_components("tiny", device="cpu", dtype=torch.float32, seed=0),
+                        image_encoder=encoder, feature_extractor=processor)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(2)
+    inner, joint, tokens = 128, pipe.transformer.config.joint_attention_dim, 4
+    state = {"image_proj": {"proj.weight": torch.randn(tokens * joint, 16, generator=generator) * 0.3,
+                            "proj.bias": torch.randn(tokens * joint, generator=generator) * 0.3,
+                            "norm.weight": torch.ones(joint), "norm.bias": torch.zeros(joint)},
+             "ip_adapter": {}}  # fmt: skip
+    for index in range(len(pipe.transformer.transformer_blocks)):
+        for name in ("to_k_ip", "to_v_ip"):
+            state["ip_adapter"][f"{index}.{name}.weight"] = torch.randn(inner, joint, generator=generator) * 0.3
+            state["ip_adapter"][f"{index}.{name}.bias"] = torch.randn(inner, generator=generator) * 0.3
+    return pipe, state
+
+
+def test_an_ip_adapter_on_the_fused_blocks_is_refused_before_diffusers_changes_anything():
+    """Before: load_ip_adapter after optimize() was refused only at the processors, after diffusers had set the
+    transformer's encoder_hid_proj to None (and, from a file, loaded and registered a CLIP image encoder); one loaded
+    before optimize() was refused with a fix that dropped the adapter without a word."""
+    from PIL import Image
+
+    pipe, state = _ip_adapter_pipe()
+    picture = Image.new("RGB", (40, 40), (200, 30, 90))
+    optimize(pipe, "kernels")
+    transformer, encoder = pipe.transformer, pipe.image_encoder
+    marker = transformer.encoder_hid_proj = torch.nn.Identity()  # what diffusers' load would set to None first
+    with pytest.raises(ConfigError, match=r"load_ip_adapter after optimize\(\).*Nothing was loaded.*'compile'"):
+        pipe.load_ip_adapter(state, weight_name="unused.safetensors")
+    assert transformer.encoder_hid_proj is marker and pipe.image_encoder is encoder
+    transformer.encoder_hid_proj = None
+    restore(pipe)  # diffusers' blocks again: diffusers' own load_ip_adapter
+    pipe.load_ip_adapter(state, weight_name="unused.safetensors")
+    expected = pipe(**tiny_call_kwargs(ip_adapter_image=picture)).images
+    with pytest.raises(ConfigError, match=r"FluxIPAdapterAttnProcessor.*pipe\.unload_ip_adapter\(\) first"):
+        optimize(pipe, "kernels")
+    optimize(pipe, "compile")  # diffusers' blocks, compiled: they run the adapter
+    torch.testing.assert_close(pipe(**tiny_call_kwargs(ip_adapter_image=picture)).images, expected, atol=1e-5, rtol=0)
+
+
+def test_ip_adapter_scales_on_compiled_blocks_recompile_nothing_and_give_diffusers_images():
+    """Before: each new IP-Adapter scale was a constant of the compiled blocks (dynamo specialises floats there): a
+    recompile per value, and after eight `FailOnRecompileLimitHit`; a per-block ramp failed at its first call."""
+    from PIL import Image
+    from torch._dynamo.utils import counters
+
+    picture = Image.new("RGB", (40, 40), (200, 30, 90))
+    plain, state = _ip_adapter_pipe()
+    plain.load_ip_adapter(state, weight_name="unused.safetensors")
+    ours, _ = _ip_adapter_pipe()
+    ours.load_ip_adapter(state, weight_name="unused.safetensors")
+    optimize(ours, "compile")
+    blocks = len(plain.transformer.transformer_blocks)
+    scales = [0.0, 1.0, *(0.1 * step for step in range(1, 9)), [0.25 * (1 + i) for i in range(blocks)]]
+    for index, scale in enumerate(scales):
+        for pipe in (plain, ours):
+            pipe.set_ip_adapter_scale(scale)
+        expected = plain(**tiny_call_kwargs(ip_adapter_image=picture)).images
+        recompiles = counters["stats"]["unique_graphs"]
+        images = ours(**tiny_call_kwargs(ip_adapter_image=picture)).images
+        if index > 0:  # the first call compiles
+            assert counters["stats"]["unique_graphs"] == recompiles, f"scale {scale} compiled again"
+        # compiled fp32 against eager: the sums' order (the compile preset's 131 dB on the tiny model)
+        torch.testing.assert_close(images, expected, atol=1e-5, rtol=0)
+    restore(ours)  # the floats back, as diffusers keeps them
+    kept = [p.scale for p in ours.transformer.attn_processors.values() if hasattr(p, "scale")]
+    assert kept and all(isinstance(value, float) for scale in kept for value in scale)
