@@ -449,6 +449,23 @@ def test_a_weight_edited_after_quantising_is_refused_at_the_next_call(mode):
             _images(pipe)
 
 
+def test_the_weight_edit_guard_under_a_compile_of_the_whole_transformer():
+    """Before: `pipe.transformer.compile()` (or torch.compile assigned back) on the int8-weight preset failed at the
+    first call with a RecursionError: dynamo traced the guard's read of quanto's weight into its tensor subclass.
+    The guard runs outside the compiled graph now, and still refuses an edit."""
+    from engine import optimize
+
+    config = EngineConfig(attention=AttentionConfig(backend="auto"), quant=QuantConfig(transformer="int8-weight"))
+    pipe = optimize(_fresh_pipe(), config)
+    expected = _images(pipe)
+    pipe.transformer.compile(backend="aot_eager")
+    torch.testing.assert_close(_images(pipe), expected, atol=1e-5, rtol=0)  # eager and traced sums' order
+    with torch.no_grad():
+        pipe.transformer.transformer_blocks[0].ff.net[2].weight.mul_(-1.0)
+    with pytest.raises(ConfigError, match=r"transformer_blocks.0.* was changed after the engine quantised"):
+        _images(pipe)
+
+
 # ----------------------------------------------------------------------------- quantised pipeline folders
 
 

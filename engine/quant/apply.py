@@ -126,6 +126,7 @@ def _signature(tensor: torch.Tensor) -> tuple:
     return tensor._version, tuple(tensor.shape), tensor.data_ptr()
 
 
+@torch.compiler.disable  # run as it is under a compile of the whole model: dynamo recursed in quanto's tensor subclass
 def _refuse_weight_edits(model: nn.Module, args) -> None:
     """Each call of a quantised model: a weight edited in place (`.weight.mul_()`, `.weight.data = W`) after
     quantising is refused; before, the layer went on computing from its codes (a different image from diffusers',
