@@ -72,7 +72,7 @@ def _reject_attention_kwargs(joint_attention_kwargs) -> None:
     if joint_attention_kwargs:
         raise InputError(
             f"joint_attention_kwargs {sorted(joint_attention_kwargs)} (IP-Adapter and the like) are not supported by "
-            "the engine's fused attention blocks; use the 'baseline' or 'compile' preset for them"
+            "the engine's fused attention blocks; use the 'baseline' preset for them"
         )
 
 

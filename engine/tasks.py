@@ -91,6 +91,13 @@ def check_flux_pipeline(pipe) -> None:
     from diffusers import FluxTransformer2DModel
 
     transformer = getattr(pipe, "transformer", None)
+    if isinstance(getattr(transformer, "_orig_mod", None), FluxTransformer2DModel):  # torch.compile's wrapper
+        raise ConfigError(
+            f"{type(pipe).__name__}.transformer is torch.compile's OptimizedModule around a FluxTransformer2DModel; "
+            "optimize() rewrites and compiles the transformer itself. Nothing was changed. Give it the transformer "
+            "(pipe.transformer = pipe.transformer._orig_mod), or compile in place after optimize() "
+            "(pipe.transformer.compile()), or use the 'compile' preset"
+        )
     if not isinstance(transformer, FluxTransformer2DModel) or not hasattr(pipe, "vae"):
         what = type(transformer).__name__ if transformer is not None else "no transformer"
         raise ConfigError(

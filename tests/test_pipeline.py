@@ -230,6 +230,20 @@ def test_optimize_takes_only_flux_pipelines():
         optimize("not a pipeline", "baseline")
 
 
+def test_a_transformer_wrapped_by_torch_compile_is_named_with_its_fixes():
+    """Before: `pipe.transformer = torch.compile(pipe.transformer)` then optimize() was told to look at
+    FluxPriorReduxPipeline; the fixes are the unwrapped transformer or compiling after optimize()."""
+    from engine.models import synthetic_components
+
+    pipe = FluxPipeline(**synthetic_components("tiny", device="cpu", dtype=torch.float32))
+    transformer = pipe.transformer
+    pipe.transformer = torch.compile(transformer)
+    with pytest.raises(ConfigError, match=r"OptimizedModule.*Nothing was changed.*_orig_mod.*\.compile\(\)"):
+        optimize(pipe, "baseline")
+    pipe.transformer = transformer
+    optimize(pipe, "baseline")
+
+
 def test_from_pipe_of_an_optimised_pipeline_refuses_a_second_config():
     from engine.config import AttentionConfig, CacheConfig
 
