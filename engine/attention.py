@@ -206,8 +206,8 @@ def _drop_stale_forward(block: nn.Module, name: str) -> None:
         return
     raise ConfigError(
         f"{name or type(block).__name__} has its forward replaced by a hook ({getattr(stale, '__qualname__', stale)}); "
-        "a diffusers cache or offload hook is still on the transformer: call pipe.transformer.disable_cache() (or "
-        "remove the hook) before optimize(), and use EngineConfig(step_cache=...) for step caching"
+        "a diffusers hook is still on it: remove a cache (pipe.transformer.disable_cache()); group offloading cannot "
+        "be removed: load the pipeline again. Then optimize(), with EngineConfig(step_cache=..., offload=...)"
     )
 
 

@@ -311,11 +311,14 @@ def install_compiled_block_guards(model: nn.Module, frames: bool | None, graphs:
     Broadcast, TaylorSeer's full mode, FasterCache: dynamo failed with "Data-dependent branching"); without the frames,
     nn.Module.compile traces a hook that replaced a block's forward too (FirstBlockCache, MagCache, TaylorSeer lite);
     a CUDA graph of the whole forward would replay the branch its capture took."""
-    if _COMPILED_GUARDS in model.__dict__ or _GUARDS in model.__dict__:  # the fused blocks' guards refuse them all
+    if _COMPILED_GUARDS in model.__dict__:
         return lambda: None
-    check = functools.partial(_check_compiled_hooks, frames=frames, graphs=graphs)
+    # the fused blocks' own guards refuse caches and hooks on the blocks; the hooks on their leaves are left
+    check = functools.partial(_check_leaves if _GUARDS in model.__dict__ else _check_compiled_hooks, frames=frames,
+                              graphs=graphs)  # fmt: skip
     handle = model.register_forward_pre_hook(lambda module, args: check(module))
-    shadowed = {name: model.__dict__.get(name) for name in _COMPILED_WRAPPED if hasattr(model, name)}
+    wrapped = _COMPILED_WRAPPED[1:] if _GUARDS in model.__dict__ else _COMPILED_WRAPPED
+    shadowed = {name: model.__dict__.get(name) for name in wrapped if hasattr(model, name)}
     if "enable_cache" in shadowed:
         model.enable_cache = functools.partial(_enable_cache_then_check, model, model.enable_cache, check)
     for name in ("enable_group_offload", "enable_layerwise_casting"):
@@ -368,6 +371,12 @@ def _enable_cache_then_check(model: nn.Module, enable, check, *args, **kwargs):
     except ConfigError:
         model.disable_cache()  # nothing left half-done
         raise
+
+
+def _check_leaves(model: nn.Module, frames: bool | None, graphs: bool) -> None:
+    """The fused blocks compiled or under CUDA graphs: leaf-level group offloading failed inside dynamo."""
+    for group in ("transformer_blocks", "single_transformer_blocks"):
+        _check_leaf_offload(model, getattr(model, group, None), frames, graphs)
 
 
 def _check_compiled_hooks(model: nn.Module, frames: bool | None, graphs: bool) -> None:

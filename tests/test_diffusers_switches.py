@@ -300,6 +300,30 @@ def test_leaf_group_offloading_applied_directly_is_refused_at_the_call():
         _image(engine)
 
 
+@pytest.mark.parametrize("order", ["after", "before"])
+def test_leaf_group_offloading_on_the_fused_blocks_compiled_is_refused(order):
+    """The fused blocks' guards were taken to refuse it (they let group offloading through, which works on the fused
+    blocks uncompiled): on the kernels-compile, lean-bf16, fp8-block and fbcache presets the first call failed inside
+    dynamo ("Skip inlining ... ModuleGroup.onload_"). Refused at enable_group_offload now; applied before optimize(),
+    at the first call, before any block runs."""
+    from engine.config import AttentionConfig
+
+    config = EngineConfig(attention=AttentionConfig(backend="auto"),
+                          compile=CompileConfig(mode="regional", backend="aot_eager"))  # fmt: skip
+    pipe = _pipe()
+    if order == "before":
+        pipe.transformer.enable_group_offload(_CPU, _CPU, offload_type="leaf_level")
+        optimize(pipe, config)
+        with pytest.raises(ConfigError, match=r"leaf-level group offloading \(apply_group_offloading\) on modules"):
+            _image(pipe)
+        return
+    engine = optimize(pipe, config)
+    expected = _image(engine)
+    with pytest.raises(ConfigError, match=r"group offloading at leaf_level hooks modules inside.*Nothing was done"):
+        engine.transformer.enable_group_offload(_CPU, _CPU, offload_type="leaf_level")
+    torch.testing.assert_close(_image(engine), expected, atol=0, rtol=0)
+
+
 def test_group_offloading_at_block_level_runs_around_blocks_compiled_through_frames(tmp_path):
     """Block-level group offloading hooks the blocks whole, which the engine's frames run around: diffusers' image;
     with nn.Module.compile (the compile cache off, another backend) it is refused, as it failed inside dynamo."""
