@@ -31,6 +31,7 @@ close to, not equal to, an untiled one (tests/test_vae.py states the measured PS
 
 from __future__ import annotations
 
+import functools
 import types
 from dataclasses import dataclass, field
 from typing import Any
@@ -211,6 +212,7 @@ class VaeState:
     tiled_encodes: int = 0
     untiled_encodes: int = 0
     active: bool = True
+    switched: bool = False  # diffusers' enable_tiling / disable_tiling called since: diffusers decides (`_switch`)
     world: Any = None  # context parallelism (engine.parallel.apply): tiled decodes are shared by its ranks
     _originals: dict = field(default_factory=dict, repr=False)  # name -> the callable the wrapper falls back to
     _shadowed: dict = field(default_factory=dict, repr=False)  # name -> an instance attribute we replaced
@@ -218,7 +220,7 @@ class VaeState:
 
     def tiles(self, height: int, width: int) -> bool:
         """Whether an image of height x width pixels is decoded (encoded) in tiles under `config`."""
-        if not self.active or self.config.tiling == "off":
+        if not self.active or self.config.tiling == "off" or self.switched:
             return False
         return self.config.tiling == "on" or height > self.config.tile or width > self.config.tile
 
@@ -272,7 +274,7 @@ def apply_vae(pipe, config: VaeConfig) -> VaeState | None:
             state.remove()
         return None
     if state is not None:
-        state.config = config
+        state.config, state.switched = config, False
         return state
     return _install(vae, config)
 
@@ -288,17 +290,31 @@ def remove_vae_tiling(pipe_or_vae) -> bool:
 
 def _install(vae, config: VaeConfig) -> VaeState:
     state = VaeState(vae=vae, config=config)
-    for name in ("_decode", "_encode"):
+    for name in _WRAPPED:
         if name in vae.__dict__:
             state._shadowed[name] = vae.__dict__[name]
         state._originals[name] = getattr(vae, name)
     # methods bound to the state (which holds the VAE): a deepcopy of the VAE gets wrappers, state and originals
     # of its own, not ones that decode with this VAE's weights
     state._wrappers = {"_decode": types.MethodType(_decode, state), "_encode": types.MethodType(_encode, state)}
+    for name in _WRAPPED[2:]:
+        state._wrappers[name] = types.MethodType(functools.partial(_switch, name=name), state)
     for name, wrapper in state._wrappers.items():
         setattr(vae, name, wrapper)
     setattr(vae, _STATE_ATTR, state)
     return state
+
+
+_WRAPPED = ("_decode", "_encode", "enable_tiling", "disable_tiling")
+
+
+def _switch(state: VaeState, *args, name: str, **kwargs):
+    """diffusers' enable_tiling / disable_tiling on a VAE under apply_vae: from then on diffusers decides, with its
+    own tiles or none, as without the engine's tiling (before, the switch was ignored: the engine's tiles, 30 dB from
+    diffusers' image with enable_tiling, and tiles after disable_tiling). apply_vae again (optimize) gives them back."""
+    result = state._originals[name](*args, **kwargs)
+    state.switched = state.switched or state.active
+    return result
 
 
 def _decode(state: VaeState, z: torch.Tensor, return_dict: bool = True):

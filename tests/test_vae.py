@@ -238,6 +238,28 @@ def test_apply_vae_tiles_the_pipeline_decode(tiny_components):
     assert torch.equal(pipe(**tiny_call_kwargs(**kwargs)).images, reference)
 
 
+@pytest.mark.parametrize("switch", ["enable_tiling", "disable_tiling"])
+def test_diffusers_tiling_switches_on_a_tiled_vae_give_diffusers_decode(tiny_components, switch):
+    """Before: vae.enable_tiling() / disable_tiling() after optimize() on the tiled-vae and lean-bf16 presets were
+    ignored (the engine's tiles: 30 dB from diffusers' image with enable_tiling, tiles after disable_tiling). The
+    switch now hands the decode to diffusers, as without the engine's tiling; apply_vae again takes it back."""
+    kwargs = {"height": 256, "width": 192}
+    plain = FluxPipeline(**{**tiny_components, "vae": copy.deepcopy(tiny_components["vae"])})
+    getattr(plain.vae, switch)()
+    expected = plain(**tiny_call_kwargs(**kwargs)).images
+    pipe = FluxPipeline(**{**tiny_components, "vae": copy.deepcopy(tiny_components["vae"])})
+    config = VaeConfig(tiling="on", tile=128, overlap=32)
+    state = apply_vae(pipe, config)
+    engine_tiles = pipe(**tiny_call_kwargs(**kwargs)).images
+    getattr(pipe.vae, switch)()
+    assert torch.equal(pipe(**tiny_call_kwargs(**kwargs)).images, expected)
+    assert not torch.equal(engine_tiles, expected)  # the switch mattered
+    apply_vae(pipe, config)
+    assert torch.equal(pipe(**tiny_call_kwargs(**kwargs)).images, engine_tiles)
+    state.remove()
+    assert "enable_tiling" not in vars(pipe.vae) and "disable_tiling" not in vars(pipe.vae)
+
+
 def test_off_installs_nothing(vae):
     assert apply_vae(vae, VaeConfig()) is None
     assert "_decode" not in vae.__dict__ and "_encode" not in vae.__dict__
