@@ -92,6 +92,7 @@ def optimize(pipe, config: EngineConfig | str | None = None):
         from .stepcache.hooks import check_no_diffusers_cache
 
         _refuse_adapters_loaded_before(pipe, config)
+        _refuse_blocks_compiled_before(pipe, config)
         check_no_diffusers_cache(pipe.transformer, config.step_cache)
         if config.compile.mode != "none":  # a cache hook that replaced a block's forward would be compiled over
             from .block_guards import check_hooked_forward
@@ -322,6 +323,27 @@ def _share_lora_calls(pipe) -> None:
 
     if needs_lora_calls(pipe) and "load_lora_weights" not in vars(pipe):
         install_lora_calls(pipe)
+
+
+def _refuse_blocks_compiled_before(pipe, config: EngineConfig) -> None:
+    """Blocks compiled before optimize() (diffusers' compile_repeated_blocks, nn.Module.compile), under a config that
+    compiles or streams the engine's fused blocks: the first call failed inside dynamo ("Attempted to call function
+    marked as skipped", "Skip inlining ... disable()d function"), and every call after it."""
+    from .attention import rewires_blocks
+
+    if not rewires_blocks(config.attention) or (config.compile.mode == "none" and not config.offload.streams):
+        return
+    for group in ("transformer_blocks", "single_transformer_blocks"):
+        for index, block in enumerate(getattr(pipe.transformer, group)):
+            if getattr(block, "_compiled_call_impl", None) is not None:
+                does = "compiles" if config.compile.mode != "none" else "streams"
+                raise ConfigError(
+                    f"transformer.{group}.{index} was compiled before optimize() (diffusers' compile_repeated_blocks "
+                    f"or nn.Module.compile), and {config.label!r} {does} the engine's fused blocks itself: the two "
+                    "fail together inside dynamo. Nothing was changed. Load the pipeline again without that compile "
+                    "(torch cannot undo it), or optimise with a preset that keeps it ('kernels', 'fp8', "
+                    "'int8-weight'); 'compile' compiles diffusers' own blocks"
+                )
 
 
 def _refuse_ip_adapter(pipe, *args, **kwargs):

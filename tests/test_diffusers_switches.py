@@ -324,6 +324,26 @@ def test_leaf_group_offloading_on_the_fused_blocks_compiled_is_refused(order):
     torch.testing.assert_close(_image(engine), expected, atol=0, rtol=0)
 
 
+def test_blocks_compiled_before_optimize_are_refused_where_the_fused_blocks_compile_or_stream():
+    """Before: diffusers' compile_repeated_blocks() then optimize() with kernels-compile, lean-bf16, fp8-block,
+    fp8-leaf or the fbcache preset failed inside dynamo at the first call, and at every call after it. Refused before
+    anything changes; a preset that leaves the fused blocks uncompiled and resident keeps the user's compile."""
+    from engine.attention import EngineDoubleBlock
+    from engine.config import AttentionConfig
+
+    fused = AttentionConfig(backend="auto")
+    pipe = _pipe()
+    expected = _image(pipe)
+    pipe.transformer.compile_repeated_blocks(backend="eager")
+    for config in (EngineConfig(attention=fused, compile=CompileConfig(mode="regional", backend="aot_eager")),
+                   EngineConfig(attention=fused, offload=OffloadConfig(policy="leaf"))):  # fmt: skip
+        with pytest.raises(ConfigError, match=r"transformer_blocks\.0 was compiled before optimize\(\).*Nothing"):
+            optimize(pipe, config)
+        assert type(pipe.transformer.transformer_blocks[0]) is not EngineDoubleBlock
+    optimize(pipe, EngineConfig(attention=fused))
+    torch.testing.assert_close(_image(pipe), expected, atol=1e-5, rtol=0)  # fused QKV sums: fp32 rounding
+
+
 def test_group_offloading_at_block_level_runs_around_blocks_compiled_through_frames(tmp_path):
     """Block-level group offloading hooks the blocks whole, which the engine's frames run around: diffusers' image;
     with nn.Module.compile (the compile cache off, another backend) it is refused, as it failed inside dynamo."""
