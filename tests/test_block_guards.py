@@ -205,7 +205,7 @@ def test_optimize_leaves_the_default_cuda_generator_alone():
     assert torch.equal(torch.cuda.get_rng_state(), state)
 
 
-def _ip_adapter_pipe():
+def _ip_adapter_pipe(device="cpu", dtype=torch.float32):
     """The tiny pipeline with a tiny CLIP image encoder (nothing to download) and an XLabs-layout IP-Adapter state
     dict for it (a helper's probe, 2026-12-03)."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -215,8 +215,8 @@ def _ip_adapter_pipe():
     torch.manual_seed(1)
     encoder = CLIPVisionModelWithProjection(config).eval().requires_grad_(False)
     processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    pipe = FluxPipeline(**synthetic_components("tiny", device="cpu", dtype=torch.float32, seed=0),
-                        image_encoder=encoder, feature_extractor=processor)  # fmt: skip
+    pipe = FluxPipeline(**synthetic_components("tiny", device=device, dtype=dtype, seed=0),
+                        image_encoder=encoder.to(device, dtype), feature_extractor=processor)  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(2)
     inner, joint, tokens = 128, pipe.transformer.config.joint_attention_dim, 4
@@ -282,3 +282,34 @@ def test_ip_adapter_scales_on_compiled_blocks_recompile_nothing_and_give_diffuse
     restore(ours)  # the floats back, as diffusers keeps them
     kept = [p.scale for p in ours.transformer.attn_processors.values() if hasattr(p, "scale")]
     assert kept and all(isinstance(value, float) for scale in kept for value in scale)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("graphs", [False, True])
+def test_ip_adapter_scales_on_compiled_blocks_on_the_gpu(graphs):
+    """The compile preset in bf16 on the GPU (and with the forward's CUDA graphs): new IP-Adapter scales and a
+    per-block ramp recompile nothing, and each image is diffusers' with the same scale within bf16's compile floor."""
+    from PIL import Image
+    from torch._dynamo.utils import counters
+
+    from engine.config import CacheConfig, CompileConfig
+    from engine.measure import psnr
+
+    picture = Image.new("RGB", (40, 40), (200, 30, 90))
+    plain, state = _ip_adapter_pipe("cuda", torch.bfloat16)
+    plain.load_ip_adapter(state, weight_name="unused.safetensors")
+    ours, _ = _ip_adapter_pipe("cuda", torch.bfloat16)
+    ours.load_ip_adapter(state, weight_name="unused.safetensors")
+    optimize(ours, EngineConfig(compile=CompileConfig(mode="regional", cuda_graphs=graphs),
+                                cache=CacheConfig(enabled=False)))  # fmt: skip
+    blocks = len(plain.transformer.transformer_blocks)
+    for index, scale in enumerate([1.0, 0.3, 0.7, 0.9, [0.25 * (1 + i) for i in range(blocks)], 0.0]):
+        for pipe in (plain, ours):
+            pipe.set_ip_adapter_scale(scale)
+        expected = plain(**tiny_call_kwargs(ip_adapter_image=picture)).images
+        graphs_before = counters["stats"]["unique_graphs"]
+        images = ours(**tiny_call_kwargs(ip_adapter_image=picture)).images
+        if index > 0:
+            assert counters["stats"]["unique_graphs"] == graphs_before, f"scale {scale} compiled again"
+        assert psnr(images.float(), expected.float()) >= 40.0  # bf16: inductor's fused kernels round differently
