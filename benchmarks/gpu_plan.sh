@@ -13,7 +13,7 @@
 # profile-vae-eager, tests-vae-kernels, taylorseer-compiledvae, cudnn-startup-package, startup-package-profile,
 # profile-encode, profile-cudnn-2048, power-probe, tune-qk-e4m3,
 # cold-start-causes, jit-probe, warm-ab, warm-ba, jit-probe-parts, warm-enc, fp8-lora-gemm, tests-guards,
-# tests-sweep, generate-kontext, tokens-8704, probe-state, probe-from-pipe).
+# tests-sweep, generate-kontext, tokens-8704, probe-state, probe-from-pipe, probe-release).
 # Each stage has its own time limit, so one failing or slow stage cannot eat the others; logs go to $OUT/plan.log, JSON
 # results to $OUT/.
 set -u
@@ -455,6 +455,9 @@ for s in "$@"; do
       # state a captured CUDA graph bakes in, changed between calls through diffusers' / PEFT's / torch's APIs
       # (benchmarks/probe_graph_state.py): each image after the change against one captured under it
       stage "$s" 300 env OUT="$OUT" python3 -m benchmarks.probe_graph_state ;;
+    probe-release)
+      # whether an optimised pipeline's transformer is freed once the pipeline is dropped (benchmarks/probe_release.py)
+      stage "$s" 240 env OUT="$OUT" python3 -m benchmarks.probe_release ;;
     probe-from-pipe)
       # a pipeline built over one optimize() gave an offload policy (benchmarks/probe_from_pipe.py)
       stage "$s" 200 env OUT="$OUT" python3 -m benchmarks.probe_from_pipe ;;
