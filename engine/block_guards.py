@@ -37,6 +37,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .frames import BoundFrame
+from .processor_guards import check_processors, check_processors_each_call, refuse_processor
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,6 @@ _PER_CALL_CACHES = ("_engine_part_bases", "_engine_part_pointers", "_engine_atte
 # the text inputs a FLUX transformer (or ControlNet) broadcasts over the latents' batch (its timestep and guidance
 # it does not: with a timestep of batch 1, diffusers' own blocks fail to concatenate the two streams)
 BROADCAST_INPUTS = ("encoder_hidden_states", "pooled_projections")
-PROCESSORS = ("FluxAttnProcessor", "FluxAttnProcessor2_0")  # diffusers' own, which the fused blocks replace
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # diffusers methods whose effect the fused blocks would not have, refused with the fix
 REFUSED_METHODS = {
@@ -59,29 +59,6 @@ STEP_CACHES = (
     "use the engine's own step caches, which give diffusers' images with its hooks: EngineConfig(step_cache="
     "StepCacheConfig(...)), `--cache taylorseer:5` / `--cache fbcache:0.08` on the command line"
 )
-
-
-def check_processors(model: nn.Module, name: str = "transformer") -> None:
-    """Refuse attention processors the fused blocks would not call (a custom or IP-Adapter processor), diffusers hooks
-    inside the blocks (check_block_hooks) and a dtype the kernels do not take."""
-    check_block_hooks(model, name, everywhere=True)
-    dtype = next(model.parameters()).dtype
-    if dtype not in KERNEL_DTYPES:
-        raise ConfigError(
-            f"{name} is {dtype}; the engine's fused kernels take {', '.join(map(str, KERNEL_DTYPES))}: convert the "
-            "pipeline (pipe.to(torch.bfloat16)) before optimize(), or use the 'baseline' or 'compile' preset"
-        )
-    processors = getattr(model, "attn_processors", {})
-    foreign = sorted({type(p).__name__ for p in processors.values() if type(p).__name__ not in PROCESSORS})
-    if foreign:
-        ip_adapter = any("IPAdapter" in kind for kind in foreign)
-        raise ConfigError(
-            f"{name} has attention processors {foreign}; the engine's fused blocks compute diffusers' "
-            f"{PROCESSORS[0]} and would never call them (a different image, without a word). Use the 'baseline' or "
-            "'compile' preset, or "
-            + ("pipe.unload_ip_adapter() first (an IP-Adapter: the fused blocks cannot run it)" if ip_adapter else
-               f"{name}.set_attn_processor(FluxAttnProcessor()) first")  # fmt: skip
-        )
 
 
 def install_block_guards(model: nn.Module) -> None:
@@ -107,7 +84,7 @@ def install_block_guards(model: nn.Module) -> None:
         model.enable_cache = functools.partial(_refuse_cache, type(model).__name__)
     if hasattr(model, "set_attn_processor"):
         shadowed["set_attn_processor"] = model.__dict__.get("set_attn_processor")
-        model.set_attn_processor = functools.partial(_refuse_processor, model)
+        model.set_attn_processor = functools.partial(refuse_processor, model)
     for method in ("fuse_qkv_projections", "unfuse_qkv_projections"):
         if hasattr(model, method):
             shadowed[method] = model.__dict__.get(method)
@@ -213,20 +190,6 @@ def _refuse_cache(model_name: str, config=None, *args, **kwargs):
     )
 
 
-def _refuse_processor(model: nn.Module, processor=None, *args, **kwargs):
-    """set_attn_processor: diffusers' own processor (what the fused blocks compute) is let through, others refused."""
-    chosen = processor.values() if isinstance(processor, dict) else [processor]
-    if all(type(p).__name__ in PROCESSORS for p in chosen):
-        return type(model).set_attn_processor(model, processor, *args, **kwargs)
-    what = type(processor).__name__ if not isinstance(processor, dict) else "a dict of processors"
-    model_name = type(model).__name__
-    raise ConfigError(
-        f"{model_name}.set_attn_processor({what}) after optimize(): the engine's fused blocks compute diffusers' "
-        f"{PROCESSORS[0]} and would never call it (a different image, without a word). Set it on a pipeline "
-        "optimised with the 'baseline' or 'compile' preset (or call engine.restore(pipe) first)"
-    )
-
-
 @functools.cache
 def _signature(forward) -> inspect.Signature:
     return inspect.signature(forward)
@@ -314,7 +277,7 @@ def install_compiled_block_guards(model: nn.Module, frames: bool | None, graphs:
     if _COMPILED_GUARDS in model.__dict__:
         return lambda: None
     # the fused blocks' own guards refuse caches and hooks on the blocks; the hooks on their leaves are left
-    check = functools.partial(_check_leaves if _GUARDS in model.__dict__ else _check_compiled_hooks, frames=frames,
+    check = functools.partial(check_leaves if _GUARDS in model.__dict__ else _check_compiled_hooks, frames=frames,
                               graphs=graphs)  # fmt: skip
     handle = model.register_forward_pre_hook(lambda module, args: check(module))
     wrapped = _COMPILED_WRAPPED[1:] if _GUARDS in model.__dict__ else _COMPILED_WRAPPED
@@ -373,7 +336,7 @@ def _enable_cache_then_check(model: nn.Module, enable, check, *args, **kwargs):
         raise
 
 
-def _check_leaves(model: nn.Module, frames: bool | None, graphs: bool) -> None:
+def check_leaves(model: nn.Module, frames: bool | None, graphs: bool) -> None:
     """The fused blocks compiled or under CUDA graphs: leaf-level group offloading failed inside dynamo."""
     for group in ("transformer_blocks", "single_transformer_blocks"):
         _check_leaf_offload(model, getattr(model, group, None), frames, graphs)
@@ -449,7 +412,7 @@ def _check_leaf_offload(model: nn.Module, blocks, frames: bool | None, graphs: b
 def _hook_names(module) -> list[str]:
     """diffusers hooks on `module` but group offloading's (which the compiled and fused blocks run with) and the
     engine's own (its step caches, sequence parallelism)."""
-    registry = getattr(getattr(module, _HOOKS, None), "hooks", {})
+    registry = getattr(getattr(module, "__dict__", {}).get(_HOOKS), "hooks", {})  # no nn.Module __getattr__ miss
     return [n for n, h in registry.items()
             if "group_offload" not in type(h).__module__ and not type(h).__module__.startswith("engine.")]  # fmt: skip
 
@@ -460,20 +423,7 @@ def _before_forward(model: nn.Module, args) -> None:
     QKV, without a word); a diffusers cache hook put on the attention modules after optimize() is refused, and so
     is a processor set on one of them (`attn.set_processor(...)`, `attn.processor = ...`: it ran nowhere)."""
     check_block_hooks(model, type(model).__name__)
-    attention = model.__dict__.get("_engine_attention_modules")
-    if attention is None:
-        attention = model.__dict__["_engine_attention_modules"] = [
-            (name, m) for name, m in model.named_modules() if hasattr(m, "get_processor")
-        ]
-    for name, module in attention:
-        if type(module.processor).__name__ not in PROCESSORS:
-            raise ConfigError(
-                f"{type(model).__name__}.{name} has the attention processor {type(module.processor).__name__}, set "
-                f"after optimize(); the engine's fused blocks compute diffusers' {PROCESSORS[0]} and would never call "
-                "it (a different image, without a word). Nothing was run. Set diffusers' own back "
-                "(`set_attn_processor(FluxAttnProcessor())`), or use a pipeline optimised with the 'baseline' or "
-                "'compile' preset (engine.restore(pipe) first)"
-            )
+    check_processors_each_call(model)
     pointers = _part_pointers(model)
     if pointers != model.__dict__.get("_engine_part_pointers"):
         from .lora import resync_fused_views

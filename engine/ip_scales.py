@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-KEPT = "_engine_ip_scale_tensors"  # on an IP-Adapter processor: its scales' tensors, by position
+KEPT = "_engine_ip_scale_tensors"  # on an IP-Adapter processor: its scales' tensors and floats, by position
 
 
 class IpAdapterScales:
@@ -33,22 +33,23 @@ class IpAdapterScales:
 
     def _before_forward(self, module, args) -> None:
         for processor in self._processors():
-            kept = processor.__dict__.setdefault(KEPT, [])
+            kept = processor.__dict__.setdefault(KEPT, {})  # position -> (tensor, the float written into it)
             device = processor.to_k_ip[0].weight.device
             for index, value in enumerate(processor.scale):
                 if isinstance(value, torch.Tensor):
                     continue  # ours from the last call, or a tensor the caller chose
-                if index == len(kept):
-                    kept.append(torch.empty((), dtype=torch.float32, device=device))
-                elif kept[index].device != device:  # the adapter moved
-                    kept[index] = torch.empty((), dtype=torch.float32, device=device)
-                kept[index].fill_(float(value))
-                processor.scale[index] = kept[index]
+                tensor = kept.get(index, (None, None))[0]
+                if tensor is None or tensor.device != device:  # the first call, or the adapter moved
+                    tensor = torch.empty((), dtype=torch.float32, device=device)
+                tensor.fill_(float(value))
+                kept[index] = (tensor, value)
+                processor.scale[index] = tensor
 
     def remove(self) -> None:
         self.handle.remove()
         for processor in self._processors():
-            kept = processor.__dict__.pop(KEPT, [])
-            processor.scale[:] = [
-                value.item() if any(value is tensor for tensor in kept) else value for value in processor.scale
-            ]
+            kept = processor.__dict__.pop(KEPT, {})
+            for index, value in enumerate(processor.scale):
+                tensor, written = kept.get(index, (None, None))
+                if tensor is not None and value is tensor:
+                    processor.scale[index] = written  # the float as the caller set it

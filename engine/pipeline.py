@@ -103,6 +103,7 @@ def optimize(pipe, config: EngineConfig | str | None = None):
             setattr(pipe, name, getattr(pipe, name, None))
         _share_controlnets(pipe, config)
         _share_lora_calls(pipe)
+        _guard_ip_adapter(pipe)
         return pipe
     # The steps in order; each part of EngineConfig that is still 'off' leaves the pipeline as it is. Each step
     # that ran is listed in pipe.engine_steps with its undo (engine.restore undoes them all).
@@ -126,8 +127,7 @@ def optimize(pipe, config: EngineConfig | str | None = None):
     if pipe.attention_ops is not None:
         blocker = attention_undo_blocker(pipe.transformer)
         steps.add("attention", None if blocker else lambda: remove_attention(pipe.transformer), blocker)
-        if hasattr(pipe, "load_ip_adapter"):
-            pipe.load_ip_adapter = functools.partial(_refuse_ip_adapter, pipe)
+        _guard_ip_adapter(pipe)
     if not config.is_baseline:  # cuDNN's run-time compiled attention kernels, here and not in a first call
         from .warmup import warm_attention
 
@@ -168,6 +168,10 @@ def optimize(pipe, config: EngineConfig | str | None = None):
     if pipe.compile_state is not None:
         compile_state = pipe.compile_state
         undo_guards = _guard_compiled_blocks(pipe.transformer, compile_state, config.compile.mode != "none")
+        if config.compile.mode != "none" and config.compile.backend == "inductor" and pipe.attention_ops is None:
+            from .ip_scales import IpAdapterScales  # diffusers' blocks compiled: IP-Adapter scales as tensors
+
+            compile_state.handles.append(IpAdapterScales(pipe.transformer))
         steps.add("compile", lambda: (undo_guards(), remove_compile(compile_state)))
     if config.compile.mode != "none" or pipe.attention_ops is not None:  # compiled or fused blocks: diffusers' sorting
         from .joint_kwargs import install_joint_kwargs_sorting
@@ -215,9 +219,6 @@ def _guard_compiled_blocks(transformer, state, compiled: bool):
     if not (compiled or graphs):  # the VAE's compile alone
         return lambda: None
     frames = state.frames is not None if compiled else None
-    from .ip_scales import IpAdapterScales
-
-    state.handles.append(IpAdapterScales(transformer))  # IP-Adapter scales that recompile nothing, replay as set
     return install_compiled_block_guards(transformer, frames=frames, graphs=graphs)
 
 
@@ -331,8 +332,13 @@ def _refuse_blocks_compiled_before(pipe, config: EngineConfig) -> None:
     marked as skipped", "Skip inlining ... disable()d function"), and every call after it."""
     from .attention import rewires_blocks
 
-    if not rewires_blocks(config.attention) or (config.compile.mode == "none" and not config.offload.streams):
+    compiles = config.compile.mode != "none" or config.compile.cuda_graphs
+    if not rewires_blocks(config.attention, force=config.parallel.enabled) or not (compiles or config.offload.streams):
         return
+    if compiles:  # diffusers' leaf-level group offloading set before: dynamo failed on its hooks at every call
+        from .block_guards import check_leaves
+
+        check_leaves(pipe.transformer, frames=True, graphs=config.compile.cuda_graphs)
     for group in ("transformer_blocks", "single_transformer_blocks"):
         for index, block in enumerate(getattr(pipe.transformer, group)):
             if getattr(block, "_compiled_call_impl", None) is not None:
@@ -344,6 +350,16 @@ def _refuse_blocks_compiled_before(pipe, config: EngineConfig) -> None:
                     "(torch cannot undo it), or optimise with a preset that keeps it ('kernels', 'fp8', "
                     "'int8-weight'); 'compile' compiles diffusers' own blocks"
                 )
+
+
+def _guard_ip_adapter(pipe) -> None:
+    """On a pipeline over the engine's fused blocks (this optimize()'s, or another pipeline's over the same
+    transformer): load_ip_adapter refused before diffusers changes anything (`_refuse_ip_adapter`)."""
+    from .attention import EngineDoubleBlock
+
+    blocks = pipe.transformer.transformer_blocks
+    if hasattr(pipe, "load_ip_adapter") and any(isinstance(block, EngineDoubleBlock) for block in blocks):
+        pipe.load_ip_adapter = functools.partial(_refuse_ip_adapter, pipe)
 
 
 def _refuse_ip_adapter(pipe, *args, **kwargs):

@@ -311,7 +311,8 @@ _WRAPPED = ("_decode", "_encode", "enable_tiling", "disable_tiling")
 def _switch(state: VaeState, *args, name: str, **kwargs):
     """diffusers' enable_tiling / disable_tiling on a VAE under apply_vae: from then on diffusers decides, with its
     own tiles or none, as without the engine's tiling (before, the switch was ignored: the engine's tiles, 30 dB from
-    diffusers' image with enable_tiling, and tiles after disable_tiling). apply_vae again (optimize) gives them back."""
+    diffusers' image with enable_tiling, and tiles after disable_tiling). apply_vae called again (or restore, then
+    optimize) gives the engine's tiling back."""
     result = state._originals[name](*args, **kwargs)
     state.switched = state.switched or state.active
     return result

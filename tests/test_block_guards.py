@@ -245,6 +245,12 @@ def test_an_ip_adapter_on_the_fused_blocks_is_refused_before_diffusers_changes_a
     with pytest.raises(ConfigError, match=r"load_ip_adapter after optimize\(\).*Nothing was loaded.*'compile'"):
         pipe.load_ip_adapter(state, weight_name="unused.safetensors")
     assert transformer.encoder_hid_proj is marker and pipe.image_encoder is encoder
+    from engine import FluxEngine
+
+    shared = FluxEngine.from_pipe(pipe, "kernels")  # another pipeline over the same transformer, the same config
+    with pytest.raises(ConfigError, match=r"load_ip_adapter after optimize\(\).*Nothing was loaded"):
+        shared.load_ip_adapter(state, weight_name="unused.safetensors")
+    assert transformer.encoder_hid_proj is marker
     transformer.encoder_hid_proj = None
     restore(pipe)  # diffusers' blocks again: diffusers' own load_ip_adapter
     pipe.load_ip_adapter(state, weight_name="unused.safetensors")
@@ -281,15 +287,17 @@ def test_ip_adapter_scales_on_compiled_blocks_recompile_nothing_and_give_diffuse
         torch.testing.assert_close(images, expected, atol=1e-5, rtol=0)
     restore(ours)  # the floats back, as diffusers keeps them
     kept = [p.scale for p in ours.transformer.attn_processors.values() if hasattr(p, "scale")]
-    assert kept and all(isinstance(value, float) for scale in kept for value in scale)
+    assert kept == [[value] for value in scales[-1]]  # the ramp's floats as set, not their fp32 roundings
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("graphs", [False, True])
-def test_ip_adapter_scales_on_compiled_blocks_on_the_gpu(graphs):
-    """The compile preset in bf16 on the GPU (and with the forward's CUDA graphs): new IP-Adapter scales and a
-    per-block ramp recompile nothing, and each image is diffusers' with the same scale within bf16's compile floor."""
+@pytest.mark.parametrize("compiled", ["inductor", "graphs-only"])
+def test_ip_adapter_scales_on_compiled_blocks_on_the_gpu(compiled):
+    """In bf16 on the GPU: new IP-Adapter scales and a per-block ramp recompile nothing. Only inductor's compiled
+    blocks take the scales as fp32 tensors (it multiplies by an fp32 scalar as with the float); under the forward's
+    CUDA graphs alone (whose replays an IP-Adapter call never takes) they stay floats (eager CUDA rounds a tensor
+    scale to bf16 first), and the image is diffusers' to the bit."""
     from PIL import Image
     from torch._dynamo.utils import counters
 
@@ -301,9 +309,11 @@ def test_ip_adapter_scales_on_compiled_blocks_on_the_gpu(graphs):
     plain.load_ip_adapter(state, weight_name="unused.safetensors")
     ours, _ = _ip_adapter_pipe("cuda", torch.bfloat16)
     ours.load_ip_adapter(state, weight_name="unused.safetensors")
-    optimize(ours, EngineConfig(compile=CompileConfig(mode="regional", cuda_graphs=graphs),
-                                cache=CacheConfig(enabled=False)))  # fmt: skip
+    compile_config = (CompileConfig(mode="none", cuda_graphs=True) if compiled == "graphs-only" else
+                      CompileConfig(mode="regional", backend=compiled))  # fmt: skip
+    optimize(ours, EngineConfig(compile=compile_config, cache=CacheConfig(enabled=False)))
     blocks = len(plain.transformer.transformer_blocks)
+    previous = None
     for index, scale in enumerate([1.0, 0.3, 0.7, 0.9, [0.25 * (1 + i) for i in range(blocks)], 0.0]):
         for pipe in (plain, ours):
             pipe.set_ip_adapter_scale(scale)
@@ -312,4 +322,8 @@ def test_ip_adapter_scales_on_compiled_blocks_on_the_gpu(graphs):
         images = ours(**tiny_call_kwargs(ip_adapter_image=picture)).images
         if index > 0:
             assert counters["stats"]["unique_graphs"] == graphs_before, f"scale {scale} compiled again"
-        assert psnr(images.float(), expected.float()) >= 40.0  # bf16: inductor's fused kernels round differently
+        if compiled != "inductor":
+            assert torch.equal(images, expected)
+        elif previous is not None:  # inductor's kernels round otherwise: closer to this scale's image than the last
+            assert psnr(images.float(), expected.float()) > psnr(images.float(), previous.float()) + 6.0
+        previous = expected

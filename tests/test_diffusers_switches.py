@@ -305,17 +305,19 @@ def test_leaf_group_offloading_on_the_fused_blocks_compiled_is_refused(order):
     """The fused blocks' guards were taken to refuse it (they let group offloading through, which works on the fused
     blocks uncompiled): on the kernels-compile, lean-bf16, fp8-block and fbcache presets the first call failed inside
     dynamo ("Skip inlining ... ModuleGroup.onload_"). Refused at enable_group_offload now; applied before optimize(),
-    at the first call, before any block runs."""
+    at optimize(), before anything changes."""
     from engine.config import AttentionConfig
 
     config = EngineConfig(attention=AttentionConfig(backend="auto"),
                           compile=CompileConfig(mode="regional", backend="aot_eager"))  # fmt: skip
+    from engine.attention import EngineDoubleBlock
+
     pipe = _pipe()
-    if order == "before":
+    if order == "before":  # refused at optimize(), before the blocks are fused and compiled
         pipe.transformer.enable_group_offload(_CPU, _CPU, offload_type="leaf_level")
-        optimize(pipe, config)
         with pytest.raises(ConfigError, match=r"leaf-level group offloading \(apply_group_offloading\) on modules"):
-            _image(pipe)
+            optimize(pipe, config)
+        assert type(pipe.transformer.transformer_blocks[0]) is not EngineDoubleBlock
         return
     engine = optimize(pipe, config)
     expected = _image(engine)
