@@ -37,7 +37,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .frames import BoundFrame
-from .processor_guards import check_processors, check_processors_each_call, refuse_processor
+from .processor_guards import check_processor_types, check_processors_each_call, refuse_processor
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,6 @@ _PER_CALL_CACHES = ("_engine_part_bases", "_engine_part_pointers", "_engine_atte
 # the text inputs a FLUX transformer (or ControlNet) broadcasts over the latents' batch (its timestep and guidance
 # it does not: with a timestep of batch 1, diffusers' own blocks fail to concatenate the two streams)
 BROADCAST_INPUTS = ("encoder_hidden_states", "pooled_projections")
-KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # diffusers methods whose effect the fused blocks would not have, refused with the fix
 REFUSED_METHODS = {
     "set_attention_backend": "the fused blocks run the engine's attention core (AttentionConfig(backend=...) picks it; "
@@ -59,6 +58,13 @@ STEP_CACHES = (
     "use the engine's own step caches, which give diffusers' images with its hooks: EngineConfig(step_cache="
     "StepCacheConfig(...)), `--cache taylorseer:5` / `--cache fbcache:0.08` on the command line"
 )
+
+
+def check_processors(model: nn.Module, name: str = "transformer") -> None:
+    """Before the blocks are fused: diffusers hooks inside them (check_block_hooks), attention processors they would
+    not call and a dtype the kernels do not take (engine.processor_guards)."""
+    check_block_hooks(model, name, everywhere=True)
+    check_processor_types(model, name)
 
 
 def install_block_guards(model: nn.Module) -> None:

@@ -4,19 +4,18 @@ after it (`attn.set_processor(...)`, `attn.processor = ...`), which only the per
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .errors import ConfigError
 
 PROCESSORS = ("FluxAttnProcessor", "FluxAttnProcessor2_0")  # diffusers' own, which the fused blocks replace
+KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def check_processors(model: nn.Module, name: str = "transformer") -> None:
-    """Refuse attention processors the fused blocks would not call (a custom or IP-Adapter processor), diffusers hooks
-    inside the blocks (check_block_hooks) and a dtype the kernels do not take."""
-    from .block_guards import KERNEL_DTYPES, check_block_hooks
-
-    check_block_hooks(model, name, everywhere=True)
+def check_processor_types(model: nn.Module, name: str = "transformer") -> None:
+    """Refuse attention processors the fused blocks would not call (a custom or IP-Adapter processor) and a dtype the
+    kernels do not take (block_guards.check_processors: also diffusers hooks inside the blocks)."""
     dtype = next(model.parameters()).dtype
     if dtype not in KERNEL_DTYPES:
         raise ConfigError(
