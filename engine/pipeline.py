@@ -352,13 +352,17 @@ def _refuse_blocks_compiled_before(pipe, config: EngineConfig) -> None:
                 )
 
 
+def _runs_fused_blocks(transformer) -> bool:
+    from .attention import EngineDoubleBlock, EngineSingleBlock
+
+    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    return any(isinstance(block, (EngineDoubleBlock, EngineSingleBlock)) for block in blocks)
+
+
 def _guard_ip_adapter(pipe) -> None:
     """On a pipeline over the engine's fused blocks (this optimize()'s, or another pipeline's over the same
     transformer): load_ip_adapter refused before diffusers changes anything (`_refuse_ip_adapter`)."""
-    from .attention import EngineDoubleBlock
-
-    blocks = pipe.transformer.transformer_blocks
-    if hasattr(pipe, "load_ip_adapter") and any(isinstance(block, EngineDoubleBlock) for block in blocks):
+    if hasattr(pipe, "load_ip_adapter") and _runs_fused_blocks(pipe.transformer):
         pipe.load_ip_adapter = functools.partial(_refuse_ip_adapter, pipe)
 
 
@@ -366,10 +370,7 @@ def _refuse_ip_adapter(pipe, *args, **kwargs):
     """diffusers' load_ip_adapter on a pipeline whose transformer runs the fused blocks, refused before diffusers
     changes anything (it set the transformer's encoder_hid_proj to None and loaded a CLIP image encoder into the
     pipeline before the processors were refused); diffusers' own once the blocks are diffusers' again (restore)."""
-    from .attention import EngineDoubleBlock, EngineSingleBlock
-
-    blocks = [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks]
-    if not any(isinstance(block, (EngineDoubleBlock, EngineSingleBlock)) for block in blocks):
+    if not _runs_fused_blocks(pipe.transformer):
         return type(pipe).load_ip_adapter(pipe, *args, **kwargs)
     raise ConfigError(
         "load_ip_adapter after optimize(): an IP-Adapter adds image attention to the attention processors, which the "

@@ -275,7 +275,6 @@ def quantized_kind(module: nn.Module) -> str | None:
     return None
 
 
-
 def check_fusable(model: nn.Module, name: str = "transformer") -> None:
     """Before the fused blocks replace any block: every group of projections the blocks fuse (FUSED_VIEWS) is
     unquantised, or quantised alike in a mode whose rows concatenate (diffusers' quantisation included: quanto's
